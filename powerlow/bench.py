@@ -1,0 +1,111 @@
+"""`powerlow bench`: prefill and decode speed, memory and traffic figures; --json prints one object."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+BENCH_TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
+              "grain, salt and wool. Over the centuries it grew into a busy port with bridges, markets and schools. ")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for the prefill measurement")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; medians are reported")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def weight_bytes_per_token(tf) -> int:
+    """Bytes of weights one decode step touches in the mode's dense equivalent (attention + lm_head + FFN)."""
+    from . import formats
+    total = 0
+    for name, w in tf.w.items():
+        if isinstance(w, formats.QMatrix) and name != "token_embd":
+            total += w.nbytes
+    if tf.lm_head is tf.embed:
+        total += tf.embed.nbytes
+    total += tf.store_info.total_bytes
+    return total
+
+
+def read_probe_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Plain read bandwidth over a buffer larger than the caches (the C probe if the kernels have one)."""
+    from .ffn import aligned_empty
+    buf = aligned_empty(nbytes)
+    buf[:] = 1
+    try:
+        from . import kernels
+        probe = kernels.read_probe
+    except (ImportError, AttributeError):
+        probe = lambda b: int(b.view(np.uint64).sum())  # noqa: E731
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        probe(buf)
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def run_bench(model, *, n_tokens: int, prompt_tokens: int, repeats: int) -> dict:
+    tf = model.tf
+    base = model.tokenize(BENCH_TEXT * 40, add_special=False)
+    if prompt_tokens > len(base):
+        base = base * (prompt_tokens // len(base) + 1)
+    prompt = base[:prompt_tokens]
+    pre, dec = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        tf.forward(prompt, start_pos=0, last_only=True)
+        pre.append(prompt_tokens / (time.perf_counter() - t))
+        tok = prompt[-1]
+        t = time.perf_counter()
+        for i in range(n_tokens):
+            logits = tf.forward([tok], start_pos=prompt_tokens + i, last_only=True)
+            tok = int(np.argmax(logits[-1]))
+        dec.append(n_tokens / (time.perf_counter() - t))
+    decode = statistics.median(dec)
+    wbytes = weight_bytes_per_token(tf)
+    ffn = tf.ffn
+    density = ffn.clusters_used / max(1, ffn.clusters_total)
+    extra = getattr(tf.ffn_source, "counters", lambda: {})()
+    from .util import peak_rss_bytes
+    res = {
+        "model": str(tf.dir),
+        "format": tf.manifest["formats"]["ffn"],
+        "threads": tf.runtime.n_threads,
+        "budget_bytes": tf.runtime.budget_bytes,
+        "mode": tf.runtime.mode,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": n_tokens,
+        "prefill_tok_s": round(statistics.median(pre), 2),
+        "decode_tok_s": round(decode, 2),
+        "decode_tok_s_all": [round(x, 2) for x in dec],
+        "peak_rss_bytes": peak_rss_bytes(),
+        "weight_bytes_per_token": wbytes,
+        "effective_gbps": round(wbytes * decode / 1e9, 2),
+        "probe_gbps": round(read_probe_gbps(), 2),
+        "read_bytes_per_token": extra.get("read_bytes_per_token", 0),
+        "cache_hit_rate": extra.get("cache_hit_rate", 1.0),
+        "predictor_recall": extra.get("predictor_recall"),
+        "density": round(density, 4),
+        "isa": getattr(tf.ops, "isa", "reference"),
+    }
+    return res
+
+
+def main(args) -> int:
+    from .cli import runtime_config
+    from .model import load
+
+    cfg = runtime_config(args)
+    model = load(args.model, cfg)
+    res = run_bench(model, n_tokens=args.n_tokens or 32, prompt_tokens=args.prompt_tokens, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:24s} {v}")
+    return 0

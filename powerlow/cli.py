@@ -1,0 +1,90 @@
+"""The `powerlow` command: one subcommand per module, each with its own main(args)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import PowerlowError
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and runtime flags shared by run, bench, eval and tune."""
+    p.add_argument("-m", "--model", default=None, help="powerlow model dir (default: SmolLM2-135M-Instruct, converted on first use)")
+    p.add_argument("-t", "--threads", type=int, default=0, help="threads (default: physical cores)")
+    p.add_argument("-n", "--n-tokens", type=int, default=None, help="tokens to generate")
+    p.add_argument("--budget", default=None, help="memory budget, e.g. 512MiB (default: everything resident)")
+    p.add_argument("--config", default=None, help="TOML runtime config file")
+    p.add_argument("--mode", default=None, choices=("dense", "gate", "threshold", "predict"), help="FFN mode")
+    p.add_argument("--density", type=float, default=None, help="target FFN density for threshold/predict modes")
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed")
+
+
+def runtime_config(args):
+    from .config import RuntimeConfig, parse_size
+
+    kw = {}
+    if args.config:
+        from .config import load_toml
+        kw.update(load_toml(args.config))
+    if args.threads:
+        kw["threads"] = args.threads
+    if args.mode:
+        kw["mode"] = args.mode
+    if args.density is not None:
+        kw["density"] = args.density
+    if args.budget:
+        kw["budget_bytes"] = parse_size(args.budget)
+    if args.seed is not None:
+        kw["seed"] = args.seed
+    if args.threads < 0:
+        raise PowerlowError(f"-t {args.threads}: threads must be >= 1")
+    return RuntimeConfig(**kw)
+
+
+def _cmd_run(args) -> int:
+    from . import run
+    return run.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench, convert, run
+
+    ap = argparse.ArgumentParser(prog="powerlow", description="Run language models bigger than the memory you give them.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="HF folder or GGUF -> powerlow model dir")
+    convert.add_arguments(p)
+    p.set_defaults(func=convert.main)
+
+    p = sub.add_parser("run", help="generate text")
+    add_runtime_arguments(p)
+    run.add_arguments(p)
+    p.set_defaults(func=run.main)
+
+    p = sub.add_parser("bench", help="measure prefill/decode speed; --json prints one object")
+    add_runtime_arguments(p)
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
+
+    p = sub.add_parser("bench-kernels", help="kernel bandwidth against a read probe", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("powerlow.bench_kernels", fromlist=["main"]).main(a.rest))
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PowerlowError as e:
+        print(f"powerlow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""`powerlow convert SRC -o DIR`: a Hugging Face folder or GGUF file -> a powerlow model dir."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import formats
+from .errors import PowerlowError
+from .loaders import open_source
+from .manifest import FORMAT_NAME, FORMAT_VERSION, atomic_path, file_entry, write_manifest
+from .store import StoreInfo, write_layer
+
+BITS = {"8": "q8", "4": "q4_1", "4sym": "q4_0", "2": "q2", "ternary": "tern", "1": "q1"}
+RESIDENT_FILES = ("tokenizer.json", "resident.safetensors", "ffn.bin")
+
+
+def pick_cluster_size(F: int, group: int, requested: int | None) -> int:
+    """Neurons per bundle: a multiple of the down format's group; by default 32 rounded up to the group
+    and, if possible, dividing F (so no cluster is padded)."""
+    if requested is not None:
+        if requested <= 0 or requested % group:
+            raise PowerlowError(f"--cluster-size {requested}: must be a positive multiple of {group} (the format's group size)")
+        return requested
+    base = max(32, group)
+    base = base * math.ceil(32 / base)
+    for c in range(base, min(F, 256) + 1, group):
+        if F % c == 0:
+            return c
+    return base
+
+
+def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None, force: bool = False,
+            progress: bool = True) -> Path:
+    """Convert ``src`` into a model dir at ``out_dir`` (written to a temp dir, renamed into place at the end)."""
+    out_dir = Path(out_dir)
+    if bits != "auto" and bits not in BITS:
+        raise PowerlowError(f"--bits {bits!r}: choose one of auto, {', '.join(BITS)}")
+    if out_dir.exists() and not force:
+        raise PowerlowError(f"{out_dir} already exists; delete it or pass --force to replace it")
+    source = open_source(src)
+    cfg = source.config
+    target = BITS.get(bits)
+
+    def fmt_for(name: str, w) -> str | None:
+        """Format to store a matrix in; None keeps float32 (norms, biases)."""
+        if isinstance(w, np.ndarray) and w.ndim == 1:
+            return None
+        if name in ("token_embd", "output"):
+            return w.fmt if isinstance(w, formats.QMatrix) and w.fmt in ("q8", "q4_0", "q4_1") and target in (None, w.fmt) else "q8"
+        if isinstance(w, formats.QMatrix) and target is None:
+            return w.fmt
+        return target or "q8"
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".converting", dir=out_dir.parent))
+    try:
+        t0 = time.time()
+        from safetensors.numpy import save_file
+
+        (tmp / "tokenizer.json").write_text(source.tokenizer_json)
+        tensors: dict[str, np.ndarray] = {}
+        tmeta: dict[str, dict] = {}
+        ffn_fmt = down_fmt = None
+        names = source.names()
+        resident = [n for n in names if not n.split(".")[-1].startswith("ffn_") or n.endswith("ffn_norm")]
+        for name in _progress(resident, "resident", progress):
+            w = source.get(name)
+            fmt = fmt_for(name, w)
+            if fmt is None:
+                tensors[name] = np.ascontiguousarray(w, dtype=np.float32)
+                tmeta[name] = {"fmt": "f32", "shape": list(w.shape)}
+                continue
+            q = w if isinstance(w, formats.QMatrix) and w.fmt == fmt else formats.quantize(_float(w), fmt)
+            tensors.update(q.tensors(name))
+            tmeta[name] = {"fmt": fmt, "shape": [q.rows, q.cols]}
+        with atomic_path(tmp / "resident.safetensors") as p:
+            save_file(tensors, str(p))
+        del tensors
+
+        # FFN: every layer into ffn.bin as bundles
+        g0 = source.get("blk.0.ffn_gate")
+        d0 = source.get("blk.0.ffn_down")
+        ffn_fmt = fmt_for("blk.0.ffn_gate", g0)
+        down_fmt = fmt_for("blk.0.ffn_down", d0)
+        group = max(formats.FORMATS[down_fmt].group, 32)
+        C = pick_cluster_size(cfg.intermediate_size, group, cluster_size)
+        info = StoreInfo.plan(ffn_fmt, down_fmt, C, cfg.hidden_size, cfg.intermediate_size, cfg.n_layers)
+        with atomic_path(tmp / "ffn.bin") as p, open(p, "wb") as f:
+            for l in _progress(range(cfg.n_layers), "ffn.bin", progress):
+                gate = g0 if l == 0 else source.get(f"blk.{l}.ffn_gate")
+                up = source.get(f"blk.{l}.ffn_up")
+                down = d0 if l == 0 else source.get(f"blk.{l}.ffn_down")
+                write_layer(f, info, gate, up, down)
+                g0 = d0 = None
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "source": source.description,
+            "config": cfg.to_json(),
+            "chat_template": source.chat_template,
+            "tensors": tmeta,
+            "formats": {"ffn": ffn_fmt, "ffn_down": down_fmt,
+                        "attn": tmeta["blk.0.attn_q"]["fmt"], "embed": tmeta["token_embd"]["fmt"]},
+            "ffn": info.to_json(),
+            "neuron_order": None,
+            "files": {n: file_entry(tmp / n) for n in RESIDENT_FILES},
+            "convert_seconds": round(time.time() - t0, 2),
+        }
+        write_manifest(tmp, manifest)
+        _publish_permissions(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _float(w) -> np.ndarray:
+    return formats.dequantize(w) if isinstance(w, formats.QMatrix) else np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _publish_permissions(d: Path) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries; give the finished dir the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(d, 0o777 & ~umask)
+    for f in d.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
+def _replace_dir(new: Path, dst: Path) -> None:
+    """Move the finished ``new`` dir to ``dst``; an old ``dst`` is removed only after the new one is in place."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(new, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dst)
+
+
+def _progress(it, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+    return tqdm(it, desc=desc, unit="tensor" if desc == "resident" else "layer", leave=False)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="Hugging Face model folder (config.json + *.safetensors) or a .gguf file")
+    p.add_argument("-o", "--out", required=True, help="output model dir")
+    p.add_argument("--bits", default="auto", help="weight format: auto (GGUF Q4_0/Q4_1/Q8_0 kept without loss, "
+                   "everything else 8-bit), 8, 4, 4sym, 2, ternary, 1")
+    p.add_argument("--cluster-size", type=int, default=None, help="neurons per bundle (default: 32, or a nearby divisor of the FFN size)")
+    p.add_argument("--force", action="store_true", help="replace an existing output dir")
+
+
+def main(args) -> int:
+    out = convert(args.src, args.out, bits=args.bits, cluster_size=args.cluster_size, force=args.force)
+    m = json.loads((out / "manifest.json").read_text())
+    sizes = {k: v["size"] for k, v in m["files"].items()}
+    print(f"wrote {out}: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items())
+          + f"; ffn {m['formats']['ffn']}, cluster {m['ffn']['cluster_size']} neurons, "
+            f"bundle {m['ffn']['stride'] // 1024} KiB")
+    return 0

@@ -1,0 +1,89 @@
+"""The sparse FFN: pick a layer's active neuron clusters, get their bundles, compute only those.
+
+Where the bundles come from is a *cluster source*:
+  * ResidentStore: all of ffn.bin in RAM (the fully resident run);
+  * powerlow.cache.OffloadedStore: hot clusters pinned, cold ones streamed by the I/O thread (issue 5).
+Both answer ``ptrs(layer, clusters) -> uint64 addresses`` of the bundles, valid until the next call.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PowerlowError
+from .store import StoreInfo
+
+
+def aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
+    """A uint8 buffer whose data pointer is ``align``-aligned."""
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start: start + nbytes]
+
+
+class ResidentStore:
+    """Every bundle of ffn.bin in one aligned RAM buffer."""
+
+    def __init__(self, path: Path, info: StoreInfo):
+        self.info = info
+        size = path.stat().st_size
+        if size != info.total_bytes:
+            raise PowerlowError(f"{path}: {size} bytes, expected {info.total_bytes} from the manifest; re-convert the model")
+        self.buf = aligned_empty(size)
+        with open(path, "rb", buffering=0) as f:
+            view = memoryview(self.buf)
+            done = 0
+            while done < size:
+                n = f.readinto(view[done: done + (64 << 20)])
+                if not n:
+                    raise PowerlowError(f"{path}: unexpected end of file; re-convert the model")
+                done += n
+            try:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            except (AttributeError, OSError):
+                pass
+        base = self.buf.ctypes.data
+        stride = info.layout.stride
+        self._all = [np.asarray(base + info.layer_offsets[l] + np.arange(info.n_clusters, dtype=np.uint64) * stride,
+                                dtype=np.uint64) for l in range(info.n_layers)]
+        self.resident_bytes = size
+
+    def ptrs(self, layer: int, clusters: np.ndarray | None) -> np.ndarray:
+        allp = self._all[layer]
+        return allp if clusters is None else allp[clusters]
+
+    def close(self):
+        pass
+
+
+class SparseFFN:
+    """``forward(layer, h) -> delta`` for the residual stream, over the clusters the mode selects."""
+
+    def __init__(self, source, info: StoreInfo, act: str, ops, *, mode: str = "dense", predictors=None):
+        self.source = source
+        self.info = info
+        self.act = act
+        self.ops = ops
+        self.mode = mode
+        self.predictors = predictors
+        self.clusters_used = 0
+        self.clusters_total = 0
+
+    def select(self, layer: int, h: np.ndarray) -> np.ndarray | None:
+        """Active cluster ids for this layer (None = all)."""
+        if self.mode == "dense" or self.predictors is None:
+            return None
+        return self.predictors.select(layer, h)
+
+    def forward(self, layer: int, h: np.ndarray) -> np.ndarray:
+        """h (T, K) float32 -> (T, K) float32."""
+        clusters = self.select(layer, h)
+        ptrs = self.source.ptrs(layer, clusters)
+        out = np.zeros_like(h)
+        if len(ptrs):
+            self.ops.ffn_bundles(ptrs, self.info.layout, h, self.act, out)
+        self.clusters_used += len(ptrs)
+        self.clusters_total += self.info.n_clusters
+        return out

@@ -1,0 +1,91 @@
+"""Generation: prefill the prompt as a batch, then decode one token at a time; sampling with a seed."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .errors import PowerlowError
+from .tokenizer import StreamDecoder
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0   # 0 = greedy
+    top_k: int = 0             # 0 = off
+    top_p: float = 1.0         # 1 = off
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise PowerlowError(f"--temp must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise PowerlowError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise PowerlowError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id from logits (vocab,)."""
+    if p.temperature == 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / p.temperature
+    if p.top_k:
+        kth = np.partition(z, -p.top_k)[-p.top_k]
+        z = np.where(z < kth, -np.inf, z)
+    z -= z.max()
+    probs = np.exp(z)
+    probs /= probs.sum()
+    if p.top_p < 1.0:
+        order = np.argsort(-probs)
+        csum = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(csum, p.top_p) + 1)]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str     # the new text this token completes (may be "" mid-UTF-8 sequence)
+
+
+def generate(tf, prompt_ids: list[int], max_tokens: int, params: SamplingParams, stats,
+             stop_ids: set[int] | None = None) -> Iterator[Token]:
+    """Yield generated tokens as they are made; ``stats`` gets prefill/decode timings."""
+    if not prompt_ids:
+        raise PowerlowError("the prompt is empty; give some text with -p")
+    if max_tokens < 0:
+        raise PowerlowError(f"-n must be >= 0, got {max_tokens}")
+    n_ctx = tf.kv.limit
+    if len(prompt_ids) + max_tokens > n_ctx:
+        raise PowerlowError(f"prompt ({len(prompt_ids)} tokens) + -n {max_tokens} exceeds the context of {n_ctx} tokens; "
+                            "shorten the prompt or lower -n")
+    rng = np.random.default_rng(params.seed)
+    stop_ids = stop_ids or set()
+    dec = StreamDecoder(tf.tokenizer)
+    stats.prompt_tokens = len(prompt_ids)
+    stats.generated_tokens = 0
+    stats.decode_steps = 0
+    stats.decode_seconds = 0.0
+    t0 = time.perf_counter()
+    logits = tf.forward(prompt_ids, start_pos=0, last_only=True)[-1]
+    stats.prefill_seconds = time.perf_counter() - t0
+    pos = len(prompt_ids)
+    for _ in range(max_tokens):
+        tok = sample(logits, params, rng)
+        if tok in stop_ids:
+            break
+        yield Token(tok, dec.push(tok))
+        stats.generated_tokens += 1
+        if stats.generated_tokens == max_tokens:
+            break
+        t1 = time.perf_counter()
+        logits = tf.forward([tok], start_pos=pos, last_only=True)[-1]
+        stats.decode_seconds += time.perf_counter() - t1
+        stats.decode_steps += 1
+        pos += 1

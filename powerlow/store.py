@@ -1,0 +1,131 @@
+"""ffn.bin, the neuron-cluster store: every layer's FFN as 4 KiB-aligned bundles, one per cluster of C neurons.
+
+Bundle c of layer l starts at ``layer_offsets[l] + c * layout.stride`` and holds (see formats.BundleLayout):
+  gate  QMatrix (C, K)  rows of ffn_gate for the cluster's neurons
+  up    QMatrix (C, K)  rows of ffn_up
+  down  QMatrix (K, C)  ffn_down[:, cluster], quantized along the neurons (keeps GGUF's down blocks whole)
+Neurons are stored in ``order[l]`` (hot-first after `powerlow profile`; identity after convert).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+from . import formats
+from .errors import PowerlowError
+
+ALIGN = 4096
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    layout: "formats.BundleLayout"
+    n_layers: int
+    n_neurons: int          # F (real neurons per layer)
+    n_clusters: int         # per layer; n_clusters * C >= F (the last cluster may be zero-padded)
+    layer_offsets: tuple[int, ...]
+
+    @property
+    def cluster_size(self) -> int:
+        return self.layout.C
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.n_clusters * self.layout.stride
+
+    @property
+    def total_bytes(self) -> int:
+        return self.n_layers * self.layer_bytes
+
+    def bundle_offset(self, layer: int, cluster: int) -> int:
+        return self.layer_offsets[layer] + cluster * self.layout.stride
+
+    def to_json(self) -> dict:
+        lay = self.layout
+        return {"fmt": lay.fmt, "down_fmt": lay.down_fmt, "cluster_size": lay.C, "hidden": lay.K,
+                "bundle_bytes": lay.nbytes, "stride": lay.stride, "n_layers": self.n_layers,
+                "n_neurons": self.n_neurons, "n_clusters": self.n_clusters, "layer_offsets": list(self.layer_offsets)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StoreInfo":
+        lay = formats.BundleLayout.make(d["fmt"], d["down_fmt"], int(d["cluster_size"]), int(d["hidden"]))
+        if lay.stride != d["stride"] or lay.nbytes != d["bundle_bytes"]:
+            raise PowerlowError("ffn.bin bundle layout in the manifest does not match this powerlow's format "
+                                f"({d['stride']} vs {lay.stride} bytes per bundle); re-convert the model")
+        return cls(lay, int(d["n_layers"]), int(d["n_neurons"]), int(d["n_clusters"]), tuple(int(o) for o in d["layer_offsets"]))
+
+    @classmethod
+    def plan(cls, fmt: str, down_fmt: str, C: int, K: int, F: int, n_layers: int) -> "StoreInfo":
+        lay = formats.BundleLayout.make(fmt, down_fmt, C, K)
+        n_clusters = -(-F // C)
+        layer_bytes = n_clusters * lay.stride
+        return cls(lay, n_layers, F, n_clusters, tuple(l * layer_bytes for l in range(n_layers)))
+
+
+def _as_format(w, fmt: str) -> "formats.QMatrix":
+    if isinstance(w, formats.QMatrix):
+        if w.fmt == fmt:
+            return w
+        w = formats.dequantize(w)
+    return formats.quantize(np.ascontiguousarray(w, dtype=np.float32), fmt)
+
+
+def _pad_rows(w: np.ndarray, n: int) -> np.ndarray:
+    if w.shape[0] == n:
+        return w
+    out = np.zeros((n,) + w.shape[1:], dtype=np.float32)
+    out[: w.shape[0]] = w
+    return out
+
+
+def write_layer(f: BinaryIO, info: StoreInfo, gate, up, down, order: np.ndarray | None = None) -> None:
+    """Append one layer's bundles to ``f``. gate/up: (F, K), down: (K, F); float32 arrays or QMatrix.
+
+    ``order`` permutes the neurons (new position i holds old neuron order[i]). Gate/up rows permute exactly;
+    down columns permute exactly only when whole quantization groups move together, else down is
+    re-quantized into ``layout.down_fmt`` from its dequantized values.
+    """
+    lay = info.layout
+    C, K, F = lay.C, lay.K, info.n_neurons
+    Fp = info.n_clusters * C
+    lossless = (order is None or np.array_equal(order, np.arange(F))) and Fp == F
+    if lossless and all(isinstance(w, formats.QMatrix) for w in (gate, up, down)) \
+            and gate.fmt == up.fmt == lay.fmt and down.fmt == lay.down_fmt:
+        gq, uq, dq = gate, up, down
+    else:
+        def rows(w):
+            a = formats.dequantize(w) if isinstance(w, formats.QMatrix) else w
+            return _pad_rows(a if order is None else a[order], Fp)
+        gq = _as_format(rows(gate), lay.fmt) if not (lossless and isinstance(gate, formats.QMatrix) and gate.fmt == lay.fmt) else gate
+        uq = _as_format(rows(up), lay.fmt) if not (lossless and isinstance(up, formats.QMatrix) and up.fmt == lay.fmt) else up
+        if lossless and isinstance(down, formats.QMatrix) and down.fmt == lay.down_fmt:
+            dq = down
+        else:
+            d = formats.dequantize(down) if isinstance(down, formats.QMatrix) else down
+            d = d if order is None else d[:, order]
+            dq = _as_format(np.ascontiguousarray(_pad_rows(d.T, Fp).T), lay.down_fmt)
+    buf = bytearray(lay.stride)
+    for c in range(info.n_clusters):
+        rows_c = np.arange(c * C, (c + 1) * C)
+        parts = ((lay.gate_off, formats.select_rows(gq, rows_c)), (lay.up_off, formats.select_rows(uq, rows_c)),
+                 (lay.down_off, formats.select_cols_blocks(dq, c * C, (c + 1) * C)))
+        buf[:] = bytes(lay.stride)
+        for off, q in parts:
+            b = q.to_bytes()
+            buf[off: off + len(b)] = b
+        f.write(buf)
+
+
+def read_layer_matrices(mm: np.ndarray, info: StoreInfo, layer: int):
+    """Reassemble a layer's (gate, up, down) as float32 (F, K), (F, K), (K, F) in stored neuron order (for tests/tools)."""
+    lay = info.layout
+    gs, us, ds = [], [], []
+    for c in range(info.n_clusters):
+        base = info.bundle_offset(layer, c)
+        gs.append(formats.dequantize(formats.QMatrix.from_buffer(lay.fmt, lay.C, lay.K, mm, base + lay.gate_off)))
+        us.append(formats.dequantize(formats.QMatrix.from_buffer(lay.fmt, lay.C, lay.K, mm, base + lay.up_off)))
+        ds.append(formats.dequantize(formats.QMatrix.from_buffer(lay.down_fmt, lay.K, lay.C, mm, base + lay.down_off)))
+    F = info.n_neurons
+    return np.concatenate(gs)[:F], np.concatenate(us)[:F], np.concatenate(ds, axis=1)[:, :F]

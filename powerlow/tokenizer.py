@@ -1,0 +1,132 @@
+"""Tokenizer: HF `tokenizers` BPE, built from GGUF metadata or read from tokenizer.json; chat templates."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import PowerlowError
+
+# llama.cpp's pre-tokenizer names -> how the text is split before BPE
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TYPES = ("default", "gpt2", "smollm", "llama-bpe", "llama3", "qwen2")
+
+
+def _pre_tokenizer(pre: str):
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    if pre in ("default", "gpt2"):
+        return pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in ("llama-bpe", "llama3", "qwen2"):
+        return pt.Sequence([pt.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise PowerlowError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(_PRE_TYPES)}); "
+                        "convert from the Hugging Face folder, whose tokenizer.json is used as is")
+
+
+def tokenizer_json_from_gguf(reader, path: Path) -> str:
+    """Build a HF tokenizer.json equivalent to the GGUF's BPE vocabulary (tokenizer.ggml.model == "gpt2")."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, processors
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    model = field("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise PowerlowError(f"{path}: GGUF tokenizer model {model!r} is not supported (powerlow builds byte-level BPE, "
+                            "tokenizer.ggml.model == 'gpt2'); convert from the Hugging Face folder instead")
+    tokens = field("tokenizer.ggml.tokens")
+    merges = field("tokenizer.ggml.merges") or []
+    types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not tokens:
+        raise PowerlowError(f"{path}: GGUF has no tokenizer.ggml.tokens; cannot build the tokenizer")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = _pre_tokenizer(field("tokenizer.ggml.pre", "default"))
+    tok.decoder = decoders.ByteLevel()
+    # control (3) and user-defined (4) tokens are matched whole in the text, as llama.cpp does with special parsing
+    added = [AddedToken(tokens[i], special=(types[i] == 3), normalized=False)
+             for i in range(len(tokens)) if types[i] in (3, 4)]
+    tok.add_tokens(added)
+    bos = field("tokenizer.ggml.bos_token_id")
+    if field("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+                                                           special_tokens=[(tokens[bos], int(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok.to_str()
+
+
+class Tokenizer:
+    """Text <-> token ids, plus the model's chat template."""
+
+    def __init__(self, tokenizer_json: str, *, chat_template: str | None = None,
+                 bos_id: int | None = None, eos_ids: tuple[int, ...] = ()):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._tok = HFTokenizer.from_str(tokenizer_json)
+        self.chat_template = chat_template
+        self.bos_id = bos_id
+        self.eos_ids = tuple(eos_ids)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_file(cls, path: Path, **kw) -> "Tokenizer":
+        return cls(Path(path).read_text(), **kw)
+
+    def encode(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Token ids; special tokens written in the text (e.g. ``<|im_start|>``) map to their ids."""
+        return self._tok.encode(text, add_special_tokens=add_special).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_str(self, i: int) -> str | None:
+        return self._tok.id_to_token(int(i))
+
+    def stop_ids(self) -> set[int]:
+        """Ids that end generation: the model's EOS ids plus the chat end-of-turn token if it has one."""
+        out = set(self.eos_ids)
+        for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+            i = self._tok.token_to_id(t)
+            if i is not None:
+                out.add(i)
+        return out
+
+    def apply_chat(self, prompt: str, *, system: str | None = None) -> str:
+        """Format one user turn with the model's chat template, ready for the assistant's answer."""
+        if not self.chat_template:
+            raise PowerlowError("this model has no chat template; run without --chat")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg):
+            raise PowerlowError(f"chat template: {msg}")
+
+        env.globals["raise_exception"] = raise_exception
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        bos = self.token_str(self.bos_id) if self.bos_id is not None else ""
+        eos = self.token_str(self.eos_ids[0]) if self.eos_ids else ""
+        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
+                                                          bos_token=bos or "", eos_token=eos or "")
+
+
+class StreamDecoder:
+    """Turns a growing list of ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self.emitted):]
+        self.emitted = text
+        return piece
