@@ -419,3 +419,43 @@ def matmul_ref(q: QMatrix, x: np.ndarray) -> np.ndarray:
         mw = np.repeat(q.planes["m"].astype(np.float32), per, axis=1)
         y = y + (mw[None] * a.s[:, None, :]).sum(axis=2, dtype=np.float32)
     return np.ascontiguousarray(y, dtype=np.float32)
+
+
+# ---------------------------------------------------------------- bundle layout (the ffn.bin record)
+
+BUNDLE_ALIGN = 4096
+
+
+@dataclass(frozen=True)
+class BundleLayout:
+    """Byte layout of one bundle: gate (C, K), up (C, K) in fmt, down (K, C) in down_fmt, each a packed
+    QMatrix (to_bytes form, planes 64-byte aligned) at its offset; stride = nbytes rounded up to 4 KiB."""
+    fmt: str
+    down_fmt: str
+    C: int
+    K: int
+    gate_off: int
+    up_off: int
+    down_off: int
+    nbytes: int
+    stride: int
+
+    @classmethod
+    def make(cls, fmt: str, down_fmt: str, C: int, K: int) -> "BundleLayout":
+        g = _spec(down_fmt).group
+        if C < 1 or C % g:
+            raise ValueError(f"cluster size {C} must be a positive multiple of the {down_fmt} group ({g})")
+        mat = packed_nbytes(fmt, C, K)
+        nbytes = 2 * mat + packed_nbytes(down_fmt, K, C)
+        return cls(fmt, down_fmt, C, K, 0, mat, 2 * mat, nbytes, -(-nbytes // BUNDLE_ALIGN) * BUNDLE_ALIGN)
+
+    def plane_offsets(self, which: str) -> dict[str, int]:
+        """Byte offsets, from the bundle start, of the planes of 'gate', 'up' or 'down'."""
+        fmt, rows, cols, off = {"gate": (self.fmt, self.C, self.K, self.gate_off),
+                                "up": (self.fmt, self.C, self.K, self.up_off),
+                                "down": (self.down_fmt, self.K, self.C, self.down_off)}[which]
+        out = {}
+        for name, dt, shape in _plane_shapes(fmt, rows, cols):
+            out[name] = off
+            off += _pad(dt.itemsize * int(np.prod(shape)))
+        return out
