@@ -1,0 +1,209 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Thin wrappers over the C kernels: check dtype, shape and contiguity with the GIL held, raise
+ValueError naming the problem, then run the C code with the GIL released.  powerlow/kernels.py is
+the public face (format names, QMatrix, thread count, ISA choice)."""
+cimport numpy as cnp
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from plk cimport *
+
+cnp.import_array()
+
+_DTN = {cnp.NPY_FLOAT32: 'float32', cnp.NPY_FLOAT16: 'float16', cnp.NPY_UINT8: 'uint8', cnp.NPY_INT8: 'int8',
+        cnp.NPY_INT64: 'int64', cnp.NPY_UINT64: 'uint64', cnp.NPY_INT32: 'int32'}
+
+# per format id (order of plk.h): group, code bytes per group, has a min plane
+cdef int GROUP[6]
+cdef int QBYTES[6]
+GROUP[:] = [32, 32, 32, 64, 64, 64]
+QBYTES[:] = [32, 16, 16, 16, 16, 8]
+
+
+cdef inline int _arr(object a, int typenum, int ndim, str name) except -1:
+    if not cnp.PyArray_Check(a):
+        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != typenum:
+        raise ValueError(f"{name} must have dtype {_DTN[typenum]}, got {a.dtype}")
+    if ndim >= 0 and cnp.PyArray_NDIM(arr) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        raise ValueError(f"{name} must be C-contiguous")
+    return 0
+
+
+cdef inline void* _ptr(object a):
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+def detect_isa():
+    return plk_detect_isa()
+
+
+def quantize_act(int isa, x, int Kp):
+    """x (T, K) float32 -> (qs int8 (T, Kp), d, s float32 (T, Kp/32), isum int32 (T, Kp/32))."""
+    _arr(x, cnp.NPY_FLOAT32, 2, "x")
+    cdef int T = x.shape[0], K = x.shape[1]
+    if Kp % 32 or Kp < K:
+        raise ValueError(f"Kp={Kp} must be a multiple of 32 and >= K={K}")
+    cdef cnp.ndarray qs = cnp.PyArray_ZEROS(2, [T, Kp], cnp.NPY_INT8, 0)
+    cdef cnp.ndarray d = cnp.PyArray_ZEROS(2, [T, Kp // 32], cnp.NPY_FLOAT32, 0)
+    cdef cnp.ndarray s = cnp.PyArray_ZEROS(2, [T, Kp // 32], cnp.NPY_FLOAT32, 0)
+    cdef cnp.ndarray isum = cnp.PyArray_ZEROS(2, [T, Kp // 32], cnp.NPY_INT32, 0)
+    cdef const float *px = <const float*>_ptr(x)
+    with nogil:
+        plk_quantize_act(isa, px, T, K, K, Kp, <int8_t*>cnp.PyArray_DATA(qs), <float*>cnp.PyArray_DATA(d),
+                         <float*>cnp.PyArray_DATA(s), <int32_t*>cnp.PyArray_DATA(isum))
+    return qs, d, s, isum
+
+
+cdef int _planes(int fmt, object qs, object d, object m, int N, int K, plk_w *w) except -1:
+    cdef long ng = (K + GROUP[fmt] - 1) // GROUP[fmt]
+    if not cnp.PyArray_Check(qs) or (cnp.PyArray_TYPE(<cnp.ndarray>qs) != cnp.NPY_UINT8 and cnp.PyArray_TYPE(<cnp.ndarray>qs) != cnp.NPY_INT8):
+        raise ValueError("qs must be a uint8/int8 numpy array")
+    _arr(qs, cnp.PyArray_TYPE(<cnp.ndarray>qs), -1, "qs")
+    if cnp.PyArray_SIZE(<cnp.ndarray>qs) != N * ng * QBYTES[fmt]:
+        raise ValueError(f"qs has {qs.size} bytes, a ({N}, {K}) matrix needs {N * ng * QBYTES[fmt]}")
+    _arr(d, cnp.NPY_FLOAT16, -1, "d")
+    if cnp.PyArray_SIZE(<cnp.ndarray>d) != N * ng:
+        raise ValueError(f"d has {d.size} scales, expected {N * ng}")
+    w.qs = <const uint8_t*>_ptr(qs)
+    w.d = <const uint16_t*>_ptr(d)
+    w.m = NULL
+    if fmt == 2 or fmt == 3:
+        if m is None:
+            raise ValueError("this format needs the m plane")
+        _arr(m, cnp.NPY_FLOAT16, -1, "m")
+        if cnp.PyArray_SIZE(<cnp.ndarray>m) != N * ng:
+            raise ValueError(f"m has {m.size} values, expected {N * ng}")
+        w.m = <const uint16_t*>_ptr(m)
+    return 0
+
+
+def matmul(int isa, int fmt, int tl, qs, d, m, int N, int K, x, out, int nthreads):
+    """out (T, N) = x (T, K) @ W^T for the packed matrix W (planes qs, d, m)."""
+    cdef plk_w w
+    if fmt < 0 or fmt > 5:
+        raise ValueError(f"bad format id {fmt}")
+    _planes(fmt, qs, d, m, N, K, &w)
+    _arr(x, cnp.NPY_FLOAT32, 2, "x")
+    _arr(out, cnp.NPY_FLOAT32, 2, "out")
+    cdef int T = x.shape[0]
+    if x.shape[1] != K:
+        raise ValueError(f"x must be (T, {K}), got {x.shape}")
+    if out.shape[0] != T or out.shape[1] != N:
+        raise ValueError(f"out must be ({T}, {N}), got {out.shape}")
+    if T < 1:
+        raise ValueError("x has no rows")
+    cdef const float *px = <const float*>_ptr(x)
+    cdef float *po = <float*>_ptr(out)
+    cdef int rc
+    with nogil:
+        rc = plk_matmul_f32(isa, fmt, tl, &w, N, K, px, T, po, nthreads)
+    if rc:
+        raise MemoryError("kernel scratch allocation failed")
+
+
+def ffn_bundles(int isa, int fmt, int down_fmt, int tl, ptrs, int C, int K, offs, h, int act, out, int nthreads):
+    """out (T, K) += sum over bundles at ptrs of down @ (act(gate h) * (up h))."""
+    _arr(ptrs, cnp.NPY_UINT64, 1, "ptrs")
+    _arr(offs, cnp.NPY_INT64, 1, "offs")
+    _arr(h, cnp.NPY_FLOAT32, 2, "h")
+    _arr(out, cnp.NPY_FLOAT32, 2, "out")
+    if offs.shape[0] != 9:
+        raise ValueError("offs must hold 9 plane offsets")
+    cdef int T = h.shape[0], n = ptrs.shape[0]
+    if h.shape[1] != K or out.shape[0] != T or out.shape[1] != K:
+        raise ValueError(f"h and out must both be (T, {K}), got {h.shape} and {out.shape}")
+    if T < 1:
+        raise ValueError("h has no rows")
+    if act != 0 and act != 1:
+        raise ValueError("act must be silu (0) or relu (1)")
+    cdef const uint64_t *pp = <const uint64_t*>_ptr(ptrs)
+    cdef const int64_t *po = <const int64_t*>_ptr(offs)
+    cdef const float *ph = <const float*>_ptr(h)
+    cdef float *pout = <float*>_ptr(out)
+    cdef int rc = 0
+    if n == 0:
+        return
+    with nogil:
+        rc = plk_ffn_bundles(isa, fmt, down_fmt, tl, pp, n, C, K, po, ph, T, act, pout, nthreads)
+    if rc:
+        raise MemoryError("kernel scratch allocation failed")
+
+
+def read_probe(int isa, buf, int nthreads):
+    _arr(buf, cnp.NPY_UINT8, -1, "buf")
+    cdef const uint8_t *p = <const uint8_t*>_ptr(buf)
+    cdef size_t n = cnp.PyArray_SIZE(<cnp.ndarray>buf)
+    cdef double r
+    with nogil:
+        r = plk_read_probe(isa, p, n, nthreads)
+    return r
+
+
+def rmsnorm(x, w, float eps, out):
+    _arr(x, cnp.NPY_FLOAT32, 2, "x")
+    _arr(w, cnp.NPY_FLOAT32, 1, "w")
+    _arr(out, cnp.NPY_FLOAT32, 2, "out")
+    cdef int T = x.shape[0], K = x.shape[1]
+    if w.shape[0] != K or out.shape[0] != T or out.shape[1] != K:
+        raise ValueError(f"rmsnorm: x {x.shape}, w {w.shape}, out {out.shape} do not match")
+    cdef const float *px = <const float*>_ptr(x)
+    cdef const float *pw = <const float*>_ptr(w)
+    cdef float *po = <float*>_ptr(out)
+    with nogil:
+        plk_rmsnorm(px, pw, eps, po, T, K)
+
+
+def rope(x, pos, double theta):
+    _arr(x, cnp.NPY_FLOAT32, 3, "x")
+    _arr(pos, cnp.NPY_INT64, 1, "positions")
+    cdef int T = x.shape[0], nh = x.shape[1], hd = x.shape[2]
+    if pos.shape[0] != T:
+        raise ValueError(f"positions must have {T} entries, got {pos.shape[0]}")
+    if hd % 2 or hd > 1024:
+        raise ValueError(f"head_dim {hd} must be even and <= 1024")
+    cdef float *px = <float*>_ptr(x)
+    cdef const int64_t *pp = <const int64_t*>_ptr(pos)
+    with nogil:
+        plk_rope(px, T, nh, hd, pp, theta)
+
+
+def gated(g, u, out, int act):
+    _arr(g, cnp.NPY_FLOAT32, -1, "g")
+    _arr(u, cnp.NPY_FLOAT32, -1, "u")
+    _arr(out, cnp.NPY_FLOAT32, -1, "out")
+    cdef size_t n = cnp.PyArray_SIZE(<cnp.ndarray>g)
+    if cnp.PyArray_SIZE(<cnp.ndarray>u) != n or cnp.PyArray_SIZE(<cnp.ndarray>out) != n:
+        raise ValueError(f"g, u, out sizes differ: {g.shape}, {u.shape}, {out.shape}")
+    cdef const float *pg = <const float*>_ptr(g)
+    cdef const float *pu = <const float*>_ptr(u)
+    cdef float *po = <float*>_ptr(out)
+    with nogil:
+        if act == 0:
+            plk_silu_mul(pg, pu, po, n)
+        else:
+            plk_relu_mul(pg, pu, po, n)
+
+
+def attention(q, kc, vc, int start, out, int nthreads):
+    _arr(q, cnp.NPY_FLOAT32, 3, "q")
+    _arr(kc, cnp.NPY_FLOAT32, 3, "k_cache")
+    _arr(vc, cnp.NPY_FLOAT32, 3, "v_cache")
+    _arr(out, cnp.NPY_FLOAT32, 2, "out")
+    cdef int T = q.shape[0], nh = q.shape[1], hd = q.shape[2]
+    cdef int nkv = kc.shape[0], maxP = kc.shape[1]
+    if kc.shape != vc.shape or kc.shape[2] != hd:
+        raise ValueError(f"k_cache {kc.shape} and v_cache {vc.shape} must be (n_kv, max_pos, {hd})")
+    if nkv < 1 or nh % nkv:
+        raise ValueError(f"{nh} query heads are not a multiple of {nkv} kv heads")
+    if start < 0 or start + T > maxP:
+        raise ValueError(f"positions {start}..{start + T - 1} exceed the cache length {maxP}")
+    if out.shape[0] != T or out.shape[1] != nh * hd:
+        raise ValueError(f"out must be ({T}, {nh * hd}), got {out.shape}")
+    cdef const float *pq = <const float*>_ptr(q)
+    cdef const float *pk = <const float*>_ptr(kc)
+    cdef const float *pv = <const float*>_ptr(vc)
+    cdef float *po = <float*>_ptr(out)
+    with nogil:
+        plk_attention(pq, pk, pv, T, nh, nkv, hd, maxP, start, po, nthreads)

@@ -1,0 +1,87 @@
+/* powerlow kernels: C API shared by the ISA variants and the Cython wrapper.
+ *
+ * Naming follows ggml: <op>_<weight format>_<activation format>_<isa>; the activation format is
+ * always q8 (int8 blocks of 32, see formats.quantize_act).
+ * Every matmul computes, per row n and token t (formats.matmul_ref numerics):
+ *   y = sum_b A*d_w[g(b)]*d_x[t,b] * idot_b  +  sum_g Bw[n,g] * bx[t,g]
+ * where idot_b is the integer dot of the *unsigned codes* (signed int8 for q8) with the int8
+ * activations of block b, and the second sum carries the offset of each format:
+ *   q4_1, q2: Bw = m,      bx = sum of the block sums s over the group   (w = d*q + m)
+ *   q4_0:     Bw = -8d,    bx = sum of d_x*isum over the group           (w = d*(q-8))
+ *   tern:     Bw = -d,     bx = idem                                     (w = d*(c-1))
+ *   q1:       A = 2, Bw = -d, bx = idem                                  (w = d*(2b-1))
+ * Unsigned codes suit both x86 byte-dot instructions (vpmaddubsw, vpdpbusd take u8 x s8).
+ */
+#ifndef PLK_H
+#define PLK_H
+#include <stdint.h>
+#include <stddef.h>
+
+enum { PLK_Q8 = 0, PLK_Q4_0, PLK_Q4_1, PLK_Q2, PLK_TERN, PLK_Q1, PLK_NFMT };
+enum { PLK_GENERIC = 0, PLK_AVX2 = 1, PLK_AVX512 = 2, PLK_NISA };
+enum { PLK_ACT_SILU = 0, PLK_ACT_RELU = 1 };
+
+/* group (weights per scale), code bytes per group, has a min plane */
+static const int plk_group[PLK_NFMT] = {32, 32, 32, 64, 64, 64};
+static const int plk_qbytes[PLK_NFMT] = {32, 16, 16, 16, 16, 8};
+static const int plk_has_min[PLK_NFMT] = {0, 0, 1, 1, 0, 0};
+
+typedef struct {
+    int T, Kp, nb, ng;     /* tokens, padded width (multiple of the weight group), 32-blocks, groups */
+    const int8_t *qs;      /* (T, Kp) int8 codes */
+    const float *dx;       /* (T, nb) block scales (fp16-rounded values) */
+    const float *bx;       /* (T, ng) offset factor per weight group (see above) */
+} plk_act;
+
+typedef struct {           /* one packed matrix: row r's planes at qs + r*ng*qbytes, d + r*ng, m + r*ng */
+    const uint8_t *qs;
+    const uint16_t *d;
+    const uint16_t *m;     /* NULL for formats without a min */
+} plk_w;
+
+/* rows [r0, r1) of y (T, ldy) = W @ x^T (accumulate: +=) */
+typedef void (*plk_rows_fn)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accumulate);
+
+/* plk_common.c */
+int plk_detect_isa(void);                               /* best variant this CPU runs */
+float plk_h2f(uint16_t h);
+uint16_t plk_f2h(float f);                              /* round to nearest even */
+plk_rows_fn plk_rows(int isa, int fmt, int tl);         /* tl: table-lookup variant (NULL if none) */
+void plk_quantize_act(int isa, const float *x, int T, int K, int ldx, int Kp,
+                      int8_t *qs, float *dx, float *s, int32_t *isum);
+void plk_act_bx(int fmt, int T, int nb, const float *dx, const float *s, const int32_t *isum, float *bx);
+void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *a, float *y, int ldy,
+                int accumulate, int nthreads);
+int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const float *x, int T,
+                   float *y, int nthreads);
+/* offs: gate qs,d,m, up qs,d,m, down qs,d,m byte offsets inside a bundle (m: -1 if none) */
+int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int C, int K,
+                    const int64_t *offs, const float *h, int T, int act, float *out, int nthreads);
+double plk_read_probe(int isa, const uint8_t *buf, size_t n, int nthreads);
+
+/* per-ISA row kernels: rows_<fmt>_q8_<isa> */
+#define PLK_DECL_ROWS(isa) \
+    void rows_q8_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void rows_q4_0_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void rows_q4_1_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void rows_q2_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void rows_tern_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void rows_q1_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void quantize_act_q8_##isa(const float*, int, int, int, int, int8_t*, float*, float*, int32_t*); \
+    double read_probe_##isa(const uint8_t*, size_t);
+PLK_DECL_ROWS(generic)
+/* table-lookup (T-MAC style) kernels, portable C: see plk_generic.c */
+void rowstl_q2_q8_generic(const plk_w*, int, int, const plk_act*, float*, int, int);
+void rowstl_tern_q8_generic(const plk_w*, int, int, const plk_act*, float*, int, int);
+void rowstl_q1_q8_generic(const plk_w*, int, int, const plk_act*, float*, int, int);
+PLK_DECL_ROWS(avx2)
+PLK_DECL_ROWS(avx512)
+
+/* plk_ops.c: float helpers for the engine's hot path */
+void plk_rmsnorm(const float *x, const float *w, float eps, float *out, int T, int K);
+void plk_rope(float *x, int T, int nh, int hd, const int64_t *pos, double theta);
+void plk_silu_mul(const float *g, const float *u, float *out, size_t n);
+void plk_relu_mul(const float *g, const float *u, float *out, size_t n);
+void plk_attention(const float *q, const float *kc, const float *vc, int T, int nh, int nkv, int hd,
+                   int maxP, int start, float *out, int nthreads);
+#endif

@@ -1,0 +1,22 @@
+# C declarations of the kernels (cython_ext/plk.h); no code here.
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
+
+cdef extern from "plk.h" nogil:
+    ctypedef struct plk_w:
+        const uint8_t *qs
+        const uint16_t *d
+        const uint16_t *m
+    int plk_detect_isa()
+    void plk_quantize_act(int isa, const float *x, int T, int K, int ldx, int Kp,
+                          int8_t *qs, float *dx, float *s, int32_t *isum)
+    int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const float *x, int T,
+                       float *y, int nthreads)
+    int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int C, int K,
+                        const int64_t *offs, const float *h, int T, int act, float *out, int nthreads)
+    double plk_read_probe(int isa, const uint8_t *buf, size_t n, int nthreads)
+    void plk_rmsnorm(const float *x, const float *w, float eps, float *out, int T, int K)
+    void plk_rope(float *x, int T, int nh, int hd, const int64_t *pos, double theta)
+    void plk_silu_mul(const float *g, const float *u, float *out, size_t n)
+    void plk_relu_mul(const float *g, const float *u, float *out, size_t n)
+    void plk_attention(const float *q, const float *kc, const float *vc, int T, int nh, int nkv, int hd,
+                       int maxP, int start, float *out, int nthreads)

@@ -1,0 +1,104 @@
+/* Float helpers for the engine's hot path: rmsnorm, RoPE (rotate_half form), gated activations,
+ * causal grouped-query attention over a float32 KV cache.  Plain C compiled twice by GCC
+ * target_clones (x86-64-v3 = AVX2+FMA, and baseline), resolved once at load time. */
+#include <math.h>
+#include <float.h>
+#include <stdlib.h>
+#include <omp.h>
+#include "plk.h"
+
+#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+
+CLONES void plk_rmsnorm(const float *x, const float *w, float eps, float *out, int T, int K)
+{
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (size_t)t * K;
+        float *o = out + (size_t)t * K;
+        float ss = 0.0f;
+        for (int k = 0; k < K; k++) ss += xr[k] * xr[k];
+        float sc = 1.0f / sqrtf(ss / (float)K + eps);
+        for (int k = 0; k < K; k++) o[k] = xr[k] * sc * w[k];
+    }
+}
+
+/* x (T, nh, hd) in place; angle of pair i at position p: p * theta^(-2i/hd) (in double, as the
+ * numpy reference builds its cos/sin tables), pairs are (i, i + hd/2) (HF rotate_half) */
+void plk_rope(float *x, int T, int nh, int hd, const int64_t *pos, double theta)
+{
+    int half = hd / 2;
+    float c[512], s[512];
+    for (int t = 0; t < T; t++) {
+        for (int i = 0; i < half; i++) {
+            double inv = 1.0 / pow(theta, (double)(2 * i) / (double)hd);
+            double ang = (double)pos[t] * inv;
+            c[i] = (float)cos(ang);
+            s[i] = (float)sin(ang);
+        }
+        for (int h = 0; h < nh; h++) {
+            float *v = x + ((size_t)t * nh + h) * hd;
+            for (int i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
+CLONES void plk_silu_mul(const float *g, const float *u, float *out, size_t n)
+{
+    for (size_t i = 0; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+CLONES void plk_relu_mul(const float *g, const float *u, float *out, size_t n)
+{
+    for (size_t i = 0; i < n; i++) out[i] = (g[i] > 0.0f ? g[i] : 0.0f) * u[i];
+}
+
+/* one query row against keys 0..P-1 of one kv head */
+CLONES static void attend_one(const float *q, const float *K, const float *V, int P, int hd, float scale,
+                              float *sc, float *o)
+{
+    float mx = -FLT_MAX;
+    for (int p = 0; p < P; p++) {
+        const float *k = K + (size_t)p * hd;
+        float d = 0.0f;
+        for (int i = 0; i < hd; i++) d += q[i] * k[i];
+        sc[p] = d * scale;
+        if (sc[p] > mx) mx = sc[p];
+    }
+    float sum = 0.0f;
+    for (int p = 0; p < P; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
+    float inv = 1.0f / sum;
+    for (int i = 0; i < hd; i++) o[i] = 0.0f;
+    for (int p = 0; p < P; p++) {
+        const float *v = V + (size_t)p * hd;
+        float wgt = sc[p] * inv;
+        for (int i = 0; i < hd; i++) o[i] += wgt * v[i];
+    }
+}
+
+/* q (T, nh, hd) for positions start..start+T-1; kc, vc (nkv, maxP, hd); out (T, nh*hd) */
+void plk_attention(const float *q, const float *kc, const float *vc, int T, int nh, int nkv, int hd,
+                   int maxP, int start, float *out, int nthreads)
+{
+    const int grp = nh / nkv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int jobs = T * nh;
+    long work = (long)jobs * (start + T) * hd;
+    int nth = work < 200000 ? 1 : nthreads;
+    #pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        float *sc = (float *)malloc(sizeof(float) * (size_t)(start + T));
+        if (sc) {
+            #pragma omp for schedule(static)
+            for (int j = 0; j < jobs; j++) {
+                int t = j / nh, h = j % nh, kv = h / grp;
+                const float *K = kc + (size_t)kv * maxP * hd, *V = vc + (size_t)kv * maxP * hd;
+                attend_one(q + ((size_t)t * nh + h) * hd, K, V, start + t + 1, hd, scale, sc,
+                           out + (size_t)t * nh * hd + (size_t)h * hd);
+            }
+            free(sc);
+        }
+    }
+}

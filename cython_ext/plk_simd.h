@@ -1,0 +1,235 @@
+/* The SIMD multiply-add kernels, written once and compiled twice (plk_avx2.c, plk_avx512.c) inside a
+ * `#pragma GCC target` region, i.e. with per-function target attributes; no -march flag is needed.
+ *
+ * SUFFIX  : avx2 | avx512 (names: rows_<fmt>_q8_<SUFFIX>)
+ * PLK_VNNI: 1 -> the byte dot is vpdpbusd on 256-bit vectors (AVX512-VNNI + VL); 0 -> vpmaddubsw +
+ *           vpmaddwd (AVX2).  Both variants share every other line, so the AVX2 tests on a machine
+ *           without AVX-512 also exercise the structure of the AVX-512 variant.
+ * Why 256-bit in the AVX-512 variant: on Zen 4 a 512-bit op is two 256-bit halves, so wider vectors
+ * buy nothing there; what VNNI buys is one instruction instead of two for the u8 x s8 dot.
+ *
+ * Loop shape: one weight row at a time against a tile of up to 4 tokens. A 32-block of codes is
+ * unpacked once into 32 bytes in natural element order (our bit orders make that one shift + mask:
+ * see formats.py), then dotted with each token's 32 int8 activations; the 8 int32 partial sums are
+ * converted and fused-multiply-added with the block scale (d_w * d_x), precomputed per row and token
+ * into a small array so the inner loop only broadcasts it. The offset terms (mins, -8d, ...) are one
+ * short dot per row over the groups, outside the inner loop. A row streams its codes linearly, and
+ * its scales from a separate small plane: two sequential streams for the prefetcher.
+ */
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+#include "plk.h"
+
+#define CAT3_(a, b, c) a##b##c
+#define CAT3(a, b, c) CAT3_(a, b, c)
+#define NAME(f) CAT3(f, _, SUFFIX)
+#define AI static inline __attribute__((always_inline))
+
+AI __m256i sdot(__m256i w, __m256i x)          /* u8 x s8 -> 8 x i32 (sums of 4 products) */
+{
+#if PLK_VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+#endif
+}
+
+AI float hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* one row x NT tokens; ds[t][b] block scales, xp[t] token codes; returns the block-scaled sums */
+AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_t *const *xp,
+             const float *const *ds, float *res)
+{
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1);
+    const __m256i sh0 = _mm256_setr_epi64x(0, 1, 2, 3), sh1 = _mm256_setr_epi64x(4, 5, 6, 7);
+    const int per = plk_group[FMT] / 32;
+    for (int g = 0; g < ng; g++) {
+        __m256i w[2];
+        if (FMT == PLK_Q8) {
+            w[0] = _mm256_loadu_si256((const __m256i *)(qs + (size_t)g * 32));
+        } else if (FMT == PLK_Q4_0 || FMT == PLK_Q4_1) {
+            __m128i q = _mm_loadu_si128((const __m128i *)(qs + (size_t)g * 16));
+            w[0] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+        } else if (FMT == PLK_Q2 || FMT == PLK_TERN) {
+            __m128i q = _mm_loadu_si128((const __m128i *)(qs + (size_t)g * 16));
+            __m256i v = _mm256_set_m128i(_mm_srli_epi16(q, 2), q);
+            w[0] = _mm256_and_si256(v, m2);
+            w[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
+        } else {
+            long long q8;
+            memcpy(&q8, qs + (size_t)g * 8, 8);
+            __m256i q = _mm256_set1_epi64x(q8);
+            w[0] = _mm256_and_si256(_mm256_srlv_epi64(q, sh0), m1);
+            w[1] = _mm256_and_si256(_mm256_srlv_epi64(q, sh1), m1);
+        }
+        for (int j = 0; j < per; j++) {
+            const int b = g * per + j;
+            __m256i wa = FMT == PLK_Q8 ? _mm256_abs_epi8(w[0]) : w[j];
+            for (int t = 0; t < NT; t++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)b * 32));
+                if (FMT == PLK_Q8) x = _mm256_sign_epi8(x, w[0]);   /* |w| * (x * sign w): exact */
+                __m256 p = _mm256_cvtepi32_ps(sdot(wa, x));
+                acc[t] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(ds[t] + b), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
+}
+
+/* fp16 plane -> float, n values */
+AI void h2f_n(const uint16_t *h, float *f, int n)
+{
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++) f[i] = _cvtsh_ss(h[i]);
+}
+
+AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
+{
+    const int per = plk_group[FMT] / 32, ng = a->ng, nb = a->nb;
+    const size_t rowq = (size_t)ng * plk_qbytes[FMT];
+    const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
+    const float Bm = FMT == PLK_Q4_0 ? -8.0f : -1.0f;
+    /* scratch: dw (ng), bw (ng), ds (4 x nb) */
+    float *buf = (float *)malloc(sizeof(float) * ((size_t)2 * ng + 4 * (size_t)nb + 32));
+    if (!buf) return;
+    float *dw = buf, *bw = buf + ng, *ds = buf + 2 * ng;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *qs = w->qs + (size_t)r * rowq;
+        h2f_n(w->d + (size_t)r * ng, dw, ng);
+        if (plk_has_min[FMT]) h2f_n(w->m + (size_t)r * ng, bw, ng);
+        else if (FMT != PLK_Q8) for (int g = 0; g < ng; g++) bw[g] = Bm * dw[g];
+        for (int t0 = 0; t0 < a->T; t0 += 4) {
+            const int nt = a->T - t0 < 4 ? a->T - t0 : 4;
+            const int8_t *xp[4];
+            const float *dsp[4];
+            float res[4], bsum[4];
+            for (int t = 0; t < nt; t++) {
+                const float *dx = a->dx + (size_t)(t0 + t) * nb, *bx = a->bx + (size_t)(t0 + t) * ng;
+                float *d = ds + (size_t)t * nb;
+                int b = 0;
+                if (per == 1) {
+                    for (; b + 8 <= nb; b += 8)
+                        _mm256_storeu_ps(d + b, _mm256_mul_ps(_mm256_loadu_ps(dw + b), _mm256_loadu_ps(dx + b)));
+                } else {
+                    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+                    const __m256 vA = _mm256_set1_ps(A);
+                    for (; b + 8 <= nb; b += 8) {
+                        __m256 v = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(dw + b / 2)), dup);
+                        _mm256_storeu_ps(d + b, _mm256_mul_ps(_mm256_mul_ps(vA, v), _mm256_loadu_ps(dx + b)));
+                    }
+                }
+                for (; b < nb; b++) d[b] = (A * dw[b / per]) * dx[b];
+                float s = 0.0f;
+                if (FMT != PLK_Q8) {
+                    int g = 0;
+                    __m256 vs = _mm256_setzero_ps();
+                    for (; g + 8 <= ng; g += 8)
+                        vs = _mm256_fmadd_ps(_mm256_loadu_ps(bw + g), _mm256_loadu_ps(bx + g), vs);
+                    s = hsum8(vs);
+                    for (; g < ng; g++) s += bw[g] * bx[g];
+                }
+                bsum[t] = s;
+                xp[t] = a->qs + (size_t)(t0 + t) * a->Kp;
+                dsp[t] = d;
+            }
+            switch (nt) {
+            case 1: tile(FMT, 1, qs, ng, xp, dsp, res); break;
+            case 2: tile(FMT, 2, qs, ng, xp, dsp, res); break;
+            case 3: tile(FMT, 3, qs, ng, xp, dsp, res); break;
+            default: tile(FMT, 4, qs, ng, xp, dsp, res); break;
+            }
+            for (int t = 0; t < nt; t++) {
+                float *o = y + (size_t)(t0 + t) * ldy + r;
+                *o = (accum ? *o : 0.0f) + res[t] + bsum[t];
+            }
+        }
+    }
+    free(buf);
+}
+
+#define ROWS(F, ID) \
+void NAME(rows_##F##_q8)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc) \
+{ rows_simd(ID, w, r0, r1, a, y, ldy, acc); }
+ROWS(q8, PLK_Q8)
+ROWS(q4_0, PLK_Q4_0)
+ROWS(q4_1, PLK_Q4_1)
+ROWS(q2, PLK_Q2)
+ROWS(tern, PLK_TERN)
+ROWS(q1, PLK_Q1)
+
+/* activation quantization, same float operations as formats.quantize_act (exact parity) */
+void NAME(quantize_act_q8)(const float *x, int T, int K, int ldx, int Kp,
+                           int8_t *qs, float *dx, float *s, int32_t *isum)
+{
+    const int nb = Kp / 32;
+    const __m256 signm = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f);
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (size_t)t * ldx;
+        for (int b = 0; b < nb; b++) {
+            float tmp[32];
+            const float *src = xr + b * 32;
+            if (b * 32 + 32 > K) {
+                for (int i = 0; i < 32; i++) tmp[i] = b * 32 + i < K ? src[i] : 0.0f;
+                src = tmp;
+            }
+            __m256 v[4], mx = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_loadu_ps(src + 8 * i);
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(signm, v[i]));
+            }
+            __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            m = _mm_max_ss(m, _mm_movehdup_ps(m));
+            float d = _mm_cvtss_f32(m) / 127.0f;
+            float id = d != 0.0f ? 1.0f / d : 0.0f;
+            __m256 vid = _mm256_set1_ps(id);
+            __m256i qi[4];
+            __m256i sum = _mm256_setzero_si256();
+            for (int i = 0; i < 4; i++) {
+                __m256 p = _mm256_mul_ps(v[i], vid);
+                __m256 r = _mm256_floor_ps(_mm256_add_ps(_mm256_andnot_ps(signm, p), half));
+                r = _mm256_or_ps(r, _mm256_and_ps(p, signm));
+                qi[i] = _mm256_cvtps_epi32(r);
+                sum = _mm256_add_epi32(sum, qi[i]);
+            }
+            /* pack 32 x i32 -> 32 x i8 in order */
+            __m256i p16a = _mm256_packs_epi32(qi[0], qi[1]), p16b = _mm256_packs_epi32(qi[2], qi[3]);
+            __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+            p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(qs + (size_t)t * Kp + b * 32), p8);
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+            int is = _mm_cvtsi128_si32(s4);
+            dx[(size_t)t * nb + b] = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
+            s[(size_t)t * nb + b] = _cvtsh_ss(_cvtss_sh(d * (float)is, _MM_FROUND_TO_NEAREST_INT));
+            isum[(size_t)t * nb + b] = is;
+        }
+    }
+}
+
+double NAME(read_probe)(const uint8_t *buf, size_t n)
+{
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    for (size_t i = 0; i + 128 <= n; i += 128) {
+        s0 = _mm256_add_epi64(s0, _mm256_loadu_si256((const __m256i *)(buf + i)));
+        s1 = _mm256_add_epi64(s1, _mm256_loadu_si256((const __m256i *)(buf + i + 32)));
+        s2 = _mm256_add_epi64(s2, _mm256_loadu_si256((const __m256i *)(buf + i + 64)));
+        s3 = _mm256_add_epi64(s3, _mm256_loadu_si256((const __m256i *)(buf + i + 96)));
+    }
+    s0 = _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3));
+    long long o[4];
+    _mm256_storeu_si256((__m256i *)o, s0);
+    return (double)(o[0] + o[1] + o[2] + o[3]);
+}

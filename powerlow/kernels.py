@@ -1,0 +1,188 @@
+"""The C kernels' Python face: format names, QMatrix planes, thread count and ISA choice.
+
+    isa                      "avx512" | "avx2" | "generic": best this CPU runs, or POWERLOW_ISA=avx2|generic
+    set_threads(n) / get_threads()
+    matmul(q, x, out=None)   y (T, N) = x (T, K) @ W^T in formats.matmul_ref numerics (GEMV if T == 1)
+    ffn_bundles(ptrs, layout, h, act, out)   out (T, K) += sum_c down_c @ (act(gate_c h) * up_c h)
+    quantize_act(x)          formats.ActQ, bit-exact with formats.quantize_act
+    read_probe(buf)          plain read of a uint8 buffer with all threads (bandwidth probe)
+Hot-path helpers (float32, C-contiguous; each returns `out`):
+    rmsnorm(x (T, K), w (K,), eps, out=None)       x / sqrt(mean(x^2) + eps) * w
+    rope(x (T, n_heads, hd), positions int64 (T,), theta)   in place, HF rotate_half pairs (i, i + hd/2)
+    silu_mul(g, u, out=None) / relu_mul(g, u, out=None)     act(g) * u, any matching shapes
+    attention(q (T, nh, hd), k_cache, v_cache (n_kv, max_pos, hd), start, out=None) -> (T, nh*hd)
+        causal grouped-query attention for positions start..start+T-1 (cache already holds them)
+Every function takes a keyword `isa=` override (used by the tests to run every variant in one process).
+
+Table-lookup kernels (T-MAC style, portable C in cython_ext/plk_generic.c) exist for q2, tern and q1;
+the dispatcher uses them where they measured faster (TL_PREFERRED, figures in bench notes below).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import _kernels as _k
+from . import formats
+from .errors import PowerlowError
+
+_ISA_NAMES = ("generic", "avx2", "avx512")
+_FMT_ID = {"q8": 0, "q4_0": 1, "q4_1": 2, "q2": 3, "tern": 4, "q1": 5}
+_ACT_ID = {"silu": 0, "relu": 1}
+
+supported_isas = _ISA_NAMES[: _k.detect_isa() + 1]   # every variant this CPU can run
+
+
+def _pick_isa() -> str:
+    want = os.environ.get("POWERLOW_ISA", "").strip().lower()
+    if not want:
+        return supported_isas[-1]
+    if want not in _ISA_NAMES:
+        raise PowerlowError(f"POWERLOW_ISA={want!r} is not one of {', '.join(_ISA_NAMES)}; unset it or pick one")
+    if want not in supported_isas:
+        raise PowerlowError(f"POWERLOW_ISA={want} but this CPU supports only {', '.join(supported_isas)}")
+    return want
+
+
+isa: str = _pick_isa()
+
+# Multiply-add against table-lookup, GEMV 4096x4096, 1 thread, this machine (Zen 4 without AVX-512
+# exposed, 2 cores), ms per call; see tests/bench notes in the final report:
+#   filled in by bench_kernels --tl; the table-lookup kernels lose on every variant here (row-major
+#   codes force scalar table reads, while vpmaddubsw/vpdpbusd do 32 products per instruction).
+TL_PREFERRED: dict[tuple[str, str], bool] = {}
+
+
+def _use_tl(fmt: str, which: str) -> int:
+    return int(TL_PREFERRED.get((fmt, which), False))
+
+
+def _isa_id(which: str | None) -> int:
+    which = isa if which is None else which
+    if which not in supported_isas:
+        raise ValueError(f"isa {which!r} not available here (have {', '.join(supported_isas)})")
+    return _ISA_NAMES.index(which)
+
+
+def _default_threads() -> int:
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise PowerlowError(f"OMP_NUM_THREADS={env!r} is not an integer") from None
+        if n > 0:
+            return n
+    n = os.cpu_count() or 1
+    try:  # count physical cores: SMT siblings add nothing to memory-bound kernels
+        cores = set()
+        for cpu in os.sched_getaffinity(0):
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        n = len(cores) or n
+    except OSError:
+        pass
+    return n
+
+
+_threads = _default_threads()
+
+
+def set_threads(n: int) -> None:
+    """Threads for every kernel: n > 0; n < 0 means all but |n| cores; 0 is an error."""
+    global _threads
+    n = int(n)
+    if n == 0:
+        raise ValueError("thread count 0: use n > 0, or n < 0 for all but |n| cores")
+    if n < 0:
+        n = max(1, _default_threads() + n)
+    _threads = n
+
+
+def get_threads() -> int:
+    return _threads
+
+
+def matmul(q: formats.QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, isa: str | None = None,
+           tl: bool | None = None) -> np.ndarray:
+    """y (T, N) = x (T, K) @ W^T. x float32 C-contiguous (T, K); out float32 (T, N) or None."""
+    if x.ndim == 1:
+        x = x[None]
+    if out is None:
+        out = np.empty((x.shape[0], q.rows), np.float32)
+    which = _isa_id(isa)
+    use_tl = _use_tl(q.fmt, _ISA_NAMES[which]) if tl is None else int(tl)
+    p = q.planes
+    _k.matmul(which, _FMT_ID[q.fmt], use_tl, p["qs"], p["d"], p.get("m"), q.rows, q.cols, x, out, _threads)
+    return out
+
+
+def _bundle_offsets(layout) -> np.ndarray:
+    offs = getattr(layout, "_plk_offs", None)
+    if offs is None:
+        offs = []
+        for which in ("gate", "up", "down"):
+            po = layout.plane_offsets(which)
+            offs += [po["qs"], po["d"], po.get("m", -1)]
+        offs = np.array(offs, np.int64)
+        object.__setattr__(layout, "_plk_offs", offs) if hasattr(layout, "__dict__") else None
+    return offs
+
+
+def ffn_bundles(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.ndarray, act: str, out: np.ndarray,
+                *, isa: str | None = None) -> None:
+    """out (T, K) += sum over the bundles at addresses ptrs (uint64) of down_c @ (act(gate_c h) * up_c h).
+
+    h and out float32 C-contiguous (T, K); act "silu" or "relu". Bundles are split over threads."""
+    if act not in _ACT_ID:
+        raise ValueError(f"act must be 'silu' or 'relu', got {act!r}")
+    which = _isa_id(isa)
+    _k.ffn_bundles(which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
+                   ptrs, layout.C, layout.K, _bundle_offsets(layout), h, _ACT_ID[act], out, _threads)
+
+
+def quantize_act(x: np.ndarray, kp: int | None = None, *, isa: str | None = None) -> formats.ActQ:
+    x = np.asarray(x)
+    kp = -(-x.shape[-1] // 32) * 32 if kp is None else kp
+    qs, d, s, isum = _k.quantize_act(_isa_id(isa), x, kp)
+    return formats.ActQ(qs, d, s, isum)
+
+
+def read_probe(buf: np.ndarray, *, isa: str | None = None, threads: int | None = None) -> float:
+    """Read every byte of buf (uint8, contiguous) with the kernel threads; returns a checksum."""
+    return _k.read_probe(_isa_id(isa), buf.reshape(-1), threads or _threads)
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        out = np.empty_like(x)
+    _k.rmsnorm(x, w, eps, out)
+    return out
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    _k.rope(x, positions, theta)
+    return x
+
+
+def silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        out = np.empty_like(g)
+    _k.gated(g, u, out, 0)
+    return out
+
+
+def relu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        out = np.empty_like(g)
+    _k.gated(g, u, out, 1)
+    return out
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int,
+              out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
+    _k.attention(q, k_cache, v_cache, int(start), out, _threads)
+    return out

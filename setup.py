@@ -1,0 +1,46 @@
+"""Build: the C/Cython kernels in cython_ext/ become the extension powerlow._kernels.
+
+One build runs on any x86-64: no -march flags; the AVX2 and AVX-512 variants are compiled with
+per-function target attributes (a `#pragma GCC target` region per source file) and chosen at run time
+from cpuid (see cython_ext/plk_common.c). predictors/ is installed as powerlow.predictors.
+"""
+import os
+import platform
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+C_SOURCES = ["plk_common.c", "plk_generic.c", "plk_avx2.c", "plk_avx512.c", "plk_ops.c"]
+
+extra_compile = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+if platform.machine().lower() not in ("x86_64", "amd64"):
+    raise SystemExit("powerlow's kernels need an x86-64 CPU")
+
+ext = Extension(
+    "powerlow._kernels",
+    sources=["cython_ext/_kernels.pyx"] + [f"cython_ext/{s}" for s in C_SOURCES],
+    include_dirs=[np.get_include(), os.path.join(HERE, "cython_ext")],
+    depends=[f"cython_ext/{s}" for s in os.listdir(os.path.join(HERE, "cython_ext")) if s.endswith((".h", ".pxd"))],
+    extra_compile_args=extra_compile,
+    extra_link_args=["-fopenmp"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+if not os.path.exists(os.path.join(HERE, "predictors", "__init__.py")):
+    os.makedirs(os.path.join(HERE, "predictors"), exist_ok=True)
+    open(os.path.join(HERE, "predictors", "__init__.py"), "w").close()
+
+setup(
+    name="powerlow",
+    version="0.1.0",
+    description="Sparse-FFN offloading LLM inference on CPUs (PowerInfer-2 style) with low-bit kernels",
+    python_requires=">=3.10",
+    packages=find_packages(include=["powerlow", "powerlow.*"]) + ["powerlow.predictors"],
+    package_dir={"powerlow": "powerlow", "powerlow.predictors": "predictors"},
+    ext_modules=cythonize([ext], language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
+    install_requires=["numpy", "safetensors", "tokenizers", "gguf", "zstandard", "tqdm", "jinja2"],
+    entry_points={"console_scripts": ["powerlow=powerlow.cli:main"]},
+    zip_safe=False,
+)
