@@ -6,8 +6,7 @@ Per token and layer (DESIGN.md):
 """
 from __future__ import annotations
 
-import json
-import time
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,9 @@ class RefOps:
         pass
 
 
-def kernel_ops(backend: str):
+def kernel_ops(backend: str | None):
+    """The C kernels, or the numpy reference (backend="reference", or POWERLOW_BACKEND=reference for debugging)."""
+    backend = backend or os.environ.get("POWERLOW_BACKEND", "kernels")
     if backend == "reference":
         return RefOps()
     try:
@@ -111,7 +112,7 @@ def _load_qmatrix(tensors: dict, name: str, meta: dict):
 class Transformer:
     """Weights + KV cache + the forward pass of one model dir."""
 
-    def __init__(self, model_dir, runtime: RuntimeConfig | None = None, *, backend: str = "kernels", verify: bool = False):
+    def __init__(self, model_dir, runtime: RuntimeConfig | None = None, *, backend: str | None = None, verify: bool = False):
         from safetensors.numpy import load_file
 
         self.dir = Path(model_dir)

@@ -46,6 +46,6 @@ class Model:
         self.stats.ffn_density = self.tf.ffn.clusters_used / max(1, self.tf.ffn.clusters_total)
 
 
-def load(path=None, config: RuntimeConfig | None = None, *, backend: str = "kernels") -> Model:
+def load(path=None, config: RuntimeConfig | None = None, *, backend: str | None = None) -> Model:
     """Load a powerlow model dir (None: the default model, converted on first use)."""
     return Model(Transformer(resolve_model(path), config, backend=backend))

@@ -7,13 +7,13 @@ from .errors import PowerlowError
 
 # llama.cpp's pre-tokenizer names -> how the text is split before BPE
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_TYPES = ("default", "gpt2", "smollm", "llama-bpe", "llama3", "qwen2")
+_PRE_TYPES = ("default", "gpt2", "gpt-2", "smollm", "llama-bpe", "llama3", "qwen2")
 
 
 def _pre_tokenizer(pre: str):
     from tokenizers import Regex, pre_tokenizers as pt
 
-    if pre in ("default", "gpt2"):
+    if pre in ("default", "gpt2", "gpt-2"):
         return pt.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":
         return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])

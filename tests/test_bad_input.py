@@ -1,0 +1,159 @@
+"""Every bad input gets one clear error naming the problem and the fix; nothing on disk is damaged."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import powerlow
+from powerlow.convert import convert
+from powerlow.errors import PowerlowError
+from conftest import TINY, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    from powerlow.synthetic import make_hf_model
+    return make_hf_model(tmp_path_factory.mktemp("bad") / "hf", act="silu", seed=3, **TINY)
+
+
+@pytest.fixture()
+def model_dir(tiny_src, tmp_path):
+    return convert(tiny_src, tmp_path / "m", bits="8", progress=False)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(PowerlowError, match="no such file or folder"):
+        convert(tmp_path / "nope", tmp_path / "out")
+    r = run_cli("run", "-m", tmp_path / "nope", "-p", "hi")
+    assert r.returncode == 2 and "no such model dir" in r.stderr and "powerlow convert" in r.stderr
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "readme.txt").write_text("hello")
+    with pytest.raises(PowerlowError, match="not a model folder"):
+        convert(tmp_path / "junk", tmp_path / "out")
+    with pytest.raises(PowerlowError, match="not a powerlow model dir"):
+        powerlow.load(tmp_path / "junk")
+
+
+def test_source_given_to_run_names_convert(tiny_src):
+    r = run_cli("run", "-m", tiny_src, "-p", "hi")
+    assert r.returncode == 2 and "convert it first" in r.stderr
+
+
+def _write_gguf(path, arch="llama", qtype=None):
+    import gguf
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    if qtype is None:
+        w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    else:
+        w.add_tensor("token_embd.weight", np.zeros((8, 22), np.uint8), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_unsupported_architecture(tmp_path):
+    _write_gguf(tmp_path / "m.gguf", arch="gpt2")
+    with pytest.raises(PowerlowError, match="architecture 'gpt2' is not supported"):
+        convert(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_unsupported_tensor_type(tmp_path):
+    import gguf
+    _write_gguf(tmp_path / "m.gguf", qtype=gguf.GGMLQuantizationType.Q5_0)
+    with pytest.raises(PowerlowError, match="type Q5_0"):
+        convert(tmp_path / "m.gguf", tmp_path / "out")
+
+
+def test_truncated_gguf(smol_gguf, tmp_path):
+    p = tmp_path / "cut.gguf"
+    with open(smol_gguf, "rb") as f:
+        p.write_bytes(f.read(1 << 20))
+    with pytest.raises(PowerlowError, match="truncated or corrupt"):
+        convert(p, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_not_overwritten(tiny_src, model_dir):
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    with pytest.raises(PowerlowError, match="already exists; delete it or pass --force"):
+        convert(tiny_src, model_dir)
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    r = run_cli("convert", tiny_src, "-o", model_dir)
+    assert r.returncode == 2 and "--force" in r.stderr
+
+
+def test_failed_force_convert_keeps_old_output(model_dir, tmp_path):
+    """--force with a bad source fails before touching the existing model dir."""
+    before = (model_dir / "manifest.json").read_text()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PowerlowError):
+        convert(tmp_path / "empty", model_dir, force=True)
+    assert (model_dir / "manifest.json").read_text() == before
+    powerlow.load(model_dir)
+
+
+def test_truncated_ffn_bin(model_dir):
+    p = model_dir / "ffn.bin"
+    os.truncate(p, p.stat().st_size - 4096)
+    with pytest.raises(PowerlowError, match=r"ffn.bin has \d+ bytes, the manifest says \d+ .*re-convert"):
+        powerlow.load(model_dir)
+
+
+def test_corrupt_resident_checksum(model_dir):
+    p = model_dir / "resident.safetensors"
+    b = bytearray(p.read_bytes())
+    b[-10] ^= 0xFF
+    p.write_bytes(bytes(b))
+    with pytest.raises(PowerlowError, match="resident.safetensors does not match its sha256"):
+        powerlow.load(model_dir)
+
+
+def test_manifest_naming_file_outside_the_dir(model_dir, tmp_path):
+    m = json.loads((model_dir / "manifest.json").read_text())
+    (tmp_path / "evil").write_bytes(b"x")
+    m["files"]["../evil"] = {"size": 1, "sha256": "0"}
+    (model_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PowerlowError, match="outside the model dir"):
+        powerlow.load(model_dir)
+
+
+def test_corrupt_manifest(model_dir):
+    (model_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(PowerlowError, match="manifest.json is corrupt"):
+        powerlow.load(model_dir)
+
+
+def test_empty_prompt(model_dir):
+    r = run_cli("run", "-m", model_dir, "-p", "   ")
+    assert r.returncode == 2 and "prompt is empty" in r.stderr
+
+
+def test_prompt_longer_than_context(model_dir):
+    model = powerlow.load(model_dir)
+    long_prompt = "a b c d " * 200   # far more than TINY's 128 positions
+    with pytest.raises(PowerlowError, match="exceeds the context of 128 tokens; shorten the prompt"):
+        list(model.generate(long_prompt, 4))
+    r = run_cli("run", "-m", model_dir, "-p", long_prompt, "-n", "4")
+    assert r.returncode == 2 and "exceeds the context" in r.stderr
+
+
+def test_bad_runtime_values(model_dir):
+    for args, msg in ((["-t", "-1"], "threads"), (["--density", "1.5"], "density"), (["--budget", "lots"], "size 'lots'"),
+                      (["--temp", "-1"], "--temp")):
+        r = run_cli("run", "-m", model_dir, "-p", "hi", *args)
+        assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+
+
+def test_bad_bits(tiny_src, tmp_path):
+    with pytest.raises(PowerlowError, match="--bits '3'"):
+        convert(tiny_src, tmp_path / "o", bits="3")
