@@ -325,7 +325,8 @@ class _ShardedWriter:
         i = self._order[self._next]
         if self.plan[i][0] != name:
             raise AssertionError(f"tensor {name!r} written out of order; expected {self.plan[i][0]!r}")
-        if self._file_no < 0 or i == self.files[self._file_no][1][0]:
+        nxt = self._file_no + 1
+        if nxt < len(self.files) and i == self.files[nxt][1][0]:
             self._open_next_file()
         left = self.sizes[i]
         for chunk in ([chunks] if isinstance(chunks, np.ndarray) else chunks):
