@@ -94,12 +94,96 @@ AI void h2f_n(const uint16_t *h, float *f, int n)
     for (; i < n; i++) f[i] = _cvtsh_ss(h[i]);
 }
 
+/* Short rows (the bundles' down matrices: K rows of C = 64 columns, 1-2 groups): per-row setup and
+ * the horizontal sum would cost more than the 64 products, so 8 rows are done together: their 8
+ * accumulators are reduced by one hadd tree into one vector, and scales/offsets are vectors over rows. */
+AI __m256 hsum8x8(__m256 *a)
+{
+    __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 h0 = _mm256_hadd_ps(h01, h23), h1 = _mm256_hadd_ps(h45, h67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+AI void unpack_group(const int FMT, const uint8_t *qs, int g, __m256i *w)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1);
+    if (FMT == PLK_Q8) {
+        w[0] = _mm256_loadu_si256((const __m256i *)(qs + (size_t)g * 32));
+    } else if (FMT == PLK_Q4_0 || FMT == PLK_Q4_1) {
+        __m128i q = _mm_loadu_si128((const __m128i *)(qs + (size_t)g * 16));
+        w[0] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+    } else if (FMT == PLK_Q2 || FMT == PLK_TERN) {
+        __m128i q = _mm_loadu_si128((const __m128i *)(qs + (size_t)g * 16));
+        __m256i v = _mm256_set_m128i(_mm_srli_epi16(q, 2), q);
+        w[0] = _mm256_and_si256(v, m2);
+        w[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
+    } else {
+        long long q8;
+        memcpy(&q8, qs + (size_t)g * 8, 8);
+        __m256i q = _mm256_set1_epi64x(q8);
+        w[0] = _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 1, 2, 3)), m1);
+        w[1] = _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(4, 5, 6, 7)), m1);
+    }
+}
+
+#define SMALL_NG 4
+AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
+{
+    const int per = plk_group[FMT] / 32, ng = a->ng, nb = a->nb;
+    const size_t rowq = (size_t)ng * plk_qbytes[FMT];
+    const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
+    const float Bm = FMT == PLK_Q4_0 ? -8.0f : -1.0f;
+    float dwT[SMALL_NG][8], bwT[SMALL_NG][8];
+    for (int r = r0; r + 8 <= r1; r += 8) {
+        for (int i = 0; i < 8; i++)
+            for (int g = 0; g < ng; g++) {
+                float dv = _cvtsh_ss(w->d[(size_t)(r + i) * ng + g]);
+                dwT[g][i] = A * dv;
+                bwT[g][i] = plk_has_min[FMT] ? _cvtsh_ss(w->m[(size_t)(r + i) * ng + g]) : Bm * dv;
+            }
+        for (int t = 0; t < a->T; t++) {
+            const int8_t *x = a->qs + (size_t)t * a->Kp;
+            const float *dx = a->dx + (size_t)t * nb, *bx = a->bx + (size_t)t * ng;
+            __m256 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+            for (int g = 0; g < ng; g++) {
+                for (int j = 0; j < per; j++) {
+                    const int b = g * per + j;
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (size_t)b * 32));
+                    for (int i = 0; i < 8; i++) {
+                        __m256i wv[2];
+                        unpack_group(FMT, w->qs + (size_t)(r + i) * rowq, g, wv);
+                        __m256i p;
+                        if (FMT == PLK_Q8) p = sdot(_mm256_abs_epi8(wv[0]), _mm256_sign_epi8(xv, wv[0]));
+                        else p = sdot(wv[j], xv);
+                        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dwT[g][i] * dx[b]), acc[i]);
+                    }
+                }
+            }
+            __m256 res = hsum8x8(acc);
+            if (FMT != PLK_Q8)
+                for (int g = 0; g < ng; g++)
+                    res = _mm256_fmadd_ps(_mm256_loadu_ps(bwT[g]), _mm256_set1_ps(bx[g]), res);
+            float *o = y + (size_t)t * ldy + r;
+            if (accum) res = _mm256_add_ps(res, _mm256_loadu_ps(o));
+            _mm256_storeu_ps(o, res);
+        }
+    }
+}
+
 AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
     const int per = plk_group[FMT] / 32, ng = a->ng, nb = a->nb;
     const size_t rowq = (size_t)ng * plk_qbytes[FMT];
     const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
     const float Bm = FMT == PLK_Q4_0 ? -8.0f : -1.0f;
+    if (ng <= SMALL_NG && r1 - r0 >= 8) {
+        int r8 = r0 + (r1 - r0) / 8 * 8;
+        rows_short(FMT, w, r0, r8, a, y, ldy, accum);
+        r0 = r8;
+        if (r0 == r1) return;
+    }
     /* scratch: dw (ng), bw (ng), ds (4 x nb) */
     float *buf = (float *)malloc(sizeof(float) * ((size_t)2 * ng + 4 * (size_t)nb + 32));
     if (!buf) return;

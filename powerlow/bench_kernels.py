@@ -1,0 +1,165 @@
+"""powerlow bench-kernels: kernel bandwidth against a plain read probe measured in the same run.
+
+Rows (one JSON object per line with --json):
+  dense   GEMV (T=1) 16384x8192, every format, every ISA this CPU runs
+  sparse  ffn_bundles, hidden 4096, 11008 neurons, cluster 64, densities 0.1/0.25/0.5, random active
+          clusters, bundles in DRAM (a fresh arena larger than the caches)
+  gemm    prefill batch 32 vs 32 GEMV calls: tokens/s ratio
+gbps = weight bytes streamed per second (median of repeats); probe_gbps = read bandwidth over a buffer of
+the same size with the same threads; ratio = gbps / probe_gbps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+from . import formats as F
+from . import kernels as K
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _probe_gbps(nbytes: int, isa: str, threads: int, repeats: int) -> float:
+    buf = np.ones(max(nbytes, 1 << 20), np.uint8)
+    dt = _median_time(lambda: K.read_probe(buf, isa=isa, threads=threads), repeats)
+    return buf.nbytes / dt / 1e9
+
+
+def _fast_quantize(fmt: str, rows: int, cols: int, rng) -> F.QMatrix:
+    """A random packed matrix without running the (slow) numpy quantizer on 134M weights."""
+    sp = F.FORMATS[fmt]
+    g = -(-cols // sp.group)
+    planes = {"qs": rng.integers(0, 256, (rows, g * sp.qbytes), dtype=np.uint8)}
+    if fmt == "q8":
+        planes["qs"] = planes["qs"].view(np.int8)
+    planes["d"] = (rng.random((rows, g), np.float32) * 0.01 + 0.001).astype(np.float16)
+    if sp.has_min:
+        planes["m"] = (-rng.random((rows, g), np.float32) * 0.05).astype(np.float16)
+    return F.QMatrix(fmt, rows, cols, planes)
+
+
+def _row(kind, fmt, isa, threads, shape, density, nbytes, dt, probe, **extra):
+    gbps = nbytes / dt / 1e9
+    r = {"kind": kind, "format": fmt, "isa": isa, "threads": threads, "shape": shape, "density": density,
+         "ms": round(dt * 1e3, 3), "gbps": round(gbps, 2), "probe_gbps": round(probe, 2),
+         "ratio": round(gbps / probe, 3)}
+    r.update(extra)
+    return r
+
+
+def bench_dense(fmts, isas, threads, repeats, rng, N=16384, Kd=8192):
+    rows = []
+    x = rng.standard_normal((1, Kd)).astype(np.float32)
+    out = np.empty((1, N), np.float32)
+    for fmt in fmts:
+        q = _fast_quantize(fmt, N, Kd, rng)
+        for isa in isas:
+            probe = _probe_gbps(q.nbytes, isa, threads, repeats)
+            dt = _median_time(lambda: K.matmul(q, x, out, isa=isa), repeats)
+            rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe))
+    return rows
+
+
+def bench_sparse(fmt, isas, threads, repeats, rng, Kd=4096, Fn=11008, C=64, densities=(0.1, 0.25, 0.5)):
+    lay = F.BundleLayout.make(fmt, fmt, C, Kd)
+    nc = -(-Fn // C)
+    arena = np.zeros(lay.stride * nc, np.uint8)
+    g = _fast_quantize(fmt, C, Kd, rng).to_bytes()
+    d = _fast_quantize(fmt, Kd, C, rng).to_bytes()
+    for c in range(nc):   # same contents everywhere is fine: every bundle is still read from DRAM
+        o = c * lay.stride
+        arena[o + lay.gate_off: o + lay.gate_off + len(g)] = np.frombuffer(g, np.uint8)
+        arena[o + lay.up_off: o + lay.up_off + len(g)] = np.frombuffer(g, np.uint8)
+        arena[o + lay.down_off: o + lay.down_off + len(d)] = np.frombuffer(d, np.uint8)
+    base = arena.ctypes.data
+    h = rng.standard_normal((1, Kd)).astype(np.float32)
+    out = np.zeros((1, Kd), np.float32)
+    rows = []
+    for isa in isas:
+        for dens in densities:
+            n = max(1, int(round(dens * nc)))
+            sets = [np.sort(rng.choice(nc, n, replace=False)) for _ in range(repeats + 1)]
+            ptr_sets = [(base + s.astype(np.uint64) * np.uint64(lay.stride)).astype(np.uint64) for s in sets]
+            it = iter(ptr_sets)
+            # each call uses a different random active set; the arena (~ 3x L3 at d=0.25) defeats caching
+            dt = _median_time(lambda: K.ffn_bundles(next(it), lay, h, "silu", out, isa=isa), repeats - 1)
+            nbytes = n * lay.nbytes
+            probe = _probe_gbps(max(nbytes, 64 << 20), isa, threads, repeats)
+            rows.append(_row("sparse", fmt, isa, threads, [Kd, Fn, C], dens, nbytes, dt, probe, bundles=n))
+    return rows
+
+
+def bench_gemm(fmt, isas, threads, repeats, rng, N=16384, Kd=8192, T=32):
+    q = _fast_quantize(fmt, N, Kd, rng)
+    x = rng.standard_normal((T, Kd)).astype(np.float32)
+    out = np.empty((T, N), np.float32)
+    out1 = np.empty((1, N), np.float32)
+    rows = []
+    for isa in isas:
+        dt_gemm = _median_time(lambda: K.matmul(q, x, out, isa=isa), max(2, repeats // 2))
+        dt_gemv = _median_time(lambda: K.matmul(q, x[:1], out1, isa=isa), repeats)
+        probe = _probe_gbps(q.nbytes, isa, threads, repeats)
+        r = _row("gemm", fmt, isa, threads, [N, Kd, T], 1.0, q.nbytes, dt_gemm, probe)
+        r.update(gemm_tok_s=round(T / dt_gemm, 1), gemv_tok_s=round(1 / dt_gemv, 1),
+                 speedup=round(dt_gemv * T / dt_gemm, 2))
+        rows.append(r)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="powerlow bench-kernels", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--formats", default=",".join(F.FORMATS))
+    ap.add_argument("--isa", default=",".join(K.supported_isas[1:] or K.supported_isas),
+                    help="comma list of variants (default: the SIMD ones this CPU runs)")
+    ap.add_argument("--only", default="dense,sparse,gemm", help="comma list of dense,sparse,gemm")
+    ap.add_argument("--sparse-format", default="q4_1")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    K.set_threads(a.threads)
+    rng = np.random.default_rng(a.seed)
+    isas = [i for i in a.isa.split(",") if i]
+    for i in isas:
+        if i not in K.supported_isas:
+            ap.error(f"isa {i} is not supported by this CPU (have {', '.join(K.supported_isas)})")
+    fmts = [f for f in a.formats.split(",") if f]
+    only = set(a.only.split(","))
+    rows = []
+
+    def emit(rs):
+        for r in rs:
+            rows.append(r)
+            if a.json:
+                print(json.dumps(r), flush=True)
+            else:
+                extra = f" speedup {r['speedup']}x ({r['gemm_tok_s']} vs {r['gemv_tok_s']} tok/s)" if "speedup" in r else ""
+                print(f"{r['kind']:6s} {r['format']:5s} {r['isa']:7s} t{r['threads']} d={r['density']:<4} "
+                      f"{r['ms']:8.2f} ms {r['gbps']:6.2f} GB/s probe {r['probe_gbps']:6.2f} ratio {r['ratio']:.2f}{extra}",
+                      flush=True)
+
+    if "dense" in only:
+        emit(bench_dense(fmts, isas, a.threads, a.repeats, rng))
+    if "sparse" in only:
+        emit(bench_sparse(a.sparse_format, isas, a.threads, a.repeats, rng))
+    if "gemm" in only:
+        emit(bench_gemm(a.sparse_format, isas, a.threads, a.repeats, rng))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
