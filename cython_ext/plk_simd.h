@@ -43,57 +43,6 @@ AI float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* one row x NT tokens; ds[t][b] block scales, xp[t] token codes; returns the block-scaled sums */
-AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_t *const *xp,
-             const float *const *ds, float *res)
-{
-    __m256 acc[4];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1);
-    const __m256i sh0 = _mm256_setr_epi64x(0, 1, 2, 3), sh1 = _mm256_setr_epi64x(4, 5, 6, 7);
-    const int per = plk_group[FMT] / 32;
-    for (int g = 0; g < ng; g++) {
-        __m256i w[2];
-        if (FMT == PLK_Q8) {
-            w[0] = _mm256_loadu_si256((const __m256i *)(qs + (size_t)g * 32));
-        } else if (FMT == PLK_Q4_0 || FMT == PLK_Q4_1) {
-            __m128i q = _mm_loadu_si128((const __m128i *)(qs + (size_t)g * 16));
-            w[0] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
-        } else if (FMT == PLK_Q2 || FMT == PLK_TERN) {
-            __m128i q = _mm_loadu_si128((const __m128i *)(qs + (size_t)g * 16));
-            __m256i v = _mm256_set_m128i(_mm_srli_epi16(q, 2), q);
-            w[0] = _mm256_and_si256(v, m2);
-            w[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
-        } else {
-            long long q8;
-            memcpy(&q8, qs + (size_t)g * 8, 8);
-            __m256i q = _mm256_set1_epi64x(q8);
-            w[0] = _mm256_and_si256(_mm256_srlv_epi64(q, sh0), m1);
-            w[1] = _mm256_and_si256(_mm256_srlv_epi64(q, sh1), m1);
-        }
-        for (int j = 0; j < per; j++) {
-            const int b = g * per + j;
-            __m256i wa = FMT == PLK_Q8 ? _mm256_abs_epi8(w[0]) : w[j];
-            for (int t = 0; t < NT; t++) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)b * 32));
-                if (FMT == PLK_Q8) x = _mm256_sign_epi8(x, w[0]);   /* |w| * (x * sign w): exact */
-                __m256 p = _mm256_cvtepi32_ps(sdot(wa, x));
-                acc[t] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(ds[t] + b), acc[t]);
-            }
-        }
-    }
-    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
-}
-
-/* fp16 plane -> float, n values */
-AI void h2f_n(const uint16_t *h, float *f, int n)
-{
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
-    for (; i < n; i++) f[i] = _cvtsh_ss(h[i]);
-}
-
 /* Short rows (the bundles' down matrices: K rows of C = 64 columns, 1-2 groups): per-row setup and
  * the horizontal sum would cost more than the 64 products, so 8 rows are done together: their 8
  * accumulators are reduced by one hadd tree into one vector, and scales/offsets are vectors over rows. */
@@ -103,6 +52,14 @@ AI __m256 hsum8x8(__m256 *a)
     __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
     __m256 h0 = _mm256_hadd_ps(h01, h23), h1 = _mm256_hadd_ps(h45, h67);
     return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+AI __m256i hsum8x8i(__m256i *a)   /* lane i = sum of the 8 lanes of a[i] */
+{
+    __m256i h01 = _mm256_hadd_epi32(a[0], a[1]), h23 = _mm256_hadd_epi32(a[2], a[3]);
+    __m256i h45 = _mm256_hadd_epi32(a[4], a[5]), h67 = _mm256_hadd_epi32(a[6], a[7]);
+    __m256i h0 = _mm256_hadd_epi32(h01, h23), h1 = _mm256_hadd_epi32(h45, h67);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
 }
 
 AI void unpack_group(const int FMT, const uint8_t *qs, int g, __m256i *w)
@@ -127,6 +84,63 @@ AI void unpack_group(const int FMT, const uint8_t *qs, int g, __m256i *w)
     }
 }
 
+/* one row x NT tokens; ds[t][b] block scales, xp[t] token codes; returns the block-scaled sums.
+ * Accumulators: NA per token, indexed by compile-time constants only (a runtime index would put the
+ * array in memory); with 1 token, 4 independent FMA chains hide the FMA latency. */
+AI void group_step(const int FMT, const int NT, const int NA, const int base, const uint8_t *qs, int g,
+                   const int8_t *const *xp, const float *const *ds, __m256 *acc)
+{
+    const int per = plk_group[FMT] / 32;
+    __m256i w[2];
+    unpack_group(FMT, qs, g, w);
+#pragma GCC unroll 2
+    for (int j = 0; j < per; j++) {
+        const int b = g * per + j;
+        __m256i wa = FMT == PLK_Q8 ? _mm256_abs_epi8(w[0]) : w[j];
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)b * 32));
+            if (FMT == PLK_Q8) x = _mm256_sign_epi8(x, w[0]);   /* |w| * (x * sign w): exact */
+            __m256 p = _mm256_cvtepi32_ps(sdot(wa, x));
+            acc[t * NA + base + j] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(ds[t] + b), acc[t * NA + base + j]);
+        }
+    }
+}
+
+AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_t *const *xp,
+             const float *const *ds, float *res)
+{
+    const int per = plk_group[FMT] / 32;
+    const int NA0 = NT == 1 ? 4 : NT == 2 ? 2 : 1;
+    const int NA = NA0 > per ? NA0 : per;
+    const int UNR = NA / per;
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < NT * NA; i++) acc[i] = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + UNR <= ng; g += UNR) {
+#pragma GCC unroll 4
+        for (int u = 0; u < UNR; u++) group_step(FMT, NT, NA, u * per, qs, g + u, xp, ds, acc);
+    }
+    for (; g < ng; g++) group_step(FMT, NT, NA, 0, qs, g, xp, ds, acc);
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) {
+        __m256 v = acc[t * NA];
+#pragma GCC unroll 4
+        for (int u = 1; u < NA; u++) v = _mm256_add_ps(v, acc[t * NA + u]);
+        res[t] = hsum8(v);
+    }
+}
+
+/* fp16 plane -> float, n values */
+AI void h2f_n(const uint16_t *h, float *f, int n)
+{
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++) f[i] = _cvtsh_ss(h[i]);
+}
+
 #define SMALL_NG 4
 AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
@@ -145,23 +159,23 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
         for (int t = 0; t < a->T; t++) {
             const int8_t *x = a->qs + (size_t)t * a->Kp;
             const float *dx = a->dx + (size_t)t * nb, *bx = a->bx + (size_t)t * ng;
-            __m256 acc[8];
-            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+            __m256 res = _mm256_setzero_ps();
             for (int g = 0; g < ng; g++) {
+                const __m256 dwv = _mm256_loadu_ps(dwT[g]);
                 for (int j = 0; j < per; j++) {
                     const int b = g * per + j;
                     const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (size_t)b * 32));
+                    __m256i p[8];
                     for (int i = 0; i < 8; i++) {
                         __m256i wv[2];
                         unpack_group(FMT, w->qs + (size_t)(r + i) * rowq, g, wv);
-                        __m256i p;
-                        if (FMT == PLK_Q8) p = sdot(_mm256_abs_epi8(wv[0]), _mm256_sign_epi8(xv, wv[0]));
-                        else p = sdot(wv[j], xv);
-                        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dwT[g][i] * dx[b]), acc[i]);
+                        if (FMT == PLK_Q8) p[i] = sdot(_mm256_abs_epi8(wv[0]), _mm256_sign_epi8(xv, wv[0]));
+                        else p[i] = sdot(wv[j], xv);
                     }
+                    /* integer sums per row (exact), then one scale vector over the 8 rows */
+                    res = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(p)), _mm256_mul_ps(dwv, _mm256_set1_ps(dx[b])), res);
                 }
             }
-            __m256 res = hsum8x8(acc);
             if (FMT != PLK_Q8)
                 for (int g = 0; g < ng; g++)
                     res = _mm256_fmadd_ps(_mm256_loadu_ps(bwT[g]), _mm256_set1_ps(bx[g]), res);

@@ -47,11 +47,18 @@ def _pick_isa() -> str:
 
 isa: str = _pick_isa()
 
-# Multiply-add against table-lookup, GEMV 4096x4096, 1 thread, this machine (Zen 4 without AVX-512
-# exposed, 2 cores), ms per call; see tests/bench notes in the final report:
-#   filled in by bench_kernels --tl; the table-lookup kernels lose on every variant here (row-major
-#   codes force scalar table reads, while vpmaddubsw/vpdpbusd do 32 products per instruction).
-TL_PREFERRED: dict[tuple[str, str], bool] = {}
+# Table-lookup (TL, portable C) against multiply-add (MA), GEMV 4096x4096, 1 thread, ms per call, this
+# machine (Zen 4 with AVX-512 hidden by the hypervisor, a second process busy on the other core):
+#   fmt   generic MA  generic TL   avx2 MA  (avx2 runs the same portable TL: 9.2-11.2 ms)
+#   q2       41.6        11.4        0.92
+#   tern     63.0        10.4        1.03
+#   q1       30.1         4.8        1.15
+# TL wins where there is no byte dot instruction: it replaces 4-8 unpack+multiply steps per code byte
+# by two table reads. With vpmaddubsw / vpdpbusd, MA does 32 products per instruction and stays
+# memory-bound; a SIMD TL (vpshufb) would need 16 rows interleaved per register lane (one table per
+# lane), i.e. another storage layout, and would still trail MA here. So: TL on generic only.
+TL_PREFERRED: dict[tuple[str, str], bool] = {("q2", "generic"): True, ("tern", "generic"): True,
+                                             ("q1", "generic"): True}
 
 
 def _use_tl(fmt: str, which: str) -> int:
