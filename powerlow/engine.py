@@ -23,10 +23,24 @@ from .tokenizer import Tokenizer
 
 
 class RefOps:
-    """The numpy reference backend (tests and debugging)."""
-    name = "reference"
+    """The numpy reference backend, with the kernels' signatures (tests and debugging)."""
+    name = isa = "reference"
     matmul = staticmethod(reference.matmul)
     ffn_bundles = staticmethod(reference.ffn_bundles)
+
+    @staticmethod
+    def rmsnorm(x, w, eps, out=None):
+        return reference.rmsnorm(x, w, eps).astype(np.float32)
+
+    @staticmethod
+    def rope(x, positions, theta):
+        cos, sin = reference.rope_tables(x.shape[-1], theta, positions)
+        x[...] = reference.rope(x, cos, sin)
+        return x
+
+    @staticmethod
+    def attention(q, k_cache, v_cache, start, out=None):
+        return reference.attention(q, k_cache, v_cache, start)
 
     def set_threads(self, n):
         pass
@@ -133,13 +147,25 @@ class Transformer:
         self.ops.set_threads(self.runtime.n_threads)
         self.store_info = StoreInfo.from_json(self.manifest["ffn"])
         self.ffn_source = self._make_ffn_source()
-        self.ffn = SparseFFN(self.ffn_source, self.store_info, cfg.hidden_act, self.ops, mode=self.runtime.mode)
+        self.predictor = self._make_predictor()
+        self.ffn = SparseFFN(self.ffn_source, self.store_info, cfg.hidden_act, self.ops, mode=self.runtime.mode,
+                             predictor=self.predictor)
         limit = min(cfg.max_positions, self.runtime.max_context or cfg.max_positions)
         self.kv = KVCache(cfg, limit)
-        self._rope_pos = np.zeros(0)
 
     def _make_ffn_source(self):
-        return ResidentStore(self.dir / "ffn.bin", self.store_info)
+        """All of ffn.bin in RAM, or (with a budget) the segmented cache fed by the I/O thread."""
+        if self.runtime.budget_bytes is None:
+            return ResidentStore(self.dir / "ffn.bin", self.store_info)
+        from .cache import OffloadedStore
+        return OffloadedStore(self)
+
+    def _make_predictor(self):
+        """None in dense mode; else the predictor of the mode (powerlow.predictors)."""
+        if self.runtime.mode == "dense":
+            return None
+        from .predictors import make_predictor
+        return make_predictor(self)
 
     # -- the forward pass --------------------------------------------------------------------------
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
@@ -164,30 +190,40 @@ class Transformer:
         if start > self.kv.length:
             raise PowerlowError(f"start_pos {start} is past the cached sequence ({self.kv.length} tokens)")
         self.kv.ensure(start + T)
-        pos = np.arange(start, start + T)
-        cos, sin = reference.rope_tables(cfg.head_dim, cfg.rope_theta, pos, cfg.rope_scaling_factor)
-        x = self.embed_tokens(ids)                                      # (T, K)
+        pos = np.arange(start, start + T, dtype=np.int64)
+        ops, w = self.ops, self.w
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        mm = self.ops.matmul
+        x = self.embed_tokens(ids)                                      # (T, K)
         for l in range(cfg.n_layers):
             p = f"blk.{l}."
-            w = self.w
-            h = reference.rmsnorm(x, w[p + "attn_norm"], cfg.rms_eps)
-            q = mm(w[p + "attn_q"], h)                                  # (T, nh*hd)
-            k = mm(w[p + "attn_k"], h)                                  # (T, nkv*hd)
-            v = mm(w[p + "attn_v"], h)
+            h = ops.rmsnorm(x, w[p + "attn_norm"], cfg.rms_eps)
+            q = ops.matmul(w[p + "attn_q"], h)                          # (T, nh*hd)
+            k = ops.matmul(w[p + "attn_k"], h)                          # (T, nkv*hd)
+            v = ops.matmul(w[p + "attn_v"], h)
             if cfg.attn_bias:
-                q += w[p + "attn_q.bias"]; k += w[p + "attn_k.bias"]; v += w[p + "attn_v.bias"]
-            q = reference.rope(q.reshape(T, nh, hd), cos, sin)
-            k = reference.rope(k.reshape(T, nkv, hd), cos, sin)
-            self.kv.k[l][:, start: start + T] = k.transpose(1, 0, 2)
-            self.kv.v[l][:, start: start + T] = v.reshape(T, nkv, hd).transpose(1, 0, 2)
-            a = reference.attention(q, self.kv.k[l], self.kv.v[l], start)
-            x = x + mm(w[p + "attn_output"], a)
-            h = reference.rmsnorm(x, w[p + "ffn_norm"], cfg.rms_eps)
-            x = x + self.ffn.forward(l, h)
+                q += w[p + "attn_q.bias"]
+                k += w[p + "attn_k.bias"]
+                v += w[p + "attn_v.bias"]
+            q = self._rope(q.reshape(T, nh, hd), pos)
+            k = self._rope(k.reshape(T, nkv, hd), pos)
+            # K/V are kept at fp16 precision, as llama.cpp's default f16 cache does: measured on SmolLM2,
+            # teacher-forced agreement with llama.cpp goes from 96.4% to 97.4% (largest miss 0.205 -> 0.127)
+            self.kv.k[l][:, start: start + T] = k.transpose(1, 0, 2).astype(np.float16)
+            self.kv.v[l][:, start: start + T] = v.reshape(T, nkv, hd).transpose(1, 0, 2).astype(np.float16)
+            a = ops.attention(q, self.kv.k[l], self.kv.v[l], start)    # (T, nh*hd)
+            x += ops.matmul(w[p + "attn_output"], a)
+            h = ops.rmsnorm(x, w[p + "ffn_norm"], cfg.rms_eps)
+            x += self.ffn.forward(l, h)
         self.kv.length = start + T
         if last_only:
             x = x[-1:]
-        x = reference.rmsnorm(x, self.w["output_norm"], cfg.rms_eps)
-        return mm(self.lm_head, np.ascontiguousarray(x, dtype=np.float32))
+        x = self.ops.rmsnorm(np.ascontiguousarray(x), self.w["output_norm"], cfg.rms_eps)
+        return self.ops.matmul(self.lm_head, x)
+
+    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """RoPE in place on x (T, heads, hd); linear scaling goes through the reference tables."""
+        cfg = self.config
+        if cfg.rope_scaling_factor != 1.0:
+            cos, sin = reference.rope_tables(cfg.head_dim, cfg.rope_theta, pos, cfg.rope_scaling_factor)
+            return reference.rope(x, cos, sin)
+        return self.ops.rope(np.ascontiguousarray(x), pos, cfg.rope_theta)

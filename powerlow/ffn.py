@@ -59,23 +59,32 @@ class ResidentStore:
 
 
 class SparseFFN:
-    """``forward(layer, h) -> delta`` for the residual stream, over the clusters the mode selects."""
+    """``forward(layer, h) -> delta`` for the residual stream, over the clusters the mode selects.
 
-    def __init__(self, source, info: StoreInfo, act: str, ops, *, mode: str = "dense", predictors=None):
+    The predictor (powerlow.predictors; None in dense mode) answers, per layer:
+      select(layer, h (T, K)) -> int32 sorted cluster ids to compute (stored order);
+      lookahead(layer + 1, h) -> cluster ids layer+1 will probably need (for prefetching), or None.
+    A cluster source with a ``prefetch(layer, clusters_or_None)`` method (the offloaded store) is told,
+    right after a layer is computed, what the next layer will read, so its I/O thread overlaps compute.
+    """
+
+    def __init__(self, source, info: StoreInfo, act: str, ops, *, mode: str = "dense", predictor=None):
         self.source = source
         self.info = info
         self.act = act
         self.ops = ops
         self.mode = mode
-        self.predictors = predictors
-        self.clusters_used = 0
+        self.predictor = predictor
+        self.n_layers = info.n_layers
+        self._prefetch = getattr(source, "prefetch", None)
+        self.clusters_used = 0       # over the whole run, for the density figure
         self.clusters_total = 0
 
     def select(self, layer: int, h: np.ndarray) -> np.ndarray | None:
         """Active cluster ids for this layer (None = all)."""
-        if self.mode == "dense" or self.predictors is None:
+        if self.predictor is None:
             return None
-        return self.predictors.select(layer, h)
+        return self.predictor.select(layer, h)
 
     def forward(self, layer: int, h: np.ndarray) -> np.ndarray:
         """h (T, K) float32 -> (T, K) float32."""
@@ -84,6 +93,10 @@ class SparseFFN:
         out = np.zeros_like(h)
         if len(ptrs):
             self.ops.ffn_bundles(ptrs, self.info.layout, h, self.act, out)
+        if self._prefetch is not None:
+            nxt = (layer + 1) % self.n_layers          # after the last layer: the next token's first
+            ahead = self.predictor.lookahead(nxt, h) if self.predictor is not None else None
+            self._prefetch(nxt, ahead)
         self.clusters_used += len(ptrs)
         self.clusters_total += self.info.n_clusters
         return out
