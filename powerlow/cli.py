@@ -41,9 +41,10 @@ def runtime_config(args):
     return RuntimeConfig(**kw)
 
 
-def _cmd_run(args) -> int:
-    from . import run
-    return run.main(args)
+def _lazy(module: str, *, runtime: bool):
+    """Register a subcommand whose module provides add_arguments(p) and main(args)."""
+    import importlib
+    return importlib.import_module(module), runtime
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_arguments(p)
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
+
+    # offline steps and tools; each module has add_arguments(p) and main(args)
+    for name, module, runtime, help_ in (
+            ("profile", "powerlow.profile", False, "record neuron hotness + training samples; re-lay ffn.bin hot-first"),
+            ("train-predictor", "powerlow.predictors.train", False, "train the low-rank activation predictors"),
+            ("eval", "powerlow.eval", True, "perplexity on held-out text"),
+            ("tune", "powerlow.tune", True, "speed against memory budget; suggests a config")):
+        p = sub.add_parser(name, help=help_)
+        try:
+            mod, _ = _lazy(module, runtime=runtime)
+        except ImportError as e:
+            p.set_defaults(func=lambda a, e=e, n=name: (_ for _ in ()).throw(PowerlowError(f"`powerlow {n}` is unavailable: {e}")))
+            continue
+        if runtime:
+            add_runtime_arguments(p)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.main)
 
     p = sub.add_parser("bench-kernels", help="kernel bandwidth against a read probe", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
