@@ -25,6 +25,9 @@
 #define CAT3(a, b, c) CAT3_(a, b, c)
 #define NAME(f) CAT3(f, _, SUFFIX)
 #define AI static inline __attribute__((always_inline))
+#ifndef PLK_PF
+#define PLK_PF 1024
+#endif
 
 AI __m256i sdot(__m256i w, __m256i x)          /* u8 x s8 -> 8 x i32 (sums of 4 products) */
 {
@@ -184,6 +187,11 @@ AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_
     for (int i = 0; i < NT * NA; i++) acc[i] = _mm256_setzero_ps();
     int g = 0;
     for (; g + UNR <= ng; g += UNR) {
+        /* software prefetch PLK_PF bytes ahead in the code stream (it runs on into the next rows):
+         * the hardware prefetcher alone does not keep enough lines in flight at this compute rate */
+        const uint8_t *pf = qs + (size_t)g * plk_qbytes[FMT] + PLK_PF;
+        _mm_prefetch((const char *)pf, _MM_HINT_T0);
+        if (UNR * plk_qbytes[FMT] > 64) _mm_prefetch((const char *)pf + 64, _MM_HINT_T0);
 #pragma GCC unroll 4
         for (int u = 0; u < UNR; u++) group_step(FMT, NT, NA, u * per, qs, g + u, xp, ds, acc);
     }
