@@ -31,10 +31,21 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def _probe_gbps(nbytes: int, isa: str, threads: int, repeats: int) -> float:
-    buf = np.ones(max(nbytes, 1 << 20), np.uint8)
-    dt = _median_time(lambda: K.read_probe(buf, isa=isa, threads=threads), repeats)
-    return buf.nbytes / dt / 1e9
+def _paired(kernel, nbytes: int, isa: str, threads: int, repeats: int, min_probe: int = 1 << 20) -> tuple[float, float]:
+    """Median kernel time and median probe GB/s, measured alternately (probe, kernel, probe, ...) so
+    both see the same machine state (other processes, frequency)."""
+    buf = np.ones(max(nbytes, min_probe), np.uint8)
+    kernel()
+    K.read_probe(buf, isa=isa, threads=threads)
+    kt, pt = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        K.read_probe(buf, isa=isa, threads=threads)
+        pt.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        kernel()
+        kt.append(time.perf_counter() - t)
+    return statistics.median(kt), buf.nbytes / statistics.median(pt) / 1e9
 
 
 def _fast_quantize(fmt: str, rows: int, cols: int, rng) -> F.QMatrix:
@@ -66,8 +77,7 @@ def bench_dense(fmts, isas, threads, repeats, rng, N=16384, Kd=8192):
     for fmt in fmts:
         q = _fast_quantize(fmt, N, Kd, rng)
         for isa in isas:
-            probe = _probe_gbps(q.nbytes, isa, threads, repeats)
-            dt = _median_time(lambda: K.matmul(q, x, out, isa=isa), repeats)
+            dt, probe = _paired(lambda: K.matmul(q, x, out, isa=isa), q.nbytes, isa, threads, repeats)
             rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe))
     return rows
 
@@ -93,10 +103,11 @@ def bench_sparse(fmt, isas, threads, repeats, rng, Kd=4096, Fn=11008, C=64, dens
             sets = [np.sort(rng.choice(nc, n, replace=False)) for _ in range(repeats + 1)]
             ptr_sets = [(base + s.astype(np.uint64) * np.uint64(lay.stride)).astype(np.uint64) for s in sets]
             it = iter(ptr_sets)
-            # each call uses a different random active set; the arena (~ 3x L3 at d=0.25) defeats caching
-            dt = _median_time(lambda: K.ffn_bundles(next(it), lay, h, "silu", out, isa=isa), repeats - 1)
+            # each call uses a different random active set; the arena (~ 3x L3 at d=0.25) defeats
+            # caching, and the probe runs in between, evicting the previous call's bundles
             nbytes = n * lay.nbytes
-            probe = _probe_gbps(max(nbytes, 64 << 20), isa, threads, repeats)
+            dt, probe = _paired(lambda: K.ffn_bundles(next(it), lay, h, "silu", out, isa=isa), nbytes, isa,
+                                threads, repeats, min_probe=64 << 20)
             rows.append(_row("sparse", fmt, isa, threads, [Kd, Fn, C], dens, nbytes, dt, probe, bundles=n))
     return rows
 
@@ -109,8 +120,7 @@ def bench_gemm(fmt, isas, threads, repeats, rng, N=16384, Kd=8192, T=32):
     rows = []
     for isa in isas:
         dt_gemm = _median_time(lambda: K.matmul(q, x, out, isa=isa), max(2, repeats // 2))
-        dt_gemv = _median_time(lambda: K.matmul(q, x[:1], out1, isa=isa), repeats)
-        probe = _probe_gbps(q.nbytes, isa, threads, repeats)
+        dt_gemv, probe = _paired(lambda: K.matmul(q, x[:1], out1, isa=isa), q.nbytes, isa, threads, repeats)
         r = _row("gemm", fmt, isa, threads, [N, Kd, T], 1.0, q.nbytes, dt_gemm, probe)
         r.update(gemm_tok_s=round(T / dt_gemm, 1), gemv_tok_s=round(1 / dt_gemv, 1),
                  speedup=round(dt_gemv * T / dt_gemm, 2))
