@@ -168,7 +168,9 @@ int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs
             #pragma omp atomic write
             err = -1;
         } else {
-            #pragma omp for schedule(dynamic, 1)
+            /* static: each thread sums a fixed, contiguous run of bundles, so the float sums (and the
+             * tokens) are the same from run to run at a given thread count; dynamic was not */
+            #pragma omp for schedule(static)
             for (int i = 0; i < n; i++) {
                 const uint8_t *base = (const uint8_t *)(uintptr_t)ptrs[i];
                 plk_w wg = { base + offs[0], (const uint16_t *)(base + offs[1]), offs[2] >= 0 ? (const uint16_t *)(base + offs[2]) : 0 };
