@@ -54,7 +54,8 @@ N_SPECIAL = 2
 BYTE_OFFSET = N_SPECIAL  # token id of byte b is BYTE_OFFSET + b
 
 SHARD_MAX_BYTES = 1 << 30  # one safetensors file up to 1 GiB, sharded above
-EMBED_CHUNK_ROWS = 4096
+EMBED_CHUNK_ROWS = 4096  # rows generated per step (part of the model's definition: changing it changes weights)
+GGUF_CHUNK_ROWS = 4096  # rows read and quantized per step by export_gguf
 P_MAX = 0.98
 CAL_SEQS, CAL_LEN = 8, 64  # calibration batch: 512 tokens
 GATE_STD = 3.0  # std of a gate pre-activation's random part
@@ -349,7 +350,11 @@ class _ShardedWriter:
 
 
 class _SafetensorsFile:
-    """Memory-mapped reader of one safetensors file; tensors come out as float32 copies."""
+    """Reader of one safetensors file; tensors come out as float32 copies.
+
+    Reads with plain file reads, not a memory map, so reading a large model tensor by tensor
+    does not leave the whole file counted in the process's resident memory.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -358,21 +363,29 @@ class _SafetensorsFile:
             self.header = json.loads(f.read(n))
         self.header.pop("__metadata__", None)
         self.data_start = 8 + n
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
 
     def get(self, name: str, rows: slice | None = None) -> np.ndarray:
         info = self.header[name]
-        st = info["dtype"]
+        st, shape = info["dtype"], tuple(info["shape"])
         if st not in _ST_NAME_TO_NP:
             raise PowerlowError(f"{self.path}: tensor {name} has dtype {st}; only F32, F16 and BF16 are supported")
+        np_dtype = np.dtype(_ST_NAME_TO_NP[st])
         a, b = info["data_offsets"]
-        raw = self._mm[self.data_start + a:self.data_start + b].view(_ST_NAME_TO_NP[st]).reshape(info["shape"])
+        if int(np.prod(shape)) * np_dtype.itemsize != b - a:
+            raise PowerlowError(f"{self.path}: tensor {name} has {b - a} bytes, its shape {list(shape)} needs "
+                                f"{int(np.prod(shape)) * np_dtype.itemsize}; the file is corrupt")
+        start, stop = 0, shape[0] if shape else 1
         if rows is not None:
-            raw = raw[rows]
-        return _decode(raw, st)
+            start, stop, step = rows.indices(shape[0])
+            assert step == 1
+        row_items = int(np.prod(shape[1:]))
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + a + start * row_items * np_dtype.itemsize)
+            raw = np.fromfile(f, dtype=np_dtype, count=(stop - start) * row_items)
+        return _decode(raw.reshape((stop - start,) + shape[1:] if shape else ()), st)
 
 
 class _HFTensors:
@@ -715,6 +728,7 @@ def _write_model(spec: SyntheticSpec, folder: Path, progress: bool) -> None:
             "hot_alpha": str(spec.hot_alpha), "hot_density": str(spec.hot_density), "act": spec.act,
             "fires": f"gate pre-activation > {FIRE_GATE[spec.act]}",
         })
+        os.chmod(folder / "planted_hotness.safetensors", 0o644)
 
 
 def load_planted_hotness(hf_dir: str | os.PathLike) -> np.ndarray:
@@ -926,9 +940,9 @@ def export_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: s
             bar = tqdm(total=len(names), desc=f"gguf {qtype}", unit="tensor")
         for gname, hname, qk_heads in names:
             shape = W.shape(hname)
-            if len(shape) == 2 and shape[0] > EMBED_CHUNK_ROWS and not qk_heads:
-                parts = [encode(W.get(hname, slice(s, s + EMBED_CHUNK_ROWS)))
-                         for s in range(0, shape[0], EMBED_CHUNK_ROWS)]
+            if len(shape) == 2 and shape[0] > GGUF_CHUNK_ROWS and not qk_heads:
+                parts = [encode(W.get(hname, slice(s, s + GGUF_CHUNK_ROWS)))
+                         for s in range(0, shape[0], GGUF_CHUNK_ROWS)]
                 data = np.concatenate(parts, axis=0)
                 del parts
             else:

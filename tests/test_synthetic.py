@@ -265,6 +265,12 @@ def test_gguf_export_structure(hot_models, tmp_path, qtype):
         assert np.abs(d - w).max() < tol, name
 
 
+def test_gguf_chunked_export_is_identical(hot_models, tmp_path, monkeypatch):
+    whole = export_gguf(hot_models["relu"], tmp_path / "whole.gguf", "Q4_0").read_bytes()
+    monkeypatch.setattr(S, "GGUF_CHUNK_ROWS", 96)  # big tensors are read and quantized in row chunks
+    assert export_gguf(hot_models["relu"], tmp_path / "chunked.gguf", "Q4_0").read_bytes() == whole
+
+
 def test_gguf_tied_has_no_output(tmp_path):
     import gguf
     path = make_hf_model(tmp_path / "m", **SHAPE, tie_embeddings=True)
