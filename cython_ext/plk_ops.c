@@ -1,6 +1,7 @@
 /* Float helpers for the engine's hot path: rmsnorm, RoPE (rotate_half form), gated activations,
  * causal grouped-query attention over a float32 KV cache.  Plain C compiled twice by GCC
- * target_clones (x86-64-v3 = AVX2+FMA, and baseline), resolved once at load time. */
+ * target_clones (x86-64-v3 = AVX2+FMA, and baseline), resolved once at load time. Float sums use
+ * `omp simd reduction` so they vectorise (summation order differs from a scalar loop). */
 #include <math.h>
 #include <float.h>
 #include <stdlib.h>
@@ -15,6 +16,7 @@ CLONES void plk_rmsnorm(const float *x, const float *w, float eps, float *out, i
         const float *xr = x + (size_t)t * K;
         float *o = out + (size_t)t * K;
         float ss = 0.0f;
+        #pragma omp simd reduction(+:ss)
         for (int k = 0; k < K; k++) ss += xr[k] * xr[k];
         float sc = 1.0f / sqrtf(ss / (float)K + eps);
         for (int k = 0; k < K; k++) o[k] = xr[k] * sc * w[k];
@@ -63,11 +65,13 @@ CLONES static void attend_one(const float *q, const float *K, const float *V, in
     for (int p = 0; p < P; p++) {
         const float *k = K + (size_t)p * hd;
         float d = 0.0f;
+        #pragma omp simd reduction(+:d)
         for (int i = 0; i < hd; i++) d += q[i] * k[i];
         sc[p] = d * scale;
         if (sc[p] > mx) mx = sc[p];
     }
     float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
     for (int p = 0; p < P; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
     float inv = 1.0f / sum;
     for (int i = 0; i < hd; i++) o[i] = 0.0f;
