@@ -600,7 +600,8 @@ def make_hf_model(out_dir: str | os.PathLike, *, hidden: int, intermediate: int,
                          tie_embeddings=tie_embeddings)
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise PowerlowError(f"{out} already exists; delete it, pass overwrite=True (--overwrite) or choose another path")
+        raise PowerlowError(f"{out} already exists; delete it, pass overwrite=True (--overwrite) "
+                            "or choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():

@@ -58,7 +58,8 @@ def _hf_run(path: Path, ids: np.ndarray):
 @pytest.fixture(scope="module")
 def hot_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("synthetic")
-    return {act: make_hf_model(root / f"hot_{act}", **SHAPE, act=act, hot_alpha=1.5, seed=3) for act in ("relu", "silu")}
+    return {act: make_hf_model(root / f"hot_{act}", **SHAPE, act=act, hot_alpha=1.5, seed=3)
+            for act in ("relu", "silu")}
 
 
 def _random_ids(vocab: int, shape=(8, 128), seed=11) -> np.ndarray:
@@ -296,7 +297,8 @@ def _bench_venv_ready() -> bool:
     return subprocess.run([str(BENCH_PY), "-c", "import llama_cpp"], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not _bench_venv_ready(), reason="llama-cpp-python bench venv (~/.cache/powerlow/bench-venv) missing")
+@pytest.mark.skipif(not _bench_venv_ready(),
+                    reason="llama-cpp-python bench venv (~/.cache/powerlow/bench-venv) missing")
 @pytest.mark.parametrize("qtype,atol", [("F16", 0.05), ("Q8_0", 0.5)])
 def test_llama_cpp_agrees_with_transformers(hot_models, tmp_path, qtype, atol):
     from tokenizers import Tokenizer
@@ -325,8 +327,8 @@ def test_llama_cpp_agrees_with_transformers(hot_models, tmp_path, qtype, atol):
 def test_cli_tiny_with_gguf(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = tmp_path / "tiny"
-    res = subprocess.run([sys.executable, str(ROOT / "scripts/make_synthetic.py"), "--preset", "tiny", "--out", str(out),
-                          "--act", "silu", "--gguf", "Q8_0", "--layers", "3"],
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/make_synthetic.py"), "--preset", "tiny",
+                          "--out", str(out), "--act", "silu", "--gguf", "Q8_0", "--layers", "3"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
