@@ -1,0 +1,244 @@
+"""The segmented neuron cache: the cluster source of an offloaded run (a memory budget smaller than the model).
+
+One aligned arena of bundle *slots* (``stride`` bytes each) holds, as powerlow.plan decided:
+  hot      clusters pinned for the whole run (read once at start)
+  dynamic  cold clusters read for earlier tokens, kept until the eviction policy (lru | lfu | fifo) drops them
+  staging  the slots the I/O threads read into: the layer being computed and the layers read ahead
+Dynamic and staging slots are one pool; the plan sizes it. Per slot (numpy arrays, so lookups are vectorized):
+  key       layer * n_clusters + cluster held, or -1
+  state     FREE | LOADING | READY
+  lock      == epoch while the slot is part of the last ptrs() answer (not evictable)
+  pending   read ahead and not used yet (read-ahead may not evict it; a demand miss may)
+  fresh     read from storage and not used yet (its first use counts as a miss, later ones as hits)
+
+SparseFFN calls, per layer l: ptrs(l, clusters) -> addresses (misses are read now, at top priority; dense mode
+also queues the next layers) ... compute ... prefetch(l + 1, predicted clusters | None). Reads run in
+powerlow.io.BundleReader threads while the compute thread works.
+Addresses are returned in the order of ``clusters`` (sorted ids), as the resident store does, so the
+kernels sum the bundles in the same order and the offloaded run gives the resident run's tokens.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .errors import PowerlowError
+from .io import BundleReader, aligned_buffer, drop_page_cache
+from .plan import make_plan
+
+FREE, LOADING, READY = 0, 1, 2
+
+
+class OffloadedStore:
+    """Cluster source with a byte budget: pinned hot clusters, a dynamic cache, reads in a background pool."""
+
+    def __init__(self, tf):
+        rt = tf.runtime
+        self.info = info = tf.store_info
+        self.plan = plan = make_plan(tf.dir, tf.manifest, rt)
+        # the KV cache is part of the budget: cap its capacity at the positions the plan paid for
+        if rt.max_context != plan.context:
+            tf.runtime = rt = rt.replace(max_context=plan.context)
+        # resident.safetensors was read through the page cache when the engine loaded it; let it go
+        drop_page_cache(tf.dir / "resident.safetensors")
+        self.L, self.N, self.stride = info.n_layers, info.n_clusters, info.layout.stride
+        self.dense = getattr(tf, "predictor", None) is None and rt.mode == "dense"
+        self.policy = rt.cache_policy
+        self.depth = plan.prefetch_depth
+        self.block = max(self.stride, rt.io_block_bytes // self.stride * self.stride)
+        n = plan.n_slots
+        self.arena = aligned_buffer(n * self.stride)          # hot + dynamic + staging, exactly
+        self.base = self.arena.ctypes.data
+        self._views = [memoryview(self.arena[i * self.stride:(i + 1) * self.stride]) for i in range(n)]
+        self.slot_of = np.full((self.L, self.N), -1, dtype=np.int64)   # (layer, cluster) -> slot
+        self.key = np.full(n, -1, dtype=np.int64)
+        self.state = np.zeros(n, dtype=np.int8)
+        self.lock = np.full(n, -1, dtype=np.int64)
+        self.pending = np.zeros(n, dtype=bool)
+        self.fresh = np.zeros(n, dtype=bool)
+        self.pinned = np.zeros(n, dtype=bool)
+        self.last_used = np.zeros(n, dtype=np.int64)
+        self.loaded_at = np.zeros(n, dtype=np.int64)
+        self.freq = np.zeros((self.L, self.N), dtype=np.int64)
+        self._req: list = [None] * n
+        self.epoch = 0
+        self.tick = 0
+        self.reader = BundleReader(tf.dir / "ffn.bin", depth=rt.queue_depth, o_direct=rt.o_direct)
+        # counters
+        self.hits = self.misses = self.demand_misses = self.evictions = self.wasted = 0
+        self.passes = 0
+        self.wait_seconds = 0.0
+        self._load_hot()
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _load_hot(self) -> None:
+        """Read the pinned clusters into the first slots (once, before the first token)."""
+        slot = 0
+        for l, ids in enumerate(self.plan.hot_clusters):
+            k = len(ids)
+            s = np.arange(slot, slot + k)
+            self._assign(l, ids, s)
+            self.pinned[s] = True
+            slot += k
+        for l, ids in enumerate(self.plan.hot_clusters):
+            self._submit(l, ids, priority=0)
+        self._wait(np.arange(slot))
+        self.fresh[:] = False
+        self.hot_load_bytes = self.reader.bytes_read
+
+    def _assign(self, layer: int, clusters: np.ndarray, slots: np.ndarray) -> None:
+        old = self.key[slots]
+        had = old >= 0
+        if had.any():
+            ok = old[had]
+            self.slot_of.reshape(-1)[ok] = -1
+            self.evictions += int(had.sum())
+            self.wasted += int((self.fresh[slots] & had).sum())
+        self.key[slots] = layer * self.N + clusters
+        self.slot_of[layer, clusters] = slots
+        self.state[slots] = LOADING
+        self.fresh[slots] = True
+        self.loaded_at[slots] = self.tick
+
+    def _submit(self, layer: int, clusters: np.ndarray, *, priority: int) -> None:
+        """Queue reads of the (sorted) clusters of one layer, merging runs of adjacent bundles."""
+        if not len(clusters):
+            return
+        per = self.block // self.stride
+        slots = self.slot_of[layer, clusters]
+        breaks = np.flatnonzero(np.diff(clusters) != 1) + 1
+        for run_c, run_s in zip(np.split(clusters, breaks), np.split(slots, breaks)):
+            for i in range(0, len(run_c), per):
+                cs, ss = run_c[i:i + per], run_s[i:i + per]
+                off = self.info.bundle_offset(layer, int(cs[0]))
+                req = self.reader.submit(off, [self._views[s] for s in ss], priority=priority,
+                                         on_done=self._on_done, tag=ss)
+                for s in ss:
+                    self._req[s] = req
+
+    def _on_done(self, req) -> None:      # I/O thread: data is in place
+        self.state[req.tag] = READY
+
+    def _wait(self, slots: np.ndarray) -> None:
+        waiting = slots[self.state[slots] != READY]
+        if not len(waiting):
+            return
+        t = time.perf_counter()
+        seen = set()
+        for s in waiting:
+            req = self._req[s]
+            if id(req) not in seen:
+                seen.add(id(req))
+                req.wait()
+        self.wait_seconds += time.perf_counter() - t
+
+    # -- slots -------------------------------------------------------------------------------------
+    def _take(self, k: int, *, demand: bool, protect: np.ndarray) -> np.ndarray:
+        """Up to ``k`` slots to read into (free first, then evicted by the policy); ``protect`` stays."""
+        ok = ~self.pinned & (self.lock != self.epoch) & (self.state != LOADING)
+        ok[protect] = False
+        if not demand:
+            ok &= ~self.pending
+        cand = np.flatnonzero(ok)
+        if len(cand) <= k:
+            return cand
+        if self.policy == "lru":
+            score = self.last_used[cand]
+        elif self.policy == "fifo":
+            score = self.loaded_at[cand]
+        else:   # lfu: how often the held cluster was asked for over the run; ties -> least recent
+            keys = self.key[cand]
+            f = np.where(keys >= 0, self.freq.reshape(-1)[np.maximum(keys, 0)], 0)
+            score = f * (1 << 32) + self.last_used[cand]
+        score = np.where(self.key[cand] < 0, -1, score)      # empty slots first
+        return cand[np.argpartition(score, k - 1)[:k]]
+
+    def _fetch(self, layer: int, clusters: np.ndarray, *, demand: bool, priority: int) -> bool:
+        """Start reading the clusters of ``layer`` that are not cached; False if slots ran out."""
+        have = self.slot_of[layer, clusters]
+        missing = clusters[have < 0]
+        if not len(missing):
+            return True
+        slots = self._take(len(missing), demand=demand, protect=have[have >= 0])
+        if len(slots) < len(missing) and demand:
+            # slots still being read ahead: let those reads land, then they can be evicted
+            busy = np.flatnonzero((self.state == LOADING) & (self.lock != self.epoch) & ~self.pinned)
+            self._wait(busy)
+            slots = self._take(len(missing), demand=demand, protect=have[have >= 0])
+        if len(slots) < len(missing):
+            if demand:
+                raise PowerlowError(f"layer {layer} needs {len(missing)} bundle slots, only {len(slots)} are free; "
+                                    "raise --budget or lower prefetch_depth")
+            short = True
+            missing = missing[: len(slots)]
+        else:
+            short = False
+        self._assign(layer, missing, slots)
+        self.pending[slots] = not demand
+        self._submit(layer, missing, priority=priority)
+        return not short
+
+    def _read_ahead(self, layer: int) -> None:
+        """Dense mode: keep the reads of the next ``depth`` layers queued (every cluster of a layer is needed)."""
+        allc = np.arange(self.N)
+        for d in range(1, max(1, self.depth) + 1):        # depth 0: as much of the next layer as fits
+            nxt = (layer + d) % self.L
+            if not self._fetch(nxt, allc, demand=False, priority=d):
+                break
+
+    # -- the cluster-source interface --------------------------------------------------------------
+    def ptrs(self, layer: int, clusters: np.ndarray | None) -> np.ndarray:
+        """uint64 addresses of the bundles of ``clusters`` (None = all) of ``layer``, valid until the next call."""
+        self.epoch += 1                      # releases the last answer's slots
+        self.tick += 1
+        if layer == 0:
+            self.passes += 1
+        cl = np.arange(self.N) if clusters is None else np.asarray(clusters, dtype=np.int64)
+        self._fetch(layer, cl, demand=True, priority=0)
+        slots = self.slot_of[layer, cl]
+        self.lock[slots] = self.epoch
+        if self.dense:
+            self._read_ahead(layer)
+        self._wait(slots)
+        fresh = self.fresh[slots]
+        n_fresh = int(fresh.sum())
+        self.misses += n_fresh
+        self.demand_misses += int((fresh & ~self.pending[slots]).sum())
+        self.hits += len(slots) - n_fresh
+        self.fresh[slots] = False
+        self.pending[slots] = False
+        self.last_used[slots] = self.tick
+        self.freq[layer, cl] += 1
+        return (self.base + slots.astype(np.uint64) * np.uint64(self.stride)).astype(np.uint64)
+
+    def prefetch(self, layer: int, clusters: np.ndarray | None) -> None:
+        """Start reading what ``layer`` will probably need (called while the previous layer finishes)."""
+        if clusters is None:
+            if self.dense:
+                self._read_ahead(layer - 1)
+            else:
+                self._fetch(layer, np.arange(self.N), demand=False, priority=1)
+            return
+        self._fetch(layer, np.unique(np.asarray(clusters, dtype=np.int64)), demand=False, priority=1)
+
+    def counters(self) -> dict:
+        used = self.hits + self.misses
+        passes = max(1, self.passes)
+        streamed = self.reader.bytes_read - self.hot_load_bytes
+        busy = self.reader.busy_seconds
+        return {
+            "read_bytes_per_token": int(streamed / passes),
+            "cache_hit_rate": round(self.hits / used, 4) if used else 1.0,
+            "hits": self.hits, "misses": self.misses, "demand_misses": self.demand_misses,
+            "bytes_read": streamed, "evictions": self.evictions, "prefetch_wasted": self.wasted,
+            "io_requests": self.reader.requests, "io_busy_s": round(busy, 3),
+            "io_gbps": round(self.reader.bytes_read / busy / 1e9, 3) if busy > 0 else 0.0,
+            "io_wait_s": round(self.wait_seconds, 3), "o_direct": self.reader.direct,
+            "forward_passes": self.passes, "hot_load_bytes": self.hot_load_bytes,
+            "cache_arena_bytes": int(self.arena.nbytes), **{f"plan_{k}": v for k, v in self.plan.as_dict().items()
+                                                            if k not in ("resident", "hot_per_layer")},
+        }
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,228 @@
+"""The I/O path of the offloaded run: whole-bundle reads into aligned buffers, several in flight.
+
+    reader = BundleReader(path, depth=8, o_direct=True)
+    req = reader.submit(offset, [memoryview(slot_a), memoryview(slot_b)], priority=0, on_done=callback)
+    req.wait()                       # raises PowerlowError on an I/O error
+    reader.close()
+
+Each of ``depth`` reader threads keeps one ``os.preadv`` in flight; preadv releases the GIL, so the reads
+overlap each other and the compute thread (measured on this VM's virtio disk: see README.offload.md).
+One request reads a contiguous file range (adjacent bundles of a layer) scattered into several slot buffers.
+Requests are served in priority order (0 = the compute thread is waiting; higher = read-ahead).
+
+O_DIRECT keeps the model out of the page cache. Where the file system refuses it (tmpfs, some FUSE or
+overlay mounts), the reader falls back to buffered reads and drops each range from the page cache right
+after reading it (POSIX_FADV_DONTNEED), so a cgroup memory limit still holds.
+"""
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import os
+import threading
+import time
+
+import numpy as np
+
+from .errors import PowerlowError
+
+ALIGN = 4096
+
+
+def aligned_buffer(nbytes: int, align: int = ALIGN) -> np.ndarray:
+    """A uint8 array whose data pointer and length are ``align``-aligned (what O_DIRECT wants)."""
+    nbytes = -(-nbytes // align) * align
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start: start + nbytes]
+
+
+def open_direct(path, o_direct: bool = True) -> tuple[int, bool]:
+    """Open ``path`` for reading -> (fd, direct). Tries O_DIRECT (and a probe read) first when asked."""
+    if o_direct and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise PowerlowError(f"cannot open {path}: {e.strerror}") from None
+        else:
+            buf = aligned_buffer(ALIGN)
+            try:
+                os.preadv(fd, [memoryview(buf)], 0)
+                return fd, True
+            except OSError:
+                os.close(fd)
+    try:
+        return os.open(path, os.O_RDONLY), False
+    except OSError as e:
+        raise PowerlowError(f"cannot open {path}: {e.strerror}") from None
+
+
+class Request:
+    """One contiguous read: ``nbytes`` at ``offset`` into ``bufs`` (memoryviews, in order)."""
+    __slots__ = ("offset", "bufs", "nbytes", "event", "error", "on_done", "tag")
+
+    def __init__(self, offset: int, bufs: list, on_done=None, tag=None):
+        self.offset = offset
+        self.bufs = bufs
+        self.nbytes = sum(len(b) for b in bufs)
+        self.event = threading.Event()
+        self.error: str | None = None
+        self.on_done = on_done
+        self.tag = tag
+
+    def done(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self) -> None:
+        self.event.wait()
+        if self.error:
+            raise PowerlowError(self.error)
+
+
+class BundleReader:
+    """A pool of ``depth`` reader threads over one file; counters for bytes, requests and busy time."""
+
+    def __init__(self, path, *, depth: int = 8, o_direct: bool = True):
+        self.path = str(path)
+        self.fd, self.direct = open_direct(self.path, o_direct)
+        self.size = os.fstat(self.fd).st_size
+        self.depth = depth
+        self._heap: list = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        # counters (written under _cv)
+        self.bytes_read = 0
+        self.requests = 0
+        self.busy_seconds = 0.0      # wall time with at least one read in flight
+        self._in_flight = 0
+        self._busy_since = 0.0
+        self._threads = [threading.Thread(target=self._worker, name=f"powerlow-io-{i}", daemon=True) for i in range(depth)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, offset: int, bufs: list, *, priority: int = 0, on_done=None, tag=None) -> Request:
+        req = Request(offset, bufs, on_done, tag)
+        if offset < 0 or offset + req.nbytes > self.size:
+            raise PowerlowError(f"{self.path}: read of {req.nbytes} bytes at {offset} is past the end "
+                                f"({self.size} bytes); re-convert the model")
+        with self._cv:
+            if self._closed:
+                raise PowerlowError("the I/O reader is closed")
+            heapq.heappush(self._heap, (priority, next(self._seq), req))
+            self._cv.notify()
+        return req
+
+    def _worker(self) -> None:
+        fd = self.fd
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._heap:
+                    return
+                _, _, req = heapq.heappop(self._heap)
+                if self._in_flight == 0:
+                    self._busy_since = time.perf_counter()
+                self._in_flight += 1
+            err = None
+            try:
+                done = 0
+                off = req.offset
+                bufs = req.bufs
+                while done < req.nbytes:          # short reads: continue where the last one stopped
+                    n = os.preadv(fd, bufs, off + done)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "unexpected end of file")
+                    done += n
+                    if done < req.nbytes:
+                        bufs = _advance(req.bufs, done)
+                if not self.direct:
+                    os.posix_fadvise(fd, req.offset, req.nbytes, os.POSIX_FADV_DONTNEED)
+            except OSError as e:
+                err = f"{self.path}: read of {req.nbytes} bytes at {req.offset} failed ({e.strerror or e}); check the disk"
+            with self._cv:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self.busy_seconds += time.perf_counter() - self._busy_since
+                if err is None:
+                    self.bytes_read += req.nbytes
+                    self.requests += 1
+            req.error = err
+            if req.on_done is not None and err is None:
+                req.on_done(req)
+            req.event.set()
+
+    def close(self) -> None:
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._heap.clear()
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
+        os.close(self.fd)
+
+
+def _advance(bufs: list, n: int) -> list:
+    """The part of the scatter list ``bufs`` after its first ``n`` bytes."""
+    out = []
+    for b in bufs:
+        if n >= len(b):
+            n -= len(b)
+            continue
+        out.append(b[n:])
+        n = 0
+    return out
+
+
+def probe_random_read(path, *, block_bytes: int, depth: int, seconds: float = 2.0, o_direct: bool = True,
+                      seed: int = 0) -> dict:
+    """Random aligned reads of ``block_bytes`` over ``path`` with ``depth`` in flight -> {"gbps", "direct", ...}.
+
+    The reference the offloaded run's bundle reads are compared against (same block size and depth).
+    With O_DIRECT the page cache is bypassed; without it, the result may come from RAM.
+    """
+    fd, direct = open_direct(path, o_direct)
+    size = os.fstat(fd).st_size
+    os.close(fd)
+    n_blocks = size // block_bytes
+    if n_blocks < 1:
+        raise PowerlowError(f"{path} is smaller than one {block_bytes}-byte block; probe a bigger file")
+    reader = BundleReader(path, depth=depth, o_direct=o_direct)
+    bufs = [aligned_buffer(block_bytes) for _ in range(depth * 2)]
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    reqs: list[Request] = []
+    i = 0
+    try:
+        while time.perf_counter() - t0 < seconds:
+            while len(reqs) < depth * 2:
+                off = int(rng.integers(n_blocks)) * block_bytes
+                reqs.append(reader.submit(off, [memoryview(bufs[i % len(bufs)])]))
+                i += 1
+            reqs.pop(0).wait()
+        for r in reqs:
+            r.wait()
+        wall = time.perf_counter() - t0
+        return {"gbps": reader.bytes_read / wall / 1e9, "block_bytes": block_bytes, "depth": depth,
+                "direct": reader.direct, "bytes": reader.bytes_read, "seconds": round(wall, 3)}
+    finally:
+        reader.close()
+
+
+def drop_page_cache(path) -> None:
+    """Tell the kernel it may forget ``path``'s cached pages (after reading the resident files once)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,337 @@
+"""How one memory budget is spent: resident | hot | dynamic | I/O staging (`powerlow run --plan`).
+
+    plan = make_plan(model_dir, manifest, runtime)     # raises PowerlowError if the budget is too small
+    print(plan.render())
+
+Segments (bytes, exact where the run allocates them, estimated where numpy does):
+  resident  resident.safetensors tensors (embeddings, attention, norms, lm_head; exact), predictors
+            (predict mode: their file's tensors), the KV cache at ``context`` positions (exact: the run's
+            KVCache never grows past it), scratch (activations of a 64-token prefill; an estimate)
+  hot       bundles pinned for the whole run, chosen from profile.safetensors (most activations per byte
+            across all layers), else the first clusters of each layer (hot-first once profiled)
+  dynamic   recently read cold bundles, evicted by ``cache_policy``
+  staging   bundle slots the I/O threads read into: the layer being computed and ``prefetch_depth``
+            layers ahead (expected misses: every cold cluster in dense mode, density x clusters otherwise)
+Hot, dynamic and staging are slots of one aligned arena of ``stride``-byte bundles (powerlow.cache).
+The smallest budget: resident + one whole layer of bundles (the most a single layer can ask for).
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import RuntimeConfig, format_size
+from .errors import PowerlowError
+from .store import StoreInfo
+
+SCRATCH_PREFILL_TOKENS = 64
+SCRATCH_FIXED_BYTES = 2 << 20
+
+
+def safetensors_bytes(path: Path) -> int:
+    """Sum of tensor data sizes of a safetensors file (what loading it allocates), from its header only."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+
+
+def kv_bytes_per_position(cfg: dict) -> int:
+    """KV cache bytes per position: every layer's K and V, float32 storage."""
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["n_heads"]
+    return cfg["n_layers"] * 2 * cfg["n_kv_heads"] * head_dim * 4
+
+
+def auto_context(cfg: dict, budget: int) -> int:
+    """Default KV capacity under a budget: the largest power of two (>= 64) whose cache fits in 1/8 of it."""
+    per = kv_bytes_per_position(cfg)
+    ctx = 64
+    while ctx * 2 <= cfg["max_positions"] and ctx * 2 * per <= budget // 8:
+        ctx *= 2
+    return min(ctx, cfg["max_positions"])
+
+
+def scratch_bytes(cfg: dict, context: int) -> int:
+    """Activations of a prefill of SCRATCH_PREFILL_TOKENS tokens (residual, norms, q/k/v, attention scores, FFN
+    output: about 12 K-wide rows a token) and one row of logits (generation asks for the last token's only)."""
+    T = min(SCRATCH_PREFILL_TOKENS, context)
+    K, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    return 4 * T * (12 * K + cfg["n_heads"] * context) + 4 * 2 * vocab + SCRATCH_FIXED_BYTES
+
+
+def hotness(model_dir: Path, info: StoreInfo) -> np.ndarray | None:
+    """Per-layer cluster activation counts (L, n_clusters) from profile.safetensors, or None.
+
+    Reads tensors named ``blk.{l}.<...count...>`` (or one (L, F)/(L, n_clusters) tensor with "count" in its
+    name): cluster counts are used as they are; neuron counts (F) are summed per cluster of C, in stored order.
+    """
+    p = model_dir / "profile.safetensors"
+    if not p.exists():
+        return None
+    from safetensors import safe_open
+    L, N, C, F = info.n_layers, info.n_clusters, info.cluster_size, info.n_neurons
+
+    def per_cluster(a: np.ndarray) -> np.ndarray | None:
+        a = np.asarray(a, dtype=np.float64).reshape(-1)
+        if a.size == N:
+            return a
+        if a.size == F:
+            pad = np.zeros(N * C)
+            pad[:F] = a
+            return pad.reshape(N, C).sum(1)
+        return None
+
+    out = np.full((L, N), np.nan)
+    with safe_open(str(p), "numpy") as f:
+        keys = [k for k in f.keys() if "count" in k]
+        for k in sorted(keys, key=lambda k: "cluster" not in k):     # cluster counts win over neuron counts
+            a = f.get_tensor(k)
+            if k.startswith("blk."):
+                l = int(k.split(".")[1])
+                if 0 <= l < L and np.isnan(out[l]).all():
+                    c = per_cluster(a)
+                    if c is not None:
+                        out[l] = c
+            elif a.ndim == 2 and a.shape[0] == L:
+                for l in range(L):
+                    c = per_cluster(a[l])
+                    if c is not None and np.isnan(out[l]).all():
+                        out[l] = c
+    return None if np.isnan(out).any() else out
+
+
+@dataclass
+class Plan:
+    budget_bytes: int
+    stride: int                           # bytes per bundle slot
+    n_layers: int
+    n_clusters: int                       # per layer
+    context: int                          # KV cache positions
+    resident: dict[str, int]              # segment part -> bytes
+    hot_per_layer: list[int]              # pinned clusters per layer
+    hot_clusters: list[np.ndarray]        # per layer: the pinned cluster ids
+    n_dynamic: int                        # slots
+    n_staging: int                        # slots
+    prefetch_depth: int
+    hot_fraction: float
+    hot_source: str                       # "profile" | "cluster order" | "everything"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.resident.values())
+
+    @property
+    def n_hot(self) -> int:
+        return int(sum(self.hot_per_layer))
+
+    @property
+    def n_slots(self) -> int:
+        return self.n_hot + self.n_dynamic + self.n_staging
+
+    @property
+    def hot_bytes(self) -> int:
+        return self.n_hot * self.stride
+
+    @property
+    def dynamic_bytes(self) -> int:
+        return self.n_dynamic * self.stride
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.n_staging * self.stride
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_bytes + self.n_slots * self.stride
+
+    @property
+    def streams(self) -> bool:
+        return self.n_hot < self.n_layers * self.n_clusters
+
+    def as_dict(self) -> dict:
+        return {"budget_bytes": self.budget_bytes, "resident_bytes": self.resident_bytes, "resident": dict(self.resident),
+                "hot_bytes": self.hot_bytes, "dynamic_bytes": self.dynamic_bytes, "staging_bytes": self.staging_bytes,
+                "planned_bytes": self.total_bytes, "hot_per_layer": list(map(int, self.hot_per_layer)),
+                "context": self.context, "prefetch_depth": self.prefetch_depth, "hot_source": self.hot_source}
+
+    def render(self) -> str:
+        B = self.budget_bytes
+        ffn_total = self.n_layers * self.n_clusters * self.stride
+
+        def row(name, n, extra=""):
+            return f"  {name:<26s} {format_size(n):>12s}  {100 * n / B:5.1f}%  {extra}".rstrip()
+
+        lines = [f"memory budget {format_size(B)} ({B} bytes); FFN store {format_size(ffn_total)} in "
+                 f"{self.n_layers} x {self.n_clusters} bundles of {self.stride // 1024} KiB"]
+        lines.append(row("resident", self.resident_bytes))
+        for k, v in self.resident.items():
+            extra = f"{self.context} positions" if k == "kv cache" else ""
+            lines.append(row("  " + k, v, extra))
+        per = self.hot_per_layer
+        lines.append(row("hot (pinned clusters)", self.hot_bytes,
+                         f"{self.n_hot} of {self.n_layers * self.n_clusters} clusters, from {self.hot_source}"))
+        if len(set(per)) == 1:
+            lines.append(f"    per layer: {per[0]} clusters each")
+        else:
+            lines.append("    per layer: " + " ".join(str(int(h)) for h in per))
+        lines.append(row("dynamic (cold cache)", self.dynamic_bytes, f"{self.n_dynamic} slots"))
+        lines.append(row("I/O staging", self.staging_bytes,
+                         f"{self.n_staging} slots: the layer computed + {self.prefetch_depth or 'part of one'} read ahead"))
+        lines.append(row("planned total", self.total_bytes, f"unused {format_size(B - self.total_bytes)}"))
+        lines.append(f"  FFN read from storage per token (dense): about {format_size(ffn_total - self.hot_bytes)}"
+                     if self.streams else "  everything fits: no reads after loading")
+        lines += ["  note: " + n for n in self.notes]
+        return "\n".join(lines)
+
+
+def _min_budget(resident: int, n_clusters: int, stride: int) -> int:
+    return resident + n_clusters * stride
+
+
+def _spread(total: int, n_layers: int, cap: int) -> list[int]:
+    """``total`` clusters shared evenly over layers (the first layers take the remainder), at most cap each."""
+    base, extra = divmod(total, n_layers)
+    return [min(cap, base + (1 if l < extra else 0)) for l in range(n_layers)]
+
+
+def minimum_budget(model_dir, manifest: dict, runtime: RuntimeConfig) -> int:
+    """The smallest budget make_plan accepts for this model and runtime (bytes)."""
+    rt = runtime.replace(budget_bytes=1)
+    try:
+        make_plan(model_dir, manifest, rt)
+    except PowerlowError as e:
+        import re
+        m = re.search(r"minimum .*?\((\d+) bytes\)", str(e))
+        if m:
+            return int(m.group(1))
+        raise
+    return 1
+
+
+def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
+    """Share ``runtime.budget_bytes`` out between the segments; refuse a budget below the minimum."""
+    model_dir = Path(model_dir)
+    B = runtime.budget_bytes
+    if B is None:
+        raise PowerlowError("no memory budget given; pass --budget SIZE (e.g. --budget 512MiB) or set budget in the config")
+    cfg = manifest["config"]
+    info = StoreInfo.from_json(manifest["ffn"])
+    L, N, S = info.n_layers, info.n_clusters, info.layout.stride
+    weights = {"weights (resident.safetensors)": safetensors_bytes(model_dir / "resident.safetensors")}
+    if runtime.mode == "predict" and (model_dir / "predictors.safetensors").exists():
+        weights["predictors"] = safetensors_bytes(model_dir / "predictors.safetensors")
+
+    def resident_for(ctx: int) -> dict:
+        return {**weights, "kv cache": ctx * kv_bytes_per_position(cfg), "scratch (estimate)": scratch_bytes(cfg, ctx)}
+
+    context = min(runtime.max_context or auto_context(cfg, B), cfg["max_positions"])
+    if runtime.max_context is None:      # the automatic context shrinks (to 64) before the budget is refused
+        while context > 64 and _min_budget(sum(resident_for(context).values()), N, S) > B:
+            context //= 2
+    resident = resident_for(context)
+    R = sum(resident.values())
+    need = _min_budget(R, N, S)
+    if B < need:
+        raise PowerlowError(
+            f"budget {format_size(B)} is below the minimum {format_size(need)} ({need} bytes) for this model: resident "
+            f"{format_size(R)} (weights, KV cache of {context} positions, scratch) + one layer of bundles "
+            f"{format_size(N * S)}; raise --budget to at least {-(-need // (1 << 20))}MiB"
+            + (" or lower max_context" if resident["kv cache"] > N * S else ""))
+    slots = (B - R) // S
+    total = L * N
+    notes: list[str] = []
+    counts = hotness(model_dir, info)
+    D = runtime.prefetch_depth
+    if slots >= total:
+        return Plan(B, S, L, N, context, resident, [N] * L, [np.arange(N)] * L, 0, 0, D, 1.0, "everything", notes)
+
+    dense_like = runtime.mode == "dense" or (runtime.mode == "gate" and counts is None)
+    if dense_like:
+        # every cluster is needed every token: a dynamic segment only cycles (LRU never hits); pin all it can,
+        # keeping (1 + D) layers of misses for the reads in flight
+        frac = 1.0 if runtime.hot_fraction is None else runtime.hot_fraction
+        H = _max_hot_dense(slots, L, N, D)
+        if H is None:
+            # not even 1 + D whole layers: keep one layer + a quarter layer read ahead (the reads of the next
+            # layer then overlap this layer's compute; a slot read ahead saves more time than a slot pinned)
+            D = 0
+            H = _max_hot_dense(slots, L, N, 0, extra=-(-N // 4)) or 0
+            notes.append(f"prefetch_depth {runtime.prefetch_depth} does not fit: one layer + a quarter layer "
+                         "of bundles in flight")
+        H = int(H * frac)
+        hot = _spread(H, L, N)
+        staging = slots - H
+        dynamic = 0
+    else:
+        frac = 0.7 if runtime.hot_fraction is None else runtime.hot_fraction
+        if counts is not None:
+            density = float(np.clip((counts / counts.max(axis=1, keepdims=True)).mean(), 0.05, 1.0))
+        else:
+            density = runtime.density
+        per_layer = max(1, math.ceil(density * N))
+        want = (1 + D) * per_layer                      # misses of the layer computed + D read ahead
+        # whatever is pinned, one layer asking for every cluster must still fit in the other slots
+        H = max(0, min(int((slots - want) * frac), slots - N))
+        hot = _spread(H, L, N) if counts is None else _hot_from_counts(counts, H, N)
+        free = slots - sum(hot)
+        staging = min(free, max(want, N - min(hot)))
+        dynamic = free - staging
+    if counts is not None and not dense_like:
+        order = [np.argsort(-counts[l], kind="stable")[: hot[l]] for l in range(L)]
+        source = "profile"
+    else:
+        order = [np.arange(h) for h in hot]
+        source = "cluster order"
+    hot_ids = [np.sort(o).astype(np.int64) for o in order]
+    return Plan(B, S, L, N, context, resident, [int(h) for h in hot], hot_ids, int(dynamic), int(staging), D,
+                float(frac), source, notes)
+
+
+def _max_hot_dense(slots: int, L: int, N: int, D: int, extra: int = 0) -> int | None:
+    """Most pinned clusters H (spread evenly) leaving (1 + D) layers of misses (+ extra slots):
+    H + (1+D)(N - H//L) + extra <= slots."""
+    lo, hi = 0, L * N
+    if (1 + D) * N + extra > slots:
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mid + (1 + D) * (N - mid // L) + extra <= slots:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _hot_from_counts(counts: np.ndarray, H: int, N: int) -> list[int]:
+    """Pin the H clusters with the most activations over all layers (every bundle costs the same bytes)."""
+    L = counts.shape[0]
+    flat = counts.reshape(-1)
+    top = np.argsort(-flat, kind="stable")[:H]
+    per = np.bincount(top // N, minlength=L)
+    return [int(x) for x in per]
+
+
+# -- `powerlow run --plan` ------------------------------------------------------------------------------
+def print_plan(args) -> int:
+    """Print how the budget of ``args`` (runtime flags) would be spent, without loading the weights."""
+    from .cli import runtime_config
+    from .default_model import resolve_model
+    from .manifest import load_manifest
+
+    rt = runtime_config(args)
+    model_dir = Path(resolve_model(args.model))
+    manifest = load_manifest(model_dir)
+    if rt.budget_bytes is None:
+        R = safetensors_bytes(model_dir / "resident.safetensors")
+        ffn = StoreInfo.from_json(manifest["ffn"]).total_bytes
+        print(f"no budget: everything resident, about {format_size(R + ffn)} (weights {format_size(R)}, "
+              f"FFN store {format_size(ffn)}) plus KV cache and scratch; pass --budget SIZE to plan an offloaded run")
+        return 0
+    print(make_plan(model_dir, manifest, rt).render())
+    return 0

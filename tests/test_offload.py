@@ -1,0 +1,222 @@
+"""The offloaded run: budget plan, segmented cache, I/O reader; same tokens as the resident run where exact."""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import powerlow
+from powerlow.config import RuntimeConfig
+from powerlow.errors import PowerlowError
+from powerlow.io import BundleReader, aligned_buffer, probe_random_read
+from powerlow.manifest import load_manifest
+from powerlow.plan import make_plan, minimum_budget
+from powerlow.store import StoreInfo
+from conftest import run_cli
+
+PROMPT = [5, 17, 33, 9, 100, 7]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A ReLU model with 16 clusters per layer, so small budgets leave most of the FFN on disk."""
+    from powerlow.convert import convert
+    from powerlow.synthetic import make_hf_model
+    root = tmp_path_factory.mktemp("offload")
+    hf = make_hf_model(root / "hf", act="relu", seed=3, hidden=64, intermediate=512, layers=3, heads=4, kv_heads=2,
+                       vocab=300, max_positions=128)
+    return convert(hf, root / "m", bits="8", progress=False)
+
+
+def _min(d, **kw) -> int:
+    return minimum_budget(d, load_manifest(d), RuntimeConfig(**kw))
+
+
+def _generate(d, cfg, n=12, prompt=PROMPT):
+    model = powerlow.load(d, cfg)
+    try:
+        ids = [t.id for t in model.generate(prompt, n)]
+        src = model.tf.ffn_source
+        counters = src.counters() if hasattr(src, "counters") else {}
+        return ids, counters, model
+    finally:
+        model.tf.ffn_source.close()
+
+
+@pytest.fixture(scope="module")
+def resident_tokens(tiny_dir):
+    return _generate(tiny_dir, RuntimeConfig())[0]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
+@pytest.mark.parametrize("extra_slots", [0, 7, 20, 1000])
+def test_offloaded_dense_same_tokens(tiny_dir, resident_tokens, policy, extra_slots):
+    info = StoreInfo.from_json(load_manifest(tiny_dir)["ffn"])
+    budget = _min(tiny_dir) + extra_slots * info.layout.stride
+    ids, c, model = _generate(tiny_dir, RuntimeConfig(budget_bytes=budget, cache_policy=policy))
+    assert ids == resident_tokens
+    # counters: every cluster of every layer was computed once per forward pass
+    passes = c["forward_passes"]
+    assert c["hits"] + c["misses"] == passes * info.n_layers * info.n_clusters
+    assert c["bytes_read"] % info.layout.stride == 0 and c["bytes_read"] >= c["misses"] * info.layout.stride
+    if extra_slots == 1000:      # everything fits: pinned at start, nothing read afterwards
+        assert c["bytes_read"] == 0 and c["cache_hit_rate"] == 1.0
+    else:
+        assert c["read_bytes_per_token"] > 0 and c["misses"] > 0
+    assert c["planned_bytes"] if "planned_bytes" in c else c["plan_planned_bytes"] <= budget
+
+
+def test_buffered_fallback_same_tokens(tiny_dir, resident_tokens):
+    ids, c, _ = _generate(tiny_dir, RuntimeConfig(budget_bytes=_min(tiny_dir), o_direct=False))
+    assert ids == resident_tokens and c["o_direct"] is False
+
+
+def test_budget_below_minimum_is_refused(tiny_dir):
+    need = _min(tiny_dir)
+    with pytest.raises(PowerlowError, match=r"below the minimum .*raise --budget to at least"):
+        powerlow.load(tiny_dir, RuntimeConfig(budget_bytes=need - 1))
+    powerlow.load(tiny_dir, RuntimeConfig(budget_bytes=need)).tf.ffn_source.close()
+
+
+def test_plan_accounting(tiny_dir):
+    m = load_manifest(tiny_dir)
+    info = StoreInfo.from_json(m["ffn"])
+    for extra in (0, 5, 17, 40):
+        budget = _min(tiny_dir) + extra * info.layout.stride
+        plan = make_plan(tiny_dir, m, RuntimeConfig(budget_bytes=budget))
+        assert plan.total_bytes <= budget < plan.total_bytes + info.layout.stride
+        assert plan.n_slots * info.layout.stride == plan.hot_bytes + plan.dynamic_bytes + plan.staging_bytes
+        assert [len(h) for h in plan.hot_clusters] == plan.hot_per_layer
+        # the pool that is not pinned always holds one layer's misses
+        assert plan.n_dynamic + plan.n_staging >= info.n_clusters - min(plan.hot_per_layer)
+        model = powerlow.load(tiny_dir, RuntimeConfig(budget_bytes=budget))
+        src = model.tf.ffn_source
+        assert src.arena.nbytes == plan.n_slots * info.layout.stride
+        assert model.tf.kv.limit == plan.context          # the KV cache is capped at what the plan paid for
+        text = plan.render()
+        for word in ("resident", "kv cache", "hot (pinned clusters)", "dynamic", "I/O staging", "planned total"):
+            assert word in text
+        src.close()
+
+
+def test_hot_clusters_from_profile(tiny_dir, tmp_path):
+    from safetensors.numpy import save_file
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    m = load_manifest(d)
+    info = StoreInfo.from_json(m["ffn"])
+    rng = np.random.default_rng(0)
+    counts = {f"blk.{l}.cluster_counts": rng.permutation(info.n_clusters).astype(np.float32) * (l + 1)
+              for l in range(info.n_layers)}
+    save_file(counts, str(d / "profile.safetensors"))
+    budget = _min(d, mode="threshold") + 10 * info.layout.stride
+    plan = make_plan(d, m, RuntimeConfig(budget_bytes=budget, mode="threshold", density=0.25, hot_fraction=1.0))
+    assert plan.hot_source == "profile" and plan.n_hot > 0
+    allc = np.stack([counts[f"blk.{l}.cluster_counts"] for l in range(info.n_layers)])
+    chosen = np.concatenate([allc[l, plan.hot_clusters[l]] for l in range(info.n_layers)])
+    # the pinned clusters are the ones with the most activations over all layers
+    assert chosen.min() >= np.sort(allc.reshape(-1))[::-1][plan.n_hot - 1]
+
+
+def _fake_tf(d, **kw):
+    """What OffloadedStore reads from a Transformer, without the weights (mode != dense: the sparse path)."""
+    m = load_manifest(d)
+    return SimpleNamespace(dir=Path(d), manifest=m, store_info=StoreInfo.from_json(m["ffn"]),
+                           runtime=RuntimeConfig(**kw), predictor=object())
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
+def test_random_access_returns_the_right_bundles(tiny_dir, policy):
+    """Random cluster subsets and prefetches under a tight budget: every address holds the file's bundle."""
+    from powerlow.cache import OffloadedStore
+    info = StoreInfo.from_json(load_manifest(tiny_dir)["ffn"])
+    S = info.layout.stride
+    data = (tiny_dir / "ffn.bin").read_bytes()
+    tf = _fake_tf(tiny_dir, budget_bytes=_min(tiny_dir, mode="threshold") + 6 * S, mode="threshold", density=0.3,
+                  cache_policy=policy)
+    src = OffloadedStore(tf)
+    rng = np.random.default_rng(1)
+    try:
+        for step in range(60):
+            l = int(rng.integers(info.n_layers))
+            k = int(rng.integers(1, info.n_clusters + 1))
+            cl = np.sort(rng.choice(info.n_clusters, k, replace=False))
+            ptrs = src.ptrs(l, cl)
+            assert ptrs.dtype == np.uint64 and len(ptrs) == k and len(set(ptrs.tolist())) == k
+            for c, p in zip(cl, ptrs):
+                off = info.bundle_offset(l, int(c))
+                assert ctypes.string_at(int(p), S) == data[off: off + S], (step, l, c)
+            if step % 3 == 0:
+                nxt = (l + 1) % info.n_layers
+                src.prefetch(nxt, np.sort(rng.choice(info.n_clusters, 4, replace=False)))
+        c = src.counters()
+        assert c["evictions"] > 0 and c["misses"] > 0 and c["hits"] > 0
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("refuse_direct", [False, True])
+def test_reader_scatter_and_fallback(tiny_dir, monkeypatch, refuse_direct):
+    """Scatter reads land in the right buffers; where O_DIRECT is refused (EINVAL, as tmpfs or FUSE may
+    answer), the reader falls back to buffered reads."""
+    import errno
+    path = tiny_dir / "ffn.bin"
+    data = path.read_bytes()
+    if refuse_direct:
+        real_open = os.open
+
+        def fake_open(p, flags, *a):
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(p, flags, *a)
+        monkeypatch.setattr(os, "open", fake_open)
+    r = BundleReader(path, depth=3, o_direct=True)
+    try:
+        if refuse_direct:
+            assert r.direct is False
+        bufs = [aligned_buffer(4096), aligned_buffer(8192), aligned_buffer(4096)]
+        req = r.submit(8192, [memoryview(b) for b in bufs])
+        req.wait()
+        assert b"".join(b.tobytes() for b in bufs) == data[8192: 8192 + 16384]
+        with pytest.raises(PowerlowError, match="past the end"):
+            r.submit(len(data), [memoryview(bufs[0])])
+    finally:
+        r.close()
+    probe = probe_random_read(path, block_bytes=4096, depth=2, seconds=0.05)
+    assert probe["gbps"] > 0 and probe["bytes"] % 4096 == 0
+
+
+def test_run_plan_cli(tiny_dir):
+    need = _min(tiny_dir)
+    r = run_cli("run", "-m", tiny_dir, "-p", "hi", "--plan", "--budget", str(need + 100_000), timeout=120)
+    assert r.returncode == 0, r.stderr
+    for word in ("memory budget", "resident", "hot (pinned clusters)", "dynamic (cold cache)", "I/O staging"):
+        assert word in r.stdout
+    r = run_cli("run", "-m", tiny_dir, "-p", "hi", "--plan", "--budget", "1MiB", timeout=120)
+    assert r.returncode == 2 and "minimum" in r.stderr
+
+
+def test_gate_mode_offloaded_same_tokens(tiny_dir):
+    pred = pytest.importorskip("powerlow.predictors")
+    if not hasattr(pred, "make_predictor"):
+        pytest.skip("powerlow.predictors.make_predictor is not there yet")
+    ref = _generate(tiny_dir, RuntimeConfig(mode="gate"))[0]
+    dense = _generate(tiny_dir, RuntimeConfig())[0]
+    got = _generate(tiny_dir, RuntimeConfig(mode="gate", budget_bytes=_min(tiny_dir, mode="gate") + 8 * 4096))[0]
+    assert got == ref == dense
+
+
+def test_smollm2_half_ffn_budget_same_tokens(smol_dir):
+    """The real model, dense, with about half its FFN on disk: the resident run's tokens."""
+    m = load_manifest(smol_dir)
+    info = StoreInfo.from_json(m["ffn"])
+    ref = _generate(smol_dir, RuntimeConfig(), n=8, prompt=[1, 504, 3458, 282, 5457, 30])[0]
+    budget = _min(smol_dir) + info.total_bytes // 2
+    ids, c, _ = _generate(smol_dir, RuntimeConfig(budget_bytes=budget), n=8, prompt=[1, 504, 3458, 282, 5457, 30])
+    assert ids == ref
+    assert 0.2 < c["cache_hit_rate"] < 0.9 and c["read_bytes_per_token"] > 0
