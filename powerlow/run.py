@@ -14,6 +14,9 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    if args.plan:
+        from .plan import print_plan
+        return print_plan(args)
     from .cli import runtime_config
     from .model import load
 
