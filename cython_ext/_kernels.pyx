@@ -188,8 +188,11 @@ def gated(g, u, out, int act):
 
 def attention(q, kc, vc, int start, out, int nthreads):
     _arr(q, cnp.NPY_FLOAT32, 3, "q")
-    _arr(kc, cnp.NPY_FLOAT32, 3, "k_cache")
-    _arr(vc, cnp.NPY_FLOAT32, 3, "v_cache")
+    cdef int kv_t = cnp.PyArray_TYPE(<cnp.ndarray>kc) if cnp.PyArray_Check(kc) else cnp.NPY_FLOAT32
+    if kv_t != cnp.NPY_FLOAT16:
+        kv_t = cnp.NPY_FLOAT32
+    _arr(kc, kv_t, 3, "k_cache")
+    _arr(vc, kv_t, 3, "v_cache")
     _arr(out, cnp.NPY_FLOAT32, 2, "out")
     cdef int T = q.shape[0], nh = q.shape[1], hd = q.shape[2]
     cdef int nkv = kc.shape[0], maxP = kc.shape[1]
@@ -205,5 +208,11 @@ def attention(q, kc, vc, int start, out, int nthreads):
     cdef const float *pk = <const float*>_ptr(kc)
     cdef const float *pv = <const float*>_ptr(vc)
     cdef float *po = <float*>_ptr(out)
+    cdef const uint16_t *hk = <const uint16_t*>pk
+    cdef const uint16_t *hv = <const uint16_t*>pv
+    if kv_t == cnp.NPY_FLOAT16:
+        with nogil:
+            plk_attention_f16(pq, hk, hv, T, nh, nkv, hd, maxP, start, po, nthreads)
+        return
     with nogil:
         plk_attention(pq, pk, pv, T, nh, nkv, hd, maxP, start, po, nthreads)

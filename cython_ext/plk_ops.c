@@ -106,3 +106,53 @@ void plk_attention(const float *q, const float *kc, const float *vc, int T, int 
         }
     }
 }
+
+/* the same with an fp16 KV cache (llama.cpp's default cache type): _Float16 loads become vcvtph2ps in
+ * the x86-64-v3 clone and a library conversion in the baseline one */
+CLONES static void attend_one_f16(const float *q, const _Float16 *K, const _Float16 *V, int P, int hd, float scale,
+                                  float *sc, float *o)
+{
+    float mx = -FLT_MAX;
+    for (int p = 0; p < P; p++) {
+        const _Float16 *k = K + (size_t)p * hd;
+        float d = 0.0f;
+        #pragma omp simd reduction(+:d)
+        for (int i = 0; i < hd; i++) d += q[i] * (float)k[i];
+        sc[p] = d * scale;
+        if (sc[p] > mx) mx = sc[p];
+    }
+    float sum = 0.0f;
+    for (int p = 0; p < P; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
+    float inv = 1.0f / sum;
+    for (int i = 0; i < hd; i++) o[i] = 0.0f;
+    for (int p = 0; p < P; p++) {
+        const _Float16 *v = V + (size_t)p * hd;
+        float wgt = sc[p] * inv;
+        for (int i = 0; i < hd; i++) o[i] += wgt * (float)v[i];
+    }
+}
+
+void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv, int hd,
+                       int maxP, int start, float *out, int nthreads)
+{
+    const int grp = nh / nkv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int jobs = T * nh;
+    long work = (long)jobs * (start + T) * hd;
+    int nth = work < 200000 ? 1 : nthreads;
+    #pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        float *sc = (float *)malloc(sizeof(float) * (size_t)(start + T));
+        if (sc) {
+            #pragma omp for schedule(static)
+            for (int j = 0; j < jobs; j++) {
+                int t = j / nh, h = j % nh, kv = h / grp;
+                const _Float16 *K = (const _Float16 *)kc + (size_t)kv * maxP * hd;
+                const _Float16 *V = (const _Float16 *)vc + (size_t)kv * maxP * hd;
+                attend_one_f16(q + ((size_t)t * nh + h) * hd, K, V, start + t + 1, hd, scale, sc,
+                               out + (size_t)t * nh * hd + (size_t)h * hd);
+            }
+            free(sc);
+        }
+    }
+}

@@ -239,3 +239,16 @@ def test_attention_gqa_causal(T, start):
     kc = rng.standard_normal((nkv, maxP, hd)).astype(np.float32)
     vc = rng.standard_normal((nkv, maxP, hd)).astype(np.float32)
     np.testing.assert_allclose(K.attention(q, kc, vc, start), R.attention(q, kc, vc, start), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,start", [(1, 12), (6, 4)])
+def test_attention_fp16_cache(T, start):
+    rng = np.random.default_rng(T)
+    nh, nkv, hd, maxP = 9, 3, 64, 40
+    q = rng.standard_normal((T, nh, hd)).astype(np.float32)
+    kc = rng.standard_normal((nkv, maxP, hd)).astype(np.float16)
+    vc = rng.standard_normal((nkv, maxP, hd)).astype(np.float16)
+    ref = R.attention(q, kc.astype(np.float32), vc.astype(np.float32), start)
+    np.testing.assert_allclose(K.attention(q, kc, vc, start), ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError):
+        K.attention(q, kc, vc.astype(np.float32), start)
