@@ -235,6 +235,7 @@ class OffloadedStore:
             "io_requests": self.reader.requests, "io_busy_s": round(busy, 3),
             "io_gbps": round(self.reader.bytes_read / busy / 1e9, 3) if busy > 0 else 0.0,
             "io_wait_s": round(self.wait_seconds, 3), "o_direct": self.reader.direct,
+            "read_block_bytes": self.block, "queue_depth": self.reader.depth,
             "forward_passes": self.passes, "hot_load_bytes": self.hot_load_bytes,
             "cache_arena_bytes": int(self.arena.nbytes), **{f"plan_{k}": v for k, v in self.plan.as_dict().items()
                                                             if k not in ("resident", "hot_per_layer")},

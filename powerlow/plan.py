@@ -226,6 +226,10 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
     weights = {"weights (resident.safetensors)": safetensors_bytes(model_dir / "resident.safetensors")}
     if runtime.mode == "predict" and (model_dir / "predictors.safetensors").exists():
         weights["predictors"] = safetensors_bytes(model_dir / "predictors.safetensors")
+    elif runtime.mode in ("threshold", "gate"):
+        # these predictors compute every neuron's gate from a resident copy of all gate rows (powerlow.predictors)
+        from .formats import packed_nbytes
+        weights["predictors (gate rows)"] = L * packed_nbytes(info.layout.fmt, N * info.cluster_size, info.layout.K)
 
     def resident_for(ctx: int) -> dict:
         return {**weights, "kv cache": ctx * kv_bytes_per_position(cfg), "scratch (estimate)": scratch_bytes(cfg, ctx)}

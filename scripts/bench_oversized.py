@@ -1,0 +1,336 @@
+#!/usr/bin/env python
+"""A model bigger than the memory it may use: powerlow and llama.cpp inside the same cgroup memory limit.
+
+    sudo python scripts/bench_oversized.py                      # 2 GB synthetic model, limits 50% and 25%
+    python scripts/bench_oversized.py --limits 50 --modes dense,predict:0.25 -n 16 --json out.json
+
+What it does, per run (a fresh process each):
+  * makes (or reuses) the synthetic model: ~/.cache/powerlow/synthetic/2gb-relu (scripts/make_synthetic.py,
+    preset 2gb, ReLU, planted hotness), its Q4_0 GGUF, and the powerlow model dir converted from that GGUF;
+  * creates a cgroup v1 memory group with memory.limit_in_bytes = limit, drops the page cache
+    (sync; echo 3 > /proc/sys/vm/drop_caches), starts the engine inside the group, 2 threads;
+  * powerlow gets --budget = limit - the interpreter's own baseline (RSS after imports, measured here);
+    llama.cpp (llama-cpp-python, scripts/llamacpp_env.py) runs the same GGUF memory-mapped, with its Q4_0
+    repacking into anonymous memory turned off (use_extra_bufts = false: with it, a limited run thrashes);
+  * reports decode tokens/s, bytes read from storage per token (/proc/self/io read_bytes over the decode
+    loop), peak memory (cgroup memory.max_usage_in_bytes, which counts the page cache, and the peak RSS),
+    whether the group hit OOM, and powerlow / llama.cpp ratios at the same limit;
+  * probes random O_DIRECT reads of ffn.bin at powerlow's read size and depth in the same session, and
+    compares powerlow's bundle-read throughput (bytes / time with reads in flight) against it.
+The cgroups it makes are removed afterwards, also on failure. Needs root (cgroups, drop_caches).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
+        "grain, salt and wool. Over the centuries it grew into a busy port with bridges, markets and schools. ") * 20
+
+
+def _proc_read_bytes() -> int:
+    try:
+        for line in open("/proc/self/io"):
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_rss() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- the engines, each run in its own process inside the cgroup -------------------------------------------
+def inner_powerlow(a: dict) -> dict:
+    from powerlow.util import current_rss_bytes
+    baseline = current_rss_bytes()
+    import numpy as np
+    import powerlow
+    from powerlow.config import RuntimeConfig
+    baseline = max(baseline, current_rss_bytes())
+    kw = dict(threads=a["threads"], mode=a["mode"], density=a["density"], max_context=a["context"])
+    if a["budget"]:
+        kw["budget_bytes"] = a["budget"]
+    kw.update(a.get("extra", {}))
+    t = time.perf_counter()
+    model = powerlow.load(a["model"], RuntimeConfig(**kw))
+    load_s = time.perf_counter() - t
+    tf = model.tf
+    prompt = model.tokenize(TEXT, add_special=False)[: a["prompt_tokens"]]
+    t = time.perf_counter()
+    logits = tf.forward(prompt, start_pos=0, last_only=True)
+    prefill = len(prompt) / (time.perf_counter() - t)
+    tok = int(np.argmax(logits[-1]))
+    src = tf.ffn_source
+    c0 = src.counters() if hasattr(src, "counters") else {}
+    r0 = _proc_read_bytes()
+    t = time.perf_counter()
+    toks = []
+    for i in range(a["n"]):
+        logits = tf.forward([tok], start_pos=len(prompt) + i, last_only=True)
+        tok = int(np.argmax(logits[-1]))
+        toks.append(tok)
+    dt = time.perf_counter() - t
+    r1 = _proc_read_bytes()
+    c = src.counters() if hasattr(src, "counters") else {}
+    out = {"engine": "powerlow", "mode": a["mode"], "density": a["density"], "budget_bytes": a["budget"],
+           "load_s": round(load_s, 2), "prefill_tok_s": round(prefill, 2), "decode_tok_s": round(a["n"] / dt, 3),
+           "read_bytes_per_token": int((r1 - r0) / a["n"]), "baseline_rss_bytes": baseline,
+           "peak_rss_bytes": _peak_rss(), "tokens": toks,
+           "ffn_density": round(tf.ffn.clusters_used / max(1, tf.ffn.clusters_total), 4)}
+    if c:
+        busy = c["io_busy_s"] - c0.get("io_busy_s", 0)
+        nbytes = c["bytes_read"] - c0.get("bytes_read", 0)
+        out.update({"cache_hit_rate": c["cache_hit_rate"], "bundle_read_gbps": round(nbytes / busy / 1e9, 3) if busy else 0,
+                    "io_wait_s": round(c["io_wait_s"] - c0.get("io_wait_s", 0), 3), "decode_s": round(dt, 3),
+                    "bundle_bytes_per_token": int(nbytes / a["n"]), "o_direct": c["o_direct"],
+                    "read_block_bytes": c.get("read_block_bytes"), "queue_depth": c.get("queue_depth"),
+                    "evictions": c["evictions"], "hot_bytes": c.get("plan_hot_bytes"),
+                    "planned_bytes": c.get("plan_planned_bytes")})
+        src.close()
+    return out
+
+
+def inner_llamacpp(a: dict) -> dict:
+    import llama_cpp
+    import llama_cpp.llama_cpp as lc
+    import numpy as np
+    from llama_cpp import Llama
+
+    if not a["extra_bufts"]:          # keep Q4_0 weights memory-mapped instead of repacked into anonymous memory
+        default = lc.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        lc.llama_model_default_params = params
+        llama_cpp.llama_model_default_params = params
+    t = time.perf_counter()
+    llm = Llama(model_path=a["gguf"], n_ctx=a["prompt_tokens"] + a["n"] + 8, n_threads=a["threads"],
+                n_threads_batch=a["threads"], n_batch=max(a["prompt_tokens"], 8), verbose=False)
+    load_s = time.perf_counter() - t
+    n_vocab = llm.n_vocab()
+    prompt = llm.tokenize(TEXT.encode(), add_bos=False, special=False)[: a["prompt_tokens"]]
+
+    def last():
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))
+    t = time.perf_counter()
+    llm.eval(prompt)
+    prefill = len(prompt) / (time.perf_counter() - t)
+    tok = int(np.argmax(last()))
+    r0 = _proc_read_bytes()
+    t = time.perf_counter()
+    for _ in range(a["n"]):
+        llm.eval([tok])
+        tok = int(np.argmax(last()))
+    dt = time.perf_counter() - t
+    r1 = _proc_read_bytes()
+    return {"engine": "llama.cpp", "extra_bufts": a["extra_bufts"], "load_s": round(load_s, 2),
+            "prefill_tok_s": round(prefill, 2), "decode_tok_s": round(a["n"] / dt, 3),
+            "read_bytes_per_token": int((r1 - r0) / a["n"]), "peak_rss_bytes": _peak_rss()}
+
+
+# -- cgroups ---------------------------------------------------------------------------------------------
+def drop_caches() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        print(f"warning: cannot drop the page cache ({e}); runs are not cold", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int | None):
+    """A fresh cgroup v1 memory group (None: no limit, no group); removed on exit, also on failure."""
+    if limit is None:
+        yield None
+        return
+    if not CGROUP_ROOT.is_dir():
+        raise SystemExit(f"{CGROUP_ROOT} is missing: this needs the cgroup v1 memory controller")
+    g = CGROUP_ROOT / f"powerlow-bench-{os.getpid()}-{time.monotonic_ns()}"
+    g.mkdir()
+    try:
+        (g / "memory.limit_in_bytes").write_text(str(limit))
+        with contextlib.suppress(OSError):
+            (g / "memory.memsw.limit_in_bytes").write_text(str(limit))    # no swap escape where swap exists
+        yield g
+    finally:
+        for _ in range(50):
+            try:
+                g.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def run_in_cgroup(python: str, payload: dict, limit: int | None, timeout: float) -> dict:
+    drop_caches()
+    with memory_cgroup(limit) as g:
+        procs = str(g / "cgroup.procs") if g else None
+
+        def enter():
+            if procs:
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+        cmd = [python, __file__, "--inner", json.dumps(payload)]
+        t = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=enter,
+                               env=dict(os.environ, PYTHONPATH=str(HERE.parent)))
+            rc, out, err = p.returncode, p.stdout, p.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out, err = "timeout", e.stdout or "", e.stderr or ""
+            if isinstance(out, bytes):
+                out, err = out.decode(), err.decode() if isinstance(err, bytes) else err
+        wall = time.perf_counter() - t
+        res = {}
+        lines = [l for l in (out or "").strip().splitlines() if l.startswith("{")]
+        if rc == 0 and lines:
+            res = json.loads(lines[-1])
+        else:
+            res = {"error": f"exit {rc}", "stderr": (err or "")[-600:]}
+        res["wall_s"] = round(wall, 1)
+        if g:
+            res["cgroup_limit_bytes"] = limit
+            res["cgroup_max_usage_bytes"] = int((g / "memory.max_usage_in_bytes").read_text())
+            oom = (g / "memory.oom_control").read_text()
+            res["oom_kills"] = int(next((l.split()[1] for l in oom.splitlines() if l.startswith("oom_kill ")), 0))
+            res["failcnt"] = int((g / "memory.failcnt").read_text())
+        return res
+
+
+# -- setup -----------------------------------------------------------------------------------------------
+def ensure_models(args) -> tuple[Path, Path]:
+    from powerlow.default_model import powerlow_home
+    syn = powerlow_home() / "synthetic"
+    hf = syn / "2gb-relu"
+    gguf = Path(args.gguf) if args.gguf else syn / "2gb-relu-Q4_0.gguf"
+    if not gguf.exists():
+        print(f"making the synthetic 2 GB model in {hf} (minutes) ...", file=sys.stderr)
+        subprocess.run([sys.executable, str(HERE / "make_synthetic.py"), "--preset", "2gb", "--act", "relu",
+                        "--gguf", "Q4_0", "--out", str(hf), "--gguf-out", str(gguf), "--overwrite"], check=True)
+    model = Path(args.model) if args.model else gguf.with_suffix(".powerlow")
+    if not (model / "manifest.json").exists():
+        from powerlow.convert import convert
+        print(f"converting {gguf} -> {model} ...", file=sys.stderr)
+        convert(gguf, model, force=model.exists())
+    return gguf, model
+
+
+def interpreter_baseline() -> int:
+    """RSS of a Python that has imported powerlow (what the process costs before any model is loaded)."""
+    code = ("import numpy, powerlow, powerlow.engine, powerlow.cache, safetensors, tokenizers\n"
+            "from powerlow.util import current_rss_bytes\nprint(current_rss_bytes())")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=dict(os.environ, PYTHONPATH=str(HERE.parent))).stdout.strip())
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--inner":
+        a = json.loads(sys.argv[2])
+        res = inner_powerlow(a) if a["engine"] == "powerlow" else inner_llamacpp(a)
+        print(json.dumps(res))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", help="GGUF (default: the 2 GB synthetic Q4_0, made if missing)")
+    ap.add_argument("-m", "--model", help="powerlow model dir of that GGUF (default: converted next to it)")
+    ap.add_argument("--limits", default="50,25", help="memory limits in %% of the GGUF size (default 50,25)")
+    ap.add_argument("--modes", default="dense", help="powerlow modes, e.g. dense,predict:0.25,threshold:0.25")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-n", type=int, default=16, help="decode tokens per run")
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--context", type=int, default=64, help="KV cache positions for powerlow (>= prompt + n)")
+    ap.add_argument("--baseline", default=None, help="interpreter allowance subtracted from the limit for powerlow's "
+                    "--budget (default: measured RSS after imports, rounded up to 16 MiB, + 16 MiB)")
+    ap.add_argument("--unlimited", action="store_true", help="also run both engines without a limit")
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--json", help="write all results to this file")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("warning: not root: cgroups and drop_caches will fail", file=sys.stderr)
+    from powerlow.config import format_size, parse_size
+    gguf, model = ensure_models(args)
+    size = gguf.stat().st_size
+    base = parse_size(args.baseline) if args.baseline else (-(-interpreter_baseline() // (16 << 20)) + 1) * (16 << 20)
+    from llamacpp_env import bench_python
+    lpy = None if args.no_llamacpp else str(bench_python())
+    common = {"threads": args.threads, "n": args.n, "prompt_tokens": args.prompt_tokens}
+    modes = []
+    for m in args.modes.split(","):
+        name, _, d = m.partition(":")
+        modes.append((name, float(d) if d else 1.0))
+    print(f"model {gguf.name}: {format_size(size)}; interpreter allowance {format_size(base)}; "
+          f"{args.threads} threads; decode {args.n} tokens after a {args.prompt_tokens}-token prompt", file=sys.stderr)
+    results = []
+    limits = ([None] if args.unlimited else []) + [int(size * float(p) / 100) for p in args.limits.split(",")]
+    for limit in limits:
+        tag = "none" if limit is None else f"{100 * limit / size:.0f}%"
+        if lpy:
+            r = run_in_cgroup(lpy, {"engine": "llama.cpp", "gguf": str(gguf), "extra_bufts": limit is None, **common},
+                              limit, args.timeout)
+            r.update(limit=tag)
+            results.append(r)
+            print(json.dumps(r), file=sys.stderr)
+        for mode, dens in modes:
+            budget = None if limit is None else limit - base
+            r = run_in_cgroup(sys.executable, {"engine": "powerlow", "model": str(model), "budget": budget, "mode": mode,
+                                               "density": dens, "context": args.context, **common}, limit, args.timeout)
+            r.update(limit=tag)
+            results.append(r)
+            print(json.dumps(r), file=sys.stderr)
+    probe = None
+    if not args.skip_probe:
+        from powerlow.io import probe_random_read
+        blocks = sorted({r.get("read_block_bytes") for r in results if r.get("read_block_bytes")}) or [1 << 20]
+        depth = next((r["queue_depth"] for r in results if r.get("queue_depth")), 8)
+        probe = [probe_random_read(model / "ffn.bin", block_bytes=b, depth=depth, seconds=3.0) for b in blocks]
+    print_table(results, probe, size)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"gguf": str(gguf), "model": str(model), "size_bytes": size,
+                                               "allowance_bytes": base, "results": results, "probe": probe}, indent=1))
+    return 0
+
+
+def print_table(results: list, probe, size: int) -> None:
+    MiB = 1 << 20
+    print(f"{'limit':>6s} {'engine':10s} {'mode':14s} {'decode tok/s':>12s} {'x llama':>8s} {'read MB/tok':>11s} "
+          f"{'cg peak MiB':>11s} {'RSS MiB':>8s} {'base MiB':>8s} {'OOM':>4s}  note")
+    ref = {r["limit"]: r["decode_tok_s"] for r in results if r.get("engine") == "llama.cpp" and "decode_tok_s" in r}
+    for r in results:
+        eng = r.get("engine", "?")
+        mode = (f"{r['mode']}" + (f" d={r['density']}" if r.get("density", 1) < 1 else "")) if eng == "powerlow" else \
+            ("repacked" if r.get("extra_bufts") else "mmap")
+        if "decode_tok_s" not in r:
+            print(f"{r['limit']:>6s} {eng:10s} {mode:14s} {'failed':>12s}  {r.get('error')} {r.get('stderr', '')[-200:]!r}")
+            continue
+        x = r["decode_tok_s"] / ref[r["limit"]] if ref.get(r["limit"]) else float("nan")
+        note = ""
+        if "bundle_read_gbps" in r:
+            note = f"bundle reads {r['bundle_read_gbps']:.2f} GB/s, hit {r['cache_hit_rate']:.2f}, io wait {r['io_wait_s']}s/{r['decode_s']}s"
+        print(f"{r['limit']:>6s} {eng:10s} {mode:14s} {r['decode_tok_s']:12.2f} {x:8.2f} {r['read_bytes_per_token'] / 1e6:11.1f} "
+              f"{r.get('cgroup_max_usage_bytes', 0) / MiB:11.0f} {r['peak_rss_bytes'] / MiB:8.0f} "
+              f"{r.get('baseline_rss_bytes', 0) / MiB:8.0f} {r.get('oom_kills', 0):>4d}  {note}")
+    if probe:
+        for p in probe:
+            print(f"probe: random O_DIRECT reads of {p['block_bytes'] // 1024} KiB, depth {p['depth']}: {p['gbps']:.2f} GB/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
