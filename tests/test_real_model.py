@@ -103,7 +103,8 @@ def test_teacher_forced_agreement_with_transformers(smol, hf_llama, llamacpp_ref
         max_diff = max(max_diff, float(np.abs(ours[n0:][np.arange(len(top)), top] - ref[n0:][np.arange(len(top)), top]).max()))
     gaps = [lp[mine] - lp[ref] for mine, ref, lp in rows if mine != ref]
     rate = 1 - len(gaps) / len(rows)
-    print(f"\ntransformers agreement {rate:.3f} over {len(rows)} positions; max |dlogp| of its top token {max_diff:.3f}")
+    print(f"\ntransformers agreement {rate:.3f} over {len(rows)} positions; max |dlogp| of its top token {max_diff:.3f}; "
+          f"misses' gaps {np.round(gaps, 3).tolist()}")
     assert all(g <= NEAR_TIE for g in gaps)
     assert rate >= 0.9
     assert max_diff < 1.0
