@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .errors import PowerlowError
@@ -41,12 +42,6 @@ def runtime_config(args):
     return RuntimeConfig(**kw)
 
 
-def _lazy(module: str, *, runtime: bool):
-    """Register a subcommand whose module provides add_arguments(p) and main(args)."""
-    import importlib
-    return importlib.import_module(module), runtime
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import bench, convert, run
 
@@ -73,12 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
             ("train-predictor", "powerlow.predictors.train", False, "train the low-rank activation predictors"),
             ("eval", "powerlow.eval", True, "perplexity on held-out text"),
             ("tune", "powerlow.tune", True, "speed against memory budget; suggests a config")):
-        p = sub.add_parser(name, help=help_)
         try:
-            mod, _ = _lazy(module, runtime=runtime)
-        except ImportError as e:
-            p.set_defaults(func=lambda a, e=e, n=name: (_ for _ in ()).throw(PowerlowError(f"`powerlow {n}` is unavailable: {e}")))
-            continue
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue          # a tool not in this build
+        p = sub.add_parser(name, help=help_)
         if runtime:
             add_runtime_arguments(p)
         mod.add_arguments(p)
