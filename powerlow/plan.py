@@ -65,10 +65,10 @@ def scratch_bytes(cfg: dict, context: int) -> int:
 
 
 def hotness(model_dir: Path, info: StoreInfo) -> np.ndarray | None:
-    """Per-layer cluster activation counts (L, n_clusters) from profile.safetensors, or None.
+    """Per-layer cluster activity (L, n_clusters) from profile.safetensors (`powerlow profile`), or None.
 
-    Reads tensors named ``blk.{l}.<...count...>`` (or one (L, F)/(L, n_clusters) tensor with "count" in its
-    name): cluster counts are used as they are; neuron counts (F) are summed per cluster of C, in stored order.
+    Uses ``cluster_freq`` (L, nC: share of tokens on which a cluster had an active neuron); else ``freq``
+    (L, F: per neuron, summed per cluster of C in stored order); else per-layer ``blk.{l}.*count*`` tensors.
     """
     p = model_dir / "profile.safetensors"
     if not p.exists():
@@ -86,22 +86,22 @@ def hotness(model_dir: Path, info: StoreInfo) -> np.ndarray | None:
             return pad.reshape(N, C).sum(1)
         return None
 
-    out = np.full((L, N), np.nan)
     with safe_open(str(p), "numpy") as f:
-        keys = [k for k in f.keys() if "count" in k]
-        for k in sorted(keys, key=lambda k: "cluster" not in k):     # cluster counts win over neuron counts
-            a = f.get_tensor(k)
-            if k.startswith("blk."):
+        keys = set(f.keys())
+        for name in ("cluster_freq", "freq"):
+            if name in keys:
+                a = f.get_tensor(name)
+                if a.ndim == 2 and a.shape[0] == L:
+                    rows = [per_cluster(a[l]) for l in range(L)]
+                    if all(r is not None for r in rows):
+                        return np.stack(rows)
+        out = np.full((L, N), np.nan)
+        for k in sorted(keys):
+            if k.startswith("blk.") and "count" in k:
                 l = int(k.split(".")[1])
-                if 0 <= l < L and np.isnan(out[l]).all():
-                    c = per_cluster(a)
-                    if c is not None:
-                        out[l] = c
-            elif a.ndim == 2 and a.shape[0] == L:
-                for l in range(L):
-                    c = per_cluster(a[l])
-                    if c is not None and np.isnan(out[l]).all():
-                        out[l] = c
+                c = per_cluster(f.get_tensor(k)) if 0 <= l < L else None
+                if c is not None:
+                    out[l] = c
     return None if np.isnan(out).any() else out
 
 
@@ -274,8 +274,9 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
         dynamic = 0
     else:
         frac = 0.7 if runtime.hot_fraction is None else runtime.hot_fraction
-        if counts is not None:
-            density = float(np.clip((counts / counts.max(axis=1, keepdims=True)).mean(), 0.05, 1.0))
+        if runtime.mode == "gate" and counts is not None:     # the profile's cluster activity is the demand
+            share = counts if counts.max() <= 1.0 else counts / counts.max(axis=1, keepdims=True)
+            density = float(np.clip(share.sum(axis=1).max() / N, 1.0 / N, 1.0))
         else:
             density = runtime.density
         per_layer = max(1, math.ceil(density * N))
