@@ -223,6 +223,9 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
     const float Bm = FMT == PLK_Q4_0 ? -8.0f : -1.0f;
     float dwT[SMALL_NG][8], bwT[SMALL_NG][8];
     for (int r = r0; r + 8 <= r1; r += 8) {
+        /* prefetch the codes PLK_PF bytes ahead (8 rows of a down matrix are only 64-256 bytes) */
+        const uint8_t *pf = w->qs + (size_t)r * rowq + PLK_PF;
+        for (size_t o = 0; o < 8 * rowq; o += 64) _mm_prefetch((const char *)pf + o, _MM_HINT_T0);
         for (int i = 0; i < 8; i++)
             for (int g = 0; g < ng; g++) {
                 float dv = _cvtsh_ss(w->d[(size_t)(r + i) * ng + g]);
