@@ -1,0 +1,373 @@
+"""`powerlow profile DIR`: how often each FFN neuron fires, training samples for the predictors, and the
+cluster store re-laid hot-first.
+
+What counts as active (per token, layer l, neuron j; g = gate row j . h, u = up row j . h):
+  * ReLU models: g > 0 (exact: the neuron contributes nothing otherwise);
+  * SiLU models: |silu(g) * u| > t_l, t_l calibrated on the first window so that a share ``density`` of the
+    layer's neurons is active (training-free, CATS/TEAL style; the engine's threshold modes use the gate).
+Writes profile.safetensors (neuron ids are *stored* ids, i.e. after the re-layout):
+  freq           (L, F)  float32  share of profiled tokens on which each neuron was active
+  cluster_freq   (L, nC) float32  share of tokens on which each cluster had >= 1 active neuron
+  mean_abs       (L, F)  float32  mean |act(g) * u| per neuron
+  act_threshold  (L,)    float32  t_l above (SiLU; 0 for ReLU)
+  gate_thr       (L, 101) float64 thresholds on |act(g)| per neuron for densities 0, 0.01, .., 1
+  cluster_thr    (L, 101) float64 thresholds on a cluster's sum of |act(g)| for cluster densities 0 .. 1
+  samples.h      (L, S, K) float16 FFN inputs of S sampled tokens (the same tokens in every layer)
+  samples.mask   (L, S, ceil(F/8)) uint8  their active neurons, np.packbits along F
+Re-lays ffn.bin so each layer's neurons run hot-first (gate/up rows move exactly; down columns are
+re-quantized to q8, since permuted columns mix GGUF groups); the manifest's ``neuron_order[l]`` lists the
+original neuron id at each stored position. Old predictors are deleted (their neuron ids no longer hold).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PowerlowError
+
+DEFAULT_TOKENS = 4096
+DEFAULT_SAMPLES = 4096
+DEFAULT_DENSITY = 0.3
+WINDOW = 512          # tokens per profiled sequence
+EVAL_EVERY = 5        # every 5th pydoc topic (sorted by name) is held out for evaluation
+
+
+# ------------------------------------------------------------------ text
+def default_texts() -> tuple[str, str]:
+    """(calibration, evaluation) text from CPython's pydoc_data topics, which ship with every Python:
+    topics sorted by name, every EVAL_EVERY-th one held out; paragraphs of a held-out topic that also
+    appear in a calibration topic (pydoc repeats some) are dropped, so the two texts never overlap."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise PowerlowError("this Python has no pydoc_data (the default text); give text files with --text") from None
+    keys = sorted(topics)
+    cal = [topics[k] for i, k in enumerate(keys) if i % EVAL_EVERY != EVAL_EVERY - 1]
+    seen = {p.strip() for t in cal for p in t.split("\n\n")}
+    ev = []
+    for i, k in enumerate(keys):
+        if i % EVAL_EVERY == EVAL_EVERY - 1:
+            for p in topics[k].split("\n\n"):
+                if p.strip() and p.strip() not in seen:
+                    seen.add(p.strip())
+                    ev.append(p)
+    return "\n\n".join(cal), "\n\n".join(ev)
+
+
+def read_texts(paths) -> str:
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise PowerlowError(f"--text {p}: no such file")
+        try:
+            out.append(p.read_text())
+        except UnicodeDecodeError:
+            raise PowerlowError(f"--text {p} is not UTF-8 text") from None
+    return "\n\n".join(out)
+
+
+def token_windows(tokenizer, text: str, n_tokens: int, window: int, what: str) -> list[np.ndarray]:
+    """Split text's tokens into windows of up to ``window`` tokens (each starting with BOS if the model has
+    one), n_tokens in all; too little text is an error naming both counts."""
+    ids = tokenizer.encode(text, add_special=False)
+    bos = tokenizer.bos_id
+    per = window - (1 if bos is not None else 0)
+    need = n_tokens - (-(-n_tokens // window) if bos is not None else 0)
+    if len(ids) < need:
+        raise PowerlowError(f"the {what} text has {len(ids)} tokens, fewer than the {n_tokens} requested; "
+                            f"give more text with --text or lower --tokens")
+    out, pos, left = [], 0, n_tokens
+    while left > 0:
+        take = min(per, left - (1 if bos is not None else 0))
+        seq = ids[pos: pos + take]
+        pos += take
+        if bos is not None:
+            seq = [bos] + seq
+        out.append(np.asarray(seq, np.int64))
+        left -= len(seq)
+    return out
+
+
+# ------------------------------------------------------------------ the profiling pass
+class _Recorder:
+    """Wraps tf.ffn.forward: per layer, computes every neuron's activation from the resident gate/up rows."""
+
+    def __init__(self, tf, density: float, sample_mask: np.ndarray):
+        from powerlow.predictors.common import ffn_buffer, layer_rows
+
+        self.tf = tf
+        info = tf.store_info
+        self.F, self.L, self.K = info.n_neurons, info.n_layers, info.layout.K
+        self.act = tf.config.hidden_act
+        self.density = density
+        buf = ffn_buffer(tf)
+        self.G = [layer_rows(buf, info, l, "gate") for l in range(self.L)]
+        self.U = [layer_rows(buf, info, l, "up") for l in range(self.L)]
+        self.count = np.zeros((self.L, self.F), np.int64)
+        self.abs_sum = np.zeros((self.L, self.F), np.float64)
+        self.cluster_count = np.zeros((self.L, info.n_clusters), np.int64)
+        self.thr = np.zeros(self.L, np.float32)
+        self.calibrated = np.zeros(self.L, bool)
+        self.sample_mask = sample_mask           # over all profiled token positions
+        S = int(sample_mask.sum())
+        self.samples_h = np.zeros((self.L, S, self.K), np.float16)
+        self.samples_m = np.zeros((self.L, S, -(-self.F // 8)), np.uint8)
+        self.pos = 0                             # first global token index of the current window
+        self.spos = 0                            # samples written before the current window
+        self.tokens = 0
+        self._orig = tf.ffn.forward
+        tf.ffn.forward = self.forward
+
+    def close(self):
+        self.tf.ffn.forward = self._orig
+
+    def forward(self, l: int, h: np.ndarray) -> np.ndarray:
+        ops = self.tf.ops
+        F = self.F
+        g = ops.matmul(self.G[l], h)[:, :F]                    # (T, F)
+        u = ops.matmul(self.U[l], h)[:, :F]
+        a = np.abs(_act(g, self.act) * u)
+        if self.act == "relu":
+            active = g > 0
+        else:
+            if not self.calibrated[l]:
+                self.thr[l] = np.quantile(a, 1.0 - self.density)
+                self.calibrated[l] = True
+            active = a > self.thr[l]
+        self.count[l] += active.sum(axis=0)
+        self.abs_sum[l] += a.sum(axis=0, dtype=np.float64)
+        T = h.shape[0]
+        C, nC = self.tf.store_info.layout.C, self.tf.store_info.n_clusters
+        padded = np.zeros((T, nC * C), bool)
+        padded[:, :F] = active
+        self.cluster_count[l] += padded.reshape(T, nC, C).any(axis=2).sum(axis=0)
+        sel = self.sample_mask[self.pos: self.pos + T]
+        n = int(sel.sum())
+        if n:
+            self.samples_h[l, self.spos: self.spos + n] = h[sel]
+            self.samples_m[l, self.spos: self.spos + n] = np.packbits(active[sel], axis=1)
+        if l == self.L - 1:
+            self.pos += T
+            self.spos += n
+            self.tokens += T
+        return self._orig(l, h)
+
+
+def _act(g, act):
+    from powerlow.predictors.common import act_fn
+    return act_fn(g, act)
+
+
+def profile_model(model_dir, *, text: str | None = None, n_tokens: int = DEFAULT_TOKENS,
+                  n_samples: int = DEFAULT_SAMPLES, density: float = DEFAULT_DENSITY, relayout: bool = True,
+                  threads: int = 0, seed: int = 0, plot: str | None = None, progress: bool = True) -> dict:
+    """Profile ``model_dir`` (see the module doc); returns a summary dict (coverage figures, times)."""
+    from powerlow.config import RuntimeConfig
+    from powerlow.engine import Transformer
+
+    model_dir = Path(model_dir)
+    if not 0.0 < density < 1.0:
+        raise PowerlowError(f"--density {density}: the share of neurons counted active must be in (0, 1)")
+    if n_tokens < 16:
+        raise PowerlowError(f"--tokens {n_tokens}: profile at least 16 tokens (thousands for useful figures)")
+    t0 = time.time()
+    tf = Transformer(model_dir, RuntimeConfig(threads=threads))
+    if text is None:
+        text = default_texts()[0]
+    windows = token_windows(tf.tokenizer, text, n_tokens, min(WINDOW, tf.kv.limit), "calibration")
+    total = sum(len(w) for w in windows)
+    rng = np.random.default_rng(seed)
+    sample_mask = np.zeros(total, bool)
+    sample_mask[rng.choice(total, size=min(n_samples, total), replace=False)] = True
+    rec = _Recorder(tf, density, sample_mask)
+    try:
+        it = windows
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(windows, desc="profile", unit="window", file=sys.stderr)
+        for w in it:
+            tf.forward(w)
+    finally:
+        rec.close()
+    info = tf.store_info
+    L, F, C, nC = info.n_layers, info.n_neurons, info.layout.C, info.n_clusters
+    freq = (rec.count / rec.tokens).astype(np.float32)
+    mean_abs = (rec.abs_sum / rec.tokens).astype(np.float32)
+    # hot-first: by firing frequency, ties broken by mean magnitude
+    perms = [np.lexsort((-mean_abs[l], -freq[l])) for l in range(L)]
+    if not relayout:
+        perms = [np.arange(F) for _ in range(L)]
+    unpacked = np.unpackbits(rec.samples_m, axis=2, count=F).astype(bool)       # (L, S, F)
+    samples_m = np.stack([np.packbits(unpacked[l][:, perms[l]], axis=1) for l in range(L)])
+    freq_p = np.stack([freq[l][perms[l]] for l in range(L)])
+    mean_abs_p = np.stack([mean_abs[l][perms[l]] for l in range(L)])
+    # thresholds of the training-free modes, on the sampled tokens, in the new order
+    gate_thr = np.zeros((L, 101))
+    cluster_thr = np.zeros((L, 101))
+    cluster_freq = np.zeros((L, nC), np.float32)
+    from powerlow.predictors.common import quantile_table
+    for l in range(L):
+        hs = np.ascontiguousarray(rec.samples_h[l].astype(np.float32))
+        g = np.abs(_act(tf.ops.matmul(rec.G[l], hs)[:, :F], tf.config.hidden_act))[:, perms[l]]
+        gate_thr[l] = quantile_table(g)
+        gp = np.zeros((len(hs), nC * C), np.float32)
+        gp[:, :F] = g
+        cluster_thr[l] = quantile_table(gp.reshape(len(hs), nC, C).sum(axis=2))
+        mp = np.zeros((len(hs), nC * C), bool)
+        mp[:, :F] = unpacked[l][:, perms[l]]
+        cluster_freq[l] = mp.reshape(len(hs), nC, C).any(axis=2).mean(axis=0)
+    if not len(rec.samples_h[0]):
+        cluster_freq[:] = 0
+    manifest = tf.manifest
+    tf.ffn_source.close()
+    del tf, rec.G, rec.U
+    if relayout:
+        manifest = relayout_store(model_dir, manifest, perms)
+    from powerlow.predictors.common import file_meta
+    tensors = {"freq": freq_p, "cluster_freq": cluster_freq, "mean_abs": mean_abs_p, "act_threshold": rec.thr,
+               "gate_thr": gate_thr, "cluster_thr": cluster_thr,
+               "samples.h": rec.samples_h, "samples.mask": samples_m}
+    cover = coverage(freq_p)
+    summary = {"tokens": int(rec.tokens), "samples": int(sample_mask.sum()), "density": density,
+               "act": manifest["config"]["hidden_act"], "relaid": relayout,
+               "mean_neuron_density": float(freq_p.mean()), "mean_cluster_density": float(cluster_freq.mean()),
+               "hot20_coverage_mean": float(np.mean(cover["hot20"])), "hot20_coverage": [round(float(x), 4) for x in cover["hot20"]],
+               "seconds": round(time.time() - t0, 1)}
+    _write_profile(model_dir, manifest, tensors, file_meta(manifest, summary=summary))
+    if plot:
+        plot_coverage(freq_p, plot, title=f"{model_dir.name}: activation coverage by the hottest neurons")
+    return summary
+
+
+def coverage(freq: np.ndarray) -> dict:
+    """Per layer, the share of all activations covered by the hottest x% of neurons (curve and x = 20%)."""
+    L, F = freq.shape
+    s = -np.sort(-freq, axis=1)
+    cum = np.cumsum(s, axis=1) / np.maximum(s.sum(axis=1, keepdims=True), 1e-12)
+    k20 = max(1, int(round(0.2 * F)))
+    return {"curve": cum, "hot20": cum[:, k20 - 1]}
+
+
+def plot_coverage(freq: np.ndarray, path, title: str = "") -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PowerlowError("--plot needs matplotlib; install it with `pip install matplotlib`") from None
+    cum = coverage(freq)["curve"]
+    L, F = cum.shape
+    x = np.arange(1, F + 1) / F * 100
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cmap = plt.get_cmap("viridis")
+    for l in range(L):
+        ax.plot(x, cum[l] * 100, color=cmap(l / max(1, L - 1)), lw=1, label=f"layer {l}" if l in (0, L - 1) else None)
+    ax.plot(x, x, "k:", lw=0.8, label="no skew")
+    ax.axvline(20, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("hottest neurons of the layer (%)")
+    ax.set_ylabel("share of activations covered (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ files
+def relayout_store(model_dir: Path, manifest: dict, perms: list[np.ndarray]) -> dict:
+    """Rewrite ffn.bin with each layer's neurons in order perms[l] (stored ids); returns the new manifest
+    (also written). Gate/up rows are moved without loss; down becomes q8 (see the module doc)."""
+    from powerlow import formats
+    from powerlow.manifest import atomic_path, file_entry, write_manifest
+    from powerlow.predictors.common import PREDICTORS_FILE, concat_rows, publish
+    from powerlow.store import StoreInfo, read_layer_matrices, write_layer
+
+    old = StoreInfo.from_json(manifest["ffn"])
+    lay = old.layout
+    F = old.n_neurons
+    identity = all(np.array_equal(p, np.arange(F)) for p in perms)
+    down_fmt = lay.down_fmt if identity else "q8"
+    new = StoreInfo.plan(lay.fmt, down_fmt, lay.C, lay.K, F, old.n_layers)
+    path = model_dir / "ffn.bin"
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for l in range(old.n_layers):
+            def rows(off):
+                return concat_rows([formats.QMatrix.from_buffer(lay.fmt, lay.C, lay.K, mm, old.bundle_offset(l, c) + off)
+                                    for c in range(old.n_clusters)])
+            idx = perms[l]
+            gate = formats.select_rows(rows(lay.gate_off), idx)    # exact: quantized rows move whole
+            up = formats.select_rows(rows(lay.up_off), idx)
+            down = read_layer_matrices(mm, old, l)[2][:, idx]     # (K, F) float32, re-quantized by write_layer
+            write_layer(f, new, gate, up, np.ascontiguousarray(down))
+    del mm
+    publish(path)
+    prev = manifest.get("neuron_order")
+    m = dict(manifest)
+    m["neuron_order"] = [[int(x) for x in (np.asarray(prev[l])[perms[l]] if prev else perms[l])]
+                         for l in range(old.n_layers)]
+    m["ffn"] = new.to_json()
+    m["formats"] = dict(m["formats"], ffn_down=down_fmt)
+    files = dict(m["files"])
+    files["ffn.bin"] = file_entry(path)
+    files.pop(PREDICTORS_FILE, None)                              # neuron ids changed: old predictors are void
+    m["files"] = files
+    (model_dir / PREDICTORS_FILE).unlink(missing_ok=True)
+    write_manifest(model_dir, m)
+    return m
+
+
+def _write_profile(model_dir: Path, manifest: dict, tensors: dict, meta: dict) -> None:
+    from safetensors.numpy import save_file
+    from powerlow.manifest import atomic_path, file_entry, write_manifest
+    from powerlow.predictors.common import PROFILE_FILE, publish
+
+    path = model_dir / PROFILE_FILE
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
+    publish(path)
+    manifest["files"] = dict(manifest["files"], **{PROFILE_FILE: file_entry(path)})
+    write_manifest(model_dir, manifest)
+
+
+# ------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="powerlow model dir")
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                   help="calibration text files (default: CPython's pydoc topics, the part `eval` does not use)")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to profile (default {DEFAULT_TOKENS})")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                   help=f"(layer input, active mask) pairs kept per layer for training (default {DEFAULT_SAMPLES})")
+    p.add_argument("--density", type=float, default=DEFAULT_DENSITY,
+                   help=f"SiLU models: share of neurons counted active per layer (default {DEFAULT_DENSITY}); ReLU: gate > 0")
+    p.add_argument("--no-relayout", action="store_true", help="keep ffn.bin's neuron order")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="plot activation coverage by the hottest neurons")
+    p.add_argument("-t", "--threads", type=int, default=0, help="threads (default: physical cores)")
+    p.add_argument("-s", "--seed", type=int, default=0, help="seed of the token sample")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def main(args) -> int:
+    from .default_model import resolve_model
+
+    text = read_texts(args.text) if args.text else None
+    s = profile_model(resolve_model(args.dir), text=text, n_tokens=args.tokens, n_samples=args.samples,
+                      density=args.density, relayout=not args.no_relayout, threads=args.threads, seed=args.seed,
+                      plot=args.plot)
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    rule = "gate > 0" if s["act"] == "relu" else f"top {s['density']:.0%} |act| per layer"
+    print(f"profiled {s['tokens']} tokens ({s['samples']} samples per layer) in {s['seconds']} s; active: {rule}")
+    print(f"mean density: neurons {s['mean_neuron_density']:.3f}, clusters {s['mean_cluster_density']:.3f}")
+    h = np.asarray(s["hot20_coverage"])
+    print(f"hottest 20% of neurons cover {h.mean():.1%} of activations (layers: min {h.min():.1%}, max {h.max():.1%})")
+    print("ffn.bin re-laid hot-first" if s["relaid"] else "ffn.bin order kept")
+    return 0

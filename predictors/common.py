@@ -1,0 +1,113 @@
+"""What profile, the predictors and their training share: reading a layer's gate/up rows out of the
+bundles, the profile/predictors files and the check that they belong to the model dir they sit in.
+
+Neuron ids everywhere in profile.safetensors and predictors.safetensors are *stored* ids (the order of
+ffn.bin after `powerlow profile` re-laid it hot-first). Both files carry, in their metadata, a digest of
+the model's neuron order and FFN shape (``order_digest``); a file whose digest differs from the manifest's
+was made for another model or before a re-layout, and is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from powerlow import formats
+from powerlow.errors import PowerlowError
+
+PROFILE_FILE = "profile.safetensors"
+PREDICTORS_FILE = "predictors.safetensors"
+DENSITY_GRID = np.linspace(0.0, 1.0, 101)      # thresholds are tabulated at these densities
+
+
+def order_digest(manifest: dict) -> str:
+    """A short digest of what neuron ids mean in this model dir: FFN shape + the stored neuron order."""
+    ffn = manifest["ffn"]
+    key = {"n_layers": ffn["n_layers"], "n_neurons": ffn["n_neurons"], "hidden": ffn["hidden"],
+           "cluster_size": ffn["cluster_size"], "order": manifest.get("neuron_order")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def concat_rows(parts: list) -> "formats.QMatrix":
+    """Stack QMatrices with the same format and cols (the C-row gate/up pieces of every bundle)."""
+    p0 = parts[0]
+    planes = {n: np.ascontiguousarray(np.concatenate([q.planes[n] for q in parts])) for n in p0.planes}
+    return formats.QMatrix(p0.fmt, sum(q.rows for q in parts), p0.cols, planes)
+
+
+def ffn_buffer(tf) -> np.ndarray:
+    """ffn.bin's bytes: the resident store's RAM copy, else a read-only memmap (pages read once, on demand)."""
+    buf = getattr(tf.ffn_source, "buf", None)
+    if buf is not None:
+        return buf
+    return np.memmap(tf.dir / "ffn.bin", dtype=np.uint8, mode="r")
+
+
+def layer_rows(buf, info, layer: int, which: str = "gate") -> "formats.QMatrix":
+    """Layer ``layer``'s gate or up rows for all its clusters, (n_clusters*C, K), in stored order (copied)."""
+    lay = info.layout
+    off = lay.gate_off if which == "gate" else lay.up_off
+    return concat_rows([formats.QMatrix.from_buffer(lay.fmt, lay.C, lay.K, buf, info.bundle_offset(layer, c) + off)
+                        for c in range(info.n_clusters)])
+
+
+def act_fn(g: np.ndarray, act: str) -> np.ndarray:
+    if act == "relu":
+        return np.maximum(g, 0.0)
+    return g / (1.0 + np.exp(-g))
+
+
+def threshold_at(table: np.ndarray, density: float) -> float:
+    """A per-layer threshold row tabulated on DENSITY_GRID (descending in density) at ``density``."""
+    return float(np.interp(density, DENSITY_GRID, table))
+
+
+def quantile_table(scores: np.ndarray) -> np.ndarray:
+    """thresholds t[i] such that P(score > t[i]) ~ DENSITY_GRID[i]; t[0] = +inf, t[-1] = -inf."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    t = np.quantile(s, np.clip(1.0 - DENSITY_GRID, 0.0, 1.0))
+    t[0], t[-1] = np.inf, -np.inf
+    return t.astype(np.float64)
+
+
+def load_checked(model_dir: Path, manifest: dict, name: str, make_cmd: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of profile/predictors file ``name``, refused when missing or made for another model."""
+    from safetensors import safe_open
+
+    path = Path(model_dir) / name
+    if not path.exists():
+        raise PowerlowError(f"{model_dir} has no {name}; run `{make_cmd}` first")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise PowerlowError(f"{path} cannot be read ({e}); re-run `{make_cmd}`") from None
+    ffn = manifest["ffn"]
+    want = (ffn["n_layers"], ffn["n_neurons"], ffn["hidden"])
+    got = tuple(int(x) for x in json.loads(meta.get("shape", "[0, 0, 0]")))
+    if got != want:
+        raise PowerlowError(f"{path} was made for another model (layers, neurons, hidden = {got}, this model has {want}); "
+                            f"re-run `{make_cmd}`")
+    if meta.get("order_digest") != order_digest(manifest):
+        raise PowerlowError(f"{path} is stale: it was made for another neuron order of this model (the store was "
+                            f"re-laid since, or the file comes from another model dir); re-run `{make_cmd}`")
+    return tensors, meta
+
+
+def publish(path: Path) -> None:
+    """Give a file written through atomic_path (mkstemp: mode 0600) the usual umask permissions."""
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def file_meta(manifest: dict, **extra) -> dict:
+    """safetensors metadata (strings) binding a file to this model dir's FFN shape and neuron order."""
+    ffn = manifest["ffn"]
+    meta = {"shape": json.dumps([ffn["n_layers"], ffn["n_neurons"], ffn["hidden"]]), "order_digest": order_digest(manifest)}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    return meta

@@ -1,0 +1,132 @@
+"""Predictors: exact gate mode on ReLU, threshold density, lowrank recall on the planted model, bad files."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import powerlow
+from powerlow.config import RuntimeConfig
+from powerlow.errors import PowerlowError
+from powerlow.predictors import PREDICTORS, make_predictor
+from powerlow.predictors.train import train_predictors
+from powerlow.profile import profile_model
+from conftest import TINY, run_cli
+
+PROMPT = list(range(3, 60, 3))
+
+
+def _make(root, act: str, **over):
+    from powerlow.convert import convert
+    from powerlow.synthetic import make_hf_model
+
+    hf = make_hf_model(root / "hf", act=act, seed=5, hot_alpha=1.0, **{**TINY, **over})
+    return convert(hf, root / "m", bits="8", progress=False)
+
+
+@pytest.fixture(scope="module")
+def relu_dir(tmp_path_factory):
+    """Planted ReLU model, profiled (4096 tokens) and with lowrank predictors (seed 0)."""
+    d = _make(tmp_path_factory.mktemp("pred_relu"), "relu")
+    profile_model(d, n_tokens=4096, n_samples=4096, threads=1, progress=False)
+    rep = train_predictors(d, rank=128, target_recall=0.95, seed=0, progress=False)
+    return d, rep
+
+
+@pytest.fixture(scope="module")
+def silu_dir(tmp_path_factory):
+    d = _make(tmp_path_factory.mktemp("pred_silu"), "silu")
+    profile_model(d, n_tokens=1024, n_samples=256, threads=1, progress=False)
+    return d
+
+
+def _load(d, mode, density=1.0):
+    return powerlow.load(d, RuntimeConfig(threads=1, mode=mode, density=density))
+
+
+def test_lowrank_reaches_recall_on_the_planted_model(relu_dir):
+    _, rep = relu_dir
+    for r in rep["layers"]:
+        assert r["recall"] >= 0.95, r
+        assert r["density"] <= 1.3 * r["true_density"], r
+
+
+def test_gate_mode_is_exact_for_relu(relu_dir):
+    d, _ = relu_dir
+    dense, gate = _load(d, "dense"), _load(d, "gate")
+    np.testing.assert_array_equal(dense.forward(PROMPT), gate.forward(PROMPT))
+    a = [t.id for t in dense.generate(PROMPT, 16)]
+    assert [t.id for t in gate.generate(PROMPT, 16)] == a
+    assert gate.stats.ffn_density < 1.0
+
+
+@pytest.mark.parametrize("density", [0.5, 0.25])
+def test_threshold_mode_runs_near_its_target_density(silu_dir, density):
+    m = _load(silu_dir, "threshold", density)
+    list(m.generate(PROMPT[:2], 60))
+    ffn = m.tf.ffn
+    assert abs(ffn.clusters_used / ffn.clusters_total - density) < 0.15
+
+
+@pytest.mark.parametrize("mode,density", [("threshold", 0.5), ("gate", 0.3), ("predict", 1.0), ("predict", 0.4)])
+def test_select_and_lookahead_give_sorted_int32_ids(relu_dir, mode, density):
+    d, _ = relu_dir
+    tf = _load(d, mode, density).tf
+    p = tf.predictor
+    nC = tf.store_info.n_clusters
+    h = np.random.default_rng(0).standard_normal((1, TINY["hidden"])).astype(np.float32)
+    for l in range(TINY["layers"]):
+        ids = p.select(l, h)
+        assert ids.dtype == np.int32 and np.all(np.diff(ids) > 0) and (ids.size == 0 or 0 <= ids.min() and ids.max() < nC)
+    ahead = p.lookahead(1, h)
+    assert ahead.dtype == np.int32 and np.all(np.diff(ahead) > 0)
+    np.testing.assert_array_equal(p.lookahead(0, h), p.select(0, h))   # next token's layer 0: last choice
+
+
+def test_predict_mode_keeps_most_of_the_output(relu_dir):
+    d, _ = relu_dir
+    ids = PROMPT[:1]
+    dense, pred = _load(d, "dense"), _load(d, "predict")
+    xs = [dense.forward(ids)]
+    ys = [pred.forward(ids)]
+    for i, t in enumerate(PROMPT[1:12], start=1):
+        xs.append(dense.forward([t], start_pos=i))
+        ys.append(pred.forward([t], start_pos=i))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    assert np.linalg.norm(x - y) / np.linalg.norm(x) < 0.1
+    assert pred.tf.ffn.clusters_used < pred.tf.ffn.clusters_total
+
+
+def test_registry_and_unknown_name(relu_dir):
+    d, _ = relu_dir
+    assert set(PREDICTORS) == {"threshold", "gate", "lowrank"}
+    tf = _load(d, "gate").tf
+    with pytest.raises(PowerlowError, match="unknown predictor"):
+        make_predictor(tf, "oracle")
+
+
+def test_train_without_profile_is_a_clear_error(tmp_path):
+    d = _make(tmp_path, "relu")
+    with pytest.raises(PowerlowError, match="no profile.safetensors; run `powerlow profile"):
+        train_predictors(d, progress=False)
+    with pytest.raises(PowerlowError, match="no profile.safetensors"):
+        _load(d, "threshold", 0.5)
+    r = run_cli("train-predictor", d)
+    assert r.returncode == 2 and "powerlow profile" in r.stderr
+
+
+def test_predictor_file_from_another_model_is_refused(relu_dir, tmp_path):
+    d, _ = relu_dir
+    other = _make(tmp_path, "relu", intermediate=256)
+    shutil.copy(d / "predictors.safetensors", other / "predictors.safetensors")
+    with pytest.raises(PowerlowError, match="another model.*train-predictor"):
+        _load(other, "predict")
+    # same shapes, but made before a re-layout of this dir: stale
+    same = tmp_path / "same"
+    shutil.copytree(d, same)
+    profile_model(same, n_tokens=256, n_samples=64, threads=1, progress=False, seed=9)
+    assert not (same / "predictors.safetensors").exists()          # re-layout voids old predictors
+    shutil.copy(d / "predictors.safetensors", same / "predictors.safetensors")
+    with pytest.raises(PowerlowError, match="stale.*train-predictor"):
+        _load(same, "predict")
