@@ -79,7 +79,7 @@ def hf_llama(smol_gguf):
         else:
             _, i, rest = n.split(".", 2)
             key = f"model.layers.{i}.{layer[rest]}.weight"
-        sd[key] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        sd[key] = torch.from_numpy(np.array(w, dtype=np.float32))   # a writable copy
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     model.tie_weights()
