@@ -87,33 +87,12 @@ AI void unpack_group(const int FMT, const uint8_t *qs, int g, __m256i *w)
     }
 }
 
-/* one row x NT tokens; ds[t][b] block scales, xp[t] token codes; returns the block-scaled sums.
- * Accumulators: NA per token, indexed by compile-time constants only (a runtime index would put the
- * array in memory); with 1 token, 4 independent FMA chains hide the FMA latency. */
-AI void group_step(const int FMT, const int NT, const int NA, const int base, const uint8_t *qs, int g,
-                   const int8_t *const *xp, const float *const *ds, __m256 *acc)
-{
-    const int per = plk_group[FMT] / 32;
-    __m256i w[2];
-    unpack_group(FMT, qs, g, w);
-#pragma GCC unroll 2
-    for (int j = 0; j < per; j++) {
-        const int b = g * per + j;
-        __m256i wa = FMT == PLK_Q8 ? _mm256_abs_epi8(w[0]) : w[j];
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; t++) {
-            __m256i x = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)b * 32));
-            if (FMT == PLK_Q8) x = _mm256_sign_epi8(x, w[0]);   /* |w| * (x * sign w): exact */
-            __m256 p = _mm256_cvtepi32_ps(sdot(wa, x));
-            acc[t * NA + base + j] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(ds[t] + b), acc[t * NA + base + j]);
-        }
-    }
-}
-
-/* GEMM tile (NT >= 2 tokens): 4 blocks at a time; the 4 integer block sums of one token are folded by
- * two hadds into one vector [b0 b1 b2 b3 | b0 b1 b2 b3] (exact), so the int->float convert and the
- * FMA are paid once per 4 blocks instead of per block. */
-AI void tile4b(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_t *const *xp,
+/* One row x NT tokens (NT = 1..4): 4 blocks at a time; the 4 integer block sums of one token are
+ * folded by two hadds into one vector [b0 b1 b2 b3 | b0 b1 b2 b3] (exact), so the int->float convert
+ * and the FMA are paid once per 4 blocks instead of per block.  Every token goes through the same
+ * operations in the same order whatever NT is, so a token's result does not depend on the batch it
+ * is computed in: decode (T=1) and prefill (T>1) give bit-identical outputs. */
+AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_t *const *xp,
                const float *const *ds, float *res)
 {
     const int per = plk_group[FMT] / 32, GPI = 4 / per;   /* groups per iteration */
@@ -122,6 +101,11 @@ AI void tile4b(const int FMT, const int NT, const uint8_t *qs, int ng, const int
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     int g = 0;
     for (; g + GPI <= ng; g += GPI) {
+        /* software prefetch PLK_PF bytes ahead in the code stream (it runs on into the next rows):
+         * the hardware prefetcher alone does not keep enough lines in flight at this compute rate */
+        const uint8_t *pf = qs + (size_t)g * plk_qbytes[FMT] + PLK_PF;
+        _mm_prefetch((const char *)pf, _MM_HINT_T0);
+        if (GPI * plk_qbytes[FMT] > 64) _mm_prefetch((const char *)pf + 64, _MM_HINT_T0);
         __m256i w[4];
 #pragma GCC unroll 4
         for (int u = 0; u < GPI; u++) {
@@ -173,36 +157,6 @@ AI void tile4b(const int FMT, const int NT, const uint8_t *qs, int ng, const int
     }
 #pragma GCC unroll 4
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);   /* every lane holds a partial sum of its block */
-}
-
-AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_t *const *xp,
-             const float *const *ds, float *res)
-{
-    const int per = plk_group[FMT] / 32;
-    const int NA0 = NT == 1 ? 4 : NT == 2 ? 2 : 1;
-    const int NA = NA0 > per ? NA0 : per;
-    const int UNR = NA / per;
-    __m256 acc[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < NT * NA; i++) acc[i] = _mm256_setzero_ps();
-    int g = 0;
-    for (; g + UNR <= ng; g += UNR) {
-        /* software prefetch PLK_PF bytes ahead in the code stream (it runs on into the next rows):
-         * the hardware prefetcher alone does not keep enough lines in flight at this compute rate */
-        const uint8_t *pf = qs + (size_t)g * plk_qbytes[FMT] + PLK_PF;
-        _mm_prefetch((const char *)pf, _MM_HINT_T0);
-        if (UNR * plk_qbytes[FMT] > 64) _mm_prefetch((const char *)pf + 64, _MM_HINT_T0);
-#pragma GCC unroll 4
-        for (int u = 0; u < UNR; u++) group_step(FMT, NT, NA, u * per, qs, g + u, xp, ds, acc);
-    }
-    for (; g < ng; g++) group_step(FMT, NT, NA, 0, qs, g, xp, ds, acc);
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; t++) {
-        __m256 v = acc[t * NA];
-#pragma GCC unroll 4
-        for (int u = 1; u < NA; u++) v = _mm256_add_ps(v, acc[t * NA + u]);
-        res[t] = hsum8(v);
-    }
 }
 
 /* fp16 plane -> float, n values */
@@ -319,9 +273,9 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
             }
             switch (nt) {
             case 1: tile(FMT, 1, qs, ng, xp, dsp, res); break;
-            case 2: tile4b(FMT, 2, qs, ng, xp, dsp, res); break;
-            case 3: tile4b(FMT, 3, qs, ng, xp, dsp, res); break;
-            default: tile4b(FMT, 4, qs, ng, xp, dsp, res); break;
+            case 2: tile(FMT, 2, qs, ng, xp, dsp, res); break;
+            case 3: tile(FMT, 3, qs, ng, xp, dsp, res); break;
+            default: tile(FMT, 4, qs, ng, xp, dsp, res); break;
             }
             for (int t = 0; t < nt; t++) {
                 float *o = y + (size_t)(t0 + t) * ldy + r;

@@ -252,3 +252,29 @@ def test_attention_fp16_cache(T, start):
     np.testing.assert_allclose(K.attention(q, kc, vc, start), ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError):
         K.attention(q, kc, vc.astype(np.float32), start)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FMTS)
+def test_batch_invariance_bit_exact(isa, fmt):
+    """A token's output does not depend on the batch it is computed in (decode == prefill, bit for bit)."""
+    rng = np.random.default_rng(21)
+    for n, k in ((37, 576), (40, 64)):      # long rows, and short rows (the 8-row path)
+        q = F.quantize(rng.standard_normal((n, k)).astype(np.float32), fmt)
+        x = rng.standard_normal((7, k)).astype(np.float32)
+        full = K.matmul(q, x, isa=isa)
+        for t in range(7):
+            np.testing.assert_array_equal(K.matmul(q, x[t:t + 1].copy(), isa=isa)[0], full[t])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_ffn_bundles_batch_invariance(isa):
+    rng = np.random.default_rng(22)
+    lay, arena, ptrs = _bundles("q4_1", "q4_1", 64, 96, 5, rng)
+    h = rng.standard_normal((3, 96)).astype(np.float32)
+    full = np.zeros((3, 96), np.float32)
+    K.ffn_bundles(ptrs, lay, h, "silu", full, isa=isa)
+    for t in range(3):
+        one = np.zeros((1, 96), np.float32)
+        K.ffn_bundles(ptrs, lay, h[t:t + 1].copy(), "silu", one, isa=isa)
+        np.testing.assert_array_equal(one[0], full[t])
