@@ -159,13 +159,16 @@ AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);   /* every lane holds a partial sum of its block */
 }
 
-/* fp16 plane -> float, n values */
-AI void h2f_n(const uint16_t *h, float *f, int n)
+/* fp16 row -> float; with safe != 0 the last 8-wide load may read past n (into the next row) */
+AI void h2f_row(const uint16_t *h, float *f, int n, int safe)
 {
     int i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
-    for (; i < n; i++) f[i] = _cvtsh_ss(h[i]);
+    if (i < n) {
+        if (safe) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+        else for (; i < n; i++) f[i] = _cvtsh_ss(h[i]);
+    }
 }
 
 #define SMALL_NG 4
@@ -228,44 +231,48 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
         r0 = r8;
         if (r0 == r1) return;
     }
-    /* scratch: dw (ng), bw (ng), ds (4 x nb) */
-    float *buf = (float *)malloc(sizeof(float) * ((size_t)2 * ng + 4 * (size_t)nb + 32));
+    /* scratch: dw (ng + 8), bw (ng + 8), ds (4 x nb + slack): vector loops run to a multiple of 8 and
+     * write/read a few lanes past the end instead of scalar tails (short rows: K = 576 is 18 groups) */
+    float *buf = (float *)malloc(sizeof(float) * ((size_t)2 * ng + 4 * (size_t)nb + 64));
     if (!buf) return;
-    float *dw = buf, *bw = buf + ng, *ds = buf + 2 * ng;
+    float *dw = buf, *bw = buf + ng + 8, *ds = buf + 2 * ng + 16;
+    const __m256i tailmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(ng & 7), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int r = r0; r < r1; r++) {
         const uint8_t *qs = w->qs + (size_t)r * rowq;
-        h2f_n(w->d + (size_t)r * ng, dw, ng);
-        if (plk_has_min[FMT]) h2f_n(w->m + (size_t)r * ng, bw, ng);
-        else if (FMT != PLK_Q8) for (int g = 0; g < ng; g++) bw[g] = Bm * dw[g];
+        const int safe = r + 1 < r1;   /* the planes go on past this row: 8-wide loads may run over */
+        h2f_row(w->d + (size_t)r * ng, dw, ng, safe);
+        if (plk_has_min[FMT]) h2f_row(w->m + (size_t)r * ng, bw, ng, safe);
+        const float *bsrc = plk_has_min[FMT] ? bw : dw;
+        const float bmul = plk_has_min[FMT] ? 1.0f : Bm;
         for (int t0 = 0; t0 < a->T; t0 += 4) {
             const int nt = a->T - t0 < 4 ? a->T - t0 : 4;
             const int8_t *xp[4];
             const float *dsp[4];
             float res[4], bsum[4];
             for (int t = 0; t < nt; t++) {
+                /* dx/bx of the act buffer are followed by more arrays: reads past nb/ng stay inside */
                 const float *dx = a->dx + (size_t)(t0 + t) * nb, *bx = a->bx + (size_t)(t0 + t) * ng;
                 float *d = ds + (size_t)t * nb;
-                int b = 0;
                 if (per == 1) {
-                    for (; b + 8 <= nb; b += 8)
+                    for (int b = 0; b < nb; b += 8)
                         _mm256_storeu_ps(d + b, _mm256_mul_ps(_mm256_loadu_ps(dw + b), _mm256_loadu_ps(dx + b)));
                 } else {
                     const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
                     const __m256 vA = _mm256_set1_ps(A);
-                    for (; b + 8 <= nb; b += 8) {
+                    for (int b = 0; b < nb; b += 8) {
                         __m256 v = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(dw + b / 2)), dup);
                         _mm256_storeu_ps(d + b, _mm256_mul_ps(_mm256_mul_ps(vA, v), _mm256_loadu_ps(dx + b)));
                     }
                 }
-                for (; b < nb; b++) d[b] = (A * dw[b / per]) * dx[b];
                 float s = 0.0f;
                 if (FMT != PLK_Q8) {
                     int g = 0;
                     __m256 vs = _mm256_setzero_ps();
                     for (; g + 8 <= ng; g += 8)
-                        vs = _mm256_fmadd_ps(_mm256_loadu_ps(bw + g), _mm256_loadu_ps(bx + g), vs);
-                    s = hsum8(vs);
-                    for (; g < ng; g++) s += bw[g] * bx[g];
+                        vs = _mm256_fmadd_ps(_mm256_loadu_ps(bsrc + g), _mm256_loadu_ps(bx + g), vs);
+                    if (g < ng)
+                        vs = _mm256_fmadd_ps(_mm256_maskload_ps(bsrc + g, tailmask), _mm256_maskload_ps(bx + g, tailmask), vs);
+                    s = bmul * hsum8(vs);
                 }
                 bsum[t] = s;
                 xp[t] = a->qs + (size_t)(t0 + t) * a->Kp;
