@@ -11,7 +11,13 @@ Hot-path helpers (float32, C-contiguous; each returns `out`):
     rope(x (T, n_heads, hd), positions int64 (T,), theta)   in place, HF rotate_half pairs (i, i + hd/2)
     silu_mul(g, u, out=None) / relu_mul(g, u, out=None)     act(g) * u, any matching shapes
     attention(q (T, nh, hd), k_cache, v_cache (n_kv, max_pos, hd), start, out=None) -> (T, nh*hd)
-        causal grouped-query attention for positions start..start+T-1 (cache already holds them)
+        causal grouped-query attention for positions start..start+T-1 (cache already holds them);
+        the cache may be float32 or float16 (both caches the same dtype)
+Batch invariance: a token's matmul / ffn_bundles output is bit-identical whether it is computed alone
+(decode) or inside a batch (prefill), at a given thread count and ISA (tests/test_kernels.py).
+Numerics note: with int8 activation quantization the model is chaotic at the ulp level: perturbing
+one rmsnorm output by 1 ulp moves SmolLM2 logits by up to ~1.4 in the numpy reference itself, so
+kernel-vs-reference logit comparisons need that slack; kernel-vs-kernel ones can be exact.
 Every function takes a keyword `isa=` override (used by the tests to run every variant in one process).
 
 Table-lookup kernels (T-MAC style, portable C in cython_ext/plk_generic.c) exist for q2, tern and q1;
