@@ -7,7 +7,9 @@ What counts as active (per token, layer l, neuron j; g = gate row j . h, u = up 
     layer's neurons is active (training-free, CATS/TEAL style; the engine's threshold modes use the gate).
 Writes profile.safetensors (neuron ids are *stored* ids, i.e. after the re-layout):
   freq           (L, F)  float32  share of profiled tokens on which each neuron was active
-  cluster_freq   (L, nC) float32  share of tokens on which each cluster had >= 1 active neuron
+  cluster_freq   (L, nC) float32  share of sampled tokens on which each cluster is computed: ReLU, it has an
+                                  active neuron (gate mode); SiLU, threshold mode at ``density`` keeps it
+  cluster_any    (L, nC) float32  share of sampled tokens on which each cluster had >= 1 active neuron
   mean_abs       (L, F)  float32  mean |act(g) * u| per neuron
   act_threshold  (L,)    float32  t_l above (SiLU; 0 for ReLU)
   gate_thr       (L, 101) float64 thresholds on |act(g)| per neuron for densities 0, 0.01, .., 1
@@ -211,32 +213,37 @@ def profile_model(model_dir, *, text: str | None = None, n_tokens: int = DEFAULT
     gate_thr = np.zeros((L, 101))
     cluster_thr = np.zeros((L, 101))
     cluster_freq = np.zeros((L, nC), np.float32)
-    from powerlow.predictors.common import quantile_table
+    cluster_any = np.zeros((L, nC), np.float32)
+    from powerlow.predictors.common import quantile_table, threshold_at
     for l in range(L):
         hs = np.ascontiguousarray(rec.samples_h[l].astype(np.float32))
         g = np.abs(_act(tf.ops.matmul(rec.G[l], hs)[:, :F], tf.config.hidden_act))[:, perms[l]]
         gate_thr[l] = quantile_table(g)
         gp = np.zeros((len(hs), nC * C), np.float32)
         gp[:, :F] = g
-        cluster_thr[l] = quantile_table(gp.reshape(len(hs), nC, C).sum(axis=2))
+        cs = gp.reshape(len(hs), nC, C).sum(axis=2)                   # threshold mode's cluster score
+        cluster_thr[l] = quantile_table(cs)
         mp = np.zeros((len(hs), nC * C), bool)
         mp[:, :F] = unpacked[l][:, perms[l]]
-        cluster_freq[l] = mp.reshape(len(hs), nC, C).any(axis=2).mean(axis=0)
-    if not len(rec.samples_h[0]):
-        cluster_freq[:] = 0
+        cluster_any[l] = mp.reshape(len(hs), nC, C).any(axis=2).mean(axis=0)
+        if tf.config.hidden_act == "relu":
+            cluster_freq[l] = cluster_any[l]                             # what gate mode computes, exactly
+        else:
+            cluster_freq[l] = (cs > threshold_at(cluster_thr[l], density)).mean(axis=0)
     manifest = tf.manifest
     tf.ffn_source.close()
     del tf, rec.G, rec.U
     if relayout:
         manifest = relayout_store(model_dir, manifest, perms)
     from powerlow.predictors.common import file_meta
-    tensors = {"freq": freq_p, "cluster_freq": cluster_freq, "mean_abs": mean_abs_p, "act_threshold": rec.thr,
+    tensors = {"freq": freq_p, "cluster_freq": cluster_freq, "cluster_any": cluster_any, "mean_abs": mean_abs_p, "act_threshold": rec.thr,
                "gate_thr": gate_thr, "cluster_thr": cluster_thr,
                "samples.h": rec.samples_h, "samples.mask": samples_m}
     cover = coverage(freq_p)
     summary = {"tokens": int(rec.tokens), "samples": int(sample_mask.sum()), "density": density,
                "act": manifest["config"]["hidden_act"], "relaid": relayout,
                "mean_neuron_density": float(freq_p.mean()), "mean_cluster_density": float(cluster_freq.mean()),
+               "mean_cluster_any_density": float(cluster_any.mean()),
                "hot20_coverage_mean": float(np.mean(cover["hot20"])), "hot20_coverage": [round(float(x), 4) for x in cover["hot20"]],
                "seconds": round(time.time() - t0, 1)}
     _write_profile(model_dir, manifest, tensors, file_meta(manifest, summary=summary))
@@ -366,7 +373,8 @@ def main(args) -> int:
         return 0
     rule = "gate > 0" if s["act"] == "relu" else f"top {s['density']:.0%} |act| per layer"
     print(f"profiled {s['tokens']} tokens ({s['samples']} samples per layer) in {s['seconds']} s; active: {rule}")
-    print(f"mean density: neurons {s['mean_neuron_density']:.3f}, clusters {s['mean_cluster_density']:.3f}")
+    print(f"mean density: neurons {s['mean_neuron_density']:.3f}, clusters with an active neuron "
+          f"{s['mean_cluster_any_density']:.3f}, clusters computed (cluster_freq) {s['mean_cluster_density']:.3f}")
     h = np.asarray(s["hot20_coverage"])
     print(f"hottest 20% of neurons cover {h.mean():.1%} of activations (layers: min {h.min():.1%}, max {h.max():.1%})")
     print("ffn.bin re-laid hot-first" if s["relaid"] else "ffn.bin order kept")
