@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=None, metavar="FILE", help="text to score (default: held-out pydoc topics)")
     p.add_argument("--tokens", type=int, default=None, help=f"tokens to feed (default -n, else {DEFAULT_TOKENS})")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per sequence (default {DEFAULT_WINDOW})")
+    p.add_argument("--predictor", default=None, help="run this predictor of powerlow.predictors.PREDICTORS "
+                   "(e.g. static) instead of the mode's, at --density")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -79,6 +81,9 @@ def main(args) -> int:
     text = read_texts([args.text]) if args.text else None
     n = args.tokens or args.n_tokens or DEFAULT_TOKENS
     tf = Transformer(model_dir, rt)
+    if args.predictor:
+        from .predictors import make_predictor
+        tf.predictor = tf.ffn.predictor = make_predictor(tf, args.predictor)
     r = evaluate(tf, text, n_tokens=n, window=args.window)
     r = {"model": str(model_dir), **r}
     if args.json:

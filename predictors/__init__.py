@@ -19,6 +19,8 @@ mode (``MODE_PREDICTOR``) and its target density ``tf.runtime.density``:
              With density 1 it keeps the clusters holding a neuron above the threshold calibrated for the
              target recall; with density < 1, the clusters whose expected number of active neurons is above
              a threshold calibrated for that cluster density.
+  static     (no mode; `powerlow eval --predictor static`) the same clusters for every token: each
+             layer's hottest share ``density`` of clusters by mean |act(gate) * up| in the profile.
 Lookahead (all predictors): layer l's rule applied to layer l-1's FFN input re-scaled by the ratio of the
 two layers' norm weights (the residual stream changes little across one layer); for layer 0 (the next
 token) the clusters layer 0 used for the previous token.
@@ -34,7 +36,7 @@ from .common import (PREDICTORS_FILE, PROFILE_FILE, act_fn, ffn_buffer, layer_ro
                      threshold_at)
 
 __all__ = ["PREDICTORS", "MODE_PREDICTOR", "make_predictor", "Predictor", "ThresholdPredictor", "GatePredictor",
-           "LowRankPredictor"]
+           "LowRankPredictor", "StaticPredictor"]
 
 
 class Predictor:
@@ -116,6 +118,27 @@ class ThresholdPredictor(_GateRows):
         return np.flatnonzero(score > self.thr[layer]).astype(np.int32)
 
 
+class StaticPredictor(Predictor):
+    """The same clusters for every token: the share ``density`` of each layer's clusters with the largest
+    mean |act(gate) * up| in the profile. No per-token work and nothing resident; a baseline for the
+    dynamic predictors, and what a cache pins."""
+    name = "static"
+
+    def __init__(self, tf, density: float):
+        super().__init__(tf, density)
+        mean_abs = _profile(tf)["mean_abs"]                             # (L, F) stored order
+        k = max(1, int(round(self.density * self.nC)))
+        self.ids = []
+        for l in range(self.L):
+            score = np.zeros(self.Fp, np.float32)
+            score[:self.F] = mean_abs[l]
+            self.ids.append(np.sort(np.argsort(-score.reshape(self.nC, self.C).sum(axis=1), kind="stable")[:k])
+                            .astype(np.int32))
+
+    def _pick(self, layer: int, h: np.ndarray) -> np.ndarray:
+        return self.ids[layer]
+
+
 class GatePredictor(_GateRows):
     name = "gate"
 
@@ -193,7 +216,8 @@ class LowRankPredictor(Predictor):
         return np.flatnonzero(score > self.thr[layer]).astype(np.int32)
 
 
-PREDICTORS = {"threshold": ThresholdPredictor, "gate": GatePredictor, "lowrank": LowRankPredictor}
+PREDICTORS = {"threshold": ThresholdPredictor, "gate": GatePredictor, "lowrank": LowRankPredictor,
+              "static": StaticPredictor}
 MODE_PREDICTOR = {"threshold": "threshold", "gate": "gate", "predict": "lowrank"}
 
 

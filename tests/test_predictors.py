@@ -100,10 +100,15 @@ def test_predict_mode_keeps_most_of_the_output(relu_dir):
 
 def test_registry_and_unknown_name(relu_dir):
     d, _ = relu_dir
-    assert set(PREDICTORS) == {"threshold", "gate", "lowrank"}
-    tf = _load(d, "gate").tf
+    assert set(PREDICTORS) == {"threshold", "gate", "lowrank", "static"}
+    tf = _load(d, "threshold", 0.5).tf
     with pytest.raises(PowerlowError, match="unknown predictor"):
         make_predictor(tf, "oracle")
+    static = make_predictor(tf, "static")                 # the hottest half of the clusters, every token
+    h = np.ones((1, TINY["hidden"]), np.float32)
+    ids = static.select(0, h)
+    assert len(ids) == tf.store_info.n_clusters // 2 and ids.dtype == np.int32
+    np.testing.assert_array_equal(ids, static.select(0, -h))
 
 
 def test_train_without_profile_is_a_clear_error(tmp_path):
