@@ -66,7 +66,7 @@ class OffloadedStore:
         self.tick = 0
         self.reader = BundleReader(tf.dir / "ffn.bin", depth=rt.queue_depth, o_direct=rt.o_direct)
         # counters
-        self.hits = self.misses = self.demand_misses = self.evictions = self.wasted = 0
+        self.hits = self.misses = self.demand_misses = self.evictions = self.wasted = self.unpinned = 0
         self.passes = 0
         self.wait_seconds = 0.0
         self._load_hot()
@@ -166,6 +166,14 @@ class OffloadedStore:
             busy = np.flatnonzero((self.state == LOADING) & (self.lock != self.epoch) & ~self.pinned)
             self._wait(busy)
             slots = self._take(len(missing), demand=demand, protect=have[have >= 0])
+        if len(slots) < len(missing) and demand:
+            # a layer asking for more clusters than the unpinned pool holds: borrow pinned slots of other
+            # layers (they stop being hot; counted in "unpinned"). The plan keeps all slots >= one layer.
+            short = len(missing) - len(slots)
+            spare = np.flatnonzero(self.pinned & (self.lock != self.epoch) & (self.key // self.N != layer))[:short]
+            self.pinned[spare] = False
+            self.unpinned += len(spare)
+            slots = self._take(len(missing), demand=demand, protect=have[have >= 0])
         if len(slots) < len(missing):
             if demand:
                 raise PowerlowError(f"layer {layer} needs {len(missing)} bundle slots, only {len(slots)} are free; "
@@ -231,7 +239,7 @@ class OffloadedStore:
             "read_bytes_per_token": int(streamed / passes),
             "cache_hit_rate": round(self.hits / used, 4) if used else 1.0,
             "hits": self.hits, "misses": self.misses, "demand_misses": self.demand_misses,
-            "bytes_read": streamed, "evictions": self.evictions, "prefetch_wasted": self.wasted,
+            "bytes_read": streamed, "evictions": self.evictions, "prefetch_wasted": self.wasted, "unpinned": self.unpinned,
             "io_requests": self.reader.requests, "io_busy_s": round(busy, 3),
             "io_gbps": round(self.reader.bytes_read / busy / 1e9, 3) if busy > 0 else 0.0,
             "io_wait_s": round(self.wait_seconds, 3), "o_direct": self.reader.direct,

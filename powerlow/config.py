@@ -8,8 +8,8 @@ A TOML config file holds the same knobs as the dataclass fields (``budget`` take
     density = 0.25             # target FFN density (threshold / predict)
     recall = 0.99              # target predictor recall (predict), instead of a density
     max_context = 256          # KV cache positions (with a budget: default fits the KV in 1/8 of it)
-    cache_policy = "lru"       # dynamic segment eviction: lru | lfu | fifo
-    hot_fraction = 0.7         # share of the neuron cache pinned hot (the rest is dynamic); omit for auto
+    cache_policy = "lfu"       # dynamic segment eviction: lfu | lru | fifo
+    hot_fraction = 0.7         # share of the neuron cache pinned hot (the rest is dynamic); omit for auto (1.0)
     queue_depth = 8            # bundle reads in flight (one reader thread each)
     io_threads = 1             # zstd decompression threads (compressed stores only)
     io_block = "1MiB"          # largest single read (adjacent bundles are merged up to this)
@@ -29,7 +29,7 @@ from pathlib import Path
 from .errors import PowerlowError
 
 MODES = ("dense", "gate", "threshold", "predict")
-CACHE_POLICIES = ("lru", "lfu", "fifo")
+CACHE_POLICIES = ("lfu", "lru", "fifo")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
           "mi": 1 << 20, "g": 10**9, "gb": 10**9, "gib": 1 << 30, "gi": 1 << 30, "t": 10**12, "tb": 10**12, "tib": 1 << 40}
@@ -81,7 +81,7 @@ class RuntimeConfig:
     seed: int | None = None
     max_context: int | None = None   # KV cache capacity limit (None = model's context; with a budget, see plan.py)
     # -- the offloaded run (powerlow.cache / powerlow.io); used only with a budget --
-    cache_policy: str = "lru"        # eviction in the dynamic segment
+    cache_policy: str = "lfu"        # eviction in the dynamic segment (lfu measured best: README.offload.md)
     hot_fraction: float | None = None  # share of the neuron cache pinned hot; None = auto (plan.py)
     queue_depth: int = 8             # bundle reads in flight (one reader thread each)
     io_threads: int = 1              # zstd decompression threads

@@ -41,6 +41,27 @@ def safetensors_bytes(path: Path) -> int:
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 
+def safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def lowrank_predictor_bytes(path: Path, n_layers: int, Fp: int) -> int:
+    """RAM of the low-rank predictors once loaded: A (K, r) and B (r, F) as q8 (powerlow.predictors), biases f32.
+    Falls back to the file's tensor bytes for tensors it does not recognise."""
+    from .formats import packed_nbytes
+    h = safetensors_header(path)
+    total = 0
+    for l in range(n_layers):
+        A, B = h.get(f"blk.{l}.A"), h.get(f"blk.{l}.B")
+        if A is None or B is None:
+            return safetensors_bytes(path)
+        K, r = A["shape"]
+        total += packed_nbytes("q8", r, K) + packed_nbytes("q8", Fp, r) + 4 * r + 4 * Fp
+    return total
+
+
 def kv_bytes_per_position(cfg: dict) -> int:
     """KV cache bytes per position: every layer's K and V, float32 storage."""
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["n_heads"]
@@ -121,6 +142,8 @@ class Plan:
     hot_fraction: float
     hot_source: str                       # "profile" | "cluster order" | "everything"
     notes: list[str] = field(default_factory=list)
+    expected_read_bytes: int | None = None    # sparse modes: an estimate of the cold bundles read a token
+    expected_basis: str = ""
 
     @property
     def resident_bytes(self) -> int:
@@ -184,8 +207,13 @@ class Plan:
         lines.append(row("I/O staging", self.staging_bytes,
                          f"{self.n_staging} slots: the layer computed + {self.prefetch_depth or 'part of one'} read ahead"))
         lines.append(row("planned total", self.total_bytes, f"unused {format_size(B - self.total_bytes)}"))
-        lines.append(f"  FFN read from storage per token (dense): about {format_size(ffn_total - self.hot_bytes)}"
-                     if self.streams else "  everything fits: no reads after loading")
+        if not self.streams:
+            lines.append("  everything fits: no reads after loading")
+        elif self.expected_read_bytes is None:
+            lines.append(f"  FFN read from storage per token (dense): about {format_size(ffn_total - self.hot_bytes)}")
+        else:
+            lines.append(f"  FFN read from storage per token: about {format_size(self.expected_read_bytes)} "
+                         f"({self.expected_basis}; less with dynamic hits)")
         lines += ["  note: " + n for n in self.notes]
         return "\n".join(lines)
 
@@ -225,7 +253,7 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
     L, N, S = info.n_layers, info.n_clusters, info.layout.stride
     weights = {"weights (resident.safetensors)": safetensors_bytes(model_dir / "resident.safetensors")}
     if runtime.mode == "predict" and (model_dir / "predictors.safetensors").exists():
-        weights["predictors"] = safetensors_bytes(model_dir / "predictors.safetensors")
+        weights["predictors"] = lowrank_predictor_bytes(model_dir / "predictors.safetensors", L, N * info.cluster_size)
     elif runtime.mode in ("threshold", "gate"):
         # these predictors compute every neuron's gate from a resident copy of all gate rows (powerlow.predictors)
         from .formats import packed_nbytes
@@ -262,18 +290,20 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
         frac = 1.0 if runtime.hot_fraction is None else runtime.hot_fraction
         H = _max_hot_dense(slots, L, N, D)
         if H is None:
-            # not even 1 + D whole layers: keep one layer + a quarter layer read ahead (the reads of the next
-            # layer then overlap this layer's compute; a slot read ahead saves more time than a slot pinned)
-            D = 0
-            H = _max_hot_dense(slots, L, N, 0, extra=-(-N // 4)) or 0
-            notes.append(f"prefetch_depth {runtime.prefetch_depth} does not fit: one layer + a quarter layer "
-                         "of bundles in flight")
+            # not even 1 + D whole layers: pin nothing and read ahead as far as the slots go. A slot of read-ahead
+            # hides compute behind reads for every layer (L x stride / bandwidth a token, up to the compute
+            # time); a pinned slot saves only its own read (stride / bandwidth a token)
+            D, H = 0, 0
+            notes.append(f"prefetch_depth {runtime.prefetch_depth} does not fit: one layer and "
+                         f"{slots - N} bundles of the next in flight, nothing pinned")
         H = int(H * frac)
         hot = _spread(H, L, N)
         staging = slots - H
         dynamic = 0
     else:
-        frac = 0.7 if runtime.hot_fraction is None else runtime.hot_fraction
+        # measured (README.offload.md): the dynamic segment adds 0.1-1% hits over pinning by the profile, on
+        # SmolLM2 + its low-rank predictor and on the planted-hotness model; so by default pin everything
+        frac = 1.0 if runtime.hot_fraction is None else runtime.hot_fraction
         if runtime.mode == "gate" and counts is not None:     # the profile's cluster activity is the demand
             share = counts if counts.max() <= 1.0 else counts / counts.max(axis=1, keepdims=True)
             density = float(np.clip(share.sum(axis=1).max() / N, 1.0 / N, 1.0))
@@ -281,11 +311,11 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
             density = runtime.density
         per_layer = max(1, math.ceil(density * N))
         want = (1 + D) * per_layer                      # misses of the layer computed + D read ahead
-        # whatever is pinned, one layer asking for every cluster must still fit in the other slots
-        H = max(0, min(int((slots - want) * frac), slots - N))
+        # a layer asking for more than the unpinned slots borrows pinned ones (powerlow.cache): all slots >= N
+        H = max(0, int((slots - min(want, slots)) * frac))
         hot = _spread(H, L, N) if counts is None else _hot_from_counts(counts, H, N)
         free = slots - sum(hot)
-        staging = min(free, max(want, N - min(hot)))
+        staging = min(free, want)
         dynamic = free - staging
     if counts is not None and not dense_like:
         order = [np.argsort(-counts[l], kind="stable")[: hot[l]] for l in range(L)]
@@ -294,8 +324,18 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
         order = [np.arange(h) for h in hot]
         source = "cluster order"
     hot_ids = [np.sort(o).astype(np.int64) for o in order]
-    return Plan(B, S, L, N, context, resident, [int(h) for h in hot], hot_ids, int(dynamic), int(staging), D,
+    plan = Plan(B, S, L, N, context, resident, [int(h) for h in hot], hot_ids, int(dynamic), int(staging), D,
                 float(frac), source, notes)
+    if not dense_like:
+        if counts is not None and counts.max() <= 1.0 and runtime.mode == "gate":
+            cold = sum(float(np.delete(counts[l], hot_ids[l]).sum()) for l in range(L))
+            plan.expected_read_bytes, plan.expected_basis = int(cold * S), "profiled cluster activity"
+        else:
+            per = max(1, math.ceil(runtime.density * N))
+            cold = sum(max(0, per - h) for h in hot)
+            plan.expected_read_bytes = int(cold * S)
+            plan.expected_basis = f"density {runtime.density} if the pinned clusters are among the chosen"
+    return plan
 
 
 def _max_hot_dense(slots: int, L: int, N: int, D: int, extra: int = 0) -> int | None:
@@ -316,8 +356,10 @@ def _max_hot_dense(slots: int, L: int, N: int, D: int, extra: int = 0) -> int | 
 def _hot_from_counts(counts: np.ndarray, H: int, N: int) -> list[int]:
     """Pin the H clusters with the most activations over all layers (every bundle costs the same bytes)."""
     L = counts.shape[0]
-    flat = counts.reshape(-1)
-    top = np.argsort(-flat, kind="stable")[:H]
+    layer = np.repeat(np.arange(L), N)
+    rank = np.argsort(np.argsort(-counts, axis=1, kind="stable"), axis=1).reshape(-1)   # rank within its layer
+    # most activations first; ties go round-robin over layers (rank within the layer, then layer)
+    top = np.lexsort((layer, rank, -counts.reshape(-1)))[:H]
     per = np.bincount(top // N, minlength=L)
     return [int(x) for x in per]
 
