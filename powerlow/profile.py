@@ -294,26 +294,29 @@ def relayout_store(model_dir: Path, manifest: dict, perms: list[np.ndarray]) -> 
     from powerlow import formats
     from powerlow.manifest import atomic_path, file_entry, write_manifest
     from powerlow.predictors.common import PREDICTORS_FILE, concat_rows, publish
-    from powerlow.store import StoreInfo, read_layer_matrices, write_layer
+    from powerlow.store import StoreInfo, read_layer_matrices
 
     old = StoreInfo.from_json(manifest["ffn"])
     lay = old.layout
     F = old.n_neurons
-    identity = all(np.array_equal(p, np.arange(F)) for p in perms)
-    down_fmt = lay.down_fmt if identity else "q8"
+    if all(np.array_equal(p, np.arange(F)) for p in perms):
+        return manifest                                           # already hot-first: nothing to move
+    down_fmt = "q8"
     new = StoreInfo.plan(lay.fmt, down_fmt, lay.C, lay.K, F, old.n_layers)
     path = model_dir / "ffn.bin"
     mm = np.memmap(path, dtype=np.uint8, mode="r")
+    Fp = new.n_clusters * lay.C
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for l in range(old.n_layers):
             def rows(off):
                 return concat_rows([formats.QMatrix.from_buffer(lay.fmt, lay.C, lay.K, mm, old.bundle_offset(l, c) + off)
                                     for c in range(old.n_clusters)])
-            idx = perms[l]
+            idx = np.concatenate([perms[l], np.arange(F, Fp)])     # padding neurons (zero rows) stay last
             gate = formats.select_rows(rows(lay.gate_off), idx)    # exact: quantized rows move whole
             up = formats.select_rows(rows(lay.up_off), idx)
-            down = read_layer_matrices(mm, old, l)[2][:, idx]     # (K, F) float32, re-quantized by write_layer
-            write_layer(f, new, gate, up, np.ascontiguousarray(down))
+            down = np.zeros((lay.K, Fp), np.float32)
+            down[:, :F] = read_layer_matrices(mm, old, l)[2][:, perms[l]]
+            _write_bundles(f, new, gate, up, formats.quantize(down, down_fmt))
     del mm
     publish(path)
     prev = manifest.get("neuron_order")
@@ -329,6 +332,23 @@ def relayout_store(model_dir: Path, manifest: dict, perms: list[np.ndarray]) -> 
     (model_dir / PREDICTORS_FILE).unlink(missing_ok=True)
     write_manifest(model_dir, m)
     return m
+
+
+def _write_bundles(f, info, gate, up, down) -> None:
+    """Append one layer's bundles: gate/up QMatrix (n_clusters*C, K) and down (K, n_clusters*C), already in
+    the layout's formats (store.write_layer would re-quantize gate/up whenever the last cluster is padded)."""
+    from powerlow import formats
+
+    lay = info.layout
+    buf = bytearray(lay.stride)
+    for c in range(info.n_clusters):
+        r = np.arange(c * lay.C, (c + 1) * lay.C)
+        buf[:] = bytes(lay.stride)
+        for off, q in ((lay.gate_off, formats.select_rows(gate, r)), (lay.up_off, formats.select_rows(up, r)),
+                       (lay.down_off, formats.select_cols_blocks(down, c * lay.C, (c + 1) * lay.C))):
+            b = q.to_bytes()
+            buf[off: off + len(b)] = b
+        f.write(buf)
 
 
 def _write_profile(model_dir: Path, manifest: dict, tensors: dict, meta: dict) -> None:
