@@ -77,6 +77,15 @@ def auto_context(cfg: dict, budget: int) -> int:
     return min(ctx, cfg["max_positions"])
 
 
+def tokenizer_bytes(path: Path) -> int:
+    """RAM of the loaded HF tokenizer: measured 28-32x its tokenizer.json (SmolLM2 1.5 MB -> 48 MiB, the 2 GB
+    synthetic 1 MB -> 35 MiB, a 4096-token one 0.1 MB -> 10 MiB, each including ~8 MiB of library)."""
+    try:
+        return 28 * path.stat().st_size + (8 << 20)
+    except OSError:
+        return 8 << 20
+
+
 def scratch_bytes(cfg: dict, context: int) -> int:
     """Activations of a prefill of SCRATCH_PREFILL_TOKENS tokens (residual, norms, q/k/v, attention scores, FFN
     output: about 12 K-wide rows a token) and one row of logits (generation asks for the last token's only)."""
@@ -258,6 +267,8 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
         # these predictors compute every neuron's gate from a resident copy of all gate rows (powerlow.predictors)
         from .formats import packed_nbytes
         weights["predictors (gate rows)"] = L * packed_nbytes(info.layout.fmt, N * info.cluster_size, info.layout.K)
+
+    weights["tokenizer (estimate)"] = tokenizer_bytes(model_dir / "tokenizer.json")
 
     def resident_for(ctx: int) -> dict:
         return {**weights, "kv cache": ctx * kv_bytes_per_position(cfg), "scratch (estimate)": scratch_bytes(cfg, ctx)}
