@@ -42,6 +42,31 @@ class RefOps:
     def attention(q, k_cache, v_cache, start, out=None):
         return reference.attention(q, k_cache, v_cache, start)
 
+    @staticmethod
+    def rope_tables(positions, head_dim, theta, scale=1.0):
+        return reference.rope_tables(head_dim, theta, positions, scale)
+
+    @staticmethod
+    def attn_scratch(T, n_heads, n_kv, head_dim, K):
+        return None
+
+    @staticmethod
+    def attn_block(lw, x, h, k_cache, v_cache, start, rope, n_heads, n_kv, eps, scratch=None):
+        """kernels.attn_block composed from the reference operations."""
+        cos, sin = rope
+        T, hd = x.shape[0], k_cache.shape[2]
+        qd, kd = n_heads * hd, n_kv * hd
+        qkv = reference.matmul(lw.wqkv, reference.rmsnorm(x, lw.attn_norm, eps).astype(np.float32))
+        if lw.bqkv is not None:
+            qkv += lw.bqkv
+        q = reference.rope(qkv[:, :qd].reshape(T, n_heads, hd), cos, sin)
+        k = reference.rope(qkv[:, qd: qd + kd].reshape(T, n_kv, hd), cos, sin)
+        k_cache[:, start: start + T] = k.transpose(1, 0, 2)
+        v_cache[:, start: start + T] = qkv[:, qd + kd:].reshape(T, n_kv, hd).transpose(1, 0, 2)
+        x += reference.matmul(lw.wo, reference.attention(q, k_cache, v_cache, start))
+        h[...] = reference.rmsnorm(x, lw.ffn_norm, eps)
+        return h
+
     def set_threads(self, n):
         pass
 
@@ -85,7 +110,10 @@ class Stats:
 
 
 class KVCache:
-    """Per layer K and V: (n_kv, capacity, head_dim) float32; grows by doubling up to ``limit``."""
+    """Per layer K and V: (n_kv, capacity, head_dim) float16; grows by doubling up to ``limit``.
+
+    fp16 as llama.cpp's default cache: half the memory of float32, and the kernels write and read it
+    directly (attention converts fp16 -> float32 in registers)."""
 
     def __init__(self, cfg: ModelConfig, limit: int):
         self.cfg = cfg
@@ -103,8 +131,8 @@ class KVCache:
         cap = min(self.limit, max(n, 2 * self.cap, 256))
         c = self.cfg
         shape = (c.n_kv_heads, cap, c.head_dim)
-        newk = [np.zeros(shape, np.float32) for _ in range(c.n_layers)]
-        newv = [np.zeros(shape, np.float32) for _ in range(c.n_layers)]
+        newk = [np.zeros(shape, np.float16) for _ in range(c.n_layers)]
+        newv = [np.zeros(shape, np.float16) for _ in range(c.n_layers)]
         for l in range(len(self.k)):
             newk[l][:, : self.cap] = self.k[l]
             newv[l][:, : self.cap] = self.v[l]
@@ -172,6 +200,10 @@ class Transformer:
                              predictor=self.predictor)
         limit = min(cfg.max_positions, self.runtime.max_context or cfg.max_positions)
         self.kv = KVCache(cfg, limit)
+        # fused: one attn_block call per layer (kernels or reference); False runs the unfused op sequence
+        # (the same kernels one by one: tests compare the two bit for bit)
+        self.fused = True
+        self._scratch, self._scratch_T = None, 0
 
     def _make_ffn_source(self):
         """All of ffn.bin in RAM, or (with a budget) the segmented cache fed by the I/O thread."""
@@ -224,27 +256,45 @@ class Transformer:
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qd, kd = cfg.q_dim, cfg.kv_dim
         x = self.embed_tokens(ids)                                      # (T, K)
-        for l, lw in enumerate(self.layers):
-            h = ops.rmsnorm(x, lw.attn_norm, cfg.rms_eps)
-            qkv = ops.matmul(lw.wqkv, h)                                # (T, q_dim + 2 kv_dim)
-            if lw.bqkv is not None:
-                qkv += lw.bqkv
-            q = self._rope(qkv[:, :qd].reshape(T, nh, hd), pos)
-            k = self._rope(qkv[:, qd: qd + kd].reshape(T, nkv, hd), pos)
-            # K/V are kept at fp16 precision, as llama.cpp's default f16 cache does: measured on SmolLM2,
-            # teacher-forced agreement with llama.cpp goes from 96.4% to 97.4% (largest miss 0.205 -> 0.127)
-            kc, vc = self.kv.k[l], self.kv.v[l]
-            kc[:, start: start + T] = k.transpose(1, 0, 2).astype(np.float16)
-            vc[:, start: start + T] = qkv[:, qd + kd:].reshape(T, nkv, hd).transpose(1, 0, 2).astype(np.float16)
-            a = ops.attention(q, kc, vc, start)                         # (T, nh*hd)
-            x += ops.matmul(lw.wo, a)
-            h = ops.rmsnorm(x, lw.ffn_norm, cfg.rms_eps)
-            x += self.ffn.forward(l, h)
+        if self.fused:
+            # one call per layer for the attention block (norm, qkv, RoPE, cache store, attention, o, +=,
+            # ffn norm), then the FFN adds its output straight into x
+            rope = ops.rope_tables(pos, hd, cfg.rope_theta, cfg.rope_scaling_factor)
+            h = np.empty_like(x)
+            scratch = self._attn_scratch(T)
+            for l, lw in enumerate(self.layers):
+                ops.attn_block(lw, x, h, self.kv.k[l], self.kv.v[l], start, rope, nh, nkv, cfg.rms_eps, scratch)
+                self.ffn.accumulate(l, h, x)
+        else:
+            for l, lw in enumerate(self.layers):
+                h = ops.rmsnorm(x, lw.attn_norm, cfg.rms_eps)
+                qkv = ops.matmul(lw.wqkv, h)                            # (T, q_dim + 2 kv_dim)
+                if lw.bqkv is not None:
+                    qkv += lw.bqkv
+                q = self._rope(qkv[:, :qd].reshape(T, nh, hd), pos)
+                k = self._rope(qkv[:, qd: qd + kd].reshape(T, nkv, hd), pos)
+                # K/V are kept at fp16 precision, as llama.cpp's default f16 cache does: measured on SmolLM2,
+                # teacher-forced agreement with llama.cpp goes from 96.4% to 97.4% (largest miss 0.205 -> 0.127)
+                kc, vc = self.kv.k[l], self.kv.v[l]
+                kc[:, start: start + T] = k.transpose(1, 0, 2)                  # float32 -> float16 on store
+                vc[:, start: start + T] = qkv[:, qd + kd:].reshape(T, nkv, hd).transpose(1, 0, 2)
+                a = ops.attention(q, kc, vc, start)                     # (T, nh*hd)
+                x += ops.matmul(lw.wo, a)
+                h = ops.rmsnorm(x, lw.ffn_norm, cfg.rms_eps)
+                self.ffn.accumulate(l, h, x)
         self.kv.length = start + T
         if last_only:
             x = x[-1:]
         x = self.ops.rmsnorm(np.ascontiguousarray(x), self.w["output_norm"], cfg.rms_eps)
         return self.ops.matmul(self.lm_head, x)
+
+    def _attn_scratch(self, T: int):
+        """attn_block's scratch for T tokens: one buffer per Transformer, grown (never per token)."""
+        if self._scratch_T < T:
+            c = self.config
+            self._scratch = self.ops.attn_scratch(T, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_size)
+            self._scratch_T = T
+        return self._scratch
 
     def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """RoPE in place on x (T, heads, hd); linear scaling goes through the reference tables."""

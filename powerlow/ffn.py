@@ -59,7 +59,8 @@ class ResidentStore:
 
 
 class SparseFFN:
-    """``forward(layer, h) -> delta`` for the residual stream, over the clusters the mode selects.
+    """``forward(layer, h) -> delta`` (or ``accumulate(layer, h, x)``: x += delta in place) for the
+    residual stream, over the clusters the mode selects.
 
     The predictor (powerlow.predictors; None in dense mode) answers, per layer:
       select(layer, h (T, K)) -> int32 sorted cluster ids to compute (stored order);
@@ -86,11 +87,13 @@ class SparseFFN:
             return None
         return self.predictor.select(layer, h)
 
-    def forward(self, layer: int, h: np.ndarray) -> np.ndarray:
-        """h (T, K) float32 -> (T, K) float32."""
+    def forward(self, layer: int, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """h (T, K) float32 -> the FFN output (T, K) float32 (a new array), or, with ``out``, that output
+        added into ``out`` (T, K) in place (the residual stream: no temporary, no extra add) and returned."""
         clusters = self.select(layer, h)
         ptrs = self.source.ptrs(layer, clusters)
-        out = np.zeros_like(h)
+        if out is None:
+            out = np.zeros_like(h)
         if len(ptrs):
             self.ops.ffn_bundles(ptrs, self.info.layout, h, self.act, out)
         if self._prefetch is not None:
@@ -100,3 +103,12 @@ class SparseFFN:
         self.clusters_used += len(ptrs)
         self.clusters_total += self.info.n_clusters
         return out
+
+    def accumulate(self, layer: int, h: np.ndarray, x: np.ndarray) -> None:
+        """x += FFN(h) in place: what the engine calls per layer. If ``forward`` was replaced on this
+        instance (a wrapper such as profile's recorder, forward(layer, h) -> delta), that wrapper runs."""
+        fwd = self.__dict__.get("forward")
+        if fwd is not None:
+            x += fwd(layer, h)
+        else:
+            self.forward(layer, h, out=x)
