@@ -216,3 +216,81 @@ def attention(q, kc, vc, int start, out, int nthreads):
         return
     with nogil:
         plk_attention(pq, pk, pv, T, nh, nkv, hd, maxP, start, po, nthreads)
+
+
+def rope_tables(pos, int hd, double theta, double scale, c, s):
+    """c, s (T, hd/2) float32 <- RoPE tables of positions pos (int64 (T,)), linear scaling `scale`."""
+    _arr(pos, cnp.NPY_INT64, 1, "positions")
+    _arr(c, cnp.NPY_FLOAT32, 2, "cos")
+    _arr(s, cnp.NPY_FLOAT32, 2, "sin")
+    cdef int T = pos.shape[0]
+    if hd % 2 or c.shape[0] != T or c.shape[1] != hd // 2 or s.shape[0] != T or s.shape[1] != hd // 2:
+        raise ValueError(f"cos/sin must be ({T}, {hd // 2}), got {c.shape} and {s.shape}")
+    if scale <= 0:
+        raise ValueError(f"rope scale must be > 0, got {scale}")
+    cdef const int64_t *pp = <const int64_t*>_ptr(pos)
+    cdef float *pc = <float*>_ptr(c)
+    cdef float *ps = <float*>_ptr(s)
+    with nogil:
+        plk_rope_tables(pp, T, hd, theta, scale, pc, ps)
+
+
+def attn_block(int isa, int fq, int tlq, qs, d, m, bqkv, int fo, int tlo, oqs, od, om, attn_norm, ffn_norm,
+               float eps, x, h, kc, vc, int start, int nh, int nkv, rcos, rsin, scratch, int nthreads):
+    """One layer's attention block (plk_attn_block): x += wo attention(rope(wqkv rmsnorm(x))), K/V rows
+    stored into the fp16 caches at start.., h = rmsnorm(x, ffn_norm)."""
+    cdef plk_attn_w w
+    _arr(x, cnp.NPY_FLOAT32, 2, "x")
+    _arr(h, cnp.NPY_FLOAT32, 2, "h")
+    cdef int T = x.shape[0], K = x.shape[1]
+    if T < 1 or h.shape[0] != T or h.shape[1] != K:
+        raise ValueError(f"h must be x's shape {x.shape}, got {h.shape}")
+    _arr(kc, cnp.NPY_FLOAT16, 3, "k_cache")
+    _arr(vc, cnp.NPY_FLOAT16, 3, "v_cache")
+    cdef int maxP = kc.shape[1], hd = kc.shape[2]
+    if kc.shape != vc.shape or kc.shape[0] != nkv:
+        raise ValueError(f"k_cache {kc.shape} and v_cache {vc.shape} must be ({nkv}, max_pos, head_dim)")
+    if nkv < 1 or nh % nkv or hd % 2:
+        raise ValueError(f"{nh} heads, {nkv} kv heads, head_dim {hd}: heads must be a multiple of kv heads, hd even")
+    if start < 0 or start + T > maxP:
+        raise ValueError(f"positions {start}..{start + T - 1} exceed the cache length {maxP}")
+    cdef int nq = (nh + 2 * nkv) * hd, qd = nh * hd
+    if fq < 0 or fq > 5 or fo < 0 or fo > 5:
+        raise ValueError("bad format id")
+    _planes(fq, qs, d, m, nq, K, &w.wqkv)
+    _planes(fo, oqs, od, om, K, qd, &w.wo)
+    w.fmt_qkv = fq
+    w.fmt_o = fo
+    w.tl_qkv = tlq
+    w.tl_o = tlo
+    w.bqkv = NULL
+    if bqkv is not None:
+        _arr(bqkv, cnp.NPY_FLOAT32, 1, "bqkv")
+        if bqkv.shape[0] != nq:
+            raise ValueError(f"bqkv must have {nq} values, got {bqkv.shape[0]}")
+        w.bqkv = <const float*>_ptr(bqkv)
+    _arr(attn_norm, cnp.NPY_FLOAT32, 1, "attn_norm")
+    _arr(ffn_norm, cnp.NPY_FLOAT32, 1, "ffn_norm")
+    if attn_norm.shape[0] != K or ffn_norm.shape[0] != K:
+        raise ValueError(f"norm weights must have {K} values")
+    w.attn_norm = <const float*>_ptr(attn_norm)
+    w.ffn_norm = <const float*>_ptr(ffn_norm)
+    _arr(rcos, cnp.NPY_FLOAT32, 2, "rope cos")
+    _arr(rsin, cnp.NPY_FLOAT32, 2, "rope sin")
+    if rcos.shape[0] < T or rcos.shape[1] != hd // 2 or rsin.shape[0] < T or rsin.shape[1] != hd // 2:
+        raise ValueError(f"rope tables must be ({T}, {hd // 2}), got {rcos.shape} and {rsin.shape}")
+    _arr(scratch, cnp.NPY_FLOAT32, 1, "scratch")
+    if scratch.shape[0] < T * (nq + qd + K):
+        raise ValueError(f"scratch must hold {T * (nq + qd + K)} floats, has {scratch.shape[0]}")
+    cdef float *px = <float*>_ptr(x)
+    cdef float *ph = <float*>_ptr(h)
+    cdef uint16_t *pk = <uint16_t*>_ptr(kc)
+    cdef uint16_t *pv = <uint16_t*>_ptr(vc)
+    cdef const float *pc = <const float*>_ptr(rcos)
+    cdef const float *ps = <const float*>_ptr(rsin)
+    cdef float *psc = <float*>_ptr(scratch)
+    cdef int rc
+    with nogil:
+        rc = plk_attn_block(isa, &w, eps, px, ph, T, K, pk, pv, maxP, start, nh, nkv, hd, pc, ps, psc, nthreads)
+    if rc:
+        raise MemoryError("kernel scratch allocation failed")

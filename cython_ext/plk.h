@@ -58,6 +58,16 @@ int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const
 int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int C, int K,
                     const int64_t *offs, const float *h, int T, int act, float *out, int nthreads);
 double plk_read_probe(int isa, const uint8_t *buf, size_t n, int nthreads);
+/* one layer's attention block, see plk_common.c */
+typedef struct {
+    int fmt_qkv, fmt_o, tl_qkv, tl_o;   /* formats, table-lookup flags (as matmul picks them) */
+    plk_w wqkv, wo;            /* (nh + 2 nkv) hd x K and K x nh hd */
+    const float *bqkv;         /* NULL or (nh + 2 nkv) hd */
+    const float *attn_norm, *ffn_norm;
+} plk_attn_w;
+int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h, int T, int K,
+                   uint16_t *kc, uint16_t *vc, int maxP, int start, int nh, int nkv, int hd,
+                   const float *rcos, const float *rsin, float *scratch, int nthreads);
 
 /* per-ISA row kernels: rows_<fmt>_q8_<isa> */
 #define PLK_DECL_ROWS(isa) \
@@ -80,6 +90,11 @@ PLK_DECL_ROWS(avx512)
 /* plk_ops.c: float helpers for the engine's hot path */
 void plk_rmsnorm(const float *x, const float *w, float eps, float *out, int T, int K);
 void plk_rope(float *x, int T, int nh, int hd, const int64_t *pos, double theta);
+void plk_rope_tables(const int64_t *pos, int T, int hd, double theta, double scale, float *c, float *s);
+void plk_rope_apply(float *x, int T, int nh, int hd, size_t ldx, const float *c, const float *s);
+void plk_store_f16(const float *src, uint16_t *dst, size_t n);
+void plk_attention_f16_ld(const float *q, size_t ldq, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv,
+                          int hd, int maxP, int start, float *out, int nthreads);
 void plk_silu_mul(const float *g, const float *u, float *out, size_t n);
 void plk_relu_mul(const float *g, const float *u, float *out, size_t n);
 void plk_attention(const float *q, const float *kc, const float *vc, int T, int nh, int nkv, int hd,

@@ -22,3 +22,17 @@ cdef extern from "plk.h" nogil:
                        int maxP, int start, float *out, int nthreads)
     void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv, int hd,
                            int maxP, int start, float *out, int nthreads)
+    void plk_rope_tables(const int64_t *pos, int T, int hd, double theta, double scale, float *c, float *s)
+    ctypedef struct plk_attn_w:
+        int fmt_qkv
+        int fmt_o
+        int tl_qkv
+        int tl_o
+        plk_w wqkv
+        plk_w wo
+        const float *bqkv
+        const float *attn_norm
+        const float *ffn_norm
+    int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h, int T, int K,
+                       uint16_t *kc, uint16_t *vc, int maxP, int start, int nh, int nkv, int hd,
+                       const float *rcos, const float *rsin, float *scratch, int nthreads)

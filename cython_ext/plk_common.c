@@ -231,3 +231,35 @@ int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const
     act_free(&b);
     return 0;
 }
+
+/* One layer's attention block, the unfused engine sequence in one call (same kernels, same order):
+ *   h = rmsnorm(x, attn_norm); qkv = wqkv h (+ bqkv); RoPE on q and k (tables rcos/rsin (T, hd/2));
+ *   k, v -> fp16 cache rows start..start+T-1 (kc, vc (nkv, maxP, hd)); a = attention(q, cache);
+ *   x += wo a (product first, then the add, as `x += matmul(wo, a)`); h = rmsnorm(x, ffn_norm).
+ * scratch: T * ((nh + 2 nkv) hd + nh hd + K) floats. */
+int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h, int T, int K,
+                   uint16_t *kc, uint16_t *vc, int maxP, int start, int nh, int nkv, int hd,
+                   const float *rcos, const float *rsin, float *scratch, int nthreads)
+{
+    const int qd = nh * hd, kd = nkv * hd, nq = qd + 2 * kd;
+    float *qkv = scratch, *att = qkv + (size_t)T * nq, *y = att + (size_t)T * qd;
+    plk_rmsnorm(x, lw->attn_norm, eps, h, T, K);
+    if (plk_matmul_f32(isa, lw->fmt_qkv, lw->tl_qkv, &lw->wqkv, nq, K, h, T, qkv, nthreads)) return -1;
+    for (int t = 0; t < T; t++) {
+        float *r = qkv + (size_t)t * nq;
+        if (lw->bqkv)
+            for (int j = 0; j < nq; j++) r[j] += lw->bqkv[j];
+        for (int g = 0; g < nkv; g++) {
+            size_t c = ((size_t)g * maxP + start + t) * hd;
+            plk_rope_apply(r + qd + (size_t)g * hd, 1, 1, hd, hd, rcos + (size_t)t * (hd / 2), rsin + (size_t)t * (hd / 2));
+            plk_store_f16(r + qd + (size_t)g * hd, kc + c, hd);
+            plk_store_f16(r + qd + kd + (size_t)g * hd, vc + c, hd);
+        }
+    }
+    plk_rope_apply(qkv, T, nh, hd, nq, rcos, rsin);
+    plk_attention_f16_ld(qkv, nq, kc, vc, T, nh, nkv, hd, maxP, start, att, nthreads);
+    if (plk_matmul_f32(isa, lw->fmt_o, lw->tl_o, &lw->wo, K, qd, att, T, y, nthreads)) return -1;
+    for (size_t j = 0; j < (size_t)T * K; j++) x[j] += y[j];
+    plk_rmsnorm(x, lw->ffn_norm, eps, h, T, K);
+    return 0;
+}

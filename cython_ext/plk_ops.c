@@ -23,28 +23,55 @@ CLONES void plk_rmsnorm(const float *x, const float *w, float eps, float *out, i
     }
 }
 
-/* x (T, nh, hd) in place; angle of pair i at position p: p * theta^(-2i/hd) (in double, as the
- * numpy reference builds its cos/sin tables), pairs are (i, i + hd/2) (HF rotate_half) */
+/* RoPE tables cos, sin (T, hd/2) for positions pos: angle of pair i at position p is
+ * (p / scale) * theta^(-2i/hd), in double as the numpy reference builds them (scale: linear RoPE
+ * scaling, 1 = none); pairs are (i, i + hd/2) (HF rotate_half) */
+void plk_rope_tables(const int64_t *pos, int T, int hd, double theta, double scale, float *c, float *s)
+{
+    int half = hd / 2;
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < half; i++) {
+            double inv = 1.0 / pow(theta, (double)(2 * i) / (double)hd);
+            double ang = ((double)pos[t] / scale) * inv;
+            c[(size_t)t * half + i] = (float)cos(ang);
+            s[(size_t)t * half + i] = (float)sin(ang);
+        }
+}
+
+/* x: T rows of nh heads (row stride ldx floats), rotated in place with the tables of plk_rope_tables */
+void plk_rope_apply(float *x, int T, int nh, int hd, size_t ldx, const float *c, const float *s)
+{
+    int half = hd / 2;
+    for (int t = 0; t < T; t++) {
+        const float *ct = c + (size_t)t * half, *st = s + (size_t)t * half;
+        for (int h = 0; h < nh; h++) {
+            float *v = x + (size_t)t * ldx + (size_t)h * hd;
+            for (int i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * ct[i] - b * st[i];
+                v[i + half] = b * ct[i] + a * st[i];
+            }
+        }
+    }
+}
+
+/* x (T, nh, hd) in place (tables, then rotation) */
 void plk_rope(float *x, int T, int nh, int hd, const int64_t *pos, double theta)
 {
     int half = hd / 2;
     float c[512], s[512];
     for (int t = 0; t < T; t++) {
-        for (int i = 0; i < half; i++) {
-            double inv = 1.0 / pow(theta, (double)(2 * i) / (double)hd);
-            double ang = (double)pos[t] * inv;
-            c[i] = (float)cos(ang);
-            s[i] = (float)sin(ang);
-        }
-        for (int h = 0; h < nh; h++) {
-            float *v = x + ((size_t)t * nh + h) * hd;
-            for (int i = 0; i < half; i++) {
-                float a = v[i], b = v[i + half];
-                v[i] = a * c[i] - b * s[i];
-                v[i + half] = b * c[i] + a * s[i];
-            }
-        }
+        plk_rope_tables(pos + t, 1, hd, theta, 1.0, c, s);
+        plk_rope_apply(x + (size_t)t * nh * hd, 1, nh, hd, (size_t)nh * hd, c, s);
     }
+    (void)half;
+}
+
+/* n floats -> fp16, round to nearest even (as numpy's astype(float16)): vcvtps2ph in the v3 clone */
+CLONES void plk_store_f16(const float *src, uint16_t *dst, size_t n)
+{
+    _Float16 *d = (_Float16 *)dst;
+    for (size_t i = 0; i < n; i++) d[i] = (_Float16)src[i];
 }
 
 CLONES void plk_silu_mul(const float *g, const float *u, float *out, size_t n)
@@ -122,6 +149,7 @@ CLONES static void attend_one_f16(const float *q, const _Float16 *K, const _Floa
         if (sc[p] > mx) mx = sc[p];
     }
     float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
     for (int p = 0; p < P; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
     float inv = 1.0f / sum;
     for (int i = 0; i < hd; i++) o[i] = 0.0f;
@@ -132,8 +160,9 @@ CLONES static void attend_one_f16(const float *q, const _Float16 *K, const _Floa
     }
 }
 
-void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv, int hd,
-                       int maxP, int start, float *out, int nthreads)
+/* q rows of T tokens with row stride ldq floats (the q part of a fused qkv row) */
+void plk_attention_f16_ld(const float *q, size_t ldq, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv,
+                          int hd, int maxP, int start, float *out, int nthreads)
 {
     const int grp = nh / nkv;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -149,10 +178,16 @@ void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, i
                 int t = j / nh, h = j % nh, kv = h / grp;
                 const _Float16 *K = (const _Float16 *)kc + (size_t)kv * maxP * hd;
                 const _Float16 *V = (const _Float16 *)vc + (size_t)kv * maxP * hd;
-                attend_one_f16(q + ((size_t)t * nh + h) * hd, K, V, start + t + 1, hd, scale, sc,
+                attend_one_f16(q + (size_t)t * ldq + (size_t)h * hd, K, V, start + t + 1, hd, scale, sc,
                                out + (size_t)t * nh * hd + (size_t)h * hd);
             }
             free(sc);
         }
     }
+}
+
+void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv, int hd,
+                       int maxP, int start, float *out, int nthreads)
+{
+    plk_attention_f16_ld(q, (size_t)nh * hd, kc, vc, T, nh, nkv, hd, maxP, start, out, nthreads);
 }

@@ -179,6 +179,62 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
     const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
     const float Bm = FMT == PLK_Q4_0 ? -8.0f : -1.0f;
     float dwT[SMALL_NG][8], bwT[SMALL_NG][8];
+    if (ng == 1 && per == 1) {
+        /* one group per row (C = 32 down matrices): the 8 rows' scales are 8 consecutive fp16 (one
+         * vector load), and for 4-bit codes one 32-byte load holds two rows: its low nibbles are
+         * [row i elements 0..15 | row i+1 elements 0..15], its high nibbles elements 16..31, dotted with
+         * the token's 32 activations split the same way. Integer sums are exact (int16 folds stay
+         * <= 4 x 7620), and the float operations are those of the general loop below: same results. */
+        const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+        const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (int r = r0; r + 8 <= r1; r += 8) {
+            const uint8_t *q = w->qs + (size_t)r * rowq;
+            _mm_prefetch((const char *)q + PLK_PF, _MM_HINT_T0);
+            _mm_prefetch((const char *)q + PLK_PF + 64, _MM_HINT_T0);
+            if (FMT == PLK_Q8) {
+                _mm_prefetch((const char *)q + PLK_PF + 128, _MM_HINT_T0);
+                _mm_prefetch((const char *)q + PLK_PF + 192, _MM_HINT_T0);
+            }
+            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->d + r)));
+            const __m256 dwv = _mm256_mul_ps(_mm256_set1_ps(A), dv);
+            const __m256 bwv = plk_has_min[FMT] ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->m + r)))
+                                                : _mm256_mul_ps(_mm256_set1_ps(Bm), dv);
+            __m256i lo[4], hi[4], wq[8];
+            if (FMT == PLK_Q4_0 || FMT == PLK_Q4_1) {
+                for (int i = 0; i < 4; i++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * i));
+                    lo[i] = _mm256_and_si256(v, m4);
+                    hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                }
+            } else {
+                for (int i = 0; i < 8; i++) wq[i] = _mm256_loadu_si256((const __m256i *)(q + 32 * i));
+            }
+            for (int t = 0; t < a->T; t++) {
+                const int8_t *x = a->qs + (size_t)t * a->Kp;
+                const float dx = a->dx[(size_t)t * nb], bx = a->bx[(size_t)t * ng];
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+                __m256i isum;
+                if (FMT == PLK_Q4_0 || FMT == PLK_Q4_1) {
+                    const __m256i xa = _mm256_permute4x64_epi64(xv, 0x44), xb = _mm256_permute4x64_epi64(xv, 0xee);
+                    __m256i s16[4];
+                    for (int i = 0; i < 4; i++)
+                        s16[i] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[i], xa), _mm256_maddubs_epi16(hi[i], xb));
+                    __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(s16[0], s16[1]), _mm256_hadd_epi16(s16[2], s16[3]));
+                    isum = _mm256_permutevar8x32_epi32(_mm256_madd_epi16(h, ones), unperm);
+                } else {
+                    __m256i p[8];
+                    for (int i = 0; i < 8; i++) p[i] = sdot(_mm256_abs_epi8(wq[i]), _mm256_sign_epi8(xv, wq[i]));
+                    isum = hsum8x8i(p);
+                }
+                __m256 res = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dwv, _mm256_set1_ps(dx)), _mm256_setzero_ps());
+                if (FMT != PLK_Q8) res = _mm256_fmadd_ps(bwv, _mm256_set1_ps(bx), res);
+                float *o = y + (size_t)t * ldy + r;
+                if (accum) res = _mm256_add_ps(res, _mm256_loadu_ps(o));
+                _mm256_storeu_ps(o, res);
+            }
+        }
+        return;
+    }
     for (int r = r0; r + 8 <= r1; r += 8) {
         /* prefetch the codes PLK_PF bytes ahead (8 rows of a down matrix are only 64-256 bytes) */
         const uint8_t *pf = w->qs + (size_t)r * rowq + PLK_PF;

@@ -199,3 +199,41 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
         out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
     _k.attention(q, k_cache, v_cache, int(start), out, _threads)
     return out
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, theta: float, scale: float = 1.0):
+    """cos, sin (T, head_dim/2) float32 for positions (int64 (T,)); scale: linear RoPE scaling (1 = none).
+    The values of reference.rope_tables (double angles (p / scale) * theta^(-2i/hd), rounded once)."""
+    positions = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+    c = np.empty((len(positions), head_dim // 2), np.float32)
+    s = np.empty_like(c)
+    _k.rope_tables(positions, int(head_dim), float(theta), float(scale), c, s)
+    return c, s
+
+
+def attn_scratch(T: int, n_heads: int, n_kv: int, head_dim: int, K: int) -> np.ndarray:
+    """A float32 scratch buffer big enough for attn_block on T tokens."""
+    return np.empty(T * ((2 * n_heads + 2 * n_kv) * head_dim + K), np.float32)
+
+
+def _mat_args(q: formats.QMatrix, which: int):
+    if not isinstance(q, formats.QMatrix):
+        raise ValueError(f"attn_block needs quantized (QMatrix) projections, got {type(q).__name__}")
+    p = q.planes
+    return _FMT_ID[q.fmt], _use_tl(q.fmt, _ISA_NAMES[which]), p["qs"], p["d"], p.get("m")
+
+
+def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, rope,
+               n_heads: int, n_kv: int, eps: float, scratch: np.ndarray, *, isa: str | None = None) -> np.ndarray:
+    """One layer's attention block in one call; lw: engine.LayerWeights (attn_norm, wqkv, bqkv, wo, ffn_norm).
+
+    x (T, K) float32 is updated in place: x += wo @ attention(rope(wqkv @ rmsnorm(x, attn_norm) + bqkv));
+    the K/V rows of positions start..start+T-1 are stored into the fp16 caches (n_kv, max_pos, hd);
+    h (T, K) receives rmsnorm(x, ffn_norm) (the FFN input) and is returned. rope = rope_tables(...) of
+    the T positions; scratch from attn_scratch(T, ...). Bit-identical to the unfused kernel sequence."""
+    which = _isa_id(isa)
+    fq, tlq, qs, d, m = _mat_args(lw.wqkv, which)
+    fo, tlo, oqs, od, om = _mat_args(lw.wo, which)
+    _k.attn_block(which, fq, tlq, qs, d, m, lw.bqkv, fo, tlo, oqs, od, om, lw.attn_norm, lw.ffn_norm, eps,
+                  x, h, k_cache, v_cache, int(start), n_heads, n_kv, rope[0], rope[1], scratch, _threads)
+    return h

@@ -259,7 +259,7 @@ def test_attention_fp16_cache(T, start):
 def test_batch_invariance_bit_exact(isa, fmt):
     """A token's output does not depend on the batch it is computed in (decode == prefill, bit for bit)."""
     rng = np.random.default_rng(21)
-    for n, k in ((37, 576), (40, 64)):      # long rows, and short rows (the 8-row path)
+    for n, k in ((37, 576), (40, 64), (48, 32)):   # long rows, short rows (the 8-row path), one group (C = 32 down)
         q = F.quantize(rng.standard_normal((n, k)).astype(np.float32), fmt)
         x = rng.standard_normal((7, k)).astype(np.float32)
         full = K.matmul(q, x, isa=isa)
@@ -278,3 +278,62 @@ def test_ffn_bundles_batch_invariance(isa):
         one = np.zeros((1, 96), np.float32)
         K.ffn_bundles(ptrs, lay, h[t:t + 1].copy(), "silu", one, isa=isa)
         np.testing.assert_array_equal(one[0], full[t])
+
+
+# ---------------------------------------------------------------- the fused attention block
+
+def _attn_layer(rng, fmt, K_, nh, nkv, hd, bias):
+    from types import SimpleNamespace
+    nq = (nh + 2 * nkv) * hd
+    return SimpleNamespace(
+        attn_norm=(1 + 0.1 * rng.standard_normal(K_)).astype(np.float32),
+        wqkv=F.quantize((rng.standard_normal((nq, K_)) * 0.1).astype(np.float32), fmt),
+        bqkv=(rng.standard_normal(nq) * 0.1).astype(np.float32) if bias else None,
+        wo=F.quantize((rng.standard_normal((K_, nh * hd)) * 0.1).astype(np.float32), fmt),
+        ffn_norm=(1 + 0.1 * rng.standard_normal(K_)).astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt,bias,scale", [("q4_1", False, 1.0), ("q8", True, 1.0), ("q4_0", False, 4.0)])
+def test_attn_block_equals_unfused_kernels(fmt, bias, scale):
+    """attn_block == the engine's unfused kernel sequence, bit for bit (prefill, then decode steps);
+    and close to the same block composed from the numpy reference (engine.RefOps.attn_block)."""
+    from powerlow.engine import RefOps
+    rng = np.random.default_rng(31)
+    K_, nh, nkv, hd, maxP, eps, theta = 96, 6, 2, 16, 24, 1e-5, 1e4
+    lw = _attn_layer(rng, fmt, K_, nh, nkv, hd, bias)
+    x0 = rng.standard_normal((9, K_)).astype(np.float32)
+    kc, vc = np.zeros((nkv, maxP, hd), np.float16), np.zeros((nkv, maxP, hd), np.float16)
+    kc2, vc2, kc3, vc3 = kc.copy(), vc.copy(), kc.copy(), vc.copy()
+    for start, T in ((0, 6), (6, 1), (7, 2)):
+        pos = np.arange(start, start + T, dtype=np.int64)
+        rope = K.rope_tables(pos, hd, theta, scale)
+        ref_tab = R.rope_tables(hd, theta, pos, scale)
+        np.testing.assert_array_equal(rope[0], ref_tab[0])
+        np.testing.assert_array_equal(rope[1], ref_tab[1])
+        x, h = x0[start: start + T].copy(), np.empty((T, K_), np.float32)
+        K.attn_block(lw, x, h, kc, vc, start, rope, nh, nkv, eps, K.attn_scratch(T, nh, nkv, hd, K_))
+        # unfused, kernel by kernel (as Transformer.forward with fused=False)
+        x2 = x0[start: start + T].copy()
+        qkv = K.matmul(lw.wqkv, K.rmsnorm(x2, lw.attn_norm, eps))
+        if bias:
+            qkv += lw.bqkv
+        qd, kd = nh * hd, nkv * hd
+        q = R.rope(qkv[:, :qd].reshape(T, nh, hd), *rope).astype(np.float32) if scale != 1 else \
+            K.rope(np.ascontiguousarray(qkv[:, :qd].reshape(T, nh, hd)), pos, theta)
+        k = R.rope(qkv[:, qd: qd + kd].reshape(T, nkv, hd), *rope) if scale != 1 else \
+            K.rope(np.ascontiguousarray(qkv[:, qd: qd + kd].reshape(T, nkv, hd)), pos, theta)
+        kc2[:, start: start + T] = k.transpose(1, 0, 2)
+        vc2[:, start: start + T] = qkv[:, qd + kd:].reshape(T, nkv, hd).transpose(1, 0, 2)
+        x2 += K.matmul(lw.wo, K.attention(np.ascontiguousarray(q), kc2, vc2, start))
+        np.testing.assert_array_equal(kc, kc2)
+        np.testing.assert_array_equal(vc, vc2)
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(h, K.rmsnorm(x2, lw.ffn_norm, eps))
+        # the numpy composition
+        x3, h3 = x0[start: start + T].copy(), np.empty((T, K_), np.float32)
+        RefOps.attn_block(lw, x3, h3, kc3, vc3, start, RefOps.rope_tables(pos, hd, theta, scale), nh, nkv, eps)
+        np.testing.assert_allclose(x, x3, rtol=0, atol=0.05 * np.abs(x3).max())
+        np.testing.assert_allclose(h, h3, rtol=0, atol=0.05 * np.abs(h3).max())
+    with pytest.raises(ValueError):
+        K.attn_block(lw, x0[:3].copy(), np.empty((3, K_), np.float32), kc, vc, maxP - 2, rope, nh, nkv, eps,
+                     K.attn_scratch(3, nh, nkv, hd, K_))
