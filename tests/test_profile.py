@@ -85,16 +85,31 @@ def test_profile_twice_composes_the_order(tmp_path_factory, tmp_path):
 
 
 def test_relayout_keeps_greedy_tokens_on_smollm2(smol_dir, tmp_path):
+    """Gate/up rows move exactly, but down is re-quantized to q8 (permuted columns mix GGUF groups): the
+    logits move by about as much as between our kernels and the numpy reference (~1 at most). So greedy
+    tokens must stay the same wherever the dense model's choice is not a near-tie (top-2 margin >= 0.5)."""
     d = tmp_path / "smol"
     shutil.copytree(smol_dir, d)
     m = powerlow.load(d, RuntimeConfig(threads=1))
     prompt = m.tokenize("The capital of France is")
-    before = [t.id for t in m.generate(prompt, 12)]
+    before = [t.id for t in m.generate(prompt, 16)]
+    ids = prompt + before
+    la = m.forward(ids)[len(prompt) - 1: -1]
     del m
     profile_model(d, n_tokens=256, n_samples=32, threads=1, progress=False)
     assert json.loads((d / "manifest.json").read_text())["ffn"]["down_fmt"] == "q8"
     m = powerlow.load(d, RuntimeConfig(threads=1))
-    assert [t.id for t in m.generate(prompt, 12)] == before
+    lb = m.forward(ids)[len(prompt) - 1: -1]
+    top2 = np.sort(la, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    firm = margin >= 0.5
+    assert firm.sum() >= 8
+    np.testing.assert_array_equal(lb.argmax(axis=1)[firm], np.asarray(before)[firm])
+    assert np.abs(la - lb).max() < 3.0
+    after = [t.id for t in m.generate(prompt, 16)]
+    if after != before:                      # greedy may only part where the dense choice was a near-tie
+        i = next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
+        assert margin[i] < 0.5, (i, margin[i])
 
 
 def test_default_texts_do_not_overlap():
