@@ -2,8 +2,8 @@
 
     powerlow tune -m DIR --budgets 25%,50%,75%,100%      # or sizes: --budgets 900MiB,1.2GiB,2GiB
 
-Percentages are of the model's full footprint: every weight in RAM plus the KV cache and scratch the plan
-counts at the same context (so 100% needs no reads). Each budget loads the model with that budget and
+Percentages are of the model's full footprint: every weight in RAM plus the tokenizer, KV cache and scratch
+the plan counts at the same context (so 100% needs no reads). Each budget loads the model with that budget and
 runs `powerlow bench`'s measurement (prompt, then -n decode tokens, median of --repeats). Budgets below the
 minimum are listed as refused, with the minimum. The suggested config is the smallest budget whose decode
 speed is within --within (default 10%) of the fastest one measured; it is written as TOML for --config.
@@ -26,14 +26,15 @@ def add_arguments(p) -> None:
 
 def full_footprint(model_dir: Path, manifest: dict, rt) -> tuple[int, int]:
     """(bytes with everything resident at the plan's context, KV positions) for the runtime ``rt``."""
-    from .plan import auto_context, kv_bytes_per_position, safetensors_bytes, scratch_bytes
+    from .plan import auto_context, kv_bytes_per_position, safetensors_bytes, scratch_bytes, tokenizer_bytes
     from .store import StoreInfo
     cfg = manifest["config"]
     weights = safetensors_bytes(model_dir / "resident.safetensors")
     ffn = StoreInfo.from_json(manifest["ffn"]).total_bytes
     ctx = rt.max_context or auto_context(cfg, weights + ffn)
     ctx = min(ctx, cfg["max_positions"])
-    return weights + ffn + ctx * kv_bytes_per_position(cfg) + scratch_bytes(cfg, ctx), ctx
+    extra = ctx * kv_bytes_per_position(cfg) + scratch_bytes(cfg, ctx) + tokenizer_bytes(model_dir / "tokenizer.json")
+    return weights + ffn + extra, ctx
 
 
 def parse_budgets(text: str, full: int) -> list[tuple[str, int]]:

@@ -279,6 +279,7 @@ def main() -> int:
     print(f"model {gguf.name}: {format_size(size)}; interpreter allowance {format_size(base)}; "
           f"{args.threads} threads; decode {args.n} tokens after a {args.prompt_tokens}-token prompt", file=sys.stderr)
     results = []
+    probe = [] if args.skip_probe else run_probe(model, [], "before")
     limits = ([None] if args.unlimited else []) + [int(size * float(p) / 100) for p in args.limits.split(",")]
     for limit in limits:
         tag = "none" if limit is None else f"{100 * limit / size:.0f}%"
@@ -295,17 +296,33 @@ def main() -> int:
             r.update(limit=tag)
             results.append(r)
             print(json.dumps(r), file=sys.stderr)
-    probe = None
     if not args.skip_probe:
-        from powerlow.io import probe_random_read
-        blocks = sorted({r.get("read_block_bytes") for r in results if r.get("read_block_bytes")}) or [1 << 20]
-        depth = next((r["queue_depth"] for r in results if r.get("queue_depth")), 8)
-        probe = [probe_random_read(model / "ffn.bin", block_bytes=b, depth=depth, seconds=3.0) for b in blocks]
+        probe += run_probe(model, results, "after")
     print_table(results, probe, size)
     if args.json:
         Path(args.json).write_text(json.dumps({"gguf": str(gguf), "model": str(model), "size_bytes": size,
                                                "allowance_bytes": base, "results": results, "probe": probe}, indent=1))
     return 0
+
+
+def run_probe(model: Path, results: list, when: str) -> list:
+    """Random O_DIRECT reads of ffn.bin at powerlow's read size and depth (the config defaults before any run)."""
+    from powerlow.config import RuntimeConfig
+    from powerlow.io import probe_random_read
+    from powerlow.manifest import load_manifest
+    from powerlow.store import StoreInfo
+    rt = RuntimeConfig()
+    stride = StoreInfo.from_json(load_manifest(model)["ffn"]).layout.stride
+    blocks = sorted({r["read_block_bytes"] for r in results if r.get("read_block_bytes")}) or \
+        [max(stride, rt.io_block_bytes // stride * stride)]
+    depth = next((r["queue_depth"] for r in results if r.get("queue_depth")), rt.queue_depth)
+    out = []
+    for b in blocks:
+        p = probe_random_read(model / "ffn.bin", block_bytes=b, depth=depth, seconds=3.0)
+        p["when"] = when
+        out.append(p)
+        print(json.dumps(p), file=sys.stderr)
+    return out
 
 
 def print_table(results: list, probe, size: int) -> None:
@@ -329,7 +346,8 @@ def print_table(results: list, probe, size: int) -> None:
               f"{r.get('baseline_rss_bytes', 0) / MiB:8.0f} {r.get('oom_kills', 0):>4d}  {note}")
     if probe:
         for p in probe:
-            print(f"probe: random O_DIRECT reads of {p['block_bytes'] // 1024} KiB, depth {p['depth']}: {p['gbps']:.2f} GB/s")
+            print(f"probe ({p['when']} the runs): random {'O_DIRECT ' if p['direct'] else ''}reads of "
+                  f"{p['block_bytes'] // 1024} KiB, depth {p['depth']}: {p['gbps']:.2f} GB/s")
 
 
 if __name__ == "__main__":
