@@ -291,6 +291,13 @@ def main() -> int:
             print(json.dumps(r), file=sys.stderr)
         for mode, dens in modes:
             budget = None if limit is None else limit - base
+            refused = plan_refusal(model, budget, mode, dens, args.context, args.threads)
+            if refused:
+                r = {"engine": "powerlow", "mode": mode, "density": dens, "budget_bytes": budget, "limit": tag,
+                     "refused": refused}
+                results.append(r)
+                print(json.dumps(r), file=sys.stderr)
+                continue
             r = run_in_cgroup(sys.executable, {"engine": "powerlow", "model": str(model), "budget": budget, "mode": mode,
                                                "density": dens, "context": args.context, **common}, limit, args.timeout)
             r.update(limit=tag)
@@ -303,6 +310,23 @@ def main() -> int:
         Path(args.json).write_text(json.dumps({"gguf": str(gguf), "model": str(model), "size_bytes": size,
                                                "allowance_bytes": base, "results": results, "probe": probe}, indent=1))
     return 0
+
+
+def plan_refusal(model: Path, budget, mode: str, density: float, context: int, threads: int) -> str | None:
+    """The plan's refusal message if ``budget`` is below the minimum (checked here: the engine loads the resident
+    weights before it plans, so inside a limit that small it would be OOM-killed instead of refusing)."""
+    if budget is None:
+        return None
+    from powerlow.config import RuntimeConfig
+    from powerlow.errors import PowerlowError
+    from powerlow.manifest import load_manifest
+    from powerlow.plan import make_plan
+    try:
+        make_plan(model, load_manifest(model), RuntimeConfig(budget_bytes=max(1, budget), mode=mode, density=density,
+                                                             max_context=context, threads=threads))
+    except PowerlowError as e:
+        return str(e)
+    return None
 
 
 def run_probe(model: Path, results: list, when: str) -> list:
@@ -334,6 +358,12 @@ def print_table(results: list, probe, size: int) -> None:
         eng = r.get("engine", "?")
         mode = (f"{r['mode']}" + (f" d={r['density']}" if r.get("density", 1) < 1 else "")) if eng == "powerlow" else \
             ("repacked" if r.get("extra_bufts") else "mmap")
+        if r.get("refused"):
+            import re
+            m = re.search(r"minimum ([0-9.]+ [KMG]iB)", r["refused"])
+            print(f"{r['limit']:>6s} {eng:10s} {mode:14s} {'refused':>12s}  budget {r['budget_bytes'] / MiB:.0f} MiB "
+                  f"is below the plan's minimum {m.group(1) if m else '?'} (resident weights alone do not fit)")
+            continue
         if "decode_tok_s" not in r:
             print(f"{r['limit']:>6s} {eng:10s} {mode:14s} {'failed':>12s}  {r.get('error')} {r.get('stderr', '')[-200:]!r}")
             continue
