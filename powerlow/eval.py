@@ -58,6 +58,9 @@ def evaluate(tf, text: str | None = None, *, n_tokens: int = DEFAULT_TOKENS, win
            "ffn_down_fmt": tf.store_info.layout.down_fmt}
     if pred is not None and hasattr(pred, "describe"):
         out.update(pred.describe())
+    counters = getattr(tf.ffn_source, "counters", None)       # offloaded runs: cache hits, bytes read
+    if counters is not None:
+        out.update({k: v for k, v in counters().items() if k not in out})
     return out
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from powerlow import formats
 from powerlow.errors import PowerlowError
 
-from .common import (PREDICTORS_FILE, PROFILE_FILE, act_fn, ffn_buffer, layer_rows, load_checked,
+from .common import (PREDICTORS_FILE, PROFILE_FILE, act_fn, drop_page_cache, ffn_buffer, layer_rows, load_checked,
                      threshold_at)
 
 __all__ = ["PREDICTORS", "MODE_PREDICTOR", "make_predictor", "Predictor", "ThresholdPredictor", "GatePredictor",
@@ -81,7 +81,9 @@ class _GateRows(Predictor):
     def __init__(self, tf, density: float):
         super().__init__(tf, density)
         buf = ffn_buffer(tf)
-        self.G = [layer_rows(buf, tf.store_info, l, "gate") for l in range(self.L)]
+        self.G = [layer_rows(buf, tf.store_info, l, "gate") for l in range(self.L)]   # copies
+        del buf
+        drop_page_cache(tf)
         self.resident_bytes = sum(g.nbytes for g in self.G)
         self._mul = getattr(self.ops, "silu_mul" if self.act == "silu" else "relu_mul", None)
         self._ones = np.ones((1, self.Fp), np.float32)

@@ -45,6 +45,22 @@ def ffn_buffer(tf) -> np.ndarray:
     return np.memmap(tf.dir / "ffn.bin", dtype=np.uint8, mode="r")
 
 
+def drop_page_cache(tf) -> None:
+    """After reading gate rows through a memmap (offloaded runs), tell the kernel not to keep ffn.bin's pages:
+    the budget, not the page cache, decides what stays in RAM."""
+    import os
+    if getattr(tf.ffn_source, "buf", None) is not None:
+        return
+    try:
+        fd = os.open(tf.dir / "ffn.bin", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except (AttributeError, OSError):
+        pass
+
+
 def layer_rows(buf, info, layer: int, which: str = "gate") -> "formats.QMatrix":
     """Layer ``layer``'s gate or up rows for all its clusters, (n_clusters*C, K), in stored order (copied)."""
     lay = info.layout
