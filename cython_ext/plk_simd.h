@@ -275,8 +275,200 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
     }
 }
 
+/* Long rows of 32-groups (q8, q4_0, q4_1; K = 576 is 18 groups): per row, 8 groups at a time, the 8
+ * integer block sums are gathered into one vector (lane j = block j) and scaled by one vector of
+ * d_w * d_x, so the per-row work is a few vector ops per 8 groups instead of per-row scalar setup.
+ * 4-bit codes: one 32-byte load holds two groups of the row; its low nibbles [g elements 0..15 |
+ * g+1 elements 0..15] and high nibbles (16..31) dot activations re-laid the same way (xr, built once
+ * per call), and the int16 sums fold by hadd without overflow (<= 4 x 7620 per lane).
+ * Each token goes through the same operations whatever the batch: batch invariant. */
+#define G32_MAXT 64
+AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *dr, const uint16_t *mr,
+                int nfull, int tailn, const int8_t *const *xp, const int8_t *const *xrp,
+                const float *const *dxp, const float *const *bxp, float *res)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const int q4 = FMT == PLK_Q4_0 || FMT == PLK_Q4_1;
+    const int QB = plk_qbytes[FMT];
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int g0 = 0; g0 < nfull; g0 += 8) {
+        const uint8_t *q = qs + (size_t)g0 * QB;
+        _mm_prefetch((const char *)q + PLK_PF, _MM_HINT_T0);
+        _mm_prefetch((const char *)q + PLK_PF + 64, _MM_HINT_T0);
+        if (FMT == PLK_Q8) {
+            _mm_prefetch((const char *)q + PLK_PF + 128, _MM_HINT_T0);
+            _mm_prefetch((const char *)q + PLK_PF + 192, _MM_HINT_T0);
+        }
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dr + g0)));
+        __m256 bv = dv;
+        if (FMT == PLK_Q4_1) bv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mr + g0)));
+        if (FMT == PLK_Q4_0) bv = _mm256_mul_ps(_mm256_set1_ps(-8.0f), dv);
+        __m256i lo[4], hi[4], wv[8];
+        if (q4) {
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * i));
+                lo[i] = _mm256_and_si256(v, m4);
+                hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+        } else {
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++) wv[i] = _mm256_loadu_si256((const __m256i *)(q + 32 * i));
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            __m256i isum;
+            if (q4) {
+                const int8_t *xq = xrp[t] + (size_t)g0 * 32;
+                __m256i s16[4];
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++)
+                    s16[i] = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo[i], _mm256_loadu_si256((const __m256i *)(xq + 64 * i))),
+                        _mm256_maddubs_epi16(hi[i], _mm256_loadu_si256((const __m256i *)(xq + 64 * i + 32))));
+                __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(s16[0], s16[1]), _mm256_hadd_epi16(s16[2], s16[3]));
+                isum = _mm256_permutevar8x32_epi32(_mm256_madd_epi16(h, ones), unperm);
+            } else {
+                const int8_t *x = xp[t] + (size_t)g0 * 32;
+                __m256i p[8];
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * i));
+                    p[i] = sdot(_mm256_abs_epi8(wv[i]), _mm256_sign_epi8(xv, wv[i]));
+                }
+                isum = hsum8x8i(p);
+            }
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxp[t] + g0)), acc[t]);
+            if (FMT != PLK_Q8) acc[t] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxp[t] + g0), acc[t]);
+        }
+    }
+    if (tailn) {   /* the last ng % 8 groups: zero lanes past the row (scales copied, activations masked) */
+        const int g0 = nfull;
+        const __m256i tmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tailn), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 dv, bv;
+        if (!(tailn & 1)) {   /* tailn/2 whole 32-bit lanes of fp16 pairs: masked loads never fault */
+            const __m128i hm = _mm_cmpgt_epi32(_mm_set1_epi32(tailn / 2), _mm_setr_epi32(0, 1, 2, 3));
+            dv = _mm256_cvtph_ps(_mm_maskload_epi32((const int *)(dr + g0), hm));
+            bv = FMT == PLK_Q4_1 ? _mm256_cvtph_ps(_mm_maskload_epi32((const int *)(mr + g0), hm)) : dv;
+        } else {
+            uint16_t td[8] = {0}, tm[8] = {0};
+            memcpy(td, dr + g0, 2 * (size_t)tailn);
+            if (FMT == PLK_Q4_1) memcpy(tm, mr + g0, 2 * (size_t)tailn);
+            dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)td));
+            bv = FMT == PLK_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tm)) : dv;
+        }
+        if (FMT == PLK_Q4_0) bv = _mm256_mul_ps(_mm256_set1_ps(-8.0f), dv);
+        if (q4 && !(tailn & 1)) {
+            const int np = tailn / 2;
+            __m256i lo[4], hi[4];
+            for (int i = 0; i < 4; i++) {
+                if (i < np) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(qs + (size_t)(g0 + 2 * i) * 16));
+                    lo[i] = _mm256_and_si256(v, m4);
+                    hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                } else lo[i] = hi[i] = _mm256_setzero_si256();
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                const int8_t *xq = xrp[t] + (size_t)g0 * 32;
+                __m256i s16[4];
+                for (int i = 0; i < 4; i++)
+                    s16[i] = i < np ? _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo[i], _mm256_loadu_si256((const __m256i *)(xq + 64 * i))),
+                        _mm256_maddubs_epi16(hi[i], _mm256_loadu_si256((const __m256i *)(xq + 64 * i + 32))))
+                        : _mm256_setzero_si256();
+                __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(s16[0], s16[1]), _mm256_hadd_epi16(s16[2], s16[3]));
+                __m256i isum = _mm256_permutevar8x32_epi32(_mm256_madd_epi16(h, ones), unperm);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_maskload_ps(dxp[t] + g0, tmask)), acc[t]);
+                acc[t] = _mm256_fmadd_ps(bv, _mm256_maskload_ps(bxp[t] + g0, tmask), acc[t]);
+            }
+        } else {
+        __m256i wv[8];
+        for (int i = 0; i < tailn; i++) { __m256i u[2]; unpack_group(FMT, qs, g0 + i, u); wv[i] = u[0]; }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            __m256i p[8];
+            for (int i = 0; i < 8; i++) {
+                if (i >= tailn) { p[i] = _mm256_setzero_si256(); continue; }
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)(g0 + i) * 32));
+                p[i] = FMT == PLK_Q8 ? sdot(_mm256_abs_epi8(wv[i]), _mm256_sign_epi8(xv, wv[i])) : sdot(wv[i], xv);
+            }
+            __m256i isum = hsum8x8i(p);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_maskload_ps(dxp[t] + g0, tmask)), acc[t]);
+            if (FMT != PLK_Q8) acc[t] = _mm256_fmadd_ps(bv, _mm256_maskload_ps(bxp[t] + g0, tmask), acc[t]);
+        }
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
+}
+
+AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
+{
+    const int ng = a->ng, nb = a->nb, nfull = ng / 8 * 8, tailn = ng - nfull;
+    const size_t rowq = (size_t)ng * plk_qbytes[FMT];
+    const int q4 = FMT == PLK_Q4_0 || FMT == PLK_Q4_1;
+    int8_t xr_stack[4 * 1024];
+    for (int t0 = 0; t0 < a->T; t0 += G32_MAXT) {
+        const int T = a->T - t0 < G32_MAXT ? a->T - t0 : G32_MAXT;
+        /* q4: activations re-laid per pair of blocks: [b lo16 | b+1 lo16], [b hi16 | b+1 hi16] */
+        int8_t *xr = NULL;
+        if (q4) {
+            size_t need = (size_t)T * (ng & ~1) * 32;
+            xr = need <= sizeof xr_stack ? xr_stack : (int8_t *)malloc(need);
+            if (!xr) return;
+            for (int t = 0; t < T; t++) {
+                const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp;
+                int8_t *o = xr + (size_t)t * (ng & ~1) * 32;
+                for (int b = 0; b + 2 <= ng; b += 2) {
+                    __m256i u = _mm256_loadu_si256((const __m256i *)(x + b * 32));
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(x + b * 32 + 32));
+                    _mm256_storeu_si256((__m256i *)(o + b * 32), _mm256_permute2x128_si256(u, v, 0x20));
+                    _mm256_storeu_si256((__m256i *)(o + b * 32 + 32), _mm256_permute2x128_si256(u, v, 0x31));
+                }
+            }
+        }
+        const int8_t *xp[G32_MAXT], *xrp[G32_MAXT];
+        const float *dxp[G32_MAXT], *bxp[G32_MAXT];
+        for (int t = 0; t < T; t++) {
+            const size_t tt = (size_t)(t0 + t);
+            xp[t] = a->qs + tt * a->Kp;
+            xrp[t] = xr ? xr + (size_t)t * (ng & ~1) * 32 : NULL;
+            dxp[t] = a->dx + tt * nb;
+            bxp[t] = a->bx + tt * ng;
+        }
+        /* rows outer: a row's codes come from memory once, then from L1 for the next token tiles */
+        for (int r = r0; r < r1; r++) {
+            const uint8_t *qs = w->qs + (size_t)r * rowq;
+            const uint16_t *dr = w->d + (size_t)r * ng, *mr = plk_has_min[FMT] ? w->m + (size_t)r * ng : NULL;
+            for (int ts = 0; ts < T; ts += 4) {
+                const int nt = T - ts < 4 ? T - ts : 4;
+                float res[4];
+                switch (nt) {
+                case 1: g32_row(FMT, 1, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
+                case 2: g32_row(FMT, 2, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
+                case 3: g32_row(FMT, 3, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
+                default: g32_row(FMT, 4, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
+                }
+                for (int t = 0; t < nt; t++) {
+                    float *o = y + (size_t)(t0 + ts + t) * ldy + r;
+                    *o = (accum ? *o : 0.0f) + res[t];
+                }
+            }
+        }
+        if (xr && xr != xr_stack) free(xr);
+    }
+}
+
 AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
+    if (plk_group[FMT] == 32 && a->ng > SMALL_NG) {
+        rows_g32(FMT, w, r0, r1, a, y, ldy, accum);
+        return;
+    }
     const int per = plk_group[FMT] / 32, ng = a->ng, nb = a->nb;
     const size_t rowq = (size_t)ng * plk_qbytes[FMT];
     const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
