@@ -128,12 +128,10 @@ def _float(w) -> np.ndarray:
 
 
 def _publish_permissions(d: Path) -> None:
-    """mkdtemp/mkstemp create private (0700/0600) entries; give the finished dir the usual umask permissions."""
+    """mkdtemp makes a private (0700) dir; the finished model dir gets the usual umask permissions."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(d, 0o777 & ~umask)
-    for f in d.iterdir():
-        os.chmod(f, 0o666 & ~umask)
 
 
 def _replace_dir(new: Path, dst: Path) -> None:
