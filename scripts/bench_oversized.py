@@ -257,6 +257,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=64, help="KV cache positions for powerlow (>= prompt + n)")
     ap.add_argument("--baseline", default=None, help="interpreter allowance subtracted from the limit for powerlow's "
                     "--budget (default: measured RSS after imports, rounded up to 16 MiB, + 16 MiB)")
+    ap.add_argument("--config", help="TOML runtime config for powerlow (queue_depth, io_block, ...; not budget)")
     ap.add_argument("--unlimited", action="store_true", help="also run both engines without a limit")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--skip-probe", action="store_true")
@@ -272,6 +273,11 @@ def main() -> int:
     from llamacpp_env import bench_python
     lpy = None if args.no_llamacpp else str(bench_python())
     common = {"threads": args.threads, "n": args.n, "prompt_tokens": args.prompt_tokens}
+    extra = {}
+    if args.config:
+        from powerlow.config import load_toml
+        extra = {k: v for k, v in load_toml(args.config).items() if k not in ("budget_bytes", "threads", "mode",
+                                                                               "density", "max_context")}
     modes = []
     for m in args.modes.split(","):
         name, _, d = m.partition(":")
@@ -291,7 +297,7 @@ def main() -> int:
             print(json.dumps(r), file=sys.stderr)
         for mode, dens in modes:
             budget = None if limit is None else limit - base
-            refused = plan_refusal(model, budget, mode, dens, args.context, args.threads)
+            refused = plan_refusal(model, budget, mode, dens, args.context, args.threads, extra)
             if refused:
                 r = {"engine": "powerlow", "mode": mode, "density": dens, "budget_bytes": budget, "limit": tag,
                      "refused": refused}
@@ -299,7 +305,8 @@ def main() -> int:
                 print(json.dumps(r), file=sys.stderr)
                 continue
             r = run_in_cgroup(sys.executable, {"engine": "powerlow", "model": str(model), "budget": budget, "mode": mode,
-                                               "density": dens, "context": args.context, **common}, limit, args.timeout)
+                                               "density": dens, "context": args.context, "extra": extra, **common},
+                              limit, args.timeout)
             r.update(limit=tag)
             results.append(r)
             print(json.dumps(r), file=sys.stderr)
@@ -312,18 +319,20 @@ def main() -> int:
     return 0
 
 
-def plan_refusal(model: Path, budget, mode: str, density: float, context: int, threads: int) -> str | None:
+def plan_refusal(model: Path, budget, mode: str, density: float, context: int, threads: int,
+                 extra: dict | None = None) -> str | None:
     """The plan's refusal message if ``budget`` is below the minimum (checked here: the engine loads the resident
     weights before it plans, so inside a limit that small it would be OOM-killed instead of refusing)."""
     if budget is None:
         return None
+    extra = extra or {}
     from powerlow.config import RuntimeConfig
     from powerlow.errors import PowerlowError
     from powerlow.manifest import load_manifest
     from powerlow.plan import make_plan
     try:
         make_plan(model, load_manifest(model), RuntimeConfig(budget_bytes=max(1, budget), mode=mode, density=density,
-                                                             max_context=context, threads=threads))
+                                                             max_context=context, threads=threads, **extra))
     except PowerlowError as e:
         return str(e)
     return None
