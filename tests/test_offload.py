@@ -220,3 +220,25 @@ def test_smollm2_half_ffn_budget_same_tokens(smol_dir):
     ids, c, _ = _generate(smol_dir, RuntimeConfig(budget_bytes=budget), n=8, prompt=[1, 504, 3458, 282, 5457, 30])
     assert ids == ref
     assert 0.2 < c["cache_hit_rate"] < 0.9 and c["read_bytes_per_token"] > 0
+
+
+def test_layer_asking_for_everything_borrows_pinned_slots(tiny_dir):
+    """Sparse plan with everything pinned that fits: a layer asking for all its clusters still gets them,
+    by borrowing pinned slots of other layers, and the bundles are right."""
+    from powerlow.cache import OffloadedStore
+    info = StoreInfo.from_json(load_manifest(tiny_dir)["ffn"])
+    S = info.layout.stride
+    data = (tiny_dir / "ffn.bin").read_bytes()
+    tf = _fake_tf(tiny_dir, budget_bytes=_min(tiny_dir, mode="threshold") + 12 * S, mode="threshold", density=0.25,
+                  hot_fraction=1.0)
+    src = OffloadedStore(tf)
+    try:
+        assert src.plan.n_dynamic + src.plan.n_staging < info.n_clusters      # the unpinned pool is too small
+        for l in range(info.n_layers):
+            ptrs = src.ptrs(l, np.arange(info.n_clusters))
+            for c, p in enumerate(ptrs):
+                off = info.bundle_offset(l, c)
+                assert ctypes.string_at(int(p), S) == data[off: off + S]
+        assert src.counters()["unpinned"] > 0
+    finally:
+        src.close()
