@@ -58,6 +58,9 @@ int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const
 int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int C, int K,
                     const int64_t *offs, const float *h, int T, int act, float *out, int nthreads);
 double plk_read_probe(int isa, const uint8_t *buf, size_t n, int nthreads);
+/* the kernels' thread pool: fn(ctx, i) for i in 0..n-1 on up to nthreads threads, caller included */
+typedef void (*plk_pool_fn)(void *ctx, int item);
+void plk_pool_run(plk_pool_fn fn, void *ctx, int n, int nthreads);
 /* one layer's attention block, see plk_common.c */
 typedef struct {
     int fmt_qkv, fmt_o, tl_qkv, tl_o;   /* formats, table-lookup flags (as matmul picks them) */

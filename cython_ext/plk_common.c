@@ -89,7 +89,140 @@ void plk_act_bx(int fmt, int T, int nb, const float *dx, const float *s, const i
         }
 }
 
-/* rows are split in contiguous ranges, one per thread, multiples of 8 rows */
+
+/* ---- work-claiming thread pool (matmul rows, ffn bundle chunks) ------------------------------------
+ * Why not an OpenMP region: its closing barrier waits for every thread to arrive, so on a shared
+ * machine one preempted thread stalls the region for a scheduler time slice (ms). Measured here with
+ * 2 threads and a load average of 4-6: 130-290 ms per SmolLM2 token instead of 9 ms. Here a job is n
+ * items claimed one at a time from one atomic ticket (job generation | worker limit | n | next item);
+ * the caller works too and returns once every item is *done*, so a worker that is not running never
+ * blocks it (it finds no items left when it wakes). Results do not depend on which thread ran an item
+ * (items write disjoint outputs, or fixed per-item accumulators reduced in item order).
+ * Workers spin (pause) ~0.2 ms after a job, then sleep on a futex word. */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <immintrin.h>
+
+#define POOL_MAXW 15
+#define T_GEN(t) ((uint32_t)((t) >> 44))
+#define T_MAXW(t) ((int)(((t) >> 40) & 15))
+#define T_N(t) ((int)(((t) >> 20) & 0xfffff))
+#define T_NEXT(t) ((int)((t) & 0xfffff))
+static struct {
+    pthread_mutex_t lock;          /* one job at a time (a second caller runs its job serially) */
+    int nworkers;
+    _Atomic uint64_t ticket;
+    _Atomic uint32_t gen;          /* futex word */
+    _Atomic int done, sleepers;
+    plk_pool_fn fn;
+    void *ctx;
+} P = { PTHREAD_MUTEX_INITIALIZER, 0 };
+
+static void pool_claim(uint64_t t, int wid)
+{
+    for (;;) {
+        if (wid >= T_MAXW(t) || T_NEXT(t) >= T_N(t)) return;
+        plk_pool_fn fn = P.fn;           /* the job of this generation: it cannot end before this item is done */
+        void *ctx = P.ctx;
+        if (atomic_compare_exchange_weak_explicit(&P.ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire)) {
+            fn(ctx, T_NEXT(t));
+            atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
+            t = atomic_load_explicit(&P.ticket, memory_order_acquire);
+        }
+    }
+}
+
+static void *pool_worker(void *arg)
+{
+    const int wid = (int)(intptr_t)arg;
+    uint32_t seen = atomic_load(&P.gen);
+    for (;;) {
+        uint32_t g;
+        int spins = 0;
+        while ((g = atomic_load_explicit(&P.gen, memory_order_acquire)) == seen) {
+            if (++spins < 4000) { _mm_pause(); continue; }
+            atomic_fetch_add(&P.sleepers, 1);
+            if (atomic_load(&P.gen) == seen) syscall(SYS_futex, &P.gen, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+            atomic_fetch_sub(&P.sleepers, 1);
+            spins = 0;
+        }
+        seen = g;
+        uint64_t t = atomic_load_explicit(&P.ticket, memory_order_acquire);
+        if (T_GEN(t) == (g & 0xfffff)) pool_claim(t, wid);
+    }
+    return NULL;
+}
+
+/* after fork() the child has none of the workers: start again (the caller alone would also finish
+ * every job, since it claims items too) */
+static void pool_atfork_child(void)
+{
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    P.lock = m;
+    P.nworkers = 0;
+    atomic_store(&P.sleepers, 0);
+}
+
+/* run fn(ctx, i) for i in 0..n-1 on up to nthreads threads (the caller included) */
+void plk_pool_run(plk_pool_fn fn, void *ctx, int n, int nthreads)
+{
+    int nw = nthreads - 1;
+    if (nw > POOL_MAXW) nw = POOL_MAXW;
+    if (nw > n - 1) nw = n - 1;
+    if (nw <= 0 || n > 0xfffff || pthread_mutex_trylock(&P.lock)) {
+        for (int i = 0; i < n; i++) fn(ctx, i);
+        return;
+    }
+    static int atfork_done;
+    if (!atfork_done) { pthread_atfork(NULL, NULL, pool_atfork_child); atfork_done = 1; }
+    while (P.nworkers < nw) {
+        pthread_t th;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&th, &at, pool_worker, (void *)(intptr_t)P.nworkers)) { pthread_attr_destroy(&at); break; }
+        pthread_attr_destroy(&at);
+        P.nworkers++;
+    }
+    if (nw > P.nworkers) nw = P.nworkers;
+    P.fn = fn;
+    P.ctx = ctx;
+    atomic_store_explicit(&P.done, 0, memory_order_relaxed);
+    uint32_t g = (atomic_load(&P.gen) + 1) & 0xfffff;
+    atomic_store_explicit(&P.ticket, ((uint64_t)g << 44) | ((uint64_t)nw << 40) | ((uint64_t)n << 20), memory_order_release);
+    atomic_store_explicit(&P.gen, g, memory_order_release);
+    if (atomic_load(&P.sleepers)) syscall(SYS_futex, &P.gen, FUTEX_WAKE_PRIVATE, POOL_MAXW, NULL, NULL, 0);
+    /* the caller claims items too (as worker id -1 < any limit) */
+    uint64_t t = atomic_load_explicit(&P.ticket, memory_order_acquire);
+    for (;;) {
+        if (T_NEXT(t) >= T_N(t)) break;
+        if (atomic_compare_exchange_weak_explicit(&P.ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire)) {
+            fn(ctx, T_NEXT(t));
+            atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
+            t = atomic_load_explicit(&P.ticket, memory_order_acquire);
+        }
+    }
+    int spins = 0;
+    while (atomic_load_explicit(&P.done, memory_order_acquire) < n) {
+        if (++spins < 2000) _mm_pause();
+        else { sched_yield(); spins = 0; }
+    }
+    pthread_mutex_unlock(&P.lock);
+}
+
+typedef struct { plk_rows_fn fn; const plk_w *w; int N, chunk; const plk_act *a; float *y; int ldy, acc; } mm_job;
+static void mm_item(void *c, int i)
+{
+    const mm_job *j = (const mm_job *)c;
+    int r0 = i * j->chunk, r1 = r0 + j->chunk < j->N ? r0 + j->chunk : j->N;
+    j->fn(j->w, r0, r1, j->a, j->y, j->ldy, j->acc);
+}
+
+/* rows are split in ranges of multiples of 8 rows, run by the pool */
 void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *a, float *y, int ldy,
                 int accumulate, int nthreads)
 {
@@ -100,13 +233,12 @@ void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *
     if (work < 65536 * 4) nth = 1;            /* too small to pay a fork/join */
     if (nth > (N + 7) / 8) nth = (N + 7) / 8;
     if (nth <= 1) { fn(w, 0, N, a, y, ldy, accumulate); return; }
-    #pragma omp parallel num_threads(nth)
-    {
-        int id = omp_get_thread_num(), n = omp_get_num_threads();
-        int per = ((N + n - 1) / n + 7) & ~7;
-        int r0 = id * per, r1 = r0 + per < N ? r0 + per : N;
-        if (r0 < r1) fn(w, r0, r1, a, y, ldy, accumulate);
-    }
+    /* items of 8-row multiples, about 4 per thread (claimed dynamically; rows are independent, so the
+     * split does not change any result) */
+    int chunk = ((N + 4 * nth - 1) / (4 * nth) + 7) & ~7;
+    if (chunk < 64) chunk = 64;
+    mm_job j = { fn, w, N, chunk, a, y, ldy, accumulate };
+    plk_pool_run(mm_item, &j, (N + chunk - 1) / chunk, nth);
 }
 
 typedef struct {                   /* activations in the layout plk_act points into */
@@ -138,8 +270,52 @@ static void act_prepare(int isa, int fmt, const float *x, int T, int K, int ldx,
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-/* out (T, K) += sum over bundles of down @ (act(gate h) * up h).  Bundles are split over threads;
- * each thread sums into its own (T, K) buffer, reduced at the end (no atomics in the hot loop). */
+/* out (T, K) += sum over bundles of down @ (act(gate h) * up h).  The bundles are cut into a fixed
+ * number of contiguous chunks (by thread count, not by who runs them); chunk 0 sums into out, chunk c
+ * into its own (T, K) buffer, reduced in chunk order at the end: the float sums are the same from run
+ * to run at a given thread count, whichever thread ran which chunk (no atomics in the hot loop). */
+typedef struct {
+    int isa, fmt, down_fmt, C, K, Cp, T, act, n, nch;
+    plk_rows_fn fgu, fd;
+    const uint64_t *ptrs;
+    const int64_t *offs;
+    const plk_act *ha;
+    float *out, *priv;
+    _Atomic int err;
+} ffn_job;
+
+static void ffn_item(void *c, int ch)
+{
+    ffn_job *j = (ffn_job *)c;
+    const int T = j->T, C = j->C, K = j->K;
+    const int i0 = (int)((long)j->n * ch / j->nch), i1 = (int)((long)j->n * (ch + 1) / j->nch);
+    float *dst = ch == 0 ? j->out : j->priv + (size_t)(ch - 1) * T * K;
+    float *gu = (float *)malloc(sizeof(float) * (size_t)T * C * 2);
+    act_buf ab;
+    if (!gu || act_alloc(&ab, T, j->Cp, j->Cp / plk_group[j->down_fmt])) {
+        free(gu);
+        atomic_store(&j->err, -1);
+        return;
+    }
+    const int64_t *offs = j->offs;
+    for (int i = i0; i < i1; i++) {
+        const uint8_t *base = (const uint8_t *)(uintptr_t)j->ptrs[i];
+        plk_w wg = { base + offs[0], (const uint16_t *)(base + offs[1]), offs[2] >= 0 ? (const uint16_t *)(base + offs[2]) : 0 };
+        plk_w wu = { base + offs[3], (const uint16_t *)(base + offs[4]), offs[5] >= 0 ? (const uint16_t *)(base + offs[5]) : 0 };
+        plk_w wd = { base + offs[6], (const uint16_t *)(base + offs[7]), offs[8] >= 0 ? (const uint16_t *)(base + offs[8]) : 0 };
+        float *g = gu, *u = gu + (size_t)T * C;
+        j->fgu(&wg, 0, C, j->ha, g, C, 0);
+        j->fgu(&wu, 0, C, j->ha, u, C, 0);
+        for (size_t k = 0; k < (size_t)T * C; k++)
+            g[k] = (j->act == PLK_ACT_SILU ? silu(g[k]) : (g[k] > 0.0f ? g[k] : 0.0f)) * u[k];
+        plk_act aa;
+        act_prepare(j->isa, j->down_fmt, g, T, C, C, j->Cp, &ab, &aa);
+        j->fd(&wd, 0, K, &aa, dst, K, 1);
+    }
+    act_free(&ab);
+    free(gu);
+}
+
 int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int C, int K,
                     const int64_t *offs, const float *h, int T, int act, float *out, int nthreads)
 {
@@ -152,69 +328,46 @@ int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs
     plk_rows_fn fgu = plk_rows(isa, fmt, tl), fd = plk_rows(isa, down_fmt, tl);
     if (!fgu) fgu = plk_rows(isa, fmt, 0);
     if (!fd) fd = plk_rows(isa, down_fmt, 0);
-    int nth = nthreads < n ? nthreads : n;
-    if (nth < 1) nth = 1;
-    float *priv = nth > 1 ? (float *)calloc((size_t)(nth - 1) * T * K, sizeof(float)) : NULL;
-    int err = 0;
-    if (nth > 1 && !priv) { act_free(&hb); return -1; }
-    #pragma omp parallel num_threads(nth) if (nth > 1)
-    {
-        int id = omp_get_thread_num();
-        float *dst = id == 0 ? out : priv + (size_t)(id - 1) * T * K;
-        float *gu = (float *)malloc(sizeof(float) * (size_t)T * C * 2);
-        act_buf ab;
-        int ok = gu && !act_alloc(&ab, T, Cp, Cp / plk_group[down_fmt]);
-        if (!ok) {
-            #pragma omp atomic write
-            err = -1;
-        } else {
-            /* static: each thread sums a fixed, contiguous run of bundles, so the float sums (and the
-             * tokens) are the same from run to run at a given thread count; dynamic was not */
-            #pragma omp for schedule(static)
-            for (int i = 0; i < n; i++) {
-                const uint8_t *base = (const uint8_t *)(uintptr_t)ptrs[i];
-                plk_w wg = { base + offs[0], (const uint16_t *)(base + offs[1]), offs[2] >= 0 ? (const uint16_t *)(base + offs[2]) : 0 };
-                plk_w wu = { base + offs[3], (const uint16_t *)(base + offs[4]), offs[5] >= 0 ? (const uint16_t *)(base + offs[5]) : 0 };
-                plk_w wd = { base + offs[6], (const uint16_t *)(base + offs[7]), offs[8] >= 0 ? (const uint16_t *)(base + offs[8]) : 0 };
-                float *g = gu, *u = gu + (size_t)T * C;
-                fgu(&wg, 0, C, &ha, g, C, 0);
-                fgu(&wu, 0, C, &ha, u, C, 0);
-                for (size_t j = 0; j < (size_t)T * C; j++)
-                    g[j] = (act == PLK_ACT_SILU ? silu(g[j]) : (g[j] > 0.0f ? g[j] : 0.0f)) * u[j];
-                plk_act aa;
-                act_prepare(isa, down_fmt, g, T, C, C, Cp, &ab, &aa);
-                fd(&wd, 0, K, &aa, dst, K, 1);
-            }
-            act_free(&ab);
-        }
-        free(gu);
-    }
+    int nth = nthreads < 1 ? 1 : nthreads;
+    int nch = nth == 1 ? 1 : 4 * nth;           /* a preempted thread leaves at most one chunk to wait for */
+    if (nch > n) nch = n;
+    if (nch < 1) nch = 1;
+    float *priv = nch > 1 ? (float *)calloc((size_t)(nch - 1) * T * K, sizeof(float)) : NULL;
+    if (nch > 1 && !priv) { act_free(&hb); return -1; }
+    ffn_job j = { isa, fmt, down_fmt, C, K, Cp, T, act, n, nch, fgu, fd, ptrs, offs, &ha, out, priv, 0 };
+    plk_pool_run(ffn_item, &j, nch, nth);
     if (priv) {
-        for (int p = 0; p < nth - 1; p++) {
+        for (int p = 0; p < nch - 1; p++) {
             const float *src = priv + (size_t)p * T * K;
-            for (size_t j = 0; j < (size_t)T * K; j++) out[j] += src[j];
+            for (size_t k = 0; k < (size_t)T * K; k++) out[k] += src[k];
         }
         free(priv);
     }
     act_free(&hb);
-    return err;
+    return atomic_load(&j.err);
 }
 
+typedef struct { int isa; const uint8_t *buf; size_t n, chunk; double part[64]; } probe_job;
+static void probe_item(void *c, int i)
+{
+    probe_job *j = (probe_job *)c;
+    size_t i0 = (size_t)i * j->chunk, i1 = i0 + j->chunk < j->n ? i0 + j->chunk : j->n;
+    size_t len = i0 < i1 ? (i1 - i0) & ~(size_t)127 : 0;
+    if (!len) { j->part[i] = 0.0; return; }
+    if (j->isa == PLK_AVX512) j->part[i] = read_probe_avx512(j->buf + i0, len);
+    else if (j->isa == PLK_AVX2) j->part[i] = read_probe_avx2(j->buf + i0, len);
+    else j->part[i] = read_probe_generic(j->buf + i0, len);
+}
+
+/* plain read of buf with the kernels' threads (the same pool), one contiguous share per thread */
 double plk_read_probe(int isa, const uint8_t *buf, size_t n, int nthreads)
 {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 64) nthreads = 64;
+    probe_job j = { isa, buf, n, ((n / (size_t)nthreads) + 4095) & ~(size_t)4095, {0} };
+    plk_pool_run(probe_item, &j, nthreads, nthreads);
     double total = 0.0;
-    size_t chunk = ((n / (size_t)nthreads) + 4095) & ~(size_t)4095;
-    #pragma omp parallel num_threads(nthreads) reduction(+:total)
-    {
-        size_t i0 = (size_t)omp_get_thread_num() * chunk;
-        size_t i1 = i0 + chunk < n ? i0 + chunk : n;
-        if (i0 < i1) {
-            size_t len = (i1 - i0) & ~(size_t)127;
-            if (isa == PLK_AVX512) total += read_probe_avx512(buf + i0, len);
-            else if (isa == PLK_AVX2) total += read_probe_avx2(buf + i0, len);
-            else total += read_probe_generic(buf + i0, len);
-        }
-    }
+    for (int i = 0; i < nthreads; i++) total += j.part[i];
     return total;
 }
 

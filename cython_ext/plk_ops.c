@@ -160,30 +160,35 @@ CLONES static void attend_one_f16(const float *q, const _Float16 *K, const _Floa
     }
 }
 
-/* q rows of T tokens with row stride ldq floats (the q part of a fused qkv row) */
+/* q rows of T tokens with row stride ldq floats (the q part of a fused qkv row); jobs (token, head)
+ * in contiguous items run by the kernels' pool */
+typedef struct { const float *q; size_t ldq; const uint16_t *kc, *vc; int T, nh, grp, hd, maxP, start, per; float scale; float *out; } att_job;
+static void att_item(void *c, int it)
+{
+    const att_job *j = (const att_job *)c;
+    int j0 = it * j->per, j1 = j0 + j->per < j->T * j->nh ? j0 + j->per : j->T * j->nh;
+    float *sc = (float *)malloc(sizeof(float) * (size_t)(j->start + j->T));
+    if (!sc) return;
+    for (int jj = j0; jj < j1; jj++) {
+        int t = jj / j->nh, h = jj % j->nh, kv = h / j->grp;
+        const _Float16 *K = (const _Float16 *)j->kc + (size_t)kv * j->maxP * j->hd;
+        const _Float16 *V = (const _Float16 *)j->vc + (size_t)kv * j->maxP * j->hd;
+        attend_one_f16(j->q + (size_t)t * j->ldq + (size_t)h * j->hd, K, V, j->start + t + 1, j->hd, j->scale, sc,
+                       j->out + (size_t)t * j->nh * j->hd + (size_t)h * j->hd);
+    }
+    free(sc);
+}
+
 void plk_attention_f16_ld(const float *q, size_t ldq, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv,
                           int hd, int maxP, int start, float *out, int nthreads)
 {
-    const int grp = nh / nkv;
-    const float scale = 1.0f / sqrtf((float)hd);
     const int jobs = T * nh;
     long work = (long)jobs * (start + T) * hd;
     int nth = work < 200000 ? 1 : nthreads;
-    #pragma omp parallel num_threads(nth) if (nth > 1)
-    {
-        float *sc = (float *)malloc(sizeof(float) * (size_t)(start + T));
-        if (sc) {
-            #pragma omp for schedule(static)
-            for (int j = 0; j < jobs; j++) {
-                int t = j / nh, h = j % nh, kv = h / grp;
-                const _Float16 *K = (const _Float16 *)kc + (size_t)kv * maxP * hd;
-                const _Float16 *V = (const _Float16 *)vc + (size_t)kv * maxP * hd;
-                attend_one_f16(q + (size_t)t * ldq + (size_t)h * hd, K, V, start + t + 1, hd, scale, sc,
-                               out + (size_t)t * nh * hd + (size_t)h * hd);
-            }
-            free(sc);
-        }
-    }
+    int nit = nth == 1 ? 1 : 4 * nth;
+    if (nit > jobs) nit = jobs;
+    att_job j = { q, ldq, kc, vc, T, nh, nh / nkv, hd, maxP, start, (jobs + nit - 1) / nit, 1.0f / sqrtf((float)hd), out };
+    plk_pool_run(att_item, &j, (jobs + j.per - 1) / j.per, nth);
 }
 
 void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv, int hd,

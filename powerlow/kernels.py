@@ -13,6 +13,10 @@ Hot-path helpers (float32, C-contiguous; each returns `out`):
     attention(q (T, nh, hd), k_cache, v_cache (n_kv, max_pos, hd), start, out=None) -> (T, nh*hd)
         causal grouped-query attention for positions start..start+T-1 (cache already holds them);
         the cache may be float32 or float16 (both caches the same dtype)
+Threads: matmul rows, ffn_bundles chunks and attention jobs run on one work-claiming pool (plk_common.c,
+not OpenMP): the caller works too and returns when every item is done, so a thread preempted by another
+process does not stall a call for a time slice (with OpenMP regions, 2 threads on this shared 2-core VM
+at load 4-6 took 130-290 ms per SmolLM2 token instead of ~9 ms).
 Batch invariance: a token's matmul / ffn_bundles output is bit-identical whether it is computed alone
 (decode) or inside a batch (prefill), at a given thread count and ISA (tests/test_kernels.py).
 Numerics note: with int8 activation quantization the model is chaotic at the ulp level: perturbing
