@@ -87,12 +87,15 @@ def run_bench(model, *, n_tokens: int, prompt_tokens: int, repeats: int) -> dict
         "weight_bytes_per_token": wbytes,
         "effective_gbps": round(wbytes * decode / 1e9, 2),
         "probe_gbps": round(read_probe_gbps(), 2),
-        "read_bytes_per_token": extra.get("read_bytes_per_token", 0),
-        "cache_hit_rate": extra.get("cache_hit_rate", 1.0),
-        "predictor_recall": extra.get("predictor_recall"),
+        "read_bytes_per_token": 0,          # resident run: nothing streamed
+        "cache_hit_rate": 1.0,
+        "predictor_recall": None,
         "density": round(density, 4),
         "isa": getattr(tf.ops, "isa", "reference"),
     }
+    res.update(extra)                        # the cluster source's counters (offloaded runs)
+    if tf.predictor is not None and hasattr(tf.predictor, "describe"):
+        res["predictor_recall"] = tf.predictor.describe().get("recall")
     return res
 
 

@@ -27,6 +27,8 @@ token) the clusters layer 0 used for the previous token.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from powerlow import formats
@@ -40,6 +42,7 @@ __all__ = ["PREDICTORS", "MODE_PREDICTOR", "make_predictor", "Predictor", "Thres
 
 
 class Predictor:
+    heldout_recall: float | None = None   # share of truly active neurons selected, on held-out samples (if known)
     """Shared parts: model shape, the norm ratio for lookahead, the last selection per layer."""
     name = "base"
 
@@ -72,7 +75,8 @@ class Predictor:
         return self._pick(layer, h_prev * self.renorm[layer])
 
     def describe(self) -> dict:
-        return {"predictor": self.name, "target_density": self.density, "predictor_bytes": int(self.resident_bytes)}
+        return {"predictor": self.name, "target_density": self.density, "predictor_bytes": int(self.resident_bytes),
+                "recall": self.heldout_recall}
 
 
 class _GateRows(Predictor):
@@ -149,6 +153,7 @@ class GatePredictor(_GateRows):
         self.exact = self.act == "relu"
         if self.exact:
             self.thr = [0.0] * self.L
+            self.heldout_recall = 1.0          # exact: every firing neuron's cluster is computed
         elif self.density >= 1.0:
             self.thr = [-np.inf] * self.L
         else:
@@ -191,6 +196,8 @@ class LowRankPredictor(Predictor):
         else:
             self.thr = [threshold_at(t["cluster_thr"][l], self.density) for l in range(self.L)]
         self.meta = {k: v for k, v in meta.items() if k in ("rank", "target_recall")}
+        if self.by_recall and "summary" in meta:      # held-out recall measured by train-predictor
+            self.heldout_recall = round(float(json.loads(meta["summary"])["mean_recall"]), 4)
         self.resident_bytes = sum(x.nbytes for x in self.A + self.a + self.B + self.b)
 
     def logits(self, layer: int, h: np.ndarray) -> np.ndarray:
