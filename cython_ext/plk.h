@@ -81,7 +81,8 @@ int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h,
     void rows_tern_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
     void rows_q1_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
     void quantize_act_q8_##isa(const float*, int, int, int, int, int8_t*, float*, float*, int32_t*); \
-    double read_probe_##isa(const uint8_t*, size_t);
+    double read_probe_##isa(const uint8_t*, size_t); \
+    void gated_##isa(float *g, const float *u, size_t n, int act);
 PLK_DECL_ROWS(generic)
 /* table-lookup (T-MAC style) kernels, portable C: see plk_generic.c */
 void rowstl_q2_q8_generic(const plk_w*, int, int, const plk_act*, float*, int, int);

@@ -268,7 +268,6 @@ static void act_prepare(int isa, int fmt, const float *x, int T, int K, int ldx,
     a->qs = b->qs; a->dx = b->dx; a->bx = b->bx;
 }
 
-static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 /* out (T, K) += sum over bundles of down @ (act(gate h) * up h).  The bundles are cut into a fixed
  * number of contiguous chunks (by thread count, not by who runs them); chunk 0 sums into out, chunk c
@@ -306,8 +305,9 @@ static void ffn_item(void *c, int ch)
         float *g = gu, *u = gu + (size_t)T * C;
         j->fgu(&wg, 0, C, j->ha, g, C, 0);
         j->fgu(&wu, 0, C, j->ha, u, C, 0);
-        for (size_t k = 0; k < (size_t)T * C; k++)
-            g[k] = (j->act == PLK_ACT_SILU ? silu(g[k]) : (g[k] > 0.0f ? g[k] : 0.0f)) * u[k];
+        if (j->isa == PLK_AVX512) gated_avx512(g, u, (size_t)T * C, j->act);
+        else if (j->isa == PLK_AVX2) gated_avx2(g, u, (size_t)T * C, j->act);
+        else gated_generic(g, u, (size_t)T * C, j->act);
         plk_act aa;
         act_prepare(j->isa, j->down_fmt, g, T, C, C, j->Cp, &ab, &aa);
         j->fd(&wd, 0, K, &aa, dst, K, 1);

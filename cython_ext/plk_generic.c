@@ -1,3 +1,4 @@
+#include <math.h>
 /* Portable C variant (any x86-64): scalar code the compiler may auto-vectorise for SSE2.
  * Also the table-lookup (T-MAC style) kernels for q2, tern and q1. */
 #include <stdlib.h>
@@ -186,4 +187,13 @@ double read_probe_generic(const uint8_t *buf, size_t n)
     size_t m = n / 32;
     for (size_t i = 0; i < m; i++) { s0 += p[4 * i]; s1 += p[4 * i + 1]; s2 += p[4 * i + 2]; s3 += p[4 * i + 3]; }
     return (double)(s0 + s1 + s2 + s3);
+}
+
+/* g[i] = act(g[i]) * u[i] */
+void gated_generic(float *g, const float *u, size_t n, int act)
+{
+    for (size_t i = 0; i < n; i++) {
+        float a = act == PLK_ACT_SILU ? g[i] / (1.0f + expf(-g[i])) : (g[i] > 0.0f ? g[i] : 0.0f);
+        g[i] = a * u[i];
+    }
 }

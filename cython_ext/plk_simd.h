@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "plk.h"
+#include "plk_exp.h"
 
 #define CAT3_(a, b, c) a##b##c
 #define CAT3(a, b, c) CAT3_(a, b, c)
@@ -37,6 +38,8 @@ AI __m256i sdot(__m256i w, __m256i x)          /* u8 x s8 -> 8 x i32 (sums of 4 
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
 #endif
 }
+
+AI __m256 exp8(__m256 x) { return plk_exp8(x); }
 
 AI float hsum8(__m256 v)
 {
@@ -599,6 +602,24 @@ void NAME(quantize_act_q8)(const float *x, int T, int K, int ldx, int Kp,
             s[(size_t)t * nb + b] = _cvtsh_ss(_cvtss_sh(d * (float)is, _MM_FROUND_TO_NEAREST_INT));
             isum[(size_t)t * nb + b] = is;
         }
+    }
+}
+
+/* g[i] = act(g[i]) * u[i] (silu: g / (1 + e^-g) with exp8; relu) */
+void NAME(gated)(float *g, const float *u, size_t n, int act)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i), a;
+        if (act == PLK_ACT_SILU)
+            a = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+        else
+            a = _mm256_max_ps(gv, _mm256_setzero_ps());
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(a, _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) {
+        float a = act == PLK_ACT_SILU ? g[i] / (1.0f + expf(-g[i])) : (g[i] > 0.0f ? g[i] : 0.0f);
+        g[i] = a * u[i];
     }
 }
 
