@@ -40,7 +40,7 @@ setup(
     packages=find_packages(include=["powerlow", "powerlow.*"]) + ["powerlow.predictors"],
     package_dir={"powerlow": "powerlow", "powerlow.predictors": "predictors"},
     ext_modules=cythonize([ext], language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
-    install_requires=["numpy", "safetensors", "tokenizers", "gguf", "zstandard", "tqdm", "jinja2"],
+    install_requires=["numpy", "safetensors>=0.8", "tokenizers", "gguf", "zstandard", "tqdm", "jinja2"],
     extras_require={
         # torch only for offline predictor training and the reference tests; the runtime never imports it
         "test": ["pytest", "torch==2.13.0", "transformers", "matplotlib"],

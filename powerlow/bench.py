@@ -21,12 +21,9 @@ def add_arguments(p) -> None:
 def weight_bytes_per_token(tf) -> int:
     """Bytes of weights one decode step touches in the mode's dense equivalent (attention + lm_head + FFN)."""
     from . import formats
-    total = 0
-    for name, w in tf.w.items():
-        if isinstance(w, formats.QMatrix) and name != "token_embd":
-            total += w.nbytes
-    if tf.lm_head is tf.embed:
-        total += tf.embed.nbytes
+    total = sum(lw.wqkv.nbytes + lw.wo.nbytes for lw in tf.layers)
+    if isinstance(tf.lm_head, formats.QMatrix):
+        total += tf.lm_head.nbytes
     total += tf.store_info.total_bytes
     return total
 

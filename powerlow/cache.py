@@ -46,7 +46,7 @@ class OffloadedStore:
     def __init__(self, tf):
         rt = tf.runtime
         self.info = info = tf.store_info
-        self.plan = plan = make_plan(tf.dir, tf.manifest, rt)
+        self.plan = plan = getattr(tf, "plan", None) or make_plan(tf.dir, tf.manifest, rt)   # the engine checks it before loading
         # the KV cache is part of the budget: cap its capacity at the positions the plan paid for
         if rt.max_context != plan.context:
             tf.runtime = rt = rt.replace(max_context=plan.context)

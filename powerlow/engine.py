@@ -180,15 +180,25 @@ class Transformer:
         self.runtime = runtime or RuntimeConfig()
         self.manifest = load_manifest(self.dir, verify=verify)
         self.config = cfg = ModelConfig.from_json(self.manifest["config"])
+        # a budget is checked before anything big is loaded: under a memory limit below the minimum, a late
+        # check would be an OOM kill instead of this error
+        self.plan = None
+        if self.runtime.budget_bytes is not None:
+            from .plan import make_plan
+            self.plan = make_plan(self.dir, self.manifest, self.runtime)
         self.tokenizer = Tokenizer.from_file(self.dir / "tokenizer.json", chat_template=self.manifest.get("chat_template"),
                                              bos_id=cfg.bos_id, eos_ids=cfg.eos_ids)
-        try:
-            tensors = load_file(str(self.dir / "resident.safetensors"))
+        try:   # pread: plain reads into numpy arrays; no second, mapped copy of the file in the RSS
+            tensors = load_file(str(self.dir / "resident.safetensors"), backend="pread")
         except Exception as e:
             raise PowerlowError(f"{self.dir}/resident.safetensors cannot be read ({e}); re-convert the model") from None
         tmeta = self.manifest["tensors"]
         self.w = {name: _load_qmatrix(tensors, name, meta) for name, meta in tmeta.items()}
+        del tensors
         self.layers = [self._layer_weights(l) for l in range(cfg.n_layers)]
+        for l in range(cfg.n_layers):   # q/k/v live on only inside the fused wqkv (else they would be held twice)
+            for n in ("attn_q", "attn_k", "attn_v", "attn_q.bias", "attn_k.bias", "attn_v.bias"):
+                self.w.pop(f"blk.{l}.{n}", None)
         self.embed = self.w["token_embd"]
         self.lm_head = self.w.get("output", self.embed)
         self.ops = kernel_ops(backend)

@@ -63,9 +63,9 @@ def lowrank_predictor_bytes(path: Path, n_layers: int, Fp: int) -> int:
 
 
 def kv_bytes_per_position(cfg: dict) -> int:
-    """KV cache bytes per position: every layer's K and V, float32 storage."""
+    """KV cache bytes per position: every layer's K and V, float16 storage (engine.KVCache)."""
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["n_heads"]
-    return cfg["n_layers"] * 2 * cfg["n_kv_heads"] * head_dim * 4
+    return cfg["n_layers"] * 2 * cfg["n_kv_heads"] * head_dim * 2
 
 
 def auto_context(cfg: dict, budget: int) -> int:

@@ -119,11 +119,13 @@ def test_default_model_says_paris(tmp_path):
     assert any((tmp_path / "models").iterdir())
 
 
-def test_chat_run(smol_dir):
-    r = run_cli("run", "-m", smol_dir, "-p", "What is the capital of France?", "--chat", "-n", "24")
+def test_chat_run(smol_dir, llamacpp_ref):
+    """--chat formats the prompt with the template: the answer is the chat answer, ended at <|im_end|>."""
+    p = next(p for p in llamacpp_ref["prompts"] if p["chat"] and "boiling" in p["text"])
+    r = run_cli("run", "-m", smol_dir, "-p", p["text"], "--chat", "-n", "24")
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
-    assert "<|im_end|>" not in r.stdout
+    assert "100 degrees Celsius" in r.stdout      # llama.cpp's greedy answer says the same
+    assert "<|im_end|>" not in r.stdout and "<|im_start|>" not in r.stdout
 
 
 def test_sampling_is_seeded(smol):
