@@ -195,8 +195,11 @@ class Transformer:
         tmeta = self.manifest["tensors"]
         self.w = {name: _load_qmatrix(tensors, name, meta) for name, meta in tmeta.items()}
         del tensors
-        self.layers = [self._layer_weights(l) for l in range(cfg.n_layers)]
-        for l in range(cfg.n_layers):   # q/k/v live on only inside the fused wqkv (else they would be held twice)
+        self.layers = []
+        for l in range(cfg.n_layers):
+            self.layers.append(self._layer_weights(l))
+            # q/k/v live on only inside the fused wqkv; dropped layer by layer, so loading never holds
+            # more than one layer's attention twice (under a memory limit, that is the difference to OOM)
             for n in ("attn_q", "attn_k", "attn_v", "attn_q.bias", "attn_k.bias", "attn_v.bias"):
                 self.w.pop(f"blk.{l}.{n}", None)
         self.embed = self.w["token_embd"]
