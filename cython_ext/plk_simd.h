@@ -238,6 +238,73 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
         }
         return;
     }
+    if (ng == 2 && per == 1 && (FMT == PLK_Q4_0 || FMT == PLK_Q4_1)) {
+        /* two groups per row (C = 64 down matrices, 4-bit): one 32-byte load is one row, its low
+         * nibbles [g0 elements 0..15 | g1 elements 0..15], its high nibbles elements 16..31, dotted with
+         * the token's 64 activations re-laid the same way (two lane permutes per token). Per 128-bit
+         * lane (= group) two hadd levels fold each row's 8 int16 sums to 2 (<= 4 x 7620, no overflow),
+         * vpmaddwd widens them to one int32 per row, and two cross-lane permutes give one vector of 8
+         * row sums per group. The 16 fp16 scales of the 8 rows ([row][group]) are one load,
+         * deinterleaved into a vector per group. The float operations are those of the general loop
+         * below, in the same order: same results. */
+        const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+        /* per 128-bit lane: even fp16 (group 0) to the low 8 bytes, odd (group 1) to the high 8 */
+        const __m256i deint = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                               0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+        const __m256 vA = _mm256_set1_ps(A);
+        for (int r = r0; r + 8 <= r1; r += 8) {
+            const uint8_t *q = w->qs + (size_t)r * 32;
+            _mm_prefetch((const char *)q + PLK_PF, _MM_HINT_T0);
+            _mm_prefetch((const char *)q + PLK_PF + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)q + PLK_PF + 128, _MM_HINT_T0);
+            _mm_prefetch((const char *)q + PLK_PF + 192, _MM_HINT_T0);
+            /* qwords after the shuffle: [g0 r0-3, g1 r0-3, g0 r4-7, g1 r4-7] -> [g0 r0-7 | g1 r0-7] */
+            __m256i dh = _mm256_permute4x64_epi64(
+                _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(w->d + (size_t)r * 2)), deint), 0xd8);
+            const __m256 dv0 = _mm256_cvtph_ps(_mm256_castsi256_si128(dh));
+            const __m256 dv1 = _mm256_cvtph_ps(_mm256_extracti128_si256(dh, 1));
+            const __m256 dwv0 = _mm256_mul_ps(vA, dv0), dwv1 = _mm256_mul_ps(vA, dv1);
+            __m256 bwv0, bwv1;
+            if (FMT == PLK_Q4_1) {
+                __m256i mh = _mm256_permute4x64_epi64(
+                    _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(w->m + (size_t)r * 2)), deint), 0xd8);
+                bwv0 = _mm256_cvtph_ps(_mm256_castsi256_si128(mh));
+                bwv1 = _mm256_cvtph_ps(_mm256_extracti128_si256(mh, 1));
+            } else {
+                bwv0 = _mm256_mul_ps(_mm256_set1_ps(Bm), dv0);
+                bwv1 = _mm256_mul_ps(_mm256_set1_ps(Bm), dv1);
+            }
+            __m256i lo[8], hi[8];
+            for (int i = 0; i < 8; i++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * i));
+                lo[i] = _mm256_and_si256(v, m4);
+                hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            for (int t = 0; t < a->T; t++) {
+                const int8_t *x = a->qs + (size_t)t * a->Kp;
+                const float *dx = a->dx + (size_t)t * nb, *bx = a->bx + (size_t)t * ng;
+                const __m256i u = _mm256_loadu_si256((const __m256i *)x), v = _mm256_loadu_si256((const __m256i *)(x + 32));
+                const __m256i xa = _mm256_permute2x128_si256(u, v, 0x20), xb = _mm256_permute2x128_si256(u, v, 0x31);
+                __m256i s16[8];
+                for (int i = 0; i < 8; i++)
+                    s16[i] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[i], xa), _mm256_maddubs_epi16(hi[i], xb));
+                /* lane L (group L): int32 [row 0, 1, 2, 3] and [row 4, 5, 6, 7] */
+                const __m256i s03 = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(s16[0], s16[1]),
+                                                                        _mm256_hadd_epi16(s16[2], s16[3])), ones);
+                const __m256i s47 = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(s16[4], s16[5]),
+                                                                        _mm256_hadd_epi16(s16[6], s16[7])), ones);
+                const __m256i is0 = _mm256_permute2x128_si256(s03, s47, 0x20), is1 = _mm256_permute2x128_si256(s03, s47, 0x31);
+                __m256 res = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is0), _mm256_mul_ps(dwv0, _mm256_set1_ps(dx[0])), _mm256_setzero_ps());
+                res = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is1), _mm256_mul_ps(dwv1, _mm256_set1_ps(dx[1])), res);
+                res = _mm256_fmadd_ps(bwv0, _mm256_set1_ps(bx[0]), res);
+                res = _mm256_fmadd_ps(bwv1, _mm256_set1_ps(bx[1]), res);
+                float *o = y + (size_t)t * ldy + r;
+                if (accum) res = _mm256_add_ps(res, _mm256_loadu_ps(o));
+                _mm256_storeu_ps(o, res);
+            }
+        }
+        return;
+    }
     for (int r = r0; r + 8 <= r1; r += 8) {
         /* prefetch the codes PLK_PF bytes ahead (8 rows of a down matrix are only 64-256 bytes) */
         const uint8_t *pf = w->qs + (size_t)r * rowq + PLK_PF;

@@ -255,11 +255,28 @@ def test_attention_fp16_cache(T, start):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8"])
+def test_two_group_short_rows(isa, fmt):
+    """C = 64 down matrices (two 32-groups per row): the 8-row path (q4: one row per load, scales of
+    the two groups deinterleaved) plus a tail of rows, against the reference, groups of very different scale."""
+    rng = np.random.default_rng(31)
+    n = 8 * 9 + 3
+    w = rng.standard_normal((n, 64)).astype(np.float32)
+    w[:, 32:] *= rng.uniform(0.01, 10, (n, 1)).astype(np.float32)   # group 1 scaled apart from group 0
+    w[::5, :32] += 2.0                                              # and shifted (mins of q4_1)
+    q = F.quantize(w, fmt)
+    for t in (1, 3, 5):
+        x = rng.standard_normal((t, 64)).astype(np.float32)
+        x[:, 32:] *= 7.0
+        _close(K.matmul(q, x, isa=isa), F.matmul_ref(q, x), q, x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", FMTS)
 def test_batch_invariance_bit_exact(isa, fmt):
     """A token's output does not depend on the batch it is computed in (decode == prefill, bit for bit)."""
     rng = np.random.default_rng(21)
-    for n, k in ((37, 576), (40, 64), (48, 32)):   # long rows, short rows (the 8-row path), one group (C = 32 down)
+    for n, k in ((37, 576), (40, 64), (48, 32)):   # long rows, two groups (C = 64 down, 8-row path), one group (C = 32 down)
         q = F.quantize(rng.standard_normal((n, k)).astype(np.float32), fmt)
         x = rng.standard_normal((7, k)).astype(np.float32)
         full = K.matmul(q, x, isa=isa)
