@@ -30,8 +30,8 @@ def weight_bytes_per_token(tf) -> int:
 
 def read_probe_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Plain read bandwidth over a buffer larger than the caches (the C probe if the kernels have one)."""
-    from .ffn import aligned_empty
-    buf = aligned_empty(nbytes)
+    from .io import aligned_buffer
+    buf = aligned_buffer(nbytes)
     buf[:] = 1
     try:
         from . import kernels

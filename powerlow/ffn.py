@@ -13,14 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PowerlowError
+from .io import aligned_buffer
 from .store import StoreInfo
-
-
-def aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
-    """A uint8 buffer whose data pointer is ``align``-aligned."""
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start: start + nbytes]
 
 
 class ResidentStore:
@@ -31,7 +25,7 @@ class ResidentStore:
         size = path.stat().st_size
         if size != info.total_bytes:
             raise PowerlowError(f"{path}: {size} bytes, expected {info.total_bytes} from the manifest; re-convert the model")
-        self.buf = aligned_empty(size)
+        self.buf = aligned_buffer(size)
         with open(path, "rb", buffering=0) as f:
             view = memoryview(self.buf)
             done = 0
