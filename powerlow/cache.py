@@ -46,10 +46,9 @@ class OffloadedStore:
     def __init__(self, tf):
         rt = tf.runtime
         self.info = info = tf.store_info
-        self.plan = plan = getattr(tf, "plan", None) or make_plan(tf.dir, tf.manifest, rt)   # the engine checks it before loading
-        # the KV cache is part of the budget: cap its capacity at the positions the plan paid for
-        if rt.max_context != plan.context:
-            tf.runtime = rt = rt.replace(max_context=plan.context)
+        # the engine made the plan before loading (and capped the KV cache at plan.context); tests may hand
+        # a bare namespace instead of a Transformer
+        self.plan = plan = getattr(tf, "plan", None) or make_plan(tf.dir, tf.manifest, rt)
         # resident.safetensors was read through the page cache when the engine loaded it; let it go. The load
         # also leaves freed blocks in malloc's heap (measured: 104 MiB on the 2 GB model); hand them back
         drop_page_cache(tf.dir / "resident.safetensors")

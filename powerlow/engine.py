@@ -186,6 +186,8 @@ class Transformer:
         if self.runtime.budget_bytes is not None:
             from .plan import make_plan
             self.plan = make_plan(self.dir, self.manifest, self.runtime)
+            # the KV cache is part of the budget: its capacity is the positions the plan paid for
+            self.runtime = self.runtime.replace(max_context=self.plan.context)
         self.tokenizer = Tokenizer.from_file(self.dir / "tokenizer.json", chat_template=self.manifest.get("chat_template"),
                                              bos_id=cfg.bos_id, eos_ids=cfg.eos_ids)
         try:   # pread: plain reads into numpy arrays; no second, mapped copy of the file in the RSS
