@@ -162,6 +162,45 @@ AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);   /* every lane holds a partial sum of its block */
 }
 
+/* q2/tern, AVX2, even group count: one 32-byte load holds two 64-groups (4 blocks, the same 4 blocks
+ * the tile above does per step). Four shift+mask steps give the 2-bit fields s = 0..3 of both groups,
+ * [group g elements 16s..16s+15 | group g+1 the same], dotted with the token's activations re-laid the
+ * same way once per call (xr: per 128 elements [x0-15 | x64-79], [x16-31 | x80-95], [x32-47 | x96-111],
+ * [x48-63 | x112-127]). Two hadd levels and vpmaddwd give per lane [L0 L1 U0 U1 | L2 L3 U2 U3]
+ * (L/U = sum over a block's elements 0-15 / 16-31, exact: int16 folds stay <= 8 x 2 x 3 x 127), one
+ * qword permute gives the tile's [L0 L1 L2 L3 | U0 U1 U2 U3]; the float operations (convert, FMA with
+ * the broadcast d_w*d_x of the 4 blocks, final hsum8) are the tile's, in its order: same results. */
+AI void tile_2g(const int NT, const uint8_t *qs, int ng, const int8_t *const *xr,
+                const float *const *ds, float *res)
+{
+    const __m256i m2 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int g = 0; g + 2 <= ng; g += 2) {
+        _mm_prefetch((const char *)(qs + (size_t)g * 16 + PLK_PF), _MM_HINT_T0);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + (size_t)g * 16));
+        const __m256i w0 = _mm256_and_si256(v, m2);
+        const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m2);
+        const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
+        const __m256i w3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), m2);
+        const int b = g * 2;
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const int8_t *x = xr[t] + (size_t)b * 32;
+            __m256i p0 = _mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)x));
+            __m256i p1 = _mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 32)));
+            __m256i p2 = _mm256_maddubs_epi16(w2, _mm256_loadu_si256((const __m256i *)(x + 64)));
+            __m256i p3 = _mm256_maddubs_epi16(w3, _mm256_loadu_si256((const __m256i *)(x + 96)));
+            __m256i h = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p0, p2), _mm256_hadd_epi16(p1, p3)), ones);
+            h = _mm256_permute4x64_epi64(h, 0xd8);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_broadcast_ps((const __m128 *)(ds[t] + b)), acc[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
+}
+
 /* fp16 row -> float; with safe != 0 the last 8-wide load may read past n (into the next row) */
 AI void h2f_row(const uint16_t *h, float *f, int n, int safe)
 {
@@ -554,6 +593,23 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
     float *buf = (float *)malloc(sizeof(float) * ((size_t)2 * ng + 4 * (size_t)nb + 64));
     if (!buf) return;
     float *dw = buf, *bw = buf + ng + 8, *ds = buf + 2 * ng + 16;
+    int8_t *xr = NULL;
+    if (!PLK_VNNI && (FMT == PLK_Q2 || FMT == PLK_TERN) && !(ng & 1)) {
+        xr = (int8_t *)malloc((size_t)a->T * ng * 64);
+        if (!xr) { free(buf); return; }
+        for (int t = 0; t < a->T; t++) {
+            const int8_t *x = a->qs + (size_t)t * a->Kp;
+            int8_t *o = xr + (size_t)t * ng * 64;
+            for (int e = 0; e + 128 <= ng * 64; e += 128) {
+                const __m256i u0 = _mm256_loadu_si256((const __m256i *)(x + e)), u1 = _mm256_loadu_si256((const __m256i *)(x + e + 32));
+                const __m256i u2 = _mm256_loadu_si256((const __m256i *)(x + e + 64)), u3 = _mm256_loadu_si256((const __m256i *)(x + e + 96));
+                _mm256_storeu_si256((__m256i *)(o + e), _mm256_permute2x128_si256(u0, u2, 0x20));
+                _mm256_storeu_si256((__m256i *)(o + e + 32), _mm256_permute2x128_si256(u0, u2, 0x31));
+                _mm256_storeu_si256((__m256i *)(o + e + 64), _mm256_permute2x128_si256(u1, u3, 0x20));
+                _mm256_storeu_si256((__m256i *)(o + e + 96), _mm256_permute2x128_si256(u1, u3, 0x31));
+            }
+        }
+    }
     const __m256i tailmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(ng & 7), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int r = r0; r < r1; r++) {
         const uint8_t *qs = w->qs + (size_t)r * rowq;
@@ -593,10 +649,16 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
                     s = bmul * hsum8(vs);
                 }
                 bsum[t] = s;
-                xp[t] = a->qs + (size_t)(t0 + t) * a->Kp;
+                xp[t] = xr ? xr + (size_t)(t0 + t) * ng * 64 : a->qs + (size_t)(t0 + t) * a->Kp;
                 dsp[t] = d;
             }
-            switch (nt) {
+            if (xr) switch (nt) {
+            case 1: tile_2g(1, qs, ng, xp, dsp, res); break;
+            case 2: tile_2g(2, qs, ng, xp, dsp, res); break;
+            case 3: tile_2g(3, qs, ng, xp, dsp, res); break;
+            default: tile_2g(4, qs, ng, xp, dsp, res); break;
+            }
+            else switch (nt) {
             case 1: tile(FMT, 1, qs, ng, xp, dsp, res); break;
             case 2: tile(FMT, 2, qs, ng, xp, dsp, res); break;
             case 3: tile(FMT, 3, qs, ng, xp, dsp, res); break;
@@ -608,6 +670,7 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
             }
         }
     }
+    free(xr);
     free(buf);
 }
 

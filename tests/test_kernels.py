@@ -272,11 +272,29 @@ def test_two_group_short_rows(isa, fmt):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["q2", "tern"])
+@pytest.mark.parametrize("k", [320, 384, 1536, 1600])
+def test_long_rows_two_groups(isa, fmt, k):
+    """q2/tern long rows with an even count of 64-groups (two groups per 32-byte load against re-laid
+    activations): every 2-bit field position and block half, groups of very different scale."""
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((19, k)).astype(np.float32)
+    w *= np.repeat(rng.uniform(0.01, 10, (19, -(-k // 64))), 64, axis=1)[:, :k].astype(np.float32)
+    q = F.quantize(w, fmt)
+    for t in (1, 2, 3, 4, 5):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        x[:, 16:48] *= 9.0
+        _close(K.matmul(q, x, isa=isa), F.matmul_ref(q, x), q, x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", FMTS)
 def test_batch_invariance_bit_exact(isa, fmt):
     """A token's output does not depend on the batch it is computed in (decode == prefill, bit for bit)."""
     rng = np.random.default_rng(21)
-    for n, k in ((37, 576), (40, 64), (48, 32)):   # long rows, two groups (C = 64 down, 8-row path), one group (C = 32 down)
+    # long rows (576: odd count of 64-groups, 384: even, the q2/tern two-group path), two groups (C = 64
+    # down, 8-row path), one group (C = 32 down)
+    for n, k in ((37, 576), (21, 384), (40, 64), (48, 32)):
         q = F.quantize(rng.standard_normal((n, k)).astype(np.float32), fmt)
         x = rng.standard_normal((7, k)).astype(np.float32)
         full = K.matmul(q, x, isa=isa)
