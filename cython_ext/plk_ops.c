@@ -86,30 +86,35 @@ CLONES void plk_relu_mul(const float *g, const float *u, float *out, size_t n)
     for (size_t i = 0; i < n; i++) out[i] = (g[i] > 0.0f ? g[i] : 0.0f) * u[i];
 }
 
-/* one query row against keys 0..P-1 of one kv head */
-CLONES static void attend_one(const float *q, const float *K, const float *V, int P, int hd, float scale,
-                              float *sc, float *o)
-{
-    float mx = -FLT_MAX;
-    for (int p = 0; p < P; p++) {
-        const float *k = K + (size_t)p * hd;
-        float d = 0.0f;
-        #pragma omp simd reduction(+:d)
-        for (int i = 0; i < hd; i++) d += q[i] * k[i];
-        sc[p] = d * scale;
-        if (sc[p] > mx) mx = sc[p];
-    }
-    float sum = 0.0f;
-    #pragma omp simd reduction(+:sum)
-    for (int p = 0; p < P; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
-    float inv = 1.0f / sum;
-    for (int i = 0; i < hd; i++) o[i] = 0.0f;
-    for (int p = 0; p < P; p++) {
-        const float *v = V + (size_t)p * hd;
-        float wgt = sc[p] * inv;
-        for (int i = 0; i < hd; i++) o[i] += wgt * v[i];
-    }
+/* one query row against keys 0..P-1 of one kv head; one body for both cache types (float32, and fp16 as
+ * llama.cpp's default cache: _Float16 loads become vcvtph2ps in the x86-64-v3 clone, a library conversion in
+ * the baseline one) */
+#define ATTEND_ONE(NAME, ELEM)                                                                                \
+CLONES static void NAME(const float *q, const ELEM *K, const ELEM *V, int P, int hd, float scale,             \
+                        float *sc, float *o)                                                                \
+{                                                                                                           \
+    float mx = -FLT_MAX;                                                                                    \
+    for (int p = 0; p < P; p++) {                                                                           \
+        const ELEM *k = K + (size_t)p * hd;                                                                 \
+        float d = 0.0f;                                                                                     \
+        _Pragma("omp simd reduction(+:d)")                                                                  \
+        for (int i = 0; i < hd; i++) d += q[i] * (float)k[i];                                               \
+        sc[p] = d * scale;                                                                                  \
+        if (sc[p] > mx) mx = sc[p];                                                                         \
+    }                                                                                                       \
+    float sum = 0.0f;                                                                                       \
+    _Pragma("omp simd reduction(+:sum)")                                                                    \
+    for (int p = 0; p < P; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }                                 \
+    float inv = 1.0f / sum;                                                                                 \
+    for (int i = 0; i < hd; i++) o[i] = 0.0f;                                                               \
+    for (int p = 0; p < P; p++) {                                                                           \
+        const ELEM *v = V + (size_t)p * hd;                                                                 \
+        float wgt = sc[p] * inv;                                                                            \
+        for (int i = 0; i < hd; i++) o[i] += wgt * (float)v[i];                                             \
+    }                                                                                                       \
 }
+ATTEND_ONE(attend_one, float)
+ATTEND_ONE(attend_one_f16, _Float16)
 
 /* q (T, nh, hd) for positions start..start+T-1; kc, vc (nkv, maxP, hd); out (T, nh*hd) */
 void plk_attention(const float *q, const float *kc, const float *vc, int T, int nh, int nkv, int hd,
@@ -133,32 +138,6 @@ void plk_attention(const float *q, const float *kc, const float *vc, int T, int 
             }
             free(sc);
         }
-    }
-}
-
-/* the same with an fp16 KV cache (llama.cpp's default cache type): _Float16 loads become vcvtph2ps in
- * the x86-64-v3 clone and a library conversion in the baseline one */
-CLONES static void attend_one_f16(const float *q, const _Float16 *K, const _Float16 *V, int P, int hd, float scale,
-                                  float *sc, float *o)
-{
-    float mx = -FLT_MAX;
-    for (int p = 0; p < P; p++) {
-        const _Float16 *k = K + (size_t)p * hd;
-        float d = 0.0f;
-        #pragma omp simd reduction(+:d)
-        for (int i = 0; i < hd; i++) d += q[i] * (float)k[i];
-        sc[p] = d * scale;
-        if (sc[p] > mx) mx = sc[p];
-    }
-    float sum = 0.0f;
-    #pragma omp simd reduction(+:sum)
-    for (int p = 0; p < P; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
-    float inv = 1.0f / sum;
-    for (int i = 0; i < hd; i++) o[i] = 0.0f;
-    for (int p = 0; p < P; p++) {
-        const _Float16 *v = V + (size_t)p * hd;
-        float wgt = sc[p] * inv;
-        for (int i = 0; i < hd; i++) o[i] += wgt * (float)v[i];
     }
 }
 
