@@ -153,29 +153,10 @@ class LayerWeights:
     ffn_norm: np.ndarray           # (K,)
 
 
-def concat_rows(mats: list) -> "formats.QMatrix | None":
-    """Stack QMatrices of one format and width row-wise (planes are one row per matrix row); None if they differ."""
-    f, cols = mats[0].fmt, mats[0].cols
-    if any(m.fmt != f or m.cols != cols for m in mats):
-        return None
-    planes = {n: np.ascontiguousarray(np.concatenate([m.planes[n] for m in mats])) for n in mats[0].planes}
-    return formats.QMatrix(f, sum(m.rows for m in mats), cols, planes)
-
-
-def _load_qmatrix(tensors: dict, name: str, meta: dict):
-    fmt = meta["fmt"]
-    if fmt == "f32":
-        return tensors[name]
-    rows, cols = meta["shape"]
-    return formats.QMatrix.from_tensors(fmt, rows, cols, tensors, name)
-
-
 class Transformer:
     """Weights + KV cache + the forward pass of one model dir."""
 
     def __init__(self, model_dir, runtime: RuntimeConfig | None = None, *, backend: str | None = None, verify: bool = False):
-        from safetensors.numpy import load_file
-
         self.dir = Path(model_dir)
         self.runtime = runtime or RuntimeConfig()
         self.manifest = load_manifest(self.dir, verify=verify)
@@ -190,22 +171,8 @@ class Transformer:
             self.runtime = self.runtime.replace(max_context=self.plan.context)
         self.tokenizer = Tokenizer.from_file(self.dir / "tokenizer.json", chat_template=self.manifest.get("chat_template"),
                                              bos_id=cfg.bos_id, eos_ids=cfg.eos_ids)
-        try:   # pread: plain reads into numpy arrays; no second, mapped copy of the file in the RSS
-            tensors = load_file(str(self.dir / "resident.safetensors"), backend="pread")
-        except Exception as e:
-            raise PowerlowError(f"{self.dir}/resident.safetensors cannot be read ({e}); re-convert the model") from None
-        tmeta = self.manifest["tensors"]
-        self.w = {name: _load_qmatrix(tensors, name, meta) for name, meta in tmeta.items()}
-        del tensors
-        self.layers = []
-        for l in range(cfg.n_layers):
-            self.layers.append(self._layer_weights(l))
-            # q/k/v live on only inside the fused wqkv; dropped layer by layer, so loading never holds
-            # more than one layer's attention twice (under a memory limit, that is the difference to OOM)
-            for n in ("attn_q", "attn_k", "attn_v", "attn_q.bias", "attn_k.bias", "attn_v.bias"):
-                self.w.pop(f"blk.{l}.{n}", None)
-        self.embed = self.w["token_embd"]
-        self.lm_head = self.w.get("output", self.embed)
+        self.ring = None
+        self._load_weights()
         self.ops = kernel_ops(backend)
         self.ops.set_threads(self.runtime.n_threads)
         self.store_info = StoreInfo.from_json(self.manifest["ffn"])
@@ -234,20 +201,107 @@ class Transformer:
         from .predictors import make_predictor
         return make_predictor(self)
 
-    def _layer_weights(self, l: int) -> LayerWeights:
-        w, p, cfg = self.w, f"blk.{l}.", self.config
-        parts = [w[p + "attn_q"], w[p + "attn_k"], w[p + "attn_v"]]
-        wqkv = concat_rows(parts)
-        if wqkv is None:   # convert writes q/k/v in one format; anything else is a damaged or foreign dir
-            raise PowerlowError(f"{self.dir}: layer {l} has q/k/v in different formats; re-convert the model")
-        bqkv = np.concatenate([w[p + "attn_q.bias"], w[p + "attn_k.bias"], w[p + "attn_v.bias"]]) if cfg.attn_bias else None
-        return LayerWeights(w[p + "attn_norm"], wqkv, bqkv, w[p + "attn_output"], w[p + "ffn_norm"])
+    def _load_weights(self) -> None:
+        """Read resident.safetensors by pread (no mmap, no second copy): small tensors, then attention and the
+        lm_head as units (powerlow.stream) -- resident ones now, the rest through a ring read every token."""
+        from .plan import dense_units
+        from .stream import EmbeddingRows, WeightRing
+        cfg, tmeta = self.config, self.manifest["tensors"]
+        dp = self.plan.dense if self.plan is not None else None
+        attn, heads, head_name, tf_ = dense_units(self.dir, self.manifest, dp.head_chunk_bytes if dp else None)
+        self._tfile = tf_
+        big = {f"blk.{l}.attn_{n}" for l in range(cfg.n_layers) for n in ("q", "k", "v", "output")}
+        big |= {head_name, "token_embd"}
+        self.w = {}
+        for name, meta in tmeta.items():
+            if name in big or name.endswith((".attn_q.bias", ".attn_k.bias", ".attn_v.bias")):
+                continue
+            if meta["fmt"] == "f32":
+                self.w[name] = tf_.read(name)
+            else:
+                from .stream import Part, Unit
+                rows, cols = meta["shape"]
+                self.w[name] = Unit(name, [(name, meta["fmt"], rows, cols, [Part(name, 0, rows, 0)])], tf_).load(tf_)[name]
+        attn_res = dp.attn_resident if dp else [True] * cfg.n_layers
+        head_res = dp.head_resident if dp else [True] * len(heads)
+        ring_units: list = []
+        self.layers: list[LayerWeights | None] = []
+        self._small = []                    # per layer: (attn_norm, bqkv, ffn_norm), always resident
+        self._ring_of_layer: dict[int, int] = {}
+        for l in range(cfg.n_layers):
+            p = f"blk.{l}."
+            bqkv = (np.concatenate([tf_.read(p + f"attn_{n}.bias") for n in ("q", "k", "v")]).astype(np.float32)
+                    if cfg.attn_bias else None)
+            small = (self.w[p + "attn_norm"], bqkv, self.w[p + "ffn_norm"])
+            self._small.append(small)
+            if attn_res[l]:
+                m = attn[l].load(tf_)
+                self.layers.append(LayerWeights(small[0], m["wqkv"], bqkv, m["wo"], small[2]))
+            else:
+                self._ring_of_layer[l] = len(ring_units)
+                ring_units.append(attn[l])
+                self.layers.append(None)
+        # the lm_head: one resident matrix, or row chunks (resident or streamed)
+        self.head_chunks = []               # (first row, rows, matrix or None, ring unit index or None)
+        for (r0, unit), res in zip(heads, head_res):
+            rows = unit.matrices[0][2]
+            if res:
+                self.head_chunks.append((r0, rows, unit.load(tf_)["w"], None))
+            else:
+                self.head_chunks.append((r0, rows, None, len(ring_units)))
+                ring_units.append(unit)
+        self.lm_head = self.head_chunks[0][2] if len(self.head_chunks) == 1 else None
+        if dp is not None and dp.embed_on_demand and not (head_name == "token_embd" and self.lm_head is not None):
+            self.embed = EmbeddingRows(tf_, "token_embd", tmeta["token_embd"])
+        elif head_name == "token_embd" and self.lm_head is not None:
+            self.embed = self.lm_head
+        else:
+            from .stream import Part, Unit
+            rows, cols = tmeta["token_embd"]["shape"]
+            u = Unit("token_embd", [("token_embd", tmeta["token_embd"]["fmt"], rows, cols, [Part("token_embd", 0, rows, 0)])], tf_)
+            self.embed = u.load(tf_)["token_embd"]
+        if ring_units:
+            self.ring = WeightRing(self.dir / "resident.safetensors", ring_units, dp.ring_slots,
+                                   queue_depth=min(8, self.runtime.queue_depth))
+        tf_.drop_cache()
+
+    def _layer(self, l: int) -> tuple[LayerWeights, bool]:
+        """Layer l's weights; True if they came from the ring (release it after use)."""
+        lw = self.layers[l]
+        if lw is not None:
+            return lw, False
+        m = self.ring.acquire(self._ring_of_layer[l])
+        an, bqkv, fn = self._small[l]
+        return LayerWeights(an, m["wqkv"], bqkv, m["wo"], fn), True
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """lm_head: x (T, K) normed -> (T, vocab); chunk by chunk when it is streamed."""
+        if self.lm_head is not None:
+            return self.ops.matmul(self.lm_head, x)
+        out = np.empty((x.shape[0], self.config.vocab_size), np.float32)
+        for r0, n, mat, j in self.head_chunks:
+            w = mat if mat is not None else self.ring.acquire(j)["w"]
+            if x.shape[0] == 1:
+                self.ops.matmul(w, x, out[:, r0: r0 + n])
+            else:
+                out[:, r0: r0 + n] = self.ops.matmul(w, x)
+            if mat is None:
+                self.ring.release()
+        return out
+
+    def close(self) -> None:
+        """Stop the I/O threads and close files (the offloaded run's reader pools)."""
+        for obj in (self.ffn_source, self.ring, self._tfile):
+            if obj is not None:
+                obj.close()
 
     # -- the forward pass --------------------------------------------------------------------------
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         """ids (T,) -> x (T, K) float32."""
         if isinstance(self.embed, np.ndarray):
             return self.embed[ids].astype(np.float32)
+        if not isinstance(self.embed, formats.QMatrix):        # powerlow.stream.EmbeddingRows
+            return self.embed.rows_f32(ids)
         return formats.dequantize(formats.select_rows(self.embed, ids))
 
     def forward(self, ids, *, start_pos: int | None = None, last_only: bool = False) -> np.ndarray:
@@ -277,11 +331,15 @@ class Transformer:
             rope = ops.rope_tables(pos, hd, cfg.rope_theta, cfg.rope_scaling_factor)
             h = np.empty_like(x)
             scratch = self._attn_scratch(T)
-            for l, lw in enumerate(self.layers):
+            for l in range(cfg.n_layers):
+                lw, streamed = self._layer(l)
                 ops.attn_block(lw, x, h, self.kv.k[l], self.kv.v[l], start, rope, nh, nkv, cfg.rms_eps, scratch)
+                if streamed:
+                    self.ring.release()
                 self.ffn.accumulate(l, h, x)
         else:
-            for l, lw in enumerate(self.layers):
+            for l in range(cfg.n_layers):
+                lw, streamed = self._layer(l)
                 h = ops.rmsnorm(x, lw.attn_norm, cfg.rms_eps)
                 qkv = ops.matmul(lw.wqkv, h)                            # (T, q_dim + 2 kv_dim)
                 if lw.bqkv is not None:
@@ -295,13 +353,15 @@ class Transformer:
                 vc[:, start: start + T] = qkv[:, qd + kd:].reshape(T, nkv, hd).transpose(1, 0, 2)
                 a = ops.attention(q, kc, vc, start)                     # (T, nh*hd)
                 x += ops.matmul(lw.wo, a)
+                if streamed:
+                    self.ring.release()
                 h = ops.rmsnorm(x, lw.ffn_norm, cfg.rms_eps)
                 self.ffn.accumulate(l, h, x)
         self.kv.length = start + T
         if last_only:
             x = x[-1:]
         x = self.ops.rmsnorm(np.ascontiguousarray(x), self.w["output_norm"], cfg.rms_eps)
-        return self.ops.matmul(self.lm_head, x)
+        return self.logits(x)
 
     def _attn_scratch(self, T: int):
         """attn_block's scratch for T tokens: one buffer per Transformer, grown (never per token)."""

@@ -13,7 +13,14 @@ Segments (bytes, exact where the run allocates them, estimated where numpy does)
   staging   bundle slots the I/O threads read into: the layer being computed and ``prefetch_depth``
             layers ahead (expected misses: every cold cluster in dense mode, density x clusters otherwise)
 Hot, dynamic and staging are slots of one aligned arena of ``stride``-byte bundles (powerlow.cache).
-The smallest budget: resident + one whole layer of bundles (the most a single layer can ask for).
+
+Attention and the lm_head are used by every token, so a byte of them resident saves a byte read per token, at
+least as much as any FFN cluster: they are resident whenever the budget holds them with one layer of bundles.
+Below that, they stream too (powerlow.stream): as many attention layers and lm_head row chunks as fit stay
+pinned, the rest go through a ring of two unit-sized buffers read ahead in order. With a budget, token
+embeddings are read a row per token instead of being held (they are the lm_head itself when tied).
+The smallest budget: the fixed part (norms, KV cache, scratch, tokenizer, predictors) + the ring (if streaming)
++ one whole layer of bundles (the most a single layer can ask for).
 """
 from __future__ import annotations
 
@@ -136,6 +143,53 @@ def hotness(model_dir: Path, info: StoreInfo) -> np.ndarray | None:
     return None if np.isnan(out).any() else out
 
 
+RING_SLOTS = 2
+
+
+@dataclass
+class DensePlan:
+    """Where attention and the lm_head live (powerlow.stream); built by make_plan."""
+    attn_resident: list[bool]             # per layer
+    attn_bytes: list[int]                 # per layer (fused wqkv + wo, as laid out in memory)
+    head_name: str                        # "output", or "token_embd" when tied
+    head_chunk_bytes: int | None          # None: the lm_head is one unit; else row chunks of at most this
+    head_resident: list[bool]             # per chunk
+    head_bytes: list[int]                 # per chunk
+    ring_slots: int
+    ring_slot_bytes: int
+    embed_on_demand: bool                 # token embeddings read per token (not held)
+
+    @property
+    def streams(self) -> bool:
+        return self.ring_slots > 0
+
+    @property
+    def resident_bytes(self) -> int:
+        return (sum(b for b, r in zip(self.attn_bytes, self.attn_resident) if r)
+                + sum(b for b, r in zip(self.head_bytes, self.head_resident) if r))
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Attention + lm_head bytes read from storage per forward pass."""
+        return (sum(b for b, r in zip(self.attn_bytes, self.attn_resident) if not r)
+                + sum(b for b, r in zip(self.head_bytes, self.head_resident) if not r))
+
+
+def dense_units(model_dir: Path, manifest: dict, chunk_bytes: int | None):
+    """(attention units per layer, [(first row, lm_head unit)], head name, TensorFile) of a model dir."""
+    from .stream import TensorFile, attention_unit, lm_head_units
+    tensors = manifest["tensors"]
+    tfile = TensorFile(model_dir / "resident.safetensors")
+    try:
+        attn = [attention_unit(tensors, tfile, l) for l in range(manifest["config"]["n_layers"])]
+        head = "output" if "output" in tensors else "token_embd"
+        heads = lm_head_units(tensors, tfile, head, chunk_bytes)
+    except KeyError as e:
+        tfile.close()
+        raise PowerlowError(f"{model_dir}: the manifest lacks tensor {e}; re-convert the model") from None
+    return attn, heads, head, tfile
+
+
 @dataclass
 class Plan:
     budget_bytes: int
@@ -154,6 +208,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     expected_read_bytes: int | None = None    # sparse modes: an estimate of the cold bundles read a token
     expected_basis: str = ""
+    dense: DensePlan | None = None            # attention / lm_head / embeddings (None: all resident)
 
     @property
     def resident_bytes(self) -> int:
@@ -191,7 +246,9 @@ class Plan:
         return {"budget_bytes": self.budget_bytes, "resident_bytes": self.resident_bytes, "resident": dict(self.resident),
                 "hot_bytes": self.hot_bytes, "dynamic_bytes": self.dynamic_bytes, "staging_bytes": self.staging_bytes,
                 "planned_bytes": self.total_bytes, "hot_per_layer": list(map(int, self.hot_per_layer)),
-                "context": self.context, "prefetch_depth": self.prefetch_depth, "hot_source": self.hot_source}
+                "context": self.context, "prefetch_depth": self.prefetch_depth, "hot_source": self.hot_source,
+                "attn_layers_streamed": 0 if self.dense is None else self.dense.attn_resident.count(False),
+                "dense_streamed_bytes": 0 if self.dense is None else self.dense.streamed_bytes}
 
     def render(self) -> str:
         B = self.budget_bytes
@@ -217,8 +274,15 @@ class Plan:
         lines.append(row("I/O staging", self.staging_bytes,
                          f"{self.n_staging} slots: the layer computed + {self.prefetch_depth or 'part of one'} read ahead"))
         lines.append(row("planned total", self.total_bytes, f"unused {format_size(B - self.total_bytes)}"))
+        d = self.dense
+        if d is not None and d.streams:
+            lines.append(f"  attention + lm_head read from storage per token: {format_size(d.streamed_bytes)} "
+                         f"({d.attn_resident.count(False)} of {len(d.attn_resident)} attention layers, "
+                         f"{d.head_resident.count(False)} of {len(d.head_resident)} lm_head chunks, through "
+                         f"{d.ring_slots} x {format_size(d.ring_slot_bytes)} ring buffers)")
         if not self.streams:
-            lines.append("  everything fits: no reads after loading")
+            if not (d is not None and d.streams):
+                lines.append("  everything fits: no reads after loading")
         elif self.expected_read_bytes is None:
             lines.append(f"  FFN read from storage per token (dense): about {format_size(ffn_total - self.hot_bytes)}")
         else:
@@ -228,21 +292,18 @@ class Plan:
         return "\n".join(lines)
 
 
-def _min_budget(resident: int, n_clusters: int, stride: int) -> int:
-    return resident + n_clusters * stride
-
-
 def _spread(total: int, n_layers: int, cap: int) -> list[int]:
     """``total`` clusters shared evenly over layers (the first layers take the remainder), at most cap each."""
     base, extra = divmod(total, n_layers)
     return [min(cap, base + (1 if l < extra else 0)) for l in range(n_layers)]
 
 
-def minimum_budget(model_dir, manifest: dict, runtime: RuntimeConfig) -> int:
-    """The smallest budget make_plan accepts for this model and runtime (bytes)."""
+def minimum_budget(model_dir, manifest: dict, runtime: RuntimeConfig, *, dense_resident: bool = False) -> int:
+    """The smallest budget make_plan accepts for this model and runtime (bytes); with ``dense_resident``, the
+    smallest that keeps all attention and lm_head weights resident."""
     rt = runtime.replace(budget_bytes=1)
     try:
-        make_plan(model_dir, manifest, rt)
+        make_plan(model_dir, manifest, rt, allow_stream=not dense_resident)
     except PowerlowError as e:
         import re
         m = re.search(r"minimum .*?\((\d+) bytes\)", str(e))
@@ -252,8 +313,9 @@ def minimum_budget(model_dir, manifest: dict, runtime: RuntimeConfig) -> int:
     return 1
 
 
-def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
-    """Share ``runtime.budget_bytes`` out between the segments; refuse a budget below the minimum."""
+def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream: bool = True) -> Plan:
+    """Share ``runtime.budget_bytes`` out between the segments; refuse a budget below the minimum.
+    ``allow_stream=False``: attention and lm_head must stay resident (the minimum is then higher)."""
     model_dir = Path(model_dir)
     B = runtime.budget_bytes
     if B is None:
@@ -261,7 +323,29 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
     cfg = manifest["config"]
     info = StoreInfo.from_json(manifest["ffn"])
     L, N, S = info.n_layers, info.n_clusters, info.layout.stride
-    weights = {"weights (resident.safetensors)": safetensors_bytes(model_dir / "resident.safetensors")}
+    header = safetensors_header(model_dir / "resident.safetensors")
+    attn_units, heads, head_name, tfile = dense_units(model_dir, manifest, None)
+    tfile.close()
+
+    def stored(name: str) -> int:       # bytes of a matrix in the file (all its planes)
+        return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                   if k == name or k.startswith(name + "."))
+    tied = head_name == "token_embd"
+    dense_names = [f"blk.{l}.attn_{n}" for l in range(L) for n in ("q", "k", "v", "output")] + [head_name]
+    other = safetensors_bytes(model_dir / "resident.safetensors") - sum(stored(n) for n in dense_names)
+    if not tied:        # untied embeddings are read a row per token (powerlow.stream.EmbeddingRows)
+        other -= stored("token_embd")
+    attn_bytes = [u.nbytes for u in attn_units]
+    head_total = heads[0][1].nbytes
+    full_dense = sum(attn_bytes) + head_total
+    # the ring's slot: one attention layer, or a chunk of lm_head rows if a chunk cannot be that small
+    chunk_req = -(-max(attn_bytes) // 4096) * 4096
+    _, stream_heads, _, tfile = dense_units(model_dir, manifest, chunk_req)
+    tfile.close()
+    slot = -(-max(attn_bytes + [u.nbytes for _, u in stream_heads]) // 4096) * 4096
+    ring_bytes = RING_SLOTS * slot
+
+    weights = {"norms and small weights": other}
     if runtime.mode == "predict" and (model_dir / "predictors.safetensors").exists():
         weights["predictors"] = lowrank_predictor_bytes(model_dir / "predictors.safetensors", L, N * info.cluster_size)
     elif runtime.mode in ("threshold", "gate"):
@@ -271,29 +355,71 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
 
     weights["tokenizer (estimate)"] = tokenizer_bytes(model_dir / "tokenizer.json")
 
-    def resident_for(ctx: int) -> dict:
+    def fixed_for(ctx: int) -> dict:
         return {**weights, "kv cache": ctx * kv_bytes_per_position(cfg), "scratch (estimate)": scratch_bytes(cfg, ctx)}
 
+    def need(ctx: int, stream: bool) -> int:
+        return sum(fixed_for(ctx).values()) + (ring_bytes if stream else full_dense) + N * S
+
     context = min(runtime.max_context or auto_context(cfg, B), cfg["max_positions"])
-    if runtime.max_context is None:      # the automatic context shrinks (to 64) before the budget is refused
-        while context > 64 and _min_budget(sum(resident_for(context).values()), N, S) > B:
-            context //= 2
-    resident = resident_for(context)
+    stream = False
+    if runtime.max_context is None:      # the automatic context shrinks (to 64) before anything streams
+        ctx = context
+        while ctx > 64 and need(ctx, False) > B:
+            ctx //= 2
+        if need(ctx, False) <= B or not allow_stream:
+            context = ctx
+        else:
+            stream = True
+            while context > 64 and need(context, True) > B:
+                context //= 2
+    else:
+        stream = need(context, False) > B and allow_stream
+    fixed = fixed_for(context)
+    F = sum(fixed.values())
+    if stream:
+        needed = need(context, True)
+        if B < needed:
+            raise PowerlowError(
+                f"budget {format_size(B)} is below the minimum {format_size(needed)} ({needed} bytes) for this model: "
+                f"{format_size(F)} fixed (norms, KV cache of {context} positions, scratch, tokenizer"
+                + (", predictors" if len(weights) > 2 else "") + f") + {format_size(ring_bytes)} ring for "
+                f"streamed attention + one layer of bundles {format_size(N * S)}; raise --budget to at least "
+                f"{-(-needed // (1 << 20))}MiB" + (" or lower max_context" if fixed["kv cache"] > N * S else ""))
+        sizes = attn_bytes + [u.nbytes for _, u in stream_heads]
+        room = B - F - N * S - ring_bytes
+        pinned = []
+        for b in sizes:                      # all used once per token: pin in order while they fit
+            ok = b <= room
+            room -= b if ok else 0
+            pinned.append(ok)
+        n_streamed = pinned.count(False)
+        dense = DensePlan(pinned[:L], attn_bytes, head_name, chunk_req, pinned[L:], sizes[L:],
+                          min(RING_SLOTS, n_streamed), slot, True)
+    else:
+        dense = DensePlan([True] * L, attn_bytes, head_name, None, [True], [head_total], 0, 0, not tied)
+    resident = dict(weights)
+    resident["attention (resident)"] = sum(b for b, r in zip(dense.attn_bytes, dense.attn_resident) if r)
+    resident["lm_head (resident)"] = sum(b for b, r in zip(dense.head_bytes, dense.head_resident) if r)
+    if dense.streams:
+        resident["weight ring (streamed attention/lm_head)"] = dense.ring_slots * dense.ring_slot_bytes
+    resident["kv cache"] = fixed["kv cache"]
+    resident["scratch (estimate)"] = fixed["scratch (estimate)"]
     R = sum(resident.values())
-    need = _min_budget(R, N, S)
-    if B < need:
+    if B < R + N * S:     # only without streaming (allow_stream=False)
+        need_ = R + N * S
         raise PowerlowError(
-            f"budget {format_size(B)} is below the minimum {format_size(need)} ({need} bytes) for this model: resident "
-            f"{format_size(R)} (weights, KV cache of {context} positions, scratch) + one layer of bundles "
-            f"{format_size(N * S)}; raise --budget to at least {-(-need // (1 << 20))}MiB"
-            + (" or lower max_context" if resident["kv cache"] > N * S else ""))
+            f"budget {format_size(B)} is below the minimum {format_size(need_)} ({need_} bytes) for this model with "
+            f"attention resident: {format_size(R)} (weights, KV cache of {context} positions, scratch) + one layer "
+            f"of bundles {format_size(N * S)}; raise --budget to at least {-(-need_ // (1 << 20))}MiB")
     slots = (B - R) // S
     total = L * N
     notes: list[str] = []
     counts = hotness(model_dir, info)
     D = runtime.prefetch_depth
     if slots >= total:
-        return Plan(B, S, L, N, context, resident, [N] * L, [np.arange(N)] * L, 0, 0, D, 1.0, "everything", notes)
+        return Plan(B, S, L, N, context, resident, [N] * L, [np.arange(N)] * L, 0, 0, D, 1.0, "everything", notes,
+                    dense=dense)
 
     dense_like = runtime.mode == "dense" or (runtime.mode == "gate" and counts is None)
     if dense_like:
@@ -337,7 +463,7 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig) -> Plan:
         source = "cluster order"
     hot_ids = [np.sort(o).astype(np.int64) for o in order]
     plan = Plan(B, S, L, N, context, resident, [int(h) for h in hot], hot_ids, int(dynamic), int(staging), D,
-                float(frac), source, notes)
+                float(frac), source, notes, dense=dense)
     if not dense_like:
         if counts is not None and counts.max() <= 1.0 and runtime.mode == "gate":
             cold = sum(float(np.delete(counts[l], hot_ids[l]).sum()) for l in range(L))

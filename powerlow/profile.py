@@ -231,7 +231,7 @@ def profile_model(model_dir, *, text: str | None = None, n_tokens: int = DEFAULT
         else:
             cluster_freq[l] = (cs > threshold_at(cluster_thr[l], density)).mean(axis=0)
     manifest = tf.manifest
-    tf.ffn_source.close()
+    tf.close()
     del tf, rec.G, rec.U
     if relayout:
         manifest = relayout_store(model_dir, manifest, perms)

@@ -71,7 +71,7 @@ def measure(model_dir: Path, rt, *, n_tokens: int, prompt_tokens: int, repeats: 
             res.update(src.counters())
         return res
     finally:
-        model.tf.ffn_source.close()
+        model.tf.close()
 
 
 def suggest(rows: list[dict], within: float) -> dict | None:

@@ -1,0 +1,297 @@
+"""Dense weights that do not fit the budget: attention and lm_head read from storage every token, in a ring.
+
+The FFN is sparse and goes through the segmented cache (powerlow.cache). Attention and the lm_head are used
+by every token, so a byte of them pinned saves a byte read per token: the plan (powerlow.plan) pins as many
+of them as the budget holds, before any FFN cluster. When a budget is too small even for that (a 25% budget
+on a Llama-shaped model: attention is a third of a layer), the rest streams through this ring:
+
+    units    one per streamed layer (fused wqkv + wo) and one per lm_head row chunk, in the order a forward
+             pass uses them: layer 0 .. L-1, then the lm_head chunks
+    ring     ``n_slots`` unit-sized aligned buffers; while the compute thread uses unit j, the I/O threads
+             read units j+1 .. j+n_slots-1 (across the token boundary too: after the last lm_head chunk
+             comes layer 0 of the next token)
+
+All weights are read with plain preads from resident.safetensors (TensorFile: offsets from its header, no
+mmap), straight into the planes the kernels use; q, k and v land in one fused wqkv without a copy. The page
+cache is dropped behind every read (POSIX_FADV_DONTNEED), so a cgroup memory limit holds.
+Token embeddings need one row a token: with a budget they are read per token (EmbeddingRows).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import formats
+from .errors import PowerlowError
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I8": np.int8, "U8": np.uint8, "I32": np.int32,
+           "I64": np.int64}
+PLANE_ALIGN = 64
+ROW_TILE = 64                  # lm_head chunks are whole multiples of this many rows
+READ_CHUNK = 4 << 20           # one request of a unit read (several in flight over the I/O threads)
+
+
+class TensorFile:
+    """Tensors of a safetensors file by pread: ``span(key)`` -> (file offset, nbytes), ``read(key)`` -> array."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise PowerlowError(f"cannot open {self.path}: {e.strerror}; re-convert the model") from None
+        try:
+            size = os.fstat(self.fd).st_size
+            head = os.pread(self.fd, 8, 0)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+            if n is None or n > size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(os.pread(self.fd, n, 8))
+            self.base = 8 + n
+            self.meta = {k: v for k, v in header.items() if k != "__metadata__"}
+            for k, v in self.meta.items():
+                a, b = v["data_offsets"]
+                if not 0 <= a <= b or self.base + b > size:
+                    raise ValueError(f"tensor {k} lies past the end of the file")
+        except (ValueError, KeyError, TypeError, struct.error) as e:
+            os.close(self.fd)
+            raise PowerlowError(f"{self.path} is not a readable safetensors file ({e}); re-convert the model") from None
+
+    def span(self, key: str) -> tuple[int, int]:
+        try:
+            a, b = self.meta[key]["data_offsets"]
+        except KeyError:
+            raise PowerlowError(f"{self.path}: tensor {key!r} is missing; re-convert the model") from None
+        return self.base + a, b - a
+
+    def read_into(self, offset: int, dest: np.ndarray) -> None:
+        view = memoryview(dest.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise PowerlowError(f"{self.path}: unexpected end of file; re-convert the model")
+            done += n
+
+    def read(self, key: str) -> np.ndarray:
+        m = self.meta.get(key)
+        if m is None:
+            raise PowerlowError(f"{self.path}: tensor {key!r} is missing; re-convert the model")
+        dt = _DTYPES.get(m["dtype"])
+        if dt is None:
+            raise PowerlowError(f"{self.path}: tensor {key!r} has dtype {m['dtype']}; re-convert the model")
+        off, n = self.span(key)
+        a = np.empty(m["shape"], dt)
+        if a.nbytes != n:
+            raise PowerlowError(f"{self.path}: tensor {key!r} has {n} bytes for shape {m['shape']}; re-convert the model")
+        self.read_into(off, a)
+        return a
+
+    def drop_cache(self) -> None:
+        try:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except (AttributeError, OSError):
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def matrix_planes(fmt: str, rows: int, cols: int) -> list[tuple[str, np.dtype, tuple]]:
+    """(plane suffix, dtype, shape) of a stored matrix; an "f32" matrix is one float32 plane without suffix."""
+    if fmt == "f32":
+        return [("", np.dtype(np.float32), (rows, cols))]
+    return formats._plane_shapes(fmt, rows, cols)
+
+
+def _key(name: str, plane: str) -> str:
+    return f"{name}.{plane}" if plane else name
+
+
+@dataclass
+class Part:
+    """Rows [src_row, src_row + n_rows) of stored matrix ``name`` placed at row ``dst_row`` of a unit matrix."""
+    name: str
+    src_row: int
+    n_rows: int
+    dst_row: int
+
+
+class Unit:
+    """A set of matrices built from rows of stored ones, laid out in one buffer (each plane 64-byte aligned).
+
+    ``reads`` are (file offset, nbytes, offset in the buffer); ``build(buf)`` gives the matrices as views."""
+
+    def __init__(self, label: str, matrices: list[tuple[str, str, int, int, list[Part]]], tfile: TensorFile):
+        self.label = label
+        self.matrices = []            # (key, fmt, rows, cols, [(plane, dtype, shape, offset)])
+        self.reads: list[tuple[int, int, int]] = []
+        off = 0
+        for key, fmt, rows, cols, parts in matrices:
+            planes = []
+            for plane, dt, shape in matrix_planes(fmt, rows, cols):
+                row_bytes = dt.itemsize * int(np.prod(shape[1:]))
+                for p in parts:
+                    src, n = tfile.span(_key(p.name, plane))
+                    src_rows = n // row_bytes if row_bytes else 0
+                    if p.src_row + p.n_rows > src_rows:
+                        raise PowerlowError(f"{tfile.path}: {_key(p.name, plane)} has {src_rows} rows, "
+                                            f"expected at least {p.src_row + p.n_rows}; re-convert the model")
+                    self.reads.append((src + p.src_row * row_bytes, p.n_rows * row_bytes, off + p.dst_row * row_bytes))
+                planes.append((plane, dt, shape, off))
+                off += -(-row_bytes * rows // PLANE_ALIGN) * PLANE_ALIGN
+            self.matrices.append((key, fmt, rows, cols, planes))
+        self.nbytes = off
+
+    def build(self, buf: np.ndarray) -> dict:
+        out = {}
+        for key, fmt, rows, cols, planes in self.matrices:
+            arrs = {}
+            for plane, dt, shape, off in planes:
+                n = int(np.prod(shape))
+                arrs[plane] = np.frombuffer(buf, dtype=dt, count=n, offset=off).reshape(shape)
+            out[key] = arrs[""] if fmt == "f32" else formats.QMatrix(fmt, rows, cols, arrs)
+        return out
+
+    def load(self, tfile: TensorFile) -> dict:
+        """Read the unit now into its own buffer (a resident unit)."""
+        from .io import aligned_buffer
+        buf = aligned_buffer(max(self.nbytes, PLANE_ALIGN))
+        for src, n, dst in self.reads:
+            tfile.read_into(src, buf[dst: dst + n])
+        return self.build(buf)
+
+
+def attention_unit(tensors: dict, tfile: TensorFile, layer: int) -> Unit:
+    """Layer ``layer``'s wqkv (q, k, v rows fused) and wo."""
+    p = f"blk.{layer}."
+    q, k, v, o = (tensors[p + n] for n in ("attn_q", "attn_k", "attn_v", "attn_output"))
+    if not (q["fmt"] == k["fmt"] == v["fmt"]) or not (q["shape"][1] == k["shape"][1] == v["shape"][1]):
+        raise PowerlowError(f"{tfile.path.parent}: layer {layer} has q/k/v in different formats; re-convert the model")
+    rq, rk, rv = q["shape"][0], k["shape"][0], v["shape"][0]
+    parts = [Part(p + "attn_q", 0, rq, 0), Part(p + "attn_k", 0, rk, rq), Part(p + "attn_v", 0, rv, rq + rk)]
+    return Unit(f"layer {layer} attention", [("wqkv", q["fmt"], rq + rk + rv, q["shape"][1], parts),
+                                             ("wo", o["fmt"], *o["shape"], [Part(p + "attn_output", 0, o["shape"][0], 0)])],
+                tfile)
+
+
+def lm_head_units(tensors: dict, tfile: TensorFile, name: str, max_bytes: int | None) -> list[tuple[int, Unit]]:
+    """The lm_head as row chunks of at most ``max_bytes`` (None: one unit) -> [(first row, unit)]."""
+    meta = tensors[name]
+    rows, cols = meta["shape"]
+    per_row = sum(dt.itemsize * int(np.prod(s[1:])) for _, dt, s in matrix_planes(meta["fmt"], 1, cols))
+    # chunks start on multiples of ROW_TILE rows: the kernels group rows in tiles, and a row computed in the
+    # tail of a chunk would round differently from the same row inside a tile of the whole matrix
+    # (measured: 1-ulp differences); aligned, chunked logits are bit-identical to the whole matmul (a test)
+    step = rows if max_bytes is None else max(ROW_TILE, (max_bytes - PLANE_ALIGN * 4) // per_row // ROW_TILE * ROW_TILE)
+    out = []
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        out.append((r0, Unit(f"lm_head rows {r0}..{r0 + n}", [("w", meta["fmt"], n, cols, [Part(name, r0, n, 0)])], tfile)))
+    return out
+
+
+class EmbeddingRows:
+    """Token embeddings read a row at a time from resident.safetensors (with a budget: one row a token)."""
+
+    def __init__(self, tfile: TensorFile, name: str, meta: dict):
+        self.tfile, self.fmt = tfile, meta["fmt"]
+        self.rows, self.cols = meta["shape"]
+        self.planes = []
+        for plane, dt, shape in matrix_planes(self.fmt, 1, self.cols):
+            off, _ = tfile.span(_key(name, plane))
+            self.planes.append((plane, dt, shape[1:], off, dt.itemsize * int(np.prod(shape[1:]))))
+        self.nbytes = 0
+
+    def rows_f32(self, ids: np.ndarray) -> np.ndarray:
+        T = len(ids)
+        arrs = {}
+        for plane, dt, rest, off, rb in self.planes:
+            a = np.empty((T, *rest), dt)
+            for i, t in enumerate(ids):
+                self.tfile.read_into(off + int(t) * rb, a[i])
+            arrs[plane] = a
+        if self.fmt == "f32":
+            return arrs[""].astype(np.float32)
+        return formats.dequantize(formats.QMatrix(self.fmt, T, self.cols, arrs))
+
+
+class WeightRing:
+    """Streamed units through ``n_slots`` unit-sized buffers, read ahead in consumption order (cyclic)."""
+
+    def __init__(self, path, units: list[Unit], n_slots: int, *, queue_depth: int = 4):
+        from .io import BundleReader, aligned_buffer
+        self.units = units
+        self.n = len(units)
+        self.n_slots = max(1, min(n_slots, self.n))
+        self.slot_bytes = -(-max(u.nbytes for u in units) // 4096) * 4096
+        self.bufs = [aligned_buffer(self.slot_bytes) for _ in range(self.n_slots)]
+        # buffered reads (tensor offsets in the file are not 4 KiB-aligned), page cache dropped behind each one
+        self.reader = BundleReader(path, depth=queue_depth, o_direct=False)
+        self._queue: list[tuple[int, int, list]] = []      # (unit, slot, requests) in consumption order
+        self._free = list(range(self.n_slots))
+        self._next = 0
+        self._current: tuple[int, int] | None = None
+        self.wait_seconds = 0.0
+        self.reads = 0
+        self._fill()
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+    def _fill(self) -> None:
+        while self._free:
+            slot = self._free.pop(0)
+            j = self._next
+            self._next = (j + 1) % self.n
+            buf = self.bufs[slot]
+            reqs = []
+            for src, n, dst in self.units[j].reads:
+                for a in range(0, n, READ_CHUNK):
+                    m = min(READ_CHUNK, n - a)
+                    reqs.append(self.reader.submit(src + a, [memoryview(buf[dst + a: dst + a + m])], priority=0))
+            self._queue.append((j, slot, reqs))
+            self.reads += 1
+
+    def acquire(self, j: int) -> dict:
+        """Unit j's matrices (waits for its read). Units are asked for in order; anything else restarts the ring."""
+        if self._current is not None:
+            self.release()
+        if not self._queue or self._queue[0][0] != j:
+            self._restart(j)
+        unit, slot, reqs = self._queue.pop(0)
+        t = time.perf_counter()
+        for r in reqs:
+            r.wait()
+        self.wait_seconds += time.perf_counter() - t
+        self._current = (unit, slot)
+        return self.units[unit].build(self.bufs[slot])
+
+    def release(self) -> None:
+        """The current unit is no longer used: its slot reads the next unit in order."""
+        if self._current is None:
+            return
+        self._free.append(self._current[1])
+        self._current = None
+        self._fill()
+
+    def _restart(self, j: int) -> None:
+        for _, slot, reqs in self._queue:       # let reads in flight land before their buffers are reused
+            for r in reqs:
+                r.event.wait()
+            self._free.append(slot)
+        self._queue.clear()
+        self._next = j
+        self._fill()
+
+    def close(self) -> None:
+        self.reader.close()
