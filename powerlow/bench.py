@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -20,12 +19,7 @@ def add_arguments(p) -> None:
 
 def weight_bytes_per_token(tf) -> int:
     """Bytes of weights one decode step touches in the mode's dense equivalent (attention + lm_head + FFN)."""
-    from . import formats
-    total = sum(lw.wqkv.nbytes + lw.wo.nbytes for lw in tf.layers)
-    if isinstance(tf.lm_head, formats.QMatrix):
-        total += tf.lm_head.nbytes
-    total += tf.store_info.total_bytes
-    return total
+    return tf.dense_weight_bytes + tf.store_info.total_bytes
 
 
 def read_probe_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:

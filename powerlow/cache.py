@@ -77,6 +77,7 @@ class OffloadedStore:
         self.epoch = 0
         self.tick = 0
         self.reader = BundleReader(tf.dir / "ffn.bin", depth=rt.queue_depth, o_direct=rt.o_direct)
+        self.ring = getattr(tf, "ring", None)          # streamed attention / lm_head (powerlow.stream), or None
         # counters
         self.hits = self.misses = self.demand_misses = self.evictions = self.wasted = self.unpinned = 0
         self.passes = 0
@@ -256,8 +257,13 @@ class OffloadedStore:
         passes = max(1, self.passes)
         streamed = self.reader.bytes_read - self.hot_load_bytes
         busy = self.reader.busy_seconds
+        ring = self.ring
+        dense_read = ring.reader.bytes_read if ring is not None else 0
         return {
-            "read_bytes_per_token": int(streamed / passes),
+            "read_bytes_per_token": int((streamed + dense_read) / passes),
+            "ffn_read_bytes_per_token": int(streamed / passes),
+            "dense_read_bytes_per_token": int(dense_read / passes),
+            "ring_wait_s": round(ring.wait_seconds, 3) if ring is not None else 0.0,
             "cache_hit_rate": round(self.hits / used, 4) if used else 1.0,
             "hits": self.hits, "misses": self.misses, "demand_misses": self.demand_misses,
             "bytes_read": streamed, "evictions": self.evictions, "prefetch_wasted": self.wasted, "unpinned": self.unpinned,

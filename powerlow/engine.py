@@ -210,6 +210,8 @@ class Transformer:
         dp = self.plan.dense if self.plan is not None else None
         attn, heads, head_name, tf_ = dense_units(self.dir, self.manifest, dp.head_chunk_bytes if dp else None)
         self._tfile = tf_
+        # attention + lm_head bytes one forward pass uses (bench's bytes-per-token figure)
+        self.dense_weight_bytes = sum(u.nbytes for u in attn) + sum(u.nbytes for _, u in heads)
         big = {f"blk.{l}.attn_{n}" for l in range(cfg.n_layers) for n in ("q", "k", "v", "output")}
         big |= {head_name, "token_embd"}
         self.w = {}
