@@ -54,9 +54,14 @@ def open_direct(path, o_direct: bool = True) -> tuple[int, bool]:
             except OSError:
                 os.close(fd)
     try:
-        return os.open(path, os.O_RDONLY), False
+        fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise PowerlowError(f"cannot open {path}: {e.strerror}") from None
+    try:    # buffered: no read-ahead past the requests (those pages would stay in the page cache)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    except (AttributeError, OSError):
+        pass
+    return fd, False
 
 
 class Request:

@@ -34,7 +34,7 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I8": np.int8, "U
            "I64": np.int64}
 PLANE_ALIGN = 64
 ROW_TILE = 64                  # lm_head chunks are whole multiples of this many rows
-READ_CHUNK = 4 << 20           # one request of a unit read (several in flight over the I/O threads)
+READ_CHUNK = 1 << 20           # one request of a unit read (several in flight over the I/O threads)
 
 
 class TensorFile:
@@ -44,6 +44,8 @@ class TensorFile:
         self.path = Path(path)
         try:
             self.fd = os.open(self.path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):      # no read-ahead past what is asked for (it would stay cached)
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
         except OSError as e:
             raise PowerlowError(f"cannot open {self.path}: {e.strerror}; re-convert the model") from None
         try:
@@ -71,6 +73,7 @@ class TensorFile:
         return self.base + a, b - a
 
     def read_into(self, offset: int, dest: np.ndarray) -> None:
+        """Read len(dest) bytes at offset, then drop them from the page cache (a cgroup limit counts it)."""
         view = memoryview(dest.reshape(-1).view(np.uint8))
         done = 0
         while done < len(view):
@@ -78,6 +81,11 @@ class TensorFile:
             if n <= 0:
                 raise PowerlowError(f"{self.path}: unexpected end of file; re-convert the model")
             done += n
+        if done >= 1 << 16:
+            try:
+                os.posix_fadvise(self.fd, offset, done, os.POSIX_FADV_DONTNEED)
+            except (AttributeError, OSError):
+                pass
 
     def read(self, key: str) -> np.ndarray:
         m = self.meta.get(key)

@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -189,6 +190,17 @@ def run_in_cgroup(python: str, payload: dict, limit: int | None, timeout: float)
                     f.write(str(os.getpid()))
         cmd = [python, __file__, "--inner", json.dumps(payload)]
         t = time.perf_counter()
+        peaks = {"rss": 0, "cache": 0}
+        stop = threading.Event()
+
+        def sample():       # memory.stat split: anonymous memory (rss) vs page cache (cache) at their peaks
+            while g is not None and not stop.wait(0.1):
+                with contextlib.suppress(OSError, ValueError):
+                    st = dict(l.split() for l in (g / "memory.stat").read_text().splitlines()[:20])
+                    peaks["rss"] = max(peaks["rss"], int(st.get("rss", 0)) + int(st.get("mapped_file", 0)))
+                    peaks["cache"] = max(peaks["cache"], int(st.get("cache", 0)))
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=enter,
                                env=dict(os.environ, PYTHONPATH=str(HERE.parent)))
@@ -198,6 +210,8 @@ def run_in_cgroup(python: str, payload: dict, limit: int | None, timeout: float)
             if isinstance(out, bytes):
                 out, err = out.decode(), err.decode() if isinstance(err, bytes) else err
         wall = time.perf_counter() - t
+        stop.set()
+        sampler.join()
         res = {}
         lines = [l for l in (out or "").strip().splitlines() if l.startswith("{")]
         if rc == 0 and lines:
@@ -208,6 +222,8 @@ def run_in_cgroup(python: str, payload: dict, limit: int | None, timeout: float)
         if g:
             res["cgroup_limit_bytes"] = limit
             res["cgroup_max_usage_bytes"] = int((g / "memory.max_usage_in_bytes").read_text())
+            res["cgroup_peak_rss_mapped_bytes"] = peaks["rss"]      # sampled every 0.1 s
+            res["cgroup_peak_cache_bytes"] = peaks["cache"]
             oom = (g / "memory.oom_control").read_text()
             res["oom_kills"] = int(next((l.split()[1] for l in oom.splitlines() if l.startswith("oom_kill ")), 0))
             res["failcnt"] = int((g / "memory.failcnt").read_text())
