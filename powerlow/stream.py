@@ -30,7 +30,8 @@ import numpy as np
 from . import formats
 from .errors import PowerlowError
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I8": np.int8, "U8": np.uint8, "I32": np.int32,
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None, "I8": np.int8, "U8": np.uint8,
+           "I16": np.int16, "U16": np.uint16, "I32": np.int32, "U32": np.uint32, "BOOL": np.bool_,
            "I64": np.int64}
 PLANE_ALIGN = 64
 ROW_TILE = 64                  # lm_head chunks are whole multiples of this many rows
@@ -57,6 +58,7 @@ class TensorFile:
             header = json.loads(os.pread(self.fd, n, 8))
             self.base = 8 + n
             self.meta = {k: v for k, v in header.items() if k != "__metadata__"}
+            self.header_metadata = header.get("__metadata__") or {}
             for k, v in self.meta.items():
                 a, b = v["data_offsets"]
                 if not 0 <= a <= b or self.base + b > size:

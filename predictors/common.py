@@ -90,17 +90,16 @@ def quantile_table(scores: np.ndarray) -> np.ndarray:
 
 def load_checked(model_dir: Path, manifest: dict, name: str, make_cmd: str) -> tuple[dict, dict]:
     """(tensors, metadata) of profile/predictors file ``name``, refused when missing or made for another model."""
-    from safetensors import safe_open
+    from powerlow.stream import TensorFile
 
     path = Path(model_dir) / name
     if not path.exists():
         raise PowerlowError(f"{model_dir} has no {name}; run `{make_cmd}` first")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        raise PowerlowError(f"{path} cannot be read ({e}); re-run `{make_cmd}`") from None
+        tensors = LazyTensors(TensorFile(path))
+    except PowerlowError as e:
+        raise PowerlowError(f"{e}".replace("re-convert the model", f"re-run `{make_cmd}`")) from None
+    meta = tensors.metadata
     ffn = manifest["ffn"]
     want = (ffn["n_layers"], ffn["n_neurons"], ffn["hidden"])
     got = tuple(int(x) for x in json.loads(meta.get("shape", "[0, 0, 0]")))
@@ -111,6 +110,29 @@ def load_checked(model_dir: Path, manifest: dict, name: str, make_cmd: str) -> t
         raise PowerlowError(f"{path} is stale: it was made for another neuron order of this model (the store was "
                             f"re-laid since, or the file comes from another model dir); re-run `{make_cmd}`")
     return tensors, meta
+
+
+class LazyTensors:
+    """A safetensors file as a read-only mapping whose tensors are read (pread) when asked for: a predictor
+    takes what it needs layer by layer and the profile's training samples are never loaded at run time."""
+
+    def __init__(self, tfile):
+        self.tfile = tfile
+        self.metadata = tfile.header_metadata
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.tfile.meta:
+            raise KeyError(key)
+        return self.tfile.read(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self.tfile.meta
+
+    def keys(self):
+        return self.tfile.meta.keys()
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
 
 
 def publish(path: Path) -> None:
