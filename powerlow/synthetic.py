@@ -21,6 +21,11 @@ layers built so far (numpy); t_j is nearly Gaussian over tokens, so b_j = mean_j
 (z = inverse normal CDF) makes neuron j fire (gate > 0) with the planted probability p_j.
 p_j follows a power law p ~ (rank+1)^-alpha, capped at 0.98 and scaled to a mean density
 (default 0.15); ranks are randomly permuted per layer so the hot neurons are not the first ones.
+Co-activation (coact_group = G > 1): neurons come in groups of G consecutive ones that share a planted
+probability (the power law runs over groups) and a common gate direction g_k: w_j = sqrt(1-rho) r_j +
+sqrt(rho) g_k before scaling, so t_j of one group are correlated (about rho) and the group tends to fire
+together, as neuron clusters do in trained ReLU models (what PowerInfer's clusters rely on). With G = 1
+(the default) neurons fire independently, and clusters of 32 are active far more often than their neurons.
 For SiLU models the planted event is gate > 1 (silu(gate) > 0.73; a negative gate gives
 |silu| <= 0.28, and the gate pre-activation has std about 3), so |silu(gate) * up| is large
 mostly when the neuron fires.
@@ -93,6 +98,8 @@ class SyntheticSpec:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     rms_norm_eps: float = 1e-5
+    coact_group: int = 1          # neurons per co-activating group (1: independent)
+    coact_rho: float = 0.9        # share of a neuron's gate direction common to its group
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> PowerlowError:
@@ -122,6 +129,10 @@ class SyntheticSpec:
             raise bad(f"hot_density must be in (0, {P_MAX}), got {self.hot_density}")
         if self.rope_theta <= 0:
             raise bad(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.coact_group < 1 or self.intermediate % self.coact_group:
+            raise bad(f"coact_group must be >= 1 and divide intermediate ({self.intermediate}), got {self.coact_group}")
+        if not (0.0 <= self.coact_rho < 1.0):
+            raise bad(f"coact_rho must be in [0, 1), got {self.coact_rho}")
 
     @property
     def head_dim(self) -> int:
@@ -583,8 +594,8 @@ def _embedding_chunks(spec: SyntheticSpec, u: np.ndarray, c: float,
 def make_hf_model(out_dir: str | os.PathLike, *, hidden: int, intermediate: int, layers: int, heads: int,
                   kv_heads: int, vocab: int, act: str = "silu", seed: int = 0, hot_alpha: float | None = None,
                   hot_density: float = 0.15, dtype: str = "float32", max_positions: int = 2048,
-                  rope_theta: float = 10000.0, tie_embeddings: bool = False, overwrite: bool = False,
-                  progress: bool = False) -> Path:
+                  rope_theta: float = 10000.0, tie_embeddings: bool = False, coact_group: int = 1,
+                  coact_rho: float = 0.9, overwrite: bool = False, progress: bool = False) -> Path:
     """Write a random Llama model as a Hugging Face folder and return its path.
 
     Files: config.json, model.safetensors (or model-0000k-of-0000n.safetensors + index when the
@@ -597,7 +608,7 @@ def make_hf_model(out_dir: str | os.PathLike, *, hidden: int, intermediate: int,
     spec = SyntheticSpec(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads,
                          vocab=vocab, act=act, seed=seed, hot_alpha=hot_alpha, hot_density=hot_density,
                          dtype=dtype, max_positions=max_positions, rope_theta=rope_theta,
-                         tie_embeddings=tie_embeddings)
+                         tie_embeddings=tie_embeddings, coact_group=coact_group, coact_rho=coact_rho)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise PowerlowError(f"{out} already exists; delete it, pass overwrite=True (--overwrite) "
@@ -671,7 +682,13 @@ def _write_model(spec: SyntheticSpec, folder: Path, progress: bool) -> None:
 
         n2 = _round_to(1.0 + 0.1 * rnd(5, (D,)), spec.dtype)
         h = _rmsnorm(x, n2, spec.rms_norm_eps).reshape(-1, D)  # [N, D]
-        wg = rnd(6, (F, D)) * f32(GATE_STD / math.sqrt(D))
+        wg = rnd(6, (F, D))
+        G = spec.coact_group
+        if G > 1:       # a common direction per group of G consecutive neurons (unit variance kept)
+            common = _rng(spec.seed, 10 + l, 101).standard_normal((F // G, D), dtype=f32)
+            wg = f32(math.sqrt(1 - spec.coact_rho)) * wg + f32(math.sqrt(spec.coact_rho)) * np.repeat(common, G, axis=0)
+            del common
+        wg *= f32(GATE_STD / math.sqrt(D))
         if planted:
             wg = _project_out(wg, u, axis=1)
             s = h @ u  # [N] steady part, positive
@@ -679,10 +696,11 @@ def _write_model(spec: SyntheticSpec, folder: Path, progress: bool) -> None:
                 raise AssertionError(f"layer {l}: residual lost its steady direction (min u.h = {s.min():.3g})")
             fire = FIRE_GATE[spec.act]
             t = (fire - h @ wg.T) / s[:, None]  # [N, F]: gate_j > fire iff b_j > t_j
-            p_sorted = power_law_frequencies(F, spec.hot_alpha, spec.hot_density)
-            perm = _rng(spec.seed, 10 + l, 100).permutation(F)
-            p_l = np.empty(F)
-            p_l[perm] = p_sorted  # neuron perm[j] gets rank j
+            p_sorted = power_law_frequencies(F // G, spec.hot_alpha, spec.hot_density)
+            perm = _rng(spec.seed, 10 + l, 100).permutation(F // G)
+            p_l = np.empty(F // G)
+            p_l[perm] = p_sorted  # group perm[j] gets rank j
+            p_l = np.repeat(p_l, G)
             b = t.mean(axis=0) + t.std(axis=0) * _inv_norm_cdf(p_l)
             wg = wg + np.outer(b.astype(f32), u)
             freq[l] = p_l

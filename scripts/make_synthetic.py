@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=DTYPES, help="HF weight dtype (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tie-embeddings", action="store_true", help="share embeddings and lm_head")
+    ap.add_argument("--coact-group", type=int, default=1,
+                    help="neurons per co-activating group (1: neurons fire independently; see powerlow.synthetic)")
+    ap.add_argument("--coact-rho", type=float, default=0.9, help="gate correlation within a group (default 0.9)")
     for name in ("hidden", "intermediate", "layers", "heads", "kv-heads", "vocab"):
         ap.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
     ap.add_argument("--gguf", choices=GGUF_QTYPES, help="also export a GGUF of this type")
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None:
             shape[name] = getattr(args, name)
     opts = dict(shape, act=args.act, seed=args.seed, hot_alpha=args.hot_alpha, hot_density=args.hot_density,
-                tie_embeddings=args.tie_embeddings)
+                tie_embeddings=args.tie_embeddings, coact_group=args.coact_group, coact_rho=args.coact_rho)
     try:
         spec = SyntheticSpec(**opts)
         n = spec.n_weights

@@ -337,3 +337,22 @@ def test_cli_tiny_with_gguf(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "scripts/make_synthetic.py"), "--out", str(out)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2 and "already exists" in res.stderr
+
+
+def test_coactivation_groups_fire_together(tmp_path):
+    """coact_group=32: a group's neurons share their planted probability and fire together, so 32-neuron
+    clusters are active far less often than with independent neurons of the same density."""
+    ids = _random_ids(SHAPE["vocab"], (4, 64))
+    any_density = {}
+    for G in (1, 32):
+        path = make_hf_model(tmp_path / f"g{G}", **SHAPE, act="relu", hot_alpha=1.5, coact_group=G)
+        planted = load_planted_hotness(path)
+        if G > 1:
+            assert np.all(planted.reshape(SHAPE["layers"], -1, G).std(axis=2) == 0)
+        _, gates, _ = _hf_run(path, ids)
+        fire = gates[0].reshape(-1, SHAPE["intermediate"]) > 0
+        assert 0.1 < fire.mean() < 0.2
+        any_density[G] = fire.reshape(len(fire), -1, 32).any(axis=2).mean()
+    assert any_density[32] < 0.6 * any_density[1], any_density
+    with pytest.raises(PowerlowError, match="coact_group"):
+        make_hf_model(tmp_path / "bad", **SHAPE, act="relu", coact_group=7)
