@@ -65,7 +65,9 @@ def lowrank_predictor_bytes(path: Path, n_layers: int, Fp: int) -> int:
         if A is None or B is None:
             return safetensors_bytes(path)
         K, r = A["shape"]
-        total += packed_nbytes("q8", r, K) + packed_nbytes("q8", Fp, r) + 4 * r + 4 * Fp
+        n = B["shape"][1]
+        n = Fp if n >= Fp - 64 else n            # neuron targets are padded to whole clusters; cluster targets not
+        total += packed_nbytes("q8", r, K) + packed_nbytes("q8", n, r) + 4 * r + 4 * n
     return total
 
 

@@ -174,17 +174,20 @@ class LowRankPredictor(Predictor):
         super().__init__(tf, density)
         t, meta = load_checked(tf.dir, tf.manifest, PREDICTORS_FILE, f"powerlow train-predictor {tf.dir}")
         K = tf.store_info.layout.K
+        # targets "clusters": one logit per cluster (the decision the engine needs); "neurons": one per neuron
+        self.by_cluster = meta.get("targets", "neurons") == "clusters"
+        n_out, n_pad = (self.nC, self.nC) if self.by_cluster else (self.F, self.Fp)
         self.A, self.a, self.B, self.b = [], [], [], []
         for l in range(self.L):
             A, B = t[f"blk.{l}.A"], t[f"blk.{l}.B"]
-            if A.shape[0] != K or B.shape[1] != self.F or A.shape[1] != B.shape[0]:
+            if A.shape[0] != K or B.shape[1] != n_out or A.shape[1] != B.shape[0]:
                 raise PowerlowError(f"{tf.dir}/{PREDICTORS_FILE}: layer {l} has shapes A {A.shape}, B {B.shape}, "
-                                    f"expected ({K}, r) and (r, {self.F}): made for another model; "
+                                    f"expected ({K}, r) and (r, {n_out}): made for another model; "
                                     f"re-run `powerlow train-predictor {tf.dir}`")
-            Bp = np.zeros((self.Fp, B.shape[0]), np.float32)
-            Bp[:self.F] = B.T
-            bp = np.full((1, self.Fp), -1e4, np.float32)   # padded neurons never fire
-            bp[0, :self.F] = t[f"blk.{l}.b"]
+            Bp = np.zeros((n_pad, B.shape[0]), np.float32)
+            Bp[:n_out] = B.T
+            bp = np.full((1, n_pad), -1e4, np.float32)   # padded neurons never fire
+            bp[0, :n_out] = t[f"blk.{l}.b"]
             # run through the 8-bit kernels (q8 weights: well inside the predictor's own error; no BLAS threads)
             self.A.append(formats.quantize(np.ascontiguousarray(A.T, np.float32), "q8"))
             self.a.append(np.ascontiguousarray(t[f"blk.{l}.a"], np.float32)[None])
@@ -201,7 +204,7 @@ class LowRankPredictor(Predictor):
         self.resident_bytes = sum(x.nbytes for x in self.A + self.a + self.B + self.b)
 
     def logits(self, layer: int, h: np.ndarray) -> np.ndarray:
-        """(T, Fp) float32 neuron logits."""
+        """(T, Fp) float32 neuron logits, or (T, nC) cluster logits."""
         z = self.ops.matmul(self.A[layer], h)                           # (T, r)
         z += self.a[layer]
         np.maximum(z, 0, out=z)
@@ -210,9 +213,11 @@ class LowRankPredictor(Predictor):
         return y
 
     def _pick(self, layer: int, h: np.ndarray) -> np.ndarray:
-        y = self.logits(layer, h)                                       # (T, Fp)
+        y = self.logits(layer, h)                                       # (T, Fp) or (T, nC)
         T = len(y)
-        if self.by_recall:
+        if self.by_cluster:           # a cluster logit against the recall- or density-calibrated threshold
+            score = y.max(axis=0) if T > 1 else y[0]
+        elif self.by_recall:
             top = y.max(axis=0) if T > 1 else y[0]
             score = top.reshape(self.nC, self.C).max(axis=1)
         else:

@@ -46,10 +46,29 @@ def _load(d, mode, density=1.0):
 
 
 def test_lowrank_reaches_recall_on_the_planted_model(relu_dir):
+    """Cluster targets (the default): recall of active neurons >= 0.95 at <= 1.3x the true cluster density."""
     _, rep = relu_dir
+    assert rep["summary"]["targets"] == "clusters"
+    for r in rep["layers"]:
+        assert r["recall"] >= 0.95, r
+        assert r["cluster_density"] <= 1.3 * r["true_cluster_density"], r
+        assert r["density_ratio"] == pytest.approx(r["cluster_density"] / r["true_cluster_density"], abs=1e-3)
+
+
+def test_lowrank_neuron_targets(relu_dir, tmp_path):
+    """Neuron targets: recall >= 0.95 at <= 1.3x the true neuron density; the engine runs them too."""
+    d, _ = relu_dir
+    dn = tmp_path / "m"
+    shutil.copytree(d, dn)
+    rep = train_predictors(dn, rank=128, target_recall=0.95, seed=0, targets="neurons", progress=False)
     for r in rep["layers"]:
         assert r["recall"] >= 0.95, r
         assert r["density"] <= 1.3 * r["true_density"], r
+    m = _load(dn, "predict")
+    assert not m.tf.predictor.by_cluster and m.tf.predictor.B[0].rows == m.tf.predictor.Fp
+    list(m.generate(PROMPT[:4], 4))
+    with pytest.raises(PowerlowError, match="--targets"):
+        train_predictors(dn, targets="bogus", progress=False)
 
 
 def test_gate_mode_is_exact_for_relu(relu_dir):
