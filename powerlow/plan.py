@@ -71,6 +71,17 @@ def lowrank_predictor_bytes(path: Path, n_layers: int, Fp: int) -> int:
     return total
 
 
+def predictor_density(model_dir: Path) -> float | None:
+    """The cluster density the low-rank predictors selected on held-out samples (train-predictor's summary),
+    with a 20% margin; None if unknown."""
+    p = Path(model_dir) / "predictors.safetensors"
+    try:
+        summary = json.loads(safetensors_header(p).get("__metadata__", {}).get("summary", "null"))
+        return min(1.0, 1.2 * float(summary["mean_cluster_density"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def kv_bytes_per_position(cfg: dict) -> int:
     """KV cache bytes per position: every layer's K and V, float16 storage (engine.KVCache)."""
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["n_heads"]
@@ -449,6 +460,8 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
             density = float(np.clip(share.sum(axis=1).max() / N, 1.0 / N, 1.0))
         else:
             density = runtime.density
+            if runtime.mode == "predict" and density >= 1.0:     # by recall: what the predictor selected when
+                density = predictor_density(model_dir) or 1.0    # train-predictor measured it
         per_layer = max(1, math.ceil(density * N))
         want = (1 + D) * per_layer                      # misses of the layer computed + D read ahead
         # a layer asking for more than the unpinned slots borrows pinned ones (powerlow.cache): all slots >= N
@@ -471,10 +484,10 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
             cold = sum(float(np.delete(counts[l], hot_ids[l]).sum()) for l in range(L))
             plan.expected_read_bytes, plan.expected_basis = int(cold * S), "profiled cluster activity"
         else:
-            per = max(1, math.ceil(runtime.density * N))
+            per = max(1, math.ceil(density * N))
             cold = sum(max(0, per - h) for h in hot)
             plan.expected_read_bytes = int(cold * S)
-            plan.expected_basis = f"density {runtime.density} if the pinned clusters are among the chosen"
+            plan.expected_basis = f"density {density:.3g} if the pinned clusters are among the chosen"
     return plan
 
 
