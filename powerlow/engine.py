@@ -263,7 +263,7 @@ class Transformer:
             u = Unit("token_embd", [("token_embd", tmeta["token_embd"]["fmt"], rows, cols, [Part("token_embd", 0, rows, 0)])], tf_)
             self.embed = u.load(tf_)["token_embd"]
         if ring_units:
-            self.ring = WeightRing(self.dir / "resident.safetensors", ring_units, dp.ring_slots,
+            self.ring = WeightRing(self.dir / "resident.safetensors", ring_units, dp.ring_slots, o_direct=self.runtime.o_direct,
                                    queue_depth=min(8, self.runtime.queue_depth))
         tf_.drop_cache()
 

@@ -65,10 +65,13 @@ def open_direct(path, o_direct: bool = True) -> tuple[int, bool]:
 
 
 class Request:
-    """One contiguous read: ``nbytes`` at ``offset`` into ``bufs`` (memoryviews, in order)."""
-    __slots__ = ("offset", "bufs", "nbytes", "event", "error", "on_done", "tag")
+    """One contiguous read: ``nbytes`` at ``offset`` into ``bufs`` (memoryviews, in order).
 
-    def __init__(self, offset: int, bufs: list, on_done=None, tag=None):
+    ``unaligned``: offset, length and buffer need not be 4 KiB-aligned; under O_DIRECT the reader thread reads
+    the aligned range around it into its own bounce buffer and copies the asked part out."""
+    __slots__ = ("offset", "bufs", "nbytes", "event", "error", "on_done", "tag", "unaligned")
+
+    def __init__(self, offset: int, bufs: list, on_done=None, tag=None, unaligned=False):
         self.offset = offset
         self.bufs = bufs
         self.nbytes = sum(len(b) for b in bufs)
@@ -76,6 +79,7 @@ class Request:
         self.error: str | None = None
         self.on_done = on_done
         self.tag = tag
+        self.unaligned = unaligned
 
     def done(self) -> bool:
         return self.event.is_set()
@@ -108,8 +112,9 @@ class BundleReader:
         for t in self._threads:
             t.start()
 
-    def submit(self, offset: int, bufs: list, *, priority: int = 0, on_done=None, tag=None) -> Request:
-        req = Request(offset, bufs, on_done, tag)
+    def submit(self, offset: int, bufs: list, *, priority: int = 0, on_done=None, tag=None,
+               unaligned: bool = False) -> Request:
+        req = Request(offset, bufs, on_done, tag, unaligned and self.direct)
         if offset < 0 or offset + req.nbytes > self.size:
             raise PowerlowError(f"{self.path}: read of {req.nbytes} bytes at {offset} is past the end "
                                 f"({self.size} bytes); re-convert the model")
@@ -122,6 +127,7 @@ class BundleReader:
 
     def _worker(self) -> None:
         fd = self.fd
+        bounce = None
         while True:
             with self._cv:
                 while not self._heap and not self._closed:
@@ -134,6 +140,9 @@ class BundleReader:
                 self._in_flight += 1
             err = None
             try:
+                if req.unaligned:
+                    bounce = self._read_bounced(req, bounce)
+                    raise _Done
                 done = 0
                 off = req.offset
                 bufs = req.bufs
@@ -146,6 +155,8 @@ class BundleReader:
                         bufs = _advance(req.bufs, done)
                 if not self.direct:
                     os.posix_fadvise(fd, req.offset, req.nbytes, os.POSIX_FADV_DONTNEED)
+            except _Done:
+                pass
             except OSError as e:
                 err = f"{self.path}: read of {req.nbytes} bytes at {req.offset} failed ({e.strerror or e}); check the disk"
             with self._cv:
@@ -160,6 +171,25 @@ class BundleReader:
                 req.on_done(req)
             req.event.set()
 
+    def _read_bounced(self, req: Request, bounce):
+        """O_DIRECT read of the aligned range around an unaligned request, copied into its buffers."""
+        a = req.offset // ALIGN * ALIGN
+        b = min(-(-(req.offset + req.nbytes) // ALIGN) * ALIGN, -(-self.size // ALIGN) * ALIGN)
+        if bounce is None or len(bounce) < b - a:
+            bounce = aligned_buffer(b - a)
+        view = memoryview(bounce)[: b - a]
+        done = 0
+        while done < req.offset + req.nbytes - a:          # the file's end may cut the last aligned block
+            n = os.preadv(self.fd, [view[done:]], a + done)
+            if n <= 0:
+                raise OSError(errno.EIO, "unexpected end of file")
+            done += n
+        pos = req.offset - a
+        for buf in req.bufs:
+            buf[:] = view[pos: pos + len(buf)]
+            pos += len(buf)
+        return bounce
+
     def close(self) -> None:
         with self._cv:
             if self._closed:
@@ -170,6 +200,10 @@ class BundleReader:
         for t in self._threads:
             t.join()
         os.close(self.fd)
+
+
+class _Done(Exception):
+    """Internal: a bounced read finished (skips the direct-read loop)."""
 
 
 def _advance(bufs: list, n: int) -> list:

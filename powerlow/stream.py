@@ -237,15 +237,16 @@ class EmbeddingRows:
 class WeightRing:
     """Streamed units through ``n_slots`` unit-sized buffers, read ahead in consumption order (cyclic)."""
 
-    def __init__(self, path, units: list[Unit], n_slots: int, *, queue_depth: int = 4):
+    def __init__(self, path, units: list[Unit], n_slots: int, *, queue_depth: int = 4, o_direct: bool = True):
         from .io import BundleReader, aligned_buffer
         self.units = units
         self.n = len(units)
         self.n_slots = max(1, min(n_slots, self.n))
         self.slot_bytes = -(-max(u.nbytes for u in units) // 4096) * 4096
         self.bufs = [aligned_buffer(self.slot_bytes) for _ in range(self.n_slots)]
-        # buffered reads (tensor offsets in the file are not 4 KiB-aligned), page cache dropped behind each one
-        self.reader = BundleReader(path, depth=queue_depth, o_direct=False)
+        # tensor offsets in the file are not 4 KiB-aligned: O_DIRECT reads go through each reader thread's
+        # bounce buffer (one copy); where O_DIRECT is refused, buffered reads with the page cache dropped behind
+        self.reader = BundleReader(path, depth=queue_depth, o_direct=o_direct)
         self._queue: list[tuple[int, int, list]] = []      # (unit, slot, requests) in consumption order
         self._free = list(range(self.n_slots))
         self._next = 0
@@ -268,7 +269,8 @@ class WeightRing:
             for src, n, dst in self.units[j].reads:
                 for a in range(0, n, READ_CHUNK):
                     m = min(READ_CHUNK, n - a)
-                    reqs.append(self.reader.submit(src + a, [memoryview(buf[dst + a: dst + a + m])], priority=0))
+                    reqs.append(self.reader.submit(src + a, [memoryview(buf[dst + a: dst + a + m])], priority=0,
+                                                   unaligned=True))
             self._queue.append((j, slot, reqs))
             self.reads += 1
 

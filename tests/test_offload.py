@@ -185,6 +185,24 @@ def test_reader_scatter_and_fallback(tiny_dir, monkeypatch, refuse_direct):
         assert b"".join(b.tobytes() for b in bufs) == data[8192: 8192 + 16384]
         with pytest.raises(PowerlowError, match="past the end"):
             r.submit(len(data), [memoryview(bufs[0])])
+        # unaligned offsets, lengths and buffers (the weight ring's reads): bounced under O_DIRECT,
+        # including a range that ends at the file's last, partial block
+        rng = np.random.default_rng(1)
+        for off, n in [(1, 5), (4095, 2), (4097, 12289), (len(data) - 777, 777), (123, len(data) - 123)]:
+            raw = np.zeros(n + 3, np.uint8)
+            dst = raw[3:]                                   # an unaligned destination
+            r.submit(off, [memoryview(dst)], unaligned=True, priority=int(rng.integers(3))).wait()
+            assert dst.tobytes() == data[off: off + n], (off, n)
+    finally:
+        r.close()
+    res = tiny_dir / "resident.safetensors"
+    rdata = res.read_bytes()
+    assert len(rdata) % 4096, "the test wants a file whose size is not a multiple of the block"
+    r = BundleReader(res, depth=2, o_direct=True)
+    try:
+        dst = np.zeros(1001, np.uint8)
+        r.submit(len(rdata) - 1001, [memoryview(dst)], unaligned=True).wait()
+        assert dst.tobytes() == rdata[-1001:]
     finally:
         r.close()
     probe = probe_random_read(path, block_bytes=4096, depth=2, seconds=0.05)
