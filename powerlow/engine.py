@@ -205,7 +205,7 @@ class Transformer:
         """Read resident.safetensors by pread (no mmap, no second copy): small tensors, then attention and the
         lm_head as units (powerlow.stream) -- resident ones now, the rest through a ring read every token."""
         from .plan import dense_units
-        from .stream import EmbeddingRows, WeightRing
+        from .stream import EmbeddingRows, WeightRing, read_matrix
         cfg, tmeta = self.config, self.manifest["tensors"]
         dp = self.plan.dense if self.plan is not None else None
         attn, heads, head_name, tf_ = dense_units(self.dir, self.manifest, dp.head_chunk_bytes if dp else None)
@@ -218,12 +218,7 @@ class Transformer:
         for name, meta in tmeta.items():
             if name in big or name.endswith((".attn_q.bias", ".attn_k.bias", ".attn_v.bias")):
                 continue
-            if meta["fmt"] == "f32":
-                self.w[name] = tf_.read(name)
-            else:
-                from .stream import Part, Unit
-                rows, cols = meta["shape"]
-                self.w[name] = Unit(name, [(name, meta["fmt"], rows, cols, [Part(name, 0, rows, 0)])], tf_).load(tf_)[name]
+            self.w[name] = read_matrix(tmeta, tf_, name)
         attn_res = dp.attn_resident if dp else [True] * cfg.n_layers
         head_res = dp.head_resident if dp else [True] * len(heads)
         ring_units: list = []
@@ -258,10 +253,7 @@ class Transformer:
         elif head_name == "token_embd" and self.lm_head is not None:
             self.embed = self.lm_head
         else:
-            from .stream import Part, Unit
-            rows, cols = tmeta["token_embd"]["shape"]
-            u = Unit("token_embd", [("token_embd", tmeta["token_embd"]["fmt"], rows, cols, [Part("token_embd", 0, rows, 0)])], tf_)
-            self.embed = u.load(tf_)["token_embd"]
+            self.embed = read_matrix(tmeta, tf_, "token_embd")
         if ring_units:
             self.ring = WeightRing(self.dir / "resident.safetensors", ring_units, dp.ring_slots, o_direct=self.runtime.o_direct,
                                    queue_depth=min(8, self.runtime.queue_depth))

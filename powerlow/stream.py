@@ -180,6 +180,15 @@ class Unit:
         return self.build(buf)
 
 
+def read_matrix(tensors: dict, tfile: TensorFile, name: str):
+    """A stored matrix (or an f32 tensor of any shape) read whole into its own aligned buffer."""
+    meta = tensors[name]
+    if meta["fmt"] == "f32" and len(meta["shape"]) != 2:
+        return tfile.read(name)
+    rows, cols = meta["shape"]
+    return Unit(name, [(name, meta["fmt"], rows, cols, [Part(name, 0, rows, 0)])], tfile).load(tfile)[name]
+
+
 def attention_unit(tensors: dict, tfile: TensorFile, layer: int) -> Unit:
     """Layer ``layer``'s wqkv (q, k, v rows fused) and wo."""
     p = f"blk.{layer}."
