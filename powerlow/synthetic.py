@@ -159,6 +159,10 @@ PRESETS: dict[str, dict] = {
                  dtype="float32", max_positions=512),
     "2gb": dict(hidden=4096, intermediate=11008, layers=16, heads=32, kv_heads=32, vocab=32000,
                 dtype="float16", max_positions=4096),
+    # Llama-3-8B / Mistral-7B shape (grouped-query attention, wider FFN) cut to 15 layers, 32k vocabulary:
+    # attention is 19% of a layer instead of 33%, as in most current models
+    "2gb-gqa": dict(hidden=4096, intermediate=14336, layers=15, heads=32, kv_heads=8, vocab=32000,
+                    dtype="float16", max_positions=4096),
 }
 
 

@@ -8,6 +8,8 @@ Presets (powerlow.synthetic.PRESETS):
   tiny  hidden 128, ffn 352, 2 layers, 4 heads / 2 kv heads, vocab 512, float32
   2gb   Llama-2-7B shape cut to 16 layers: hidden 4096, ffn 11008, 32 heads, vocab 32000;
         3.50 G weights: 1.97e9 bytes (1.83 GiB) as Q4_0 GGUF, 7.0e9 bytes as the float16 HF folder
+  2gb-gqa  Llama-3-8B / Mistral-7B shape cut to 15 layers: hidden 4096, ffn 14336, 32 heads / 8 kv heads,
+        vocab 32000; 3.53 G weights, 1.99e9 bytes as Q4_0 GGUF (attention 19% of a layer instead of 33%)
 Planted hotness is on by default (--hot-alpha 1.5: the hottest 20% of neurons take ~75% of the
 firings, mean density 0.15); --hot-alpha none gives plain random gates.
 The GGUF goes to <out>-<QTYPE>.gguf unless --gguf-out says otherwise.
