@@ -415,7 +415,7 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
     resident["attention (resident)"] = sum(b for b, r in zip(dense.attn_bytes, dense.attn_resident) if r)
     resident["lm_head (resident)"] = sum(b for b, r in zip(dense.head_bytes, dense.head_resident) if r)
     if dense.streams:
-        resident["weight ring (streamed attention/lm_head)"] = dense.ring_slots * dense.ring_slot_bytes
+        resident["ring (streamed weights)"] = dense.ring_slots * dense.ring_slot_bytes
     resident["kv cache"] = fixed["kv cache"]
     resident["scratch (estimate)"] = fixed["scratch (estimate)"]
     R = sum(resident.values())
