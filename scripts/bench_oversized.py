@@ -355,15 +355,17 @@ def plan_refusal(model: Path, budget, mode: str, density: float, context: int, t
 
 
 def run_probe(model: Path, results: list, when: str) -> list:
-    """Random O_DIRECT reads of ffn.bin at powerlow's read size and depth (the config defaults before any run)."""
+    """Random O_DIRECT reads of ffn.bin at powerlow's read sizes (merged and single bundles) and depth."""
     from powerlow.config import RuntimeConfig
     from powerlow.io import probe_random_read
     from powerlow.manifest import load_manifest
     from powerlow.store import StoreInfo
     rt = RuntimeConfig()
     stride = StoreInfo.from_json(load_manifest(model)["ffn"]).layout.stride
-    blocks = sorted({r["read_block_bytes"] for r in results if r.get("read_block_bytes")}) or \
-        [max(stride, rt.io_block_bytes // stride * stride)]
+    # the merged read of dense mode (adjacent bundles up to io_block) and one bundle (sparse modes read
+    # scattered single bundles)
+    blocks = sorted({r["read_block_bytes"] for r in results if r.get("read_block_bytes")}
+                    | {max(stride, rt.io_block_bytes // stride * stride), stride})
     depth = next((r["queue_depth"] for r in results if r.get("queue_depth")), rt.queue_depth)
     out = []
     for b in blocks:
