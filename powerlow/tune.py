@@ -61,8 +61,15 @@ def parse_budgets(text: str, full: int) -> list[tuple[str, int]]:
 
 
 def measure(model_dir: Path, rt, *, n_tokens: int, prompt_tokens: int, repeats: int) -> dict:
+    import gc
+
     from .bench import run_bench
+    from .cache import release_free_heap
     from .model import load
+    from .util import reset_peak_rss
+    gc.collect()                 # the previous budget's model is gone before this one's peak is measured
+    release_free_heap()
+    reset_peak_rss()
     model = load(model_dir, rt)
     try:
         res = run_bench(model, n_tokens=n_tokens, prompt_tokens=prompt_tokens, repeats=repeats)

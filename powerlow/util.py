@@ -5,8 +5,26 @@ import resource
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process since it started or since reset_peak_rss() (VmHWM; else
+    ru_maxrss, which Linux reports in KiB and never resets)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak (Linux: writing 5 to /proc/self/clear_refs resets VmHWM); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def current_rss_bytes() -> int:
