@@ -176,10 +176,17 @@ class Transformer:
         self.ops = kernel_ops(backend)
         self.ops.set_threads(self.runtime.n_threads)
         self.store_info = StoreInfo.from_json(self.manifest["ffn"])
+        order = self.manifest.get("cluster_order")
+        if order is not None:
+            nC = self.store_info.n_clusters
+            if (not isinstance(order, list) or len(order) != cfg.n_layers
+                    or any(sorted(o) != list(range(nC)) for o in order)):
+                raise PowerlowError(f"{self.dir}/manifest.json: cluster_order is not a permutation of each layer's "
+                                    f"{nC} clusters; re-run `powerlow profile` on a fresh convert")
         self.ffn_source = self._make_ffn_source()
         self.predictor = self._make_predictor()
         self.ffn = SparseFFN(self.ffn_source, self.store_info, cfg.hidden_act, self.ops, mode=self.runtime.mode,
-                             predictor=self.predictor)
+                             predictor=self.predictor, cluster_order=self.manifest.get("cluster_order"))
         limit = min(cfg.max_positions, self.runtime.max_context or cfg.max_positions)
         self.kv = KVCache(cfg, limit)
         # fused: one attn_block call per layer (kernels or reference); False runs the unfused op sequence

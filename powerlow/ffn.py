@@ -63,8 +63,13 @@ class SparseFFN:
     right after a layer is computed, what the next layer will read, so its I/O thread overlaps compute.
     """
 
-    def __init__(self, source, info: StoreInfo, act: str, ops, *, mode: str = "dense", predictor=None):
+    def __init__(self, source, info: StoreInfo, act: str, ops, *, mode: str = "dense", predictor=None,
+                 cluster_order=None):
         self.source = source
+        # after a cluster re-layout (powerlow.profile), bundles are summed in their converted order, so the
+        # outputs stay bit-identical (_orig[l]: converted id of each stored cluster)
+        self._orig = None if cluster_order is None else [np.asarray(o, np.int64) for o in cluster_order]
+        self._all_order = None if cluster_order is None else [np.argsort(o, kind="stable") for o in self._orig]
         self.info = info
         self.act = act
         self.ops = ops
@@ -86,6 +91,9 @@ class SparseFFN:
         added into ``out`` (T, K) in place (the residual stream: no temporary, no extra add) and returned."""
         clusters = self.select(layer, h)
         ptrs = self.source.ptrs(layer, clusters)
+        if self._orig is not None and len(ptrs) > 1:
+            order = self._all_order[layer] if clusters is None else np.argsort(self._orig[layer][clusters], kind="stable")
+            ptrs = ptrs[order]
         if out is None:
             out = np.zeros_like(h)
         if len(ptrs):

@@ -27,9 +27,10 @@ def _make(root, act: str, **over):
 
 @pytest.fixture(scope="module")
 def relu_dir(tmp_path_factory):
-    """Planted ReLU model, profiled (4096 tokens) and with lowrank predictors (seed 0)."""
+    """Planted ReLU model, profiled (4096 tokens) and with lowrank predictors (seed 0). Its neurons fire
+    independently, so the re-layout is per neuron (hot neurons share clusters, some clusters stay idle)."""
     d = _make(tmp_path_factory.mktemp("pred_relu"), "relu")
-    profile_model(d, n_tokens=4096, n_samples=4096, threads=1, progress=False)
+    profile_model(d, n_tokens=4096, n_samples=4096, threads=1, progress=False, relayout="neurons")
     rep = train_predictors(d, rank=128, target_recall=0.95, seed=0, progress=False)
     return d, rep
 
@@ -37,7 +38,7 @@ def relu_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def silu_dir(tmp_path_factory):
     d = _make(tmp_path_factory.mktemp("pred_silu"), "silu")
-    profile_model(d, n_tokens=1024, n_samples=256, threads=1, progress=False)
+    profile_model(d, n_tokens=1024, n_samples=256, threads=1, progress=False, relayout="neurons")
     return d
 
 
@@ -149,7 +150,7 @@ def test_predictor_file_from_another_model_is_refused(relu_dir, tmp_path):
     # same shapes, but made before a re-layout of this dir: stale
     same = tmp_path / "same"
     shutil.copytree(d, same)
-    profile_model(same, n_tokens=256, n_samples=64, threads=1, progress=False, seed=9)
+    profile_model(same, n_tokens=256, n_samples=64, threads=1, progress=False, seed=9, relayout="neurons")
     assert not (same / "predictors.safetensors").exists()          # re-layout voids old predictors
     shutil.copy(d / "predictors.safetensors", same / "predictors.safetensors")
     with pytest.raises(PowerlowError, match="stale.*train-predictor"):

@@ -33,26 +33,34 @@ def _greedy(model_dir, prompt_ids, n=24):
     return [t.id for t in m.generate(prompt_ids, n)]
 
 
-def test_relayout_keeps_greedy_tokens_and_orders_hot_first(planted, tmp_path):
+@pytest.mark.parametrize("relayout", ["clusters", "neurons"])
+def test_relayout_keeps_greedy_tokens_and_orders_hot_first(planted, tmp_path, relayout):
     hf, src = planted
     d = tmp_path / "m"
     shutil.copytree(src, d)
     prompt = list(range(3, 40, 2))
     before = _greedy(d, prompt)
-    s = profile_model(d, n_tokens=1024, n_samples=256, threads=1, progress=False)
+    s = profile_model(d, n_tokens=1024, n_samples=256, threads=1, progress=False, relayout=relayout)
     assert s["relaid"] and s["tokens"] == 1024
     m = json.loads((d / "manifest.json").read_text())
     F = TINY["intermediate"]
     for order in m["neuron_order"]:
         assert sorted(order) == list(range(F))
     assert m["ffn"]["down_fmt"] == "q8" and "profile.safetensors" in m["files"]
+    assert (m["cluster_order"] is None) == (relayout == "neurons")
     powerlow.engine.load_manifest(d, verify=True)            # sizes and sha256 of every file match
     assert _greedy(d, prompt) == before
 
     from safetensors.numpy import load_file
     p = load_file(str(d / "profile.safetensors"))
     assert p["freq"].shape == (TINY["layers"], F)
-    assert np.all(np.diff(p["freq"], axis=1) <= 0)          # stored order is hot-first
+    C = m["ffn"]["cluster_size"]
+    if relayout == "neurons":
+        assert np.all(np.diff(p["freq"], axis=1) <= 0)      # stored order is hot-first
+    else:                                                   # whole clusters hot-first (the padded one last)
+        full = F // C
+        sums = p["freq"][:, : full * C].reshape(TINY["layers"], full, C).sum(axis=2)
+        assert np.all(np.diff(sums, axis=1) <= 1e-6)
     assert p["samples.h"].shape == (TINY["layers"], 256, TINY["hidden"])
     assert p["samples.mask"].shape == (TINY["layers"], 256, F // 8)
     # the recorded masks agree with the recorded frequencies (same stored ids)
@@ -84,10 +92,47 @@ def test_profile_twice_composes_the_order(tmp_path_factory, tmp_path):
     assert _greedy(d, prompt) == before
 
 
-def test_relayout_keeps_greedy_tokens_on_smollm2(smol_dir, tmp_path):
-    """Gate/up rows move exactly, but down is re-quantized to q8 (permuted columns mix GGUF groups): the
-    logits move by about as much as between our kernels and the numpy reference (~1 at most). So greedy
-    tokens must stay the same wherever the dense model's choice is not a near-tie (top-2 margin >= 0.5)."""
+@pytest.mark.parametrize("budget", [None, "half"])
+def test_cluster_relayout_is_bit_exact_on_smollm2(smol_dir, tmp_path, budget):
+    """The default re-layout moves whole clusters and the engine sums them in their converted order: the
+    logits after profiling equal those before, bit for bit (resident, and offloaded with half the FFN)."""
+    d = tmp_path / "smol"
+    shutil.copytree(smol_dir, d)
+    prompt = list(range(100, 140))
+    m = powerlow.load(d, RuntimeConfig(threads=2))
+    before = m.forward(prompt)
+    del m
+    profile_model(d, n_tokens=256, n_samples=32, threads=2, progress=False)
+    man = json.loads((d / "manifest.json").read_text())
+    assert man["formats"]["ffn_down"] == "q4_1" and man["cluster_order"] is not None
+    assert any(o != sorted(o) for o in man["cluster_order"])          # something moved
+    rt = RuntimeConfig(threads=2)
+    if budget:
+        from powerlow.plan import minimum_budget
+        from powerlow.store import StoreInfo
+        info = StoreInfo.from_json(man["ffn"])
+        rt = rt.replace(budget_bytes=minimum_budget(d, man, rt, dense_resident=True) + info.total_bytes // 2)
+    m = powerlow.load(d, rt)
+    np.testing.assert_array_equal(m.forward(prompt), before)
+    m.tf.close()
+
+
+def test_cluster_order_in_the_manifest_is_checked(smol_dir, tmp_path):
+    d = tmp_path / "smol"
+    shutil.copytree(smol_dir, d)
+    from powerlow.manifest import write_manifest
+    man = json.loads((d / "manifest.json").read_text())
+    man["cluster_order"] = [[0] * 3] * man["ffn"]["n_layers"]
+    write_manifest(d, man)
+    with pytest.raises(PowerlowError, match="cluster_order"):
+        powerlow.load(d, RuntimeConfig(threads=1))
+
+
+def test_neuron_relayout_keeps_greedy_tokens_on_smollm2(smol_dir, tmp_path):
+    """--relayout neurons: gate/up rows move exactly, but down is re-quantized to q8 (permuted columns mix
+    GGUF groups): the logits move by about as much as between our kernels and the numpy reference (~1 at
+    most). So greedy tokens must stay the same wherever the dense model's choice is not a near-tie
+    (top-2 margin >= 0.5)."""
     d = tmp_path / "smol"
     shutil.copytree(smol_dir, d)
     m = powerlow.load(d, RuntimeConfig(threads=1))
@@ -96,7 +141,7 @@ def test_relayout_keeps_greedy_tokens_on_smollm2(smol_dir, tmp_path):
     ids = prompt + before
     la = m.forward(ids)[len(prompt) - 1: -1]
     del m
-    profile_model(d, n_tokens=256, n_samples=32, threads=1, progress=False)
+    profile_model(d, n_tokens=256, n_samples=32, threads=1, progress=False, relayout="neurons")
     assert json.loads((d / "manifest.json").read_text())["ffn"]["down_fmt"] == "q8"
     m = powerlow.load(d, RuntimeConfig(threads=1))
     lb = m.forward(ids)[len(prompt) - 1: -1]
