@@ -394,16 +394,17 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
 #define G32_MAXT 64
 AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *dr, const uint16_t *mr,
                 int nfull, int tailn, const int8_t *const *xp, const int8_t *const *xrp,
-                const float *const *dxp, const float *const *bxp, float *res)
+                const float *const *dxp, const float *const *bxp, const __m256 *acc0, float *res)
 {
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const int q4 = FMT == PLK_Q4_0 || FMT == PLK_Q4_1;
     const int QB = plk_qbytes[FMT];
     __m256 acc[4];
+    /* acc0: the accumulators after the nfull groups (the GEMM path below computed them): tail only */
 #pragma GCC unroll 4
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int g0 = 0; g0 < nfull; g0 += 8) {
+    for (int t = 0; t < NT; t++) acc[t] = acc0 ? acc0[t] : _mm256_setzero_ps();
+    for (int g0 = acc0 ? nfull : 0; g0 < nfull; g0 += 8) {
         const uint8_t *q = qs + (size_t)g0 * QB;
         _mm_prefetch((const char *)q + PLK_PF, _MM_HINT_T0);
         _mm_prefetch((const char *)q + PLK_PF + 64, _MM_HINT_T0);
@@ -515,6 +516,193 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
 }
 
+/* ---- GEMM path (T >= GEMM_MINT tokens, AVX2) for the 32-group formats -----------------------------
+ * The per-token kernel above spends most of its time folding each block's 32 products across lanes
+ * (hadd trees, a permute). Here a block's products stay in one 32-bit lane: per 8 groups ("chunk")
+ * the codes are re-laid, once per row and call, into 8 vectors W[k] whose lane q holds codes 4k..4k+3
+ * of block perm[q] (the activations once per token and call, the same way), so 8 vpmaddubsw + vpaddw
+ * (or + vpmaddwd + vpaddd for q8) leave in lane q the integer sum of block perm[q], with no horizontal
+ * step. Integer sums are exact (q4: 8 int16 lanes of <= 2 x 15 x 128 sum to <= 30720; q8 goes to int32
+ * per step), so they equal the per-token kernel's. The float operations are the per-token kernel's:
+ * the same fma(cvt(isum), dv*dx, acc), fma(bv, bx, acc) per chunk, with dv, dx, bv, bx permuted like the
+ * lanes; the accumulators are permuted back before the ng % 8 tail (the per-token code) and hsum8. So a
+ * token's result is bit-identical to the one it gets alone (T = 1 runs the per-token kernel).
+ * Register block: 2 rows x 4 tokens (8 int accumulators, 2 weight vectors, 1 activation vector); each
+ * re-laid weight vector is used for 4 tokens, each activation vector for 2 rows. A row pair's re-laid
+ * codes (2 x K bytes) stay in L1 across the token tiles. q4 perm = [0 2 4 6 1 3 5 7]: what an in-lane
+ * 4x4 dword transpose of two-group loads gives; q8 perm = identity (8x8 transpose). */
+#define GEMM_MINT 4
+
+AI void tr4_lane(__m256i *v)   /* in-lane 4x4 dword transpose of v[0..3] */
+{
+    const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    v[0] = _mm256_unpacklo_epi64(t0, t2);
+    v[1] = _mm256_unpackhi_epi64(t0, t2);
+    v[2] = _mm256_unpacklo_epi64(t1, t3);
+    v[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* one row's nch chunks -> wr (nch x 8 vectors), dvr/bvr (nch x 8 floats, permuted like the lanes) */
+AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, const uint16_t *mr, int nch,
+                      __m256i *wr, float *dvr, float *bvr)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i pidx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (int c = 0; c < nch; c++) {
+        __m256i *o = wr + (size_t)c * 8;
+        if (FMT == PLK_Q8) {
+            __m256i b[8];
+            for (int j = 0; j < 8; j++) b[j] = _mm256_loadu_si256((const __m256i *)(qs + (size_t)c * 256 + 32 * j));
+            tr4_lane(b);
+            tr4_lane(b + 4);
+            for (int s = 0; s < 4; s++) {
+                _mm256_store_si256(o + s, _mm256_permute2x128_si256(b[s], b[4 + s], 0x20));
+                _mm256_store_si256(o + 4 + s, _mm256_permute2x128_si256(b[s], b[4 + s], 0x31));
+            }
+        } else {
+            __m256i lo[4], hi[4];
+            for (int i = 0; i < 4; i++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(qs + (size_t)c * 128 + 32 * i));
+                lo[i] = _mm256_and_si256(v, m4);
+                hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            tr4_lane(lo);
+            tr4_lane(hi);
+            for (int k = 0; k < 4; k++) {
+                _mm256_store_si256(o + k, lo[k]);
+                _mm256_store_si256(o + 4 + k, hi[k]);
+            }
+        }
+        __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dr + (size_t)c * 8)));
+        __m256 bv = dv;
+        if (FMT == PLK_Q4_1) bv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mr + (size_t)c * 8)));
+        if (FMT == PLK_Q4_0) bv = _mm256_mul_ps(_mm256_set1_ps(-8.0f), dv);
+        if (FMT != PLK_Q8) {
+            dv = _mm256_permutevar8x32_ps(dv, pidx);
+            bv = _mm256_permutevar8x32_ps(bv, pidx);
+        }
+        _mm256_storeu_ps(dvr + (size_t)c * 8, dv);
+        _mm256_storeu_ps(bvr + (size_t)c * 8, bv);
+    }
+}
+
+/* R rows x NT tokens over nch chunks: acc[r * 4 + t] */
+AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m256i *wr, size_t wst,
+                  const float *dvr, const float *bvr, size_t vst, const int8_t *const *xg,
+                  const float *const *dxg, const float *const *bxg, __m256 *acc)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int c = 0; c < nch; c++) {
+        __m256i s[2][4];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) s[r][t] = _mm256_setzero_si256();
+        const __m256i *wc = wr + (size_t)c * 8;
+#pragma GCC unroll 4
+        for (int k = 0; k < 8; k++) {
+            __m256i wv[2], wa[2];
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) {
+                wv[r] = _mm256_load_si256(wc + r * wst + k);
+                if (FMT == PLK_Q8) wa[r] = _mm256_abs_epi8(wv[r]);
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                const __m256i xv = _mm256_load_si256((const __m256i *)(xg[t] + (size_t)c * 256 + 32 * k));
+#pragma GCC unroll 2
+                for (int r = 0; r < R; r++) {
+                    if (FMT == PLK_Q8)
+                        s[r][t] = _mm256_add_epi32(s[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xv, wv[r])), ones));
+                    else
+                        s[r][t] = _mm256_add_epi16(s[r][t], _mm256_maddubs_epi16(wv[r], xv));
+                }
+            }
+        }
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            const __m256 dv = _mm256_loadu_ps(dvr + r * vst + (size_t)c * 8), bv = _mm256_loadu_ps(bvr + r * vst + (size_t)c * 8);
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                const __m256i isum = FMT == PLK_Q8 ? s[r][t] : _mm256_madd_epi16(s[r][t], ones);
+                __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxg[t] + (size_t)c * 8)), acc[r * 4 + t]);
+                if (FMT != PLK_Q8) v = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxg[t] + (size_t)c * 8), v);
+                acc[r * 4 + t] = v;
+            }
+        }
+    }
+}
+
+AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull, int tailn,
+                 const int8_t *const *xp, const int8_t *const *xrp, const float *const *dxp,
+                 const float *const *bxp, float *y, int ldy, int accum)
+{
+    static const int perm_q4[8] = {0, 2, 4, 6, 1, 3, 5, 7}, perm_id[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    const int *perm = FMT == PLK_Q8 ? perm_id : perm_q4;
+    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const int ng = nfull + tailn, nch = nfull / 8;
+    const size_t rowq = (size_t)ng * plk_qbytes[FMT];
+    const size_t xbytes = (size_t)T * nfull * 32, wvec = (size_t)nch * 8;
+    /* one block: xg (T x nfull*32 bytes), wr (2 rows x wvec vectors), dxg, bxg (T x nfull), dvr, bvr (2 x nfull) */
+    size_t nbytes = xbytes + 2 * wvec * 32 + sizeof(float) * ((size_t)2 * T * nfull + 4 * (size_t)nfull);
+    uint8_t *buf = (uint8_t *)aligned_alloc(64, (nbytes + 63) & ~(size_t)63);
+    if (!buf) return;
+    int8_t *xgb = (int8_t *)buf;
+    __m256i *wr = (__m256i *)(buf + xbytes);
+    float *dxgb = (float *)(buf + xbytes + 2 * wvec * 32), *bxgb = dxgb + (size_t)T * nfull;
+    float *dvr = bxgb + (size_t)T * nfull, *bvr = dvr + 2 * (size_t)nfull;
+    const int8_t *xg[G32_MAXT];
+    const float *dxg[G32_MAXT], *bxg[G32_MAXT];
+    for (int t = 0; t < T; t++) {
+        int8_t *o = xgb + (size_t)t * nfull * 32;
+        float *od = dxgb + (size_t)t * nfull, *ob = bxgb + (size_t)t * nfull;
+        for (int c = 0; c < nch; c++) {
+            for (int q = 0; q < 8; q++) {
+                const int b = c * 8 + perm[q];
+                for (int k = 0; k < 8; k++) memcpy(o + (size_t)c * 256 + 32 * k + 4 * q, xp[t] + (size_t)b * 32 + 4 * k, 4);
+                od[c * 8 + q] = dxp[t][b];
+                ob[c * 8 + q] = FMT == PLK_Q8 ? 0.0f : bxp[t][b];
+            }
+        }
+        xg[t] = o;
+        dxg[t] = od;
+        bxg[t] = ob;
+    }
+    for (int r = r0; r < r1; r += 2) {
+        const int R = r1 - r < 2 ? 1 : 2;
+        for (int i = 0; i < R; i++)
+            gemm_row_prep(FMT, w->qs + (size_t)(r + i) * rowq, w->d + (size_t)(r + i) * ng,
+                          plk_has_min[FMT] ? w->m + (size_t)(r + i) * ng : NULL, nch,
+                          wr + i * wvec, dvr + (size_t)i * nfull, bvr + (size_t)i * nfull);
+        for (int ts = 0; ts < T; ts += 4) {
+            const int nt = T - ts < 4 ? T - ts : 4;
+            __m256 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+#define GT_(RR, NN) gemm_tile(FMT, RR, NN, nch, wr, wvec, dvr, bvr, nfull, xg + ts, dxg + ts, bxg + ts, acc)
+            if (R == 2) switch (nt) { case 1: GT_(2, 1); break; case 2: GT_(2, 2); break; case 3: GT_(2, 3); break; default: GT_(2, 4); }
+            else switch (nt) { case 1: GT_(1, 1); break; case 2: GT_(1, 2); break; case 3: GT_(1, 3); break; default: GT_(1, 4); }
+#undef GT_
+            for (int i = 0; i < R; i++) {
+                const uint8_t *qs = w->qs + (size_t)(r + i) * rowq;
+                const uint16_t *dr = w->d + (size_t)(r + i) * ng, *mr = plk_has_min[FMT] ? w->m + (size_t)(r + i) * ng : NULL;
+                __m256 a4[4];
+                float res[4];
+                for (int t = 0; t < nt; t++)
+                    a4[t] = FMT == PLK_Q8 ? acc[i * 4 + t] : _mm256_permutevar8x32_ps(acc[i * 4 + t], unperm);
+#define G32_(NN) g32_row(FMT, NN, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, a4, res)
+                switch (nt) { case 1: G32_(1); break; case 2: G32_(2); break; case 3: G32_(3); break; default: G32_(4); }
+#undef G32_
+                for (int t = 0; t < nt; t++) {
+                    float *o = y + (size_t)(ts + t) * ldy + r + i;
+                    *o = (accum ? *o : 0.0f) + res[t];
+                }
+            }
+        }
+    }
+    free(buf);
+}
+
 AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
     const int ng = a->ng, nb = a->nb, nfull = ng / 8 * 8, tailn = ng - nfull;
@@ -549,6 +737,11 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
             dxp[t] = a->dx + tt * nb;
             bxp[t] = a->bx + tt * ng;
         }
+        if (!PLK_VNNI && T >= GEMM_MINT && nfull >= 8) {
+            g32_gemm(FMT, w, r0, r1, T, nfull, tailn, xp, xrp, dxp, bxp, y + (size_t)t0 * ldy, ldy, accum);
+            if (xr && xr != xr_stack) free(xr);
+            continue;
+        }
         /* rows outer: a row's codes come from memory once, then from L1 for the next token tiles */
         for (int r = r0; r < r1; r++) {
             const uint8_t *qs = w->qs + (size_t)r * rowq;
@@ -557,10 +750,10 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
                 const int nt = T - ts < 4 ? T - ts : 4;
                 float res[4];
                 switch (nt) {
-                case 1: g32_row(FMT, 1, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
-                case 2: g32_row(FMT, 2, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
-                case 3: g32_row(FMT, 3, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
-                default: g32_row(FMT, 4, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
+                case 1: g32_row(FMT, 1, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
+                case 2: g32_row(FMT, 2, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
+                case 3: g32_row(FMT, 3, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
+                default: g32_row(FMT, 4, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
                 }
                 for (int t = 0; t < nt; t++) {
                     float *o = y + (size_t)(t0 + ts + t) * ldy + r;
