@@ -590,16 +590,50 @@ AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, cons
 /* R rows x NT tokens over nch chunks: acc[r * 4 + t] */
 AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m256i *wr, size_t wst,
                   const float *dvr, const float *bvr, size_t vst, const int8_t *const *xg,
-                  const float *const *dxg, const float *const *bxg, __m256 *acc)
+                  const float *const *dxg, const float *const *bxg, __m256 *acc, const char *pf, int npf)
 {
     const __m256i ones = _mm256_set1_epi16(1);
     for (int c = 0; c < nch; c++) {
+        if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
         __m256i s[2][4];
 #pragma GCC unroll 2
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) s[r][t] = _mm256_setzero_si256();
         const __m256i *wc = wr + (size_t)c * 8;
+#if !PLK_VNNI
+        if (FMT != PLK_Q8 && R == 2 && NT == 4) {
+            /* the hot case in inline asm: GCC's register allocation of the C loop below adds a
+             * register copy per vpaddw (8 per step); here the 8 sums stay in place */
+            const int8_t *x0 = xg[0] + (size_t)c * 256, *x1 = xg[1] + (size_t)c * 256;
+            const int8_t *x2 = xg[2] + (size_t)c * 256, *x3 = xg[3] + (size_t)c * 256;
+            const __m256i *w1 = wc + wst;
+#define GEMM_STEP(K_) __asm__(                                                          \
+            "vmovdqa " #K_ "(%[w0]), %%ymm12\n\t"                                       \
+            "vmovdqa " #K_ "(%[w1]), %%ymm13\n\t"                                       \
+            "vmovdqa " #K_ "(%[x0]), %%ymm14\n\t"                                       \
+            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s00], %[s00]\n\t" \
+            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s10], %[s10]\n\t" \
+            "vmovdqa " #K_ "(%[x1]), %%ymm14\n\t"                                       \
+            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s01], %[s01]\n\t" \
+            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s11], %[s11]\n\t" \
+            "vmovdqa " #K_ "(%[x2]), %%ymm14\n\t"                                       \
+            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s02], %[s02]\n\t" \
+            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s12], %[s12]\n\t" \
+            "vmovdqa " #K_ "(%[x3]), %%ymm14\n\t"                                       \
+            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s03], %[s03]\n\t" \
+            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s13], %[s13]\n\t" \
+            : [s00] "+x"(s[0][0]), [s01] "+x"(s[0][1]), [s02] "+x"(s[0][2]), [s03] "+x"(s[0][3]), \
+              [s10] "+x"(s[1][0]), [s11] "+x"(s[1][1]), [s12] "+x"(s[1][2]), [s13] "+x"(s[1][3])  \
+            : [w0] "r"(wc), [w1] "r"(w1), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3),   \
+              "m"(*(const char (*)[256])wc), "m"(*(const char (*)[256])w1), "m"(*(const char (*)[256])x0), \
+              "m"(*(const char (*)[256])x1), "m"(*(const char (*)[256])x2), "m"(*(const char (*)[256])x3) \
+            : "xmm12", "xmm13", "xmm14", "xmm15")
+            GEMM_STEP(0); GEMM_STEP(32); GEMM_STEP(64); GEMM_STEP(96);
+            GEMM_STEP(128); GEMM_STEP(160); GEMM_STEP(192); GEMM_STEP(224);
+#undef GEMM_STEP
+        } else
+#endif
 #pragma GCC unroll 4
         for (int k = 0; k < 8; k++) {
             __m256i wv[2], wa[2];
@@ -616,18 +650,24 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
                     if (FMT == PLK_Q8)
                         s[r][t] = _mm256_add_epi32(s[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xv, wv[r])), ones));
                     else
-                        s[r][t] = _mm256_add_epi16(s[r][t], _mm256_maddubs_epi16(wv[r], xv));
+                        s[r][t] = _mm256_add_epi16(_mm256_maddubs_epi16(wv[r], xv), s[r][t]);
                 }
             }
         }
+        __m256 dv[2], bv[2];
 #pragma GCC unroll 2
         for (int r = 0; r < R; r++) {
-            const __m256 dv = _mm256_loadu_ps(dvr + r * vst + (size_t)c * 8), bv = _mm256_loadu_ps(bvr + r * vst + (size_t)c * 8);
+            dv[r] = _mm256_loadu_ps(dvr + r * vst + (size_t)c * 8);
+            bv[r] = _mm256_loadu_ps(bvr + r * vst + (size_t)c * 8);
+        }
 #pragma GCC unroll 4
-            for (int t = 0; t < NT; t++) {
+        for (int t = 0; t < NT; t++) {
+            const __m256 dx = _mm256_loadu_ps(dxg[t] + (size_t)c * 8), bx = _mm256_loadu_ps(bxg[t] + (size_t)c * 8);
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) {
                 const __m256i isum = FMT == PLK_Q8 ? s[r][t] : _mm256_madd_epi16(s[r][t], ones);
-                __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxg[t] + (size_t)c * 8)), acc[r * 4 + t]);
-                if (FMT != PLK_Q8) v = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxg[t] + (size_t)c * 8), v);
+                __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv[r], dx), acc[r * 4 + t]);
+                if (FMT != PLK_Q8) v = _mm256_fmadd_ps(bv[r], bx, v);
                 acc[r * 4 + t] = v;
             }
         }
@@ -679,7 +719,15 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
             const int nt = T - ts < 4 ? T - ts : 4;
             __m256 acc[8];
             for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-#define GT_(RR, NN) gemm_tile(FMT, RR, NN, nch, wr, wvec, dvr, bvr, nfull, xg + ts, dxg + ts, bxg + ts, acc)
+            /* spread prefetches of the next row pair (codes, then scales) over the token tiles */
+            const long pf0 = (long)(ts / 4) * nch, pfn = r + 2 < r1 ? (long)(r1 - r - 2 < 2 ? 1 : 2) * (long)(rowq / 64) : 0;
+            const char *pf = (const char *)(w->qs + (size_t)(r + 2) * rowq) + 64 * pf0;
+            const int npf = pf0 < pfn ? (int)(pfn - pf0 < nch ? pfn - pf0 : nch) : 0;
+            if (ts == 0 && r + 2 < r1) {
+                _mm_prefetch((const char *)(w->d + (size_t)(r + 2) * ng), _MM_HINT_T0);
+                if (plk_has_min[FMT]) _mm_prefetch((const char *)(w->m + (size_t)(r + 2) * ng), _MM_HINT_T0);
+            }
+#define GT_(RR, NN) gemm_tile(FMT, RR, NN, nch, wr, wvec, dvr, bvr, nfull, xg + ts, dxg + ts, bxg + ts, acc, pf, npf)
             if (R == 2) switch (nt) { case 1: GT_(2, 1); break; case 2: GT_(2, 2); break; case 3: GT_(2, 3); break; default: GT_(2, 4); }
             else switch (nt) { case 1: GT_(1, 1); break; case 2: GT_(1, 2); break; case 3: GT_(1, 3); break; default: GT_(1, 4); }
 #undef GT_
