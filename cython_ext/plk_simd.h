@@ -589,8 +589,8 @@ AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, cons
 
 /* R rows x NT tokens over nch chunks: acc[r * 4 + t] */
 AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m256i *wr, size_t wst,
-                  const float *dvr, const float *bvr, size_t vst, const int8_t *const *xg,
-                  const float *const *dxg, const float *const *bxg, __m256 *acc, const char *pf, int npf)
+                  const float *dvr, const float *bvr, size_t vst, const int8_t *xt, const float *ft,
+                  __m256 *acc, const char *pf, int npf)
 {
     const __m256i ones = _mm256_set1_epi16(1);
     for (int c = 0; c < nch; c++) {
@@ -605,8 +605,7 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
         if (FMT != PLK_Q8 && R == 2 && NT == 4) {
             /* the hot case in inline asm: GCC's register allocation of the C loop below adds a
              * register copy per vpaddw (8 per step); here the 8 sums stay in place */
-            const int8_t *x0 = xg[0] + (size_t)c * 256, *x1 = xg[1] + (size_t)c * 256;
-            const int8_t *x2 = xg[2] + (size_t)c * 256, *x3 = xg[3] + (size_t)c * 256;
+            const int8_t *x0 = xt + (size_t)c * 1024;
             const __m256i *w1 = wc + wst;
 #define GEMM_STEP(K_) __asm__(                                                          \
             "vmovdqa " #K_ "(%[w0]), %%ymm12\n\t"                                       \
@@ -614,20 +613,19 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
             "vmovdqa " #K_ "(%[x0]), %%ymm14\n\t"                                       \
             "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s00], %[s00]\n\t" \
             "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s10], %[s10]\n\t" \
-            "vmovdqa " #K_ "(%[x1]), %%ymm14\n\t"                                       \
+            "vmovdqa 256+" #K_ "(%[x0]), %%ymm14\n\t"                                       \
             "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s01], %[s01]\n\t" \
             "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s11], %[s11]\n\t" \
-            "vmovdqa " #K_ "(%[x2]), %%ymm14\n\t"                                       \
+            "vmovdqa 512+" #K_ "(%[x0]), %%ymm14\n\t"                                       \
             "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s02], %[s02]\n\t" \
             "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s12], %[s12]\n\t" \
-            "vmovdqa " #K_ "(%[x3]), %%ymm14\n\t"                                       \
+            "vmovdqa 768+" #K_ "(%[x0]), %%ymm14\n\t"                                       \
             "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s03], %[s03]\n\t" \
             "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s13], %[s13]\n\t" \
             : [s00] "+x"(s[0][0]), [s01] "+x"(s[0][1]), [s02] "+x"(s[0][2]), [s03] "+x"(s[0][3]), \
               [s10] "+x"(s[1][0]), [s11] "+x"(s[1][1]), [s12] "+x"(s[1][2]), [s13] "+x"(s[1][3])  \
-            : [w0] "r"(wc), [w1] "r"(w1), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3),   \
-              "m"(*(const char (*)[256])wc), "m"(*(const char (*)[256])w1), "m"(*(const char (*)[256])x0), \
-              "m"(*(const char (*)[256])x1), "m"(*(const char (*)[256])x2), "m"(*(const char (*)[256])x3) \
+            : [w0] "r"(wc), [w1] "r"(w1), [x0] "r"(x0),                                          \
+              "m"(*(const char (*)[256])wc), "m"(*(const char (*)[256])w1), "m"(*(const char (*)[1024])x0) \
             : "xmm12", "xmm13", "xmm14", "xmm15")
             GEMM_STEP(0); GEMM_STEP(32); GEMM_STEP(64); GEMM_STEP(96);
             GEMM_STEP(128); GEMM_STEP(160); GEMM_STEP(192); GEMM_STEP(224);
@@ -644,7 +642,7 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
             }
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) {
-                const __m256i xv = _mm256_load_si256((const __m256i *)(xg[t] + (size_t)c * 256 + 32 * k));
+                const __m256i xv = _mm256_load_si256((const __m256i *)(xt + ((size_t)c * 4 + t) * 256 + 32 * k));
 #pragma GCC unroll 2
                 for (int r = 0; r < R; r++) {
                     if (FMT == PLK_Q8)
@@ -662,7 +660,8 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
         }
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
-            const __m256 dx = _mm256_loadu_ps(dxg[t] + (size_t)c * 8), bx = _mm256_loadu_ps(bxg[t] + (size_t)c * 8);
+            const float *f = ft + ((size_t)c * 4 + t) * 16;
+            const __m256 dx = _mm256_load_ps(f), bx = _mm256_load_ps(f + 8);
 #pragma GCC unroll 2
             for (int r = 0; r < R; r++) {
                 const __m256i isum = FMT == PLK_Q8 ? s[r][t] : _mm256_madd_epi16(s[r][t], ones);
@@ -683,31 +682,31 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
     const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const int ng = nfull + tailn, nch = nfull / 8;
     const size_t rowq = (size_t)ng * plk_qbytes[FMT];
-    const size_t xbytes = (size_t)T * nfull * 32, wvec = (size_t)nch * 8;
-    /* one block: xg (T x nfull*32 bytes), wr (2 rows x wvec vectors), dxg, bxg (T x nfull), dvr, bvr (2 x nfull) */
-    size_t nbytes = xbytes + 2 * wvec * 32 + sizeof(float) * ((size_t)2 * T * nfull + 4 * (size_t)nfull);
+    const int ntile = (T + 3) / 4;
+    const size_t xbytes = (size_t)ntile * nch * 1024, wvec = (size_t)nch * 8;
+    /* one block: xg, fg (activations per token tile, see below), wr (2 rows x wvec vectors), dvr, bvr (2 x nfull) */
+    size_t nbytes = xbytes + 2 * wvec * 32 + sizeof(float) * ((size_t)ntile * nch * 64 + 4 * (size_t)nfull);
     uint8_t *buf = (uint8_t *)aligned_alloc(64, (nbytes + 63) & ~(size_t)63);
     if (!buf) return;
-    int8_t *xgb = (int8_t *)buf;
+    /* per token tile i (tokens 4i..4i+3), chunk c, token t of the tile: 256 re-laid activation bytes
+     * at xg + ((i * nch + c) * 4 + t) * 256 and [dx | bx] of the chunk's 8 blocks (permuted like the
+     * lanes) at fg + ((i * nch + c) * 4 + t) * 16: one pointer per tile reaches everything */
+    int8_t *xg = (int8_t *)buf;
     __m256i *wr = (__m256i *)(buf + xbytes);
-    float *dxgb = (float *)(buf + xbytes + 2 * wvec * 32), *bxgb = dxgb + (size_t)T * nfull;
-    float *dvr = bxgb + (size_t)T * nfull, *bvr = dvr + 2 * (size_t)nfull;
-    const int8_t *xg[G32_MAXT];
-    const float *dxg[G32_MAXT], *bxg[G32_MAXT];
+    float *fg = (float *)(buf + xbytes + 2 * wvec * 32);
+    float *dvr = fg + (size_t)ntile * nch * 64, *bvr = dvr + 2 * (size_t)nfull;
     for (int t = 0; t < T; t++) {
-        int8_t *o = xgb + (size_t)t * nfull * 32;
-        float *od = dxgb + (size_t)t * nfull, *ob = bxgb + (size_t)t * nfull;
         for (int c = 0; c < nch; c++) {
+            const size_t slot = ((size_t)(t / 4) * nch + c) * 4 + t % 4;
+            int8_t *o = xg + slot * 256;
+            float *f = fg + slot * 16;
             for (int q = 0; q < 8; q++) {
                 const int b = c * 8 + perm[q];
-                for (int k = 0; k < 8; k++) memcpy(o + (size_t)c * 256 + 32 * k + 4 * q, xp[t] + (size_t)b * 32 + 4 * k, 4);
-                od[c * 8 + q] = dxp[t][b];
-                ob[c * 8 + q] = FMT == PLK_Q8 ? 0.0f : bxp[t][b];
+                for (int k = 0; k < 8; k++) memcpy(o + 32 * k + 4 * q, xp[t] + (size_t)b * 32 + 4 * k, 4);
+                f[q] = dxp[t][b];
+                f[8 + q] = FMT == PLK_Q8 ? 0.0f : bxp[t][b];
             }
         }
-        xg[t] = o;
-        dxg[t] = od;
-        bxg[t] = ob;
     }
     for (int r = r0; r < r1; r += 2) {
         const int R = r1 - r < 2 ? 1 : 2;
@@ -727,7 +726,8 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
                 _mm_prefetch((const char *)(w->d + (size_t)(r + 2) * ng), _MM_HINT_T0);
                 if (plk_has_min[FMT]) _mm_prefetch((const char *)(w->m + (size_t)(r + 2) * ng), _MM_HINT_T0);
             }
-#define GT_(RR, NN) gemm_tile(FMT, RR, NN, nch, wr, wvec, dvr, bvr, nfull, xg + ts, dxg + ts, bxg + ts, acc, pf, npf)
+#define GT_(RR, NN) gemm_tile(FMT, RR, NN, nch, wr, wvec, dvr, bvr, nfull, xg + (size_t)(ts / 4) * nch * 1024, \
+                            fg + (size_t)(ts / 4) * nch * 64, acc, pf, npf)
             if (R == 2) switch (nt) { case 1: GT_(2, 1); break; case 2: GT_(2, 2); break; case 3: GT_(2, 3); break; default: GT_(2, 4); }
             else switch (nt) { case 1: GT_(1, 1); break; case 2: GT_(1, 2); break; case 3: GT_(1, 3); break; default: GT_(1, 4); }
 #undef GT_
