@@ -201,6 +201,62 @@ AI void tile_2g(const int NT, const uint8_t *qs, int ng, const int8_t *const *xr
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
 }
 
+/* q1, AVX2: one 16-byte load = two 64-groups = the tile's 4 blocks (byte i of a group holds element
+ * 8s + i in bit s). Broadcast to both 128-bit lanes and shifted per qword by (s, s, s+2, s+2) for
+ * s = 0, 1, 4, 5, AND 1: lane 0 holds bit s of every byte (elements 8s..8s+7 of both groups), lane 1
+ * bit s+2. Dotted with the token's activations re-laid the same way once per call (xr: per group pair
+ * and s, [g elements 8s.. | g+1 elements 8s.. | g elements 8(s+2).. | g+1 the same]); m0 + m1 are the
+ * first block of each group (elements 0-15 in lane 0, 16-31 in lane 1), m4 + m5 the second; one hadd,
+ * vpmaddwd and an in-lane dword shuffle give the tile's [L0 L1 L2 L3 | U0 U1 U2 U3] (exact: int16
+ * sums <= 4 x 2 x 128). The float operations are the tile's, in its order: same results. A last odd
+ * group takes the tile's per-block form on the natural-order activations (xo). */
+AI void tile_q1(const int NT, const uint8_t *qs, int ng, const int8_t *const *xr, const int8_t *const *xo,
+                const float *const *ds, float *res)
+{
+    const __m256i one = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i c0 = _mm256_setr_epi64x(0, 0, 2, 2), c1 = _mm256_setr_epi64x(1, 1, 3, 3);
+    const __m256i c4 = _mm256_setr_epi64x(4, 4, 6, 6), c5 = _mm256_setr_epi64x(5, 5, 7, 7);
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 2 <= ng; g += 2) {
+        _mm_prefetch((const char *)(qs + (size_t)g * 8 + PLK_PF), _MM_HINT_T0);
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(qs + (size_t)g * 8)));
+        const __m256i w0 = _mm256_and_si256(_mm256_srlv_epi64(v, c0), one);
+        const __m256i w1 = _mm256_and_si256(_mm256_srlv_epi64(v, c1), one);
+        const __m256i w4 = _mm256_and_si256(_mm256_srlv_epi64(v, c4), one);
+        const __m256i w5 = _mm256_and_si256(_mm256_srlv_epi64(v, c5), one);
+        const int b = g * 2;
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const int8_t *x = xr[t] + (size_t)g * 64;
+            const __m256i m0 = _mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)x));
+            const __m256i m1 = _mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 32)));
+            const __m256i m4 = _mm256_maddubs_epi16(w4, _mm256_loadu_si256((const __m256i *)(x + 64)));
+            const __m256i m5 = _mm256_maddubs_epi16(w5, _mm256_loadu_si256((const __m256i *)(x + 96)));
+            __m256i h = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_add_epi16(m0, m1), _mm256_add_epi16(m4, m5)), ones16);
+            h = _mm256_shuffle_epi32(h, 0xd8);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_broadcast_ps((const __m128 *)(ds[t] + b)), acc[t]);
+        }
+    }
+    for (; g < ng; g++) {   /* the tile's remainder form */
+        __m256i v[2];
+        unpack_group(PLK_Q1, qs, g, v);
+        for (int j = 0; j < 2; j++) {
+            const int b = g * 2 + j;
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xo[t] + (size_t)b * 32));
+                __m256i p = sdot(v[j], x);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ds[t][b]), acc[t]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
+}
+
 /* fp16 row -> float; with safe != 0 the last 8-wide load may read past n (into the next row) */
 AI void h2f_row(const uint16_t *h, float *f, int n, int safe)
 {
@@ -851,6 +907,24 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
             }
         }
     }
+    if (!PLK_VNNI && FMT == PLK_Q1 && ng >= 2) {   /* re-laid for tile_q1 (group pairs only) */
+        xr = (int8_t *)malloc((size_t)a->T * ng * 64);
+        if (!xr) { free(buf); return; }
+        for (int t = 0; t < a->T; t++) {
+            const int8_t *x = a->qs + (size_t)t * a->Kp;
+            int8_t *o = xr + (size_t)t * ng * 64;
+            for (int g = 0; g + 2 <= ng; g += 2) {
+                static const int sv[4] = {0, 1, 4, 5};
+                for (int j = 0; j < 4; j++) {
+                    int8_t *d = o + (size_t)g * 64 + 32 * j;
+                    memcpy(d, x + (size_t)g * 64 + 8 * sv[j], 8);
+                    memcpy(d + 8, x + (size_t)(g + 1) * 64 + 8 * sv[j], 8);
+                    memcpy(d + 16, x + (size_t)g * 64 + 8 * (sv[j] + 2), 8);
+                    memcpy(d + 24, x + (size_t)(g + 1) * 64 + 8 * (sv[j] + 2), 8);
+                }
+            }
+        }
+    }
     const __m256i tailmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(ng & 7), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int r = r0; r < r1; r++) {
         const uint8_t *qs = w->qs + (size_t)r * rowq;
@@ -861,7 +935,7 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
         const float bmul = plk_has_min[FMT] ? 1.0f : Bm;
         for (int t0 = 0; t0 < a->T; t0 += 4) {
             const int nt = a->T - t0 < 4 ? a->T - t0 : 4;
-            const int8_t *xp[4];
+            const int8_t *xp[4], *xo[4];
             const float *dsp[4];
             float res[4], bsum[4];
             for (int t = 0; t < nt; t++) {
@@ -891,9 +965,16 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
                 }
                 bsum[t] = s;
                 xp[t] = xr ? xr + (size_t)(t0 + t) * ng * 64 : a->qs + (size_t)(t0 + t) * a->Kp;
+                xo[t] = a->qs + (size_t)(t0 + t) * a->Kp;
                 dsp[t] = d;
             }
-            if (xr) switch (nt) {
+            if (xr && FMT == PLK_Q1) switch (nt) {
+            case 1: tile_q1(1, qs, ng, xp, xo, dsp, res); break;
+            case 2: tile_q1(2, qs, ng, xp, xo, dsp, res); break;
+            case 3: tile_q1(3, qs, ng, xp, xo, dsp, res); break;
+            default: tile_q1(4, qs, ng, xp, xo, dsp, res); break;
+            }
+            else if (xr) switch (nt) {
             case 1: tile_2g(1, qs, ng, xp, dsp, res); break;
             case 2: tile_2g(2, qs, ng, xp, dsp, res); break;
             case 3: tile_2g(3, qs, ng, xp, dsp, res); break;

@@ -272,11 +272,12 @@ def test_two_group_short_rows(isa, fmt):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["q2", "tern"])
-@pytest.mark.parametrize("k", [320, 384, 1536, 1600])
+@pytest.mark.parametrize("fmt", ["q2", "tern", "q1"])
+@pytest.mark.parametrize("k", [129, 320, 384, 1536, 1600, 1601])
 def test_long_rows_two_groups(isa, fmt, k):
     """q2/tern long rows with an even count of 64-groups (two groups per 32-byte load against re-laid
-    activations): every 2-bit field position and block half, groups of very different scale."""
+    activations), q1 rows (two groups per 16-byte load, a last odd group in the per-block form): every
+    bit / 2-bit field position and block half, groups of very different scale."""
     rng = np.random.default_rng(k)
     w = rng.standard_normal((19, k)).astype(np.float32)
     w *= np.repeat(rng.uniform(0.01, 10, (19, -(-k // 64))), 64, axis=1)[:, :k].astype(np.float32)
