@@ -756,11 +756,19 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
             const size_t slot = ((size_t)(t / 4) * nch + c) * 4 + t % 4;
             int8_t *o = xg + slot * 256;
             float *f = fg + slot * 16;
+            /* 8x8 dword transpose of the chunk's blocks taken in perm order (as the weights) */
+            __m256i v[8];
             for (int q = 0; q < 8; q++) {
                 const int b = c * 8 + perm[q];
-                for (int k = 0; k < 8; k++) memcpy(o + 32 * k + 4 * q, xp[t] + (size_t)b * 32 + 4 * k, 4);
+                v[q] = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)b * 32));
                 f[q] = dxp[t][b];
                 f[8 + q] = FMT == PLK_Q8 ? 0.0f : bxp[t][b];
+            }
+            tr4_lane(v);
+            tr4_lane(v + 4);
+            for (int k = 0; k < 4; k++) {
+                _mm256_store_si256((__m256i *)(o + 32 * k), _mm256_permute2x128_si256(v[k], v[4 + k], 0x20));
+                _mm256_store_si256((__m256i *)(o + 32 * (4 + k)), _mm256_permute2x128_si256(v[k], v[4 + k], 0x31));
             }
         }
     }
@@ -816,15 +824,17 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
     for (int t0 = 0; t0 < a->T; t0 += G32_MAXT) {
         const int T = a->T - t0 < G32_MAXT ? a->T - t0 : G32_MAXT;
         /* q4: activations re-laid per pair of blocks: [b lo16 | b+1 lo16], [b hi16 | b+1 hi16] */
+        /* the GEMM path below needs them only for an even tail of groups */
+        const int gemm = !PLK_VNNI && T >= GEMM_MINT && nfull >= 8;
         int8_t *xr = NULL;
-        if (q4) {
+        if (q4 && !(gemm && (tailn == 0 || (tailn & 1)))) {
             size_t need = (size_t)T * (ng & ~1) * 32;
             xr = need <= sizeof xr_stack ? xr_stack : (int8_t *)malloc(need);
             if (!xr) return;
             for (int t = 0; t < T; t++) {
                 const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp;
                 int8_t *o = xr + (size_t)t * (ng & ~1) * 32;
-                for (int b = 0; b + 2 <= ng; b += 2) {
+                for (int b = gemm ? nfull : 0; b + 2 <= ng; b += 2) {
                     __m256i u = _mm256_loadu_si256((const __m256i *)(x + b * 32));
                     __m256i v = _mm256_loadu_si256((const __m256i *)(x + b * 32 + 32));
                     _mm256_storeu_si256((__m256i *)(o + b * 32), _mm256_permute2x128_si256(u, v, 0x20));
@@ -841,7 +851,7 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
             dxp[t] = a->dx + tt * nb;
             bxp[t] = a->bx + tt * ng;
         }
-        if (!PLK_VNNI && T >= GEMM_MINT && nfull >= 8) {
+        if (gemm) {
             g32_gemm(FMT, w, r0, r1, T, nfull, tailn, xp, xrp, dxp, bxp, y + (size_t)t0 * ldy, ldy, accum);
             if (xr && xr != xr_stack) free(xr);
             continue;
