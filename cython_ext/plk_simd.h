@@ -586,7 +586,9 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
  * Register block: 2 rows x 4 tokens (8 int accumulators, 2 weight vectors, 1 activation vector); each
  * re-laid weight vector is used for 4 tokens, each activation vector for 2 rows. A row pair's re-laid
  * codes (2 x K bytes) stay in L1 across the token tiles. q4 perm = [0 2 4 6 1 3 5 7]: what an in-lane
- * 4x4 dword transpose of two-group loads gives; q8 perm = identity (8x8 transpose). */
+ * 4x4 dword transpose of two-group loads gives; q8 perm = identity (8x8 transpose).
+ * The VNNI variant keeps the per-token kernel (vpdpbusd already accumulates in int32; this VM has no
+ * AVX-512 to test a VNNI GEMM on). */
 #define GEMM_MINT 4
 
 AI void tr4_lane(__m256i *v)   /* in-lane 4x4 dword transpose of v[0..3] */
