@@ -402,3 +402,25 @@ def test_gemm_path_bit_exact(isa, fmt, threads):
                                               err_msg=f"n={n} k={k} t={t} token {i}")
     finally:
         K.set_threads(old)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["q4_1", "q8", "q4_0"])
+def test_ffn_bundles_gemm_path_accumulates(isa, fmt):
+    """Clusters of 288 neurons (9 groups: the down product takes the GEMM path with accumulate = 1 and a
+    one-group tail) and K = 320 (gate/up: GEMM path, two-group tail), 5 tokens: against the reference,
+    and each token alone gives the same bits."""
+    rng = np.random.default_rng(23)
+    Kd, C = 320, 288
+    lay, arena, ptrs = _bundles(fmt, fmt, C, Kd, 3, rng)
+    h = rng.standard_normal((5, Kd)).astype(np.float32)
+    base = rng.standard_normal((5, Kd)).astype(np.float32)
+    ref = base.copy()
+    R.ffn_bundles(ptrs, lay, h, "silu", ref)
+    out = base.copy()
+    K.ffn_bundles(ptrs, lay, h, "silu", out, isa=isa)
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3 * np.abs(ref - base).max())
+    for t in range(5):
+        one = base[t:t + 1].copy()
+        K.ffn_bundles(ptrs, lay, h[t:t + 1].copy(), "silu", one, isa=isa)
+        np.testing.assert_array_equal(one[0], out[t])
