@@ -17,6 +17,7 @@
  * its scales from a separate small plane: two sequential streams for the prefetcher.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include "plk.h"
