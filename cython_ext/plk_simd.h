@@ -17,6 +17,7 @@
  * its scales from a separate small plane: two sequential streams for the prefetcher.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include "plk.h"
@@ -195,6 +196,62 @@ AI void tile_2g(const int NT, const uint8_t *qs, int ng, const int8_t *const *xr
             __m256i h = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p0, p2), _mm256_hadd_epi16(p1, p3)), ones);
             h = _mm256_permute4x64_epi64(h, 0xd8);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_broadcast_ps((const __m128 *)(ds[t] + b)), acc[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
+}
+
+/* q1, AVX2: one 16-byte load = two 64-groups = the tile's 4 blocks (byte i of a group holds element
+ * 8s + i in bit s). Broadcast to both 128-bit lanes and shifted per qword by (s, s, s+2, s+2) for
+ * s = 0, 1, 4, 5, AND 1: lane 0 holds bit s of every byte (elements 8s..8s+7 of both groups), lane 1
+ * bit s+2. Dotted with the token's activations re-laid the same way once per call (xr: per group pair
+ * and s, [g elements 8s.. | g+1 elements 8s.. | g elements 8(s+2).. | g+1 the same]); m0 + m1 are the
+ * first block of each group (elements 0-15 in lane 0, 16-31 in lane 1), m4 + m5 the second; one hadd,
+ * vpmaddwd and an in-lane dword shuffle give the tile's [L0 L1 L2 L3 | U0 U1 U2 U3] (exact: int16
+ * sums <= 4 x 2 x 128). The float operations are the tile's, in its order: same results. A last odd
+ * group takes the tile's per-block form on the natural-order activations (xo). */
+AI void tile_q1(const int NT, const uint8_t *qs, int ng, const int8_t *const *xr, const int8_t *const *xo,
+                const float *const *ds, float *res)
+{
+    const __m256i one = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i c0 = _mm256_setr_epi64x(0, 0, 2, 2), c1 = _mm256_setr_epi64x(1, 1, 3, 3);
+    const __m256i c4 = _mm256_setr_epi64x(4, 4, 6, 6), c5 = _mm256_setr_epi64x(5, 5, 7, 7);
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 2 <= ng; g += 2) {
+        _mm_prefetch((const char *)(qs + (size_t)g * 8 + PLK_PF), _MM_HINT_T0);
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(qs + (size_t)g * 8)));
+        const __m256i w0 = _mm256_and_si256(_mm256_srlv_epi64(v, c0), one);
+        const __m256i w1 = _mm256_and_si256(_mm256_srlv_epi64(v, c1), one);
+        const __m256i w4 = _mm256_and_si256(_mm256_srlv_epi64(v, c4), one);
+        const __m256i w5 = _mm256_and_si256(_mm256_srlv_epi64(v, c5), one);
+        const int b = g * 2;
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const int8_t *x = xr[t] + (size_t)g * 64;
+            const __m256i m0 = _mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)x));
+            const __m256i m1 = _mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 32)));
+            const __m256i m4 = _mm256_maddubs_epi16(w4, _mm256_loadu_si256((const __m256i *)(x + 64)));
+            const __m256i m5 = _mm256_maddubs_epi16(w5, _mm256_loadu_si256((const __m256i *)(x + 96)));
+            __m256i h = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_add_epi16(m0, m1), _mm256_add_epi16(m4, m5)), ones16);
+            h = _mm256_shuffle_epi32(h, 0xd8);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_broadcast_ps((const __m128 *)(ds[t] + b)), acc[t]);
+        }
+    }
+    for (; g < ng; g++) {   /* the tile's remainder form */
+        __m256i v[2];
+        unpack_group(PLK_Q1, qs, g, v);
+        for (int j = 0; j < 2; j++) {
+            const int b = g * 2 + j;
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xo[t] + (size_t)b * 32));
+                __m256i p = sdot(v[j], x);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ds[t][b]), acc[t]);
+            }
         }
     }
 #pragma GCC unroll 4
@@ -394,16 +451,17 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
 #define G32_MAXT 64
 AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *dr, const uint16_t *mr,
                 int nfull, int tailn, const int8_t *const *xp, const int8_t *const *xrp,
-                const float *const *dxp, const float *const *bxp, float *res)
+                const float *const *dxp, const float *const *bxp, const __m256 *acc0, float *res)
 {
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const int q4 = FMT == PLK_Q4_0 || FMT == PLK_Q4_1;
     const int QB = plk_qbytes[FMT];
     __m256 acc[4];
+    /* acc0: the accumulators after the nfull groups (the GEMM path below computed them): tail only */
 #pragma GCC unroll 4
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int g0 = 0; g0 < nfull; g0 += 8) {
+    for (int t = 0; t < NT; t++) acc[t] = acc0 ? acc0[t] : _mm256_setzero_ps();
+    for (int g0 = acc0 ? nfull : 0; g0 < nfull; g0 += 8) {
         const uint8_t *q = qs + (size_t)g0 * QB;
         _mm_prefetch((const char *)q + PLK_PF, _MM_HINT_T0);
         _mm_prefetch((const char *)q + PLK_PF + 64, _MM_HINT_T0);
@@ -515,6 +573,251 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
 }
 
+/* ---- GEMM path (T >= GEMM_MINT tokens, AVX2) for the 32-group formats -----------------------------
+ * The per-token kernel above spends most of its time folding each block's 32 products across lanes
+ * (hadd trees, a permute). Here a block's products stay in one 32-bit lane: per 8 groups ("chunk")
+ * the codes are re-laid, once per row and call, into 8 vectors W[k] whose lane q holds codes 4k..4k+3
+ * of block perm[q] (the activations once per token and call, the same way), so 8 vpmaddubsw + vpaddw
+ * (or + vpmaddwd + vpaddd for q8) leave in lane q the integer sum of block perm[q], with no horizontal
+ * step. Integer sums are exact (q4: 8 int16 lanes of <= 2 x 15 x 128 sum to <= 30720; q8 goes to int32
+ * per step), so they equal the per-token kernel's. The float operations are the per-token kernel's:
+ * the same fma(cvt(isum), dv*dx, acc), fma(bv, bx, acc) per chunk, with dv, dx, bv, bx permuted like the
+ * lanes; the accumulators are permuted back before the ng % 8 tail (the per-token code) and hsum8. So a
+ * token's result is bit-identical to the one it gets alone (T = 1 runs the per-token kernel).
+ * Register block: 2 rows x 4 tokens (8 int accumulators, 2 weight vectors, 1 activation vector); each
+ * re-laid weight vector is used for 4 tokens, each activation vector for 2 rows. A row pair's re-laid
+ * codes (2 x K bytes) stay in L1 across the token tiles. q4 perm = [0 2 4 6 1 3 5 7]: what an in-lane
+ * 4x4 dword transpose of two-group loads gives; q8 perm = identity (8x8 transpose).
+ * The VNNI variant keeps the per-token kernel (vpdpbusd already accumulates in int32; this VM has no
+ * AVX-512 to test a VNNI GEMM on). */
+#define GEMM_MINT 4
+
+AI void tr4_lane(__m256i *v)   /* in-lane 4x4 dword transpose of v[0..3] */
+{
+    const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    v[0] = _mm256_unpacklo_epi64(t0, t2);
+    v[1] = _mm256_unpackhi_epi64(t0, t2);
+    v[2] = _mm256_unpacklo_epi64(t1, t3);
+    v[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* one row's nch chunks -> wr (nch x 8 vectors), dvr/bvr (nch x 8 floats, permuted like the lanes) */
+AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, const uint16_t *mr, int nch,
+                      __m256i *wr, float *dvr, float *bvr)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i pidx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (int c = 0; c < nch; c++) {
+        __m256i *o = wr + (size_t)c * 8;
+        if (FMT == PLK_Q8) {
+            __m256i b[8];
+            for (int j = 0; j < 8; j++) b[j] = _mm256_loadu_si256((const __m256i *)(qs + (size_t)c * 256 + 32 * j));
+            tr4_lane(b);
+            tr4_lane(b + 4);
+            for (int s = 0; s < 4; s++) {
+                _mm256_store_si256(o + s, _mm256_permute2x128_si256(b[s], b[4 + s], 0x20));
+                _mm256_store_si256(o + 4 + s, _mm256_permute2x128_si256(b[s], b[4 + s], 0x31));
+            }
+        } else {
+            __m256i lo[4], hi[4];
+            for (int i = 0; i < 4; i++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(qs + (size_t)c * 128 + 32 * i));
+                lo[i] = _mm256_and_si256(v, m4);
+                hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            tr4_lane(lo);
+            tr4_lane(hi);
+            for (int k = 0; k < 4; k++) {
+                _mm256_store_si256(o + k, lo[k]);
+                _mm256_store_si256(o + 4 + k, hi[k]);
+            }
+        }
+        __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dr + (size_t)c * 8)));
+        __m256 bv = dv;
+        if (FMT == PLK_Q4_1) bv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mr + (size_t)c * 8)));
+        if (FMT == PLK_Q4_0) bv = _mm256_mul_ps(_mm256_set1_ps(-8.0f), dv);
+        if (FMT != PLK_Q8) {
+            dv = _mm256_permutevar8x32_ps(dv, pidx);
+            bv = _mm256_permutevar8x32_ps(bv, pidx);
+        }
+        _mm256_storeu_ps(dvr + (size_t)c * 8, dv);
+        _mm256_storeu_ps(bvr + (size_t)c * 8, bv);
+    }
+}
+
+/* R rows x NT tokens over nch chunks: acc[r * 4 + t] */
+AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m256i *wr, size_t wst,
+                  const float *dvr, const float *bvr, size_t vst, const int8_t *xt, const float *ft,
+                  __m256 *acc, const char *pf, int npf)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int c = 0; c < nch; c++) {
+        if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
+        __m256i s[2][4];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) s[r][t] = _mm256_setzero_si256();
+        const __m256i *wc = wr + (size_t)c * 8;
+#if !PLK_VNNI
+        if (FMT != PLK_Q8 && R == 2 && NT == 4) {
+            /* the hot case in inline asm: GCC's register allocation of the C loop below adds a
+             * register copy per vpaddw (8 per step); here the 8 sums stay in place */
+            const int8_t *x0 = xt + (size_t)c * 1024;
+            const __m256i *w1 = wc + wst;
+#define GEMM_STEP(K_) __asm__(                                                          \
+            "vmovdqa " #K_ "(%[w0]), %%ymm12\n\t"                                       \
+            "vmovdqa " #K_ "(%[w1]), %%ymm13\n\t"                                       \
+            "vmovdqa " #K_ "(%[x0]), %%ymm14\n\t"                                       \
+            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s00], %[s00]\n\t" \
+            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s10], %[s10]\n\t" \
+            "vmovdqa 256+" #K_ "(%[x0]), %%ymm14\n\t"                                       \
+            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s01], %[s01]\n\t" \
+            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s11], %[s11]\n\t" \
+            "vmovdqa 512+" #K_ "(%[x0]), %%ymm14\n\t"                                       \
+            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s02], %[s02]\n\t" \
+            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s12], %[s12]\n\t" \
+            "vmovdqa 768+" #K_ "(%[x0]), %%ymm14\n\t"                                       \
+            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s03], %[s03]\n\t" \
+            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s13], %[s13]\n\t" \
+            : [s00] "+x"(s[0][0]), [s01] "+x"(s[0][1]), [s02] "+x"(s[0][2]), [s03] "+x"(s[0][3]), \
+              [s10] "+x"(s[1][0]), [s11] "+x"(s[1][1]), [s12] "+x"(s[1][2]), [s13] "+x"(s[1][3])  \
+            : [w0] "r"(wc), [w1] "r"(w1), [x0] "r"(x0),                                          \
+              "m"(*(const char (*)[256])wc), "m"(*(const char (*)[256])w1), "m"(*(const char (*)[1024])x0) \
+            : "xmm12", "xmm13", "xmm14", "xmm15")
+            GEMM_STEP(0); GEMM_STEP(32); GEMM_STEP(64); GEMM_STEP(96);
+            GEMM_STEP(128); GEMM_STEP(160); GEMM_STEP(192); GEMM_STEP(224);
+#undef GEMM_STEP
+        } else
+#endif
+#pragma GCC unroll 4
+        for (int k = 0; k < 8; k++) {
+            __m256i wv[2], wa[2];
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) {
+                wv[r] = _mm256_load_si256(wc + r * wst + k);
+                if (FMT == PLK_Q8) wa[r] = _mm256_abs_epi8(wv[r]);
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                const __m256i xv = _mm256_load_si256((const __m256i *)(xt + ((size_t)c * 4 + t) * 256 + 32 * k));
+#pragma GCC unroll 2
+                for (int r = 0; r < R; r++) {
+                    if (FMT == PLK_Q8)
+                        s[r][t] = _mm256_add_epi32(s[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xv, wv[r])), ones));
+                    else
+                        s[r][t] = _mm256_add_epi16(_mm256_maddubs_epi16(wv[r], xv), s[r][t]);
+                }
+            }
+        }
+        __m256 dv[2], bv[2];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            dv[r] = _mm256_loadu_ps(dvr + r * vst + (size_t)c * 8);
+            bv[r] = _mm256_loadu_ps(bvr + r * vst + (size_t)c * 8);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const float *f = ft + ((size_t)c * 4 + t) * 16;
+            const __m256 dx = _mm256_load_ps(f), bx = _mm256_load_ps(f + 8);
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) {
+                const __m256i isum = FMT == PLK_Q8 ? s[r][t] : _mm256_madd_epi16(s[r][t], ones);
+                __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv[r], dx), acc[r * 4 + t]);
+                if (FMT != PLK_Q8) v = _mm256_fmadd_ps(bv[r], bx, v);
+                acc[r * 4 + t] = v;
+            }
+        }
+    }
+}
+
+AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull, int tailn,
+                 const int8_t *const *xp, const int8_t *const *xrp, const float *const *dxp,
+                 const float *const *bxp, float *y, int ldy, int accum)
+{
+    static const int perm_q4[8] = {0, 2, 4, 6, 1, 3, 5, 7}, perm_id[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    const int *perm = FMT == PLK_Q8 ? perm_id : perm_q4;
+    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const int ng = nfull + tailn, nch = nfull / 8;
+    const size_t rowq = (size_t)ng * plk_qbytes[FMT];
+    const int ntile = (T + 3) / 4;
+    const size_t xbytes = (size_t)ntile * nch * 1024, wvec = (size_t)nch * 8;
+    /* one block: xg, fg (activations per token tile, see below), wr (2 rows x wvec vectors), dvr, bvr (2 x nfull) */
+    size_t nbytes = xbytes + 2 * wvec * 32 + sizeof(float) * ((size_t)ntile * nch * 64 + 4 * (size_t)nfull);
+    uint8_t *buf = (uint8_t *)aligned_alloc(64, (nbytes + 63) & ~(size_t)63);
+    if (!buf) return;
+    /* per token tile i (tokens 4i..4i+3), chunk c, token t of the tile: 256 re-laid activation bytes
+     * at xg + ((i * nch + c) * 4 + t) * 256 and [dx | bx] of the chunk's 8 blocks (permuted like the
+     * lanes) at fg + ((i * nch + c) * 4 + t) * 16: one pointer per tile reaches everything */
+    int8_t *xg = (int8_t *)buf;
+    __m256i *wr = (__m256i *)(buf + xbytes);
+    float *fg = (float *)(buf + xbytes + 2 * wvec * 32);
+    float *dvr = fg + (size_t)ntile * nch * 64, *bvr = dvr + 2 * (size_t)nfull;
+    for (int t = 0; t < T; t++) {
+        for (int c = 0; c < nch; c++) {
+            const size_t slot = ((size_t)(t / 4) * nch + c) * 4 + t % 4;
+            int8_t *o = xg + slot * 256;
+            float *f = fg + slot * 16;
+            /* 8x8 dword transpose of the chunk's blocks taken in perm order (as the weights) */
+            __m256i v[8];
+            for (int q = 0; q < 8; q++) {
+                const int b = c * 8 + perm[q];
+                v[q] = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)b * 32));
+                f[q] = dxp[t][b];
+                f[8 + q] = FMT == PLK_Q8 ? 0.0f : bxp[t][b];
+            }
+            tr4_lane(v);
+            tr4_lane(v + 4);
+            for (int k = 0; k < 4; k++) {
+                _mm256_store_si256((__m256i *)(o + 32 * k), _mm256_permute2x128_si256(v[k], v[4 + k], 0x20));
+                _mm256_store_si256((__m256i *)(o + 32 * (4 + k)), _mm256_permute2x128_si256(v[k], v[4 + k], 0x31));
+            }
+        }
+    }
+    for (int r = r0; r < r1; r += 2) {
+        const int R = r1 - r < 2 ? 1 : 2;
+        for (int i = 0; i < R; i++)
+            gemm_row_prep(FMT, w->qs + (size_t)(r + i) * rowq, w->d + (size_t)(r + i) * ng,
+                          plk_has_min[FMT] ? w->m + (size_t)(r + i) * ng : NULL, nch,
+                          wr + i * wvec, dvr + (size_t)i * nfull, bvr + (size_t)i * nfull);
+        for (int ts = 0; ts < T; ts += 4) {
+            const int nt = T - ts < 4 ? T - ts : 4;
+            __m256 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+            /* spread prefetches of the next row pair (codes, then scales) over the token tiles */
+            const long pf0 = (long)(ts / 4) * nch, pfn = r + 2 < r1 ? (long)(r1 - r - 2 < 2 ? 1 : 2) * (long)(rowq / 64) : 0;
+            const char *pf = (const char *)(w->qs + (size_t)(r + 2) * rowq) + 64 * pf0;
+            const int npf = pf0 < pfn ? (int)(pfn - pf0 < nch ? pfn - pf0 : nch) : 0;
+            if (ts == 0 && r + 2 < r1) {
+                _mm_prefetch((const char *)(w->d + (size_t)(r + 2) * ng), _MM_HINT_T0);
+                if (plk_has_min[FMT]) _mm_prefetch((const char *)(w->m + (size_t)(r + 2) * ng), _MM_HINT_T0);
+            }
+#define GT_(RR, NN) gemm_tile(FMT, RR, NN, nch, wr, wvec, dvr, bvr, nfull, xg + (size_t)(ts / 4) * nch * 1024, \
+                            fg + (size_t)(ts / 4) * nch * 64, acc, pf, npf)
+            if (R == 2) switch (nt) { case 1: GT_(2, 1); break; case 2: GT_(2, 2); break; case 3: GT_(2, 3); break; default: GT_(2, 4); }
+            else switch (nt) { case 1: GT_(1, 1); break; case 2: GT_(1, 2); break; case 3: GT_(1, 3); break; default: GT_(1, 4); }
+#undef GT_
+            for (int i = 0; i < R; i++) {
+                const uint8_t *qs = w->qs + (size_t)(r + i) * rowq;
+                const uint16_t *dr = w->d + (size_t)(r + i) * ng, *mr = plk_has_min[FMT] ? w->m + (size_t)(r + i) * ng : NULL;
+                __m256 a4[4];
+                float res[4];
+                for (int t = 0; t < nt; t++)
+                    a4[t] = FMT == PLK_Q8 ? acc[i * 4 + t] : _mm256_permutevar8x32_ps(acc[i * 4 + t], unperm);
+#define G32_(NN) g32_row(FMT, NN, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, a4, res)
+                switch (nt) { case 1: G32_(1); break; case 2: G32_(2); break; case 3: G32_(3); break; default: G32_(4); }
+#undef G32_
+                for (int t = 0; t < nt; t++) {
+                    float *o = y + (size_t)(ts + t) * ldy + r + i;
+                    *o = (accum ? *o : 0.0f) + res[t];
+                }
+            }
+        }
+    }
+    free(buf);
+}
+
 AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
     const int ng = a->ng, nb = a->nb, nfull = ng / 8 * 8, tailn = ng - nfull;
@@ -524,15 +827,17 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
     for (int t0 = 0; t0 < a->T; t0 += G32_MAXT) {
         const int T = a->T - t0 < G32_MAXT ? a->T - t0 : G32_MAXT;
         /* q4: activations re-laid per pair of blocks: [b lo16 | b+1 lo16], [b hi16 | b+1 hi16] */
+        /* the GEMM path below needs them only for an even tail of groups */
+        const int gemm = !PLK_VNNI && T >= GEMM_MINT && nfull >= 8;
         int8_t *xr = NULL;
-        if (q4) {
+        if (q4 && !(gemm && (tailn == 0 || (tailn & 1)))) {
             size_t need = (size_t)T * (ng & ~1) * 32;
             xr = need <= sizeof xr_stack ? xr_stack : (int8_t *)malloc(need);
             if (!xr) return;
             for (int t = 0; t < T; t++) {
                 const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp;
                 int8_t *o = xr + (size_t)t * (ng & ~1) * 32;
-                for (int b = 0; b + 2 <= ng; b += 2) {
+                for (int b = gemm ? nfull : 0; b + 2 <= ng; b += 2) {
                     __m256i u = _mm256_loadu_si256((const __m256i *)(x + b * 32));
                     __m256i v = _mm256_loadu_si256((const __m256i *)(x + b * 32 + 32));
                     _mm256_storeu_si256((__m256i *)(o + b * 32), _mm256_permute2x128_si256(u, v, 0x20));
@@ -549,6 +854,11 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
             dxp[t] = a->dx + tt * nb;
             bxp[t] = a->bx + tt * ng;
         }
+        if (gemm) {
+            g32_gemm(FMT, w, r0, r1, T, nfull, tailn, xp, xrp, dxp, bxp, y + (size_t)t0 * ldy, ldy, accum);
+            if (xr && xr != xr_stack) free(xr);
+            continue;
+        }
         /* rows outer: a row's codes come from memory once, then from L1 for the next token tiles */
         for (int r = r0; r < r1; r++) {
             const uint8_t *qs = w->qs + (size_t)r * rowq;
@@ -557,10 +867,10 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
                 const int nt = T - ts < 4 ? T - ts : 4;
                 float res[4];
                 switch (nt) {
-                case 1: g32_row(FMT, 1, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
-                case 2: g32_row(FMT, 2, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
-                case 3: g32_row(FMT, 3, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
-                default: g32_row(FMT, 4, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, res); break;
+                case 1: g32_row(FMT, 1, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
+                case 2: g32_row(FMT, 2, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
+                case 3: g32_row(FMT, 3, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
+                default: g32_row(FMT, 4, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
                 }
                 for (int t = 0; t < nt; t++) {
                     float *o = y + (size_t)(t0 + ts + t) * ldy + r;
@@ -610,6 +920,24 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
             }
         }
     }
+    if (!PLK_VNNI && FMT == PLK_Q1 && ng >= 2) {   /* re-laid for tile_q1 (group pairs only) */
+        xr = (int8_t *)malloc((size_t)a->T * ng * 64);
+        if (!xr) { free(buf); return; }
+        for (int t = 0; t < a->T; t++) {
+            const int8_t *x = a->qs + (size_t)t * a->Kp;
+            int8_t *o = xr + (size_t)t * ng * 64;
+            for (int g = 0; g + 2 <= ng; g += 2) {
+                static const int sv[4] = {0, 1, 4, 5};
+                for (int j = 0; j < 4; j++) {
+                    int8_t *d = o + (size_t)g * 64 + 32 * j;
+                    memcpy(d, x + (size_t)g * 64 + 8 * sv[j], 8);
+                    memcpy(d + 8, x + (size_t)(g + 1) * 64 + 8 * sv[j], 8);
+                    memcpy(d + 16, x + (size_t)g * 64 + 8 * (sv[j] + 2), 8);
+                    memcpy(d + 24, x + (size_t)(g + 1) * 64 + 8 * (sv[j] + 2), 8);
+                }
+            }
+        }
+    }
     const __m256i tailmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(ng & 7), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int r = r0; r < r1; r++) {
         const uint8_t *qs = w->qs + (size_t)r * rowq;
@@ -620,7 +948,7 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
         const float bmul = plk_has_min[FMT] ? 1.0f : Bm;
         for (int t0 = 0; t0 < a->T; t0 += 4) {
             const int nt = a->T - t0 < 4 ? a->T - t0 : 4;
-            const int8_t *xp[4];
+            const int8_t *xp[4], *xo[4];
             const float *dsp[4];
             float res[4], bsum[4];
             for (int t = 0; t < nt; t++) {
@@ -650,9 +978,16 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
                 }
                 bsum[t] = s;
                 xp[t] = xr ? xr + (size_t)(t0 + t) * ng * 64 : a->qs + (size_t)(t0 + t) * a->Kp;
+                xo[t] = a->qs + (size_t)(t0 + t) * a->Kp;
                 dsp[t] = d;
             }
-            if (xr) switch (nt) {
+            if (xr && FMT == PLK_Q1) switch (nt) {
+            case 1: tile_q1(1, qs, ng, xp, xo, dsp, res); break;
+            case 2: tile_q1(2, qs, ng, xp, xo, dsp, res); break;
+            case 3: tile_q1(3, qs, ng, xp, xo, dsp, res); break;
+            default: tile_q1(4, qs, ng, xp, xo, dsp, res); break;
+            }
+            else if (xr) switch (nt) {
             case 1: tile_2g(1, qs, ng, xp, dsp, res); break;
             case 2: tile_2g(2, qs, ng, xp, dsp, res); break;
             case 3: tile_2g(3, qs, ng, xp, dsp, res); break;

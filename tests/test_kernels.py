@@ -272,11 +272,12 @@ def test_two_group_short_rows(isa, fmt):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["q2", "tern"])
-@pytest.mark.parametrize("k", [320, 384, 1536, 1600])
+@pytest.mark.parametrize("fmt", ["q2", "tern", "q1"])
+@pytest.mark.parametrize("k", [129, 320, 384, 1536, 1600, 1601])
 def test_long_rows_two_groups(isa, fmt, k):
     """q2/tern long rows with an even count of 64-groups (two groups per 32-byte load against re-laid
-    activations): every 2-bit field position and block half, groups of very different scale."""
+    activations), q1 rows (two groups per 16-byte load, a last odd group in the per-block form): every
+    bit / 2-bit field position and block half, groups of very different scale."""
     rng = np.random.default_rng(k)
     w = rng.standard_normal((19, k)).astype(np.float32)
     w *= np.repeat(rng.uniform(0.01, 10, (19, -(-k // 64))), 64, axis=1)[:, :k].astype(np.float32)
@@ -372,3 +373,54 @@ def test_attn_block_equals_unfused_kernels(fmt, bias, scale):
     with pytest.raises(ValueError):
         K.attn_block(lw, x0[:3].copy(), np.empty((3, K_), np.float32), kc, vc, maxP - 2, rope, nh, nkv, eps,
                      K.attn_scratch(3, nh, nkv, hd, K_))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["q8", "q4_0", "q4_1"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemm_path_bit_exact(isa, fmt, threads):
+    """Batches of >= 4 tokens take the GEMM path (codes and activations re-laid 8 blocks per vector,
+    2 rows x 4 tokens per step): every token's output must equal, bit for bit, the one it gets alone,
+    and the reference within tolerance. Awkward sizes: every ng % 8 tail (odd ones take the scalar-
+    copy tail), one group short of a chunk, odd row counts (a last single row), token counts that
+    leave 1..3 tokens in the last tile and cross the 64-token block, rows of very different scale."""
+    rng = np.random.default_rng(41)
+    old = K.get_threads()
+    try:
+        K.set_threads(threads)
+        for n, k, t in ((1, 257, 4), (3, 255, 5), (31, 448, 7), (33, 416, 9), (257, 1056, 6),
+                        (64, 737, 65), (9, 8 * 32 * 3 + 7 * 32, 33)):
+            w = rng.standard_normal((n, k)).astype(np.float32)
+            w *= rng.uniform(0.01, 10, (n, 1)).astype(np.float32)
+            w[::3, :100] += 1.5
+            q = F.quantize(w, fmt)
+            x = (rng.standard_normal((t, k)) * rng.uniform(0.1, 10, (t, 1))).astype(np.float32)
+            full = K.matmul(q, x, isa=isa)
+            _close(full, F.matmul_ref(q, x), q, x)
+            for i in range(t):
+                np.testing.assert_array_equal(K.matmul(q, x[i:i + 1].copy(), isa=isa)[0], full[i],
+                                              err_msg=f"n={n} k={k} t={t} token {i}")
+    finally:
+        K.set_threads(old)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["q4_1", "q8", "q4_0"])
+def test_ffn_bundles_gemm_path_accumulates(isa, fmt):
+    """Clusters of 288 neurons (9 groups: the down product takes the GEMM path with accumulate = 1 and a
+    one-group tail) and K = 320 (gate/up: GEMM path, two-group tail), 5 tokens: against the reference,
+    and each token alone gives the same bits."""
+    rng = np.random.default_rng(23)
+    Kd, C = 320, 288
+    lay, arena, ptrs = _bundles(fmt, fmt, C, Kd, 3, rng)
+    h = rng.standard_normal((5, Kd)).astype(np.float32)
+    base = rng.standard_normal((5, Kd)).astype(np.float32)
+    ref = base.copy()
+    R.ffn_bundles(ptrs, lay, h, "silu", ref)
+    out = base.copy()
+    K.ffn_bundles(ptrs, lay, h, "silu", out, isa=isa)
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3 * np.abs(ref - base).max())
+    for t in range(5):
+        one = base[t:t + 1].copy()
+        K.ffn_bundles(ptrs, lay, h[t:t + 1].copy(), "silu", one, isa=isa)
+        np.testing.assert_array_equal(one[0], out[t])
