@@ -105,12 +105,20 @@ class BundleReader:
         # counters (written under _cv)
         self.bytes_read = 0
         self.requests = 0
-        self.busy_seconds = 0.0      # wall time with at least one read in flight
+        self._busy_done = 0.0        # finished busy periods (see busy_seconds)
         self._in_flight = 0
         self._busy_since = 0.0
         self._threads = [threading.Thread(target=self._worker, name=f"powerlow-io-{i}", daemon=True) for i in range(depth)]
         for t in self._threads:
             t.start()
+
+    @property
+    def busy_seconds(self) -> float:
+        """Wall time with at least one read in flight, including the busy period running now (a reader
+        that never idles during a measurement would otherwise report none of it)."""
+        with self._cv:
+            now = time.perf_counter() - self._busy_since if self._in_flight else 0.0
+            return self._busy_done + now
 
     def submit(self, offset: int, bufs: list, *, priority: int = 0, on_done=None, tag=None,
                unaligned: bool = False) -> Request:
@@ -162,7 +170,7 @@ class BundleReader:
             with self._cv:
                 self._in_flight -= 1
                 if self._in_flight == 0:
-                    self.busy_seconds += time.perf_counter() - self._busy_since
+                    self._busy_done += time.perf_counter() - self._busy_since
                 if err is None:
                     self.bytes_read += req.nbytes
                     self.requests += 1

@@ -260,3 +260,21 @@ def test_layer_asking_for_everything_borrows_pinned_slots(tiny_dir):
         assert src.counters()["unpinned"] > 0
     finally:
         src.close()
+
+
+def test_bench_oversized_table_takes_medians_per_configuration():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_oversized.py"
+    spec = importlib.util.spec_from_file_location("bench_oversized", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = [{"limit": "50%", "engine": "llama.cpp", "decode_tok_s": x, "id": i} for i, x in enumerate([0.3, 0.6, 0.5])]
+    runs += [{"limit": "50%", "engine": "powerlow", "mode": "dense", "density": 1.0, "decode_tok_s": x} for x in (1.0, 2.0)]
+    runs += [{"limit": "25%", "engine": "powerlow", "mode": "dense", "density": 1.0, "refused": "no"}]
+    rows = mod.median_rows(runs)
+    assert len(rows) == 3
+    llama = next(r for r in rows if r["engine"] == "llama.cpp")
+    assert llama["decode_tok_s"] == 0.5 and llama["id"] == 2 and llama["runs"] == [0.3, 0.6, 0.5]
+    assert next(r for r in rows if r.get("mode") == "dense" and r["limit"] == "50%")["decode_tok_s"] == 1.0  # lower median
+    assert next(r for r in rows if r["limit"] == "25%")["refused"] == "no"
