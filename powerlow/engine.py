@@ -212,7 +212,7 @@ class Transformer:
         """Read resident.safetensors by pread (no mmap, no second copy): small tensors, then attention and the
         lm_head as units (powerlow.stream) -- resident ones now, the rest through a ring read every token."""
         from .plan import dense_units
-        from .stream import EmbeddingRows, WeightRing, read_matrix
+        from .stream import EmbeddingRows, WeightRing, read_matrix, ring_reader_threads
         cfg, tmeta = self.config, self.manifest["tensors"]
         dp = self.plan.dense if self.plan is not None else None
         attn, heads, head_name, tf_ = dense_units(self.dir, self.manifest, dp.head_chunk_bytes if dp else None)
@@ -263,7 +263,7 @@ class Transformer:
             self.embed = read_matrix(tmeta, tf_, "token_embd")
         if ring_units:
             self.ring = WeightRing(self.dir / "resident.safetensors", ring_units, dp.ring_slots, o_direct=self.runtime.o_direct,
-                                   queue_depth=min(8, self.runtime.queue_depth))
+                                   queue_depth=ring_reader_threads(self.runtime.queue_depth))
         tf_.drop_cache()
 
     def _layer(self, l: int) -> tuple[LayerWeights, bool]:

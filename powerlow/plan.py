@@ -356,7 +356,10 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
     _, stream_heads, _, tfile = dense_units(model_dir, manifest, chunk_req)
     tfile.close()
     slot = -(-max(attn_bytes + [u.nbytes for _, u in stream_heads]) // 4096) * 4096
-    ring_bytes = RING_SLOTS * slot
+    # + the reader threads' O_DIRECT bounce buffers (powerlow.io: a request + 2 blocks, allocated 1 block over)
+    from .stream import READ_CHUNK, ring_reader_threads
+    bounce = ring_reader_threads(runtime.queue_depth) * (min(READ_CHUNK, slot) + 3 * 4096)
+    ring_bytes = RING_SLOTS * slot + bounce
 
     weights = {"norms and small weights": other}
     if runtime.mode == "predict" and (model_dir / "predictors.safetensors").exists():
@@ -380,14 +383,14 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
         ctx = context
         while ctx > 64 and need(ctx, False) > B:
             ctx //= 2
-        if need(ctx, False) <= B or not allow_stream:
+        if need(ctx, False) <= B or not allow_stream or need(64, True) >= need(64, False):
             context = ctx
         else:
             stream = True
             while context > 64 and need(context, True) > B:
                 context //= 2
     else:
-        stream = need(context, False) > B and allow_stream
+        stream = need(context, False) > B and allow_stream and need(context, True) < need(context, False)
     fixed = fixed_for(context)
     F = sum(fixed.values())
     if stream:
@@ -415,7 +418,7 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
     resident["attention (resident)"] = sum(b for b, r in zip(dense.attn_bytes, dense.attn_resident) if r)
     resident["lm_head (resident)"] = sum(b for b, r in zip(dense.head_bytes, dense.head_resident) if r)
     if dense.streams:
-        resident["ring (streamed weights)"] = dense.ring_slots * dense.ring_slot_bytes
+        resident["ring (streamed weights)"] = dense.ring_slots * dense.ring_slot_bytes + bounce
     resident["kv cache"] = fixed["kv cache"]
     resident["scratch (estimate)"] = fixed["scratch (estimate)"]
     R = sum(resident.values())

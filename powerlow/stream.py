@@ -38,6 +38,11 @@ ROW_TILE = 64                  # lm_head chunks are whole multiples of this many
 READ_CHUNK = 1 << 20           # one request of a unit read (several in flight over the I/O threads)
 
 
+def ring_reader_threads(queue_depth: int) -> int:
+    """Reader threads of the weight ring (each holds one bounce buffer under O_DIRECT)."""
+    return max(1, min(8, queue_depth))
+
+
 class TensorFile:
     """Tensors of a safetensors file by pread: ``span(key)`` -> (file offset, nbytes), ``read(key)`` -> array."""
 
