@@ -232,6 +232,7 @@ class Transformer:
         self.layers: list[LayerWeights | None] = []
         self._small = []                    # per layer: (attn_norm, bqkv, ffn_norm), always resident
         self._ring_of_layer: dict[int, int] = {}
+        self._streamed_lw: dict[int, LayerWeights] = {}     # id(ring views) -> LayerWeights (ring keeps the views)
         for l in range(cfg.n_layers):
             p = f"blk.{l}."
             bqkv = (np.concatenate([tf_.read(p + f"attn_{n}.bias") for n in ("q", "k", "v")]).astype(np.float32)
@@ -271,9 +272,12 @@ class Transformer:
         lw = self.layers[l]
         if lw is not None:
             return lw, False
-        m = self.ring.acquire(self._ring_of_layer[l])
-        an, bqkv, fn = self._small[l]
-        return LayerWeights(an, m["wqkv"], bqkv, m["wo"], fn), True
+        m = self.ring.acquire(self._ring_of_layer[l])      # the same dict whenever the unit is in the same slot
+        lw = self._streamed_lw.get(id(m))
+        if lw is None:
+            an, bqkv, fn = self._small[l]
+            lw = self._streamed_lw[id(m)] = LayerWeights(an, m["wqkv"], bqkv, m["wo"], fn)
+        return lw, True
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """lm_head: x (T, K) normed -> (T, vocab); chunk by chunk when it is streamed."""

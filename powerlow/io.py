@@ -150,21 +150,10 @@ class BundleReader:
             try:
                 if req.unaligned:
                     bounce = self._read_bounced(req, bounce)
-                    raise _Done
-                done = 0
-                off = req.offset
-                bufs = req.bufs
-                while done < req.nbytes:          # short reads: continue where the last one stopped
-                    n = os.preadv(fd, bufs, off + done)
-                    if n <= 0:
-                        raise OSError(errno.EIO, "unexpected end of file")
-                    done += n
-                    if done < req.nbytes:
-                        bufs = _advance(req.bufs, done)
-                if not self.direct:
-                    os.posix_fadvise(fd, req.offset, req.nbytes, os.POSIX_FADV_DONTNEED)
-            except _Done:
-                pass
+                else:
+                    _pread_full(fd, req.bufs, req.offset, req.nbytes)
+                    if not self.direct:
+                        os.posix_fadvise(fd, req.offset, req.nbytes, os.POSIX_FADV_DONTNEED)
             except OSError as e:
                 err = f"{self.path}: read of {req.nbytes} bytes at {req.offset} failed ({e.strerror or e}); check the disk"
             with self._cv:
@@ -186,12 +175,7 @@ class BundleReader:
         if bounce is None or len(bounce) < b - a:
             bounce = aligned_buffer(b - a)
         view = memoryview(bounce)[: b - a]
-        done = 0
-        while done < req.offset + req.nbytes - a:          # the file's end may cut the last aligned block
-            n = os.preadv(self.fd, [view[done:]], a + done)
-            if n <= 0:
-                raise OSError(errno.EIO, "unexpected end of file")
-            done += n
+        _pread_full(self.fd, [view], a, req.offset + req.nbytes - a)   # the file's end may cut the last block
         pos = req.offset - a
         for buf in req.bufs:
             buf[:] = view[pos: pos + len(buf)]
@@ -210,8 +194,19 @@ class BundleReader:
         os.close(self.fd)
 
 
-class _Done(Exception):
-    """Internal: a bounced read finished (skips the direct-read loop)."""
+def _pread_full(fd: int, bufs: list, offset: int, need: int) -> int:
+    """preadv into ``bufs`` at ``offset`` until at least ``need`` bytes arrived (short reads continue where
+    they stopped; a read past the end of the file may stop short of the buffers' length)."""
+    total = sum(len(b) for b in bufs)
+    done, cur = 0, bufs
+    while done < need:
+        n = os.preadv(fd, cur, offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "unexpected end of file")
+        done += n
+        if done < total:
+            cur = _advance(bufs, done)
+    return done
 
 
 def _advance(bufs: list, n: int) -> list:

@@ -336,28 +336,28 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
     cfg = manifest["config"]
     info = StoreInfo.from_json(manifest["ffn"])
     L, N, S = info.n_layers, info.n_clusters, info.layout.stride
-    header = safetensors_header(model_dir / "resident.safetensors")
+    from .stream import READ_CHUNK, lm_head_units, ring_reader_threads
     attn_units, heads, head_name, tfile = dense_units(model_dir, manifest, None)
-    tfile.close()
+    try:
+        sizes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in tfile.meta.items()}
+        attn_bytes = [u.nbytes for u in attn_units]
+        # the ring's slot: one attention layer, or a chunk of lm_head rows if a chunk cannot be that small
+        chunk_req = -(-max(attn_bytes) // 4096) * 4096
+        stream_heads = lm_head_units(manifest["tensors"], tfile, head_name, chunk_req)
+    finally:
+        tfile.close()
 
     def stored(name: str) -> int:       # bytes of a matrix in the file (all its planes)
-        return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
-                   if k == name or k.startswith(name + "."))
+        return sum(n for k, n in sizes.items() if k == name or k.startswith(name + "."))
     tied = head_name == "token_embd"
     dense_names = [f"blk.{l}.attn_{n}" for l in range(L) for n in ("q", "k", "v", "output")] + [head_name]
-    other = safetensors_bytes(model_dir / "resident.safetensors") - sum(stored(n) for n in dense_names)
+    other = sum(sizes.values()) - sum(stored(n) for n in dense_names)
     if not tied:        # untied embeddings are read a row per token (powerlow.stream.EmbeddingRows)
         other -= stored("token_embd")
-    attn_bytes = [u.nbytes for u in attn_units]
     head_total = heads[0][1].nbytes
     full_dense = sum(attn_bytes) + head_total
-    # the ring's slot: one attention layer, or a chunk of lm_head rows if a chunk cannot be that small
-    chunk_req = -(-max(attn_bytes) // 4096) * 4096
-    _, stream_heads, _, tfile = dense_units(model_dir, manifest, chunk_req)
-    tfile.close()
     slot = -(-max(attn_bytes + [u.nbytes for _, u in stream_heads]) // 4096) * 4096
     # + the reader threads' O_DIRECT bounce buffers (powerlow.io: a request + 2 blocks, allocated 1 block over)
-    from .stream import READ_CHUNK, ring_reader_threads
     bounce = ring_reader_threads(runtime.queue_depth) * (min(READ_CHUNK, slot) + 3 * 4096)
     ring_bytes = RING_SLOTS * slot + bounce
 

@@ -327,8 +327,7 @@ def cluster_to_neuron_perm(cperm: np.ndarray, C: int, F: int) -> np.ndarray:
 def relayout_clusters(model_dir: Path, manifest: dict, cperms: list[np.ndarray]) -> dict:
     """Rewrite ffn.bin with each layer's clusters in order cperms[l] (whole bundles, bytes unchanged);
     records the converted cluster id of each stored cluster in the manifest's ``cluster_order``."""
-    from powerlow.manifest import atomic_path, file_entry, write_manifest
-    from powerlow.predictors.common import PREDICTORS_FILE, publish
+    from powerlow.manifest import atomic_path
     from powerlow.store import StoreInfo
 
     info = StoreInfo.from_json(manifest["ffn"])
@@ -344,18 +343,26 @@ def relayout_clusters(model_dir: Path, manifest: dict, cperms: list[np.ndarray])
                 if len(b) != S:
                     raise PowerlowError(f"{path}: truncated at layer {l}; re-convert the model")
                 f.write(b)
-    publish(path)
-    m = dict(manifest)
-    prev_n, prev_c = manifest.get("neuron_order"), manifest.get("cluster_order")
-    m["neuron_order"] = [[int(x) for x in (np.asarray(prev_n[l])[cluster_to_neuron_perm(cperms[l], C, F)] if prev_n
-                                          else cluster_to_neuron_perm(cperms[l], C, F))] for l in range(L)]
+    prev_c = manifest.get("cluster_order")
     # relative to the clusters as converted, or as the last neuron re-layout made them (cluster_order None)
-    m["cluster_order"] = [[int(x) for x in (np.asarray(prev_c[l])[cperms[l]] if prev_c else cperms[l])]
-                          for l in range(L)]
-    files = dict(m["files"])
-    files["ffn.bin"] = file_entry(path)
-    files.pop(PREDICTORS_FILE, None)                              # neuron ids changed: old predictors are void
-    m["files"] = files
+    order = [[int(x) for x in (np.asarray(prev_c[l])[cperms[l]] if prev_c else cperms[l])] for l in range(L)]
+    return _publish_relayout(model_dir, manifest, [cluster_to_neuron_perm(cp, C, F) for cp in cperms],
+                             cluster_order=order)
+
+
+def _publish_relayout(model_dir: Path, manifest: dict, perms: list[np.ndarray], **changes) -> dict:
+    """After ffn.bin was rewritten: compose neuron_order with perms, apply ``changes`` to the manifest, record
+    the new ffn.bin, delete predictors (their neuron ids no longer hold), write and return the manifest."""
+    from powerlow.manifest import file_entry, write_manifest
+    from powerlow.predictors.common import PREDICTORS_FILE, publish
+
+    path = model_dir / "ffn.bin"
+    publish(path)
+    prev = manifest.get("neuron_order")
+    m = dict(manifest, **changes)
+    m["neuron_order"] = [[int(x) for x in (np.asarray(prev[l])[p] if prev else p)] for l, p in enumerate(perms)]
+    m["files"] = {k: v for k, v in m["files"].items() if k != PREDICTORS_FILE}
+    m["files"]["ffn.bin"] = file_entry(path)
     (model_dir / PREDICTORS_FILE).unlink(missing_ok=True)
     write_manifest(model_dir, m)
     return m
@@ -365,8 +372,8 @@ def relayout_store(model_dir: Path, manifest: dict, perms: list[np.ndarray]) -> 
     """Rewrite ffn.bin with each layer's neurons in order perms[l] (stored ids); returns the new manifest
     (also written). Gate/up rows are moved without loss; down becomes q8 (see the module doc)."""
     from powerlow import formats
-    from powerlow.manifest import atomic_path, file_entry, write_manifest
-    from powerlow.predictors.common import PREDICTORS_FILE, concat_rows, publish
+    from powerlow.manifest import atomic_path
+    from powerlow.predictors.common import concat_rows
     from powerlow.store import StoreInfo, read_layer_matrices
 
     old = StoreInfo.from_json(manifest["ffn"])
@@ -391,21 +398,9 @@ def relayout_store(model_dir: Path, manifest: dict, perms: list[np.ndarray]) -> 
             down[:, :F] = read_layer_matrices(mm, old, l)[2][:, perms[l]]
             _write_bundles(f, new, gate, up, formats.quantize(down, down_fmt))
     del mm
-    publish(path)
-    prev = manifest.get("neuron_order")
-    m = dict(manifest)
-    m["neuron_order"] = [[int(x) for x in (np.asarray(prev[l])[perms[l]] if prev else perms[l])]
-                         for l in range(old.n_layers)]
-    m["ffn"] = new.to_json()
-    m["cluster_order"] = None                   # new clusters: no original bundle order to keep
-    m["formats"] = dict(m["formats"], ffn_down=down_fmt)
-    files = dict(m["files"])
-    files["ffn.bin"] = file_entry(path)
-    files.pop(PREDICTORS_FILE, None)                              # neuron ids changed: old predictors are void
-    m["files"] = files
-    (model_dir / PREDICTORS_FILE).unlink(missing_ok=True)
-    write_manifest(model_dir, m)
-    return m
+    # new clusters: no original bundle order to keep (cluster_order None)
+    return _publish_relayout(model_dir, manifest, perms, ffn=new.to_json(), cluster_order=None,
+                             formats=dict(manifest["formats"], ffn_down=down_fmt))
 
 
 def _write_bundles(f, info, gate, up, down) -> None:

@@ -233,7 +233,6 @@ class EmbeddingRows:
         for plane, dt, shape in matrix_planes(self.fmt, 1, self.cols):
             off, _ = tfile.span(_key(name, plane))
             self.planes.append((plane, dt, shape[1:], off, dt.itemsize * int(np.prod(shape[1:]))))
-        self.nbytes = 0
 
     def rows_f32(self, ids: np.ndarray) -> np.ndarray:
         T = len(ids)
@@ -265,6 +264,7 @@ class WeightRing:
         self._free = list(range(self.n_slots))
         self._next = 0
         self._current: tuple[int, int] | None = None
+        self._views: dict[tuple[int, int], dict] = {}
         self.wait_seconds = 0.0
         self.reads = 0
         self._fill()
@@ -300,7 +300,10 @@ class WeightRing:
             r.wait()
         self.wait_seconds += time.perf_counter() - t
         self._current = (unit, slot)
-        return self.units[unit].build(self.bufs[slot])
+        key = (unit, slot)               # the views of a unit in a slot are made once, not every token
+        if key not in self._views:
+            self._views[key] = self.units[unit].build(self.bufs[slot])
+        return self._views[key]
 
     def release(self) -> None:
         """The current unit is no longer used: its slot reads the next unit in order."""

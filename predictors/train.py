@@ -92,6 +92,12 @@ def _stats(pred: np.ndarray, true: np.ndarray, C: int) -> dict:
             "cluster_recall": float((cp & ct).sum()) / max(1.0, float(ct.sum()))}
 
 
+def _aim(target: float, n: float) -> float:
+    """A recall a little above the target (two standard errors of a recall measured on n samples), so the
+    recall on unseen tokens lands at or above the target rather than around it."""
+    return min(1.0, target + 2.0 * np.sqrt(target * (1 - target) / max(1.0, n)))
+
+
 def _recall_threshold(z: np.ndarray, w: np.ndarray, aim: float) -> float:
     """The largest t with sum(w[z > t]) >= aim * sum(w): clusters ranked by logit, weighted by active neurons."""
     keep = w > 0
@@ -165,27 +171,20 @@ def train_predictors(model_dir, *, rank: int = 128, target_recall: float = 0.95,
         zc = _logits(W, X[cal])
         if by_cluster:      # clusters are kept or dropped whole: the sample size is the clusters' (weighted)
             w = _cluster_sum(Y[cal], C).reshape(-1)
-            n_pos = float(w.sum()) ** 2 / max(1.0, float((w * w).sum()))
-        else:
-            n_pos = int(Y[cal].sum())
-        # aim a little above the target (two standard errors of a recall measured on n_pos samples),
-        # so the recall on unseen tokens lands at or above it rather than around it
-        aim = min(1.0, target_recall + 2.0 * np.sqrt(target_recall * (1 - target_recall) / max(1, n_pos)))
-        if by_cluster:
-            thr[l] = _recall_threshold(zc.reshape(-1), _cluster_sum(Y[cal], C).reshape(-1), aim)
-            stats = lambda z, Yt: _cluster_stats(z > thr[l], Yt, C)       # noqa: E731
+            n_eff = float(w.sum()) ** 2 / max(1.0, float((w * w).sum()))
+            thr[l] = _recall_threshold(zc.reshape(-1), w, _aim(target_recall, n_eff))
         else:
             pos = zc[Y[cal]]
-            thr[l] = np.quantile(pos, 1.0 - aim) if pos.size else 0.0
-            stats = lambda z, Yt: _stats(z > thr[l], Yt, C)              # noqa: E731
+            thr[l] = np.quantile(pos, 1.0 - _aim(target_recall, pos.size)) if pos.size else 0.0
         zt = _logits(W, X[te])
-        r = {"layer": l, **stats(zt, Y[te])}
+        stats = _cluster_stats if by_cluster else _stats
+        r = {"layer": l, **stats(zt > thr[l], Y[te], C)}
         held = np.concatenate([zc, zt])
         cthr[l] = quantile_table(held if by_cluster else _cluster_sum(1.0 / (1.0 + np.exp(-held)), C))
         if l > 0:     # lookahead: this layer's predictor on the previous layer's input, re-scaled by the norm ratio
             ratio = np.where(np.abs(norms[l - 1]) > 1e-6, norms[l] / np.where(norms[l - 1] == 0, 1, norms[l - 1]), 0)
             za = _logits(W, H[l - 1][te].astype(np.float32) * ratio)
-            r["lookahead_recall"] = stats(za, Y[te])["recall"]
+            r["lookahead_recall"] = stats(za > thr[l], Y[te], C)["recall"]
         r["density_ratio"] = (r["cluster_density"] / max(r["true_cluster_density"], 1e-9) if by_cluster
                               else r["density"] / max(r["true_density"], 1e-9))
         report.append({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})

@@ -46,6 +46,15 @@ def tiny_hf(request, tmp_path_factory) -> Path:
     return make_hf_model(tmp_path_factory.mktemp(f"tiny_{request.param}") / "hf", act=request.param, seed=1, **TINY)
 
 
+def make_converted(root: Path, *, bits: str = "8", **model) -> tuple[Path, Path]:
+    """A synthetic HF model (powerlow.synthetic.make_hf_model keywords) in root/hf, converted to root/m
+    -> (hf dir, model dir)."""
+    from powerlow.convert import convert
+    from powerlow.synthetic import make_hf_model
+    hf = make_hf_model(root / "hf", **model)
+    return hf, convert(hf, root / "m", bits=bits, progress=False)
+
+
 def run_cli(*args, env=None, input=None, timeout=600) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e.update(env or {})

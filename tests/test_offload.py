@@ -17,7 +17,7 @@ from powerlow.io import BundleReader, aligned_buffer, probe_random_read
 from powerlow.manifest import load_manifest
 from powerlow.plan import make_plan, minimum_budget
 from powerlow.store import StoreInfo
-from conftest import run_cli
+from conftest import make_converted, run_cli
 
 PROMPT = [5, 17, 33, 9, 100, 7]
 
@@ -25,12 +25,8 @@ PROMPT = [5, 17, 33, 9, 100, 7]
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A ReLU model with 16 clusters per layer, so small budgets leave most of the FFN on disk."""
-    from powerlow.convert import convert
-    from powerlow.synthetic import make_hf_model
-    root = tmp_path_factory.mktemp("offload")
-    hf = make_hf_model(root / "hf", act="relu", seed=3, hidden=64, intermediate=512, layers=3, heads=4, kv_heads=2,
-                       vocab=300, max_positions=128)
-    return convert(hf, root / "m", bits="8", progress=False)
+    return make_converted(tmp_path_factory.mktemp("offload"), act="relu", seed=3, hidden=64, intermediate=512,
+                          layers=3, heads=4, kv_heads=2, vocab=300, max_positions=128)[1]
 
 
 def _min(d, dense_resident=False, **kw) -> int:

@@ -12,17 +12,13 @@ from powerlow.errors import PowerlowError
 from powerlow.predictors import PREDICTORS, make_predictor
 from powerlow.predictors.train import train_predictors
 from powerlow.profile import profile_model
-from conftest import TINY, run_cli
+from conftest import TINY, make_converted, run_cli
 
 PROMPT = list(range(3, 60, 3))
 
 
 def _make(root, act: str, **over):
-    from powerlow.convert import convert
-    from powerlow.synthetic import make_hf_model
-
-    hf = make_hf_model(root / "hf", act=act, seed=5, hot_alpha=1.0, **{**TINY, **over})
-    return convert(hf, root / "m", bits="8", progress=False)
+    return make_converted(root, act=act, seed=5, hot_alpha=1.0, **{**TINY, **over})[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,11 @@ import powerlow
 from powerlow.config import RuntimeConfig
 from powerlow.errors import PowerlowError
 from powerlow.profile import default_texts, profile_model
-from conftest import TINY, run_cli
+from conftest import TINY, make_converted, run_cli
 
 
 def _tiny(tmp_path_factory, act: str, alpha: float | None = 1.0):
-    from powerlow.convert import convert
-    from powerlow.synthetic import make_hf_model
-
-    root = tmp_path_factory.mktemp(f"prof_{act}")
-    hf = make_hf_model(root / "hf", act=act, seed=3, hot_alpha=alpha, **TINY)
-    return hf, convert(hf, root / "m", bits="8", progress=False)
+    return make_converted(tmp_path_factory.mktemp(f"prof_{act}"), act=act, seed=3, hot_alpha=alpha, **TINY)
 
 
 @pytest.fixture(scope="module", params=["relu", "silu"])

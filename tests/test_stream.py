@@ -9,17 +9,14 @@ from powerlow.manifest import load_manifest
 from powerlow.plan import make_plan, minimum_budget
 from powerlow.store import StoreInfo
 from powerlow.stream import TensorFile
+from conftest import make_converted
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A SiLU model with untied embeddings and a vocabulary big enough for several lm_head chunks."""
-    from powerlow.convert import convert
-    from powerlow.synthetic import make_hf_model
-    root = tmp_path_factory.mktemp("stream")
-    hf = make_hf_model(root / "hf", act="silu", seed=5, hidden=64, intermediate=256, layers=4, heads=4, kv_heads=2,
-                       vocab=3000, max_positions=128)
-    return convert(hf, root / "m", bits="4", progress=False)
+    return make_converted(tmp_path_factory.mktemp("stream"), bits="4", act="silu", seed=5, hidden=64, intermediate=256,
+                          layers=4, heads=4, kv_heads=2, vocab=3000, max_positions=128)[1]
 
 
 def _mins(d, **kw):
