@@ -88,7 +88,7 @@ def write_layer(f: BinaryIO, info: StoreInfo, gate, up, down, order: np.ndarray 
     re-quantized into ``layout.down_fmt`` from its dequantized values.
     """
     lay = info.layout
-    C, K, F = lay.C, lay.K, info.n_neurons
+    C, F = lay.C, info.n_neurons
     Fp = info.n_clusters * C
     lossless = (order is None or np.array_equal(order, np.arange(F))) and Fp == F
     if lossless and all(isinstance(w, formats.QMatrix) for w in (gate, up, down)) \

@@ -144,7 +144,7 @@ def train_predictors(model_dir, *, rank: int = 128, target_recall: float = 0.95,
     manifest = load_manifest(model_dir)
     prof, _ = load_checked(model_dir, manifest, PROFILE_FILE, f"powerlow profile {model_dir}")
     ffn = manifest["ffn"]
-    L, F, K, C = ffn["n_layers"], ffn["n_neurons"], ffn["hidden"], ffn["cluster_size"]
+    L, F, C = ffn["n_layers"], ffn["n_neurons"], ffn["cluster_size"]
     H, Mp = prof["samples.h"], prof["samples.mask"]
     S = H.shape[1]
     if S < 50:

@@ -2,7 +2,6 @@
 
 Integer paths (activation quantization) must match exactly; float outputs within a tolerance relative
 to sum |w| |x| (different summation order and FMA are the only differences)."""
-import ctypes
 import os
 import subprocess
 import sys
