@@ -95,8 +95,12 @@ def main(args) -> int:
     from .model import load
 
     cfg = runtime_config(args)
+    n_tokens = args.n_tokens or 32
+    if cfg.budget_bytes is not None and cfg.max_context is None:
+        # the bench knows its sequence: a KV cache of exactly that many positions, the rest of the budget to weights
+        cfg = cfg.replace(max_context=args.prompt_tokens + n_tokens)
     model = load(args.model, cfg)
-    res = run_bench(model, n_tokens=args.n_tokens or 32, prompt_tokens=args.prompt_tokens, repeats=args.repeats)
+    res = run_bench(model, n_tokens=n_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats)
     if args.json:
         print(json.dumps(res))
     else:

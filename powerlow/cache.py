@@ -27,17 +27,9 @@ import numpy as np
 from .errors import PowerlowError
 from .io import BundleReader, aligned_buffer, drop_page_cache
 from .plan import make_plan
+from .util import release_free_heap
 
 FREE, LOADING, READY = 0, 1, 2
-
-
-def release_free_heap() -> None:
-    """glibc: return freed heap memory to the kernel (malloc_trim), so RSS stays what is really in use."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class OffloadedStore:

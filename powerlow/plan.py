@@ -98,13 +98,24 @@ def auto_context(cfg: dict, budget: int) -> int:
 
 
 def tokenizer_bytes(path: Path) -> int:
-    """RAM of the loaded HF tokenizer, measured: SmolLM2's 1.5 MB tokenizer.json -> 48 MiB, the 2 GB synthetic's
-    1 MB -> 35 MiB, a 4096-token one 0.1 MB -> 10 MiB, each including ~8 MiB of the tokenizers library, which
-    counts with the interpreter's baseline (it is imported with powerlow); so 28 x the file + 2 MiB."""
+    """RAM the loaded HF tokenizer keeps once the engine has handed its parse garbage back (malloc_trim right after
+    the load), measured with a long encode after it: SmolLM2's 1.5 MB tokenizer.json -> 16 MiB, the 2 GB synthetic's
+    1 MB -> 13 MiB, a 4096-token one 0.1 MB -> 4 MiB (the tokenizers library's own ~8 MiB counts with the
+    interpreter's baseline: it is imported with powerlow); so 12 x the file + 3 MiB."""
     try:
-        return 28 * path.stat().st_size + (2 << 20)
+        return 12 * path.stat().st_size + (3 << 20)
     except OSError:
-        return 2 << 20
+        return 3 << 20
+
+
+def tokenizer_load_peak(path: Path) -> int:
+    """RAM while tokenizer.json is parsed (before any weight is loaded; the excess is handed back right after):
+    measured SmolLM2 +44 MiB, the 2 GB synthetic +28 MiB, 0.1 MB -> +5 MiB; so 30 x the file + 3 MiB.
+    No budget below this can hold: it is a floor of the minimum budget."""
+    try:
+        return 30 * path.stat().st_size + (3 << 20)
+    except OSError:
+        return 3 << 20
 
 
 def scratch_bytes(cfg: dict, context: int) -> int:
@@ -321,7 +332,7 @@ def minimum_budget(model_dir, manifest: dict, runtime: RuntimeConfig, *, dense_r
         import re
         m = re.search(r"minimum .*?\((\d+) bytes\)", str(e))
         if m:
-            return int(m.group(1))
+            return max(int(m.group(1)), tokenizer_load_peak(Path(model_dir) / "tokenizer.json"))
         raise
     return 1
 
@@ -428,6 +439,12 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
             f"budget {format_size(B)} is below the minimum {format_size(need_)} ({need_} bytes) for this model with "
             f"attention resident: {format_size(R)} (weights, KV cache of {context} positions, scratch) + one layer "
             f"of bundles {format_size(N * S)}; raise --budget to at least {-(-need_ // (1 << 20))}MiB")
+    peak = tokenizer_load_peak(model_dir / "tokenizer.json")
+    if B < peak:
+        raise PowerlowError(
+            f"budget {format_size(B)} is below the minimum {format_size(peak)} ({peak} bytes) for this model: parsing "
+            f"its tokenizer.json takes that much before any weight is loaded; raise --budget to at least "
+            f"{-(-peak // (1 << 20))}MiB")
     slots = (B - R) // S
     total = L * N
     notes: list[str] = []

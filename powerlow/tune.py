@@ -64,7 +64,7 @@ def measure(model_dir: Path, rt, *, n_tokens: int, prompt_tokens: int, repeats: 
     import gc
 
     from .bench import run_bench
-    from .cache import release_free_heap
+    from .util import release_free_heap
     from .model import load
     from .util import reset_peak_rss
     gc.collect()                 # the previous budget's model is gone before this one's peak is measured

@@ -34,3 +34,12 @@ def current_rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
+
+
+def release_free_heap() -> None:
+    """glibc: return freed heap memory to the kernel (malloc_trim), so RSS stays what is really in use."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
