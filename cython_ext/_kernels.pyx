@@ -131,6 +131,52 @@ def ffn_bundles(int isa, int fmt, int down_fmt, int tl, ptrs, int C, int K, offs
         raise MemoryError("kernel scratch allocation failed")
 
 
+def ffn_nchunks(int n, int nthreads):
+    """How many chunks ffn_bundles splits n bundles into at this thread count (its float sums depend on it)."""
+    return plk_ffn_nchunks(n, nthreads)
+
+
+def ffn_bundles_part(int isa, int fmt, int down_fmt, int tl, ptrs, int C, int K, offs, h, int act, out, priv,
+                     lo, hi, int nthreads):
+    """Bundles lo[c]..hi[c]-1 of each chunk c (of len(lo) chunks) added into out (chunk 0) or priv[c-1]; no
+    reduction (the caller adds priv[0], priv[1], ... into out after the last piece). Only those ptrs are read."""
+    _arr(ptrs, cnp.NPY_UINT64, 1, "ptrs")
+    _arr(offs, cnp.NPY_INT64, 1, "offs")
+    _arr(h, cnp.NPY_FLOAT32, 2, "h")
+    _arr(out, cnp.NPY_FLOAT32, 2, "out")
+    _arr(priv, cnp.NPY_FLOAT32, 3, "priv")
+    _arr(lo, cnp.NPY_INT32, 1, "lo")
+    _arr(hi, cnp.NPY_INT32, 1, "hi")
+    if offs.shape[0] != 9:
+        raise ValueError("offs must hold 9 plane offsets")
+    cdef int T = h.shape[0], n = ptrs.shape[0], nch = lo.shape[0]
+    if h.shape[1] != K or out.shape[0] != T or out.shape[1] != K:
+        raise ValueError(f"h and out must both be (T, {K}), got {h.shape} and {out.shape}")
+    if T < 1:
+        raise ValueError("h has no rows")
+    if act != 0 and act != 1:
+        raise ValueError("act must be silu (0) or relu (1)")
+    if nch < 1 or hi.shape[0] != nch:
+        raise ValueError(f"lo and hi must have one entry per chunk, got {lo.shape[0]} and {hi.shape[0]}")
+    if priv.shape[0] != nch - 1 or priv.shape[1] != T or priv.shape[2] != K:
+        raise ValueError(f"priv must be ({nch - 1}, {T}, {K}), got {priv.shape}")
+    if (lo < 0).any() or (lo > hi).any() or (hi > n).any():
+        raise ValueError(f"chunk ranges must satisfy 0 <= lo <= hi <= {n}")
+    cdef const uint64_t *pp = <const uint64_t*>_ptr(ptrs)
+    cdef const int64_t *po = <const int64_t*>_ptr(offs)
+    cdef const float *ph = <const float*>_ptr(h)
+    cdef float *pout = <float*>_ptr(out)
+    cdef float *ppriv = <float*>_ptr(priv) if nch > 1 else NULL
+    cdef const int *plo = <const int*>_ptr(lo)
+    cdef const int *phi = <const int*>_ptr(hi)
+    cdef int rc = 0
+    with nogil:
+        rc = plk_ffn_bundles_part(isa, fmt, down_fmt, tl, pp, n, nch, plo, phi, C, K, po, ph, T, act, pout, ppriv,
+                                  nthreads)
+    if rc:
+        raise MemoryError("kernel scratch allocation failed")
+
+
 def read_probe(int isa, buf, int nthreads):
     _arr(buf, cnp.NPY_UINT8, -1, "buf")
     cdef const uint8_t *p = <const uint8_t*>_ptr(buf)

@@ -57,6 +57,10 @@ int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const
 /* offs: gate qs,d,m, up qs,d,m, down qs,d,m byte offsets inside a bundle (m: -1 if none) */
 int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int C, int K,
                     const int64_t *offs, const float *h, int T, int act, float *out, int nthreads);
+int plk_ffn_nchunks(int n, int nthreads);
+int plk_ffn_bundles_part(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int nch,
+                         const int *lo, const int *hi, int C, int K, const int64_t *offs, const float *h, int T,
+                         int act, float *out, float *priv, int nthreads);
 double plk_read_probe(int isa, const uint8_t *buf, size_t n, int nthreads);
 /* the kernels' thread pool: fn(ctx, i) for i in 0..n-1 on up to nthreads threads, caller included */
 typedef void (*plk_pool_fn)(void *ctx, int item);

@@ -270,11 +270,22 @@ static void act_prepare(int isa, int fmt, const float *x, int T, int K, int ldx,
 
 
 /* out (T, K) += sum over bundles of down @ (act(gate h) * up h).  The bundles are cut into a fixed
- * number of contiguous chunks (by thread count, not by who runs them); chunk 0 sums into out, chunk c
- * into its own (T, K) buffer, reduced in chunk order at the end: the float sums are the same from run
- * to run at a given thread count, whichever thread ran which chunk (no atomics in the hot loop). */
+ * number of contiguous chunks (by thread count, not by who runs them: plk_ffn_nchunks); chunk 0 sums into out,
+ * chunk c into its own (T, K) buffer, reduced in chunk order at the end: the float sums are the same from run
+ * to run at a given thread count, whichever thread ran which chunk (no atomics in the hot loop).
+ * Within a chunk every bundle is added into its buffer in turn, so a chunk may also be computed in pieces,
+ * call after call, with the caller keeping the buffers (plk_ffn_bundles_part): the dense offloaded run
+ * computes a layer as its bundles arrive and gets the same floats as one call over all of them. */
+int plk_ffn_nchunks(int n, int nthreads)
+{
+    int nch = nthreads <= 1 ? 1 : 4 * nthreads;   /* a preempted thread leaves at most one chunk to wait for */
+    if (nch > n) nch = n;
+    return nch < 1 ? 1 : nch;
+}
+
 typedef struct {
     int isa, fmt, down_fmt, C, K, Cp, T, act, n, nch;
+    const int *lo, *hi;          /* bundle range of each chunk (NULL: the whole chunk) */
     plk_rows_fn fgu, fd;
     const uint64_t *ptrs;
     const int64_t *offs;
@@ -287,7 +298,9 @@ static void ffn_item(void *c, int ch)
 {
     ffn_job *j = (ffn_job *)c;
     const int T = j->T, C = j->C, K = j->K;
-    const int i0 = (int)((long)j->n * ch / j->nch), i1 = (int)((long)j->n * (ch + 1) / j->nch);
+    const int i0 = j->lo ? j->lo[ch] : (int)((long)j->n * ch / j->nch);
+    const int i1 = j->hi ? j->hi[ch] : (int)((long)j->n * (ch + 1) / j->nch);
+    if (i0 >= i1) return;
     float *dst = ch == 0 ? j->out : j->priv + (size_t)(ch - 1) * T * K;
     float *gu = (float *)malloc(sizeof(float) * (size_t)T * C * 2);
     act_buf ab;
@@ -316,8 +329,12 @@ static void ffn_item(void *c, int ch)
     free(gu);
 }
 
-int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int C, int K,
-                    const int64_t *offs, const float *h, int T, int act, float *out, int nthreads)
+/* chunks c with lo[c] < hi[c]: bundles lo[c]..hi[c]-1 of the nch-chunk split of n (plk_ffn_chunk_bounds) added
+ * into out (chunk 0) or priv + (c-1) T K; only those bundles' ptrs are read. No reduction: the caller adds
+ * priv[0..nch-2] into out, in order, after the last piece. */
+static int ffn_run(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int nch, const int *lo,
+                   const int *hi, int C, int K, const int64_t *offs, const float *h, int T, int act, float *out,
+                   float *priv, int nthreads)
 {
     const int Kp = (K + plk_group[fmt] - 1) / plk_group[fmt] * plk_group[fmt];
     const int Cp = (C + plk_group[down_fmt] - 1) / plk_group[down_fmt] * plk_group[down_fmt];
@@ -329,13 +346,19 @@ int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs
     if (!fgu) fgu = plk_rows(isa, fmt, 0);
     if (!fd) fd = plk_rows(isa, down_fmt, 0);
     int nth = nthreads < 1 ? 1 : nthreads;
-    int nch = nth == 1 ? 1 : 4 * nth;           /* a preempted thread leaves at most one chunk to wait for */
-    if (nch > n) nch = n;
-    if (nch < 1) nch = 1;
-    float *priv = nch > 1 ? (float *)calloc((size_t)(nch - 1) * T * K, sizeof(float)) : NULL;
-    if (nch > 1 && !priv) { act_free(&hb); return -1; }
-    ffn_job j = { isa, fmt, down_fmt, C, K, Cp, T, act, n, nch, fgu, fd, ptrs, offs, &ha, out, priv, 0 };
+    ffn_job j = { isa, fmt, down_fmt, C, K, Cp, T, act, n, nch, lo, hi, fgu, fd, ptrs, offs, &ha, out, priv, 0 };
     plk_pool_run(ffn_item, &j, nch, nth);
+    act_free(&hb);
+    return atomic_load(&j.err);
+}
+
+int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int C, int K,
+                    const int64_t *offs, const float *h, int T, int act, float *out, int nthreads)
+{
+    int nch = plk_ffn_nchunks(n, nthreads);
+    float *priv = nch > 1 ? (float *)calloc((size_t)(nch - 1) * T * K, sizeof(float)) : NULL;
+    if (nch > 1 && !priv) return -1;
+    int rc = ffn_run(isa, fmt, down_fmt, tl, ptrs, n, nch, NULL, NULL, C, K, offs, h, T, act, out, priv, nthreads);
     if (priv) {
         for (int p = 0; p < nch - 1; p++) {
             const float *src = priv + (size_t)p * T * K;
@@ -343,8 +366,14 @@ int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs
         }
         free(priv);
     }
-    act_free(&hb);
-    return atomic_load(&j.err);
+    return rc;
+}
+
+int plk_ffn_bundles_part(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int nch,
+                         const int *lo, const int *hi, int C, int K, const int64_t *offs, const float *h, int T,
+                         int act, float *out, float *priv, int nthreads)
+{
+    return ffn_run(isa, fmt, down_fmt, tl, ptrs, n, nch, lo, hi, C, K, offs, h, T, act, out, priv, nthreads);
 }
 
 typedef struct { int isa; const uint8_t *buf; size_t n, chunk; double part[64]; } probe_job;

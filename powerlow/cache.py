@@ -234,6 +234,102 @@ class OffloadedStore:
         self.freq[layer, cl] += 1
         return (self.base + slots.astype(np.uint64) * np.uint64(self.stride)).astype(np.uint64)
 
+    # -- dense mode: the unpinned bundles stream through the staging window in use order ------------
+    def stream_begin(self, seq: list[np.ndarray]) -> None:
+        """``seq[l]``: every cluster id of layer l in the order the FFN computes them (powerlow.ffn). The
+        unpinned ones form one cyclic stream over the layers (and tokens); item g goes to window slot g mod W,
+        read once item g - W has been used. Reads merge runs of adjacent bundles up to io_block_bytes."""
+        stage = np.flatnonzero(~self.pinned)
+        if not len(stage):
+            raise PowerlowError("internal: a streamed dense plan without staging slots")
+        self._win = stage                                  # window slots, in order
+        self._seq = [np.asarray(q, np.int64) for q in seq]
+        self._pin = pinned_of = [self.slot_of[l, q] >= 0 for l, q in enumerate(self._seq)]   # hot: in place
+        self._items = [q[~p] for q, p in zip(self._seq, pinned_of)]
+        # unpinned items before position i of seq[l]; stream position of layer l's first item
+        self._before = [np.concatenate([[0], np.cumsum(~p)]).astype(np.int64) for p in pinned_of]
+        sizes = [len(it) for it in self._items]
+        self._layer_base = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._cycle = int(self._layer_base[-1])
+        self._flat_layer = np.repeat(np.arange(self.L), sizes)
+        self._flat_id = np.concatenate(self._items) if self._cycle else np.zeros(0, np.int64)
+        self._addr = [np.zeros(len(q), np.uint64) for q in self._seq]      # per layer, in seq order
+        for l, (q, p) in enumerate(zip(self._seq, pinned_of)):
+            self._addr[l][p] = (self.base + self.slot_of[l, q[p]].astype(np.uint64) * np.uint64(self.stride))
+        self._item_req = [None] * len(stage)               # window slot index -> its read
+        self._issued = self._used = self._next = 0         # stream positions (they only grow)
+        if self._cycle:
+            self._issue()
+
+    def _issue(self) -> None:
+        """Queue reads for the stream positions the window has room for."""
+        W = len(self._win)
+        end = self._used + W
+        per = self.block // self.stride
+        while self._issued < end:
+            g0 = self._issued
+            c0 = g0 % self._cycle
+            l = int(self._flat_layer[c0])
+            stop = min(end, g0 + per, g0 + int(self._layer_base[l + 1]) - c0)   # one layer, one block at most
+            ids = self._flat_id[c0: c0 + (stop - g0)]
+            run = 1
+            while run < len(ids) and ids[run] == ids[run - 1] + 1:
+                run += 1                                   # a read is one contiguous file range
+            ids = ids[:run]
+            wi = np.arange(g0, g0 + run) % W
+            slots = self._win[wi]
+            req = self.reader.submit(self.info.bundle_offset(l, int(ids[0])), [self._views[s] for s in slots],
+                                     priority=0, tag=None)
+            for w in wi:
+                self._item_req[w] = req
+            self._issued += run
+
+    def stream_piece(self, layer: int, i0: int, i1: int) -> np.ndarray:
+        """Addresses (uint64) of seq[layer][i0:i1], once they are in memory. Calling it says the previous
+        piece is computed: its window slots are read into next. Pieces must come in order; anything else
+        (an interrupted pass) drains the reads and restarts the stream at the piece asked for."""
+        before = self._before[layer]
+        n = int(before[i1] - before[i0])
+        if layer == 0 and i0 == 0:
+            self.passes += 1
+            if not self._trimmed:
+                self._trimmed = True
+                release_free_heap()
+        addr = self._addr[layer]
+        self.hits += (i1 - i0) - n
+        if not self._cycle:
+            return addr[i0:i1]
+        pos = int(self._layer_base[layer] + before[i0])      # where the piece starts in the cycle
+        g = self._next
+        if pos != g % self._cycle:
+            self._drain()
+            g = g - g % self._cycle + self._cycle + pos
+            self._issued = g
+        self._used = g                                       # everything before is computed: slots free
+        self._issue()
+        self._next = g + n
+        if n:
+            W = len(self._win)
+            wi = np.arange(g, g + n) % W
+            t = time.perf_counter()
+            seen = set()
+            for w in wi:
+                req = self._item_req[w]
+                if id(req) not in seen:
+                    seen.add(id(req))
+                    req.wait()
+            self.wait_seconds += time.perf_counter() - t
+            idx = np.arange(i0, i1)[~self._pin[layer][i0:i1]]
+            addr[idx] = self.base + self._win[wi].astype(np.uint64) * np.uint64(self.stride)
+            self.misses += n
+        return addr[i0:i1]
+
+    def _drain(self) -> None:
+        for req in self._item_req:
+            if req is not None:
+                req.event.wait()
+        self._item_req = [None] * len(self._win)
+
     def prefetch(self, layer: int, clusters: np.ndarray | None) -> None:
         """Start reading what ``layer`` will probably need (called while the previous layer finishes)."""
         if clusters is None:

@@ -30,6 +30,14 @@ class RefOps:
     ffn_bundles = staticmethod(reference.ffn_bundles)
 
     @staticmethod
+    def ffn_nchunks(n):
+        return 1            # reference.ffn_bundles adds every bundle into out in turn: one chunk
+
+    @staticmethod
+    def ffn_bundles_part(ptrs, layout, h, act, out, priv, lo, hi):
+        reference.ffn_bundles(ptrs[int(lo[0]): int(hi[0])], layout, h, act, out)
+
+    @staticmethod
     def rmsnorm(x, w, eps, out=None):
         return reference.rmsnorm(x, w, eps).astype(np.float32)
 

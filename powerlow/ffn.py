@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import PowerlowError
 from .io import aligned_buffer
+from .plan import STREAM_PIECE_BYTES
 from .store import StoreInfo
 
 
@@ -79,6 +80,49 @@ class SparseFFN:
         self._prefetch = getattr(source, "prefetch", None)
         self.clusters_used = 0       # over the whole run, for the density figure
         self.clusters_total = 0
+        self._pieces = None
+        plan = getattr(source, "plan", None)
+        if predictor is None and mode == "dense" and getattr(plan, "stream_window", False):
+            self._begin_stream(plan)
+
+    # dense offloaded mode: a layer is computed piece by piece as its bundles arrive (OffloadedStore.stream_*)
+    def _begin_stream(self, plan) -> None:
+        """Pieces of a layer: the same k bundles of every kernel chunk (so the threads share a piece), k chosen
+        for ~STREAM_PIECE_BYTES a piece and at most half the staging window. The kernels add each bundle into its
+        chunk's buffer in turn, so pieces give the floats of one call over the whole layer (bit-exact)."""
+        N, S = self.info.n_clusters, self.info.layout.stride
+        nch = self.ops.ffn_nchunks(N)
+        bounds = [N * c // nch for c in range(nch + 1)]
+        W = plan.n_staging
+        k = max(1, min(STREAM_PIECE_BYTES // (nch * S), W // (2 * nch)))
+        if nch * k > W and k == 1 and nch > W:
+            raise PowerlowError(f"internal: a staging window of {W} slots cannot hold one bundle of each of {nch} chunks")
+        longest = max(bounds[c + 1] - bounds[c] for c in range(nch))
+        pieces = []          # (position lists in sum order, lo, hi) per piece
+        for st in range(0, longest, k):
+            lo = np.array([min(bounds[c] + st, bounds[c + 1]) for c in range(nch)], np.int32)
+            hi = np.array([min(bounds[c] + st + k, bounds[c + 1]) for c in range(nch)], np.int32)
+            pos = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]).astype(np.int64)
+            pieces.append((pos, lo, hi))
+        order = [np.arange(N) if self._all_order is None else self._all_order[l] for l in range(self.n_layers)]
+        # seq[l]: stored cluster ids in compute order (the sum order is the converted order after a re-layout)
+        seq = [np.concatenate([order[l][p] for p, _, _ in pieces]) for l in range(self.n_layers)]
+        self._pieces = pieces
+        self._piece_start = np.concatenate([[0], np.cumsum([len(p) for p, _, _ in pieces])]).astype(np.int64)
+        self._nch = nch
+        self._ptrbuf = np.zeros(N, np.uint64)
+        self.source.stream_begin(seq)
+
+    def _forward_pieces(self, layer: int, h: np.ndarray, out: np.ndarray) -> None:
+        T, K = h.shape
+        priv = np.zeros((self._nch - 1, T, K), np.float32)
+        ptrs = self._ptrbuf
+        for i, (pos, lo, hi) in enumerate(self._pieces):
+            a, b = int(self._piece_start[i]), int(self._piece_start[i + 1])
+            ptrs[pos] = self.source.stream_piece(layer, a, b)
+            self.ops.ffn_bundles_part(ptrs, self.info.layout, h, self.act, out, priv, lo, hi)
+        for p in priv:                       # the kernel's reduction, in chunk order
+            out += p
 
     def select(self, layer: int, h: np.ndarray) -> np.ndarray | None:
         """Active cluster ids for this layer (None = all)."""
@@ -89,6 +133,13 @@ class SparseFFN:
     def forward(self, layer: int, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """h (T, K) float32 -> the FFN output (T, K) float32 (a new array), or, with ``out``, that output
         added into ``out`` (T, K) in place (the residual stream: no temporary, no extra add) and returned."""
+        if self._pieces is not None:
+            if out is None:
+                out = np.zeros_like(h)
+            self._forward_pieces(layer, h, out)
+            self.clusters_used += self.info.n_clusters
+            self.clusters_total += self.info.n_clusters
+            return out
         clusters = self.select(layer, h)
         ptrs = self.source.ptrs(layer, clusters)
         if self._orig is not None and len(ptrs) > 1:

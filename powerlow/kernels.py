@@ -159,6 +159,24 @@ def ffn_bundles(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.ndarray,
                    ptrs, layout.C, layout.K, _bundle_offsets(layout), h, _ACT_ID[act], out, _threads)
 
 
+def ffn_nchunks(n: int) -> int:
+    """How many chunks ffn_bundles splits ``n`` bundles into at the current thread count."""
+    return _k.ffn_nchunks(int(n), _threads)
+
+
+def ffn_bundles_part(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.ndarray, act: str, out: np.ndarray,
+                     priv: np.ndarray, lo: np.ndarray, hi: np.ndarray, *, isa: str | None = None) -> None:
+    """A piece of ffn_bundles: bundles lo[c]..hi[c]-1 (int32, one range per chunk of ffn_nchunks(len(ptrs)))
+    added into out (chunk 0) or priv[c - 1] (float32 (nch-1, T, K), zeroed by the caller before the first piece).
+    Only those entries of ptrs are read. After the last piece, ``out += priv[0]; out += priv[1]; ...`` gives
+    exactly ffn_bundles' floats (tests/test_kernels.py)."""
+    if act not in _ACT_ID:
+        raise ValueError(f"act must be 'silu' or 'relu', got {act!r}")
+    which = _isa_id(isa)
+    _k.ffn_bundles_part(which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
+                        ptrs, layout.C, layout.K, _bundle_offsets(layout), h, _ACT_ID[act], out, priv, lo, hi, _threads)
+
+
 def quantize_act(x: np.ndarray, kp: int | None = None, *, isa: str | None = None) -> formats.ActQ:
     x = np.asarray(x)
     kp = -(-x.shape[-1] // 32) * 32 if kp is None else kp

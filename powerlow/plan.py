@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +234,7 @@ class Plan:
     expected_read_bytes: int | None = None    # sparse modes: an estimate of the cold bundles read a token
     expected_basis: str = ""
     dense: DensePlan | None = None            # attention / lm_head / embeddings (None: all resident)
+    stream_window: bool = False               # dense mode: staging is a window the unpinned bundles stream through
 
     @property
     def resident_bytes(self) -> int:
@@ -296,6 +298,8 @@ class Plan:
             lines.append("    per layer: " + " ".join(str(int(h)) for h in per))
         lines.append(row("dynamic (cold cache)", self.dynamic_bytes, f"{self.n_dynamic} slots"))
         lines.append(row("I/O staging", self.staging_bytes,
+                         f"{self.n_staging} slots: a window the unpinned bundles stream through in use order"
+                         if self.stream_window else
                          f"{self.n_staging} slots: the layer computed + {self.prefetch_depth or 'part of one'} read ahead"))
         lines.append(row("planned total", self.total_bytes, f"unused {format_size(B - self.total_bytes)}"))
         d = self.dense
@@ -455,7 +459,18 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
                     dense=dense)
 
     dense_like = runtime.mode == "dense" or (runtime.mode == "gate" and counts is None)
-    if dense_like:
+    stream_window = False
+    if runtime.mode == "dense":
+        # every cluster every token, in a fixed order: the unpinned ones stream through a window of slots in the
+        # order the layers use them, each piece computed as it lands (powerlow.ffn: the kernels' chunk sums do
+        # not change), so only the window is staging, not a whole layer + a read-ahead layer; the rest is pinned
+        frac = 1.0 if runtime.hot_fraction is None else runtime.hot_fraction
+        nch = ffn_nchunks(N, runtime.n_threads)
+        window = max(-(-stream_window_bytes(N * S, runtime) // S), 3 * nch)
+        H = int(max(0, slots - window) * frac)
+        hot = _spread(H, L, N)
+        staging, dynamic, stream_window = slots - H, 0, True
+    elif dense_like:
         # every cluster is needed every token: a dynamic segment only cycles (LRU never hits); pin all it can,
         # keeping (1 + D) layers of misses for the reads in flight
         frac = 1.0 if runtime.hot_fraction is None else runtime.hot_fraction
@@ -498,7 +513,7 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
         source = "cluster order"
     hot_ids = [np.sort(o).astype(np.int64) for o in order]
     plan = Plan(B, S, L, N, context, resident, [int(h) for h in hot], hot_ids, int(dynamic), int(staging), D,
-                float(frac), source, notes, dense=dense)
+                float(frac), source, notes, dense=dense, stream_window=stream_window)
     if not dense_like:
         if counts is not None and counts.max() <= 1.0 and runtime.mode == "gate":
             cold = sum(float(np.delete(counts[l], hot_ids[l]).sum()) for l in range(L))
@@ -509,6 +524,25 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
             plan.expected_read_bytes = int(cold * S)
             plan.expected_basis = f"density {density:.3g} if the pinned clusters are among the chosen"
     return plan
+
+
+# dense mode computes a layer in pieces of about this many bundle bytes (powerlow.ffn); a piece is one kernel
+# call (~30 us of overhead), so even 1 MiB pieces cost little next to reading them
+STREAM_PIECE_BYTES = 4 << 20
+
+
+def stream_window_bytes(layer_bytes: int, runtime: RuntimeConfig) -> int:
+    """Dense mode's staging window (see make_plan): the reads in flight (queue_depth of them; measured on this
+    virtio disk, 216 KiB to 1.7 MiB reads at depth 4 or 8 all give 0.6-0.9 GB/s, so 256 KiB each is counted) +
+    the piece being computed + the next one. Every byte more would save a byte read per token if pinned."""
+    return runtime.queue_depth * min(runtime.io_block_bytes, 256 << 10) + 2 * min(STREAM_PIECE_BYTES, layer_bytes)
+
+
+def ffn_nchunks(n: int, threads: int) -> int:
+    """The kernels' chunk count for ``n`` bundles (plk_ffn_nchunks; powerlow.kernels.ffn_nchunks)."""
+    if threads < 0:
+        threads = max(1, (os.cpu_count() or 1) + threads)
+    return max(1, min(n, 1 if threads <= 1 else 4 * threads))
 
 
 def _max_hot_dense(slots: int, L: int, N: int, D: int, extra: int = 0) -> int | None:

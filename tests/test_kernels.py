@@ -165,6 +165,47 @@ def test_ffn_bundles_threads_agree():
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_ffn_bundles_in_pieces_is_bit_exact(isa, threads):
+    """The dense offloaded run computes a layer piece by piece as bundles arrive: same floats as one call."""
+    rng = np.random.default_rng(13)
+    n = 23
+    lay, arena, ptrs = _bundles("q4_1", "q8", 64, 96, n, rng)
+    h = rng.standard_normal((3, 96)).astype(np.float32)
+    base = rng.standard_normal((3, 96)).astype(np.float32)
+    old = K.get_threads()
+    try:
+        K.set_threads(threads)
+        whole = base.copy()
+        K.ffn_bundles(ptrs, lay, h, "silu", whole, isa=isa)
+        nch = K.ffn_nchunks(n)
+        assert nch == (1 if threads == 1 else min(4 * threads, n))
+        bounds = [n * c // nch for c in range(nch + 1)]
+        out = base.copy()
+        priv = np.zeros((nch - 1, 3, 96), np.float32)
+        junk = ptrs.copy()
+        for step in range(0, n, 2):          # two bundles of every chunk per piece; other ptrs are never read
+            lo = np.array([min(bounds[c] + step, bounds[c + 1]) for c in range(nch)], np.int32)
+            hi = np.array([min(bounds[c] + step + 2, bounds[c + 1]) for c in range(nch)], np.int32)
+            cur = np.zeros_like(junk)
+            for c in range(nch):
+                cur[lo[c]:hi[c]] = ptrs[lo[c]:hi[c]]
+            K.ffn_bundles_part(cur, lay, h, "silu", out, priv, lo, hi, isa=isa)
+        for p in priv:
+            out += p
+        np.testing.assert_array_equal(out, whole)
+        if nch > 1:                          # a wrong reduction order or a missing piece shows
+            bad = out.copy() - priv[-1]
+            assert not np.array_equal(bad, whole)
+        with pytest.raises(ValueError, match="lo <= hi"):
+            K.ffn_bundles_part(ptrs, lay, h, "silu", out, priv, np.full(nch, 2, np.int32), np.full(nch, 1, np.int32))
+        with pytest.raises(ValueError, match="priv must be"):
+            K.ffn_bundles_part(ptrs, lay, h, "silu", out, priv[:0, :1], np.zeros(nch, np.int32), np.zeros(nch, np.int32))
+    finally:
+        K.set_threads(old)
+
+
 def test_bad_arguments_raise_valueerror():
     q = F.quantize(np.ones((4, 64), np.float32), "q4_1")
     x = np.ones((1, 64), np.float32)

@@ -274,3 +274,47 @@ def test_bench_oversized_table_takes_medians_per_configuration():
     assert llama["decode_tok_s"] == 0.5 and llama["id"] == 2 and llama["runs"] == [0.3, 0.6, 0.5]
     assert next(r for r in rows if r.get("mode") == "dense" and r["limit"] == "50%")["decode_tok_s"] == 1.0  # lower median
     assert next(r for r in rows if r["limit"] == "25%")["refused"] == "no"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_stream_in_pieces_gives_resident_logits(tiny_dir, monkeypatch, threads):
+    """Dense mode streams the unpinned bundles through a small window and computes each layer piece by piece:
+    the resident run's logits bit for bit, also after a pass broken off in the middle."""
+    from powerlow import ffn as ffn_mod, plan as plan_mod
+    from powerlow.engine import Transformer
+
+    info = StoreInfo.from_json(load_manifest(tiny_dir)["ffn"])
+    S, N, L = info.layout.stride, info.n_clusters, info.n_layers
+    monkeypatch.setattr(plan_mod, "STREAM_PIECE_BYTES", 2 * S)
+    monkeypatch.setattr(ffn_mod, "STREAM_PIECE_BYTES", 2 * S)
+
+    def logits(tf):
+        out = [tf.forward(PROMPT, start_pos=0)]
+        tok = int(np.argmax(out[-1][-1]))
+        for i in range(3):
+            out.append(tf.forward([tok], start_pos=len(PROMPT) + i))
+            tok = int(np.argmax(out[-1][-1]))
+        return out
+
+    ref_tf = Transformer(tiny_dir, RuntimeConfig(threads=threads))
+    ref = logits(ref_tf)
+    ref_tf.close()
+    rt = RuntimeConfig(threads=threads, queue_depth=1, io_block_bytes=4096)
+    budget = _min(tiny_dir, threads=threads, queue_depth=1, io_block_bytes=4096) + 20 * S
+    tf = Transformer(tiny_dir, rt.replace(budget_bytes=budget))
+    try:
+        p = tf.plan
+        assert p.stream_window and 0 < p.n_hot and p.n_staging < L * N - p.n_hot
+        assert len(tf.ffn._pieces) > 1
+        got = logits(tf)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b)
+        c = tf.ffn_source.counters()
+        assert c["hits"] == c["forward_passes"] * p.n_hot
+        assert c["misses"] == c["forward_passes"] * (L * N - p.n_hot) and c["bytes_read"] >= c["misses"] * S
+        h = np.ones((1, info.layout.K), np.float32)
+        tf.ffn.forward(0, h)                  # a pass broken off after two layers
+        tf.ffn.forward(1, h)
+        np.testing.assert_array_equal(tf.forward(PROMPT, start_pos=0), ref[0])
+    finally:
+        tf.close()
