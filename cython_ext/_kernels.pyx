@@ -103,21 +103,27 @@ def matmul(int isa, int fmt, int tl, qs, d, m, int N, int K, x, out, int nthread
         raise MemoryError("kernel scratch allocation failed")
 
 
-def ffn_bundles(int isa, int fmt, int down_fmt, int tl, ptrs, int C, int K, offs, h, int act, out, int nthreads):
-    """out (T, K) += sum over bundles at ptrs of down @ (act(gate h) * (up h))."""
+cdef int _check_ffn(ptrs, offs, h, out, int K, int act) except -1:
+    """The checks both ffn_bundles entry points share; returns T."""
     _arr(ptrs, cnp.NPY_UINT64, 1, "ptrs")
     _arr(offs, cnp.NPY_INT64, 1, "offs")
     _arr(h, cnp.NPY_FLOAT32, 2, "h")
     _arr(out, cnp.NPY_FLOAT32, 2, "out")
     if offs.shape[0] != 9:
         raise ValueError("offs must hold 9 plane offsets")
-    cdef int T = h.shape[0], n = ptrs.shape[0]
+    cdef int T = h.shape[0]
     if h.shape[1] != K or out.shape[0] != T or out.shape[1] != K:
         raise ValueError(f"h and out must both be (T, {K}), got {h.shape} and {out.shape}")
     if T < 1:
         raise ValueError("h has no rows")
     if act != 0 and act != 1:
         raise ValueError("act must be silu (0) or relu (1)")
+    return T
+
+
+def ffn_bundles(int isa, int fmt, int down_fmt, int tl, ptrs, int C, int K, offs, h, int act, out, int nthreads):
+    """out (T, K) += sum over bundles at ptrs of down @ (act(gate h) * (up h))."""
+    cdef int T = _check_ffn(ptrs, offs, h, out, K, act), n = ptrs.shape[0]
     cdef const uint64_t *pp = <const uint64_t*>_ptr(ptrs)
     cdef const int64_t *po = <const int64_t*>_ptr(offs)
     cdef const float *ph = <const float*>_ptr(h)
@@ -140,22 +146,11 @@ def ffn_bundles_part(int isa, int fmt, int down_fmt, int tl, ptrs, int C, int K,
                      lo, hi, int nthreads):
     """Bundles lo[c]..hi[c]-1 of each chunk c (of len(lo) chunks) added into out (chunk 0) or priv[c-1]; no
     reduction (the caller adds priv[0], priv[1], ... into out after the last piece). Only those ptrs are read."""
-    _arr(ptrs, cnp.NPY_UINT64, 1, "ptrs")
-    _arr(offs, cnp.NPY_INT64, 1, "offs")
-    _arr(h, cnp.NPY_FLOAT32, 2, "h")
-    _arr(out, cnp.NPY_FLOAT32, 2, "out")
+    cdef int T = _check_ffn(ptrs, offs, h, out, K, act), n = ptrs.shape[0]
     _arr(priv, cnp.NPY_FLOAT32, 3, "priv")
     _arr(lo, cnp.NPY_INT32, 1, "lo")
     _arr(hi, cnp.NPY_INT32, 1, "hi")
-    if offs.shape[0] != 9:
-        raise ValueError("offs must hold 9 plane offsets")
-    cdef int T = h.shape[0], n = ptrs.shape[0], nch = lo.shape[0]
-    if h.shape[1] != K or out.shape[0] != T or out.shape[1] != K:
-        raise ValueError(f"h and out must both be (T, {K}), got {h.shape} and {out.shape}")
-    if T < 1:
-        raise ValueError("h has no rows")
-    if act != 0 and act != 1:
-        raise ValueError("act must be silu (0) or relu (1)")
+    cdef int nch = lo.shape[0]
     if nch < 1 or hi.shape[0] != nch:
         raise ValueError(f"lo and hi must have one entry per chunk, got {lo.shape[0]} and {hi.shape[0]}")
     if priv.shape[0] != nch - 1 or priv.shape[1] != T or priv.shape[2] != K:

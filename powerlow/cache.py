@@ -135,10 +135,13 @@ class OffloadedStore:
         waiting = slots[self.state[slots] != READY]
         if not len(waiting):
             return
+        self._wait_reqs(self._req[s] for s in waiting)
+
+    def _wait_reqs(self, reqs) -> None:
+        """Wait for each distinct read of ``reqs`` (the compute thread's wait is counted)."""
         t = time.perf_counter()
         seen = set()
-        for s in waiting:
-            req = self._req[s]
+        for req in reqs:
             if id(req) not in seen:
                 seen.add(id(req))
                 req.wait()
@@ -311,14 +314,7 @@ class OffloadedStore:
         if n:
             W = len(self._win)
             wi = np.arange(g, g + n) % W
-            t = time.perf_counter()
-            seen = set()
-            for w in wi:
-                req = self._item_req[w]
-                if id(req) not in seen:
-                    seen.add(id(req))
-                    req.wait()
-            self.wait_seconds += time.perf_counter() - t
+            self._wait_reqs(self._item_req[w] for w in wi)
             idx = np.arange(i0, i1)[~self._pin[layer][i0:i1]]
             addr[idx] = self.base + self._win[wi].astype(np.uint64) * np.uint64(self.stride)
             self.misses += n
