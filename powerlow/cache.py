@@ -68,7 +68,8 @@ class OffloadedStore:
         self._req: list = [None] * n
         self.epoch = 0
         self.tick = 0
-        self.reader = BundleReader(tf.dir / "ffn.bin", depth=rt.queue_depth, o_direct=rt.o_direct)
+        self.clock = getattr(tf, "io_clock", None)
+        self.reader = BundleReader(tf.dir / "ffn.bin", depth=rt.queue_depth, o_direct=rt.o_direct, clock=self.clock)
         self.ring = getattr(tf, "ring", None)          # streamed attention / lm_head (powerlow.stream), or None
         # counters
         self.hits = self.misses = self.demand_misses = self.evictions = self.wasted = self.unpinned = 0
@@ -353,6 +354,9 @@ class OffloadedStore:
             "bytes_read": streamed, "evictions": self.evictions, "prefetch_wasted": self.wasted, "unpinned": self.unpinned,
             "io_requests": self.reader.requests, "io_busy_s": round(busy, 3),
             "io_gbps": round(self.reader.bytes_read / busy / 1e9, 3) if busy > 0 else 0.0,
+            # FFN bundles and streamed attention/lm_head together, over the time either had a read in flight
+            "io_all_bytes": self.reader.bytes_read + dense_read,
+            "io_all_busy_s": round(self.clock.seconds, 3) if self.clock is not None else round(busy, 3),
             "io_wait_s": round(self.wait_seconds, 3), "o_direct": self.reader.direct,
             "read_block_bytes": self.block, "queue_depth": self.reader.depth,
             "forward_passes": self.passes, "hot_load_bytes": self.hot_load_bytes,

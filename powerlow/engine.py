@@ -184,6 +184,8 @@ class Transformer:
         # +15 MiB kept); hand them back before the weights come in (powerlow.plan.tokenizer_bytes)
         release_free_heap()
         self.ring = None
+        from .io import BusyClock
+        self.io_clock = BusyClock()          # time with a read in flight in the ring or the FFN reader
         self._load_weights()
         self.ops = kernel_ops(backend)
         self.ops.set_threads(self.runtime.n_threads)
@@ -276,7 +278,7 @@ class Transformer:
             self.embed = read_matrix(tmeta, tf_, "token_embd")
         if ring_units:
             self.ring = WeightRing(self.dir / "resident.safetensors", ring_units, dp.ring_slots, o_direct=self.runtime.o_direct,
-                                   queue_depth=ring_reader_threads(self.runtime.queue_depth))
+                                   queue_depth=ring_reader_threads(self.runtime.queue_depth), clock=self.io_clock)
         tf_.drop_cache()
 
     def _layer(self, l: int) -> tuple[LayerWeights, bool]:

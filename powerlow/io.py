@@ -90,14 +90,44 @@ class Request:
             raise PowerlowError(self.error)
 
 
-class BundleReader:
-    """A pool of ``depth`` reader threads over one file; counters for bytes, requests and busy time."""
+class BusyClock:
+    """Wall time with at least one read in flight in any of the readers sharing it (the FFN bundles and the
+    streamed attention share one disk: their throughput together is what a probe of that disk compares with)."""
 
-    def __init__(self, path, *, depth: int = 8, o_direct: bool = True):
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._since = 0.0
+        self._done = 0.0
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._in_flight == 0:
+                self._since = time.perf_counter()
+            self._in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._done += time.perf_counter() - self._since
+
+    @property
+    def seconds(self) -> float:
+        with self._lock:
+            return self._done + (time.perf_counter() - self._since if self._in_flight else 0.0)
+
+
+class BundleReader:
+    """A pool of ``depth`` reader threads over one file; counters for bytes, requests and busy time
+    (``clock``: a BusyClock shared with other readers, also kept up to date)."""
+
+    def __init__(self, path, *, depth: int = 8, o_direct: bool = True, clock: BusyClock | None = None):
         self.path = str(path)
         self.fd, self.direct = open_direct(self.path, o_direct)
         self.size = os.fstat(self.fd).st_size
         self.depth = depth
+        self.clock = clock
         self._heap: list = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
@@ -146,6 +176,8 @@ class BundleReader:
                 if self._in_flight == 0:
                     self._busy_since = time.perf_counter()
                 self._in_flight += 1
+            if self.clock is not None:
+                self.clock.enter()
             err = None
             try:
                 if req.unaligned:
@@ -156,6 +188,8 @@ class BundleReader:
                         os.posix_fadvise(fd, req.offset, req.nbytes, os.POSIX_FADV_DONTNEED)
             except OSError as e:
                 err = f"{self.path}: read of {req.nbytes} bytes at {req.offset} failed ({e.strerror or e}); check the disk"
+            if self.clock is not None:
+                self.clock.leave()
             with self._cv:
                 self._in_flight -= 1
                 if self._in_flight == 0:

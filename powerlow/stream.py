@@ -250,7 +250,8 @@ class EmbeddingRows:
 class WeightRing:
     """Streamed units through ``n_slots`` unit-sized buffers, read ahead in consumption order (cyclic)."""
 
-    def __init__(self, path, units: list[Unit], n_slots: int, *, queue_depth: int = 4, o_direct: bool = True):
+    def __init__(self, path, units: list[Unit], n_slots: int, *, queue_depth: int = 4, o_direct: bool = True,
+                 clock=None):
         from .io import BundleReader, aligned_buffer
         self.units = units
         self.n = len(units)
@@ -259,7 +260,7 @@ class WeightRing:
         self.bufs = [aligned_buffer(self.slot_bytes) for _ in range(self.n_slots)]
         # tensor offsets in the file are not 4 KiB-aligned: O_DIRECT reads go through each reader thread's
         # bounce buffer (one copy); where O_DIRECT is refused, buffered reads with the page cache dropped behind
-        self.reader = BundleReader(path, depth=queue_depth, o_direct=o_direct)
+        self.reader = BundleReader(path, depth=queue_depth, o_direct=o_direct, clock=clock)
         self._queue: list[tuple[int, int, list]] = []      # (unit, slot, requests) in consumption order
         self._free = list(range(self.n_slots))
         self._next = 0

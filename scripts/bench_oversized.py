@@ -96,6 +96,9 @@ def inner_powerlow(a: dict) -> dict:
     if c:
         busy = c["io_busy_s"] - c0.get("io_busy_s", 0)
         nbytes = c["bytes_read"] - c0.get("bytes_read", 0)
+        all_busy = c["io_all_busy_s"] - c0.get("io_all_busy_s", 0)
+        all_bytes = c["io_all_bytes"] - c0.get("io_all_bytes", 0)
+        out.update({"all_read_gbps": round(all_bytes / all_busy / 1e9, 3) if all_busy else 0})
         out.update({"cache_hit_rate": c["cache_hit_rate"], "bundle_read_gbps": round(nbytes / busy / 1e9, 3) if busy else 0,
                     "io_wait_s": round(c["io_wait_s"] - c0.get("io_wait_s", 0), 3), "decode_s": round(dt, 3),
                     "bundle_bytes_per_token": int(nbytes / a["n"]), "o_direct": c["o_direct"],
@@ -421,7 +424,7 @@ def print_table(results: list, probe, size: int) -> None:
         x = r["decode_tok_s"] / ref[r["limit"]] if ref.get(r["limit"]) else float("nan")
         note = ""
         if "bundle_read_gbps" in r:
-            note = f"bundle reads {r['bundle_read_gbps']:.2f} GB/s, hit {r['cache_hit_rate']:.2f}, io wait {r['io_wait_s']}s/{r['decode_s']}s"
+            note = f"bundle reads {r['bundle_read_gbps']:.2f} GB/s (all reads {r.get('all_read_gbps', 0):.2f}), hit {r['cache_hit_rate']:.2f}, io wait {r['io_wait_s']}s/{r['decode_s']}s"
         if len(r.get("runs", [])) > 1:
             note += f" runs {'/'.join(f'{x:.2f}' for x in r['runs'])}"
         print(f"{r['limit']:>6s} {eng:10s} {mode:14s} {r['decode_tok_s']:12.2f} {x:8.2f} {r['read_bytes_per_token'] / 1e6:11.1f} "

@@ -318,3 +318,23 @@ def test_dense_stream_in_pieces_gives_resident_logits(tiny_dir, monkeypatch, thr
         np.testing.assert_array_equal(tf.forward(PROMPT, start_pos=0), ref[0])
     finally:
         tf.close()
+
+
+def test_busy_clock_is_the_union_of_readers(tmp_path):
+    """The FFN reader and the weight ring share a disk: their joint throughput is over the union of busy time."""
+    from powerlow.io import BusyClock
+    f = tmp_path / "x.bin"
+    f.write_bytes(np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes())
+    clock = BusyClock()
+    a, b = BundleReader(f, depth=2, clock=clock), BundleReader(f, depth=2, clock=clock)
+    try:
+        bufs = [aligned_buffer(1 << 20) for _ in range(8)]
+        reqs = [r.submit(i << 20, [memoryview(bufs[i])]) for i, r in enumerate([a, b] * 4)]
+        for q in reqs:
+            q.wait()
+        assert clock.seconds > 0
+        assert max(a.busy_seconds, b.busy_seconds) - 1e-3 <= clock.seconds <= a.busy_seconds + b.busy_seconds + 1e-3
+        assert a.bytes_read + b.bytes_read == 8 << 20
+    finally:
+        a.close()
+        b.close()
