@@ -63,8 +63,11 @@ def generate(tf, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
         raise PowerlowError(f"-n must be >= 0, got {max_tokens}")
     n_ctx = tf.kv.limit
     if len(prompt_ids) + max_tokens > n_ctx:
+        budget = tf.runtime.budget_bytes is not None
         raise PowerlowError(f"prompt ({len(prompt_ids)} tokens) + -n {max_tokens} exceeds the context of {n_ctx} tokens; "
-                            "shorten the prompt or lower -n")
+                            "shorten the prompt or lower -n" + (
+                                f", or set max_context >= {len(prompt_ids) + max_tokens} in the config (the budget's "
+                                "plan pays for the KV cache; `powerlow run --plan` shows it)" if budget else ""))
     rng = np.random.default_rng(params.seed)
     stop_ids = stop_ids or set()
     dec = StreamDecoder(tf.tokenizer)

@@ -21,8 +21,14 @@ def main(args) -> int:
     from .model import load
 
     cfg = runtime_config(args)
-    model = load(args.model, cfg)
     n = 64 if args.n_tokens is None else args.n_tokens
+    model_dir = args.model
+    if cfg.budget_bytes is not None and cfg.max_context is None:
+        # a budget sizes the KV cache: give it exactly this run's sequence, not a guess
+        from .default_model import resolve_model
+        model_dir = resolve_model(args.model)
+        cfg = cfg.replace(max_context=_prompt_tokens(model_dir, args.prompt, args.chat) + n)
+    model = load(model_dir, cfg)
     out = sys.stdout
     for tok in model.generate(args.prompt, n, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                               seed=cfg.seed, chat=args.chat):
@@ -35,3 +41,23 @@ def main(args) -> int:
           f"threads {cfg.n_threads}, kernels {getattr(model.tf.ops, 'isa', model.tf.ops.name if hasattr(model.tf.ops, 'name') else '?')}",
           file=sys.stderr)
     return 0
+
+
+def _prompt_tokens(model_dir, prompt: str, chat: bool) -> int:
+    """How many tokens the prompt is, counted before the model loads (the tokenizer is let go again)."""
+    from pathlib import Path
+
+    from .arch import ModelConfig
+    from .manifest import load_manifest
+    from .tokenizer import Tokenizer
+    from .util import release_free_heap
+
+    manifest = load_manifest(Path(model_dir))
+    cfg = ModelConfig.from_json(manifest["config"])
+    tok = Tokenizer.from_file(Path(model_dir) / "tokenizer.json", chat_template=manifest.get("chat_template"),
+                              bos_id=cfg.bos_id, eos_ids=cfg.eos_ids)
+    n = len(tok.encode(tok.apply_chat(prompt) if chat else prompt))
+    del tok
+    release_free_heap()
+    return max(1, n)
+

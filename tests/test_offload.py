@@ -338,3 +338,24 @@ def test_busy_clock_is_the_union_of_readers(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_run_sizes_the_kv_cache_to_the_prompt_and_n(tiny_dir, tmp_path, monkeypatch):
+    """With a budget, `powerlow run` gives the KV cache exactly prompt + n positions (a small budget's automatic
+    context is 64, so -n 100 used to fail); a config's max_context below that is an error that says what to change."""
+    import powerlow.model
+    from powerlow import cli
+    from powerlow.tokenizer import Tokenizer
+
+    need = _min(tiny_dir)
+    seen = []
+    real_load = powerlow.model.load
+    monkeypatch.setattr(powerlow.model, "load", lambda d, cfg: seen.append(cfg) or real_load(d, cfg))
+    assert cli.main(["run", "-m", str(tiny_dir), "-p", "hi there", "-n", "100", "--budget", str(need + 200_000)]) == 0
+    n_prompt = len(Tokenizer.from_file(tiny_dir / "tokenizer.json").encode("hi there"))
+    assert seen[-1].max_context == n_prompt + 100
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("max_context = 16\n")
+    r = run_cli("run", "-m", tiny_dir, "-p", "hi there", "-n", "100", "--budget", str(need + 200_000), "--config",
+                str(cfg), timeout=120)
+    assert r.returncode == 2 and "set max_context >= " in r.stderr
