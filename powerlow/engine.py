@@ -18,6 +18,7 @@ from .config import RuntimeConfig
 from .errors import PowerlowError
 from .ffn import ResidentStore, SparseFFN
 from .manifest import load_manifest
+from .plan import SCRATCH_PREFILL_TOKENS
 from .store import StoreInfo
 from .tokenizer import Tokenizer
 from .util import release_free_heap
@@ -339,6 +340,12 @@ class Transformer:
         if start > self.kv.length:
             raise PowerlowError(f"start_pos {start} is past the cached sequence ({self.kv.length} tokens)")
         self.kv.ensure(start + T)
+        if self.plan is not None and T > SCRATCH_PREFILL_TOKENS:
+            # under a budget the plan paid for the activations of a SCRATCH_PREFILL_TOKENS-token prefill: a longer
+            # prompt goes in pieces (a token's outputs are the same alone or in a batch, so the logits are too)
+            n = SCRATCH_PREFILL_TOKENS
+            outs = [self.forward(ids[s: s + n], start_pos=start + s, last_only=last_only) for s in range(0, T, n)]
+            return outs[-1] if last_only else np.concatenate(outs)
         pos = np.arange(start, start + T, dtype=np.int64)
         ops = self.ops
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim

@@ -119,12 +119,14 @@ def tokenizer_load_peak(path: Path) -> int:
         return 3 << 20
 
 
-def scratch_bytes(cfg: dict, context: int) -> int:
+def scratch_bytes(cfg: dict, context: int, ffn_chunks: int = 1) -> int:
     """Activations of a prefill of SCRATCH_PREFILL_TOKENS tokens (residual, norms, q/k/v, attention scores, FFN
-    output: about 12 K-wide rows a token) and one row of logits (generation asks for the last token's only)."""
+    output: about 12 K-wide rows a token; the FFN kernel's per-chunk sums: ffn_chunks - 1 more) and one row of
+    logits (generation asks for the last token's only). Under a budget, longer prompts run in pieces of
+    SCRATCH_PREFILL_TOKENS (engine.forward)."""
     T = min(SCRATCH_PREFILL_TOKENS, context)
     K, vocab = cfg["hidden_size"], cfg["vocab_size"]
-    return 4 * T * (12 * K + cfg["n_heads"] * context) + 4 * 2 * vocab + SCRATCH_FIXED_BYTES
+    return 4 * T * ((11 + ffn_chunks) * K + cfg["n_heads"] * context) + 4 * 2 * vocab + SCRATCH_FIXED_BYTES
 
 
 def hotness(model_dir: Path, info: StoreInfo) -> np.ndarray | None:
@@ -387,7 +389,8 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
     weights["tokenizer (estimate)"] = tokenizer_bytes(model_dir / "tokenizer.json")
 
     def fixed_for(ctx: int) -> dict:
-        return {**weights, "kv cache": ctx * kv_bytes_per_position(cfg), "scratch (estimate)": scratch_bytes(cfg, ctx)}
+        return {**weights, "kv cache": ctx * kv_bytes_per_position(cfg),
+                "scratch (estimate)": scratch_bytes(cfg, ctx, ffn_nchunks(N, runtime.n_threads))}
 
     def need(ctx: int, stream: bool) -> int:
         return sum(fixed_for(ctx).values()) + (ring_bytes if stream else full_dense) + N * S

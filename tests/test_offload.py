@@ -359,3 +359,24 @@ def test_run_sizes_the_kv_cache_to_the_prompt_and_n(tiny_dir, tmp_path, monkeypa
     r = run_cli("run", "-m", tiny_dir, "-p", "hi there", "-n", "100", "--budget", str(need + 200_000), "--config",
                 str(cfg), timeout=120)
     assert r.returncode == 2 and "set max_context >= " in r.stderr
+
+
+def test_long_prompt_under_a_budget_runs_in_pieces(tiny_dir, monkeypatch):
+    """The plan pays for a 64-token prefill's activations; a longer prompt runs in 64-token pieces under a budget,
+    with the resident run's logits (every position, and the last only)."""
+    from powerlow.engine import Transformer
+    ids = [int(i) for i in np.random.default_rng(4).integers(3, 300, 100)]
+    ref_tf = Transformer(tiny_dir, RuntimeConfig())
+    ref = ref_tf.forward(ids)
+    ref_tf.close()
+    tf = Transformer(tiny_dir, RuntimeConfig(budget_bytes=_min(tiny_dir) + 100_000, max_context=128))
+    calls = []
+    real = tf.ffn.accumulate
+    monkeypatch.setattr(tf.ffn, "accumulate", lambda l, h, x: calls.append(len(h)) or real(l, h, x))
+    try:
+        got = tf.forward(ids)
+        np.testing.assert_array_equal(got, ref)
+        assert max(calls) == 64 and got.shape == (100, ref.shape[1])
+        np.testing.assert_array_equal(tf.forward(ids, last_only=True), ref[-1:])
+    finally:
+        tf.close()
