@@ -79,20 +79,27 @@ class TensorFile:
             raise PowerlowError(f"{self.path}: tensor {key!r} is missing; re-convert the model") from None
         return self.base + a, b - a
 
+    READ_STEP = 4 << 20
+
     def read_into(self, offset: int, dest: np.ndarray) -> None:
-        """Read len(dest) bytes at offset, then drop them from the page cache (a cgroup limit counts it)."""
+        """Read len(dest) bytes at offset, READ_STEP at a time, each step dropped from the page cache right after
+        (a cgroup limit counts the cache: a 70 MiB lm_head read whole would hold 70 MiB of it for a moment)."""
         view = memoryview(dest.reshape(-1).view(np.uint8))
         done = 0
         while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
+            n = os.preadv(self.fd, [view[done: done + self.READ_STEP]], offset + done)
             if n <= 0:
                 raise PowerlowError(f"{self.path}: unexpected end of file; re-convert the model")
+            if n >= 1 << 16:
+                self._drop(offset + done, n)
             done += n
-        if done >= 1 << 16:
-            try:
-                os.posix_fadvise(self.fd, offset, done, os.POSIX_FADV_DONTNEED)
-            except (AttributeError, OSError):
-                pass
+        self._drop(offset, done)          # the pages at the steps' edges
+
+    def _drop(self, offset: int, n: int) -> None:
+        try:
+            os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_DONTNEED)
+        except (AttributeError, OSError):
+            pass
 
     def read(self, key: str) -> np.ndarray:
         m = self.meta.get(key)
@@ -109,10 +116,7 @@ class TensorFile:
         return a
 
     def drop_cache(self) -> None:
-        try:
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except (AttributeError, OSError):
-            pass
+        self._drop(0, 0)
 
     def close(self) -> None:
         if self.fd >= 0:
