@@ -26,14 +26,17 @@ def add_arguments(p) -> None:
 
 def full_footprint(model_dir: Path, manifest: dict, rt) -> tuple[int, int]:
     """(bytes with everything resident at the plan's context, KV positions) for the runtime ``rt``."""
-    from .plan import auto_context, kv_bytes_per_position, safetensors_bytes, scratch_bytes, tokenizer_bytes
+    from .plan import (auto_context, ffn_nchunks, kv_bytes_per_position, safetensors_bytes, scratch_bytes,
+                       tokenizer_bytes)
     from .store import StoreInfo
     cfg = manifest["config"]
     weights = safetensors_bytes(model_dir / "resident.safetensors")
-    ffn = StoreInfo.from_json(manifest["ffn"]).total_bytes
+    info = StoreInfo.from_json(manifest["ffn"])
+    ffn = info.total_bytes
     ctx = rt.max_context or auto_context(cfg, weights + ffn)
     ctx = min(ctx, cfg["max_positions"])
-    extra = ctx * kv_bytes_per_position(cfg) + scratch_bytes(cfg, ctx) + tokenizer_bytes(model_dir / "tokenizer.json")
+    extra = (ctx * kv_bytes_per_position(cfg) + scratch_bytes(cfg, ctx, ffn_nchunks(info.n_clusters, rt.n_threads))
+             + tokenizer_bytes(model_dir / "tokenizer.json"))
     return weights + ffn + extra, ctx
 
 

@@ -380,3 +380,22 @@ def test_long_prompt_under_a_budget_runs_in_pieces(tiny_dir, monkeypatch):
         np.testing.assert_array_equal(tf.forward(ids, last_only=True), ref[-1:])
     finally:
         tf.close()
+
+
+def test_tune_table_plot_and_config(tiny_dir, tmp_path):
+    """`powerlow tune`: one row per budget (a budget below the minimum is a refused row, not a failure), a PNG,
+    and a suggested config that loads and names one of the measured budgets."""
+    from powerlow.config import load_toml
+    png, toml = tmp_path / "t.png", tmp_path / "t.toml"
+    lo = -(-_min(tiny_dir) // (1 << 20)) + 1
+    r = run_cli("tune", "-m", tiny_dir, "--budgets", f"1MiB,{lo}MiB,100%", "-n", "4", "--plot", str(png),
+                "--write-config", str(toml), timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {l.split()[0]: l.split() for l in r.stdout.splitlines() if l.strip().startswith(("1MiB", f"{lo}MiB", "100%"))}
+    assert set(rows) == {"1MiB", f"{lo}MiB", "100%"} and "refused" in rows["1MiB"][3]
+    measured = [rows[k] for k in (f"{lo}MiB", "100%")]
+    assert all(float(x[3]) > 0 for x in measured)                  # "<label> <size> MiB <tok/s> ..."
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = load_toml(toml)
+    assert any(abs(cfg["budget_bytes"] - float(x[1]) * (1 << 20)) <= (1 << 20) for x in measured)
+    powerlow.load(tiny_dir, RuntimeConfig(**cfg)).tf.close()
