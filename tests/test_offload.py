@@ -333,7 +333,9 @@ def test_busy_clock_is_the_union_of_readers(tmp_path):
         for q in reqs:
             q.wait()
         assert clock.seconds > 0
-        assert max(a.busy_seconds, b.busy_seconds) - 1e-3 <= clock.seconds <= a.busy_seconds + b.busy_seconds + 1e-3
+        # the readers' own clocks start a moment before the shared one and stop a moment after (a thread may be
+        # descheduled in between): loose bounds, still failing for a clock that counts nothing or double-counts
+        assert 0.5 * max(a.busy_seconds, b.busy_seconds) <= clock.seconds <= a.busy_seconds + b.busy_seconds + 0.05
         assert a.bytes_read + b.bytes_read == 8 << 20
     finally:
         a.close()
