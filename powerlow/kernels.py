@@ -121,17 +121,44 @@ def get_threads() -> int:
     return _threads
 
 
+def prepare_tl(q: formats.QMatrix) -> formats.QMatrix:
+    """Give q its AVX2 table-lookup layout (q.tl; q2, tern and q1 only; no-op for other formats) and
+    return q. Call it once for a matrix whose planes no longer change (resident weights): the layout is a
+    re-laid copy of the codes and scales of q's whole 32-row tiles, read instead of the planes by the TL
+    kernel (the planes stay: the last rows % 32 rows, short rows and big batches run multiply-add on
+    them). Not for buffers that are refilled (the weight ring of powerlow.stream): q.tl would go stale."""
+    if q.fmt in _TL_FMTS and q.tl is None and q.rows >= 32:
+        p = q.planes
+        q.tl = _k.tl_pack(_FMT_ID[q.fmt], p["qs"], p["d"], p.get("m"), q.rows, q.cols)
+    return q
+
+
+_TL_FMTS = ("q2", "tern", "q1")
+
+
+def _tl_args(q: formats.QMatrix, which: int, tl: bool | None) -> tuple[int, np.ndarray | None]:
+    """(table-lookup flag, layout) for one matmul: TL where preferred (or forced by tl=True); on AVX2 it
+    runs only on a prepared matrix (prepare_tl), else multiply-add (the same bits, see TL_PREFERRED)."""
+    name = _ISA_NAMES[which]
+    use = _use_tl(q.fmt, name) if tl is None else int(bool(tl))
+    layout = getattr(q, "tl", None)
+    if tl and name == "avx2" and q.fmt in _TL_FMTS and layout is None and q.rows >= 32:
+        raise ValueError("tl=True on avx2 needs the table-lookup layout: call kernels.prepare_tl(q) first")
+    return use, layout
+
+
 def matmul(q: formats.QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, isa: str | None = None,
            tl: bool | None = None) -> np.ndarray:
-    """y (T, N) = x (T, K) @ W^T. x float32 C-contiguous (T, K); out float32 (T, N) or None."""
+    """y (T, N) = x (T, K) @ W^T. x float32 C-contiguous (T, K); out float32 (T, N) or None.
+    tl: None = the dispatcher's choice (TL_PREFERRED), True / False = force table lookup / multiply-add."""
     if x.ndim == 1:
         x = x[None]
     if out is None:
         out = np.empty((x.shape[0], q.rows), np.float32)
     which = _isa_id(isa)
-    use_tl = _use_tl(q.fmt, _ISA_NAMES[which]) if tl is None else int(tl)
+    use_tl, layout = _tl_args(q, which, tl)
     p = q.planes
-    _k.matmul(which, _FMT_ID[q.fmt], use_tl, p["qs"], p["d"], p.get("m"), q.rows, q.cols, x, out, _threads)
+    _k.matmul(which, _FMT_ID[q.fmt], use_tl, p["qs"], p["d"], p.get("m"), layout, q.rows, q.cols, x, out, _threads)
     return out
 
 
@@ -224,7 +251,8 @@ def _mat_args(q: formats.QMatrix, which: int):
     if not isinstance(q, formats.QMatrix):
         raise ValueError(f"attn_block needs quantized (QMatrix) projections, got {type(q).__name__}")
     p = q.planes
-    return _FMT_ID[q.fmt], _use_tl(q.fmt, _ISA_NAMES[which]), p["qs"], p["d"], p.get("m")
+    use_tl, layout = _tl_args(q, which, None)
+    return _FMT_ID[q.fmt], use_tl, p["qs"], p["d"], p.get("m"), layout
 
 
 def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, rope,
@@ -236,8 +264,8 @@ def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: n
     h (T, K) receives rmsnorm(x, ffn_norm) (the FFN input) and is returned. rope = rope_tables(...) of
     the T positions; scratch from attn_scratch(T, ...). Bit-identical to the unfused kernel sequence."""
     which = _isa_id(isa)
-    fq, tlq, qs, d, m = _mat_args(lw.wqkv, which)
-    fo, tlo, oqs, od, om = _mat_args(lw.wo, which)
-    _k.attn_block(which, fq, tlq, qs, d, m, lw.bqkv, fo, tlo, oqs, od, om, lw.attn_norm, lw.ffn_norm, eps,
+    fq, tlq, qs, d, m, qtl = _mat_args(lw.wqkv, which)
+    fo, tlo, oqs, od, om, otl = _mat_args(lw.wo, which)
+    _k.attn_block(which, fq, tlq, qs, d, m, qtl, lw.bqkv, fo, tlo, oqs, od, om, otl, lw.attn_norm, lw.ffn_norm, eps,
                   x, h, k_cache, v_cache, int(start), n_heads, n_kv, rope[0], rope[1], scratch, _threads)
     return h
