@@ -4,9 +4,12 @@
  * Tables (plk_tl_tables_avx2, once per call and token, shared by every row): for each run of E
  * consecutive activations (E = 4 for q1: 1-bit codes; E = 2 for q2/tern: 2-bit codes) the 16 integer
  * dots of those activations with every possible 4-bit index: q1 v -> sum_k bit_k(v) x_k, q2/tern
- * v -> (v & 3) x_0 + (v >> 2) x_1. Entries reach +-508 / +-768, so a table is int16, kept as two byte
- * planes (16 low bytes, 16 high bytes): vpshufb looks up 16 bytes per lane, so one lookup of 32 indices
- * is two vpshufb (low, high plane) and two unpacks that rebuild the exact int16 values.
+ * v -> (v & 3) x_0 + (v >> 2) x_1. Entries reach +-508 / +-768: more than a byte, and vpshufb looks up
+ * bytes (16 per 128-bit lane), so a table is two 16-byte planes and one lookup of 32 indices is two
+ * vpshufb. q1: the planes are the int16's low and high bytes, two unpacks rebuild the exact int16
+ * values. q2/tern: the planes are the low 6 bits and the rest of v + 768 (>= 0), each summed in bytes
+ * over 4 lookups (<= 252 and <= 92: no overflow), then one vpmaddubsw (1, 64) per half rebuilds lo + 64
+ * hi in int16, and the bias is taken off once (the int16 sums start at -lookups x 768).
  *
  * Why the weights are re-laid (plk_tl_pack, layout in plk.h): one vpshufb applies one table to 32
  * indices, so the 32 indices of a vector must belong to 32 different rows at the same activation run.
@@ -29,6 +32,13 @@
  * short rows (ng <= SMALL_NG), calls of more than PLK_TL_MAXT tokens, matrices without a TL layout:
  * multiply-add), and batch invariance holds whichever runs. */
 
+int plk_tl_pf = 2;   /* EXPERIMENT knob */
+/* table entry form (measured, 4096 x 4096 GEMV, 1 thread): q1 exact int16 bytes (8 lookups per block:
+ * the flush would not pay), q2/tern biased 6-bit split (16 lookups per block: ~15% faster) */
+#define TL_SPLIT6(f) ((f) != PLK_Q1)
+#define TL_BIAS(f) ((f) == PLK_Q1 ? 512 : 768)
+#define PLK_TL_PF plk_tl_pf
+
 /* tables of one token: run a (0 .. Kp/E - 1) at tab + 32a: 16 low bytes, 16 high bytes */
 void plk_tl_tables_avx2(int fmt, const plk_act *a, uint8_t *tab)
 {
@@ -46,6 +56,7 @@ void plk_tl_tables_avx2(int fmt, const plk_act *a, uint8_t *tab)
     const __m256i b2 = _mm256_sub_epi16(zero, _mm256_and_si256(_mm256_srli_epi16(v, 2), one));
     const __m256i b3 = _mm256_sub_epi16(zero, _mm256_and_si256(_mm256_srli_epi16(v, 3), one));
     const __m256i c0 = _mm256_and_si256(v, three), c1 = _mm256_srli_epi16(v, 2);
+    const __m256i bias = _mm256_set1_epi16(TL_BIAS(fmt)), m63 = _mm256_set1_epi16(63);
     for (int t = 0; t < a->T; t++) {
         const int8_t *x = a->qs + (size_t)t * a->Kp;
         uint8_t *o = tab + (size_t)t * stride;
@@ -59,6 +70,10 @@ void plk_tl_tables_avx2(int fmt, const plk_act *a, uint8_t *tab)
             else
                 e = _mm256_add_epi16(_mm256_mullo_epi16(_mm256_set1_epi16(xr[0]), c0),
                                      _mm256_mullo_epi16(_mm256_set1_epi16(xr[1]), c1));
+            if (TL_SPLIT6(fmt)) {
+                e = _mm256_add_epi16(e, bias);
+                e = _mm256_or_si256(_mm256_and_si256(e, m63), _mm256_slli_epi16(_mm256_srli_epi16(e, 6), 8));
+            }
             /* qwords [lo 0-7, hi 0-7 | lo 8-15, hi 8-15] -> [lo 0-15 | hi 0-15] */
             e = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(e, split), 0xd8);
             _mm256_storeu_si256((__m256i *)(o + (size_t)r * 32), e);
@@ -66,16 +81,39 @@ void plk_tl_tables_avx2(int fmt, const plk_act *a, uint8_t *tab)
     }
 }
 
-/* 32 lookups: indices idx (0..15, one per row slot) into the int16 table at tab; the exact values
- * are added to s_lo (slots 0-7 | 16-23) and s_hi (slots 8-15 | 24-31) */
-AI void tl_look(const __m256i idx, const uint8_t *tab, __m256i *s_lo, __m256i *s_hi)
+/* 32 lookups: indices idx (0..15, one per row slot) into the table at tab. SPLIT6: the table holds
+ * v + BIAS (>= 0) as 6 low bits and the rest; both parts are summed in bytes (b_lo, b_hi) over up to
+ * 4 lookups (<= 4 x 63, <= 4 x 23), then tl_flush adds lo + 64 hi to the int16 sums. Otherwise: the
+ * int16 table's low and high bytes, unpacked to the exact int16 values at once. The int16 sums s_lo
+ * hold slots 0-7 | 16-23, s_hi slots 8-15 | 24-31. */
+AI void tl_look(const int FMT, const __m256i idx, const uint8_t *tab, __m256i *b_lo, __m256i *b_hi)
 {
     const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tab));
     const __m256i thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tab + 16)));
     const __m256i l = _mm256_shuffle_epi8(tlo, idx), h = _mm256_shuffle_epi8(thi, idx);
-    *s_lo = _mm256_add_epi16(*s_lo, _mm256_unpacklo_epi8(l, h));
-    *s_hi = _mm256_add_epi16(*s_hi, _mm256_unpackhi_epi8(l, h));
+    if (TL_SPLIT6(FMT)) {
+        *b_lo = _mm256_add_epi8(*b_lo, l);
+        *b_hi = _mm256_add_epi8(*b_hi, h);
+    } else {
+        *b_lo = _mm256_add_epi16(*b_lo, _mm256_unpacklo_epi8(l, h));
+        *b_hi = _mm256_add_epi16(*b_hi, _mm256_unpackhi_epi8(l, h));
+    }
 }
+
+AI void tl_flush(const int FMT, const __m256i b_lo, const __m256i b_hi, __m256i *s_lo, __m256i *s_hi)
+{
+    if (TL_SPLIT6(FMT)) {
+        const __m256i w = _mm256_set1_epi16(0x4001);      /* bytes (1, 64): lo + 64 hi */
+        *s_lo = _mm256_add_epi16(*s_lo, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(b_lo, b_hi), w));
+        *s_hi = _mm256_add_epi16(*s_hi, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(b_lo, b_hi), w));
+    } else {
+        *s_lo = _mm256_add_epi16(*s_lo, b_lo);
+        *s_hi = _mm256_add_epi16(*s_hi, b_hi);
+    }
+}
+
+/* the int16 sums start at -(lookups x BIAS): the table values' bias */
+AI __m256i tl_start(const int FMT, int nlook) { return _mm256_set1_epi16(TL_SPLIT6(FMT) ? (short)(-nlook * TL_BIAS(FMT)) : 0); }
 
 /* the int16 sums of a tile -> 4 float vectors, f[o] = rows 8o..8o+7 in order (see plk_tl_slot):
  * vpmaddwd with (1, 0) takes the even int16 of each pair sign-extended, srai 16 the odd one */
@@ -103,18 +141,8 @@ AI void tl_tile(const int FMT, const uint8_t *rec0, int ng, const uint8_t *tab, 
     int g = 0;
     for (; g < ng; g++) {
         const uint8_t *q = rec0 + (size_t)g * REC;
-        _mm_prefetch((const char *)q + 2 * REC, _MM_HINT_T0);
-        _mm_prefetch((const char *)q + 2 * REC + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)q + 2 * REC + 128, _MM_HINT_T0);
-        _mm_prefetch((const char *)q + 2 * REC + 192, _MM_HINT_T0);
-        _mm_prefetch((const char *)q + 2 * REC + 256, _MM_HINT_T0);
-        if (FMT != PLK_Q1) {
-            _mm_prefetch((const char *)q + 2 * REC + 320, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + 2 * REC + 384, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + 2 * REC + 448, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + 2 * REC + 512, _MM_HINT_T0);
-            if (plk_has_min[FMT]) _mm_prefetch((const char *)q + 2 * REC + 576, _MM_HINT_T0);
-        }
+        /* the tile's stream, PLK_TL_PF records ahead (the hardware prefetcher alone falls behind) */
+        for (size_t l = 0; l < REC; l += 64) _mm_prefetch((const char *)q + PLK_TL_PF * REC + l, _MM_HINT_T0);
         const uint16_t *dh = (const uint16_t *)(q + RB);
         const __m256 bxg = _mm256_set1_ps(bx[g]);
         __m256 adw[4];
@@ -137,12 +165,17 @@ AI void tl_tile(const int FMT, const uint8_t *rec0, int ng, const uint8_t *tab, 
                 const int k = 2 * (g & 1) + j;
 #pragma GCC unroll 2
                 for (int h = 0; h < 2; h++) {
-                    __m256i slo = _mm256_setzero_si256(), shi = slo;
-#pragma GCC unroll 4
-                    for (int ri = h * NREG / 2; ri < (h + 1) * NREG / 2; ri++) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * ri));
-                        tl_look(_mm256_and_si256(v, m4), tb + 64 * ri, &slo, &shi);
-                        tl_look(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), tb + 64 * ri + 32, &slo, &shi);
+                    __m256i slo = tl_start(FMT, NREG), shi = slo;
+#pragma GCC unroll 2
+                    for (int c = h * NREG / 2; c < (h + 1) * NREG / 2; c += 2) {   /* 4 lookups per flush */
+                        __m256i blo = _mm256_setzero_si256(), bhi = blo;
+#pragma GCC unroll 2
+                        for (int ri = c; ri < c + 2; ri++) {
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * ri));
+                            tl_look(FMT, _mm256_and_si256(v, m4), tb + 64 * ri, &blo, &bhi);
+                            tl_look(FMT, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), tb + 64 * ri + 32, &blo, &bhi);
+                        }
+                        tl_flush(FMT, blo, bhi, &slo, &shi);
                     }
                     __m256 f[4];
                     tl_widen(slo, shi, f);
@@ -151,15 +184,16 @@ AI void tl_tile(const int FMT, const uint8_t *rec0, int ng, const uint8_t *tab, 
                 }
             } else {
                 for (int i = 0; i < 8; i++) {      /* lane i: elements 4i..4i+3 */
-                    __m256i slo = _mm256_setzero_si256(), shi = slo;
+                    __m256i slo = tl_start(FMT, 4 / E), shi = slo, blo = _mm256_setzero_si256(), bhi = blo;
                     if (FMT == PLK_Q1) {
                         const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * (i >> 1)));
-                        tl_look(_mm256_and_si256(i & 1 ? _mm256_srli_epi16(v, 4) : v, m4), tb + 32 * i, &slo, &shi);
+                        tl_look(FMT, _mm256_and_si256(i & 1 ? _mm256_srli_epi16(v, 4) : v, m4), tb + 32 * i, &blo, &bhi);
                     } else {
                         const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * i));
-                        tl_look(_mm256_and_si256(v, m4), tb + 64 * i, &slo, &shi);
-                        tl_look(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), tb + 64 * i + 32, &slo, &shi);
+                        tl_look(FMT, _mm256_and_si256(v, m4), tb + 64 * i, &blo, &bhi);
+                        tl_look(FMT, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), tb + 64 * i + 32, &blo, &bhi);
                     }
+                    tl_flush(FMT, blo, bhi, &slo, &shi);
                     __m256 f[4];
                     tl_widen(slo, shi, f);
                     for (int o = 0; o < 4; o++) acc[i][o] = _mm256_fmadd_ps(f[o], ds[o], acc[i][o]);
@@ -181,13 +215,14 @@ AI void tl_tile(const int FMT, const uint8_t *rec0, int ng, const uint8_t *tab, 
 
 AI void rows_tl(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
+    const plk_rows_fn mad = FMT == PLK_Q1 ? NAME(rows_q1_q8) : FMT == PLK_TERN ? NAME(rows_tern_q8) : NAME(rows_q2_q8);
     const int ng = a->ng;
     const int t0 = (r0 + PLK_TL_ROWS - 1) / PLK_TL_ROWS, t1 = r1 / PLK_TL_ROWS;
     if (!w->tl || !a->tab || ng <= SMALL_NG || t0 >= t1) {
-        rows_simd(FMT, w, r0, r1, a, y, ldy, accum);
+        mad(w, r0, r1, a, y, ldy, accum);
         return;
     }
-    if (r0 < t0 * PLK_TL_ROWS) rows_simd(FMT, w, r0, t0 * PLK_TL_ROWS, a, y, ldy, accum);
+    if (r0 < t0 * PLK_TL_ROWS) mad(w, r0, t0 * PLK_TL_ROWS, a, y, ldy, accum);
     const size_t tabstride = (size_t)a->Kp / plk_tl_elems(FMT) * 32, tilebytes = (size_t)ng * plk_tl_recbytes(FMT);
     for (int tt = t0; tt < t1; tt++) {
         const uint8_t *rec = w->tl + (size_t)tt * tilebytes;
@@ -195,7 +230,7 @@ AI void rows_tl(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
             tl_tile(FMT, rec, ng, a->tab + (size_t)t * tabstride, a->dx + (size_t)t * a->nb, a->bx + (size_t)t * ng,
                     y + (size_t)t * ldy + (size_t)tt * PLK_TL_ROWS, accum);
     }
-    if (t1 * PLK_TL_ROWS < r1) rows_simd(FMT, w, t1 * PLK_TL_ROWS, r1, a, y, ldy, accum);
+    if (t1 * PLK_TL_ROWS < r1) mad(w, t1 * PLK_TL_ROWS, r1, a, y, ldy, accum);
 }
 
 #define ROWSTL(F, ID) \
