@@ -85,8 +85,9 @@ cdef int _tl_layout(int fmt, object tl, int N, int K, plk_w *w) except -1:
     if tl is None:
         return 0
     _arr(tl, cnp.NPY_UINT8, 1, "tl layout")
-    if cnp.PyArray_SIZE(<cnp.ndarray>tl) != plk_tl_nbytes(fmt, N, K) or plk_tl_nbytes(fmt, N, K) == 0:
-        raise ValueError(f"tl layout has {tl.size} bytes, a ({N}, {K}) matrix of format {fmt} needs {plk_tl_nbytes(fmt, N, K)}")
+    cdef size_t need = plk_tl_nbytes(fmt, N, K)
+    if <size_t>cnp.PyArray_SIZE(<cnp.ndarray>tl) != need or need == 0:
+        raise ValueError(f"tl layout has {tl.size} bytes, a ({N}, {K}) matrix of format {fmt} needs {need}")
     w.tl = <const uint8_t*>_ptr(tl)
     return 0
 

@@ -80,7 +80,7 @@ int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h,
  * nibble) holding that pair for the 32 rows, vectors in element order; then the 32 rows' fp16 d, then m
  * (q2). Only the floor(N/32) whole tiles are re-laid; the last N % 32 rows use the plain planes. */
 #define PLK_TL_ROWS 32
-#define PLK_TL_MAXT 8          /* tokens per call up to which the tables are built (above: multiply-add) */
+#define PLK_TL_TCHUNK 64       /* tokens whose tables are built at once (more: in chunks of this many) */
 static inline int plk_tl_fmt(int fmt) { return fmt == PLK_Q2 || fmt == PLK_TERN || fmt == PLK_Q1; }
 static inline int plk_tl_elems(int fmt) { return fmt == PLK_Q1 ? 4 : 2; }          /* elements per index */
 static inline int plk_tl_codebytes(int fmt) { return fmt == PLK_Q1 ? 256 : 512; }  /* per group and tile */

@@ -273,10 +273,23 @@ void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *
 {
     plk_rows_fn fn = plk_rows(isa, fmt, tl);
     if (!fn) fn = plk_rows(isa, fmt, 0);
-    /* AVX2 table lookup: the tokens' tables once per call (every row reads them) */
+    /* AVX2 table lookup: the tokens' tables once per call (every row reads them), for at most
+     * PLK_TL_TCHUNK tokens at a time (Kp x 8 or 16 bytes each) */
+    const int avx2_tl = tl && isa == PLK_AVX2 && plk_tl_fmt(fmt) && w->tl && N >= PLK_TL_ROWS;
+    if (avx2_tl && a->T > PLK_TL_TCHUNK) {
+        for (int c0 = 0; c0 < a->T; c0 += PLK_TL_TCHUNK) {
+            plk_act c = *a;
+            c.T = a->T - c0 < PLK_TL_TCHUNK ? a->T - c0 : PLK_TL_TCHUNK;
+            c.qs += (size_t)c0 * a->Kp;
+            c.dx += (size_t)c0 * a->nb;
+            c.bx += (size_t)c0 * a->ng;
+            plk_matmul(isa, fmt, tl, w, N, &c, y + (size_t)c0 * ldy, ldy, accumulate, nthreads);
+        }
+        return;
+    }
     plk_act at = *a;
     uint8_t *tab = NULL;
-    if (tl && isa == PLK_AVX2 && plk_tl_fmt(fmt) && w->tl && a->T <= PLK_TL_MAXT && N >= PLK_TL_ROWS) {
+    if (avx2_tl) {
         tab = (uint8_t *)malloc((size_t)a->T * a->Kp / plk_tl_elems(fmt) * 32);
         if (tab) {
             plk_tl_tables_avx2(fmt, a, tab);

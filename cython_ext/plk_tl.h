@@ -29,7 +29,7 @@
  * I(elements 4i..4i+3) * ds; then hsum8's order, the offset sum (lane g % 8 over groups, hsum8, times
  * -1 or 1) and ((out or 0) + res) + bsum. Here the 8 "lanes" of a row are 8 vectors over 8 rows each.
  * So TL and multiply-add give bit-identical outputs and may be mixed freely (rows outside whole tiles,
- * short rows (ng <= SMALL_NG), calls of more than PLK_TL_MAXT tokens, matrices without a TL layout:
+ * short rows (ng <= SMALL_NG), matrices without a TL layout, a failed table allocation:
  * multiply-add), and batch invariance holds whichever runs. */
 
 int plk_tl_pf = 2;   /* EXPERIMENT knob */

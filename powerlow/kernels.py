@@ -3,6 +3,7 @@
     isa                      "avx512" | "avx2" | "generic": best this CPU runs, or POWERLOW_ISA=avx2|generic
     set_threads(n) / get_threads()
     matmul(q, x, out=None)   y (T, N) = x (T, K) @ W^T in formats.matmul_ref numerics (GEMV if T == 1)
+    prepare_tl(q)            q.tl = the AVX2 table-lookup layout of a q2/tern/q1 matrix (once, resident weights)
     ffn_bundles(ptrs, layout, h, act, out)   out (T, K) += sum_c down_c @ (act(gate_c h) * up_c h)
     quantize_act(x)          formats.ActQ, bit-exact with formats.quantize_act
     read_probe(buf)          plain read of a uint8 buffer with all threads (bandwidth probe)
@@ -24,8 +25,9 @@ one rmsnorm output by 1 ulp moves SmolLM2 logits by up to ~1.4 in the numpy refe
 kernel-vs-reference logit comparisons need that slack; kernel-vs-kernel ones can be exact.
 Every function takes a keyword `isa=` override (used by the tests to run every variant in one process).
 
-Table-lookup kernels (T-MAC style, portable C in cython_ext/plk_generic.c) exist for q2, tern and q1;
-the dispatcher uses them where they measured faster (TL_PREFERRED, figures in bench notes below).
+Table-lookup kernels (T-MAC style) exist for q2, tern and q1: portable C (cython_ext/plk_generic.c) and
+AVX2 vpshufb (cython_ext/plk_tl.h, on a matrix given its layout by prepare_tl(q)); the dispatcher uses
+them where they measured faster (TL_PREFERRED, figures in the notes above it).
 """
 from __future__ import annotations
 
@@ -57,18 +59,26 @@ def _pick_isa() -> str:
 
 isa: str = _pick_isa()
 
-# Table-lookup (TL, portable C) against multiply-add (MA), GEMV 4096x4096, 1 thread, ms per call, this
-# machine (Zen 4 with AVX-512 hidden by the hypervisor, a second process busy on the other core):
-#   fmt   generic MA  generic TL   avx2 MA  (avx2 runs the same portable TL: 9.2-11.2 ms)
-#   q2       41.6        11.4        0.92
-#   tern     63.0        10.4        1.03
-#   q1       30.1         4.8        1.15
-# TL wins where there is no byte dot instruction: it replaces 4-8 unpack+multiply steps per code byte
-# by two table reads. With vpmaddubsw / vpdpbusd, MA does 32 products per instruction and stays
-# memory-bound; a SIMD TL (vpshufb) would need 16 rows interleaved per register lane (one table per
-# lane), i.e. another storage layout, and would still trail MA here. So: TL on generic only.
+# Table lookup (TL, T-MAC style) against multiply-add (MAD) for the 1/1.58/2-bit formats, measured on this
+# machine: AMD EPYC (Zen 4) KVM guest, AVX-512 hidden by the hypervisor, 2 vCPUs shared with other jobs.
+# GEMV 4096x4096, 1 thread, ms per call (median of 41 alternating calls, two runs, load 2.5-3.7, 13:55 UTC):
+#   fmt   generic MA  generic TL   avx2 MA      avx2 TL (vpshufb, cython_ext/plk_tl.h)
+#   q2       41.6        11.4      0.68-1.02    0.41-0.49
+#   tern     63.0        10.4      0.59-0.95    0.35-0.49
+#   q1       30.1         4.8      0.48-0.71    0.21-0.29
+#   (q4_1 MAD, the control: 0.45-0.56; the generic columns are from the session that wrote plk_generic.c)
+# GEMV 16384x8192, 2 threads, ratio to the read probe (bench-kernels --only dense, medians of 8 runs at
+# load 3.2-5.2, 13:52-13:54 UTC): q2 0.36 MAD -> 0.67 TL, tern 0.39 -> 0.58, q1 0.27 -> 0.48 (q4_1 0.86).
+# TL wins wherever the codes have to be unpacked bit by bit: one vpshufb does 32 lookups of 4 (q1) or 2
+# (q2/tern) weights each, against shift + mask + vpmaddubsw per 32 codes. On AVX2 it needs the
+# row-interleaved layout (prepare_tl) and gives the same bits as MAD, so an unprepared matrix (or its
+# last rows % 32, or rows of <= 4 groups) simply runs MAD. TL also won at 2..64 tokens per call (e.g. q1
+# 0.45 vs 0.93 ms at 2, 20 vs 34 ms at 64), so it is used for every batch size (tables in chunks of 64).
+# AVX-512 (not runnable here) keeps MAD: its vpdpbusd MAD is unmeasured against any TL, and the vpshufb
+# kernels are AVX2-only; the portable TL wins only where there is no SIMD MAD (generic).
 TL_PREFERRED: dict[tuple[str, str], bool] = {("q2", "generic"): True, ("tern", "generic"): True,
-                                             ("q1", "generic"): True}
+                                             ("q1", "generic"): True,
+                                             ("q2", "avx2"): True, ("tern", "avx2"): True, ("q1", "avx2"): True}
 
 
 def _use_tl(fmt: str, which: str) -> int:

@@ -437,7 +437,7 @@ def test_tl_avx2_equals_reference_and_mad(fmt, n):
     """The vpshufb kernels (forced, on a prepared matrix) against the numpy reference and, bit for bit,
     the multiply-add kernel: row counts below, at and across the 32-row tiles, columns that are no
     multiple of 32 or 64 (odd and even counts of 64-groups; <= 4 groups: the multiply-add fallback),
-    1..9 tokens (9: above PLK_TL_MAXT, multiply-add), groups of very different scale; each token alone
+    1..70 tokens (70: tables in two chunks of <= 64 tokens), groups of very different scale; each token alone
     gives the bits it gets in the batch."""
     rng = np.random.default_rng(n)
     for k in (200, 313, 445, 507, 1601):
@@ -445,7 +445,7 @@ def test_tl_avx2_equals_reference_and_mad(fmt, n):
         w *= np.repeat(rng.uniform(0.01, 10, (n, -(-k // 64))), 64, axis=1)[:, :k].astype(np.float32)
         q = K.prepare_tl(F.quantize(w, fmt))
         assert (q.tl is not None) == (n >= 32)
-        for t in (1, 3, 8, 9):
+        for t in (1, 3, 8, 70):
             x = (rng.standard_normal((t, k)) * rng.uniform(0.1, 10, (t, 1))).astype(np.float32)
             y = K.matmul(q, x, isa="avx2", tl=True)
             _close(y, F.matmul_ref(q, x), q, x)
