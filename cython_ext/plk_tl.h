@@ -32,12 +32,17 @@
  * short rows (ng <= SMALL_NG), matrices without a TL layout, a failed table allocation:
  * multiply-add), and batch invariance holds whichever runs. */
 
-int plk_tl_pf = 2;   /* EXPERIMENT knob */
 /* table entry form (measured, 4096 x 4096 GEMV, 1 thread): q1 exact int16 bytes (8 lookups per block:
  * the flush would not pay), q2/tern biased 6-bit split (16 lookups per block: ~15% faster) */
 #define TL_SPLIT6(f) ((f) != PLK_Q1)
 #define TL_BIAS(f) ((f) == PLK_Q1 ? 512 : 768)
-#define PLK_TL_PF plk_tl_pf
+/* software prefetch distance in group records (a tile is one linear stream) */
+#ifndef PLK_TL_PF
+#define PLK_TL_PF 8
+#endif
+#ifndef PLK_TL_HINT
+#define PLK_TL_HINT _MM_HINT_T0
+#endif
 
 /* tables of one token: run a (0 .. Kp/E - 1) at tab + 32a: 16 low bytes, 16 high bytes */
 void plk_tl_tables_avx2(int fmt, const plk_act *a, uint8_t *tab)
@@ -142,7 +147,7 @@ AI void tl_tile(const int FMT, const uint8_t *rec0, int ng, const uint8_t *tab, 
     for (; g < ng; g++) {
         const uint8_t *q = rec0 + (size_t)g * REC;
         /* the tile's stream, PLK_TL_PF records ahead (the hardware prefetcher alone falls behind) */
-        for (size_t l = 0; l < REC; l += 64) _mm_prefetch((const char *)q + PLK_TL_PF * REC + l, _MM_HINT_T0);
+        for (size_t l = 0; l < REC; l += 64) _mm_prefetch((const char *)q + PLK_TL_PF * REC + l, PLK_TL_HINT);
         const uint16_t *dh = (const uint16_t *)(q + RB);
         const __m256 bxg = _mm256_set1_ps(bx[g]);
         __m256 adw[4];
