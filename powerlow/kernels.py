@@ -61,14 +61,19 @@ isa: str = _pick_isa()
 
 # Table lookup (TL, T-MAC style) against multiply-add (MAD) for the 1/1.58/2-bit formats, measured on this
 # machine: AMD EPYC (Zen 4) KVM guest, AVX-512 hidden by the hypervisor, 2 vCPUs shared with other jobs.
-# GEMV 4096x4096, 1 thread, ms per call (median of 41 alternating calls, two runs, load 2.5-3.7, 13:55 UTC):
+# GEMV 4096x4096, 1 thread, ms per call (median of 41 alternating calls; four runs, load 1.6-3.7,
+# 13:55-14:08 UTC):
 #   fmt   generic MA  generic TL   avx2 MA      avx2 TL (vpshufb, cython_ext/plk_tl.h)
-#   q2       41.6        11.4      0.68-1.02    0.41-0.49
+#   q2       41.6        11.4      0.68-1.04    0.41-0.50
 #   tern     63.0        10.4      0.59-0.95    0.35-0.49
-#   q1       30.1         4.8      0.48-0.71    0.21-0.29
-#   (q4_1 MAD, the control: 0.45-0.56; the generic columns are from the session that wrote plk_generic.c)
-# GEMV 16384x8192, 2 threads, ratio to the read probe (bench-kernels --only dense, medians of 8 runs at
-# load 3.2-5.2, 13:52-13:54 UTC): q2 0.36 MAD -> 0.67 TL, tern 0.39 -> 0.58, q1 0.27 -> 0.48 (q4_1 0.86).
+#   q1       30.1         4.8      0.48-0.73    0.21-0.30
+#   (q4_1 MAD, the control: 0.45-0.59; the generic columns are from the session that wrote plk_generic.c)
+# GEMV 16384x8192, "2 threads", ratio to the read probe (bench-kernels --only dense, medians of 8 runs):
+#   load 1.5-1.8 (14:05 UTC): q2 0.38 MAD -> 0.61 TL, tern 0.32 -> 0.53, q1 0.25 -> 0.52 (q4_1 0.83)
+#   load 3.2-5.2 (13:53 UTC): q2 0.36 -> 0.67,        tern 0.39 -> 0.58, q1 0.27 -> 0.48 (q4_1 0.86)
+# In those runs the process got one core (process CPU time / wall = 1.00 for 2-thread matmul calls),
+# the other vCPU being busy with another job: the TL figures are one core's compute rate (q1 ~2 ms for
+# 134M weights), against a probe that one core nearly saturates.
 # TL wins wherever the codes have to be unpacked bit by bit: one vpshufb does 32 lookups of 4 (q1) or 2
 # (q2/tern) weights each, against shift + mask + vpmaddubsw per 32 codes. On AVX2 it needs the
 # row-interleaved layout (prepare_tl) and gives the same bits as MAD, so an unprepared matrix (or its
