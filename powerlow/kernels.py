@@ -140,8 +140,9 @@ def prepare_tl(q: formats.QMatrix) -> formats.QMatrix:
     """Give q its AVX2 table-lookup layout (q.tl; q2, tern and q1 only; no-op for other formats) and
     return q. Call it once for a matrix whose planes no longer change (resident weights): the layout is a
     re-laid copy of the codes and scales of q's whole 32-row tiles, read instead of the planes by the TL
-    kernel (the planes stay: the last rows % 32 rows, short rows and big batches run multiply-add on
-    them). Not for buffers that are refilled (the weight ring of powerlow.stream): q.tl would go stale."""
+    kernel (the planes stay: the reference, the stored form and multiply-add for the last rows % 32
+    rows and for rows of <= 4 groups use them; a prepared matrix holds both, ~2x its bytes).
+    Not for buffers that are refilled (the weight ring of powerlow.stream): q.tl would go stale."""
     if q.fmt in _TL_FMTS and q.tl is None and q.rows >= 32:
         p = q.planes
         q.tl = _k.tl_pack(_FMT_ID[q.fmt], p["qs"], p["d"], p.get("m"), q.rows, q.cols)
