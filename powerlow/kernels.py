@@ -73,7 +73,9 @@ isa: str = _pick_isa()
 #   load 3.2-5.2 (13:53 UTC): q2 0.36 -> 0.67,        tern 0.39 -> 0.58, q1 0.27 -> 0.48 (q4_1 0.86)
 # In those runs the process got one core (process CPU time / wall = 1.00 for 2-thread matmul calls),
 # the other vCPU being busy with another job: the TL figures are one core's compute rate (q1 ~2 ms for
-# 134M weights), against a probe that one core nearly saturates.
+# 134M weights), against a probe that one core nearly saturates. Calls filtered for two cores (process
+# CPU / wall >= 1.8; 3 rounds, 14:24 UTC): TL q2 0.61-0.67, tern 0.50-0.86, q1 0.63-0.68; MAD q2 0.34-0.38,
+# tern 0.33-0.52, q1 0.27-0.31; q4_1 0.83-0.91.
 # TL wins wherever the codes have to be unpacked bit by bit: one vpshufb does 32 lookups of 4 (q1) or 2
 # (q2/tern) weights each, against shift + mask + vpmaddubsw per 32 codes. On AVX2 it needs the
 # row-interleaved layout (prepare_tl) and gives the same bits as MAD, so an unprepared matrix (or its
