@@ -76,15 +76,43 @@ cdef int _planes(int fmt, object qs, object d, object m, int N, int K, plk_w *w)
         if cnp.PyArray_SIZE(<cnp.ndarray>m) != N * ng:
             raise ValueError(f"m has {m.size} values, expected {N * ng}")
         w.m = <const uint16_t*>_ptr(m)
+    w.tl = NULL
     return 0
 
 
-def matmul(int isa, int fmt, int tl, qs, d, m, int N, int K, x, out, int nthreads):
-    """out (T, N) = x (T, K) @ W^T for the packed matrix W (planes qs, d, m)."""
+cdef int _tl_layout(int fmt, object tl, int N, int K, plk_w *w) except -1:
+    """w.tl <- the table-lookup layout tl (uint8, plk_tl_nbytes bytes), or NULL for None."""
+    if tl is None:
+        return 0
+    _arr(tl, cnp.NPY_UINT8, 1, "tl layout")
+    cdef size_t need = plk_tl_nbytes(fmt, N, K)
+    if <size_t>cnp.PyArray_SIZE(<cnp.ndarray>tl) != need or need == 0:
+        raise ValueError(f"tl layout has {tl.size} bytes, a ({N}, {K}) matrix of format {fmt} needs {need}")
+    w.tl = <const uint8_t*>_ptr(tl)
+    return 0
+
+
+def tl_pack(int fmt, qs, d, m, int N, int K):
+    """The AVX2 table-lookup layout of a q2/tern/q1 matrix (uint8 array; plk.h describes it)."""
+    cdef plk_w w
+    if fmt < 3 or fmt > 5:
+        raise ValueError(f"format id {fmt} has no table-lookup layout")
+    _planes(fmt, qs, d, m, N, K, &w)
+    cdef size_t n = plk_tl_nbytes(fmt, N, K)
+    cdef cnp.ndarray out = cnp.PyArray_ZEROS(1, [<cnp.npy_intp>n], cnp.NPY_UINT8, 0)
+    cdef uint8_t *po = <uint8_t*>cnp.PyArray_DATA(out)
+    with nogil:
+        plk_tl_pack(fmt, &w, N, K, po)
+    return out
+
+
+def matmul(int isa, int fmt, int tl, qs, d, m, tl_layout, int N, int K, x, out, int nthreads):
+    """out (T, N) = x (T, K) @ W^T for the packed matrix W (planes qs, d, m; tl_layout None or tl_pack's)."""
     cdef plk_w w
     if fmt < 0 or fmt > 5:
         raise ValueError(f"bad format id {fmt}")
     _planes(fmt, qs, d, m, N, K, &w)
+    _tl_layout(fmt, tl_layout, N, K, &w)
     _arr(x, cnp.NPY_FLOAT32, 2, "x")
     _arr(out, cnp.NPY_FLOAT32, 2, "out")
     cdef int T = x.shape[0]
@@ -276,7 +304,7 @@ def rope_tables(pos, int hd, double theta, double scale, c, s):
         plk_rope_tables(pp, T, hd, theta, scale, pc, ps)
 
 
-def attn_block(int isa, int fq, int tlq, qs, d, m, bqkv, int fo, int tlo, oqs, od, om, attn_norm, ffn_norm,
+def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl, attn_norm, ffn_norm,
                float eps, x, h, kc, vc, int start, int nh, int nkv, rcos, rsin, scratch, int nthreads):
     """One layer's attention block (plk_attn_block): x += wo attention(rope(wqkv rmsnorm(x))), K/V rows
     stored into the fp16 caches at start.., h = rmsnorm(x, ffn_norm)."""
@@ -300,6 +328,8 @@ def attn_block(int isa, int fq, int tlq, qs, d, m, bqkv, int fo, int tlo, oqs, o
         raise ValueError("bad format id")
     _planes(fq, qs, d, m, nq, K, &w.wqkv)
     _planes(fo, oqs, od, om, K, qd, &w.wo)
+    _tl_layout(fq, qtl, nq, K, &w.wqkv)
+    _tl_layout(fo, otl, K, qd, &w.wo)
     w.fmt_qkv = fq
     w.fmt_o = fo
     w.tl_qkv = tlq

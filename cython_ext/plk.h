@@ -31,12 +31,14 @@ typedef struct {
     const int8_t *qs;      /* (T, Kp) int8 codes */
     const float *dx;       /* (T, nb) block scales (fp16-rounded values) */
     const float *bx;       /* (T, ng) offset factor per weight group (see above) */
+    const uint8_t *tab;    /* NULL, or the table-lookup kernels' per-token tables (plk_tl_tables) */
 } plk_act;
 
 typedef struct {           /* one packed matrix: row r's planes at qs + r*ng*qbytes, d + r*ng, m + r*ng */
     const uint8_t *qs;
     const uint16_t *d;
     const uint16_t *m;     /* NULL for formats without a min */
+    const uint8_t *tl;     /* NULL, or the same matrix re-laid for the AVX2 table-lookup kernels (plk_tl_pack) */
 } plk_w;
 
 /* rows [r0, r1) of y (T, ldy) = W @ x^T (accumulate: +=) */
@@ -75,6 +77,27 @@ typedef struct {
 int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h, int T, int K,
                    uint16_t *kc, uint16_t *vc, int maxP, int start, int nh, int nkv, int hd,
                    const float *rcos, const float *rsin, float *scratch, int nthreads);
+
+/* ---- AVX2 table-lookup layout (plk_tl.h has the kernels and the reasons) ----
+ * Rows in tiles of 32; per tile, per 64-group one record: the codes as 4-bit indices (q1: 4 elements of
+ * one bit, q2/tern: 2 elements of two bits), one 32-byte vector per pair of indices (low nibble, high
+ * nibble) holding that pair for the 32 rows, vectors in element order; then the 32 rows' fp16 d, then m
+ * (q2). Only the floor(N/32) whole tiles are re-laid; the last N % 32 rows use the plain planes. */
+#define PLK_TL_ROWS 32
+#define PLK_TL_TCHUNK 64       /* tokens whose tables are built at once (more: in chunks of this many) */
+static inline int plk_tl_fmt(int fmt) { return fmt == PLK_Q2 || fmt == PLK_TERN || fmt == PLK_Q1; }
+static inline int plk_tl_elems(int fmt) { return fmt == PLK_Q1 ? 4 : 2; }          /* elements per index */
+static inline int plk_tl_codebytes(int fmt) { return fmt == PLK_Q1 ? 256 : 512; }  /* per group and tile */
+static inline size_t plk_tl_recbytes(int fmt) { return (size_t)plk_tl_codebytes(fmt) + 64 + (plk_has_min[fmt] ? 64 : 0); }
+/* byte position of tile row r (0..31) in a code vector: the order in which unpack + widen (plk_tl.h)
+ * deliver the rows, so that int32 vector o holds rows 8o..8o+7 in order */
+static inline int plk_tl_slot(int r) { int o = r >> 3, l = r & 7; return (o >> 1) * 8 + (o & 1) + 2 * (l & 3) + 16 * (l >> 2); }
+size_t plk_tl_nbytes(int fmt, int N, int K);
+int plk_tl_pack(int fmt, const plk_w *w, int N, int K, uint8_t *out);
+void plk_tl_tables_avx2(int fmt, const plk_act *a, uint8_t *tab);
+void rowstl_q2_q8_avx2(const plk_w*, int, int, const plk_act*, float*, int, int);
+void rowstl_tern_q8_avx2(const plk_w*, int, int, const plk_act*, float*, int, int);
+void rowstl_q1_q8_avx2(const plk_w*, int, int, const plk_act*, float*, int, int);
 
 /* per-ISA row kernels: rows_<fmt>_q8_<isa> */
 #define PLK_DECL_ROWS(isa) \

@@ -6,7 +6,10 @@ cdef extern from "plk.h" nogil:
         const uint8_t *qs
         const uint16_t *d
         const uint16_t *m
+        const uint8_t *tl
     int plk_detect_isa()
+    size_t plk_tl_nbytes(int fmt, int N, int K)
+    int plk_tl_pack(int fmt, const plk_w *w, int N, int K, uint8_t *out)
     void plk_quantize_act(int isa, const float *x, int T, int K, int ldx, int Kp,
                           int8_t *qs, float *dx, float *s, int32_t *isum)
     int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const float *x, int T,

@@ -59,12 +59,57 @@ int plk_detect_isa(void)
 #define TABLE(isa) { rows_q8_q8_##isa, rows_q4_0_q8_##isa, rows_q4_1_q8_##isa, \
                      rows_q2_q8_##isa, rows_tern_q8_##isa, rows_q1_q8_##isa }
 static const plk_rows_fn ma_table[PLK_NISA][PLK_NFMT] = { TABLE(generic), TABLE(avx2), TABLE(avx512) };
-static const plk_rows_fn tl_table[PLK_NFMT] = { 0, 0, 0, rowstl_q2_q8_generic, rowstl_tern_q8_generic, rowstl_q1_q8_generic };
+/* table lookup: the portable kernels (plk_generic.c) on generic and AVX-512 (there only if asked for:
+ * TL_PREFERRED in kernels.py), the vpshufb ones (plk_tl.h, need a plk_tl_pack layout) on AVX2 */
+#define TLG { 0, 0, 0, rowstl_q2_q8_generic, rowstl_tern_q8_generic, rowstl_q1_q8_generic }
+static const plk_rows_fn tl_table[PLK_NISA][PLK_NFMT] = {
+    TLG, { 0, 0, 0, rowstl_q2_q8_avx2, rowstl_tern_q8_avx2, rowstl_q1_q8_avx2 }, TLG };
 
 plk_rows_fn plk_rows(int isa, int fmt, int tl)
 {
     if (isa < 0 || isa >= PLK_NISA || fmt < 0 || fmt >= PLK_NFMT) return 0;
-    return tl ? tl_table[fmt] : ma_table[isa][fmt];
+    return tl ? tl_table[isa][fmt] : ma_table[isa][fmt];
+}
+
+size_t plk_tl_nbytes(int fmt, int N, int K)
+{
+    if (!plk_tl_fmt(fmt)) return 0;
+    return (size_t)(N / PLK_TL_ROWS) * (size_t)((K + 63) / 64) * plk_tl_recbytes(fmt);
+}
+
+/* the AVX2 table-lookup layout of the whole tiles of w (N x K) into out (plk_tl_nbytes bytes); see plk.h */
+int plk_tl_pack(int fmt, const plk_w *w, int N, int K, uint8_t *out)
+{
+    if (!plk_tl_fmt(fmt)) return -1;
+    const int ng = (K + 63) / 64, E = plk_tl_elems(fmt), nreg = 16 / E, QB = plk_qbytes[fmt];
+    const int RB = plk_tl_codebytes(fmt);
+    const size_t REC = plk_tl_recbytes(fmt);
+    for (int tt = 0; tt < N / PLK_TL_ROWS; tt++)
+        for (int g = 0; g < ng; g++) {
+            uint8_t *rec = out + ((size_t)tt * ng + g) * REC;
+            for (int r = 0; r < PLK_TL_ROWS; r++) {
+                const size_t row = (size_t)tt * PLK_TL_ROWS + r;
+                const uint8_t *q = w->qs + (row * ng + g) * QB;
+                const int s = plk_tl_slot(r);
+                for (int j = 0; j < 2; j++)
+                    for (int ri = 0; ri < nreg; ri++) {
+                        int byte = 0;
+                        for (int h = 0; h < 2; h++) {
+                            const int e0 = 32 * j + E * (2 * ri + h);   /* first element of the run */
+                            int v = 0;
+                            if (fmt == PLK_Q1)       /* element e: bit e / 8 of byte e % 8 */
+                                for (int k = 0; k < 4; k++) v |= ((q[(e0 + k) & 7] >> ((e0 + k) >> 3)) & 1) << k;
+                            else                     /* element e: bits 2(e / 16) of byte e % 16 */
+                                for (int k = 0; k < 2; k++) v |= ((q[(e0 + k) & 15] >> (2 * ((e0 + k) >> 4))) & 3) << (2 * k);
+                            byte |= v << (4 * h);
+                        }
+                        rec[(size_t)(j * nreg + ri) * 32 + s] = (uint8_t)byte;
+                    }
+                memcpy(rec + RB + 2 * r, w->d + row * ng + g, 2);
+                if (plk_has_min[fmt]) memcpy(rec + RB + 64 + 2 * r, w->m + row * ng + g, 2);
+            }
+        }
+    return 0;
 }
 
 void plk_quantize_act(int isa, const float *x, int T, int K, int ldx, int Kp,
@@ -228,17 +273,42 @@ void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *
 {
     plk_rows_fn fn = plk_rows(isa, fmt, tl);
     if (!fn) fn = plk_rows(isa, fmt, 0);
+    /* AVX2 table lookup: the tokens' tables once per call (every row reads them), for at most
+     * PLK_TL_TCHUNK tokens at a time (Kp x 8 or 16 bytes each) */
+    const int avx2_tl = tl && isa == PLK_AVX2 && plk_tl_fmt(fmt) && w->tl && N >= PLK_TL_ROWS;
+    if (avx2_tl && a->T > PLK_TL_TCHUNK) {
+        for (int c0 = 0; c0 < a->T; c0 += PLK_TL_TCHUNK) {
+            plk_act c = *a;
+            c.T = a->T - c0 < PLK_TL_TCHUNK ? a->T - c0 : PLK_TL_TCHUNK;
+            c.qs += (size_t)c0 * a->Kp;
+            c.dx += (size_t)c0 * a->nb;
+            c.bx += (size_t)c0 * a->ng;
+            plk_matmul(isa, fmt, tl, w, N, &c, y + (size_t)c0 * ldy, ldy, accumulate, nthreads);
+        }
+        return;
+    }
+    plk_act at = *a;
+    uint8_t *tab = NULL;
+    if (avx2_tl) {
+        tab = (uint8_t *)malloc((size_t)a->T * a->Kp / plk_tl_elems(fmt) * 32);
+        if (tab) {
+            plk_tl_tables_avx2(fmt, a, tab);
+            at.tab = tab;
+        }
+    }
+    a = &at;
     long work = (long)N * a->Kp * (a->T < 8 ? a->T : 8);
     int nth = nthreads;
     if (work < 65536 * 4) nth = 1;            /* too small to pay a fork/join */
     if (nth > (N + 7) / 8) nth = (N + 7) / 8;
-    if (nth <= 1) { fn(w, 0, N, a, y, ldy, accumulate); return; }
-    /* items of 8-row multiples, about 4 per thread (claimed dynamically; rows are independent, so the
-     * split does not change any result) */
-    int chunk = ((N + 4 * nth - 1) / (4 * nth) + 7) & ~7;
+    if (nth <= 1) { fn(w, 0, N, a, y, ldy, accumulate); free(tab); return; }
+    /* items of 32-row multiples (whole table-lookup tiles), about 4 per thread (claimed dynamically;
+     * rows are independent, so the split does not change any result) */
+    int chunk = ((N + 4 * nth - 1) / (4 * nth) + 31) & ~31;
     if (chunk < 64) chunk = 64;
     mm_job j = { fn, w, N, chunk, a, y, ldy, accumulate };
     plk_pool_run(mm_item, &j, (N + chunk - 1) / chunk, nth);
+    free(tab);
 }
 
 typedef struct {                   /* activations in the layout plk_act points into */
@@ -265,7 +335,7 @@ static void act_prepare(int isa, int fmt, const float *x, int T, int K, int ldx,
     plk_quantize_act(isa, x, T, K, ldx, Kp, b->qs, b->dx, b->s, b->isum);
     plk_act_bx(fmt, T, nb, b->dx, b->s, b->isum, b->bx);
     a->T = T; a->Kp = Kp; a->nb = nb; a->ng = Kp / plk_group[fmt];
-    a->qs = b->qs; a->dx = b->dx; a->bx = b->bx;
+    a->qs = b->qs; a->dx = b->dx; a->bx = b->bx; a->tab = NULL;
 }
 
 

@@ -1,7 +1,10 @@
 """powerlow bench-kernels: kernel bandwidth against a plain read probe measured in the same run.
 
 Rows (one JSON object per line with --json):
-  dense   GEMV (T=1) 16384x8192, every format, every ISA this CPU runs
+  dense   GEMV (T=1) 16384x8192, every format, every ISA this CPU runs; for q2/tern/q1 both kernels,
+          "kernel": "mad" (multiply-add) and "tl" (table lookup: on AVX2 the vpshufb kernels on a
+          prepared matrix, kernels.prepare_tl; elsewhere the portable ones), "default": the one
+          kernels.matmul picks (TL_PREFERRED)
   sparse  ffn_bundles, hidden 4096, 11008 neurons, cluster 64, densities 0.1/0.25/0.5, random active
           clusters, bundles in DRAM (a fresh arena larger than the caches)
   gemm    prefill batch 32 vs 32 GEMV calls: tokens/s ratio
@@ -70,15 +73,24 @@ def _row(kind, fmt, isa, threads, shape, density, nbytes, dt, probe, **extra):
     return r
 
 
+def _kernel_names(fmt: str) -> tuple[str, ...]:
+    return ("mad", "tl") if fmt in ("q2", "tern", "q1") else ("mad",)
+
+
 def bench_dense(fmts, isas, threads, repeats, rng, N=16384, Kd=8192):
     rows = []
     x = rng.standard_normal((1, Kd)).astype(np.float32)
     out = np.empty((1, N), np.float32)
     for fmt in fmts:
         q = _fast_quantize(fmt, N, Kd, rng)
+        if "avx2" in isas:
+            K.prepare_tl(q)      # the AVX2 TL layout (a re-laid copy; gbps counts the matrix bytes once)
         for isa in isas:
-            dt, probe = _paired(lambda: K.matmul(q, x, out, isa=isa), q.nbytes, isa, threads, repeats)
-            rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe))
+            for kern in _kernel_names(fmt):
+                tl = kern == "tl"
+                dt, probe = _paired(lambda: K.matmul(q, x, out, isa=isa, tl=tl), q.nbytes, isa, threads, repeats)
+                rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe, kernel=kern,
+                                 default=tl == bool(K.TL_PREFERRED.get((fmt, isa), False))))
     return rows
 
 
@@ -158,7 +170,8 @@ def main(argv=None) -> int:
                 print(json.dumps(r), flush=True)
             else:
                 extra = f" speedup {r['speedup']}x ({r['gemm_tok_s']} vs {r['gemv_tok_s']} tok/s)" if "speedup" in r else ""
-                print(f"{r['kind']:6s} {r['format']:5s} {r['isa']:7s} t{r['threads']} d={r['density']:<4} "
+                kern = f"{r['kernel']}{'*' if r.get('default') else ' '}" if "kernel" in r else "    "
+                print(f"{r['kind']:6s} {r['format']:5s} {r['isa']:7s} {kern:4s} t{r['threads']} d={r['density']:<4} "
                       f"{r['ms']:8.2f} ms {r['gbps']:6.2f} GB/s probe {r['probe_gbps']:6.2f} ratio {r['ratio']:.2f}{extra}",
                       flush=True)
 

@@ -95,9 +95,12 @@ def packed_nbytes(fmt: str, rows: int, cols: int) -> int:
 
 
 class QMatrix:
-    """A packed quantized matrix (rows, cols) in format fmt; planes are C-contiguous arrays."""
+    """A packed quantized matrix (rows, cols) in format fmt; planes are C-contiguous arrays.
 
-    __slots__ = ("fmt", "rows", "cols", "planes")
+    tl: None, or the same matrix re-laid for the AVX2 table-lookup kernels (kernels.prepare_tl): built
+    once for a matrix whose planes no longer change; not part of the stored form (to_bytes, tensors)."""
+
+    __slots__ = ("fmt", "rows", "cols", "planes", "tl")
 
     def __init__(self, fmt: str, rows: int, cols: int, planes: dict):
         shapes = _plane_shapes(fmt, rows, cols)
@@ -110,6 +113,7 @@ class QMatrix:
                                  f"got {a.dtype} {a.shape} contiguous={a.flags.c_contiguous}")
         self.fmt, self.rows, self.cols = fmt, int(rows), int(cols)
         self.planes = {n: planes[n] for n, _, _ in shapes}
+        self.tl = None
 
     @property
     def spec(self) -> FormatSpec:

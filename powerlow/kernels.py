@@ -3,6 +3,7 @@
     isa                      "avx512" | "avx2" | "generic": best this CPU runs, or POWERLOW_ISA=avx2|generic
     set_threads(n) / get_threads()
     matmul(q, x, out=None)   y (T, N) = x (T, K) @ W^T in formats.matmul_ref numerics (GEMV if T == 1)
+    prepare_tl(q)            q.tl = the AVX2 table-lookup layout of a q2/tern/q1 matrix (once, resident weights)
     ffn_bundles(ptrs, layout, h, act, out)   out (T, K) += sum_c down_c @ (act(gate_c h) * up_c h)
     quantize_act(x)          formats.ActQ, bit-exact with formats.quantize_act
     read_probe(buf)          plain read of a uint8 buffer with all threads (bandwidth probe)
@@ -24,8 +25,9 @@ one rmsnorm output by 1 ulp moves SmolLM2 logits by up to ~1.4 in the numpy refe
 kernel-vs-reference logit comparisons need that slack; kernel-vs-kernel ones can be exact.
 Every function takes a keyword `isa=` override (used by the tests to run every variant in one process).
 
-Table-lookup kernels (T-MAC style, portable C in cython_ext/plk_generic.c) exist for q2, tern and q1;
-the dispatcher uses them where they measured faster (TL_PREFERRED, figures in bench notes below).
+Table-lookup kernels (T-MAC style) exist for q2, tern and q1: portable C (cython_ext/plk_generic.c) and
+AVX2 vpshufb (cython_ext/plk_tl.h, on a matrix given its layout by prepare_tl(q)); the dispatcher uses
+them where they measured faster (TL_PREFERRED, figures in the notes above it).
 """
 from __future__ import annotations
 
@@ -57,18 +59,33 @@ def _pick_isa() -> str:
 
 isa: str = _pick_isa()
 
-# Table-lookup (TL, portable C) against multiply-add (MA), GEMV 4096x4096, 1 thread, ms per call, this
-# machine (Zen 4 with AVX-512 hidden by the hypervisor, a second process busy on the other core):
-#   fmt   generic MA  generic TL   avx2 MA  (avx2 runs the same portable TL: 9.2-11.2 ms)
-#   q2       41.6        11.4        0.92
-#   tern     63.0        10.4        1.03
-#   q1       30.1         4.8        1.15
-# TL wins where there is no byte dot instruction: it replaces 4-8 unpack+multiply steps per code byte
-# by two table reads. With vpmaddubsw / vpdpbusd, MA does 32 products per instruction and stays
-# memory-bound; a SIMD TL (vpshufb) would need 16 rows interleaved per register lane (one table per
-# lane), i.e. another storage layout, and would still trail MA here. So: TL on generic only.
+# Table lookup (TL, T-MAC style) against multiply-add (MAD) for the 1/1.58/2-bit formats, measured on this
+# machine: AMD EPYC (Zen 4) KVM guest, AVX-512 hidden by the hypervisor, 2 vCPUs shared with other jobs.
+# GEMV 4096x4096, 1 thread, ms per call (median of 41 alternating calls; four runs, load 1.6-3.7,
+# 13:55-14:08 UTC):
+#   fmt   generic MA  generic TL   avx2 MA      avx2 TL (vpshufb, cython_ext/plk_tl.h)
+#   q2       41.6        11.4      0.68-1.04    0.41-0.50
+#   tern     63.0        10.4      0.59-0.95    0.35-0.49
+#   q1       30.1         4.8      0.48-0.73    0.21-0.30
+#   (q4_1 MAD, the control: 0.45-0.59; the generic columns are from the session that wrote plk_generic.c)
+# GEMV 16384x8192, "2 threads", ratio to the read probe (bench-kernels --only dense, medians of 8 runs):
+#   load 1.5-1.8 (14:05 UTC): q2 0.38 MAD -> 0.61 TL, tern 0.32 -> 0.53, q1 0.25 -> 0.52 (q4_1 0.83)
+#   load 3.2-5.2 (13:53 UTC): q2 0.36 -> 0.67,        tern 0.39 -> 0.58, q1 0.27 -> 0.48 (q4_1 0.86)
+# In those runs the process got one core (process CPU time / wall = 1.00 for 2-thread matmul calls),
+# the other vCPU being busy with another job: the TL figures are one core's compute rate (q1 ~2 ms for
+# 134M weights), against a probe that one core nearly saturates. Calls filtered for two cores (process
+# CPU / wall >= 1.8; 3 rounds, 14:24 UTC): TL q2 0.61-0.67, tern 0.50-0.86, q1 0.63-0.68; MAD q2 0.34-0.38,
+# tern 0.33-0.52, q1 0.27-0.31; q4_1 0.83-0.91.
+# TL wins wherever the codes have to be unpacked bit by bit: one vpshufb does 32 lookups of 4 (q1) or 2
+# (q2/tern) weights each, against shift + mask + vpmaddubsw per 32 codes. On AVX2 it needs the
+# row-interleaved layout (prepare_tl) and gives the same bits as MAD, so an unprepared matrix (or its
+# last rows % 32, or rows of <= 4 groups) simply runs MAD. TL also won at 2..64 tokens per call (e.g. q1
+# 0.45 vs 0.93 ms at 2, 20 vs 34 ms at 64), so it is used for every batch size (tables in chunks of 64).
+# AVX-512 (not runnable here) keeps MAD: its vpdpbusd MAD is unmeasured against any TL, and the vpshufb
+# kernels are AVX2-only; the portable TL wins only where there is no SIMD MAD (generic).
 TL_PREFERRED: dict[tuple[str, str], bool] = {("q2", "generic"): True, ("tern", "generic"): True,
-                                             ("q1", "generic"): True}
+                                             ("q1", "generic"): True,
+                                             ("q2", "avx2"): True, ("tern", "avx2"): True, ("q1", "avx2"): True}
 
 
 def _use_tl(fmt: str, which: str) -> int:
@@ -121,17 +138,45 @@ def get_threads() -> int:
     return _threads
 
 
+def prepare_tl(q: formats.QMatrix) -> formats.QMatrix:
+    """Give q its AVX2 table-lookup layout (q.tl; q2, tern and q1 only; no-op for other formats) and
+    return q. Call it once for a matrix whose planes no longer change (resident weights): the layout is a
+    re-laid copy of the codes and scales of q's whole 32-row tiles, read instead of the planes by the TL
+    kernel (the planes stay: the reference, the stored form and multiply-add for the last rows % 32
+    rows and for rows of <= 4 groups use them; a prepared matrix holds both, ~2x its bytes).
+    Not for buffers that are refilled (the weight ring of powerlow.stream): q.tl would go stale."""
+    if q.fmt in _TL_FMTS and q.tl is None and q.rows >= 32:
+        p = q.planes
+        q.tl = _k.tl_pack(_FMT_ID[q.fmt], p["qs"], p["d"], p.get("m"), q.rows, q.cols)
+    return q
+
+
+_TL_FMTS = ("q2", "tern", "q1")
+
+
+def _tl_args(q: formats.QMatrix, which: int, tl: bool | None) -> tuple[int, np.ndarray | None]:
+    """(table-lookup flag, layout) for one matmul: TL where preferred (or forced by tl=True); on AVX2 it
+    runs only on a prepared matrix (prepare_tl), else multiply-add (the same bits, see TL_PREFERRED)."""
+    name = _ISA_NAMES[which]
+    use = _use_tl(q.fmt, name) if tl is None else int(bool(tl))
+    layout = getattr(q, "tl", None)
+    if tl and name == "avx2" and q.fmt in _TL_FMTS and layout is None and q.rows >= 32:
+        raise ValueError("tl=True on avx2 needs the table-lookup layout: call kernels.prepare_tl(q) first")
+    return use, layout
+
+
 def matmul(q: formats.QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, isa: str | None = None,
            tl: bool | None = None) -> np.ndarray:
-    """y (T, N) = x (T, K) @ W^T. x float32 C-contiguous (T, K); out float32 (T, N) or None."""
+    """y (T, N) = x (T, K) @ W^T. x float32 C-contiguous (T, K); out float32 (T, N) or None.
+    tl: None = the dispatcher's choice (TL_PREFERRED), True / False = force table lookup / multiply-add."""
     if x.ndim == 1:
         x = x[None]
     if out is None:
         out = np.empty((x.shape[0], q.rows), np.float32)
     which = _isa_id(isa)
-    use_tl = _use_tl(q.fmt, _ISA_NAMES[which]) if tl is None else int(tl)
+    use_tl, layout = _tl_args(q, which, tl)
     p = q.planes
-    _k.matmul(which, _FMT_ID[q.fmt], use_tl, p["qs"], p["d"], p.get("m"), q.rows, q.cols, x, out, _threads)
+    _k.matmul(which, _FMT_ID[q.fmt], use_tl, p["qs"], p["d"], p.get("m"), layout, q.rows, q.cols, x, out, _threads)
     return out
 
 
@@ -242,7 +287,8 @@ def _mat_args(q: formats.QMatrix, which: int):
     if not isinstance(q, formats.QMatrix):
         raise ValueError(f"attn_block needs quantized (QMatrix) projections, got {type(q).__name__}")
     p = q.planes
-    return _FMT_ID[q.fmt], _use_tl(q.fmt, _ISA_NAMES[which]), p["qs"], p["d"], p.get("m")
+    use_tl, layout = _tl_args(q, which, None)
+    return _FMT_ID[q.fmt], use_tl, p["qs"], p["d"], p.get("m"), layout
 
 
 def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, rope,
@@ -254,8 +300,8 @@ def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: n
     h (T, K) receives rmsnorm(x, ffn_norm) (the FFN input) and is returned. rope = rope_tables(...) of
     the T positions; scratch from attn_scratch(T, ...). Bit-identical to the unfused kernel sequence."""
     which = _isa_id(isa)
-    fq, tlq, qs, d, m = _mat_args(lw.wqkv, which)
-    fo, tlo, oqs, od, om = _mat_args(lw.wo, which)
-    _k.attn_block(which, fq, tlq, qs, d, m, lw.bqkv, fo, tlo, oqs, od, om, lw.attn_norm, lw.ffn_norm, eps,
+    fq, tlq, qs, d, m, qtl = _mat_args(lw.wqkv, which)
+    fo, tlo, oqs, od, om, otl = _mat_args(lw.wo, which)
+    _k.attn_block(which, fq, tlq, qs, d, m, qtl, lw.bqkv, fo, tlo, oqs, od, om, otl, lw.attn_norm, lw.ffn_norm, eps,
                   x, h, k_cache, v_cache, int(start), n_heads, n_kv, rope[0], rope[1], scratch, _threads)
     return h

@@ -464,3 +464,110 @@ def test_ffn_bundles_gemm_path_accumulates(isa, fmt):
         one = base[t:t + 1].copy()
         K.ffn_bundles(ptrs, lay, h[t:t + 1].copy(), "silu", one, isa=isa)
         np.testing.assert_array_equal(one[0], out[t])
+
+
+# ---------------------------------------------------------------- AVX2 table-lookup kernels
+
+needs_avx2 = pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2")
+
+
+@needs_avx2
+@pytest.mark.parametrize("fmt", ["q1", "tern", "q2"])
+@pytest.mark.parametrize("n", [1, 3, 31, 33, 255, 257])
+def test_tl_avx2_equals_reference_and_mad(fmt, n):
+    """The vpshufb kernels (forced, on a prepared matrix) against the numpy reference and, bit for bit,
+    the multiply-add kernel: row counts below, at and across the 32-row tiles, columns that are no
+    multiple of 32 or 64 (odd and even counts of 64-groups; <= 4 groups: the multiply-add fallback),
+    1..70 tokens (70: tables in two chunks of <= 64 tokens), groups of very different scale; each token alone
+    gives the bits it gets in the batch."""
+    rng = np.random.default_rng(n)
+    for k in (200, 313, 445, 507, 1601):
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        w *= np.repeat(rng.uniform(0.01, 10, (n, -(-k // 64))), 64, axis=1)[:, :k].astype(np.float32)
+        q = K.prepare_tl(F.quantize(w, fmt))
+        assert (q.tl is not None) == (n >= 32)
+        for t in (1, 3, 8, 70):
+            x = (rng.standard_normal((t, k)) * rng.uniform(0.1, 10, (t, 1))).astype(np.float32)
+            y = K.matmul(q, x, isa="avx2", tl=True)
+            _close(y, F.matmul_ref(q, x), q, x)
+            np.testing.assert_array_equal(y, K.matmul(q, x, isa="avx2", tl=False), err_msg=f"k={k} t={t}")
+            if t in (3, 8):
+                for i in range(t):
+                    np.testing.assert_array_equal(K.matmul(q, x[i:i + 1].copy(), isa="avx2", tl=True)[0], y[i])
+
+
+@needs_avx2
+@pytest.mark.parametrize("fmt,byte", [("q1", 0xFF), ("q1", 0x00), ("tern", 0xAA), ("q2", 0xFF), ("q2", 0x00)])
+@pytest.mark.parametrize("sign", [1.0, -1.0, 0.0])
+def test_tl_avx2_extreme_codes_and_activations(fmt, byte, sign):
+    """Largest table entries (all codes at their maximum, every activation +-127): the int16 sums and
+    the 6-bit split of q2/tern must not overflow. sign 0: alternating signs."""
+    sp = F.FORMATS[fmt]
+    n, k = 64, 64 * 9
+    planes = {"qs": np.full((n, 9 * sp.qbytes), byte, np.uint8), "d": np.full((n, 9), 0.01, np.float16)}
+    if sp.has_min:
+        planes["m"] = np.full((n, 9), -0.02, np.float16)
+    q = K.prepare_tl(F.QMatrix(fmt, n, k, planes))
+    x = np.full((2, k), 5.0, np.float32) * np.float32(sign) if sign else \
+        np.tile(np.where(np.arange(k) % 2, 5.0, -5.0).astype(np.float32), (2, 1))
+    x[1] *= -1
+    y = K.matmul(q, x, isa="avx2", tl=True)
+    np.testing.assert_array_equal(y, K.matmul(q, x, isa="avx2", tl=False))
+    _close(y, F.matmul_ref(q, x), q, x)
+
+
+@needs_avx2
+@pytest.mark.parametrize("fmt", ["q1", "tern", "q2"])
+def test_tl_avx2_layout_is_what_runs(fmt):
+    """The TL kernel reads q.tl (not the planes): zeroing the layout changes the output of a forced TL
+    call, and of a default call where TL_PREFERRED picks TL; the multiply-add output does not move.
+    tl=True without a layout is an error."""
+    rng = np.random.default_rng(5)
+    q = K.prepare_tl(F.quantize(rng.standard_normal((64, 640)).astype(np.float32), fmt))
+    x = rng.standard_normal((2, 640)).astype(np.float32)
+    mad, tl, dflt = (K.matmul(q, x, isa="avx2", tl=v) for v in (False, True, None))
+    np.testing.assert_array_equal(tl, mad)
+    q.tl[:] = 0
+    assert not np.array_equal(K.matmul(q, x, isa="avx2", tl=True), mad)
+    assert np.array_equal(K.matmul(q, x, isa="avx2"), mad) != K.TL_PREFERRED.get((fmt, "avx2"), False)
+    np.testing.assert_array_equal(K.matmul(q, x, isa="avx2", tl=False), mad)
+    with pytest.raises(ValueError, match="prepare_tl"):
+        K.matmul(F.quantize(rng.standard_normal((64, 640)).astype(np.float32), fmt), x, isa="avx2", tl=True)
+    bad = F.quantize(rng.standard_normal((64, 640)).astype(np.float32), fmt)
+    bad.tl = np.zeros(10, np.uint8)
+    with pytest.raises(ValueError, match="tl layout"):
+        K.matmul(bad, x, isa="avx2", tl=True)
+
+
+@needs_avx2
+@pytest.mark.parametrize("fmt", ["q1", "q2"])
+def test_tl_avx2_attn_block_and_threads(fmt):
+    """attn_block on prepared projections == on plain ones (the layout reaches the fused call), and a
+    2-thread matmul (row chunks of whole tiles) == 1 thread, bit for bit."""
+    rng = np.random.default_rng(8)
+    K_, nh, nkv, hd, maxP, eps = 384, 6, 2, 32, 8, 1e-5
+    lw = _attn_layer(rng, fmt, K_, nh, nkv, hd, False)
+    plain = _attn_layer(np.random.default_rng(8), fmt, K_, nh, nkv, hd, False)
+    K.prepare_tl(lw.wqkv), K.prepare_tl(lw.wo)
+    assert lw.wqkv.tl is not None and plain.wqkv.tl is None
+    x0 = rng.standard_normal((3, K_)).astype(np.float32)
+    outs = []
+    for m in (lw, plain):
+        kc, vc = np.zeros((nkv, maxP, hd), np.float16), np.zeros((nkv, maxP, hd), np.float16)
+        x, h = x0.copy(), np.empty((3, K_), np.float32)
+        rope = K.rope_tables(np.arange(3, dtype=np.int64), hd, 1e4)
+        K.attn_block(m, x, h, kc, vc, 0, rope, nh, nkv, eps, K.attn_scratch(3, nh, nkv, hd, K_), isa="avx2")
+        outs.append((x, h))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    q = K.prepare_tl(F.quantize(rng.standard_normal((1000, 768)).astype(np.float32), fmt))
+    x = rng.standard_normal((2, 768)).astype(np.float32)
+    old = K.get_threads()
+    try:
+        ys = []
+        for nt in (1, 2):
+            K.set_threads(nt)
+            ys.append(K.matmul(q, x, isa="avx2", tl=True))
+    finally:
+        K.set_threads(old)
+    np.testing.assert_array_equal(ys[0], ys[1])

@@ -1,0 +1,247 @@
+/* AVX2 table-lookup (T-MAC style) kernels for q1, tern and q2; included by plk_avx2.c after plk_simd.h
+ * (inside its `#pragma GCC target` region). Our own code; the idea is T-MAC's / bitnet.cpp's TL.
+ *
+ * Tables (plk_tl_tables_avx2, once per call and token, shared by every row): for each run of E
+ * consecutive activations (E = 4 for q1: 1-bit codes; E = 2 for q2/tern: 2-bit codes) the 16 integer
+ * dots of those activations with every possible 4-bit index: q1 v -> sum_k bit_k(v) x_k, q2/tern
+ * v -> (v & 3) x_0 + (v >> 2) x_1. Entries reach +-508 / +-768: more than a byte, and vpshufb looks up
+ * bytes (16 per 128-bit lane), so a table is two 16-byte planes and one lookup of 32 indices is two
+ * vpshufb. q1: the planes are the int16's low and high bytes, two unpacks rebuild the exact int16
+ * values. q2/tern: the planes are the low 6 bits and the rest of v + 768 (>= 0), each summed in bytes
+ * over 4 lookups (<= 252 and <= 92: no overflow), then one vpmaddubsw (1, 64) per half rebuilds lo + 64
+ * hi in int16, and the bias is taken off once (the int16 sums start at -lookups x 768).
+ *
+ * Why the weights are re-laid (plk_tl_pack, layout in plk.h): one vpshufb applies one table to 32
+ * indices, so the 32 indices of a vector must belong to 32 different rows at the same activation run.
+ * The stored planes are row-major (one row's codes are contiguous), and their bit order puts elements
+ * i, 8+i, 16+i, 24+i (q1) or i, 16+i (q2) into one nibble, i.e. across the two 16-element halves of a
+ * 32-block that the multiply-add kernels sum separately (below). So the codes are re-laid once, per
+ * tile of 32 rows: a group's record is 8 (q1) or 16 (q2/tern) vectors of 32 bytes, vector i holding the
+ * indices of runs 2i (low nibble) and 2i+1 (high nibble) of that group for the 32 rows, followed by the
+ * rows' fp16 scales (d, then m for q2), so one tile is one linear stream for the prefetcher. Same bytes
+ * per weight as the plain planes.
+ *
+ * Exactness and order: a half-block (16 elements: 4 lookups for q1, 8 for q2/tern) is summed in int16
+ * (|sum| <= 16 x 3 x 128 = 6144), widened to int32 and converted; from there every float operation is
+ * the one the multiply-add kernels (tile, tile_2g, tile_q1 and the offset sum in rows_simd) do for that
+ * row, in the same order: per pair of groups (4 blocks b..b+3) lane k / 4+k of the row's 8 accumulators
+ * += I(block b+k, first / second half) * ((A d_w) d_x[b+k]); a last odd group per block with lane i +=
+ * I(elements 4i..4i+3) * ds; then hsum8's order, the offset sum (lane g % 8 over groups, hsum8, times
+ * -1 or 1) and ((out or 0) + res) + bsum. Here the 8 "lanes" of a row are 8 vectors over 8 rows each.
+ * So TL and multiply-add give bit-identical outputs and may be mixed freely (rows outside whole tiles,
+ * short rows (ng <= SMALL_NG), matrices without a TL layout, a failed table allocation:
+ * multiply-add), and batch invariance holds whichever runs. */
+
+/* table entry form (measured, 4096 x 4096 GEMV, 1 thread): q1 exact int16 bytes (8 lookups per block:
+ * the flush would not pay), q2/tern biased 6-bit split (16 lookups per block: ~15% faster) */
+#define TL_SPLIT6(f) ((f) != PLK_Q1)
+#define TL_BIAS(f) ((f) == PLK_Q1 ? 512 : 768)
+/* software prefetch distance in group records (a tile is one linear stream) */
+#ifndef PLK_TL_PF
+#define PLK_TL_PF 8
+#endif
+#ifndef PLK_TL_HINT
+#define PLK_TL_HINT _MM_HINT_T0
+#endif
+
+/* tables of one token: run a (0 .. Kp/E - 1) at tab + 32a: 16 low bytes, 16 high bytes */
+void plk_tl_tables_avx2(int fmt, const plk_act *a, uint8_t *tab)
+{
+    const int E = plk_tl_elems(fmt), nrun = a->Kp / E;
+    const size_t stride = (size_t)nrun * 32;
+    /* per 128-bit lane: the even (low) bytes of the 8 int16 to bytes 0..7, the odd (high) to 8..15 */
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256i v = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256i one = _mm256_set1_epi16(1), three = _mm256_set1_epi16(3);
+    const __m256i zero = _mm256_setzero_si256();
+    /* q1: bit k of v as a 0 / -1 mask; q2/tern: the two 2-bit codes of v */
+    const __m256i b0 = _mm256_sub_epi16(zero, _mm256_and_si256(v, one));
+    const __m256i b1 = _mm256_sub_epi16(zero, _mm256_and_si256(_mm256_srli_epi16(v, 1), one));
+    const __m256i b2 = _mm256_sub_epi16(zero, _mm256_and_si256(_mm256_srli_epi16(v, 2), one));
+    const __m256i b3 = _mm256_sub_epi16(zero, _mm256_and_si256(_mm256_srli_epi16(v, 3), one));
+    const __m256i c0 = _mm256_and_si256(v, three), c1 = _mm256_srli_epi16(v, 2);
+    const __m256i bias = _mm256_set1_epi16(TL_BIAS(fmt)), m63 = _mm256_set1_epi16(63);
+    for (int t = 0; t < a->T; t++) {
+        const int8_t *x = a->qs + (size_t)t * a->Kp;
+        uint8_t *o = tab + (size_t)t * stride;
+        for (int r = 0; r < nrun; r++) {
+            const int8_t *xr = x + (size_t)r * E;
+            __m256i e;
+            if (fmt == PLK_Q1)
+                e = _mm256_add_epi16(
+                    _mm256_add_epi16(_mm256_and_si256(_mm256_set1_epi16(xr[0]), b0), _mm256_and_si256(_mm256_set1_epi16(xr[1]), b1)),
+                    _mm256_add_epi16(_mm256_and_si256(_mm256_set1_epi16(xr[2]), b2), _mm256_and_si256(_mm256_set1_epi16(xr[3]), b3)));
+            else
+                e = _mm256_add_epi16(_mm256_mullo_epi16(_mm256_set1_epi16(xr[0]), c0),
+                                     _mm256_mullo_epi16(_mm256_set1_epi16(xr[1]), c1));
+            if (TL_SPLIT6(fmt)) {
+                e = _mm256_add_epi16(e, bias);
+                e = _mm256_or_si256(_mm256_and_si256(e, m63), _mm256_slli_epi16(_mm256_srli_epi16(e, 6), 8));
+            }
+            /* qwords [lo 0-7, hi 0-7 | lo 8-15, hi 8-15] -> [lo 0-15 | hi 0-15] */
+            e = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(e, split), 0xd8);
+            _mm256_storeu_si256((__m256i *)(o + (size_t)r * 32), e);
+        }
+    }
+}
+
+/* 32 lookups: indices idx (0..15, one per row slot) into the table at tab. SPLIT6: the table holds
+ * v + BIAS (>= 0) as 6 low bits and the rest; both parts are summed in bytes (b_lo, b_hi) over up to
+ * 4 lookups (<= 4 x 63, <= 4 x 23), then tl_flush adds lo + 64 hi to the int16 sums. Otherwise: the
+ * int16 table's low and high bytes, unpacked to the exact int16 values at once. The int16 sums s_lo
+ * hold slots 0-7 | 16-23, s_hi slots 8-15 | 24-31. */
+AI void tl_look(const int FMT, const __m256i idx, const uint8_t *tab, __m256i *b_lo, __m256i *b_hi)
+{
+    const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tab));
+    const __m256i thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tab + 16)));
+    const __m256i l = _mm256_shuffle_epi8(tlo, idx), h = _mm256_shuffle_epi8(thi, idx);
+    if (TL_SPLIT6(FMT)) {
+        *b_lo = _mm256_add_epi8(*b_lo, l);
+        *b_hi = _mm256_add_epi8(*b_hi, h);
+    } else {
+        *b_lo = _mm256_add_epi16(*b_lo, _mm256_unpacklo_epi8(l, h));
+        *b_hi = _mm256_add_epi16(*b_hi, _mm256_unpackhi_epi8(l, h));
+    }
+}
+
+AI void tl_flush(const int FMT, const __m256i b_lo, const __m256i b_hi, __m256i *s_lo, __m256i *s_hi)
+{
+    if (TL_SPLIT6(FMT)) {
+        const __m256i w = _mm256_set1_epi16(0x4001);      /* bytes (1, 64): lo + 64 hi */
+        *s_lo = _mm256_add_epi16(*s_lo, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(b_lo, b_hi), w));
+        *s_hi = _mm256_add_epi16(*s_hi, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(b_lo, b_hi), w));
+    } else {
+        *s_lo = _mm256_add_epi16(*s_lo, b_lo);
+        *s_hi = _mm256_add_epi16(*s_hi, b_hi);
+    }
+}
+
+/* the int16 sums start at -(lookups x BIAS): the table values' bias */
+AI __m256i tl_start(const int FMT, int nlook) { return _mm256_set1_epi16(TL_SPLIT6(FMT) ? (short)(-nlook * TL_BIAS(FMT)) : 0); }
+
+/* the int16 sums of a tile -> 4 float vectors, f[o] = rows 8o..8o+7 in order (see plk_tl_slot):
+ * vpmaddwd with (1, 0) takes the even int16 of each pair sign-extended, srai 16 the odd one */
+AI void tl_widen(const __m256i s_lo, const __m256i s_hi, __m256 *f)
+{
+    const __m256i even = _mm256_set1_epi32(1);
+    f[0] = _mm256_cvtepi32_ps(_mm256_madd_epi16(s_lo, even));
+    f[1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(s_lo, 16));
+    f[2] = _mm256_cvtepi32_ps(_mm256_madd_epi16(s_hi, even));
+    f[3] = _mm256_cvtepi32_ps(_mm256_srai_epi32(s_hi, 16));
+}
+
+/* one tile (32 rows) x one token: out[0..31] (= or +=) the rows' results */
+AI void tl_tile(const int FMT, const uint8_t *rec0, int ng, const uint8_t *tab, const float *dx, const float *bx,
+                float *out, int accum)
+{
+    const int E = FMT == PLK_Q1 ? 4 : 2, NREG = 16 / E, RB = FMT == PLK_Q1 ? 256 : 512;
+    const int RUNB = 32 / E * 32;                      /* table bytes per 32-block */
+    const size_t REC = plk_tl_recbytes(FMT);
+    const __m256 vA = _mm256_set1_ps(FMT == PLK_Q1 ? 2.0f : 1.0f);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[8][4], vs[8][4];
+    for (int i = 0; i < 8; i++)
+        for (int o = 0; o < 4; o++) acc[i][o] = vs[i][o] = _mm256_setzero_ps();
+    int g = 0;
+    for (; g < ng; g++) {
+        const uint8_t *q = rec0 + (size_t)g * REC;
+        /* the tile's stream, PLK_TL_PF records ahead (the hardware prefetcher alone falls behind) */
+        for (size_t l = 0; l < REC; l += 64) _mm_prefetch((const char *)q + PLK_TL_PF * REC + l, PLK_TL_HINT);
+        const uint16_t *dh = (const uint16_t *)(q + RB);
+        const __m256 bxg = _mm256_set1_ps(bx[g]);
+        __m256 adw[4];
+#pragma GCC unroll 4
+        for (int o = 0; o < 4; o++) {
+            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + 8 * o)));
+            adw[o] = _mm256_mul_ps(vA, dv);
+            const __m256 src = plk_has_min[FMT] ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + 32 + 8 * o))) : dv;
+            vs[g & 7][o] = _mm256_fmadd_ps(src, bxg, vs[g & 7][o]);
+        }
+        const int pair = (g & ~1) + 2 <= ng;           /* in a pair of groups (else: the last odd group) */
+        for (int j = 0; j < 2; j++) {
+            const int b = 2 * g + j;
+            const __m256 dxb = _mm256_set1_ps(dx[b]);
+            __m256 ds[4];
+#pragma GCC unroll 4
+            for (int o = 0; o < 4; o++) ds[o] = _mm256_mul_ps(adw[o], dxb);
+            const uint8_t *tb = tab + (size_t)b * RUNB, *qb = q + (size_t)j * NREG * 32;
+            if (pair) {
+                const int k = 2 * (g & 1) + j;
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    __m256i slo = tl_start(FMT, NREG), shi = slo;
+#pragma GCC unroll 2
+                    for (int c = h * NREG / 2; c < (h + 1) * NREG / 2; c += 2) {   /* 4 lookups per flush */
+                        __m256i blo = _mm256_setzero_si256(), bhi = blo;
+#pragma GCC unroll 2
+                        for (int ri = c; ri < c + 2; ri++) {
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * ri));
+                            tl_look(FMT, _mm256_and_si256(v, m4), tb + 64 * ri, &blo, &bhi);
+                            tl_look(FMT, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), tb + 64 * ri + 32, &blo, &bhi);
+                        }
+                        tl_flush(FMT, blo, bhi, &slo, &shi);
+                    }
+                    __m256 f[4];
+                    tl_widen(slo, shi, f);
+#pragma GCC unroll 4
+                    for (int o = 0; o < 4; o++) acc[k + 4 * h][o] = _mm256_fmadd_ps(f[o], ds[o], acc[k + 4 * h][o]);
+                }
+            } else {
+                for (int i = 0; i < 8; i++) {      /* lane i: elements 4i..4i+3 */
+                    __m256i slo = tl_start(FMT, 4 / E), shi = slo, blo = _mm256_setzero_si256(), bhi = blo;
+                    if (FMT == PLK_Q1) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * (i >> 1)));
+                        tl_look(FMT, _mm256_and_si256(i & 1 ? _mm256_srli_epi16(v, 4) : v, m4), tb + 32 * i, &blo, &bhi);
+                    } else {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * i));
+                        tl_look(FMT, _mm256_and_si256(v, m4), tb + 64 * i, &blo, &bhi);
+                        tl_look(FMT, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), tb + 64 * i + 32, &blo, &bhi);
+                    }
+                    tl_flush(FMT, blo, bhi, &slo, &shi);
+                    __m256 f[4];
+                    tl_widen(slo, shi, f);
+                    for (int o = 0; o < 4; o++) acc[i][o] = _mm256_fmadd_ps(f[o], ds[o], acc[i][o]);
+                }
+            }
+        }
+    }
+    const __m256 bmul = _mm256_set1_ps(plk_has_min[FMT] ? 1.0f : -1.0f);
+#pragma GCC unroll 4
+    for (int o = 0; o < 4; o++) {   /* hsum8's order: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)) */
+        const __m256 res = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0][o], acc[4][o]), _mm256_add_ps(acc[2][o], acc[6][o])),
+                                         _mm256_add_ps(_mm256_add_ps(acc[1][o], acc[5][o]), _mm256_add_ps(acc[3][o], acc[7][o])));
+        const __m256 bs = _mm256_mul_ps(bmul, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(vs[0][o], vs[4][o]), _mm256_add_ps(vs[2][o], vs[6][o])),
+                                                            _mm256_add_ps(_mm256_add_ps(vs[1][o], vs[5][o]), _mm256_add_ps(vs[3][o], vs[7][o]))));
+        const __m256 base = accum ? _mm256_loadu_ps(out + 8 * o) : _mm256_setzero_ps();
+        _mm256_storeu_ps(out + 8 * o, _mm256_add_ps(_mm256_add_ps(base, res), bs));
+    }
+}
+
+AI void rows_tl(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
+{
+    const plk_rows_fn mad = FMT == PLK_Q1 ? NAME(rows_q1_q8) : FMT == PLK_TERN ? NAME(rows_tern_q8) : NAME(rows_q2_q8);
+    const int ng = a->ng;
+    const int t0 = (r0 + PLK_TL_ROWS - 1) / PLK_TL_ROWS, t1 = r1 / PLK_TL_ROWS;
+    if (!w->tl || !a->tab || ng <= SMALL_NG || t0 >= t1) {
+        mad(w, r0, r1, a, y, ldy, accum);
+        return;
+    }
+    if (r0 < t0 * PLK_TL_ROWS) mad(w, r0, t0 * PLK_TL_ROWS, a, y, ldy, accum);
+    const size_t tabstride = (size_t)a->Kp / plk_tl_elems(FMT) * 32, tilebytes = (size_t)ng * plk_tl_recbytes(FMT);
+    for (int tt = t0; tt < t1; tt++) {
+        const uint8_t *rec = w->tl + (size_t)tt * tilebytes;
+        for (int t = 0; t < a->T; t++)
+            tl_tile(FMT, rec, ng, a->tab + (size_t)t * tabstride, a->dx + (size_t)t * a->nb, a->bx + (size_t)t * ng,
+                    y + (size_t)t * ldy + (size_t)tt * PLK_TL_ROWS, accum);
+    }
+    if (t1 * PLK_TL_ROWS < r1) mad(w, t1 * PLK_TL_ROWS, r1, a, y, ldy, accum);
+}
+
+#define ROWSTL(F, ID) \
+void NAME(rowstl_##F##_q8)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc) \
+{ rows_tl(ID, w, r0, r1, a, y, ldy, acc); }
+ROWSTL(q2, PLK_Q2)
+ROWSTL(tern, PLK_TERN)
+ROWSTL(q1, PLK_Q1)
+#undef ROWSTL
