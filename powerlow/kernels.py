@@ -154,6 +154,14 @@ def prepare_tl(q: formats.QMatrix) -> formats.QMatrix:
 _TL_FMTS = ("q2", "tern", "q1")
 
 
+def prepare_resident(q: formats.QMatrix) -> formats.QMatrix:
+    """prepare_tl(q) where the dispatcher runs table lookup on q's format with this CPU's variant (AVX2 needs the
+    layout; the portable TL and AVX-512's multiply-add do not), else q unchanged."""
+    if isa == "avx2" and _use_tl(q.fmt, "avx2"):
+        prepare_tl(q)
+    return q
+
+
 def _tl_args(q: formats.QMatrix, which: int, tl: bool | None) -> tuple[int, np.ndarray | None]:
     """(table-lookup flag, layout) for one matmul: TL where preferred (or forced by tl=True); on AVX2 it
     runs only on a prepared matrix (prepare_tl), else multiply-add (the same bits, see TL_PREFERRED)."""

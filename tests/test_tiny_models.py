@@ -103,3 +103,32 @@ def test_bench_json_fields(tiny_dir):
               "read_bytes_per_token", "cache_hit_rate", "predictor_recall", "density", "isa"):
         assert k in res
     assert res["decode_tok_s"] > 0 and res["prefill_tok_s"] > 0
+
+
+@pytest.mark.parametrize("bits", ["2", "ternary", "1"])
+def test_resident_low_bit_matrices_use_table_lookup(tmp_path, bits):
+    """A fully resident run gives its 1/1.58/2-bit attention matrices the table-lookup layout where the
+    dispatcher runs TL (AVX2), with the multiply-add logits bit for bit; under a budget they stay as stored."""
+    from powerlow import kernels as K
+    from powerlow.config import RuntimeConfig
+    from powerlow.engine import Transformer
+    from conftest import make_converted
+    _, d = make_converted(tmp_path, bits=bits, act="silu", seed=7, hidden=128, intermediate=256, layers=2, heads=4,
+                          kv_heads=2, vocab=300, max_positions=64)
+    ids = [3, 17, 42, 99, 5, 250, 7]
+    tf = Transformer(d)
+    try:
+        mats = [m for lw in tf.layers for m in (lw.wqkv, lw.wo)]
+        want_tl = K.isa == "avx2" and K.TL_PREFERRED.get((mats[0].fmt, "avx2"), False)
+        assert all((m.tl is not None) == want_tl for m in mats)
+        got = tf.forward(ids)
+        for m in mats:
+            m.tl = None
+        np.testing.assert_array_equal(tf.forward(ids), got)
+    finally:
+        tf.close()
+    tf = Transformer(d, RuntimeConfig(budget_bytes=64 << 20))
+    try:
+        assert all(m.tl is None for lw in tf.layers for m in (lw.wqkv, lw.wo))
+    finally:
+        tf.close()
