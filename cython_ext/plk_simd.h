@@ -50,6 +50,21 @@ AI float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* hsum8 of 8 vectors at once, each lane's sum in hsum8's order ((s0 + s2) + (s1 + s3), s_j = v_j + v_j+4):
+ * the same bits. Lanes of the result: a0, a2, a4, a6, a1, a3, a5, a7. */
+AI __m256 hsum8_x8(const __m256 *a)
+{
+    __m256 p[4], q[2];
+    for (int i = 0; i < 4; i++)
+        p[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));   /* [s(a2i) | s(a2i+1)] */
+    for (int i = 0; i < 2; i++) {
+        const __m256d u = _mm256_castps_pd(p[2 * i]), v = _mm256_castps_pd(p[2 * i + 1]);
+        q[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(u, v)), _mm256_castpd_ps(_mm256_unpackhi_pd(u, v)));
+    }
+    return _mm256_add_ps(_mm256_shuffle_ps(q[0], q[1], 0x88), _mm256_shuffle_ps(q[0], q[1], 0xdd));
+}
+
 /* Short rows (the bundles' down matrices: K rows of C = 64 columns, 1-2 groups): per-row setup and
  * the horizontal sum would cost more than the 64 products, so 8 rows are done together: their 8
  * accumulators are reduced by one hadd tree into one vector, and scales/offsets are vectors over rows. */
@@ -867,6 +882,18 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
             if (R == 2) switch (nt) { case 1: GT_(2, 1); break; case 2: GT_(2, 2); break; case 3: GT_(2, 3); break; default: GT_(2, 4); }
             else switch (nt) { case 1: GT_(1, 1); break; case 2: GT_(1, 2); break; case 3: GT_(1, 3); break; default: GT_(1, 4); }
 #undef GT_
+            if (tailn == 0 && R == 2 && nt == 4) {   /* no tail: the 8 sums at once */
+                static const int lr[8] = {0, 0, 1, 1, 0, 0, 1, 1}, lt[8] = {0, 2, 0, 2, 1, 3, 1, 3};
+                float res[8];
+                if (FMT != PLK_Q8)
+                    for (int i = 0; i < 8; i++) acc[i] = _mm256_permutevar8x32_ps(acc[i], unperm);
+                _mm256_storeu_ps(res, hsum8_x8(acc));
+                for (int l = 0; l < 8; l++) {
+                    float *o = y + (size_t)(ts + lt[l]) * ldy + r + lr[l];
+                    *o = (accum ? *o : 0.0f) + res[l];
+                }
+                continue;
+            }
             for (int i = 0; i < R; i++) {
                 const uint8_t *qs = w->qs + (size_t)(r + i) * rowq;
                 const uint16_t *dr = w->d + (size_t)(r + i) * ng, *mr = plk_has_min[FMT] ? w->m + (size_t)(r + i) * ng : NULL;
