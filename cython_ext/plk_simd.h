@@ -50,6 +50,21 @@ AI float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* hsum8 of 8 vectors at once, each lane's sum in hsum8's order ((s0 + s2) + (s1 + s3), s_j = v_j + v_j+4):
+ * the same bits. Lanes of the result: a0, a2, a4, a6, a1, a3, a5, a7. */
+AI __m256 hsum8_x8(const __m256 *a)
+{
+    __m256 p[4], q[2];
+    for (int i = 0; i < 4; i++)
+        p[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));   /* [s(a2i) | s(a2i+1)] */
+    for (int i = 0; i < 2; i++) {
+        const __m256d u = _mm256_castps_pd(p[2 * i]), v = _mm256_castps_pd(p[2 * i + 1]);
+        q[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(u, v)), _mm256_castpd_ps(_mm256_unpackhi_pd(u, v)));
+    }
+    return _mm256_add_ps(_mm256_shuffle_ps(q[0], q[1], 0x88), _mm256_shuffle_ps(q[0], q[1], 0xdd));
+}
+
 /* Short rows (the bundles' down matrices: K rows of C = 64 columns, 1-2 groups): per-row setup and
  * the horizontal sum would cost more than the 64 products, so 8 rows are done together: their 8
  * accumulators are reduced by one hadd tree into one vector, and scales/offsets are vectors over rows. */
@@ -585,7 +600,8 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
  * lanes; the accumulators are permuted back before the ng % 8 tail (the per-token code) and hsum8. So a
  * token's result is bit-identical to the one it gets alone (T = 1 runs the per-token kernel).
  * Register block: 2 rows x 4 tokens (8 int accumulators, 2 weight vectors, 1 activation vector); each
- * re-laid weight vector is used for 4 tokens, each activation vector for 2 rows. A row pair's re-laid
+ * re-laid weight vector is used for 4 tokens, each activation vector for 2 rows. The full 2 x 4 tile,
+ * a chunk at a time, is one inline-asm statement (gemm_chunk_q4/q8); edge tiles use the C loop. A row pair's re-laid
  * codes (2 x K bytes) stay in L1 across the token tiles. q4 perm = [0 2 4 6 1 3 5 7]: what an in-lane
  * 4x4 dword transpose of two-group loads gives; q8 perm = identity (8x8 transpose).
  * The VNNI variant keeps the per-token kernel (vpdpbusd already accumulates in int32; this VM has no
@@ -646,12 +662,111 @@ AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, cons
     }
 }
 
+#if !PLK_VNNI
+/* The hot case, 2 rows x 4 tokens, one chunk per asm statement: the integer steps and the float
+ * epilogue together. (GCC's allocation of the C version below adds a register copy per vpaddw,
+ * zeroes the sums before the first step, and keeps two stack copies of each float accumulator.)
+ * The sums stay in ymm0-7 (s[r][t] in ymm(4r + t)); the first step writes them, later ones add;
+ * each (row, token) accumulator in memory is loaded, updated and stored once per chunk.
+ * Float steps per (r, t), those of the per-token kernel: v = fma(cvt(isum), dv[r] * dx[t], acc);
+ * q4 also v = fma(bv[r], bx[t], v). vfmadd213/231 only swap the factors of the exact product and
+ * vmulps its operands: the same bits.
+ * w0, w1: the chunk's re-laid codes of the two rows (8 vectors each); x: the tile's activations
+ * (token t: 256 bytes at x + 256 t); f: [dx | bx] (token t: 16 floats at f + 16 t); d, b: dv, bv of
+ * row 0 (row 1 vs bytes further); acc: 8 vectors, acc[4 r + t]. */
+#define GA_MUL(X, W, S) "vpmaddubsw %%ymm" X ", %%ymm" W ", %%ymm" S "\n\t"
+#define GA_MAC(X, W, S) "vpmaddubsw %%ymm" X ", %%ymm" W ", %%ymm15\n\t vpaddw %%ymm15, %%ymm" S ", %%ymm" S "\n\t"
+#define GA_Q4STEP(K_, OP)                                                                    \
+    "vmovdqa " K_ "(%[w0]), %%ymm12\n\t vmovdqa " K_ "(%[w1]), %%ymm13\n\t"                  \
+    "vmovdqa " K_ "(%[x]), %%ymm14\n\t"       OP("14", "12", "0") OP("14", "13", "4")         \
+    "vmovdqa 256+" K_ "(%[x]), %%ymm14\n\t"   OP("14", "12", "1") OP("14", "13", "5")         \
+    "vmovdqa 512+" K_ "(%[x]), %%ymm14\n\t"   OP("14", "12", "2") OP("14", "13", "6")         \
+    "vmovdqa 768+" K_ "(%[x]), %%ymm14\n\t"   OP("14", "12", "3") OP("14", "13", "7")
+/* q8: |w| . sign(x, w) (vpsignb, vpmaddubsw), widened by vpmaddwd to int32 (two int16 pair sums
+ * of up to 2 x 127 x 127 would overflow), then added */
+#define GA_Q8MUL(W, A, S) "vpsignb %%ymm" W ", %%ymm14, %%ymm15\n\t vpmaddubsw %%ymm15, %%ymm" A ", %%ymm15\n\t" \
+                          "vpmaddwd %[one], %%ymm15, %%ymm" S "\n\t"
+#define GA_Q8MAC(W, A, S) "vpsignb %%ymm" W ", %%ymm14, %%ymm15\n\t vpmaddubsw %%ymm15, %%ymm" A ", %%ymm15\n\t" \
+                          "vpmaddwd %[one], %%ymm15, %%ymm15\n\t vpaddd %%ymm15, %%ymm" S ", %%ymm" S "\n\t"
+#define GA_Q8STEP(K_, OP)                                                                    \
+    "vmovdqa " K_ "(%[w0]), %%ymm8\n\t vmovdqa " K_ "(%[w1]), %%ymm9\n\t"                    \
+    "vpabsb %%ymm8, %%ymm10\n\t vpabsb %%ymm9, %%ymm11\n\t"                                  \
+    "vmovdqa " K_ "(%[x]), %%ymm14\n\t"       OP("8", "10", "0") OP("9", "11", "4")           \
+    "vmovdqa 256+" K_ "(%[x]), %%ymm14\n\t"   OP("8", "10", "1") OP("9", "11", "5")           \
+    "vmovdqa 512+" K_ "(%[x]), %%ymm14\n\t"   OP("8", "10", "2") OP("9", "11", "6")           \
+    "vmovdqa 768+" K_ "(%[x]), %%ymm14\n\t"   OP("8", "10", "3") OP("9", "11", "7")
+/* epilogue of sum S (token T) with dv in ymm12, bv in ymm13 */
+#define GA_EPI_Q4(S, T)                                                                      \
+    "vpmaddwd %[one], %%ymm" S ", %%ymm" S "\n\t vcvtdq2ps %%ymm" S ", %%ymm" S "\n\t"        \
+    "vmulps " T "*64(%[f]), %%ymm12, %%ymm14\n\t"                                             \
+    "vfmadd213ps " S "*32(%[acc]), %%ymm14, %%ymm" S "\n\t"                                   \
+    "vfmadd231ps " T "*64+32(%[f]), %%ymm13, %%ymm" S "\n\t"                                  \
+    "vmovaps %%ymm" S ", " S "*32(%[acc])\n\t"
+#define GA_EPI_Q8(S, T)                                                                      \
+    "vcvtdq2ps %%ymm" S ", %%ymm" S "\n\t"                                                    \
+    "vmulps " T "*64(%[f]), %%ymm12, %%ymm14\n\t"                                             \
+    "vfmadd213ps " S "*32(%[acc]), %%ymm14, %%ymm" S "\n\t"                                   \
+    "vmovaps %%ymm" S ", " S "*32(%[acc])\n\t"
+#define GA_EPILOGUE(EPI)                                                                     \
+    "vmovups (%[d]), %%ymm12\n\t vmovups (%[b]), %%ymm13\n\t"                                 \
+    EPI("0", "0") EPI("1", "1") EPI("2", "2") EPI("3", "3")                                   \
+    "vmovups (%[d],%[vs]), %%ymm12\n\t vmovups (%[b],%[vs]), %%ymm13\n\t"                     \
+    EPI("4", "0") EPI("5", "1") EPI("6", "2") EPI("7", "3")
+#define GA_STEPS(ST, M0, M1)                                                                 \
+    ST("0", M0) ST("32", M1) ST("64", M1) ST("96", M1) ST("128", M1) ST("160", M1) ST("192", M1) ST("224", M1)
+#define GA_OPERANDS                                                                          \
+    : : [w0] "r"(w0), [w1] "r"(w1), [x] "r"(x), [f] "r"(f), [d] "r"(d), [b] "r"(b),          \
+        [vs] "r"(vs), [acc] "r"(acc), [one] "m"(one)                                          \
+    : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
+      "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
+
+AI void gemm_chunk_q4(const __m256i *w0, const __m256i *w1, const int8_t *x, const float *f,
+                      const float *d, const float *b, size_t vs, __m256 *acc)
+{
+    const __m256i one = _mm256_set1_epi16(1);
+    __asm__ volatile(GA_STEPS(GA_Q4STEP, GA_MUL, GA_MAC) GA_EPILOGUE(GA_EPI_Q4) GA_OPERANDS);
+}
+
+AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, const float *f,
+                      const float *d, const float *b, size_t vs, __m256 *acc)
+{
+    const __m256i one = _mm256_set1_epi16(1);
+    __asm__ volatile(GA_STEPS(GA_Q8STEP, GA_Q8MUL, GA_Q8MAC) GA_EPILOGUE(GA_EPI_Q8) GA_OPERANDS);
+}
+#undef GA_MUL
+#undef GA_MAC
+#undef GA_Q4STEP
+#undef GA_Q8MUL
+#undef GA_Q8MAC
+#undef GA_Q8STEP
+#undef GA_EPI_Q4
+#undef GA_EPI_Q8
+#undef GA_EPILOGUE
+#undef GA_STEPS
+#undef GA_OPERANDS
+#endif
+
 /* R rows x NT tokens over nch chunks: acc[r * 4 + t] */
 AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m256i *wr, size_t wst,
                   const float *dvr, const float *bvr, size_t vst, const int8_t *xt, const float *ft,
                   __m256 *acc, const char *pf, int npf)
 {
     const __m256i ones = _mm256_set1_epi16(1);
+#if !PLK_VNNI
+    if (R == 2 && NT == 4) {
+        for (int c = 0; c < nch; c++) {
+            if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
+            const __m256i *w0 = wr + (size_t)c * 8;
+            if (FMT == PLK_Q8)
+                gemm_chunk_q8(w0, w0 + wst, xt + (size_t)c * 1024, ft + (size_t)c * 64, dvr + (size_t)c * 8,
+                              bvr + (size_t)c * 8, vst * sizeof(float), acc);
+            else
+                gemm_chunk_q4(w0, w0 + wst, xt + (size_t)c * 1024, ft + (size_t)c * 64, dvr + (size_t)c * 8,
+                              bvr + (size_t)c * 8, vst * sizeof(float), acc);
+        }
+        return;
+    }
+#endif
     for (int c = 0; c < nch; c++) {
         if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
         __m256i s[2][4];
@@ -660,37 +775,6 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) s[r][t] = _mm256_setzero_si256();
         const __m256i *wc = wr + (size_t)c * 8;
-#if !PLK_VNNI
-        if (FMT != PLK_Q8 && R == 2 && NT == 4) {
-            /* the hot case in inline asm: GCC's register allocation of the C loop below adds a
-             * register copy per vpaddw (8 per step); here the 8 sums stay in place */
-            const int8_t *x0 = xt + (size_t)c * 1024;
-            const __m256i *w1 = wc + wst;
-#define GEMM_STEP(K_) __asm__(                                                          \
-            "vmovdqa " #K_ "(%[w0]), %%ymm12\n\t"                                       \
-            "vmovdqa " #K_ "(%[w1]), %%ymm13\n\t"                                       \
-            "vmovdqa " #K_ "(%[x0]), %%ymm14\n\t"                                       \
-            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s00], %[s00]\n\t" \
-            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s10], %[s10]\n\t" \
-            "vmovdqa 256+" #K_ "(%[x0]), %%ymm14\n\t"                                       \
-            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s01], %[s01]\n\t" \
-            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s11], %[s11]\n\t" \
-            "vmovdqa 512+" #K_ "(%[x0]), %%ymm14\n\t"                                       \
-            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s02], %[s02]\n\t" \
-            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s12], %[s12]\n\t" \
-            "vmovdqa 768+" #K_ "(%[x0]), %%ymm14\n\t"                                       \
-            "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t vpaddw %%ymm15, %[s03], %[s03]\n\t" \
-            "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t vpaddw %%ymm15, %[s13], %[s13]\n\t" \
-            : [s00] "+x"(s[0][0]), [s01] "+x"(s[0][1]), [s02] "+x"(s[0][2]), [s03] "+x"(s[0][3]), \
-              [s10] "+x"(s[1][0]), [s11] "+x"(s[1][1]), [s12] "+x"(s[1][2]), [s13] "+x"(s[1][3])  \
-            : [w0] "r"(wc), [w1] "r"(w1), [x0] "r"(x0),                                          \
-              "m"(*(const char (*)[256])wc), "m"(*(const char (*)[256])w1), "m"(*(const char (*)[1024])x0) \
-            : "xmm12", "xmm13", "xmm14", "xmm15")
-            GEMM_STEP(0); GEMM_STEP(32); GEMM_STEP(64); GEMM_STEP(96);
-            GEMM_STEP(128); GEMM_STEP(160); GEMM_STEP(192); GEMM_STEP(224);
-#undef GEMM_STEP
-        } else
-#endif
 #pragma GCC unroll 4
         for (int k = 0; k < 8; k++) {
             __m256i wv[2], wa[2];
@@ -798,6 +882,18 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
             if (R == 2) switch (nt) { case 1: GT_(2, 1); break; case 2: GT_(2, 2); break; case 3: GT_(2, 3); break; default: GT_(2, 4); }
             else switch (nt) { case 1: GT_(1, 1); break; case 2: GT_(1, 2); break; case 3: GT_(1, 3); break; default: GT_(1, 4); }
 #undef GT_
+            if (tailn == 0 && R == 2 && nt == 4) {   /* no tail: the 8 sums at once */
+                static const int lr[8] = {0, 0, 1, 1, 0, 0, 1, 1}, lt[8] = {0, 2, 0, 2, 1, 3, 1, 3};
+                float res[8];
+                if (FMT != PLK_Q8)
+                    for (int i = 0; i < 8; i++) acc[i] = _mm256_permutevar8x32_ps(acc[i], unperm);
+                _mm256_storeu_ps(res, hsum8_x8(acc));
+                for (int l = 0; l < 8; l++) {
+                    float *o = y + (size_t)(ts + lt[l]) * ldy + r + lr[l];
+                    *o = (accum ? *o : 0.0f) + res[l];
+                }
+                continue;
+            }
             for (int i = 0; i < R; i++) {
                 const uint8_t *qs = w->qs + (size_t)(r + i) * rowq;
                 const uint16_t *dr = w->d + (size_t)(r + i) * ng, *mr = plk_has_min[FMT] ? w->m + (size_t)(r + i) * ng : NULL;

@@ -571,3 +571,54 @@ def test_tl_avx2_attn_block_and_threads(fmt):
     finally:
         K.set_threads(old)
     np.testing.assert_array_equal(ys[0], ys[1])
+
+
+def _planes_matrix(fmt, rows, cols, rng, extreme):
+    """A packed matrix built from its planes: random codes, or (extreme) every code at the end of its
+    range (q4: 15, q8: +-127 by row), the case that fills the GEMM's int16 sums to their bound."""
+    sp = F.FORMATS[fmt]
+    g = -(-cols // sp.group)
+    if extreme:
+        qs = np.full((rows, g * sp.qbytes), 0xFF, np.uint8)
+        if fmt == "q8":
+            qs = np.where(np.arange(rows)[:, None] % 2 == 0, 127, -127).astype(np.int8) * np.ones_like(qs, np.int8)
+    else:
+        qs = rng.integers(0, 256, (rows, g * sp.qbytes), dtype=np.uint8)
+    planes = {"qs": qs.view(np.int8) if fmt == "q8" else qs,
+              "d": (rng.random((rows, g), np.float32) * 0.01 + 0.001).astype(np.float16)}
+    if sp.has_min:
+        planes["m"] = (-rng.random((rows, g), np.float32) * 0.05).astype(np.float16)
+    return F.QMatrix(fmt, rows, cols, planes)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["q4_1", "q8", "q4_0"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemm_asm_tiles_bit_exact(isa, fmt, threads):
+    """The 2-row x 4-token tiles of the GEMM path run as one inline-asm statement per chunk (integer steps
+    and float epilogue); edge tiles (a last single row, 1..3 tokens) run the C loop. Token counts 4, 5, 7,
+    31, 33, 64 (whole tiles and every remainder, both sides of the 32-token bench batch), row counts that
+    end on a single row or split over threads, K of exactly one chunk, several chunks with an even or odd
+    group tail; random codes, and codes at the end of their range against activations at +-127 of one
+    sign (the int16 sums at their bound). Each token's output equals, bit for bit, the one it gets
+    alone, and the reference within tolerance."""
+    rng = np.random.default_rng(7)
+    old = K.get_threads()
+    try:
+        K.set_threads(threads)
+        for n, k, extreme in ((2, 256, False), (5, 256 * 3 + 2 * 32, False), (130, 256 * 2 + 3 * 32, False),
+                              (3, 256 * 2, True), (66, 256 + 6 * 32, True)):
+            q = _planes_matrix(fmt, n, k, rng, extreme)
+            for t in (4, 5, 7, 31, 33, 64):
+                if extreme:
+                    x = np.where(np.arange(t)[:, None] % 2 == 0, 1.0, -1.0) * np.ones((t, k), np.float32)
+                    x = x.astype(np.float32)
+                else:
+                    x = (rng.standard_normal((t, k)) * rng.uniform(0.1, 10, (t, 1))).astype(np.float32)
+                full = K.matmul(q, x, isa=isa)
+                _close(full, F.matmul_ref(q, x), q, x)
+                for i in sorted({i for i in (0, 3, 4, t // 2, t - 1) if i < t}):
+                    np.testing.assert_array_equal(K.matmul(q, x[i:i + 1].copy(), isa=isa)[0], full[i],
+                                                  err_msg=f"n={n} k={k} t={t} token {i} extreme={extreme}")
+    finally:
+        K.set_threads(old)
