@@ -165,6 +165,11 @@ def ffn_bundles(int isa, int fmt, int down_fmt, int tl, ptrs, int C, int K, offs
         raise MemoryError("kernel scratch allocation failed")
 
 
+def _test_fail_allocs(int n):
+    """Tests only: the next n kernel scratch allocations fail (the call must raise MemoryError)."""
+    plk_test_fail_allocs(n)
+
+
 def ffn_nchunks(int n, int nthreads):
     """How many chunks ffn_bundles splits n bundles into at this thread count (its float sums depend on it)."""
     return plk_ffn_nchunks(n, nthreads)
@@ -282,9 +287,11 @@ def attention(q, kc, vc, int start, out, int nthreads):
     if kv_t == cnp.NPY_FLOAT16:
         with nogil:
             plk_attention_f16(pq, hk, hv, T, nh, nkv, hd, maxP, start, po, nthreads)
-        return
-    with nogil:
-        plk_attention(pq, pk, pv, T, nh, nkv, hd, maxP, start, po, nthreads)
+    else:
+        with nogil:
+            plk_attention(pq, pk, pv, T, nh, nkv, hd, maxP, start, po, nthreads)
+    if plk_oom_take():
+        raise MemoryError("kernel scratch allocation failed")
 
 
 def rope_tables(pos, int hd, double theta, double scale, c, s):

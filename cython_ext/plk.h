@@ -59,6 +59,14 @@ int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const
 /* offs: gate qs,d,m, up qs,d,m, down qs,d,m byte offsets inside a bundle (m: -1 if none) */
 int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int C, int K,
                     const int64_t *offs, const float *h, int T, int act, float *out, int nthreads);
+/* a kernel's scratch allocation failed (its output is incomplete): set by the kernel, taken (and cleared) by
+ * the driver that called it, which then returns -1 (the Cython layer raises MemoryError) */
+void plk_oom_set(void);
+int plk_oom_take(void);
+/* kernels' scratch: malloc / 64-byte aligned_alloc, with a fault-injection hook for the tests (the next n
+ * scratch allocations fail: plk_test_fail_allocs) */
+void *plk_scratch(size_t n, int aligned64);
+void plk_test_fail_allocs(int n);
 int plk_ffn_nchunks(int n, int nthreads);
 int plk_ffn_bundles_part(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int nch,
                          const int *lo, const int *hi, int C, int K, const int64_t *offs, const float *h, int T,

@@ -17,6 +17,8 @@ cdef extern from "plk.h" nogil:
     int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int C, int K,
                         const int64_t *offs, const float *h, int T, int act, float *out, int nthreads)
     int plk_ffn_nchunks(int n, int nthreads)
+    int plk_oom_take()
+    void plk_test_fail_allocs(int n)
     int plk_ffn_bundles_part(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int nch,
                              const int *lo, const int *hi, int C, int K, const int64_t *offs, const float *h, int T,
                              int act, float *out, float *priv, int nthreads)

@@ -346,6 +346,18 @@ static void act_prepare(int isa, int fmt, const float *x, int T, int K, int ldx,
  * Within a chunk every bundle is added into its buffer in turn, so a chunk may also be computed in pieces,
  * call after call, with the caller keeping the buffers (plk_ffn_bundles_part): the dense offloaded run
  * computes a layer as its bundles arrive and gets the same floats as one call over all of them. */
+static _Atomic int plk_oom_flag;
+void plk_oom_set(void) { atomic_store(&plk_oom_flag, 1); }
+int plk_oom_take(void) { return atomic_exchange(&plk_oom_flag, 0); }
+
+static _Atomic int plk_fail_next;
+void plk_test_fail_allocs(int n) { atomic_store(&plk_fail_next, n); }
+void *plk_scratch(size_t n, int aligned64)
+{
+    if (atomic_load(&plk_fail_next) > 0 && atomic_fetch_sub(&plk_fail_next, 1) > 0) return NULL;
+    return aligned64 ? aligned_alloc(64, (n + 63) & ~(size_t)63) : malloc(n);
+}
+
 int plk_ffn_nchunks(int n, int nthreads)
 {
     int nch = nthreads <= 1 ? 1 : 4 * nthreads;   /* a preempted thread leaves at most one chunk to wait for */
@@ -419,7 +431,7 @@ static int ffn_run(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs,
     ffn_job j = { isa, fmt, down_fmt, C, K, Cp, T, act, n, nch, lo, hi, fgu, fd, ptrs, offs, &ha, out, priv, 0 };
     plk_pool_run(ffn_item, &j, nch, nth);
     act_free(&hb);
-    return atomic_load(&j.err);
+    return plk_oom_take() ? -1 : atomic_load(&j.err);
 }
 
 int plk_ffn_bundles(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int C, int K,
@@ -481,7 +493,7 @@ int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const
     act_prepare(isa, fmt, x, T, K, K, Kp, &b, &a);
     plk_matmul(isa, fmt, tl, w, N, &a, y, N, 0, nthreads);
     act_free(&b);
-    return 0;
+    return plk_oom_take() ? -1 : 0;
 }
 
 /* One layer's attention block, the unfused engine sequence in one call (same kernels, same order):
@@ -513,5 +525,5 @@ int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h,
     if (plk_matmul_f32(isa, lw->fmt_o, lw->tl_o, &lw->wo, K, qd, att, T, y, nthreads)) return -1;
     for (size_t j = 0; j < (size_t)T * K; j++) x[j] += y[j];
     plk_rmsnorm(x, lw->ffn_norm, eps, h, T, K);
-    return 0;
+    return plk_oom_take() ? -1 : 0;              /* the attention's scratch */
 }

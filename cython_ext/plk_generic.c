@@ -129,8 +129,8 @@ static inline void rowstl(int fmt, const plk_w *w, int r0, int r1, const plk_act
     const size_t rowq = (size_t)ng * bpg;
     const float A = amul(fmt);
     /* tables: per group, per byte i (bpg), per nibble half h (2): 16 int16 */
-    int16_t *tab = (int16_t *)malloc((size_t)ng * bpg * 2 * 16 * sizeof(int16_t));
-    if (!tab) return;
+    int16_t *tab = (int16_t *)plk_scratch((size_t)ng * bpg * 2 * 16 * sizeof(int16_t), 0);
+    if (!tab) { plk_oom_set(); return; }
     for (int t = 0; t < a->T; t++) {
         const int8_t *x = a->qs + (size_t)t * a->Kp;
         const float *dx = a->dx + (size_t)t * nb, *bx = a->bx + (size_t)t * ng;

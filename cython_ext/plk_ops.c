@@ -127,17 +127,17 @@ void plk_attention(const float *q, const float *kc, const float *vc, int T, int 
     int nth = work < 200000 ? 1 : nthreads;
     #pragma omp parallel num_threads(nth) if (nth > 1)
     {
-        float *sc = (float *)malloc(sizeof(float) * (size_t)(start + T));
-        if (sc) {
-            #pragma omp for schedule(static)
-            for (int j = 0; j < jobs; j++) {
-                int t = j / nh, h = j % nh, kv = h / grp;
-                const float *K = kc + (size_t)kv * maxP * hd, *V = vc + (size_t)kv * maxP * hd;
-                attend_one(q + ((size_t)t * nh + h) * hd, K, V, start + t + 1, hd, scale, sc,
-                           out + (size_t)t * nh * hd + (size_t)h * hd);
-            }
-            free(sc);
+        float *sc = (float *)plk_scratch(sizeof(float) * (size_t)(start + T), 0);
+        if (!sc) plk_oom_set();
+        #pragma omp for schedule(static)        /* every thread reaches the work-sharing loop */
+        for (int j = 0; j < jobs; j++) {
+            if (!sc) continue;
+            int t = j / nh, h = j % nh, kv = h / grp;
+            const float *K = kc + (size_t)kv * maxP * hd, *V = vc + (size_t)kv * maxP * hd;
+            attend_one(q + ((size_t)t * nh + h) * hd, K, V, start + t + 1, hd, scale, sc,
+                       out + (size_t)t * nh * hd + (size_t)h * hd);
         }
+        free(sc);
     }
 }
 
@@ -201,8 +201,8 @@ static void att_item(void *c, int it)
 {
     const att_job *j = (const att_job *)c;
     int j0 = it * j->per, j1 = j0 + j->per < j->T * j->nh ? j0 + j->per : j->T * j->nh;
-    float *sc = (float *)malloc(sizeof(float) * ((size_t)(j->start + j->T) + 8));
-    if (!sc) return;
+    float *sc = (float *)plk_scratch(sizeof(float) * ((size_t)(j->start + j->T) + 8), 0);
+    if (!sc) { plk_oom_set(); return; }
     for (int jj = j0; jj < j1; jj++) {
         int t = jj / j->nh, h = jj % j->nh, kv = h / j->grp;
         const _Float16 *K = (const _Float16 *)j->kc + (size_t)kv * j->maxP * j->hd;

@@ -829,8 +829,8 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
     const size_t xbytes = (size_t)ntile * nch * 1024, wvec = (size_t)nch * 8;
     /* one block: xg, fg (activations per token tile, see below), wr (2 rows x wvec vectors), dvr, bvr (2 x nfull) */
     size_t nbytes = xbytes + 2 * wvec * 32 + sizeof(float) * ((size_t)ntile * nch * 64 + 4 * (size_t)nfull);
-    uint8_t *buf = (uint8_t *)aligned_alloc(64, (nbytes + 63) & ~(size_t)63);
-    if (!buf) return;
+    uint8_t *buf = (uint8_t *)plk_scratch(nbytes, 1);
+    if (!buf) { plk_oom_set(); return; }
     /* per token tile i (tokens 4i..4i+3), chunk c, token t of the tile: 256 re-laid activation bytes
      * at xg + ((i * nch + c) * 4 + t) * 256 and [dx | bx] of the chunk's 8 blocks (permuted like the
      * lanes) at fg + ((i * nch + c) * 4 + t) * 16: one pointer per tile reaches everything */
@@ -928,8 +928,8 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
         int8_t *xr = NULL;
         if (q4 && !(gemm && (tailn == 0 || (tailn & 1)))) {
             size_t need = (size_t)T * (ng & ~1) * 32;
-            xr = need <= sizeof xr_stack ? xr_stack : (int8_t *)malloc(need);
-            if (!xr) return;
+            xr = need <= sizeof xr_stack ? xr_stack : (int8_t *)plk_scratch(need, 0);
+            if (!xr) { plk_oom_set(); return; }
             for (int t = 0; t < T; t++) {
                 const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp;
                 int8_t *o = xr + (size_t)t * (ng & ~1) * 32;
@@ -996,13 +996,13 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
     }
     /* scratch: dw (ng + 8), bw (ng + 8), ds (4 x nb + slack): vector loops run to a multiple of 8 and
      * write/read a few lanes past the end instead of scalar tails (short rows: K = 576 is 18 groups) */
-    float *buf = (float *)malloc(sizeof(float) * ((size_t)2 * ng + 4 * (size_t)nb + 64));
-    if (!buf) return;
+    float *buf = (float *)plk_scratch(sizeof(float) * ((size_t)2 * ng + 4 * (size_t)nb + 64), 0);
+    if (!buf) { plk_oom_set(); return; }
     float *dw = buf, *bw = buf + ng + 8, *ds = buf + 2 * ng + 16;
     int8_t *xr = NULL;
     if (!PLK_VNNI && (FMT == PLK_Q2 || FMT == PLK_TERN) && !(ng & 1)) {
-        xr = (int8_t *)malloc((size_t)a->T * ng * 64);
-        if (!xr) { free(buf); return; }
+        xr = (int8_t *)plk_scratch((size_t)a->T * ng * 64, 0);
+        if (!xr) { free(buf); plk_oom_set(); return; }
         for (int t = 0; t < a->T; t++) {
             const int8_t *x = a->qs + (size_t)t * a->Kp;
             int8_t *o = xr + (size_t)t * ng * 64;
@@ -1017,8 +1017,8 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
         }
     }
     if (!PLK_VNNI && FMT == PLK_Q1 && ng >= 2) {   /* re-laid for tile_q1 (group pairs only) */
-        xr = (int8_t *)malloc((size_t)a->T * ng * 64);
-        if (!xr) { free(buf); return; }
+        xr = (int8_t *)plk_scratch((size_t)a->T * ng * 64, 0);
+        if (!xr) { free(buf); plk_oom_set(); return; }
         for (int t = 0; t < a->T; t++) {
             const int8_t *x = a->qs + (size_t)t * a->Kp;
             int8_t *o = xr + (size_t)t * ng * 64;

@@ -622,3 +622,48 @@ def test_gemm_asm_tiles_bit_exact(isa, fmt, threads):
                                                   err_msg=f"n={n} k={k} t={t} token {i} extreme={extreme}")
     finally:
         K.set_threads(old)
+
+
+@pytest.mark.parametrize("isa,fmt,T", [("avx2", "q4_1", 8), ("avx2", "q2", 1), ("avx2", "tern", 3), ("avx2", "q1", 2),
+                                       ("generic", "q1", 1), ("generic", "q2", 2)])
+def test_failed_scratch_allocation_raises(isa, fmt, T):
+    """A kernel whose scratch allocation fails must not leave a half-computed output behind silently: the call
+    raises MemoryError (fault injection: the next scratch allocation fails), and the next call is exact again."""
+    from powerlow import _kernels as _k
+    if isa not in ISAS:
+        pytest.skip(f"{isa} not available")
+    rng = np.random.default_rng(21)
+    q = F.quantize(rng.standard_normal((64, 1024)).astype(np.float32), fmt)
+    x = rng.standard_normal((T, 1024)).astype(np.float32)
+    ref = K.matmul(q, x, isa=isa)
+    old = K.get_threads()
+    try:
+        K.set_threads(1)
+        _k._test_fail_allocs(1)
+        with pytest.raises(MemoryError):
+            K.matmul(q, x, isa=isa)
+        _k._test_fail_allocs(1)
+        lay, arena, ptrs = _bundles(fmt, fmt, 64, 1024, 3, rng)
+        with pytest.raises(MemoryError):
+            K.ffn_bundles(ptrs, lay, x, "silu", np.zeros_like(x), isa=isa)
+    finally:
+        _k._test_fail_allocs(0)
+        K.set_threads(old)
+    np.testing.assert_array_equal(K.matmul(q, x, isa=isa), ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_failed_attention_scratch_raises(dtype):
+    from powerlow import _kernels as _k
+    rng = np.random.default_rng(22)
+    q = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    kc = rng.standard_normal((2, 8, 16)).astype(dtype)
+    vc = rng.standard_normal((2, 8, 16)).astype(dtype)
+    ref = K.attention(q, kc, vc, 3)
+    _k._test_fail_allocs(1)
+    try:
+        with pytest.raises(MemoryError):
+            K.attention(q, kc, vc, 3)
+    finally:
+        _k._test_fail_allocs(0)
+    np.testing.assert_array_equal(K.attention(q, kc, vc, 3), ref)
