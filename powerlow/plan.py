@@ -10,8 +10,10 @@ Segments (bytes, exact where the run allocates them, estimated where numpy does)
   hot       bundles pinned for the whole run, chosen from profile.safetensors (most activations per byte
             across all layers), else the first clusters of each layer (hot-first once profiled)
   dynamic   recently read cold bundles, evicted by ``cache_policy``
-  staging   bundle slots the I/O threads read into: the layer being computed and ``prefetch_depth``
-            layers ahead (expected misses: every cold cluster in dense mode, density x clusters otherwise)
+  staging   bundle slots the I/O threads read into. Dense mode: a window (stream_window_bytes) the unpinned
+            bundles of all layers stream through in use order, each layer computed in pieces as they land
+            (powerlow.ffn, powerlow.cache.stream_*). Other modes: the layer being computed and
+            ``prefetch_depth`` layers ahead (density x clusters each; gate without a profile: whole layers)
 Hot, dynamic and staging are slots of one aligned arena of ``stride``-byte bundles (powerlow.cache).
 
 Attention and the lm_head are used by every token, so a byte of them resident saves a byte read per token, at
