@@ -11,8 +11,11 @@ Dynamic and staging slots are one pool; the plan sizes it. Per slot (numpy array
   pending   read ahead and not used yet (read-ahead may not evict it; a demand miss may)
   fresh     read from storage and not used yet (its first use counts as a miss, later ones as hits)
 
-SparseFFN calls, per layer l: ptrs(l, clusters) -> addresses (misses are read now, at top priority; dense mode
-also queues the next layers) ... compute ... prefetch(l + 1, predicted clusters | None). Reads run in
+SparseFFN calls, per layer l: ptrs(l, clusters) -> addresses (misses are read now, at top priority; gate mode
+without a profile also queues the next layers) ... compute ... prefetch(l + 1, predicted clusters | None).
+Dense mode (plan.stream_window) goes another way: stream_begin(order) once, then stream_piece(l, i0, i1) per
+piece of a layer: the staging slots are a window the unpinned bundles of all layers stream through in use
+order, each read as soon as the slot's previous bundle has been computed. Reads run in
 powerlow.io.BundleReader threads while the compute thread works.
 Addresses are returned in the order of ``clusters`` (sorted ids), as the resident store does, so the
 kernels sum the bundles in the same order and the offloaded run gives the resident run's tokens.
