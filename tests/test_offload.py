@@ -401,3 +401,16 @@ def test_tune_table_plot_and_config(tiny_dir, tmp_path):
     cfg = load_toml(toml)
     assert any(abs(cfg["budget_bytes"] - float(x[1]) * (1 << 20)) <= (1 << 20) for x in measured)
     powerlow.load(tiny_dir, RuntimeConfig(**cfg)).tf.close()
+
+
+def test_bench_under_a_budget_skips_the_dram_probe(tiny_dir, monkeypatch):
+    """`powerlow bench` probes DRAM with a 256 MiB buffer; under a budget that would break the budget (and a cgroup
+    limit set from it), so the probe is skipped there."""
+    from powerlow import bench
+    monkeypatch.setattr(bench, "read_probe_gbps", lambda *a, **k: pytest.fail("a 256 MiB probe under a budget"))
+    model = powerlow.load(tiny_dir, RuntimeConfig(budget_bytes=_min(tiny_dir) + 100_000))
+    try:
+        res = bench.run_bench(model, n_tokens=2, prompt_tokens=4, repeats=1)
+    finally:
+        model.tf.close()
+    assert res["probe_gbps"] is None and res["decode_tok_s"] > 0 and res["read_bytes_per_token"] >= 0
