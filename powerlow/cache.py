@@ -250,18 +250,19 @@ class OffloadedStore:
         if not len(stage):
             raise PowerlowError("internal: a streamed dense plan without staging slots")
         self._win = stage                                  # window slots, in order
-        self._seq = [np.asarray(q, np.int64) for q in seq]
-        self._pin = pinned_of = [self.slot_of[l, q] >= 0 for l, q in enumerate(self._seq)]   # hot: in place
-        self._items = [q[~p] for q, p in zip(self._seq, pinned_of)]
-        # unpinned items before position i of seq[l]; stream position of layer l's first item
+        seq = [np.asarray(q, np.int64) for q in seq]
+        pinned_of = [self.slot_of[l, q] >= 0 for l, q in enumerate(seq)]   # hot: already in place
+        items = [q[~p] for q, p in zip(seq, pinned_of)]
+        # per layer: the seq positions of the streamed items, and how many come before position i
+        self._free_pos = [np.flatnonzero(~p) for p in pinned_of]
         self._before = [np.concatenate([[0], np.cumsum(~p)]).astype(np.int64) for p in pinned_of]
-        sizes = [len(it) for it in self._items]
-        self._layer_base = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        sizes = [len(it) for it in items]
+        self._layer_base = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)   # a layer's first item
         self._cycle = int(self._layer_base[-1])
         self._flat_layer = np.repeat(np.arange(self.L), sizes)
-        self._flat_id = np.concatenate(self._items) if self._cycle else np.zeros(0, np.int64)
-        self._addr = [np.zeros(len(q), np.uint64) for q in self._seq]      # per layer, in seq order
-        for l, (q, p) in enumerate(zip(self._seq, pinned_of)):
+        self._flat_id = np.concatenate(items) if self._cycle else np.zeros(0, np.int64)
+        self._addr = [np.zeros(len(q), np.uint64) for q in seq]      # per layer, in seq order
+        for l, (q, p) in enumerate(zip(seq, pinned_of)):
             self._addr[l][p] = (self.base + self.slot_of[l, q[p]].astype(np.uint64) * np.uint64(self.stride))
         self._item_req = [None] * len(stage)               # window slot index -> its read
         self._issued = self._used = self._next = 0         # stream positions (they only grow)
@@ -296,7 +297,8 @@ class OffloadedStore:
         piece is computed: its window slots are read into next. Pieces must come in order; anything else
         (an interrupted pass) drains the reads and restarts the stream at the piece asked for."""
         before = self._before[layer]
-        n = int(before[i1] - before[i0])
+        f0, f1 = int(before[i0]), int(before[i1])          # the piece's streamed items, counted in the layer
+        n = f1 - f0
         if layer == 0 and i0 == 0:
             self.passes += 1
             if not self._trimmed:
@@ -306,7 +308,7 @@ class OffloadedStore:
         self.hits += (i1 - i0) - n
         if not self._cycle:
             return addr[i0:i1]
-        pos = int(self._layer_base[layer] + before[i0])      # where the piece starts in the cycle
+        pos = int(self._layer_base[layer]) + f0              # where the piece starts in the cycle
         g = self._next
         if pos != g % self._cycle:
             self._drain()
@@ -319,8 +321,7 @@ class OffloadedStore:
             W = len(self._win)
             wi = np.arange(g, g + n) % W
             self._wait_reqs(self._item_req[w] for w in wi)
-            idx = np.arange(i0, i1)[~self._pin[layer][i0:i1]]
-            addr[idx] = self.base + self._win[wi].astype(np.uint64) * np.uint64(self.stride)
+            addr[self._free_pos[layer][f0:f1]] = self.base + self._win[wi].astype(np.uint64) * np.uint64(self.stride)
             self.misses += n
         return addr[i0:i1]
 

@@ -179,8 +179,7 @@ class Transformer:
             self.plan = make_plan(self.dir, self.manifest, self.runtime)
             # the KV cache is part of the budget: its capacity is the positions the plan paid for
             self.runtime = self.runtime.replace(max_context=self.plan.context)
-        self.tokenizer = Tokenizer.from_file(self.dir / "tokenizer.json", chat_template=self.manifest.get("chat_template"),
-                                             bos_id=cfg.bos_id, eos_ids=cfg.eos_ids)
+        self.tokenizer = Tokenizer.of_model(self.dir, self.manifest, cfg)
         # parsing tokenizer.json leaves ~2/3 of its peak in malloc's free lists (SmolLM2: +44 MiB while loading,
         # +15 MiB kept); hand them back before the weights come in (powerlow.plan.tokenizer_bytes)
         release_free_heap()

@@ -94,8 +94,8 @@ class SparseFFN:
         nch = self.ops.ffn_nchunks(N)
         bounds = [N * c // nch for c in range(nch + 1)]
         W = plan.n_staging
-        k = max(1, min(STREAM_PIECE_BYTES // (nch * S), W // (2 * nch)))
-        if nch * k > W and k == 1 and nch > W:
+        k = max(1, min(STREAM_PIECE_BYTES // (nch * S), W // (2 * nch)))   # nch * k <= W / 2 unless k == 1
+        if nch > W:
             raise PowerlowError(f"internal: a staging window of {W} slots cannot hold one bundle of each of {nch} chunks")
         longest = max(bounds[c + 1] - bounds[c] for c in range(nch))
         pieces = []          # (position lists in sum order, lo, hi) per piece

@@ -119,15 +119,15 @@ class BusyClock:
 
 
 class BundleReader:
-    """A pool of ``depth`` reader threads over one file; counters for bytes, requests and busy time
-    (``clock``: a BusyClock shared with other readers, also kept up to date)."""
+    """A pool of ``depth`` reader threads over one file; counters for bytes, requests and busy time (its own
+    BusyClock; ``clock``: another one shared with other readers, kept up to date too)."""
 
     def __init__(self, path, *, depth: int = 8, o_direct: bool = True, clock: BusyClock | None = None):
         self.path = str(path)
         self.fd, self.direct = open_direct(self.path, o_direct)
         self.size = os.fstat(self.fd).st_size
         self.depth = depth
-        self.clock = clock
+        self._clocks = [BusyClock()] + ([clock] if clock is not None else [])
         self._heap: list = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
@@ -135,9 +135,6 @@ class BundleReader:
         # counters (written under _cv)
         self.bytes_read = 0
         self.requests = 0
-        self._busy_done = 0.0        # finished busy periods (see busy_seconds)
-        self._in_flight = 0
-        self._busy_since = 0.0
         self._threads = [threading.Thread(target=self._worker, name=f"powerlow-io-{i}", daemon=True) for i in range(depth)]
         for t in self._threads:
             t.start()
@@ -146,9 +143,7 @@ class BundleReader:
     def busy_seconds(self) -> float:
         """Wall time with at least one read in flight, including the busy period running now (a reader
         that never idles during a measurement would otherwise report none of it)."""
-        with self._cv:
-            now = time.perf_counter() - self._busy_since if self._in_flight else 0.0
-            return self._busy_done + now
+        return self._clocks[0].seconds
 
     def submit(self, offset: int, bufs: list, *, priority: int = 0, on_done=None, tag=None,
                unaligned: bool = False) -> Request:
@@ -173,11 +168,8 @@ class BundleReader:
                 if self._closed and not self._heap:
                     return
                 _, _, req = heapq.heappop(self._heap)
-                if self._in_flight == 0:
-                    self._busy_since = time.perf_counter()
-                self._in_flight += 1
-            if self.clock is not None:
-                self.clock.enter()
+            for c in self._clocks:
+                c.enter()
             err = None
             try:
                 if req.unaligned:
@@ -188,12 +180,9 @@ class BundleReader:
                         os.posix_fadvise(fd, req.offset, req.nbytes, os.POSIX_FADV_DONTNEED)
             except OSError as e:
                 err = f"{self.path}: read of {req.nbytes} bytes at {req.offset} failed ({e.strerror or e}); check the disk"
-            if self.clock is not None:
-                self.clock.leave()
+            for c in self._clocks:
+                c.leave()
             with self._cv:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._busy_done += time.perf_counter() - self._busy_since
                 if err is None:
                     self.bytes_read += req.nbytes
                     self.requests += 1

@@ -75,8 +75,9 @@ def write_manifest(model_dir: Path, manifest: dict) -> None:
     atomic_write_text(Path(model_dir) / "manifest.json", json.dumps(manifest, indent=1))
 
 
-def load_manifest(model_dir, *, verify: bool = False) -> dict:
-    """Read and check a model dir's manifest: format, version, every file's size (and sha256 where cheap or asked)."""
+def load_manifest(model_dir, *, verify: bool = False, check_files: bool = True) -> dict:
+    """Read and check a model dir's manifest: format, version, every file's size (and sha256 where cheap or asked;
+    ``check_files=False``: none of the files, for a caller that only needs the manifest before the engine loads)."""
     d = Path(model_dir)
     mpath = d / "manifest.json"
     if not d.exists():
@@ -95,7 +96,7 @@ def load_manifest(model_dir, *, verify: bool = False) -> dict:
     files = m.get("files")
     if not isinstance(files, dict):
         raise PowerlowError(f"{mpath} lists no files; re-convert the model")
-    for name, entry in files.items():
+    for name, entry in (files.items() if check_files else ()):
         p = safe_member(d, name)
         if not p.exists():
             raise PowerlowError(f"{d}: {name} is missing; re-convert the model (or restore the file)")

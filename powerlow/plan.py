@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -544,10 +543,9 @@ def stream_window_bytes(layer_bytes: int, runtime: RuntimeConfig) -> int:
 
 
 def ffn_nchunks(n: int, threads: int) -> int:
-    """The kernels' chunk count for ``n`` bundles (plk_ffn_nchunks; powerlow.kernels.ffn_nchunks)."""
-    if threads < 0:
-        threads = max(1, (os.cpu_count() or 1) + threads)
-    return max(1, min(n, 1 if threads <= 1 else 4 * threads))
+    """The kernels' chunk count for ``n`` bundles at ``threads`` threads (their float sums depend on it)."""
+    from ._kernels import ffn_nchunks as nchunks
+    return nchunks(int(n), int(threads))
 
 
 def _max_hot_dense(slots: int, L: int, N: int, D: int, extra: int = 0) -> int | None:

@@ -52,12 +52,9 @@ def _prompt_tokens(model_dir, prompt: str, chat: bool) -> int:
     from .tokenizer import Tokenizer
     from .util import release_free_heap
 
-    manifest = load_manifest(Path(model_dir))
-    cfg = ModelConfig.from_json(manifest["config"])
-    tok = Tokenizer.from_file(Path(model_dir) / "tokenizer.json", chat_template=manifest.get("chat_template"),
-                              bos_id=cfg.bos_id, eos_ids=cfg.eos_ids)
+    manifest = load_manifest(Path(model_dir), check_files=False)     # the engine checks the files right after
+    tok = Tokenizer.of_model(model_dir, manifest, ModelConfig.from_json(manifest["config"]))
     n = len(tok.encode(tok.apply_chat(prompt) if chat else prompt))
     del tok
     release_free_heap()
     return max(1, n)
-

@@ -76,6 +76,12 @@ class Tokenizer:
     def from_file(cls, path: Path, **kw) -> "Tokenizer":
         return cls(Path(path).read_text(), **kw)
 
+    @classmethod
+    def of_model(cls, model_dir: Path, manifest: dict, cfg) -> "Tokenizer":
+        """A model dir's tokenizer with its chat template and special ids (cfg: its arch.ModelConfig)."""
+        return cls.from_file(Path(model_dir) / "tokenizer.json", chat_template=manifest.get("chat_template"),
+                             bos_id=cfg.bos_id, eos_ids=cfg.eos_ids)
+
     def encode(self, text: str, *, add_special: bool = True) -> list[int]:
         """Token ids; special tokens written in the text (e.g. ``<|im_start|>``) map to their ids."""
         return self._tok.encode(text, add_special_tokens=add_special).ids

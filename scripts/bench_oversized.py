@@ -55,16 +55,20 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# the interpreter's baseline: what a powerlow process has imported before it loads a model (measured after these
+# imports in the engine's run, in interpreter_baseline and in interpreter_cgroup_baseline alike)
+BASELINE_IMPORTS = ("numpy", "powerlow", "powerlow.engine", "powerlow.cache", "powerlow.kernels", "safetensors",
+                    "tokenizers")
+
+
 # -- the engines, each run in its own process inside the cgroup -------------------------------------------
 def inner_powerlow(a: dict) -> dict:
+    import importlib
+    for m in BASELINE_IMPORTS:
+        importlib.import_module(m)
     from powerlow.util import current_rss_bytes
     import numpy as np
     import powerlow
-    import powerlow.cache                   # noqa: F401  the interpreter's baseline: what interpreter_baseline
-    import powerlow.engine                  # noqa: F401  imports (the kernels, tokenizers, safetensors)
-    import powerlow.kernels                 # noqa: F401
-    import safetensors                      # noqa: F401
-    import tokenizers                       # noqa: F401
     from powerlow.config import RuntimeConfig
     baseline = current_rss_bytes()
     kw = dict(threads=a["threads"], mode=a["mode"], density=a["density"], max_context=a["context"])
@@ -257,7 +261,7 @@ def ensure_models(args) -> tuple[Path, Path]:
 
 def interpreter_baseline() -> int:
     """RSS of a Python that has imported powerlow (what the process costs before any model is loaded)."""
-    code = ("import numpy, powerlow, powerlow.engine, powerlow.cache, powerlow.kernels, safetensors, tokenizers\n"
+    code = (f"import {', '.join(BASELINE_IMPORTS)}\n"
             "from powerlow.util import current_rss_bytes\nprint(current_rss_bytes())")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env=dict(os.environ, PYTHONPATH=str(HERE.parent))).stdout.strip())
@@ -267,7 +271,7 @@ def interpreter_cgroup_baseline() -> int:
     """What the same imports charge to a fresh memory cgroup after the page cache is dropped: their RSS and the
     page cache of every file they read (Python, numpy, tokenizers ...: ~100 MB here, ~87 MB of it cache that
     the kernel takes back under a limit). The engines' cgroup peaks compare with budget + this."""
-    code = "import numpy, powerlow, powerlow.engine, powerlow.cache, powerlow.kernels, safetensors, tokenizers"
+    code = f"import {', '.join(BASELINE_IMPORTS)}"
     drop_caches()
     with memory_cgroup(8 << 30) as g:
         def enter():
