@@ -178,101 +178,6 @@ AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);   /* every lane holds a partial sum of its block */
 }
 
-/* q2/tern, AVX2, even group count: one 32-byte load holds two 64-groups (4 blocks, the same 4 blocks
- * the tile above does per step). Four shift+mask steps give the 2-bit fields s = 0..3 of both groups,
- * [group g elements 16s..16s+15 | group g+1 the same], dotted with the token's activations re-laid the
- * same way once per call (xr: per 128 elements [x0-15 | x64-79], [x16-31 | x80-95], [x32-47 | x96-111],
- * [x48-63 | x112-127]). Two hadd levels and vpmaddwd give per lane [L0 L1 U0 U1 | L2 L3 U2 U3]
- * (L/U = sum over a block's elements 0-15 / 16-31, exact: int16 folds stay <= 8 x 2 x 3 x 127), one
- * qword permute gives the tile's [L0 L1 L2 L3 | U0 U1 U2 U3]; the float operations (convert, FMA with
- * the broadcast d_w*d_x of the 4 blocks, final hsum8) are the tile's, in its order: same results. */
-AI void tile_2g(const int NT, const uint8_t *qs, int ng, const int8_t *const *xr,
-                const float *const *ds, float *res)
-{
-    const __m256i m2 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256 acc[4];
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int g = 0; g + 2 <= ng; g += 2) {
-        _mm_prefetch((const char *)(qs + (size_t)g * 16 + PLK_PF), _MM_HINT_T0);
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + (size_t)g * 16));
-        const __m256i w0 = _mm256_and_si256(v, m2);
-        const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m2);
-        const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
-        const __m256i w3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), m2);
-        const int b = g * 2;
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; t++) {
-            const int8_t *x = xr[t] + (size_t)b * 32;
-            __m256i p0 = _mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)x));
-            __m256i p1 = _mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 32)));
-            __m256i p2 = _mm256_maddubs_epi16(w2, _mm256_loadu_si256((const __m256i *)(x + 64)));
-            __m256i p3 = _mm256_maddubs_epi16(w3, _mm256_loadu_si256((const __m256i *)(x + 96)));
-            __m256i h = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p0, p2), _mm256_hadd_epi16(p1, p3)), ones);
-            h = _mm256_permute4x64_epi64(h, 0xd8);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_broadcast_ps((const __m128 *)(ds[t] + b)), acc[t]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
-}
-
-/* q1, AVX2: one 16-byte load = two 64-groups = the tile's 4 blocks (byte i of a group holds element
- * 8s + i in bit s). Broadcast to both 128-bit lanes and shifted per qword by (s, s, s+2, s+2) for
- * s = 0, 1, 4, 5, AND 1: lane 0 holds bit s of every byte (elements 8s..8s+7 of both groups), lane 1
- * bit s+2. Dotted with the token's activations re-laid the same way once per call (xr: per group pair
- * and s, [g elements 8s.. | g+1 elements 8s.. | g elements 8(s+2).. | g+1 the same]); m0 + m1 are the
- * first block of each group (elements 0-15 in lane 0, 16-31 in lane 1), m4 + m5 the second; one hadd,
- * vpmaddwd and an in-lane dword shuffle give the tile's [L0 L1 L2 L3 | U0 U1 U2 U3] (exact: int16
- * sums <= 4 x 2 x 128). The float operations are the tile's, in its order: same results. A last odd
- * group takes the tile's per-block form on the natural-order activations (xo). */
-AI void tile_q1(const int NT, const uint8_t *qs, int ng, const int8_t *const *xr, const int8_t *const *xo,
-                const float *const *ds, float *res)
-{
-    const __m256i one = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-    const __m256i c0 = _mm256_setr_epi64x(0, 0, 2, 2), c1 = _mm256_setr_epi64x(1, 1, 3, 3);
-    const __m256i c4 = _mm256_setr_epi64x(4, 4, 6, 6), c5 = _mm256_setr_epi64x(5, 5, 7, 7);
-    __m256 acc[4];
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    int g = 0;
-    for (; g + 2 <= ng; g += 2) {
-        _mm_prefetch((const char *)(qs + (size_t)g * 8 + PLK_PF), _MM_HINT_T0);
-        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(qs + (size_t)g * 8)));
-        const __m256i w0 = _mm256_and_si256(_mm256_srlv_epi64(v, c0), one);
-        const __m256i w1 = _mm256_and_si256(_mm256_srlv_epi64(v, c1), one);
-        const __m256i w4 = _mm256_and_si256(_mm256_srlv_epi64(v, c4), one);
-        const __m256i w5 = _mm256_and_si256(_mm256_srlv_epi64(v, c5), one);
-        const int b = g * 2;
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; t++) {
-            const int8_t *x = xr[t] + (size_t)g * 64;
-            const __m256i m0 = _mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)x));
-            const __m256i m1 = _mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 32)));
-            const __m256i m4 = _mm256_maddubs_epi16(w4, _mm256_loadu_si256((const __m256i *)(x + 64)));
-            const __m256i m5 = _mm256_maddubs_epi16(w5, _mm256_loadu_si256((const __m256i *)(x + 96)));
-            __m256i h = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_add_epi16(m0, m1), _mm256_add_epi16(m4, m5)), ones16);
-            h = _mm256_shuffle_epi32(h, 0xd8);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_broadcast_ps((const __m128 *)(ds[t] + b)), acc[t]);
-        }
-    }
-    for (; g < ng; g++) {   /* the tile's remainder form */
-        __m256i v[2];
-        unpack_group(PLK_Q1, qs, g, v);
-        for (int j = 0; j < 2; j++) {
-            const int b = g * 2 + j;
-#pragma GCC unroll 4
-            for (int t = 0; t < NT; t++) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(xo[t] + (size_t)b * 32));
-                __m256i p = sdot(v[j], x);
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ds[t][b]), acc[t]);
-            }
-        }
-    }
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
-}
-
 /* fp16 row -> float; with safe != 0 the last 8-wide load may read past n (into the next row) */
 AI void h2f_row(const uint16_t *h, float *f, int n, int safe)
 {
@@ -978,12 +883,109 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
     }
 }
 
+/* fp16 values 0..n-1 of 8 rows -> float dT[8 g + i] = row i, value g (8 x 8 transposes, a scalar tail) */
+AI void h2f_T8(const uint16_t *const *rows, int n, float *dT)
+{
+    int g = 0;
+    for (; g + 8 <= n; g += 8) {
+        __m128i a[8], b[8];
+        for (int i = 0; i < 8; i += 2) {
+            const __m128i u = _mm_loadu_si128((const __m128i *)(rows[i] + g)), v = _mm_loadu_si128((const __m128i *)(rows[i + 1] + g));
+            a[i] = _mm_unpacklo_epi16(u, v);          /* rows i, i+1: values 0-3 */
+            a[i + 1] = _mm_unpackhi_epi16(u, v);      /* values 4-7 */
+        }
+        for (int h = 0; h < 2; h++)                   /* rows 0-3 (h = 0), 4-7 (h = 1) */
+            for (int k = 0; k < 2; k++) {             /* values 0-3 (k = 0), 4-7 */
+                b[4 * h + 2 * k] = _mm_unpacklo_epi32(a[4 * h + k], a[4 * h + 2 + k]);
+                b[4 * h + 2 * k + 1] = _mm_unpackhi_epi32(a[4 * h + k], a[4 * h + 2 + k]);
+            }
+        for (int j = 0; j < 4; j++) {                 /* b[j]: rows 0-3, values 2j, 2j+1; b[4+j]: rows 4-7 */
+            _mm256_storeu_ps(dT + 8 * (g + 2 * j), _mm256_cvtph_ps(_mm_unpacklo_epi64(b[j], b[4 + j])));
+            _mm256_storeu_ps(dT + 8 * (g + 2 * j + 1), _mm256_cvtph_ps(_mm_unpackhi_epi64(b[j], b[4 + j])));
+        }
+    }
+    for (; g < n; g++)
+        for (int i = 0; i < 8; i++) dT[8 * g + i] = _cvtsh_ss(rows[i][g]);
+}
+
+/* q2/tern/q1 (64-groups), multiply-add, 8 rows at a time: lane i of every vector is row r + i, and each
+ * row goes through the float operations of the table-lookup tiles (plk_tl.h), in their order: per
+ * 32-block the exact integer dot I_b of the codes with the int8 activations (here: sdot per row, one
+ * hadd tree for the 8 rows), acc += I_b * (d_w * (A dx_b)) block by block, vs += (m or d) * bx_g group by
+ * group, out = ((out or 0) + acc) + (+-1) vs. So a row gives the same bits through MAD or TL, alone or
+ * in a batch, on any thread split; a last partial set of rows repeats its last row in the idle lanes. */
+AI void rows_lane8(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
+{
+    const int ng = a->ng, nb = a->nb, QB = plk_qbytes[FMT];
+    const size_t rowq = (size_t)ng * QB;
+    const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
+    const __m256 bmul = _mm256_set1_ps(plk_has_min[FMT] ? 1.0f : -1.0f);
+    /* the 8 rows' scales (and mins), transposed: [g][lane] */
+    float *dT = (float *)plk_scratch(sizeof(float) * 16 * (size_t)ng, 0);
+    if (!dT) { plk_oom_set(); return; }
+    float *mT = dT + 8 * (size_t)ng;
+    for (int r = r0; r < r1; r += 8) {
+        const int nr = r1 - r < 8 ? r1 - r : 8;
+        const uint8_t *qr[8];
+        const uint16_t *dr[8], *mr[8];
+        for (int i = 0; i < 8; i++) {
+            const size_t ri = (size_t)r + (i < nr ? i : nr - 1);
+            qr[i] = w->qs + ri * rowq;
+            dr[i] = w->d + ri * ng;
+            mr[i] = plk_has_min[FMT] ? w->m + ri * ng : dr[i];
+        }
+        h2f_T8(dr, ng, dT);
+        if (plk_has_min[FMT]) h2f_T8(mr, ng, mT);
+        for (int t = 0; t < a->T; t++) {
+            const int8_t *x = a->qs + (size_t)t * a->Kp;
+            const float *dx = a->dx + (size_t)t * nb, *bx = a->bx + (size_t)t * ng;
+            __m256 acc = _mm256_setzero_ps(), vs = _mm256_setzero_ps();
+            for (int g = 0; g < ng; g++) {
+                /* the next 8 rows at this column, one line per row and 64 bytes of codes (the 8 row streams
+                 * of a set are too many for the hardware prefetcher to start on its own in time) */
+                if (!((g * QB) & 63))
+                    for (int i = 0; i < 8; i++) _mm_prefetch((const char *)(qr[i] + 8 * rowq + (size_t)g * QB), _MM_HINT_T0);
+                const __m256 dv = _mm256_loadu_ps(dT + 8 * g);
+                vs = _mm256_fmadd_ps(plk_has_min[FMT] ? _mm256_loadu_ps(mT + 8 * g) : dv, _mm256_set1_ps(bx[g]), vs);
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + (size_t)g * 64));
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (size_t)g * 64 + 32));
+                __m256i p0[8], p1[8];
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    __m256i v[2];
+                    unpack_group(FMT, qr[i], g, v);
+                    p0[i] = sdot(v[0], x0);
+                    p1[i] = sdot(v[1], x1);
+                }
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(p0)), _mm256_mul_ps(dv, _mm256_set1_ps(A * dx[2 * g])), acc);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(p1)), _mm256_mul_ps(dv, _mm256_set1_ps(A * dx[2 * g + 1])), acc);
+            }
+            float *o = y + (size_t)t * ldy + r;
+            float base[8] = {0}, res[8];
+            if (accum) for (int i = 0; i < nr; i++) base[i] = o[i];
+            _mm256_storeu_ps(res, _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(base), acc), _mm256_mul_ps(bmul, vs)));
+            for (int i = 0; i < nr; i++) o[i] = res[i];
+        }
+    }
+    free(dT);
+}
+
 AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
+    if (plk_group[FMT] == 64) {    /* q2/tern/q1: short rows 8 at a time as below, the rest in lanes */
+        if (a->ng <= SMALL_NG && r1 - r0 >= 8) {
+            const int r8 = r0 + (r1 - r0) / 8 * 8;
+            rows_short(FMT, w, r0, r8, a, y, ldy, accum);
+            r0 = r8;
+        }
+        if (r0 < r1) rows_lane8(FMT, w, r0, r1, a, y, ldy, accum);
+        return;
+    }
     if (plk_group[FMT] == 32 && a->ng > SMALL_NG) {
         rows_g32(FMT, w, r0, r1, a, y, ldy, accum);
         return;
     }
+    /* 32-group formats with short rows (<= SMALL_NG groups) */
     const int per = plk_group[FMT] / 32, ng = a->ng, nb = a->nb;
     const size_t rowq = (size_t)ng * plk_qbytes[FMT];
     const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
@@ -999,41 +1001,6 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
     float *buf = (float *)plk_scratch(sizeof(float) * ((size_t)2 * ng + 4 * (size_t)nb + 64), 0);
     if (!buf) { plk_oom_set(); return; }
     float *dw = buf, *bw = buf + ng + 8, *ds = buf + 2 * ng + 16;
-    int8_t *xr = NULL;
-    if (!PLK_VNNI && (FMT == PLK_Q2 || FMT == PLK_TERN) && !(ng & 1)) {
-        xr = (int8_t *)plk_scratch((size_t)a->T * ng * 64, 0);
-        if (!xr) { free(buf); plk_oom_set(); return; }
-        for (int t = 0; t < a->T; t++) {
-            const int8_t *x = a->qs + (size_t)t * a->Kp;
-            int8_t *o = xr + (size_t)t * ng * 64;
-            for (int e = 0; e + 128 <= ng * 64; e += 128) {
-                const __m256i u0 = _mm256_loadu_si256((const __m256i *)(x + e)), u1 = _mm256_loadu_si256((const __m256i *)(x + e + 32));
-                const __m256i u2 = _mm256_loadu_si256((const __m256i *)(x + e + 64)), u3 = _mm256_loadu_si256((const __m256i *)(x + e + 96));
-                _mm256_storeu_si256((__m256i *)(o + e), _mm256_permute2x128_si256(u0, u2, 0x20));
-                _mm256_storeu_si256((__m256i *)(o + e + 32), _mm256_permute2x128_si256(u0, u2, 0x31));
-                _mm256_storeu_si256((__m256i *)(o + e + 64), _mm256_permute2x128_si256(u1, u3, 0x20));
-                _mm256_storeu_si256((__m256i *)(o + e + 96), _mm256_permute2x128_si256(u1, u3, 0x31));
-            }
-        }
-    }
-    if (!PLK_VNNI && FMT == PLK_Q1 && ng >= 2) {   /* re-laid for tile_q1 (group pairs only) */
-        xr = (int8_t *)plk_scratch((size_t)a->T * ng * 64, 0);
-        if (!xr) { free(buf); plk_oom_set(); return; }
-        for (int t = 0; t < a->T; t++) {
-            const int8_t *x = a->qs + (size_t)t * a->Kp;
-            int8_t *o = xr + (size_t)t * ng * 64;
-            for (int g = 0; g + 2 <= ng; g += 2) {
-                static const int sv[4] = {0, 1, 4, 5};
-                for (int j = 0; j < 4; j++) {
-                    int8_t *d = o + (size_t)g * 64 + 32 * j;
-                    memcpy(d, x + (size_t)g * 64 + 8 * sv[j], 8);
-                    memcpy(d + 8, x + (size_t)(g + 1) * 64 + 8 * sv[j], 8);
-                    memcpy(d + 16, x + (size_t)g * 64 + 8 * (sv[j] + 2), 8);
-                    memcpy(d + 24, x + (size_t)(g + 1) * 64 + 8 * (sv[j] + 2), 8);
-                }
-            }
-        }
-    }
     const __m256i tailmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(ng & 7), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int r = r0; r < r1; r++) {
         const uint8_t *qs = w->qs + (size_t)r * rowq;
@@ -1044,7 +1011,7 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
         const float bmul = plk_has_min[FMT] ? 1.0f : Bm;
         for (int t0 = 0; t0 < a->T; t0 += 4) {
             const int nt = a->T - t0 < 4 ? a->T - t0 : 4;
-            const int8_t *xp[4], *xo[4];
+            const int8_t *xp[4];
             const float *dsp[4];
             float res[4], bsum[4];
             for (int t = 0; t < nt; t++) {
@@ -1073,23 +1040,10 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
                     s = bmul * hsum8(vs);
                 }
                 bsum[t] = s;
-                xp[t] = xr ? xr + (size_t)(t0 + t) * ng * 64 : a->qs + (size_t)(t0 + t) * a->Kp;
-                xo[t] = a->qs + (size_t)(t0 + t) * a->Kp;
+                xp[t] = a->qs + (size_t)(t0 + t) * a->Kp;
                 dsp[t] = d;
             }
-            if (xr && FMT == PLK_Q1) switch (nt) {
-            case 1: tile_q1(1, qs, ng, xp, xo, dsp, res); break;
-            case 2: tile_q1(2, qs, ng, xp, xo, dsp, res); break;
-            case 3: tile_q1(3, qs, ng, xp, xo, dsp, res); break;
-            default: tile_q1(4, qs, ng, xp, xo, dsp, res); break;
-            }
-            else if (xr) switch (nt) {
-            case 1: tile_2g(1, qs, ng, xp, dsp, res); break;
-            case 2: tile_2g(2, qs, ng, xp, dsp, res); break;
-            case 3: tile_2g(3, qs, ng, xp, dsp, res); break;
-            default: tile_2g(4, qs, ng, xp, dsp, res); break;
-            }
-            else switch (nt) {
+            switch (nt) {
             case 1: tile(FMT, 1, qs, ng, xp, dsp, res); break;
             case 2: tile(FMT, 2, qs, ng, xp, dsp, res); break;
             case 3: tile(FMT, 3, qs, ng, xp, dsp, res); break;
@@ -1101,7 +1055,6 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
             }
         }
     }
-    free(xr);
     free(buf);
 }
 

@@ -14,23 +14,21 @@
  * Why the weights are re-laid (plk_tl_pack, layout in plk.h): one vpshufb applies one table to 32
  * indices, so the 32 indices of a vector must belong to 32 different rows at the same activation run.
  * The stored planes are row-major (one row's codes are contiguous), and their bit order puts elements
- * i, 8+i, 16+i, 24+i (q1) or i, 16+i (q2) into one nibble, i.e. across the two 16-element halves of a
- * 32-block that the multiply-add kernels sum separately (below). So the codes are re-laid once, per
+ * i, 8+i, 16+i, 24+i (q1) or i, 16+i (q2) into one nibble, not 4 (2) consecutive elements whose
+ * activations a table covers. So the codes are re-laid once, per
  * tile of 32 rows: a group's record is 8 (q1) or 16 (q2/tern) vectors of 32 bytes, vector i holding the
  * indices of runs 2i (low nibble) and 2i+1 (high nibble) of that group for the 32 rows, followed by the
  * rows' fp16 scales (d, then m for q2), so one tile is one linear stream for the prefetcher. Same bytes
  * per weight as the plain planes.
  *
- * Exactness and order: a half-block (16 elements: 4 lookups for q1, 8 for q2/tern) is summed in int16
- * (|sum| <= 16 x 3 x 128 = 6144), widened to int32 and converted; from there every float operation is
- * the one the multiply-add kernels (tile, tile_2g, tile_q1 and the offset sum in rows_simd) do for that
- * row, in the same order: per pair of groups (4 blocks b..b+3) lane k / 4+k of the row's 8 accumulators
- * += I(block b+k, first / second half) * ((A d_w) d_x[b+k]); a last odd group per block with lane i +=
- * I(elements 4i..4i+3) * ds; then hsum8's order, the offset sum (lane g % 8 over groups, hsum8, times
- * -1 or 1) and ((out or 0) + res) + bsum. Here the 8 "lanes" of a row are 8 vectors over 8 rows each.
- * So TL and multiply-add give bit-identical outputs and may be mixed freely (rows outside whole tiles,
- * short rows (ng <= SMALL_NG), matrices without a TL layout, a failed table allocation:
- * multiply-add), and batch invariance holds whichever runs. */
+ * Exactness and order: a 32-block's lookups (q1: 8; q2/tern: 16) are summed in int16 (|sum| <= 8 x 508,
+ * resp. 16 x 762 around the bias) and widened once per block: I_b, the exact integer dot of the block.
+ * The float steps per row are then acc += I_b * (d_w * (A dx_b)) block by block and vs += (m or d) * bx_g
+ * group by group, out = ((out or 0) + acc) + (+-1) vs, with acc and vs in registers (4 + 4 vectors of 8
+ * rows). The multiply-add kernel of these formats (rows_lane8 in plk_simd.h) takes the same float steps
+ * in the same order, lane = row, so TL and multiply-add give bit-identical outputs and may be mixed
+ * freely (rows outside whole tiles, short rows (ng <= SMALL_NG), matrices without a TL layout, a failed
+ * table allocation: multiply-add), and batch invariance holds whichever runs. */
 
 /* table entry form (measured, 4096 x 4096 GEMV, 1 thread): q1 exact int16 bytes (8 lookups per block:
  * the flush would not pay), q2/tern biased 6-bit split (16 lookups per block: ~15% faster) */
@@ -131,90 +129,61 @@ AI void tl_widen(const __m256i s_lo, const __m256i s_hi, __m256 *f)
     f[3] = _mm256_cvtepi32_ps(_mm256_srai_epi32(s_hi, 16));
 }
 
-/* one tile (32 rows) x one token: out[0..31] (= or +=) the rows' results */
+/* one tile (32 rows) x one token: out[0..31] (= or +=) the rows' results. Per 32-block: all its
+ * lookups summed in int16 (q1: 8, |sum| <= 8 x 508; q2/tern: 16 biased, flushed every 4), widened
+ * once, acc[o] += I x ((A d_w) dx[b]); per 64-group the offset term vs[o] += (m or d) x bx[g];
+ * out = ((out or 0) + acc) + (+-1) vs. acc and vs stay in registers (4 + 4 vectors). */
 AI void tl_tile(const int FMT, const uint8_t *rec0, int ng, const uint8_t *tab, const float *dx, const float *bx,
                 float *out, int accum)
 {
     const int E = FMT == PLK_Q1 ? 4 : 2, NREG = 16 / E, RB = FMT == PLK_Q1 ? 256 : 512;
     const int RUNB = 32 / E * 32;                      /* table bytes per 32-block */
     const size_t REC = plk_tl_recbytes(FMT);
-    const __m256 vA = _mm256_set1_ps(FMT == PLK_Q1 ? 2.0f : 1.0f);
+    const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
     const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256 acc[8][4], vs[8][4];
-    for (int i = 0; i < 8; i++)
-        for (int o = 0; o < 4; o++) acc[i][o] = vs[i][o] = _mm256_setzero_ps();
-    int g = 0;
-    for (; g < ng; g++) {
+    __m256 acc[4], vs[4];
+    for (int o = 0; o < 4; o++) acc[o] = vs[o] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
         const uint8_t *q = rec0 + (size_t)g * REC;
         /* the tile's stream, PLK_TL_PF records ahead (the hardware prefetcher alone falls behind) */
         for (size_t l = 0; l < REC; l += 64) _mm_prefetch((const char *)q + PLK_TL_PF * REC + l, PLK_TL_HINT);
         const uint16_t *dh = (const uint16_t *)(q + RB);
         const __m256 bxg = _mm256_set1_ps(bx[g]);
-        __m256 adw[4];
+        __m256 dv[4];
 #pragma GCC unroll 4
         for (int o = 0; o < 4; o++) {
-            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + 8 * o)));
-            adw[o] = _mm256_mul_ps(vA, dv);
-            const __m256 src = plk_has_min[FMT] ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + 32 + 8 * o))) : dv;
-            vs[g & 7][o] = _mm256_fmadd_ps(src, bxg, vs[g & 7][o]);
+            dv[o] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + 8 * o)));
+            const __m256 src = plk_has_min[FMT] ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + 32 + 8 * o))) : dv[o];
+            vs[o] = _mm256_fmadd_ps(src, bxg, vs[o]);
         }
-        const int pair = (g & ~1) + 2 <= ng;           /* in a pair of groups (else: the last odd group) */
+#pragma GCC unroll 2
         for (int j = 0; j < 2; j++) {
             const int b = 2 * g + j;
-            const __m256 dxb = _mm256_set1_ps(dx[b]);
-            __m256 ds[4];
-#pragma GCC unroll 4
-            for (int o = 0; o < 4; o++) ds[o] = _mm256_mul_ps(adw[o], dxb);
             const uint8_t *tb = tab + (size_t)b * RUNB, *qb = q + (size_t)j * NREG * 32;
-            if (pair) {
-                const int k = 2 * (g & 1) + j;
+            __m256i slo = tl_start(FMT, 2 * NREG), shi = slo;
+#pragma GCC unroll 8
+            for (int c = 0; c < NREG; c += 2) {        /* 4 lookups per flush */
+                __m256i blo = _mm256_setzero_si256(), bhi = blo;
 #pragma GCC unroll 2
-                for (int h = 0; h < 2; h++) {
-                    __m256i slo = tl_start(FMT, NREG), shi = slo;
-#pragma GCC unroll 2
-                    for (int c = h * NREG / 2; c < (h + 1) * NREG / 2; c += 2) {   /* 4 lookups per flush */
-                        __m256i blo = _mm256_setzero_si256(), bhi = blo;
-#pragma GCC unroll 2
-                        for (int ri = c; ri < c + 2; ri++) {
-                            const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * ri));
-                            tl_look(FMT, _mm256_and_si256(v, m4), tb + 64 * ri, &blo, &bhi);
-                            tl_look(FMT, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), tb + 64 * ri + 32, &blo, &bhi);
-                        }
-                        tl_flush(FMT, blo, bhi, &slo, &shi);
-                    }
-                    __m256 f[4];
-                    tl_widen(slo, shi, f);
-#pragma GCC unroll 4
-                    for (int o = 0; o < 4; o++) acc[k + 4 * h][o] = _mm256_fmadd_ps(f[o], ds[o], acc[k + 4 * h][o]);
+                for (int ri = c; ri < c + 2; ri++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * ri));
+                    tl_look(FMT, _mm256_and_si256(v, m4), tb + 64 * ri, &blo, &bhi);
+                    tl_look(FMT, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), tb + 64 * ri + 32, &blo, &bhi);
                 }
-            } else {
-                for (int i = 0; i < 8; i++) {      /* lane i: elements 4i..4i+3 */
-                    __m256i slo = tl_start(FMT, 4 / E), shi = slo, blo = _mm256_setzero_si256(), bhi = blo;
-                    if (FMT == PLK_Q1) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * (i >> 1)));
-                        tl_look(FMT, _mm256_and_si256(i & 1 ? _mm256_srli_epi16(v, 4) : v, m4), tb + 32 * i, &blo, &bhi);
-                    } else {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * i));
-                        tl_look(FMT, _mm256_and_si256(v, m4), tb + 64 * i, &blo, &bhi);
-                        tl_look(FMT, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), tb + 64 * i + 32, &blo, &bhi);
-                    }
-                    tl_flush(FMT, blo, bhi, &slo, &shi);
-                    __m256 f[4];
-                    tl_widen(slo, shi, f);
-                    for (int o = 0; o < 4; o++) acc[i][o] = _mm256_fmadd_ps(f[o], ds[o], acc[i][o]);
-                }
+                tl_flush(FMT, blo, bhi, &slo, &shi);
             }
+            __m256 f[4];
+            tl_widen(slo, shi, f);
+            const __m256 sb = _mm256_set1_ps(A * dx[b]);
+#pragma GCC unroll 4
+            for (int o = 0; o < 4; o++) acc[o] = _mm256_fmadd_ps(f[o], _mm256_mul_ps(dv[o], sb), acc[o]);
         }
     }
     const __m256 bmul = _mm256_set1_ps(plk_has_min[FMT] ? 1.0f : -1.0f);
 #pragma GCC unroll 4
-    for (int o = 0; o < 4; o++) {   /* hsum8's order: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)) */
-        const __m256 res = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0][o], acc[4][o]), _mm256_add_ps(acc[2][o], acc[6][o])),
-                                         _mm256_add_ps(_mm256_add_ps(acc[1][o], acc[5][o]), _mm256_add_ps(acc[3][o], acc[7][o])));
-        const __m256 bs = _mm256_mul_ps(bmul, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(vs[0][o], vs[4][o]), _mm256_add_ps(vs[2][o], vs[6][o])),
-                                                            _mm256_add_ps(_mm256_add_ps(vs[1][o], vs[5][o]), _mm256_add_ps(vs[3][o], vs[7][o]))));
+    for (int o = 0; o < 4; o++) {
         const __m256 base = accum ? _mm256_loadu_ps(out + 8 * o) : _mm256_setzero_ps();
-        _mm256_storeu_ps(out + 8 * o, _mm256_add_ps(_mm256_add_ps(base, res), bs));
+        _mm256_storeu_ps(out + 8 * o, _mm256_add_ps(_mm256_add_ps(base, acc[o]), _mm256_mul_ps(bmul, vs[o])));
     }
 }
 

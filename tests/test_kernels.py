@@ -516,6 +516,38 @@ def test_tl_avx2_extreme_codes_and_activations(fmt, byte, sign):
     _close(y, F.matmul_ref(q, x), q, x)
 
 
+@pytest.mark.parametrize("fmt", ["q1", "tern", "q2"])
+@pytest.mark.parametrize("k", [64 * 3, 64 * 7, 64 * 130])
+def test_low_bit_kernels_exact_on_exact_inputs(fmt, k):
+    """Where every float step is exact (power-of-two scales and mins, integer activations with a +-127 in
+    each 32-block, so d_x = 1), every kernel must give the reference's numbers bit for bit: multiply-add
+    on every variant, portable TL, AVX2 TL; 69 rows = two 32-row tiles + 5 rows in partial lane sets; short
+    rows (3 groups), 7 groups, 130 groups; 1 and 5 tokens."""
+    rng = np.random.default_rng(k)
+    n, ng = 69, k // 64
+    sp = F.FORMATS[fmt]
+    if fmt == "q1":
+        qs = rng.integers(0, 256, (n, ng * sp.qbytes), dtype=np.uint8)
+    else:   # four 2-bit codes per byte; ternary codes stop at 2
+        c = rng.integers(0, 3 if fmt == "tern" else 4, (n, ng * sp.qbytes, 4))
+        qs = (c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6).astype(np.uint8)
+    planes = {"qs": qs, "d": (2.0 ** -rng.integers(0, 5, (n, ng))).astype(np.float16)}
+    if sp.has_min:
+        planes["m"] = (-(2.0 ** -rng.integers(0, 5, (n, ng)))).astype(np.float16)
+    q = F.QMatrix(fmt, n, k, planes)
+    for t in (1, 5):
+        x = rng.integers(-127, 128, (t, k)).astype(np.float32)
+        x[:, ::32] = np.where(rng.random((t, k // 32)) < 0.5, -127.0, 127.0)
+        ref = F.matmul_ref(q, x)
+        assert np.abs(ref).max() > 1000      # a real computation, not zeros
+        for isa in ISAS:
+            np.testing.assert_array_equal(K.matmul(q, x, isa=isa, tl=False), ref, err_msg=f"{isa} mad t={t}")
+        np.testing.assert_array_equal(K.matmul(q, x, isa="generic", tl=True), ref, err_msg=f"generic tl t={t}")
+        if "avx2" in ISAS:
+            qt = K.prepare_tl(F.QMatrix(fmt, n, k, dict(planes)))
+            np.testing.assert_array_equal(K.matmul(qt, x, isa="avx2", tl=True), ref, err_msg=f"avx2 tl t={t}")
+
+
 @needs_avx2
 @pytest.mark.parametrize("fmt", ["q1", "tern", "q2"])
 def test_tl_avx2_layout_is_what_runs(fmt):
