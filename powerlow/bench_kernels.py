@@ -1,7 +1,9 @@
 """powerlow bench-kernels: kernel bandwidth against a plain read probe measured in the same run.
 
 Rows (one JSON object per line with --json):
-  dense   GEMV (T=1) 16384x8192, every format, every ISA this CPU runs; for q2/tern/q1 both kernels,
+  dense   GEMV (T=1) N x 8192, every format, every ISA this CPU runs, N = 16384 (q8, q4_0, q4_1), 32768
+          (q2, tern), 65536 (q1): every matrix 75-142 MB, far larger than L3 (at 16384 rows q1 is 21 MB and
+          sits in a 32 MB L3, and so does part of the probe's equally large buffer); for q2/tern/q1 both kernels,
           "kernel": "mad" (multiply-add) and "tl" (table lookup: on AVX2 the vpshufb kernels on a
           prepared matrix, kernels.prepare_tl; elsewhere the portable ones), "default": the one
           kernels.matmul picks (TL_PREFERRED)
@@ -77,11 +79,21 @@ def _kernel_names(fmt: str) -> tuple[str, ...]:
     return ("mad", "tl") if fmt in ("q2", "tern", "q1") else ("mad",)
 
 
-def bench_dense(fmts, isas, threads, repeats, rng, N=16384, Kd=8192):
+def dense_rows(fmt: str, base: int = 16384) -> int:
+    """GEMV rows for fmt: base x 2 ** k, k such that the matrix has >= ~4.5 bits per base-row weight (so
+    >= 75 MB at K = 8192): 16384 for q8/q4, 32768 for q2/tern, 65536 for q1."""
+    n = base
+    while F.FORMATS[fmt].bits_per_weight * n / base < 4.5 * 0.99 and n < base * 8:
+        n *= 2
+    return n
+
+
+def bench_dense(fmts, isas, threads, repeats, rng, Kd=8192):
     rows = []
     x = rng.standard_normal((1, Kd)).astype(np.float32)
-    out = np.empty((1, N), np.float32)
     for fmt in fmts:
+        N = dense_rows(fmt)
+        out = np.empty((1, N), np.float32)
         q = _fast_quantize(fmt, N, Kd, rng)
         if "avx2" in isas:
             K.prepare_tl(q)      # the AVX2 TL layout (a re-laid copy; gbps counts the matrix bytes once)

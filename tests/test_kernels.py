@@ -699,3 +699,13 @@ def test_failed_attention_scratch_raises(dtype):
     finally:
         _k._test_fail_allocs(0)
     np.testing.assert_array_equal(K.attention(q, kc, vc, 3), ref)
+
+
+def test_bench_dense_matrices_far_larger_than_l3():
+    """bench-kernels' dense rows stream >= 75 MB per GEMV in every format (K = 8192), more than twice a
+    32 MB L3, so neither the kernel nor the probe's equally large buffer can run from cache."""
+    from powerlow.bench_kernels import dense_rows
+    for fmt, sp in F.FORMATS.items():
+        nbytes = dense_rows(fmt) * 8192 * sp.bits_per_weight / 8
+        assert nbytes >= 75e6, (fmt, nbytes)
+
