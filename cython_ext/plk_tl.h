@@ -4,12 +4,12 @@
  * Tables (plk_tl_tables_avx2, once per call and token, shared by every row): for each run of E
  * consecutive activations (E = 4 for q1: 1-bit codes; E = 2 for q2/tern: 2-bit codes) the 16 integer
  * dots of those activations with every possible 4-bit index: q1 v -> sum_k bit_k(v) x_k, q2/tern
- * v -> (v & 3) x_0 + (v >> 2) x_1. Entries reach +-508 / +-768: more than a byte, and vpshufb looks up
+ * v -> (v & 3) x_0 + (v >> 2) x_1. Entries reach +-508 / +-762: more than a byte, and vpshufb looks up
  * bytes (16 per 128-bit lane), so a table is two 16-byte planes and one lookup of 32 indices is two
- * vpshufb. q1: the planes are the int16's low and high bytes, two unpacks rebuild the exact int16
- * values. q2/tern: the planes are the low 6 bits and the rest of v + 768 (>= 0), each summed in bytes
- * over 4 lookups (<= 252 and <= 92: no overflow), then one vpmaddubsw (1, 64) per half rebuilds lo + 64
- * hi in int16, and the bias is taken off once (the int16 sums start at -lookups x 768).
+ * vpshufb. The planes are the low 6 bits and the rest of v + BIAS (>= 0; BIAS = 512 for q1, 768 for
+ * q2/tern), each summed in bytes over 4 lookups (<= 4 x 63 = 252 and <= 4 x 23 = 92: no overflow), then
+ * one vpmaddubsw (1, 64) per half rebuilds lo + 64 hi in int16, and the bias is taken off once (the int16
+ * sums start at -lookups x BIAS).
  *
  * Why the weights are re-laid (plk_tl_pack, layout in plk.h): one vpshufb applies one table to 32
  * indices, so the 32 indices of a vector must belong to 32 different rows at the same activation run.
@@ -30,9 +30,9 @@
  * freely (rows outside whole tiles, short rows (ng <= SMALL_NG), matrices without a TL layout, a failed
  * table allocation: multiply-add), and batch invariance holds whichever runs. */
 
-/* table entry form (measured, 4096 x 4096 GEMV, 1 thread): q1 exact int16 bytes (8 lookups per block:
- * the flush would not pay), q2/tern biased 6-bit split (16 lookups per block: ~15% faster) */
-#define TL_SPLIT6(f) ((f) != PLK_Q1)
+/* table entry form: the biased 6-bit split for every format (measured, GEMV 4096 x 4096, 1 thread, best
+ * of 200: q2/tern ~15% faster than exact int16 byte planes unpacked per lookup; q1, since a whole block's
+ * 8 lookups are summed before widening, 163 vs 173 us) */
 #define TL_BIAS(f) ((f) == PLK_Q1 ? 512 : 768)
 /* software prefetch distance in group records (a tile is one linear stream) */
 #ifndef PLK_TL_PF
@@ -73,10 +73,8 @@ void plk_tl_tables_avx2(int fmt, const plk_act *a, uint8_t *tab)
             else
                 e = _mm256_add_epi16(_mm256_mullo_epi16(_mm256_set1_epi16(xr[0]), c0),
                                      _mm256_mullo_epi16(_mm256_set1_epi16(xr[1]), c1));
-            if (TL_SPLIT6(fmt)) {
-                e = _mm256_add_epi16(e, bias);
-                e = _mm256_or_si256(_mm256_and_si256(e, m63), _mm256_slli_epi16(_mm256_srli_epi16(e, 6), 8));
-            }
+            e = _mm256_add_epi16(e, bias);
+            e = _mm256_or_si256(_mm256_and_si256(e, m63), _mm256_slli_epi16(_mm256_srli_epi16(e, 6), 8));
             /* qwords [lo 0-7, hi 0-7 | lo 8-15, hi 8-15] -> [lo 0-15 | hi 0-15] */
             e = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(e, split), 0xd8);
             _mm256_storeu_si256((__m256i *)(o + (size_t)r * 32), e);
@@ -84,39 +82,27 @@ void plk_tl_tables_avx2(int fmt, const plk_act *a, uint8_t *tab)
     }
 }
 
-/* 32 lookups: indices idx (0..15, one per row slot) into the table at tab. SPLIT6: the table holds
- * v + BIAS (>= 0) as 6 low bits and the rest; both parts are summed in bytes (b_lo, b_hi) over up to
- * 4 lookups (<= 4 x 63, <= 4 x 23), then tl_flush adds lo + 64 hi to the int16 sums. Otherwise: the
- * int16 table's low and high bytes, unpacked to the exact int16 values at once. The int16 sums s_lo
- * hold slots 0-7 | 16-23, s_hi slots 8-15 | 24-31. */
-AI void tl_look(const int FMT, const __m256i idx, const uint8_t *tab, __m256i *b_lo, __m256i *b_hi)
+/* 32 lookups: indices idx (0..15, one per row slot) into the table at tab, which holds v + BIAS (>= 0)
+ * as 6 low bits and the rest; both parts are summed in bytes (b_lo, b_hi) over up to 4 lookups
+ * (<= 4 x 63, <= 4 x 23), then tl_flush adds lo + 64 hi to the int16 sums. The int16 sums s_lo hold
+ * slots 0-7 | 16-23, s_hi slots 8-15 | 24-31. */
+AI void tl_look(const __m256i idx, const uint8_t *tab, __m256i *b_lo, __m256i *b_hi)
 {
     const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tab));
     const __m256i thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tab + 16)));
-    const __m256i l = _mm256_shuffle_epi8(tlo, idx), h = _mm256_shuffle_epi8(thi, idx);
-    if (TL_SPLIT6(FMT)) {
-        *b_lo = _mm256_add_epi8(*b_lo, l);
-        *b_hi = _mm256_add_epi8(*b_hi, h);
-    } else {
-        *b_lo = _mm256_add_epi16(*b_lo, _mm256_unpacklo_epi8(l, h));
-        *b_hi = _mm256_add_epi16(*b_hi, _mm256_unpackhi_epi8(l, h));
-    }
+    *b_lo = _mm256_add_epi8(*b_lo, _mm256_shuffle_epi8(tlo, idx));
+    *b_hi = _mm256_add_epi8(*b_hi, _mm256_shuffle_epi8(thi, idx));
 }
 
-AI void tl_flush(const int FMT, const __m256i b_lo, const __m256i b_hi, __m256i *s_lo, __m256i *s_hi)
+AI void tl_flush(const __m256i b_lo, const __m256i b_hi, __m256i *s_lo, __m256i *s_hi)
 {
-    if (TL_SPLIT6(FMT)) {
-        const __m256i w = _mm256_set1_epi16(0x4001);      /* bytes (1, 64): lo + 64 hi */
-        *s_lo = _mm256_add_epi16(*s_lo, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(b_lo, b_hi), w));
-        *s_hi = _mm256_add_epi16(*s_hi, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(b_lo, b_hi), w));
-    } else {
-        *s_lo = _mm256_add_epi16(*s_lo, b_lo);
-        *s_hi = _mm256_add_epi16(*s_hi, b_hi);
-    }
+    const __m256i w = _mm256_set1_epi16(0x4001);      /* bytes (1, 64): lo + 64 hi */
+    *s_lo = _mm256_add_epi16(*s_lo, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(b_lo, b_hi), w));
+    *s_hi = _mm256_add_epi16(*s_hi, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(b_lo, b_hi), w));
 }
 
 /* the int16 sums start at -(lookups x BIAS): the table values' bias */
-AI __m256i tl_start(const int FMT, int nlook) { return _mm256_set1_epi16(TL_SPLIT6(FMT) ? (short)(-nlook * TL_BIAS(FMT)) : 0); }
+AI __m256i tl_start(const int FMT, int nlook) { return _mm256_set1_epi16((short)(-nlook * TL_BIAS(FMT))); }
 
 /* the int16 sums of a tile -> 4 float vectors, f[o] = rows 8o..8o+7 in order (see plk_tl_slot):
  * vpmaddwd with (1, 0) takes the even int16 of each pair sign-extended, srai 16 the odd one */
@@ -130,7 +116,7 @@ AI void tl_widen(const __m256i s_lo, const __m256i s_hi, __m256 *f)
 }
 
 /* one tile (32 rows) x one token: out[0..31] (= or +=) the rows' results. Per 32-block: all its
- * lookups summed in int16 (q1: 8, |sum| <= 8 x 508; q2/tern: 16 biased, flushed every 4), widened
+ * lookups summed in int16 (q1: 8, q2/tern: 16, biased, from bytes flushed every 4), widened
  * once, acc[o] += I x ((A d_w) dx[b]); per 64-group the offset term vs[o] += (m or d) x bx[g];
  * out = ((out or 0) + acc) + (+-1) vs. acc and vs stay in registers (4 + 4 vectors). */
 AI void tl_tile(const int FMT, const uint8_t *rec0, int ng, const uint8_t *tab, const float *dx, const float *bx,
@@ -167,10 +153,10 @@ AI void tl_tile(const int FMT, const uint8_t *rec0, int ng, const uint8_t *tab, 
 #pragma GCC unroll 2
                 for (int ri = c; ri < c + 2; ri++) {
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * ri));
-                    tl_look(FMT, _mm256_and_si256(v, m4), tb + 64 * ri, &blo, &bhi);
-                    tl_look(FMT, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), tb + 64 * ri + 32, &blo, &bhi);
+                    tl_look(_mm256_and_si256(v, m4), tb + 64 * ri, &blo, &bhi);
+                    tl_look(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), tb + 64 * ri + 32, &blo, &bhi);
                 }
-                tl_flush(FMT, blo, bhi, &slo, &shi);
+                tl_flush(blo, bhi, &slo, &shi);
             }
             __m256 f[4];
             tl_widen(slo, shi, f);
