@@ -76,6 +76,9 @@ isa: str = _pick_isa()
 # 134M weights), against a probe that one core nearly saturates. Calls filtered for two cores (process
 # CPU / wall >= 1.8; 3 rounds, 14:24 UTC): TL q2 0.61-0.67, tern 0.50-0.86, q1 0.63-0.68; MAD q2 0.34-0.38,
 # tern 0.33-0.52, q1 0.27-0.31; q4_1 0.83-0.91.
+# Fourth session (per-block TL tile; MAD = rows_lane8 with the same float steps), bench-kernels -t 2 at
+# 32768 (q2/tern) / 65536 (q1) x 8192 rows, three runs, 16:15 UTC: TL q2 0.65/0.77/0.64, tern
+# 0.74/0.79/0.63, q1 0.63/0.74/0.75 of the probe; MAD q2 0.31-0.33, tern 0.39-0.42, q1 0.23-0.25.
 # TL wins wherever the codes have to be unpacked bit by bit: one vpshufb does 32 lookups of 4 (q1) or 2
 # (q2/tern) weights each, against shift + mask + vpmaddubsw per 32 codes. On AVX2 it needs the
 # row-interleaved layout (prepare_tl) and gives the same bits as MAD, so an unprepared matrix (or its
