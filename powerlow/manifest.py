@@ -71,8 +71,16 @@ def safe_member(model_dir: Path, name: str) -> Path:
     return full
 
 
+def _plain(x):
+    """json.dumps fallback: the numpy arrays load_manifest keeps (neuron_order) go back to lists."""
+    import numpy as np
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
 def write_manifest(model_dir: Path, manifest: dict) -> None:
-    atomic_write_text(Path(model_dir) / "manifest.json", json.dumps(manifest, indent=1))
+    atomic_write_text(Path(model_dir) / "manifest.json", json.dumps(manifest, indent=1, default=_plain))
 
 
 def load_manifest(model_dir, *, verify: bool = False, check_files: bool = True) -> dict:
@@ -96,6 +104,17 @@ def load_manifest(model_dir, *, verify: bool = False, check_files: bool = True) 
     files = m.get("files")
     if not isinstance(files, dict):
         raise PowerlowError(f"{mpath} lists no files; re-convert the model")
+    order = m.get("neuron_order")
+    if order is not None:
+        # a profiled model's neuron permutation, one id per FFN neuron and layer: as Python lists it holds
+        # ~36 bytes per id (9 MiB at 16 x 16384), more than the plan's budget slack; int32 arrays hold 4
+        import numpy as np
+        try:
+            m["neuron_order"] = [np.asarray(o, dtype=np.int32) for o in order]
+        except (TypeError, ValueError):
+            raise PowerlowError(f"{mpath}: neuron_order is not a list of integer lists (corrupt); re-run "
+                                f"`powerlow profile {d}` or re-convert the model") from None
+        del order
     for name, entry in (files.items() if check_files else ()):
         p = safe_member(d, name)
         if not p.exists():

@@ -23,11 +23,23 @@ DENSITY_GRID = np.linspace(0.0, 1.0, 101)      # thresholds are tabulated at the
 
 
 def order_digest(manifest: dict) -> str:
-    """A short digest of what neuron ids mean in this model dir: FFN shape + the stored neuron order."""
+    """A short digest of what neuron ids mean in this model dir: FFN shape + the stored neuron order. The text
+    hashed is json.dumps({... "order": neuron_order}, sort_keys=True) of the lists, written out here one layer
+    at a time, so the order may be lists or the int32 arrays load_manifest keeps, with the same digest."""
     ffn = manifest["ffn"]
     key = {"n_layers": ffn["n_layers"], "n_neurons": ffn["n_neurons"], "hidden": ffn["hidden"],
-           "cluster_size": ffn["cluster_size"], "order": manifest.get("neuron_order")}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+           "cluster_size": ffn["cluster_size"]}
+    order = manifest.get("neuron_order")
+    text = json.dumps(key, sort_keys=True)[:-1]          # "order" sorts after every other key
+    h = hashlib.sha256(text.encode())
+    if order is None:
+        h.update(b', "order": null}')
+    else:
+        h.update(b', "order": [')
+        for l, row in enumerate(order):
+            h.update(((", " if l else "") + "[" + ", ".join(map(str, np.asarray(row).tolist())) + "]").encode())
+        h.update(b"]}")
+    return h.hexdigest()[:16]
 
 
 def concat_rows(parts: list) -> "formats.QMatrix":

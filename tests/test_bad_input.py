@@ -132,6 +132,27 @@ def test_corrupt_manifest(model_dir):
         powerlow.load(model_dir)
 
 
+def test_manifest_neuron_order_kept_compact(model_dir):
+    """A profiled model's neuron_order is held as int32 arrays (lists of Python ints cost ~9 MiB at 16 x 16384,
+    past the budget's slack), written back as lists, with the same order digest; a corrupt one is named."""
+    import numpy as np
+    from powerlow.manifest import load_manifest, write_manifest
+    from powerlow.predictors.common import order_digest
+    m = json.loads((model_dir / "manifest.json").read_text())
+    n = m["ffn"]["n_neurons"]
+    m["neuron_order"] = [list(range(n))[::-1] for _ in range(m["ffn"]["n_layers"])]
+    (model_dir / "manifest.json").write_text(json.dumps(m))
+    got = load_manifest(model_dir)
+    assert all(isinstance(o, np.ndarray) and o.dtype == np.int32 for o in got["neuron_order"])
+    assert order_digest(got) == order_digest(m)
+    write_manifest(model_dir, got)
+    assert json.loads((model_dir / "manifest.json").read_text())["neuron_order"] == m["neuron_order"]
+    m["neuron_order"] = [["x"] * n]
+    (model_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PowerlowError, match="neuron_order is not a list of integer lists"):
+        powerlow.load(model_dir)
+
+
 def test_empty_prompt(model_dir):
     r = run_cli("run", "-m", model_dir, "-p", "   ")
     assert r.returncode == 2 and "prompt is empty" in r.stderr
