@@ -15,6 +15,17 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for the prefill measurement")
     p.add_argument("--repeats", type=int, default=3, help="repeats; medians are reported")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_decode_input(p)
+
+
+DECODE_INPUTS = ("greedy", "text")
+
+
+def add_decode_input(p) -> None:
+    p.add_argument("--decode-input", choices=DECODE_INPUTS, default="greedy",
+                   help="what each decode step is fed: greedy = the previous step's argmax (default); text = the "
+                        "bench text's next token (teacher forcing: varied inputs where greedy decoding of a "
+                        "random synthetic model repeats one token, which a neuron cache would serve for free)")
 
 
 def weight_bytes_per_token(tf) -> int:
@@ -40,22 +51,28 @@ def read_probe_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-def run_bench(model, *, n_tokens: int, prompt_tokens: int, repeats: int) -> dict:
+def run_bench(model, *, n_tokens: int, prompt_tokens: int, repeats: int, decode_input: str = "greedy") -> dict:
+    """Prefill of prompt_tokens, then n_tokens decode steps, repeats times. decode_input: "greedy" feeds each
+    step the previous step's argmax, "text" the bench text's next token (the same forward work, varied inputs)."""
+    if decode_input not in DECODE_INPUTS:
+        raise ValueError(f"decode_input must be one of {DECODE_INPUTS}, got {decode_input!r}")
     tf = model.tf
     base = model.tokenize(BENCH_TEXT * 40, add_special=False)
-    if prompt_tokens > len(base):
-        base = base * (prompt_tokens // len(base) + 1)
+    if prompt_tokens + n_tokens >= len(base):
+        base = base * ((prompt_tokens + n_tokens) // len(base) + 1)
     prompt = base[:prompt_tokens]
     pre, dec = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         tf.forward(prompt, start_pos=0, last_only=True)
         pre.append(prompt_tokens / (time.perf_counter() - t))
-        tok = prompt[-1]
+        tok = prompt[-1] if decode_input == "greedy" else base[prompt_tokens]
+        fed = []
         t = time.perf_counter()
         for i in range(n_tokens):
+            fed.append(tok)
             logits = tf.forward([tok], start_pos=prompt_tokens + i, last_only=True)
-            tok = int(np.argmax(logits[-1]))
+            tok = int(np.argmax(logits[-1])) if decode_input == "greedy" else base[prompt_tokens + i + 1]
         dec.append(n_tokens / (time.perf_counter() - t))
     decode = statistics.median(dec)
     wbytes = weight_bytes_per_token(tf)
@@ -71,6 +88,8 @@ def run_bench(model, *, n_tokens: int, prompt_tokens: int, repeats: int) -> dict
         "mode": tf.runtime.mode,
         "prompt_tokens": prompt_tokens,
         "decode_tokens": n_tokens,
+        "decode_input": decode_input,
+        "distinct_decode_inputs": len(set(fed)),
         "prefill_tok_s": round(statistics.median(pre), 2),
         "decode_tok_s": round(decode, 2),
         "decode_tok_s_all": [round(x, 2) for x in dec],
@@ -101,7 +120,8 @@ def main(args) -> int:
         # the bench knows its sequence: a KV cache of exactly that many positions, the rest of the budget to weights
         cfg = cfg.replace(max_context=args.prompt_tokens + n_tokens)
     model = load(args.model, cfg)
-    res = run_bench(model, n_tokens=n_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats)
+    res = run_bench(model, n_tokens=n_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
+                    decode_input=args.decode_input)
     if args.json:
         print(json.dumps(res))
     else:

@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", default="powerlow-tune.png", help="PNG to draw (default powerlow-tune.png; '' for none)")
     p.add_argument("--write-config", default="powerlow-tune.toml", help="suggested config file (default powerlow-tune.toml)")
     p.add_argument("--within", type=float, default=0.10, help="speed tolerance for the suggestion (default 0.10)")
+    from .bench import add_decode_input
+    add_decode_input(p)
 
 
 def full_footprint(model_dir: Path, manifest: dict, rt) -> tuple[int, int]:
@@ -63,7 +65,8 @@ def parse_budgets(text: str, full: int) -> list[tuple[str, int]]:
     return out
 
 
-def measure(model_dir: Path, rt, *, n_tokens: int, prompt_tokens: int, repeats: int) -> dict:
+def measure(model_dir: Path, rt, *, n_tokens: int, prompt_tokens: int, repeats: int,
+            decode_input: str = "greedy") -> dict:
     import gc
 
     from .bench import run_bench
@@ -75,7 +78,8 @@ def measure(model_dir: Path, rt, *, n_tokens: int, prompt_tokens: int, repeats: 
     reset_peak_rss()
     model = load(model_dir, rt)
     try:
-        res = run_bench(model, n_tokens=n_tokens, prompt_tokens=prompt_tokens, repeats=repeats)
+        res = run_bench(model, n_tokens=n_tokens, prompt_tokens=prompt_tokens, repeats=repeats,
+                        decode_input=decode_input)
         src = model.tf.ffn_source
         if hasattr(src, "counters"):
             res.update(src.counters())
@@ -141,7 +145,8 @@ def main(args) -> int:
         rt = base.replace(budget_bytes=b)
         row = {"label": label, "budget_bytes": b}
         try:
-            res = measure(model_dir, rt, n_tokens=n, prompt_tokens=args.prompt_tokens, repeats=args.repeats)
+            res = measure(model_dir, rt, n_tokens=n, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
+                          decode_input=args.decode_input)
             row.update({k: res.get(k) for k in ("decode_tok_s", "prefill_tok_s", "read_bytes_per_token",
                                                  "cache_hit_rate", "peak_rss_bytes")})
             print(f"{label:>10s} {format_size(b):>11s} {row['decode_tok_s']:12.2f} {row['prefill_tok_s']:13.2f} "

@@ -79,27 +79,31 @@ def inner_powerlow(a: dict) -> dict:
     model = powerlow.load(a["model"], RuntimeConfig(**kw))
     load_s = time.perf_counter() - t
     tf = model.tf
-    prompt = model.tokenize(TEXT, add_special=False)[: a["prompt_tokens"]]
+    text = model.tokenize(TEXT, add_special=False)
+    prompt = text[: a["prompt_tokens"]]
     t = time.perf_counter()
     logits = tf.forward(prompt, start_pos=0, last_only=True)
     prefill = len(prompt) / (time.perf_counter() - t)
-    tok = int(np.argmax(logits[-1]))
+    forced = a.get("decode_input") == "text"
+    tok = text[len(prompt)] if forced else int(np.argmax(logits[-1]))
     src = tf.ffn_source
     c0 = src.counters() if hasattr(src, "counters") else {}
     r0 = _proc_read_bytes()
     t = time.perf_counter()
     toks = []
+    fed = []
     for i in range(a["n"]):
+        fed.append(tok)
         logits = tf.forward([tok], start_pos=len(prompt) + i, last_only=True)
-        tok = int(np.argmax(logits[-1]))
-        toks.append(tok)
+        toks.append(int(np.argmax(logits[-1])))
+        tok = text[len(prompt) + i + 1] if forced else toks[-1]
     dt = time.perf_counter() - t
     r1 = _proc_read_bytes()
     c = src.counters() if hasattr(src, "counters") else {}
     out = {"engine": "powerlow", "mode": a["mode"], "density": a["density"], "budget_bytes": a["budget"],
            "load_s": round(load_s, 2), "prefill_tok_s": round(prefill, 2), "decode_tok_s": round(a["n"] / dt, 3),
            "read_bytes_per_token": int((r1 - r0) / a["n"]), "baseline_rss_bytes": baseline,
-           "peak_rss_bytes": _peak_rss(), "tokens": toks,
+           "peak_rss_bytes": _peak_rss(), "tokens": toks, "distinct_inputs": len(set(fed)),
            "ffn_density": round(tf.ffn.clusters_used / max(1, tf.ffn.clusters_total), 4)}
     if c:
         busy = c["io_busy_s"] - c0.get("io_busy_s", 0)
@@ -144,12 +148,14 @@ def inner_llamacpp(a: dict) -> dict:
     t = time.perf_counter()
     llm.eval(prompt)
     prefill = len(prompt) / (time.perf_counter() - t)
-    tok = int(np.argmax(last()))
+    forced = a.get("decode_input") == "text"
+    text = llm.tokenize(TEXT.encode(), add_bos=False, special=False)
+    tok = text[len(prompt)] if forced else int(np.argmax(last()))
     r0 = _proc_read_bytes()
     t = time.perf_counter()
-    for _ in range(a["n"]):
+    for i in range(a["n"]):
         llm.eval([tok])
-        tok = int(np.argmax(last()))
+        tok = text[len(prompt) + i + 1] if forced else int(np.argmax(last()))
     dt = time.perf_counter() - t
     r1 = _proc_read_bytes()
     return {"engine": "llama.cpp", "extra_bufts": a["extra_bufts"], "load_s": round(load_s, 2),
@@ -306,6 +312,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="rounds of all runs; the table shows medians")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--json", help="write all results to this file")
+    ap.add_argument("--decode-input", choices=("greedy", "text"), default="greedy",
+                    help="decode steps fed the previous argmax (greedy) or the text's next token (text: varied "
+                         "inputs where a small random model's greedy output repeats one token)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("warning: not root: cgroups and drop_caches will fail", file=sys.stderr)
@@ -315,7 +324,8 @@ def main() -> int:
     base = parse_size(args.baseline) if args.baseline else (-(-interpreter_baseline() // (16 << 20)) + 1) * (16 << 20)
     from llamacpp_env import bench_python
     lpy = None if args.no_llamacpp else str(bench_python())
-    common = {"threads": args.threads, "n": args.n, "prompt_tokens": args.prompt_tokens}
+    common = {"threads": args.threads, "n": args.n, "prompt_tokens": args.prompt_tokens,
+              "decode_input": args.decode_input}
     extra = {}
     if args.config:
         from powerlow.config import load_toml

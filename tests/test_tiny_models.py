@@ -105,6 +105,31 @@ def test_bench_json_fields(tiny_dir):
     assert res["decode_tok_s"] > 0 and res["prefill_tok_s"] > 0
 
 
+def test_bench_decode_input_text_feeds_the_text(tiny_dir):
+    """--decode-input text feeds decode step i the bench text's token prompt + i (teacher forcing) and
+    reports how many distinct inputs the steps got; greedy feeds the argmax; anything else is refused."""
+    import powerlow
+    from powerlow.bench import BENCH_TEXT, run_bench
+    m = powerlow.load(tiny_dir)
+    want = m.tokenize(BENCH_TEXT * 40, add_special=False)[8:8 + 12]
+    fed = []
+    orig = m.tf.forward
+
+    def spy(ids, start_pos=0, last_only=False):
+        if len(ids) == 1:
+            fed.append((start_pos, ids[0]))
+        return orig(ids, start_pos=start_pos, last_only=last_only)
+    m.tf.forward = spy
+    res = run_bench(m, n_tokens=12, prompt_tokens=8, repeats=1, decode_input="text")
+    assert fed == [(8 + i, t) for i, t in enumerate(want)]
+    assert res["decode_input"] == "text" and res["distinct_decode_inputs"] == len(set(want)) > 1
+    fed.clear()
+    res = run_bench(m, n_tokens=3, prompt_tokens=8, repeats=1)
+    assert res["decode_input"] == "greedy" and len(fed) == 3
+    with pytest.raises(ValueError, match="decode_input"):
+        run_bench(m, n_tokens=3, prompt_tokens=8, repeats=1, decode_input="sample")
+
+
 @pytest.mark.parametrize("bits", ["2", "ternary", "1"])
 def test_resident_low_bit_matrices_use_table_lookup(tmp_path, bits):
     """A fully resident run gives its 1/1.58/2-bit attention matrices the table-lookup layout where the
