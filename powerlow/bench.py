@@ -51,6 +51,17 @@ def read_probe_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
+def repeat_warning(res: dict) -> str | None:
+    """A warning when a run under a budget was fed only a few distinct tokens by greedy decoding (a random
+    synthetic model's output loops): the neuron cache then serves nearly every step and the figures flatter it."""
+    n, k = res.get("decode_tokens") or 0, res.get("distinct_decode_inputs")
+    if res.get("budget_bytes") is None or res.get("decode_input") != "greedy" or k is None or n < 8 or k * 2 > n:
+        return None
+    return (f"warning: greedy decoding fed only {k} distinct tokens in {n} steps (the model repeats itself); "
+            "cached neurons serve repeated inputs for free, so these figures flatter the cache: "
+            "use --decode-input text")
+
+
 def run_bench(model, *, n_tokens: int, prompt_tokens: int, repeats: int, decode_input: str = "greedy") -> dict:
     """Prefill of prompt_tokens, then n_tokens decode steps, repeats times. decode_input: "greedy" feeds each
     step the previous step's argmax, "text" the bench text's next token (the same forward work, varied inputs)."""
@@ -122,6 +133,10 @@ def main(args) -> int:
     model = load(args.model, cfg)
     res = run_bench(model, n_tokens=n_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                     decode_input=args.decode_input)
+    warn = repeat_warning(res)
+    if warn:
+        import sys
+        print(warn, file=sys.stderr)
     if args.json:
         print(json.dumps(res))
     else:

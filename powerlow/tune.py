@@ -121,6 +121,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def main(args) -> int:
+    from .bench import repeat_warning
     from .cli import runtime_config
     from .config import dump_toml, format_size
     from .default_model import resolve_model
@@ -139,6 +140,7 @@ def main(args) -> int:
     print(f"{model_dir}: full footprint {format_size(full)} (context {base.max_context}), mode {base.mode}, "
           f"{base.n_threads} threads, {n} decode tokens per run", file=sys.stderr)
     rows = []
+    warn = None
     hdr = f"{'budget':>10s} {'bytes':>11s} {'decode tok/s':>12s} {'prefill tok/s':>13s} {'MiB read/tok':>12s} {'hit rate':>8s} {'peak RSS MiB':>12s}"
     print(hdr)
     for label, b in budgets:
@@ -147,6 +149,7 @@ def main(args) -> int:
         try:
             res = measure(model_dir, rt, n_tokens=n, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                           decode_input=args.decode_input)
+            warn = warn or repeat_warning(res)
             row.update({k: res.get(k) for k in ("decode_tok_s", "prefill_tok_s", "read_bytes_per_token",
                                                  "cache_hit_rate", "peak_rss_bytes")})
             print(f"{label:>10s} {format_size(b):>11s} {row['decode_tok_s']:12.2f} {row['prefill_tok_s']:13.2f} "
@@ -157,6 +160,8 @@ def main(args) -> int:
             print(f"{label:>10s} {format_size(b):>11s}   refused: below the minimum {format_size(need)}")
         sys.stdout.flush()
         rows.append(row)
+    if warn:
+        print(warn, file=sys.stderr)
     if args.plot:
         plot(rows, args.plot, f"{model_dir.name}: mode {base.mode}, {base.n_threads} threads")
         print(f"plot: {args.plot}")

@@ -130,6 +130,18 @@ def test_bench_decode_input_text_feeds_the_text(tiny_dir):
         run_bench(m, n_tokens=3, prompt_tokens=8, repeats=1, decode_input="sample")
 
 
+def test_bench_warns_when_greedy_inputs_repeat():
+    """Under a budget, a greedy run fed at most half as many distinct tokens as steps is flagged (the cache
+    serves repeats for free); text-fed, resident or short runs are not."""
+    from powerlow.bench import repeat_warning
+    r = {"budget_bytes": 1 << 26, "decode_input": "greedy", "decode_tokens": 32, "distinct_decode_inputs": 5}
+    assert "5 distinct tokens in 32 steps" in repeat_warning(r) and "--decode-input text" in repeat_warning(r)
+    assert repeat_warning(dict(r, distinct_decode_inputs=17)) is None
+    assert repeat_warning(dict(r, decode_input="text")) is None
+    assert repeat_warning(dict(r, budget_bytes=None)) is None
+    assert repeat_warning(dict(r, decode_tokens=4, distinct_decode_inputs=1)) is None
+
+
 @pytest.mark.parametrize("bits", ["2", "ternary", "1"])
 def test_resident_low_bit_matrices_use_table_lookup(tmp_path, bits):
     """A fully resident run gives its 1/1.58/2-bit attention matrices the table-lookup layout where the
