@@ -468,6 +468,9 @@ def print_table(results: list, probe, size: int, cg_base: int = 0) -> None:
                      f"{'within' if over_cg <= 0 else f'{over_cg / MiB:.0f} MiB over'} budget + {cg_base / MiB:.0f} MiB cg base")
         if len(r.get("runs", [])) > 1:
             note += f" runs {'/'.join(f'{x:.2f}' for x in r['runs'])}"
+        k = r.get("distinct_inputs")
+        if k is not None and r.get("budget_bytes") and k * 2 <= len(r.get("tokens", ())) and len(r["tokens"]) >= 8:
+            note += f"; only {k} distinct decode inputs (the model repeats itself: use --decode-input text)"
         print(f"{r['limit']:>6s} {eng:10s} {mode:14s} {r['decode_tok_s']:12.2f} {x:8.2f} {r['read_bytes_per_token'] / 1e6:11.1f} "
               f"{r.get('cgroup_max_usage_bytes', 0) / MiB:11.0f} {r['peak_rss_bytes'] / MiB:8.0f} "
               f"{r.get('baseline_rss_bytes', 0) / MiB:8.0f} {r.get('oom_kills', 0):>4d}  {note}")
