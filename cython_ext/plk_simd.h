@@ -106,7 +106,7 @@ AI void unpack_group(const int FMT, const uint8_t *qs, int g, __m256i *w)
     }
 }
 
-/* One row x NT tokens (NT = 1..4): 4 blocks at a time; the 4 integer block sums of one token are
+/* One row x NT tokens (NT = 1..4) of a 32-group format (q8, q4_0, q4_1: one block per group): 4 blocks at a time; the 4 integer block sums of one token are
  * folded by two hadds into one vector [b0 b1 b2 b3 | b0 b1 b2 b3] (exact), so the int->float convert
  * and the FMA are paid once per 4 blocks instead of per block.  Every token goes through the same
  * operations in the same order whatever NT is, so a token's result does not depend on the batch it
@@ -114,26 +114,24 @@ AI void unpack_group(const int FMT, const uint8_t *qs, int g, __m256i *w)
 AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_t *const *xp,
                const float *const *ds, float *res)
 {
-    const int per = plk_group[FMT] / 32, GPI = 4 / per;   /* groups per iteration */
     __m256 acc[4];
 #pragma GCC unroll 4
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     int g = 0;
-    for (; g + GPI <= ng; g += GPI) {
+    for (; g + 4 <= ng; g += 4) {
         /* software prefetch PLK_PF bytes ahead in the code stream (it runs on into the next rows):
          * the hardware prefetcher alone does not keep enough lines in flight at this compute rate */
         const uint8_t *pf = qs + (size_t)g * plk_qbytes[FMT] + PLK_PF;
         _mm_prefetch((const char *)pf, _MM_HINT_T0);
-        if (GPI * plk_qbytes[FMT] > 64) _mm_prefetch((const char *)pf + 64, _MM_HINT_T0);
+        if (4 * plk_qbytes[FMT] > 64) _mm_prefetch((const char *)pf + 64, _MM_HINT_T0);
         __m256i w[4];
 #pragma GCC unroll 4
-        for (int u = 0; u < GPI; u++) {
+        for (int u = 0; u < 4; u++) {
             __m256i v[2];
             unpack_group(FMT, qs, g + u, v);
-            w[u * per] = v[0];
-            if (per == 2) w[u * per + 1] = v[1];
+            w[u] = v[0];
         }
-        const int b = g * per;
+        const int b = g;
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
             __m256i h;
@@ -163,15 +161,12 @@ AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_
     for (; g < ng; g++) {
         __m256i v[2];
         unpack_group(FMT, qs, g, v);
-        for (int j = 0; j < per; j++) {
-            const int b = g * per + j;
 #pragma GCC unroll 4
-            for (int t = 0; t < NT; t++) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)b * 32));
-                __m256i p = FMT == PLK_Q8 ? sdot(_mm256_abs_epi8(v[0]), _mm256_sign_epi8(x, v[0])) : sdot(v[j], x);
-                __m256 sc = _mm256_set1_ps(ds[t][b]);
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, acc[t]);
-            }
+        for (int t = 0; t < NT; t++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)g * 32));
+            __m256i p = FMT == PLK_Q8 ? sdot(_mm256_abs_epi8(v[0]), _mm256_sign_epi8(x, v[0])) : sdot(v[0], x);
+            __m256 sc = _mm256_set1_ps(ds[t][g]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, acc[t]);
         }
     }
 #pragma GCC unroll 4
@@ -972,32 +967,26 @@ AI void rows_lane8(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
 
 AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
-    if (plk_group[FMT] == 64) {    /* q2/tern/q1: short rows 8 at a time as below, the rest in lanes */
-        if (a->ng <= SMALL_NG && r1 - r0 >= 8) {
-            const int r8 = r0 + (r1 - r0) / 8 * 8;
-            rows_short(FMT, w, r0, r8, a, y, ldy, accum);
-            r0 = r8;
-        }
-        if (r0 < r1) rows_lane8(FMT, w, r0, r1, a, y, ldy, accum);
-        return;
-    }
     if (plk_group[FMT] == 32 && a->ng > SMALL_NG) {
         rows_g32(FMT, w, r0, r1, a, y, ldy, accum);
         return;
     }
-    /* 32-group formats with short rows (<= SMALL_NG groups) */
-    const int per = plk_group[FMT] / 32, ng = a->ng, nb = a->nb;
-    const size_t rowq = (size_t)ng * plk_qbytes[FMT];
-    const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
-    const float Bm = FMT == PLK_Q4_0 ? -8.0f : -1.0f;
-    if (ng <= SMALL_NG && r1 - r0 >= 8) {
-        int r8 = r0 + (r1 - r0) / 8 * 8;
+    if (a->ng <= SMALL_NG && r1 - r0 >= 8) {   /* short rows: 8 at a time */
+        const int r8 = r0 + (r1 - r0) / 8 * 8;
         rows_short(FMT, w, r0, r8, a, y, ldy, accum);
         r0 = r8;
         if (r0 == r1) return;
     }
+    if (plk_group[FMT] == 64) {                 /* q2/tern/q1: every other row in lanes */
+        rows_lane8(FMT, w, r0, r1, a, y, ldy, accum);
+        return;
+    }
+    /* the last < 8 short rows of a 32-group format (one block per group, so nb == ng), one at a time */
+    const int ng = a->ng, nb = a->nb;
+    const size_t rowq = (size_t)ng * plk_qbytes[FMT];
+    const float Bm = FMT == PLK_Q4_0 ? -8.0f : -1.0f;
     /* scratch: dw (ng + 8), bw (ng + 8), ds (4 x nb + slack): vector loops run to a multiple of 8 and
-     * write/read a few lanes past the end instead of scalar tails (short rows: K = 576 is 18 groups) */
+     * write/read a few lanes past the end instead of scalar tails */
     float *buf = (float *)plk_scratch(sizeof(float) * ((size_t)2 * ng + 4 * (size_t)nb + 64), 0);
     if (!buf) { plk_oom_set(); return; }
     float *dw = buf, *bw = buf + ng + 8, *ds = buf + 2 * ng + 16;
@@ -1018,17 +1007,8 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
                 /* dx/bx of the act buffer are followed by more arrays: reads past nb/ng stay inside */
                 const float *dx = a->dx + (size_t)(t0 + t) * nb, *bx = a->bx + (size_t)(t0 + t) * ng;
                 float *d = ds + (size_t)t * nb;
-                if (per == 1) {
-                    for (int b = 0; b < nb; b += 8)
-                        _mm256_storeu_ps(d + b, _mm256_mul_ps(_mm256_loadu_ps(dw + b), _mm256_loadu_ps(dx + b)));
-                } else {
-                    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-                    const __m256 vA = _mm256_set1_ps(A);
-                    for (int b = 0; b < nb; b += 8) {
-                        __m256 v = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(dw + b / 2)), dup);
-                        _mm256_storeu_ps(d + b, _mm256_mul_ps(_mm256_mul_ps(vA, v), _mm256_loadu_ps(dx + b)));
-                    }
-                }
+                for (int b = 0; b < nb; b += 8)
+                    _mm256_storeu_ps(d + b, _mm256_mul_ps(_mm256_loadu_ps(dw + b), _mm256_loadu_ps(dx + b)));
                 float s = 0.0f;
                 if (FMT != PLK_Q8) {
                     int g = 0;

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -72,18 +73,19 @@ def run_bench(model, *, n_tokens: int, prompt_tokens: int, repeats: int, decode_
     if prompt_tokens + n_tokens >= len(base):
         base = base * ((prompt_tokens + n_tokens) // len(base) + 1)
     prompt = base[:prompt_tokens]
+    forced = decode_input == "text"
     pre, dec = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         tf.forward(prompt, start_pos=0, last_only=True)
         pre.append(prompt_tokens / (time.perf_counter() - t))
-        tok = prompt[-1] if decode_input == "greedy" else base[prompt_tokens]
+        tok = base[prompt_tokens] if forced else prompt[-1]
         fed = []
         t = time.perf_counter()
         for i in range(n_tokens):
             fed.append(tok)
             logits = tf.forward([tok], start_pos=prompt_tokens + i, last_only=True)
-            tok = int(np.argmax(logits[-1])) if decode_input == "greedy" else base[prompt_tokens + i + 1]
+            tok = base[prompt_tokens + i + 1] if forced else int(np.argmax(logits[-1]))
         dec.append(n_tokens / (time.perf_counter() - t))
     decode = statistics.median(dec)
     wbytes = weight_bytes_per_token(tf)
@@ -135,7 +137,6 @@ def main(args) -> int:
                     decode_input=args.decode_input)
     warn = repeat_warning(res)
     if warn:
-        import sys
         print(warn, file=sys.stderr)
     if args.json:
         print(json.dumps(res))

@@ -103,7 +103,8 @@ def inner_powerlow(a: dict) -> dict:
     out = {"engine": "powerlow", "mode": a["mode"], "density": a["density"], "budget_bytes": a["budget"],
            "load_s": round(load_s, 2), "prefill_tok_s": round(prefill, 2), "decode_tok_s": round(a["n"] / dt, 3),
            "read_bytes_per_token": int((r1 - r0) / a["n"]), "baseline_rss_bytes": baseline,
-           "peak_rss_bytes": _peak_rss(), "tokens": toks, "distinct_inputs": len(set(fed)),
+           "peak_rss_bytes": _peak_rss(), "tokens": toks, "decode_input": a.get("decode_input", "greedy"),
+           "distinct_inputs": len(set(fed)),
            "ffn_density": round(tf.ffn.clusters_used / max(1, tf.ffn.clusters_total), 4)}
     if c:
         busy = c["io_busy_s"] - c0.get("io_busy_s", 0)
@@ -439,6 +440,7 @@ def median_rows(results: list) -> list:
 
 
 def print_table(results: list, probe, size: int, cg_base: int = 0) -> None:
+    from powerlow.bench import repeat_warning
     MiB = 1 << 20
     results = median_rows(results)
     print(f"{'limit':>6s} {'engine':10s} {'mode':14s} {'decode tok/s':>12s} {'x llama':>8s} {'read MB/tok':>11s} "
@@ -468,9 +470,10 @@ def print_table(results: list, probe, size: int, cg_base: int = 0) -> None:
                      f"{'within' if over_cg <= 0 else f'{over_cg / MiB:.0f} MiB over'} budget + {cg_base / MiB:.0f} MiB cg base")
         if len(r.get("runs", [])) > 1:
             note += f" runs {'/'.join(f'{x:.2f}' for x in r['runs'])}"
-        k = r.get("distinct_inputs")
-        if k is not None and r.get("budget_bytes") and k * 2 <= len(r.get("tokens", ())) and len(r["tokens"]) >= 8:
-            note += f"; only {k} distinct decode inputs (the model repeats itself: use --decode-input text)"
+        if eng == "powerlow" and "distinct_inputs" in r and repeat_warning(
+                {"budget_bytes": r.get("budget_bytes"), "decode_input": r.get("decode_input"), "decode_tokens": len(r["tokens"]),
+                 "distinct_decode_inputs": r["distinct_inputs"]}):
+            note += f"; only {r['distinct_inputs']} distinct decode inputs (the model repeats itself: use --decode-input text)"
         print(f"{r['limit']:>6s} {eng:10s} {mode:14s} {r['decode_tok_s']:12.2f} {x:8.2f} {r['read_bytes_per_token'] / 1e6:11.1f} "
               f"{r.get('cgroup_max_usage_bytes', 0) / MiB:11.0f} {r['peak_rss_bytes'] / MiB:8.0f} "
               f"{r.get('baseline_rss_bytes', 0) / MiB:8.0f} {r.get('oom_kills', 0):>4d}  {note}")
