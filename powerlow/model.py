@@ -20,6 +20,16 @@ class Model:
         self.tokenizer = transformer.tokenizer
         self.stats = Stats()
 
+    def close(self) -> None:
+        """Stop the I/O threads and close the model's files (an offloaded run's readers)."""
+        self.tf.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special=add_special)
 
@@ -47,5 +57,6 @@ class Model:
 
 
 def load(path=None, config: RuntimeConfig | None = None, *, backend: str | None = None) -> Model:
-    """Load a powerlow model dir (None: the default model, converted on first use)."""
+    """Load a powerlow model dir, or a GGUF file / Hugging Face folder (converted on first use into
+    $POWERLOW_HOME/models and reused afterwards); None: the default model."""
     return Model(Transformer(resolve_model(path), config, backend=backend))

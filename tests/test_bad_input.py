@@ -40,9 +40,23 @@ def test_folder_that_is_not_a_model(tmp_path):
         powerlow.load(tmp_path / "junk")
 
 
-def test_source_given_to_run_names_convert(tiny_src):
-    r = run_cli("run", "-m", tiny_src, "-p", "hi")
-    assert r.returncode == 2 and "convert it first" in r.stderr
+def test_source_given_to_run_is_converted_on_first_use(tiny_src, tmp_path):
+    """-m SOURCE converts into $POWERLOW_HOME once (with a notice), then reuses the model dir."""
+    env = {"POWERLOW_HOME": str(tmp_path / "home")}
+    r1 = run_cli("run", "-m", tiny_src, "-p", "hi", "-n", "4", env=env)
+    assert r1.returncode == 0, r1.stderr
+    assert "converting" in r1.stderr
+    dirs = list((tmp_path / "home" / "models").iterdir())
+    assert len(dirs) == 1 and (dirs[0] / "manifest.json").exists()
+    r2 = run_cli("run", "-m", tiny_src, "-p", "hi", "-n", "4", env=env)
+    assert r2.returncode == 0 and "converting" not in r2.stderr and r2.stdout == r1.stdout
+    assert list((tmp_path / "home" / "models").iterdir()) == dirs
+
+
+def test_file_that_is_not_gguf_given_to_run(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"nope" * 10)
+    r = run_cli("run", "-m", tmp_path / "x.bin", "-p", "hi")
+    assert r.returncode == 2 and "not a GGUF model" in r.stderr
 
 
 def _write_gguf(path, arch="llama", qtype=None):
