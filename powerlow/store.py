@@ -81,6 +81,16 @@ class StoreInfo:
         if len(lays) != L or len(offsets) != L:
             raise PowerlowError(f"manifest.json: the ffn store lists {len(offsets)} layer offsets and {len(lays)} layer "
                                 f"formats for {L} layers; re-convert the model")
+        if L < 1 or nC < 1 or not 0 < F <= nC * C:
+            raise PowerlowError(f"manifest.json: the ffn store has {L} layers of {nC} clusters of {C} for {F} neurons "
+                                "(impossible); re-convert the model")
+        # layers lie back to back in ffn.bin: any other offset reads outside the file or another layer's bundles
+        want = np.concatenate([[0], np.cumsum([nC * lay.stride for lay in lays])[:-1]]).astype(np.int64)
+        bad = [l for l in range(L) if offsets[l] != want[l]]
+        if bad:
+            l = bad[0]
+            raise PowerlowError(f"manifest.json: ffn layer_offsets[{l}] is {offsets[l]}, the store's layout puts layer {l} at "
+                                f"{want[l]} (corrupt or edited manifest); re-convert the model")
         return cls(lays, L, F, nC, offsets)
 
     @classmethod

@@ -191,3 +191,26 @@ def test_bad_runtime_values(model_dir):
 def test_bad_bits(tiny_src, tmp_path):
     with pytest.raises(PowerlowError, match="--bits '3'"):
         convert(tiny_src, tmp_path / "o", bits="3")
+
+
+@pytest.mark.parametrize("value", [1 << 40, -4096, "copy"])
+def test_edited_layer_offset_is_refused(model_dir, value):
+    """An ffn layer offset that is not where the layout puts the layer (outside the file, negative, another
+    layer's) is refused at load instead of reading outside the buffer (a segfault) or giving garbage text."""
+    mpath = model_dir / "manifest.json"
+    m = json.loads(mpath.read_text())
+    offs = m["ffn"]["layer_offsets"]
+    offs[-1] = offs[0] if value == "copy" else value
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(PowerlowError, match="layer_offsets"):
+        powerlow.load(model_dir)
+    r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "2")
+    assert r.returncode == 2 and "layer_offsets" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_files_are_readable_by_others(model_dir):
+    """Every file of a converted model dir gets the umask's permissions (resident.safetensors was 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in model_dir.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
