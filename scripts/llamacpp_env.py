@@ -11,9 +11,23 @@ import sys
 from pathlib import Path
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-# GGML_NATIVE alone also compiles llama.cpp's AMX backend on a Zen 4 guest (no AMX in the CPU), whose Q8_0 matmul
-# then crashes (SIGSEGV in ggml_backend_amx_mul_mat on the tiny synthetic models); the AMX backend stays off
-CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+# Not GGML_NATIVE: on a guest whose CPUID lists AMX (an Intel Xeon here: amx_tile/int8/bf16 in /proc/cpuinfo),
+# -march=native compiles llama.cpp's AMX backend, whose matmuls then crash (SIGSEGV in ggml_backend_amx_mul_mat,
+# on the tiny synthetic models and on Qwen2.5-1.5B alike). The ISA extensions are named instead: AVX-512 with
+# VNNI/VBMI/BF16 where the CPU has them (llama.cpp's CPU backend is then built for this machine only), AMX off.
+def _cmake_args() -> str:
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        flags = set()
+    on = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2",
+          "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+          "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16"}
+    args = ["-DGGML_NATIVE=OFF"] + [f"-D{k}={'ON' if v in flags else 'OFF'}" for k, v in on.items()]
+    return " ".join(args + ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
+
+
+CMAKE_ARGS = _cmake_args()
 
 
 def bench_python() -> Path:

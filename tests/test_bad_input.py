@@ -214,3 +214,49 @@ def test_model_files_are_readable_by_others(model_dir):
     os.umask(umask)
     for f in model_dir.iterdir():
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+def test_api_token_ids_are_checked(model_dir):
+    """No silent coercion: float ids, 2-D arrays, bytes, huge ids, negative start_pos are PowerlowErrors."""
+    m = powerlow.load(model_dir)
+    for bad in (np.array([1.7, 2.9]), np.array([[1, 2], [3, 4]]), b"hello", [1, 2.5], [True, 3], None):
+        with pytest.raises(PowerlowError, match="integer|1-D"):
+            m.forward(bad)
+    with pytest.raises(PowerlowError, match="1-D sequence"):
+        list(m.generate(b"hello", 2))
+    with pytest.raises(PowerlowError, match="out of range"):
+        m.forward([1, 2**63])
+    with pytest.raises(PowerlowError, match="start_pos"):
+        m.forward([1, 2], start_pos=-1)
+    with pytest.raises(PowerlowError, match="not valid text"):
+        list(m.generate("bad \ud800 surrogate", 2))
+    m.close()
+    with pytest.raises(PowerlowError, match="closed"):
+        list(m.generate("hello", 2))
+
+
+def test_superseded_generation_raises(model_dir):
+    """One model, one sequence: resuming an iterator after another generate() ran raises instead of going on with
+    an overwritten KV cache."""
+    with powerlow.load(model_dir) as m:
+        alone = [t.id for t in m.generate([5, 17, 33], 6)]
+        g1 = m.generate([5, 17, 33], 6)
+        first = next(g1).id
+        list(m.generate([9, 100, 7, 2], 4))
+        with pytest.raises(PowerlowError, match="superseded"):
+            next(g1)
+        assert first == alone[0]
+        assert [t.id for t in m.generate([5, 17, 33], 6)] == alone     # a new one runs as before
+
+
+@pytest.mark.parametrize("flags,msg", [(["--temp", "nan"], "--temp"), (["--seed", "-1", "--temp", "1"], "--seed"),
+                                       (["--budget", ""], "budget")])
+def test_sampling_flags_are_checked(model_dir, flags, msg):
+    r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "3", *flags)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flags", [["--temp", "1e-320", "-s", "1"], ["--temp", "0.8", "--top-k", "10000000", "-s", "1"]])
+def test_extreme_sampling_values_run(model_dir, flags):
+    r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "3", *flags)
+    assert r.returncode == 0, r.stderr
