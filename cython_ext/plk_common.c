@@ -57,7 +57,9 @@ int plk_detect_isa(void)
 }
 
 #define TABLE(isa) { rows_q8_q8_##isa, rows_q4_0_q8_##isa, rows_q4_1_q8_##isa, \
-                     rows_q2_q8_##isa, rows_tern_q8_##isa, rows_q1_q8_##isa }
+                     rows_q2_q8_##isa, rows_tern_q8_##isa, rows_q1_q8_##isa, \
+                     rows_q5_0_q8_##isa, rows_q5_1_q8_##isa, \
+                     rows_q4_k_q8k_##isa, rows_q5_k_q8k_##isa, rows_q6_k_q8k_##isa }
 static const plk_rows_fn ma_table[PLK_NISA][PLK_NFMT] = { TABLE(generic), TABLE(avx2), TABLE(avx512) };
 /* table lookup: the portable kernels (plk_generic.c) on generic and AVX-512 (there only if asked for:
  * TL_PREFERRED in kernels.py), the vpshufb ones (plk_tl.h, need a plk_tl_pack layout) on AVX2 */
@@ -118,6 +120,13 @@ void plk_quantize_act(int isa, const float *x, int T, int K, int ldx, int Kp,
     if (isa == PLK_GENERIC) quantize_act_q8_generic(x, T, K, ldx, Kp, qs, dx, s, isum);
     else if (isa == PLK_AVX2) quantize_act_q8_avx2(x, T, K, ldx, Kp, qs, dx, s, isum);
     else quantize_act_q8_avx512(x, T, K, ldx, Kp, qs, dx, s, isum);
+}
+
+void plk_quantize_act_k(int isa, const float *x, int T, int K, int ldx, int8_t *qs, float *d, int16_t *bs)
+{
+    if (isa == PLK_GENERIC) quantize_act_q8k_generic(x, T, K, ldx, qs, d, bs);
+    else if (isa == PLK_AVX2) quantize_act_q8k_avx2(x, T, K, ldx, qs, d, bs);
+    else quantize_act_q8k_avx512(x, T, K, ldx, qs, d, bs);
 }
 
 void plk_act_bx(int fmt, int T, int nb, const float *dx, const float *s, const int32_t *isum, float *bx)
@@ -312,7 +321,7 @@ void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *
 }
 
 typedef struct {                   /* activations in the layout plk_act points into */
-    int8_t *qs; float *dx, *s, *bx; int32_t *isum;
+    int8_t *qs; float *dx, *s, *bx; int32_t *isum; int16_t *bs;
 } act_buf;
 
 static int act_alloc(act_buf *b, int T, int Kp, int ng)
@@ -321,21 +330,29 @@ static int act_alloc(act_buf *b, int T, int Kp, int ng)
     b->qs = (int8_t *)malloc((size_t)T * Kp + 64);
     b->dx = (float *)malloc(sizeof(float) * ((size_t)T * nb * 2 + (size_t)T * ng + 16));
     b->isum = (int32_t *)malloc(sizeof(int32_t) * ((size_t)T * nb + 16));
-    if (!b->qs || !b->dx || !b->isum) { free(b->qs); free(b->dx); free(b->isum); return -1; }
+    b->bs = (int16_t *)malloc(sizeof(int16_t) * ((size_t)T * (Kp / 16) + 32));   /* Q8_K block sums */
+    if (!b->qs || !b->dx || !b->isum || !b->bs) { free(b->qs); free(b->dx); free(b->isum); free(b->bs); return -1; }
     b->s = b->dx + (size_t)T * nb;
     b->bx = b->s + (size_t)T * nb;
     return 0;
 }
 
-static void act_free(act_buf *b) { free(b->qs); free(b->dx); free(b->isum); }
+static void act_free(act_buf *b) { free(b->qs); free(b->dx); free(b->isum); free(b->bs); }
 
+/* x quantized in fmt's activation type: Q8_K for the K-quants (Kp == K, a multiple of 256), else q8 */
 static void act_prepare(int isa, int fmt, const float *x, int T, int K, int ldx, int Kp, act_buf *b, plk_act *a)
 {
+    if (plk_kquant(fmt)) {
+        plk_quantize_act_k(isa, x, T, K, ldx, b->qs, b->dx, b->bs);
+        a->T = T; a->Kp = Kp; a->nb = a->ng = Kp / 256;
+        a->qs = b->qs; a->dx = b->dx; a->bx = NULL; a->tab = NULL; a->bs = b->bs;
+        return;
+    }
     int nb = Kp / 32;
     plk_quantize_act(isa, x, T, K, ldx, Kp, b->qs, b->dx, b->s, b->isum);
     plk_act_bx(fmt, T, nb, b->dx, b->s, b->isum, b->bx);
     a->T = T; a->Kp = Kp; a->nb = nb; a->ng = Kp / plk_group[fmt];
-    a->qs = b->qs; a->dx = b->dx; a->bx = b->bx; a->tab = NULL;
+    a->qs = b->qs; a->dx = b->dx; a->bx = b->bx; a->tab = NULL; a->bs = NULL;
 }
 
 
@@ -394,9 +411,11 @@ static void ffn_item(void *c, int ch)
     const int64_t *offs = j->offs;
     for (int i = i0; i < i1; i++) {
         const uint8_t *base = (const uint8_t *)(uintptr_t)j->ptrs[i];
-        plk_w wg = { base + offs[0], (const uint16_t *)(base + offs[1]), offs[2] >= 0 ? (const uint16_t *)(base + offs[2]) : 0 };
-        plk_w wu = { base + offs[3], (const uint16_t *)(base + offs[4]), offs[5] >= 0 ? (const uint16_t *)(base + offs[5]) : 0 };
-        plk_w wd = { base + offs[6], (const uint16_t *)(base + offs[7]), offs[8] >= 0 ? (const uint16_t *)(base + offs[8]) : 0 };
+#define PLANE16(o) ((o) >= 0 ? (const uint16_t *)(base + (o)) : 0)   /* -1: no such plane (raw GGML blocks) */
+        plk_w wg = { base + offs[0], PLANE16(offs[1]), PLANE16(offs[2]) };
+        plk_w wu = { base + offs[3], PLANE16(offs[4]), PLANE16(offs[5]) };
+        plk_w wd = { base + offs[6], PLANE16(offs[7]), PLANE16(offs[8]) };
+#undef PLANE16
         float *g = gu, *u = gu + (size_t)T * C;
         j->fgu(&wg, 0, C, j->ha, g, C, 0);
         j->fgu(&wu, 0, C, j->ha, u, C, 0);

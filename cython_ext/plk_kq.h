@@ -1,0 +1,325 @@
+/* SIMD kernels of the raw GGML block formats, included after plk_simd.h by plk_avx2.c and plk_avx512.c
+ * (same SUFFIX / PLK_VNNI / AI / NAME). 256-bit vectors in both variants; PLK_VNNI turns the int16 x int16
+ * scale step into vpdpwssd and the q5 bit expansion into a mask move.
+ *
+ * K-quants (q4_k, q5_k, q6_k) against Q8_K activations. Per row, up to 4 tokens at a time; per
+ * super-block the codes are unpacked once into 8 vectors of 32 unsigned codes (q4_k/q5_k: one 32-sub-block
+ * each; q6_k: two 16-sub-blocks, one per 128-bit lane) and the sub-block scales into matching int16
+ * vectors; per token, vpmaddubsw (u8 codes x s8 activations, pairs <= 2 x 63 x 127: no int16 overflow) then
+ * vpmaddwd / vpdpwssd by the scales accumulate sum_j sc_j * dot_j in 8 int32 lanes (exact), the mins term
+ * (q4_k/q5_k) is a vpmaddwd of the 8 mins with the per-32 sums of the Q8_K block sums, q6_k's -32 offset is
+ * folded in as 32 * sc_j * bsum_j. The two integers are reduced to scalars and the float steps are those of
+ * formats._matmul_ref_k, as scalar fmas in order over the super-blocks: the reference bits, and a token's
+ * bits do not depend on the batch it is in. */
+
+AI __m256i kq_madd(__m256i acc, __m256i s16, __m256i sc)
+{
+#if PLK_VNNI
+    return _mm256_dpwssd_epi32(acc, s16, sc);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(s16, sc));
+#endif
+}
+
+/* the 8 6-bit scales and mins of a q4_k / q5_k super-block as int16 (8 lanes each) */
+AI void kq_scale_min(const uint8_t *s, __m128i *sc, __m128i *mn)
+{
+    uint32_t u0, u1, u2;
+    memcpy(&u0, s, 4);
+    memcpy(&u1, s + 4, 4);
+    memcpy(&u2, s + 8, 4);
+    const uint32_t sc_lo = u0 & 0x3f3f3f3fu, mn_lo = u1 & 0x3f3f3f3fu;
+    const uint32_t sc_hi = (u2 & 0x0f0f0f0fu) | ((u0 >> 2) & 0x30303030u);
+    const uint32_t mn_hi = ((u2 >> 4) & 0x0f0f0f0fu) | ((u1 >> 2) & 0x30303030u);
+    *sc = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo));
+    *mn = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn_hi, (int)mn_lo));
+}
+
+/* bit 4 of code byte i = bit j of qh byte i (q5_k: qh bit j belongs to sub-block j) */
+AI __m256i kq_hbit(__m256i qh, int j)
+{
+    const __m256i m = _mm256_set1_epi8(0x10);
+    switch (j) {
+    case 0: return _mm256_and_si256(_mm256_slli_epi16(qh, 4), m);
+    case 1: return _mm256_and_si256(_mm256_slli_epi16(qh, 3), m);
+    case 2: return _mm256_and_si256(_mm256_slli_epi16(qh, 2), m);
+    case 3: return _mm256_and_si256(_mm256_slli_epi16(qh, 1), m);
+    case 4: return _mm256_and_si256(qh, m);
+    case 5: return _mm256_and_si256(_mm256_srli_epi16(qh, 1), m);
+    case 6: return _mm256_and_si256(_mm256_srli_epi16(qh, 2), m);
+    default: return _mm256_and_si256(_mm256_srli_epi16(qh, 3), m);
+    }
+}
+
+/* the last step of a super-block for one token: vi = 8 int32 partials of isum, vm = 4 int32 partials of
+ * imin (or zero), y <- fma(isum, dd, y) [, fma(imin, ndm, y)] */
+AI __m128 kq_finish(__m256i vi, __m128i vm, int has_min, float dd, float ndm, __m128 y)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(vi), _mm256_extracti128_si256(vi, 1));
+    s = _mm_hadd_epi32(s, vm);            /* [i0+i1, i2+i3, m0+m1, m2+m3] */
+    s = _mm_hadd_epi32(s, s);             /* [I, M, I, M] */
+    const __m128 f = _mm_cvtepi32_ps(s);
+    y = _mm_fmadd_ss(f, _mm_set_ss(dd), y);
+    if (has_min) y = _mm_fmadd_ss(_mm_movehdup_ps(f), _mm_set_ss(ndm), y);
+    return y;
+}
+
+/* one row x NT tokens (1..4) */
+AI void kq_row(const int FMT, const int NT, const uint8_t *row, int S, const plk_act *a, int t0, float *res)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    const int QB = plk_qbytes[FMT];
+    const int8_t *xp[4];
+    const int16_t *bp[4];
+    const float *dp[4];
+    __m128 y[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) {
+        xp[t] = a->qs + (size_t)(t0 + t) * a->Kp;
+        bp[t] = a->bs + (size_t)(t0 + t) * (a->Kp / 16);
+        dp[t] = a->dx + (size_t)(t0 + t) * S;
+        y[t] = _mm_setzero_ps();
+    }
+    for (int b = 0; b < S; b++) {
+        const uint8_t *blk = row + (size_t)b * QB;
+        const char *pf = (const char *)blk + PLK_PF;
+        _mm_prefetch(pf, _MM_HINT_T0);
+        _mm_prefetch(pf + 64, _MM_HINT_T0);
+        _mm_prefetch(pf + 128, _MM_HINT_T0);
+        if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T0);
+        __m256i c[8], sv[8];
+        __m128i mn = _mm_setzero_si128();
+        __m256i sc16 = _mm256_setzero_si256();
+        float dw, dmw = 0.0f;
+        if (FMT == PLK_Q6_K) {
+            const uint8_t *ql = blk, *qh = blk + 128;
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+                const __m256i hh = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+                c[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), m30));
+                c[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), m30));
+                c[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hh, m30));
+                c[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hh, 2), m30));
+            }
+            /* vector g (elements 32g..32g+31) has sub-blocks 2g (low lane), 2g+1 (high lane) */
+            sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+            const __m256i B0 = _mm256_permute2x128_si256(sc16, sc16, 0x00), B1 = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) {
+                const int k = g & 3;
+                const __m256i sel = _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                     4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                     4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3,
+                                                     4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3);
+                sv[g] = _mm256_shuffle_epi8(g < 4 ? B0 : B1, sel);
+            }
+            uint16_t hd;
+            memcpy(&hd, blk + 208, 2);
+            dw = _cvtsh_ss(hd);
+        } else {
+            const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
+            __m128i sc;
+            kq_scale_min(blk + 4, &sc, &mn);
+            const __m256i sb = _mm256_broadcastsi128_si256(sc);
+            __m256i qh = _mm256_setzero_si256();
+            if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; p++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+                c[2 * p] = _mm256_and_si256(v, m4);
+                c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (FMT == PLK_Q5_K) {
+                    c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
+                    c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
+                }
+            }
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++)
+                sv[j] = _mm256_shuffle_epi8(sb, _mm256_set1_epi16((short)((2 * j) | ((2 * j + 1) << 8))));
+            uint16_t hd, hm;
+            memcpy(&hd, blk, 2);
+            memcpy(&hm, blk + 2, 2);
+            dw = _cvtsh_ss(hd);
+            dmw = _cvtsh_ss(hm);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const int8_t *x = xp[t] + (size_t)b * 256;
+            const int16_t *bs = bp[t] + (size_t)b * 16;
+            __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++)
+                acc = kq_madd(acc, _mm256_maddubs_epi16(c[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j))), sv[j]);
+            const float dx = dp[t][b];
+            if (FMT == PLK_Q6_K) {
+                const __m256i m = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)bs));
+                acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(m, 5));
+                y[t] = kq_finish(acc, _mm_setzero_si128(), 0, dw * dx, 0.0f, y[t]);
+            } else {
+                const __m128i b32 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8)));
+                const __m128i vm = _mm_madd_epi16(mn, b32);
+                y[t] = kq_finish(acc, vm, 1, dw * dx, -(dmw * dx), y[t]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) res[t] = _mm_cvtss_f32(y[t]);
+}
+
+AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
+{
+    const int S = a->ng;
+    const size_t rowb = (size_t)S * plk_qbytes[FMT];
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = w->qs + (size_t)r * rowb;
+        for (int ts = 0; ts < a->T; ts += 4) {
+            const int nt = a->T - ts < 4 ? a->T - ts : 4;
+            float res[4];
+            switch (nt) {
+            case 1: kq_row(FMT, 1, row, S, a, ts, res); break;
+            case 2: kq_row(FMT, 2, row, S, a, ts, res); break;
+            case 3: kq_row(FMT, 3, row, S, a, ts, res); break;
+            default: kq_row(FMT, 4, row, S, a, ts, res); break;
+            }
+            for (int t = 0; t < nt; t++) {
+                float *o = y + (size_t)(ts + t) * ldy + r;
+                *o = accum ? *o + res[t] : res[t];
+            }
+        }
+    }
+}
+
+void NAME(rows_q4_k_q8k)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc)
+{ rows_kq(PLK_Q4_K, w, r0, r1, a, y, ldy, acc); }
+void NAME(rows_q5_k_q8k)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc)
+{ rows_kq(PLK_Q5_K, w, r0, r1, a, y, ldy, acc); }
+void NAME(rows_q6_k_q8k)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc)
+{ rows_kq(PLK_Q6_K, w, r0, r1, a, y, ldy, acc); }
+
+/* ---- q5_0 / q5_1 (32-blocks, q8 activations) ---- */
+AI __m256i q5_unpack(const uint8_t *blk, int off)
+{
+    uint32_t qh;
+    memcpy(&qh, blk + off, 4);
+    const __m128i ql = _mm_loadu_si128((const __m128i *)(blk + off + 4));
+    const __m256i lo = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(ql, 4), ql), _mm256_set1_epi8(0x0f));
+#if PLK_VNNI
+    const __m256i hi = _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(0x10));
+#else
+    /* byte i <- byte i/8 of qh, then bit i%8 of it */
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    const __m256i hi = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+#endif
+    return _mm256_or_si256(lo, hi);
+}
+
+/* per row and token: acc (8 lanes) += cvt(dot of block b) * (d_w dx_b), block by block; off += Bw bx_b;
+ * result hsum8(acc) + off. The same steps for every token whatever the batch (batch invariant). */
+AI void q5_row(const int FMT, const int NT, const uint8_t *row, int nb, const plk_act *a, int t0, float *res)
+{
+    const int QB = plk_qbytes[FMT], off = FMT == PLK_Q5_1 ? 4 : 2;
+    __m256 acc[4];
+    float bo[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); bo[t] = 0.0f; }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + (size_t)b * QB;
+        if (!(b & 1)) _mm_prefetch((const char *)blk + PLK_PF, _MM_HINT_T0);
+        const __m256i c = q5_unpack(blk, off);
+        uint16_t hd, hm;
+        memcpy(&hd, blk, 2);
+        const float dw = _cvtsh_ss(hd);
+        float bw = -16.0f * dw;
+        if (FMT == PLK_Q5_1) { memcpy(&hm, blk + 2, 2); bw = _cvtsh_ss(hm); }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const size_t tt = (size_t)(t0 + t);
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(a->qs + tt * a->Kp + (size_t)b * 32));
+            const float dx = a->dx[tt * nb + b], bx = a->bx[tt * a->ng + b];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sdot(c, xv)), _mm256_set1_ps(dw * dx), acc[t]);
+            bo[t] = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(bw), _mm_set_ss(bx), _mm_set_ss(bo[t])));
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) + bo[t];
+}
+
+AI void rows_q5(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
+{
+    const int nb = a->nb;
+    const size_t rowb = (size_t)nb * plk_qbytes[FMT];
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = w->qs + (size_t)r * rowb;
+        for (int ts = 0; ts < a->T; ts += 4) {
+            const int nt = a->T - ts < 4 ? a->T - ts : 4;
+            float res[4];
+            switch (nt) {
+            case 1: q5_row(FMT, 1, row, nb, a, ts, res); break;
+            case 2: q5_row(FMT, 2, row, nb, a, ts, res); break;
+            case 3: q5_row(FMT, 3, row, nb, a, ts, res); break;
+            default: q5_row(FMT, 4, row, nb, a, ts, res); break;
+            }
+            for (int t = 0; t < nt; t++) {
+                float *o = y + (size_t)(ts + t) * ldy + r;
+                *o = (accum ? *o : 0.0f) + res[t];
+            }
+        }
+    }
+}
+
+void NAME(rows_q5_0_q8)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc)
+{ rows_q5(PLK_Q5_0, w, r0, r1, a, y, ldy, acc); }
+void NAME(rows_q5_1_q8)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc)
+{ rows_q5(PLK_Q5_1, w, r0, r1, a, y, ldy, acc); }
+
+/* ---- Q8_K activations (formats.quantize_act_k, bit-exact): first largest |x| per 256, q = cvtps (round to
+ * nearest even, as rint) of iscale * x, clamped at 127; d = 1 / iscale ---- */
+void NAME(quantize_act_q8k)(const float *x, int T, int K, int ldx, int8_t *qs, float *d, int16_t *bs)
+{
+    const int S = K / 256;
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int t = 0; t < T; t++)
+        for (int b = 0; b < S; b++) {
+            const float *v = x + (size_t)t * ldx + (size_t)b * 256;
+            int8_t *q = qs + (size_t)t * K + (size_t)b * 256;
+            int16_t *s = bs + (size_t)t * (K / 16) + (size_t)b * 16;
+            __m256 mx = _mm256_setzero_ps();
+            for (int i = 0; i < 256; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(v + i), absm));
+            __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            m = _mm_max_ss(m, _mm_movehdup_ps(m));
+            const float amax = _mm_cvtss_f32(m);
+            if (!(amax > 0.0f)) {
+                memset(q, 0, 256);
+                memset(s, 0, 32);
+                d[(size_t)t * S + b] = 0.0f;
+                continue;
+            }
+            int i0 = 0;                       /* the first element with |x| == amax, its signed value */
+            while (i0 < 255 && fabsf(v[i0]) != amax) i0++;
+            const float is = -127.0f / v[i0];
+            const __m256 vis = _mm256_set1_ps(is);
+            const __m256i c127 = _mm256_set1_epi32(127);
+            for (int j = 0; j < 256; j += 32) {
+                __m256i qi[4];
+                for (int k = 0; k < 4; k++)
+                    qi[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(vis, _mm256_loadu_ps(v + j + 8 * k))), c127);
+                /* sums of 16 (two vectors each) */
+                for (int h = 0; h < 2; h++) {
+                    __m256i sv = _mm256_add_epi32(qi[2 * h], qi[2 * h + 1]);
+                    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sv), _mm256_extracti128_si256(sv, 1));
+                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+                    s[j / 16 + h] = (int16_t)_mm_cvtsi128_si32(s4);
+                }
+                __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+                p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256((__m256i *)(q + j), p8);
+            }
+            d[(size_t)t * S + b] = 1.0f / is;
+        }
+}
