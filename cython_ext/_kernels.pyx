@@ -338,10 +338,13 @@ def rope_tables(pos, int hd, double theta, double scale, c, s):
 
 
 def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl, attn_norm, ffn_norm,
-               float eps, x, h, kc, vc, int start, int nh, int nkv, rcos, rsin, scratch, int nthreads):
+               float eps, x, h, kc, vc, int start, int nh, int nkv, rcos, rsin, scratch, int nthreads, parts=None):
     """One layer's attention block (plk_attn_block): x += wo attention(rope(wqkv rmsnorm(x))), K/V rows
-    stored into the fp16 caches at start.., h = rmsnorm(x, ffn_norm)."""
+    stored into the fp16 caches at start.., h = rmsnorm(x, ffn_norm).
+    parts: None (the fused wqkv qs, d, m, qtl) or a list of up to 3 (fmt, tl, qs, d, m, tl_layout, rows), rows
+    stacked in order (q, k, v); then fq .. qtl are ignored."""
     cdef plk_attn_w w
+    cdef int ip, r_total = 0
     _arr(x, cnp.NPY_FLOAT32, 2, "x")
     _arr(h, cnp.NPY_FLOAT32, 2, "h")
     cdef int T = x.shape[0], K = x.shape[1]
@@ -357,9 +360,30 @@ def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, o
     if start < 0 or start + T > maxP:
         raise ValueError(f"positions {start}..{start + T - 1} exceed the cache length {maxP}")
     cdef int nq = (nh + 2 * nkv) * hd, qd = nh * hd
-    _planes(fq, qs, d, m, nq, K, &w.wqkv)
+    w.nparts = 0
+    if parts is None:
+        _planes(fq, qs, d, m, nq, K, &w.wqkv)
+        _tl_layout(fq, qtl, nq, K, &w.wqkv)
+    else:
+        if not 1 <= len(parts) <= 3:
+            raise ValueError(f"the qkv projection takes 1 to 3 parts, got {len(parts)}")
+        for ip in range(len(parts)):
+            pf, ptl, pqs, pd, pm, playout, prow = parts[ip]
+            if prow < 1:
+                raise ValueError(f"qkv part {ip} has {prow} rows")
+            _planes(pf, pqs, pd, pm, prow, K, &w.wp[ip])
+            _tl_layout(pf, playout, prow, K, &w.wp[ip])
+            w.fmt_p[ip] = pf
+            w.tl_p[ip] = ptl
+            w.rows_p[ip] = prow
+            r_total += prow
+        if r_total != nq:
+            raise ValueError(f"the qkv parts have {r_total} rows in all, the heads need {nq}")
+        w.nparts = len(parts)
+        w.wqkv = w.wp[0]
+        fq = w.fmt_p[0]
+        tlq = w.tl_p[0]
     _planes(fo, oqs, od, om, K, qd, &w.wo)
-    _tl_layout(fq, qtl, nq, K, &w.wqkv)
     _tl_layout(fo, otl, K, qd, &w.wo)
     w.fmt_qkv = fq
     w.fmt_o = fo

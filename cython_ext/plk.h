@@ -86,9 +86,14 @@ double plk_read_probe(int isa, const uint8_t *buf, size_t n, int nthreads);
 typedef void (*plk_pool_fn)(void *ctx, int item);
 void plk_pool_run(plk_pool_fn fn, void *ctx, int n, int nthreads);
 /* one layer's attention block, see plk_common.c */
+#define PLK_QKV_MAXPARTS 3
 typedef struct {
     int fmt_qkv, fmt_o, tl_qkv, tl_o;   /* formats, table-lookup flags (as matmul picks them) */
     plk_w wqkv, wo;            /* (nh + 2 nkv) hd x K and K x nh hd */
+    /* nparts > 0: the qkv projection is these parts instead of wqkv (rows stacked in order, each its own
+     * format: e.g. q, k in q4_k and v in q6_k), each written into its column slice of qkv */
+    int nparts, fmt_p[PLK_QKV_MAXPARTS], tl_p[PLK_QKV_MAXPARTS], rows_p[PLK_QKV_MAXPARTS];
+    plk_w wp[PLK_QKV_MAXPARTS];
     const float *bqkv;         /* NULL or (nh + 2 nkv) hd */
     const float *attn_norm, *ffn_norm;
 } plk_attn_w;

@@ -40,6 +40,11 @@ cdef extern from "plk.h" nogil:
         int tl_o
         plk_w wqkv
         plk_w wo
+        int nparts
+        int fmt_p[3]
+        int tl_p[3]
+        int rows_p[3]
+        plk_w wp[3]
         const float *bqkv
         const float *attn_norm
         const float *ffn_norm

@@ -515,6 +515,45 @@ int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const
     return plk_oom_take() ? -1 : 0;
 }
 
+/* qkv (T, ldq) column slices <- the parts of the qkv projection, rows stacked in order. h is quantized once per
+ * activation type (and padded width): Q8_K for the K-quant parts, q8 for the others (their offset factors bx,
+ * which depend on the format, recomputed per part from the same blocks). Each part's values are those of
+ * plk_matmul_f32 on it alone (same activations, same kernel and row split): the unfused engine's bits. */
+static int qkv_parts(int isa, const plk_attn_w *lw, const float *h, int T, int K, float *qkv, int ldq, int nthreads)
+{
+    act_buf bq, bk;
+    int kp_q = 0, have_k = 0, rc = 0, row0 = 0;
+    plk_act ak;
+    for (int p = 0; p < lw->nparts && !rc; p++) {
+        const int fmt = lw->fmt_p[p], g = plk_group[fmt], Kp = (K + g - 1) / g * g;
+        plk_act a;
+        if (plk_kquant(fmt)) {
+            if (!have_k) {
+                if (act_alloc(&bk, T, Kp, Kp / 256)) { rc = -1; break; }
+                act_prepare(isa, fmt, h, T, K, K, Kp, &bk, &ak);
+                have_k = 1;
+            }
+            a = ak;
+        } else {
+            if (kp_q != Kp) {
+                if (kp_q) act_free(&bq);
+                kp_q = 0;
+                if (act_alloc(&bq, T, Kp, Kp / 32)) { rc = -1; break; }
+                plk_quantize_act(isa, h, T, K, K, Kp, bq.qs, bq.dx, bq.s, bq.isum);
+                kp_q = Kp;
+            }
+            plk_act_bx(fmt, T, Kp / 32, bq.dx, bq.s, bq.isum, bq.bx);
+            a.T = T; a.Kp = Kp; a.nb = Kp / 32; a.ng = Kp / g;
+            a.qs = bq.qs; a.dx = bq.dx; a.bx = bq.bx; a.tab = NULL; a.bs = NULL;
+        }
+        plk_matmul(isa, fmt, lw->tl_p[p], &lw->wp[p], lw->rows_p[p], &a, qkv + row0, ldq, 0, nthreads);
+        row0 += lw->rows_p[p];
+    }
+    if (kp_q) act_free(&bq);
+    if (have_k) act_free(&bk);
+    return rc || plk_oom_take() ? -1 : 0;
+}
+
 /* One layer's attention block, the unfused engine sequence in one call (same kernels, same order):
  *   h = rmsnorm(x, attn_norm); qkv = wqkv h (+ bqkv); RoPE on q and k (tables rcos/rsin (T, hd/2));
  *   k, v -> fp16 cache rows start..start+T-1 (kc, vc (nkv, maxP, hd)); a = attention(q, cache);
@@ -527,7 +566,9 @@ int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h,
     const int qd = nh * hd, kd = nkv * hd, nq = qd + 2 * kd;
     float *qkv = scratch, *att = qkv + (size_t)T * nq, *y = att + (size_t)T * qd;
     plk_rmsnorm(x, lw->attn_norm, eps, h, T, K);
-    if (plk_matmul_f32(isa, lw->fmt_qkv, lw->tl_qkv, &lw->wqkv, nq, K, h, T, qkv, nthreads)) return -1;
+    if (lw->nparts > 0) {
+        if (qkv_parts(isa, lw, h, T, K, qkv, nq, nthreads)) return -1;
+    } else if (plk_matmul_f32(isa, lw->fmt_qkv, lw->tl_qkv, &lw->wqkv, nq, K, h, T, qkv, nthreads)) return -1;
     for (int t = 0; t < T; t++) {
         float *r = qkv + (size_t)t * nq;
         if (lw->bqkv)

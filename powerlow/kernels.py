@@ -318,8 +318,21 @@ def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: n
     h (T, K) receives rmsnorm(x, ffn_norm) (the FFN input) and is returned. rope = rope_tables(...) of
     the T positions; scratch from attn_scratch(T, ...). Bit-identical to the unfused kernel sequence."""
     which = _isa_id(isa)
-    fq, tlq, qs, d, m, qtl = _mat_args(lw.wqkv, which)
+    parts = None
+    if isinstance(lw.wqkv, (tuple, list)):
+        # q, k, v as separate matrices (formats that differ, e.g. q4_k q/k and a q6_k v): each part into its
+        # column slice, one activation quantization per activation type (plk_attn_block)
+        parts = []
+        for i, part in enumerate(lw.wqkv):
+            args = _mat_args(part, which)
+            if part.cols != x.shape[1]:
+                raise ValueError(f"qkv part {i} has {part.cols} columns, x has {x.shape[1]}")
+            parts.append(args + (part.rows,))
+        fq, tlq, qs, d, m, qtl = parts[0][:6]
+    else:
+        fq, tlq, qs, d, m, qtl = _mat_args(lw.wqkv, which)
     fo, tlo, oqs, od, om, otl = _mat_args(lw.wo, which)
     _k.attn_block(which, fq, tlq, qs, d, m, qtl, lw.bqkv, fo, tlo, oqs, od, om, otl, lw.attn_norm, lw.ffn_norm, eps,
-                  x, h, k_cache, v_cache, int(start), n_heads, n_kv, rope[0], rope[1], scratch, _threads)
+                  x, h, k_cache, v_cache, int(start), n_heads, n_kv, rope[0], rope[1], scratch, _threads, parts)
     return h
+

@@ -279,3 +279,87 @@ def test_ffn_bundles_kquants(isa, fmt, down_fmt):
     K.ffn_bundles(ptrs, lay, h, "silu", full, isa=isa)
     K.ffn_bundles(ptrs, lay, h[1:2].copy(), "silu", one, isa=isa)
     np.testing.assert_array_equal(one[0], full[1])
+
+
+# ---------------------------------------------------------------- attention with q, k, v in different formats
+
+def _unfused_attn(lw, x, kc, vc, start, rope, pos, nh, nkv, hd, eps, theta):
+    """the engine's unfused kernel sequence (Transformer.forward with fused=False)"""
+    from powerlow.engine import qkv_matmul
+    T = x.shape[0]
+    qkv = qkv_matmul(lw.wqkv, K.rmsnorm(x, lw.attn_norm, eps), K.matmul)
+    if lw.bqkv is not None:
+        qkv += lw.bqkv
+    qd, kd = nh * hd, nkv * hd
+    q = K.rope(np.ascontiguousarray(qkv[:, :qd].reshape(T, nh, hd)), pos, theta)
+    k = K.rope(np.ascontiguousarray(qkv[:, qd: qd + kd].reshape(T, nkv, hd)), pos, theta)
+    kc[:, start: start + T] = k.transpose(1, 0, 2)
+    vc[:, start: start + T] = qkv[:, qd + kd:].reshape(T, nkv, hd).transpose(1, 0, 2)
+    x += K.matmul(lw.wo, K.attention(q, kc, vc, start))
+    return x, K.rmsnorm(x, lw.ffn_norm, eps)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmts,K_,bias", [(("q4_k", "q4_k", "q6_k"), 256, True), (("q4_0", "q4_1", "q8"), 96, False),
+                                          (("q6_k", "q5_k", "q4_1"), 512, False)])
+def test_attn_block_qkv_parts(isa, fmts, K_, bias):
+    """attn_block with the qkv projection as 3 parts of different formats == the unfused kernel sequence, bit for
+    bit, prefill then decode; close to the numpy composition (RefOps.attn_block with the same parts)."""
+    from types import SimpleNamespace
+    from powerlow.engine import RefOps
+    rng = np.random.default_rng(40)
+    nh, nkv, hd, maxP, eps, theta = 4, 2, 16, 16, 1e-5, 1e4
+    rows = (nh * hd, nkv * hd, nkv * hd)
+    parts = tuple(F.quantize((rng.standard_normal((r, K_)) * 0.1).astype(np.float32), f) for r, f in zip(rows, fmts))
+    lw = SimpleNamespace(attn_norm=(1 + 0.1 * rng.standard_normal(K_)).astype(np.float32), wqkv=parts,
+                         bqkv=(rng.standard_normal(sum(rows)) * 0.1).astype(np.float32) if bias else None,
+                         wo=F.quantize((rng.standard_normal((K_, nh * hd)) * 0.1).astype(np.float32), "q8"),
+                         ffn_norm=(1 + 0.1 * rng.standard_normal(K_)).astype(np.float32))
+    x0 = rng.standard_normal((6, K_)).astype(np.float32)
+    caches = [(np.zeros((nkv, maxP, hd), np.float16), np.zeros((nkv, maxP, hd), np.float16)) for _ in range(3)]
+    old = K.isa
+    for start, T in ((0, 4), (4, 1), (5, 1)):
+        pos = np.arange(start, start + T, dtype=np.int64)
+        rope = K.rope_tables(pos, hd, theta)
+        x, h = x0[start: start + T].copy(), np.empty((T, K_), np.float32)
+        K.attn_block(lw, x, h, *caches[0], start, rope, nh, nkv, eps, K.attn_scratch(T, nh, nkv, hd, K_), isa=isa)
+        try:
+            K.isa = isa          # the unfused kernels at the same variant
+            x2, h2 = _unfused_attn(lw, x0[start: start + T].copy(), *caches[1], start, rope, pos, nh, nkv, hd, eps, theta)
+        finally:
+            K.isa = old
+        np.testing.assert_array_equal(caches[0][0], caches[1][0])
+        np.testing.assert_array_equal(caches[0][1], caches[1][1])
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(h, h2)
+        x3, h3 = x0[start: start + T].copy(), np.empty((T, K_), np.float32)
+        RefOps.attn_block(lw, x3, h3, *caches[2], start, RefOps.rope_tables(pos, hd, theta), nh, nkv, eps)
+        np.testing.assert_allclose(x, x3, rtol=0, atol=0.05 * np.abs(x3).max())
+    # the parts must cover the heads' rows, each with K columns
+    bad = SimpleNamespace(**{**vars(lw), "wqkv": parts[:2]})
+    with pytest.raises(ValueError, match="rows"):
+        K.attn_block(bad, x0[:1].copy(), np.empty((1, K_), np.float32), *caches[0], 0, K.rope_tables(np.zeros(1, np.int64), hd, theta),
+                     nh, nkv, eps, K.attn_scratch(1, nh, nkv, hd, K_))
+
+
+def test_attn_block_parts_of_one_format_equal_fused():
+    """q, k, v as parts of one format give the fused matrix's bits (the K-quant rows are independent)"""
+    from types import SimpleNamespace
+    rng = np.random.default_rng(41)
+    K_, nh, nkv, hd, eps = 256, 4, 2, 16, 1e-5
+    w = (rng.standard_normal((128, K_)) * 0.1).astype(np.float32)
+    fused = F.quantize(w, "q4_k")
+    parts = (F.select_rows(fused, np.arange(64)), F.select_rows(fused, np.arange(64, 96)),
+             F.select_rows(fused, np.arange(96, 128)))
+    base = dict(attn_norm=np.ones(K_, np.float32), bqkv=None, ffn_norm=np.ones(K_, np.float32),
+                wo=F.quantize((rng.standard_normal((K_, nh * hd)) * 0.1).astype(np.float32), "q4_0"))
+    x0 = rng.standard_normal((3, K_)).astype(np.float32)
+    outs = []
+    for wq in (fused, parts):
+        kc, vc = np.zeros((nkv, 8, hd), np.float16), np.zeros((nkv, 8, hd), np.float16)
+        x, h = x0.copy(), np.empty_like(x0)
+        K.attn_block(SimpleNamespace(wqkv=wq, **base), x, h, kc, vc, 0, K.rope_tables(np.arange(3), hd, 1e4), nh, nkv,
+                     eps, K.attn_scratch(3, nh, nkv, hd, K_))
+        outs.append((x, h, kc, vc))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
