@@ -168,13 +168,216 @@ AI void kq_row(const int FMT, const int NT, const uint8_t *row, int S, const plk
     for (int t = 0; t < NT; t++) res[t] = _mm_cvtss_f32(y[t]);
 }
 
+/* ---- K-quant GEMM (prefill, T >= KQ_GEMM_MINT): tiles of 2 rows x 4 tokens --------------------------------
+ * The per-token kernel spends most of its work per (row, token) on scaling each sub-block's products (vpmaddwd
+ * / vpdpwssd) and on horizontal sums. Here the codes of a row and the activations of a token are re-laid once per
+ * call so that 32-bit lane j of step vector v holds 4 consecutive codes of sub-block j (q6_k: sub-block
+ * 8 (v / 4) + j): 8 byte-dot steps (vpdpbusd, or vpmaddubsw summed in int16 while that cannot overflow, then
+ * vpmaddwd by ones) leave sub-block j's exact dot in lane j, one vpmulld applies the 8 scales, and one
+ * transposing hadd tree gives the 8 (row, token) integer sums of the tile in one vector; the mins (or q6_k's
+ * -32 offset) are vpmaddwd of the scales/mins with the block sums. The float steps are the per-token kernel's
+ * (fma(isum, d_w*d_x, y), fma(imin, -(dmin_w*d_x), y) per super-block in order), 8 (row, token) pairs per
+ * vector: bit-identical to a token computed alone. Rows left over (odd) and tokens (T % 4) take kq_row. */
+#define KQ_GEMM_MINT 8
+
+/* natural dword (4 codes) feeding lane j of step v: q4_k/q5_k (sub-blocks of 32), q6_k (of 16) */
+AI int kq_perm(const int FMT, int v, int j)
+{
+    return FMT == PLK_Q6_K ? 32 * (v >> 2) + 4 * j + (v & 3) : 8 * j + v;
+}
+
+AI void kq_relayout(const int FMT, const uint32_t *nat, uint32_t *out)
+{
+    for (int v = 0; v < 8; v++)
+        for (int j = 0; j < 8; j++) out[8 * v + j] = nat[kq_perm(FMT, v, j)];
+}
+
+/* one row's super-blocks -> re-laid codes (S x 256 B), scales as int32 (S x 8, q6_k: S x 16), mins as int16
+ * (S x 8), scale sources for the q6_k offset (S x 16 int16), d and dmin (S floats each) */
+AI void kq_row_prep(const int FMT, const uint8_t *row, int S, uint8_t *wt, int32_t *scv, int16_t *mnv,
+                    float *dw, float *dmw)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    const int QB = plk_qbytes[FMT];
+    for (int b = 0; b < S; b++) {
+        const uint8_t *blk = row + (size_t)b * QB;
+        __m256i c[8];
+        uint32_t nat[64] __attribute__((aligned(32)));
+        if (FMT == PLK_Q6_K) {
+            const uint8_t *ql = blk, *qh = blk + 128;
+            for (int h = 0; h < 2; h++) {
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+                const __m256i hh = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+                c[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), m30));
+                c[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), m30));
+                c[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hh, m30));
+                c[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hh, 2), m30));
+            }
+            const int8_t *sc = (const int8_t *)(blk + 192);
+            for (int j = 0; j < 16; j++) { scv[16 * b + j] = sc[j]; mnv[16 * b + j] = sc[j]; }
+            uint16_t hd;
+            memcpy(&hd, blk + 208, 2);
+            dw[b] = _cvtsh_ss(hd);
+            dmw[b] = 0.0f;
+        } else {
+            const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
+            __m256i qh = _mm256_setzero_si256();
+            if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+            for (int p = 0; p < 4; p++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+                c[2 * p] = _mm256_and_si256(v, m4);
+                c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (FMT == PLK_Q5_K) {
+                    c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
+                    c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
+                }
+            }
+            __m128i sc, mn;
+            kq_scale_min(blk + 4, &sc, &mn);
+            _mm256_storeu_si256((__m256i *)(scv + 8 * b), _mm256_cvtepi16_epi32(sc));
+            _mm_storeu_si128((__m128i *)(mnv + 8 * b), mn);
+            uint16_t hd, hm;
+            memcpy(&hd, blk, 2);
+            memcpy(&hm, blk + 2, 2);
+            dw[b] = _cvtsh_ss(hd);
+            dmw[b] = _cvtsh_ss(hm);
+        }
+        for (int g = 0; g < 8; g++) _mm256_store_si256((__m256i *)(nat + 8 * g), c[g]);
+        kq_relayout(FMT, nat, (uint32_t *)(wt + (size_t)b * 256));
+    }
+}
+
+/* 8 step dots of one (row, token) pair into int32 lanes; AVX2 folds int16 while safe:
+ * q4_k 8 steps (<= 8 x 2 x 15 x 127), q5_k 4, q6_k 2 */
+AI __m256i kq_dot8(const int FMT, const __m256i *W, const int8_t *x, int v0, int nv)
+{
+#if PLK_VNNI
+    __m256i acc = _mm256_setzero_si256();
+    for (int v = v0; v < v0 + nv; v++) acc = _mm256_dpbusd_epi32(acc, W[v], _mm256_load_si256((const __m256i *)(x + 32 * v)));
+    return acc;
+#else
+    const int fold = FMT == PLK_Q4_K ? 8 : FMT == PLK_Q5_K ? 4 : 2;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int v = v0; v < v0 + nv; v += fold) {
+        __m256i s = _mm256_setzero_si256();
+        for (int u = v; u < v + fold && u < v0 + nv; u++)
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(W[u], _mm256_load_si256((const __m256i *)(x + 32 * u))));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+    }
+    return acc;
+#endif
+}
+
+AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk_act *a, float *y, int ldy, int accum)
+{
+    const int S = a->ng, QB = plk_qbytes[FMT];
+    const size_t rowb = (size_t)S * QB;
+    const int nsc = FMT == PLK_Q6_K ? 16 : 8;
+    /* scratch: activations re-laid (T4 x S x 256), per-32 block sums (T4 x S x 8 int16; q6_k: unused),
+     * two rows' re-laid codes, scales, mins, d, dmin */
+    const size_t xb = (size_t)T4 * S * 256, bb = (size_t)T4 * S * 16 * 2;
+    const size_t wb = (size_t)S * 256, sb = (size_t)S * nsc * 4, mb = (size_t)S * 16 * 2, fb = ((size_t)S * 4 + 31) & ~(size_t)31;
+    uint8_t *buf = (uint8_t *)plk_scratch(xb + bb + 2 * (wb + sb + mb + 2 * fb) + 256, 1);
+    if (!buf) { plk_oom_set(); return; }
+    uint8_t *xt = buf;
+    int16_t *b32 = (int16_t *)(buf + xb);
+    uint8_t *wt[2];
+    int32_t *scv[2];
+    int16_t *mnv[2];
+    float *dw[2], *dmw[2];
+    uint8_t *p = buf + xb + bb;
+    for (int i = 0; i < 2; i++) {
+        wt[i] = p; p += wb;
+        scv[i] = (int32_t *)p; p += sb;
+        mnv[i] = (int16_t *)p; p += mb;
+        dw[i] = (float *)p; p += fb;
+        dmw[i] = (float *)p; p += fb;
+    }
+    for (int t = 0; t < T4; t++)
+        for (int b = 0; b < S; b++) {
+            kq_relayout(FMT, (const uint32_t *)(a->qs + (size_t)t * a->Kp + (size_t)b * 256),
+                        (uint32_t *)(xt + ((size_t)t * S + b) * 256));
+            if (FMT != PLK_Q6_K) {
+                const int16_t *bs = a->bs + (size_t)t * (a->Kp / 16) + (size_t)b * 16;
+                _mm_storeu_si128((__m128i *)(b32 + ((size_t)t * S + b) * 8),
+                                 _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8))));
+            }
+        }
+    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256 signm = _mm256_set1_ps(-0.0f);
+    for (int r = r0; r + 2 <= r1; r += 2) {
+        for (int i = 0; i < 2; i++)
+            kq_row_prep(FMT, w->qs + (size_t)(r + i) * rowb, S, wt[i], scv[i], mnv[i], dw[i], dmw[i]);
+        for (int t0 = 0; t0 < T4; t0 += 4) {
+            __m256 yv = _mm256_setzero_ps();
+            for (int b = 0; b < S; b++) {
+                const __m256i *W[2] = { (const __m256i *)(wt[0] + (size_t)b * 256), (const __m256i *)(wt[1] + (size_t)b * 256) };
+                __m256i iv[8];
+                for (int t = 0; t < 4; t++) {
+                    const int8_t *x = (const int8_t *)(xt + ((size_t)(t0 + t) * S + b) * 256);
+                    for (int i = 0; i < 2; i++) {
+                        if (FMT == PLK_Q6_K) {
+                            const __m256i lo = kq_dot8(FMT, W[i], x, 0, 4), hi = kq_dot8(FMT, W[i], x, 4, 4);
+                            __m256i v = _mm256_add_epi32(_mm256_mullo_epi32(lo, _mm256_loadu_si256((const __m256i *)(scv[i] + 16 * b))),
+                                                         _mm256_mullo_epi32(hi, _mm256_loadu_si256((const __m256i *)(scv[i] + 16 * b + 8))));
+                            const __m256i sc16 = _mm256_loadu_si256((const __m256i *)(mnv[i] + 16 * b));
+                            const __m256i bs16 = _mm256_loadu_si256((const __m256i *)(a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16));
+                            iv[4 * i + t] = _mm256_sub_epi32(v, _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs16), 5));
+                        } else {
+                            iv[4 * i + t] = _mm256_mullo_epi32(kq_dot8(FMT, W[i], x, 0, 8), _mm256_loadu_si256((const __m256i *)(scv[i] + 8 * b)));
+                        }
+                    }
+                }
+                const __m256i I = hsum8x8i(iv);                 /* lane 4 i + t: row r + i, token t0 + t */
+                float dxs[4];
+                for (int t = 0; t < 4; t++) dxs[t] = a->dx[(size_t)(t0 + t) * S + b];
+                const __m256 dxv = _mm256_setr_ps(dxs[0], dxs[1], dxs[2], dxs[3], dxs[0], dxs[1], dxs[2], dxs[3]);
+                const __m256 dwv = _mm256_setr_ps(dw[0][b], dw[0][b], dw[0][b], dw[0][b], dw[1][b], dw[1][b], dw[1][b], dw[1][b]);
+                yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dwv, dxv), yv);
+                if (FMT != PLK_Q6_K) {
+                    __m256i mv[4];
+                    for (int i = 0; i < 2; i++) {
+                        const __m256i mm = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(mnv[i] + 8 * b)));
+                        for (int tp = 0; tp < 2; tp++) {
+                            const __m256i bp = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(b32 + ((size_t)(t0 + 2 * tp + 1) * S + b) * 8)),
+                                                                _mm_loadu_si128((const __m128i *)(b32 + ((size_t)(t0 + 2 * tp) * S + b) * 8)));
+                            mv[2 * i + tp] = _mm256_madd_epi16(mm, bp);   /* [(i, 2tp) | (i, 2tp+1)] partials */
+                        }
+                    }
+                    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
+                    const __m256i M = _mm256_permutevar8x32_epi32(h, unperm);
+                    const __m256 dmv = _mm256_setr_ps(dmw[0][b], dmw[0][b], dmw[0][b], dmw[0][b], dmw[1][b], dmw[1][b], dmw[1][b], dmw[1][b]);
+                    yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(dmv, dxv), signm), yv);
+                }
+            }
+            float res[8];
+            _mm256_storeu_ps(res, yv);
+            for (int i = 0; i < 2; i++)
+                for (int t = 0; t < 4; t++) {
+                    float *o = y + (size_t)(t0 + t) * ldy + r + i;
+                    *o = accum ? *o + res[4 * i + t] : res[4 * i + t];
+                }
+        }
+    }
+    free(buf);
+}
+
 AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
     const int S = a->ng;
     const size_t rowb = (size_t)S * plk_qbytes[FMT];
+    int t_done = 0;
+    if (a->T >= KQ_GEMM_MINT && r1 - r0 >= 2) {
+        const int T4 = a->T & ~3, r2 = r0 + ((r1 - r0) & ~1);
+        kq_gemm(FMT, w, r0, r2, T4, a, y, ldy, accum);
+        t_done = T4;
+    }
     for (int r = r0; r < r1; r++) {
+        const int odd = t_done && ((r - r0) >= ((r1 - r0) & ~1));
         const uint8_t *row = w->qs + (size_t)r * rowb;
-        for (int ts = 0; ts < a->T; ts += 4) {
+        for (int ts = odd ? 0 : t_done; ts < a->T; ts += 4) {
             const int nt = a->T - ts < 4 ? a->T - ts : 4;
             float res[4];
             switch (nt) {
