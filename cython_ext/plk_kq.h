@@ -35,6 +35,18 @@ AI void kq_scale_min(const uint8_t *s, __m128i *sc, __m128i *mn)
     *mn = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn_hi, (int)mn_lo));
 }
 
+/* the same as kq_scale_min in SSE: bytes 0..7 = sc, 8..15 = mins (reads 16 bytes at s: inside the block) */
+AI __m128i kq_scales_v(const uint8_t *s)
+{
+    const __m128i X = _mm_loadu_si128((const __m128i *)s);
+    const __m128i P = _mm_shuffle_epi8(X, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m128i lo = _mm_and_si128(P, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0));
+    const __m128i hi4 = _mm_and_si128(_mm_srli_epi16(P, 4), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15));
+    const __m128i Q = _mm_shuffle_epi8(X, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    const __m128i top = _mm_and_si128(_mm_srli_epi16(Q, 2), _mm_set1_epi8(0x30));
+    return _mm_or_si128(_mm_or_si128(lo, hi4), top);
+}
+
 /* bit 4 of code byte i = bit j of qh byte i (q5_k: qh bit j belongs to sub-block j) */
 AI __m256i kq_hbit(__m256i qh, int j)
 {
@@ -167,6 +179,247 @@ AI void kq_row(const int FMT, const int NT, const uint8_t *row, int S, const plk
 #pragma GCC unroll 4
     for (int t = 0; t < NT; t++) res[t] = _mm_cvtss_f32(y[t]);
 }
+
+/* 8 rows x NT tokens (NT = 1..4; decode): the rows' integer sums of a super-block go to one vector (lane i =
+ * row r + i) by one transposing hadd tree, and the float steps run for the 8 rows at once (lanes), the same
+ * operations per (row, token) as kq_row: the same bits. Saves the per-row horizontal sums and scalar tail. */
+AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0,
+                 __m256 *yv)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256 signm = _mm256_set1_ps(-0.0f);
+    const int QB = plk_qbytes[FMT];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) yv[t] = _mm256_setzero_ps();
+    for (int b = 0; b < S; b++) {
+        __m256i iv[4][8];
+        __m128i mnr[8];
+        float dws[8], dms[8];
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
+            /* the same super-block of the next set of 8 rows (8 row streams are too many for the hardware
+             * prefetcher to start in time, and a set's first blocks would wait for DRAM otherwise) */
+            const char *pf = (const char *)blk + 8 * rowb;
+            _mm_prefetch(pf, _MM_HINT_T0);
+            _mm_prefetch(pf + 64, _MM_HINT_T0);
+            _mm_prefetch(pf + 128, _MM_HINT_T0);
+            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T0);
+            __m256i c[8], sv[8], sc16 = _mm256_setzero_si256();
+            if (FMT == PLK_Q6_K) {
+                const uint8_t *ql = blk, *qh = blk + 128;
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+                    const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+                    const __m256i hh = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+                    c[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), m30));
+                    c[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), m30));
+                    c[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hh, m30));
+                    c[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hh, 2), m30));
+                }
+                sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+                const __m256i B0 = _mm256_permute2x128_si256(sc16, sc16, 0x00), B1 = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+#pragma GCC unroll 8
+                for (int g = 0; g < 8; g++) {
+                    const int k = g & 3;
+                    const __m256i sel = _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                         4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                         4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3,
+                                                         4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3);
+                    sv[g] = _mm256_shuffle_epi8(g < 4 ? B0 : B1, sel);
+                }
+                uint16_t hd;
+                memcpy(&hd, blk + 208, 2);
+                dws[i] = _cvtsh_ss(hd);
+            } else {
+                const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
+                const __m128i R = kq_scales_v(blk + 4);
+                mnr[i] = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(R, R));
+                const __m256i sb = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(R));
+                __m256i qh = _mm256_setzero_si256();
+                if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+#pragma GCC unroll 4
+                for (int p = 0; p < 4; p++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+                    c[2 * p] = _mm256_and_si256(v, m4);
+                    c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    if (FMT == PLK_Q5_K) {
+                        c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
+                        c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
+                    }
+                }
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++)
+                    sv[j] = _mm256_shuffle_epi8(sb, _mm256_set1_epi16((short)((2 * j) | ((2 * j + 1) << 8))));
+                int dd;
+                memcpy(&dd, blk, 4);
+                const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dd));
+                dws[i] = _mm_cvtss_f32(f);
+                dms[i] = _mm_cvtss_f32(_mm_movehdup_ps(f));
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
+                __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++)
+                    acc = kq_madd(acc, _mm256_maddubs_epi16(c[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j))), sv[j]);
+                if (FMT == PLK_Q6_K) {
+                    const int16_t *bs = a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16;
+                    acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)bs)), 5));
+                }
+                iv[t][i] = acc;
+            }
+        }
+        const __m256 dwv = _mm256_loadu_ps(dws);
+        __m256i mpair[4];
+        if (FMT != PLK_Q6_K)
+            for (int k = 0; k < 4; k++) mpair[k] = _mm256_set_m128i(mnr[2 * k + 1], mnr[2 * k]);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const float dx = a->dx[(size_t)(t0 + t) * S + b];
+            const __m256 dxv = _mm256_set1_ps(dx);
+            yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(iv[t])), _mm256_mul_ps(dwv, dxv), yv[t]);
+            if (FMT != PLK_Q6_K) {
+                const int16_t *bs = a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16;
+                const __m128i b32 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8)));
+                const __m256i bb = _mm256_broadcastsi128_si256(b32);
+                __m256i mv[4];
+                for (int k = 0; k < 4; k++) mv[k] = _mm256_madd_epi16(mpair[k], bb);   /* [row 2k | row 2k+1] partials */
+                const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
+                const __m256i M = _mm256_permutevar8x32_epi32(h, unperm);
+                yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(_mm256_loadu_ps(dms), dxv), signm), yv[t]);
+            }
+        }
+    }
+}
+
+#if PLK_VNNI
+/* vpermw indices: q4_k/q5_k zmm p = [scale 2p x16 | scale 2p+1 x16]; q6_k zmm q: 128-bit lane L = scale 4q + L */
+#define I8(v) v, v, v, v, v, v, v, v
+#define I16(v) I8(v), I8(v)
+static const short kq_idx4[4][32] __attribute__((aligned(64))) = {
+    { I16(0), I16(1) }, { I16(2), I16(3) }, { I16(4), I16(5) }, { I16(6), I16(7) } };
+static const short kq_idx6[4][32] __attribute__((aligned(64))) = {
+    { I8(0), I8(1), I8(2), I8(3) }, { I8(4), I8(5), I8(6), I8(7) }, { I8(8), I8(9), I8(10), I8(11) },
+    { I8(12), I8(13), I8(14), I8(15) } };
+#undef I8
+#undef I16
+/* kq_rows8 with 512-bit vectors (AVX-512 BW + VNNI): one zmm holds two 32-sub-blocks (q6_k: four 16-sub-blocks)
+ * of codes, activations and scales, so a row's super-block costs 4 vpmaddubsw + 4 vpdpwssd per token; the
+ * integers are those of the 256-bit kernel (exact), the float steps the same: the same bits. */
+AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0,
+                     __m256 *yv)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30), one8 = _mm512_set1_epi8(1);
+    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256 signm = _mm256_set1_ps(-0.0f);
+    const __m512i sh04 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);   /* [0 | 4] */
+    const int QB = plk_qbytes[FMT];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) yv[t] = _mm256_setzero_ps();
+    for (int b = 0; b < S; b++) {
+        __m256i iv[4][8];
+        __m128i mnr[8];
+        float dws[8], dms[8];
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
+            /* the same super-block of the next set of 8 rows (8 row streams are too many for the hardware
+             * prefetcher to start in time, and a set's first blocks would wait for DRAM otherwise) */
+            const char *pf = (const char *)blk + 8 * rowb;
+            _mm_prefetch(pf, _MM_HINT_T0);
+            _mm_prefetch(pf + 64, _MM_HINT_T0);
+            _mm_prefetch(pf + 128, _MM_HINT_T0);
+            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T0);
+            __m512i c[4], sv[4], sc16 = _mm512_setzero_si512();
+            if (FMT == PLK_Q6_K) {
+                const uint8_t *ql = blk, *qh = blk + 128;
+                const __m512i s42 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+                const __m512i s02 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    const __m512i l = _mm512_loadu_si512((const void *)(ql + 64 * h));          /* [l0 | l1] */
+                    const __m512i hh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qh + 32 * h)));
+                    /* elements 128h + 0..63: [k=0 | k=1]; 128h + 64..127: [k=2 | k=3] */
+                    c[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_and_si512(_mm512_sllv_epi16(hh, s42), m30));
+                    c[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
+                                                   _mm512_and_si512(_mm512_srlv_epi16(hh, s02), m30));
+                }
+                const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+                sc16 = _mm512_castsi256_si512(s16);
+                /* zmm q (elements 64q..64q+63): 128-bit lane L = sub-block 4q + L */
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++) sv[q] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx6[q]), sc16);
+                uint16_t hd;
+                memcpy(&hd, blk + 208, 2);
+                dws[i] = _cvtsh_ss(hd);
+            } else {
+                const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
+                const __m128i R = kq_scales_v(blk + 4);
+                mnr[i] = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(R, R));
+                const __m512i sb = _mm512_castsi128_si512(_mm_cvtepu8_epi16(R));
+                __m512i qh = _mm512_setzero_si512();
+                if (FMT == PLK_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+#pragma GCC unroll 4
+                for (int p = 0; p < 4; p++) {
+                    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * p)));
+                    c[p] = _mm512_and_si512(_mm512_srlv_epi16(v, sh04), m4);       /* [sub 2p | sub 2p+1] */
+                    if (FMT == PLK_Q5_K) {
+                        const __m512i sj = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * p)), _mm256_set1_epi16((short)(2 * p + 1)), 1);
+                        c[p] = _mm512_or_si512(c[p], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sj), one8), 4));
+                    }
+                    sv[p] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx4[p]), sb);
+                }
+                int dd;
+                memcpy(&dd, blk, 4);
+                const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dd));
+                dws[i] = _mm_cvtss_f32(f);
+                dms[i] = _mm_cvtss_f32(_mm_movehdup_ps(f));
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
+                /* two independent chains (the 4-deep vpdpwssd chain was the critical path) */
+                __m512i acc0 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[0], _mm512_loadu_si512((const void *)x)), sv[0]);
+                __m512i acc1 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
+                acc0 = _mm512_dpwssd_epi32(acc0, _mm512_maddubs_epi16(c[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
+                acc1 = _mm512_dpwssd_epi32(acc1, _mm512_maddubs_epi16(c[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
+                const __m512i acc = _mm512_add_epi32(acc0, acc1);
+                __m256i acc8 = _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
+                if (FMT == PLK_Q6_K) {
+                    const int16_t *bs = a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16;
+                    acc8 = _mm256_sub_epi32(acc8, _mm256_slli_epi32(_mm256_madd_epi16(_mm512_castsi512_si256(sc16),
+                                                                                      _mm256_loadu_si256((const __m256i *)bs)), 5));
+                }
+                iv[t][i] = acc8;
+            }
+        }
+        const __m256 dwv = _mm256_loadu_ps(dws);
+        __m256i mpair[4];
+        if (FMT != PLK_Q6_K)
+            for (int k = 0; k < 4; k++) mpair[k] = _mm256_set_m128i(mnr[2 * k + 1], mnr[2 * k]);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const __m256 dxv = _mm256_set1_ps(a->dx[(size_t)(t0 + t) * S + b]);
+            yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(iv[t])), _mm256_mul_ps(dwv, dxv), yv[t]);
+            if (FMT != PLK_Q6_K) {
+                const int16_t *bs = a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16;
+                const __m128i b32 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8)));
+                const __m256i bb = _mm256_broadcastsi128_si256(b32);
+                __m256i mv[4];
+                for (int k = 0; k < 4; k++) mv[k] = _mm256_madd_epi16(mpair[k], bb);
+                const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
+                const __m256i M = _mm256_permutevar8x32_epi32(h, unperm);
+                yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(_mm256_loadu_ps(dms), dxv), signm), yv[t]);
+            }
+        }
+    }
+}
+#define KQ_ROWS8 kq_rows8_512
+#else
+#define KQ_ROWS8 kq_rows8
+#endif
 
 /* ---- K-quant GEMM (prefill, T >= KQ_GEMM_MINT): tiles of 2 rows x 4 tokens --------------------------------
  * The per-token kernel spends most of its work per (row, token) on scaling each sub-block's products (vpmaddwd
@@ -373,6 +626,29 @@ AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
         const int T4 = a->T & ~3, r2 = r0 + ((r1 - r0) & ~1);
         kq_gemm(FMT, w, r0, r2, T4, a, y, ldy, accum);
         t_done = T4;
+    }
+    if (!t_done && r1 - r0 >= 8) {   /* decode / small batches: 8 rows in lanes */
+        const int r8 = r0 + (r1 - r0) / 8 * 8;
+        for (int r = r0; r < r8; r += 8) {
+            const uint8_t *row = w->qs + (size_t)r * rowb;
+            for (int ts = 0; ts < a->T; ts += 4) {
+                const int nt = a->T - ts < 4 ? a->T - ts : 4;
+                __m256 yv[4];
+                switch (nt) {
+                case 1: KQ_ROWS8(FMT, 1, row, rowb, S, a, ts, yv); break;
+                case 2: KQ_ROWS8(FMT, 2, row, rowb, S, a, ts, yv); break;
+                case 3: KQ_ROWS8(FMT, 3, row, rowb, S, a, ts, yv); break;
+                default: KQ_ROWS8(FMT, 4, row, rowb, S, a, ts, yv); break;
+                }
+                for (int t = 0; t < nt; t++) {
+                    float *o = y + (size_t)(ts + t) * ldy + r;
+                    __m256 v = yv[t];
+                    if (accum) v = _mm256_add_ps(_mm256_loadu_ps(o), v);
+                    _mm256_storeu_ps(o, v);
+                }
+            }
+        }
+        r0 = r8;
     }
     for (int r = r0; r < r1; r++) {
         const int odd = t_done && ((r - r0) >= ((r1 - r0) & ~1));
