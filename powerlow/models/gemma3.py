@@ -26,7 +26,8 @@ HF_LAYER_MAP = {**HF_LAYER, "ffn_norm": "pre_feedforward_layernorm.weight",
                 "post_attention_norm": "post_attention_layernorm.weight",
                 "post_ffw_norm": "post_feedforward_layernorm.weight"}
 SWA_PATTERN = 6          # every 6th layer global: HF's default sliding_window_pattern and llama.cpp's set_swa_pattern(6)
-LOCAL_THETA = 10000.0    # HF's default rope_local_base_freq; llama.cpp hardcodes it for gemma3 (not in the GGUF)
+LOCAL_THETA = 10000.0    # HF's default rope_local_base_freq; llama.cpp hardcodes it for gemma3 unless the GGUF
+                         # has gemma3.rope.freq_base_swa
 
 
 def _embed_scale(hidden: int, dtype: str | None) -> float:
@@ -84,7 +85,7 @@ def config_from_gguf(m, kw: dict, tensors: dict, read) -> ModelConfig:
     # other size by head_dim^-0.5 -- the query_pre_attn_scalar of their HF configs, which the GGUF does not carry
     scalar = hidden / kw["n_heads"] if L == 62 else kw["head_dim"]
     return ModelConfig(arch=NAME, hidden_act="gelu_tanh", attn_bias=False, qk_norm=True, post_norms=True,
-                       rope_theta_local=LOCAL_THETA, sliding_window=int(sw or 0) if local else 0, swa_layers=local,
+                       rope_theta_local=float(m.get("rope.freq_base_swa", LOCAL_THETA)), sliding_window=int(sw or 0) if local else 0, swa_layers=local,
                        attn_scale=float(scalar) ** -0.5, embed_scale=_embed_scale(hidden, None),
                        logit_softcap=float(m.get("final_logit_softcapping") or 0.0), **kw)
 

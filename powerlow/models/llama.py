@@ -32,6 +32,9 @@ def config_from_gguf(m, kw: dict, tensors: dict, read) -> ModelConfig:
     kw = {**gguf_common(m, kw.pop("vocab_size")), **kw, **gguf_linear_scaling(m)}
     if "rope_freqs.weight" in tensors:
         kw["rope_freq_factors"] = tuple(float(v) for v in np.asarray(read("rope_freqs.weight")).reshape(-1))
+    sw = m.get("attention.sliding_window")
+    if sw:     # not written by llama.cpp's converter for llama/mistral; honoured when a file carries it
+        kw.update(sliding_window=int(sw), swa_layers=tuple(range(kw["n_layers"])))
     # llama.cpp's llama architecture is always SwiGLU; powerlow's synthetic ReLU models carry their own key
     return ModelConfig(arch="llama", hidden_act=m.raw("powerlow.hidden_act", "silu"),
                        attn_bias="blk.0.attn_q.bias" in tensors, **kw)
