@@ -23,7 +23,8 @@ def act_fn(g: np.ndarray, act: str) -> np.ndarray:
     if act == "silu":
         return g / (1.0 + np.exp(-g))
     if act == "gelu_tanh":          # 0.5 g (1 + tanh(u)) written as g / (1 + e^(-2u)), as the kernels do
-        return g / (1.0 + np.exp(np.float32(-2.0) * GELU_C * (g + GELU_A * g * g * g)))
+        with np.errstate(over="ignore"):                # e^(-2u) = inf for g << 0: the result is -0, right
+            return g / (1.0 + np.exp(np.float32(-2.0) * GELU_C * (g + GELU_A * g * g * g)))
     return np.maximum(g, 0.0)
 
 
