@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .errors import PowerlowError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")   # powerlow.models has one module per family
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")   # powerlow.models has one module per family
 SUPPORTED_ACTS = ("silu", "relu", "gelu_tanh")
 
 

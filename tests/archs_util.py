@@ -31,10 +31,12 @@ def _configs():
                     "rope_parameters": {SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
                                         FULL: {"rope_type": "default", "rope_theta": 1000000.0}},
                     "hidden_activation": "gelu_pytorch_tanh"}),
+        "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"sliding_window": 9, "original_max_position_embeddings": 128,
+                                                   "pad_token_id": 0}),
     }
 
 
-KINDS = tuple(["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3"])
+KINDS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 
 
 def _norm_center(kind: str, name: str) -> float:
@@ -80,11 +82,12 @@ def hf_logits(hf_dir: Path, ids) -> np.ndarray:
         return model(torch.tensor([list(ids)])).logits[0].float().numpy()
 
 
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
+             "phi3": "phi3"}
 GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
               "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down"}
+              "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 
 
 def _gguf_name(hf: str, arch: str) -> str:
@@ -145,7 +148,7 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32", **meta_override) -> 
     w.add_rope_freq_base(float(theta))
     if arch == "llama":
         w.add_rope_dimension_count(hd)
-    if c.get("sliding_window") and arch in ("gemma3", "llama"):
+    if c.get("sliding_window") and arch in ("gemma3", "llama", "phi3"):
         w.add_sliding_window(int(c["sliding_window"]))
     if arch == "gemma3":
         w.add_sliding_window_pattern([t == SLIDING for t in c["layer_types"]])

@@ -1,5 +1,5 @@
-"""Every architecture family, from a tiny random transformers model: HF route against transformers, prefill +
-decode against one forward, the GGUF route (F32 and Q8_0, written as llama.cpp's converter does) against the HF
+"""Every architecture family (llama, llama3 RoPE, mistral, qwen2, qwen3, gemma3, phi3), from a tiny random
+transformers model: HF route against transformers, prefill + decode against one forward, the GGUF route (F32 and Q8_0, written as llama.cpp's converter does) against the HF
 route, and bad checkpoints refused at convert with a PowerlowError."""
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def test_gguf_route_equals_hf_route(tiny, kind, qtype, tmp_path):
 
 
 def test_config_fields_per_family(tiny):
-    cfg = {k: powerlow.load(tiny(k)[1]).tf.config for k in ("llama3", "mistral", "qwen2", "qwen3", "gemma3")}
+    cfg = {k: powerlow.load(tiny(k)[1]).tf.config for k in ("llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")}
+    assert cfg["phi3"].sliding_window == 9 and cfg["phi3"].swa_layers == (0, 1, 2)
     assert len(cfg["llama3"].rope_freq_factors) == 8 and max(cfg["llama3"].rope_freq_factors) == 8.0
     assert cfg["mistral"].sliding_window == 7 and cfg["mistral"].swa_layers == (0, 1, 2)
     assert cfg["qwen2"].attn_bias and cfg["qwen2"].tie_embeddings
@@ -129,7 +130,7 @@ def test_unsupported_hf_architecture_names_the_supported(tiny, tmp_path):
     c = json.loads((bad / "config.json").read_text())
     c.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
     (bad / "config.json").write_text(json.dumps(c))
-    with pytest.raises(PowerlowError, match="'gpt_neox' is not supported; powerlow runs llama, mistral, qwen2, qwen3, gemma3"):
+    with pytest.raises(PowerlowError, match="'gpt_neox' is not supported; powerlow runs llama, mistral, qwen2, qwen3, gemma3, phi3"):
         convert(bad, tmp_path / "m", progress=False)
     assert not (tmp_path / "m").exists()
 

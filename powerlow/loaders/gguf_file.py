@@ -53,6 +53,9 @@ class GGUFSource(Source):
         self.description = f"GGUF {path.name}"
 
     def _tensor(self, name: str):
+        fused = getattr(self.family, "GGUF_SOURCE", {})
+        if name.startswith("blk.") and name.split(".", 2)[2] in fused:
+            name = name.rsplit(".", 1)[0] + "." + fused[name.split(".", 2)[2]]
         key = name if name.endswith(".bias") else name + ".weight"
         t = self.tensors.get(key)
         if t is None:
@@ -60,10 +63,14 @@ class GGUFSource(Source):
         return t
 
     def _shape(self, name: str) -> tuple:
-        return tuple(int(s) for s in reversed(self._tensor(name).shape.tolist()))
+        from ..models.common import part_rows, part_shape
+        shape = tuple(int(s) for s in reversed(self._tensor(name).shape.tolist()))
+        return part_shape(shape, part_rows(self.family, name, self.config))
 
     def get(self, name: str):
-        return self.family.sanitize(name, self._read(self._tensor(name)), self.config, "gguf")
+        from ..models.common import part_rows, take_rows
+        w = take_rows(self._read(self._tensor(name)), part_rows(self.family, name, self.config))
+        return self.family.sanitize(name, w, self.config, "gguf")
 
     def _read(self, t):
         """One tensor in HF row order as stored: float32 array, or a QMatrix for the lossless types."""

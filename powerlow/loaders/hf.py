@@ -93,12 +93,15 @@ class HFSource(Source):
         return key
 
     def _shape(self, name: str) -> tuple:
+        from ..models.common import part_rows, part_shape
         key = self._key(name)
-        return tuple(self._index[key].header[key]["shape"])
+        return part_shape(tuple(self._index[key].header[key]["shape"]), part_rows(self.family, name, self.config))
 
     def get(self, name: str):
+        from ..models.common import part_rows, take_rows
         key = self._key(name)
-        w = np.ascontiguousarray(self._index[key].get(key), dtype=np.float32)
+        w = take_rows(self._index[key].get(key), part_rows(self.family, name, self.config))
+        w = np.ascontiguousarray(w, dtype=np.float32)
         return self.family.sanitize(name, w, self.config, "hf")
 
 

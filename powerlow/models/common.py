@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..errors import PowerlowError
 
 # canonical (GGUF) tensor name -> Hugging Face name; per layer under model.layers.{i}.
@@ -32,6 +34,30 @@ def hf_name(name: str, layer_map: dict = HF_LAYER) -> str:
         return HF_GLOBAL[name]
     _, i, rest = name.split(".", 2)
     return f"model.layers.{i}.{layer_map[rest]}"
+
+
+def part_rows(fam, name: str, cfg) -> slice | None:
+    """Rows of a fused source tensor holding canonical tensor ``name`` (families that fuse, e.g. phi3), or None."""
+    f = getattr(fam, "rows", None)
+    if f is None or not name.startswith("blk."):
+        return None
+    return f(name.split(".", 2)[2], cfg)
+
+
+def part_shape(shape: tuple, r: slice | None) -> tuple:
+    if r is None:
+        return shape
+    return (max(0, min(r.stop, shape[0]) - r.start),) + tuple(shape[1:])
+
+
+def take_rows(w, r: slice | None):
+    """Rows r of a float32 array or a QMatrix."""
+    if r is None:
+        return w
+    from .. import formats
+    if isinstance(w, formats.QMatrix):
+        return formats.select_rows(w, np.arange(r.start, r.stop))
+    return np.ascontiguousarray(w[r])
 
 
 def eos_tuple(eos) -> tuple[int, ...]:
