@@ -161,7 +161,7 @@ class Tokenizer:
     def stop_ids(self) -> set[int]:
         """Ids that end generation: the model's EOS ids plus the chat end-of-turn token if it has one."""
         out = set(self.eos_ids)
-        for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
             i = self._tok.token_to_id(t)
             if i is not None:
                 out.add(i)

@@ -107,6 +107,7 @@ def test_gemma_style_chat_template_renders(tmp_path):
     out = tok.apply_chat("hello", system="be brief")
     assert out == "<s><start_of_turn>user\nbe brief\n\nhello<end_of_turn>\n<start_of_turn>model\n"
     assert tok.encode(out, add_special=False)[:2] == [1, 3]
+    assert tok.stop_ids() == {2, 4}                                     # eos and <end_of_turn>
 
 
 def test_qwen_chat_template_from_the_real_gguf():
