@@ -170,3 +170,13 @@ def test_real_qwen_gguf_metadata():
     c = GGUFSource(p).config
     assert (c.arch, c.hidden_size, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == ("qwen2", 1536, 28, 12, 2, 128)
     assert c.attn_bias and c.rope_theta == 1e6 and c.layer_is_plain(0) and not c.swa_layers
+
+
+@pytest.mark.parametrize("hidden", [64, 640, 1152, 2560])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_gemma3_embed_scale_in_the_embedding_dtype(hidden, dtype):
+    """sqrt(hidden) rounded as transformers rounds it (a tensor cast to the weights' dtype)."""
+    torch = pytest.importorskip("torch")
+    from powerlow.models.gemma3 import _embed_scale
+    want = torch.tensor(hidden ** 0.5).to(getattr(torch, dtype)).float().item()
+    assert _embed_scale(hidden, dtype) == want
