@@ -61,6 +61,7 @@ FORMATS: dict[str, FormatSpec] = {
 }
 
 _PLANE_DTYPE = {"d": np.float16, "m": np.float16}
+LOW_BIT = ("q2", "tern", "q1")   # the 1/1.58/2-bit formats (no GGUF counterpart)
 
 
 def _spec(fmt: str) -> FormatSpec:

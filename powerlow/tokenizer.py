@@ -7,6 +7,8 @@ from .errors import PowerlowError
 
 # llama.cpp's pre-tokenizer names -> how the text is split before BPE
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# qwen2: the same but one digit per piece (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2), so "12345" is five tokens
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 _PRE_TYPES = ("default", "gpt2", "gpt-2", "smollm", "llama-bpe", "llama3", "qwen2")
 
 
@@ -18,7 +20,8 @@ def _pre_tokenizer(pre: str):
     if pre == "smollm":
         return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
     if pre in ("llama-bpe", "llama3", "qwen2"):
-        return pt.Sequence([pt.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+        split = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
+        return pt.Sequence([pt.Split(Regex(split), behavior="isolated", invert=False),
                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise PowerlowError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(_PRE_TYPES)}); "
                         "convert from the Hugging Face folder, whose tokenizer.json is used as is")

@@ -50,6 +50,14 @@ class Source:
         """float32 ndarray or QMatrix (Hugging Face row order)."""
         raise NotImplementedError
 
+    def stored_format(self, name: str) -> str | None:
+        """The powerlow format ``get(name)`` returns without loss, "f32" for a float matrix, None for a vector
+        (without reading the data, where the source can tell)."""
+        w = self.get(name)
+        if hasattr(w, "fmt"):
+            return w.fmt
+        return "f32" if np.ndim(w) > 1 else None
+
     def items(self) -> Iterator[tuple[str, object]]:
         for n in self.names():
             yield n, self.get(n)
