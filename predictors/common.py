@@ -84,6 +84,9 @@ def layer_rows(buf, info, layer: int, which: str = "gate") -> "formats.QMatrix":
 def act_fn(g: np.ndarray, act: str) -> np.ndarray:
     if act == "relu":
         return np.maximum(g, 0.0)
+    if act == "gelu_tanh":
+        from powerlow.reference import act_fn as ref_act
+        return ref_act(g, act)
     return g / (1.0 + np.exp(-g))
 
 

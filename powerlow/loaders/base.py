@@ -17,6 +17,10 @@ def layer_names(cfg: ModelConfig) -> list[str]:
         names += [p + n for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
         if cfg.attn_bias:
             names += [p + n for n in ("attn_q.bias", "attn_k.bias", "attn_v.bias")]
+        if cfg.qk_norm:
+            names += [p + "attn_q_norm", p + "attn_k_norm"]
+        if cfg.post_norms:
+            names += [p + "post_attention_norm", p + "post_ffw_norm"]
     return names
 
 
