@@ -570,11 +570,10 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
                         (uint32_t *)(xt + ((size_t)t * S + b) * 256), 8);
             if (FMT != PLK_Q6_K) {
                 const int16_t *bs = a->bs + (size_t)t * (a->Kp / 16) + (size_t)b * 16;
-                _mm_storeu_si128((__m128i *)(b32 + ((size_t)t * S + b) * 8),
-                                 _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8))));
+                const __m128i h = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8)));
+                _mm256_storeu_si256((__m256i *)(b32 + ((size_t)t * S + b) * 16), _mm256_set_m128i(h, h));   /* [b32 | b32] */
             }
         }
-    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256 signm = _mm256_set1_ps(-0.0f);
     for (int r = r0; r + 2 <= r1; r += 2) {
         for (int i = 0; i < 2; i++)
@@ -618,7 +617,8 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
                     for (int v0 = hh * nv; v0 < (hh + 1) * nv; v0 += fold) {
                         __m256i s16[8];
                         for (int k = 0; k < 8; k++) s16[k] = _mm256_setzero_si256();
-                        for (int v = v0; v < v0 + fold; v++) {
+#pragma GCC unroll 1
+                        for (int v = v0; v < v0 + fold; v++) {   /* not unrolled: 8 sums + 3 operands stay in registers */
                             const __m256i W0 = _mm256_load_si256(W[0] + v), W1 = _mm256_load_si256(W[1] + v);
                             for (int t = 0; t < 4; t++) {
                                 const __m256i X = _mm256_load_si256((const __m256i *)(xq[t] + 32 * v));
@@ -650,17 +650,14 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
                 const __m256 dwv = _mm256_set_m128(_mm_set1_ps(dw[1][b]), _mm_set1_ps(dw[0][b]));
                 yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dwv, dxv), yv);
                 if (FMT != PLK_Q6_K) {
+                    /* [mins of row r | of row r+1] . [b32 of token t | the same]: lanes 0-3 (r, t), 4-7 (r+1, t);
+                     * the hadd tree then leaves lane 4 i + t = imin of (row r + i, token t0 + t) */
+                    const __m256i A = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(mnv[1] + 8 * b)),
+                                                       _mm_loadu_si128((const __m128i *)(mnv[0] + 8 * b)));
                     __m256i mv[4];
-                    for (int i = 0; i < 2; i++) {
-                        const __m256i mm = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(mnv[i] + 8 * b)));
-                        for (int tp = 0; tp < 2; tp++) {
-                            const __m256i bp = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(b32 + ((size_t)(t0 + 2 * tp + 1) * S + b) * 8)),
-                                                                _mm_loadu_si128((const __m128i *)(b32 + ((size_t)(t0 + 2 * tp) * S + b) * 8)));
-                            mv[2 * i + tp] = _mm256_madd_epi16(mm, bp);   /* [(i, 2tp) | (i, 2tp+1)] partials */
-                        }
-                    }
-                    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
-                    const __m256i M = _mm256_permutevar8x32_epi32(h, unperm);
+                    for (int t = 0; t < 4; t++)
+                        mv[t] = _mm256_madd_epi16(A, _mm256_loadu_si256((const __m256i *)(b32 + ((size_t)(t0 + t) * S + b) * 16)));
+                    const __m256i M = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
                     const __m256 dmv = _mm256_set_m128(_mm_set1_ps(dmw[1][b]), _mm_set1_ps(dmw[0][b]));
                     yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(dmv, dxv), signm), yv);
                 }
