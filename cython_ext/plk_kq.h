@@ -611,9 +611,22 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
                             acc[4 + t] = _mm512_extracti64x4_epi64(az[t], 1);
                         }
                     }
+                    for (int i = 0; i < 2; i++) {
+                        const __m256i sc = _mm256_loadu_si256((const __m256i *)(scv[i] + nsc * b + 8 * hh));
+                        for (int t = 0; t < 4; t++) {
+                            const __m256i m = _mm256_mullo_epi32(acc[4 * i + t], sc);
+                            iv[4 * i + t] = hh ? _mm256_add_epi32(iv[4 * i + t], m) : m;
+                        }
+                    }
 #else
+                    /* the scales as int16 pairs per lane: vpmaddwd of the int16 sums by them is the scaled
+                     * int32 sum of each lane's sub-block (no vpmulld): sc x (s_lo + s_hi) */
                     const int fold = FMT == PLK_Q4_K ? 8 : FMT == PLK_Q5_K ? 4 : 2;
-                    const __m256i ones = _mm256_set1_epi16(1);
+                    __m256i sc2[2];
+                    for (int i = 0; i < 2; i++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(scv[i] + nsc * b + 8 * hh));
+                        sc2[i] = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
+                    }
                     for (int v0 = hh * nv; v0 < (hh + 1) * nv; v0 += fold) {
                         __m256i s16[8];
                         for (int k = 0; k < 8; k++) s16[k] = _mm256_setzero_si256();
@@ -626,16 +639,10 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
                                 s16[4 + t] = _mm256_add_epi16(s16[4 + t], _mm256_maddubs_epi16(W1, X));
                             }
                         }
-                        for (int k = 0; k < 8; k++) acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(s16[k], ones));
+                        for (int k = 0; k < 8; k++) acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(s16[k], sc2[k >> 2]));
                     }
+                    for (int k = 0; k < 8; k++) iv[k] = hh ? _mm256_add_epi32(iv[k], acc[k]) : acc[k];
 #endif
-                    for (int i = 0; i < 2; i++) {
-                        const __m256i sc = _mm256_loadu_si256((const __m256i *)(scv[i] + nsc * b + 8 * hh));
-                        for (int t = 0; t < 4; t++) {
-                            const __m256i m = _mm256_mullo_epi32(acc[4 * i + t], sc);
-                            iv[4 * i + t] = hh ? _mm256_add_epi32(iv[4 * i + t], m) : m;
-                        }
-                    }
                 }
                 if (FMT == PLK_Q6_K)
                     for (int i = 0; i < 2; i++) {
