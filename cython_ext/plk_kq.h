@@ -582,9 +582,17 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
 #else
             kq_row_prep(FMT, w->qs + (size_t)(r + i) * rowb, S, wt[i], 256, 32, scv[i], mnv[i], dw[i], dmw[i]);
 #endif
+        /* the next row pair's bytes (2 rowb, from DRAM) prefetched a few lines per step over this pair's tiles */
+        const char *npf = (const char *)(w->qs + (size_t)(r + 2) * rowb);
+        const long nlines = r + 4 <= r1 ? (long)(2 * rowb / 64) : 0, nslots = (long)(T4 / 4) * S;
+        const int per = nlines ? (int)((nlines + nslots - 1) / nslots) : 0;
         for (int t0 = 0; t0 < T4; t0 += 4) {
             __m256 yv = _mm256_setzero_ps();
             for (int b = 0; b < S; b++) {
+                for (int k = 0; k < per; k++) {
+                    const long l = ((long)(t0 / 4) * S + b) * per + k;
+                    if (l < nlines) _mm_prefetch(npf + 64 * l, _MM_HINT_T0);
+                }
 #if !PLK_VNNI
                 const __m256i *W[2] = { (const __m256i *)(wt[0] + (size_t)b * 256), (const __m256i *)(wt[1] + (size_t)b * 256) };
 #endif
