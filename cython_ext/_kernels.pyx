@@ -170,8 +170,8 @@ cdef int _check_ffn(ptrs, offs, h, out, int K, int act) except -1:
         raise ValueError(f"h and out must both be (T, {K}), got {h.shape} and {out.shape}")
     if T < 1:
         raise ValueError("h has no rows")
-    if act != 0 and act != 1:
-        raise ValueError("act must be silu (0) or relu (1)")
+    if act < 0 or act > 2:
+        raise ValueError("act must be silu (0), relu (1) or gelu_tanh (2)")
     return T
 
 
@@ -282,11 +282,14 @@ def gated(g, u, out, int act):
     with nogil:
         if act == 0:
             plk_silu_mul(pg, pu, po, n)
+        elif act == 2:
+            plk_gelu_tanh_mul(pg, pu, po, n)
         else:
             plk_relu_mul(pg, pu, po, n)
 
 
-def attention(q, kc, vc, int start, out, int nthreads):
+def attention(q, kc, vc, int start, out, int nthreads, int window=0, double scale=0.0):
+    """window > 0: keys in (pos - window, pos] only; scale 0 = 1/sqrt(head_dim). Both need the fp16 cache."""
     _arr(q, cnp.NPY_FLOAT32, 3, "q")
     cdef int kv_t = cnp.PyArray_TYPE(<cnp.ndarray>kc) if cnp.PyArray_Check(kc) else cnp.NPY_FLOAT32
     if kv_t != cnp.NPY_FLOAT16:
@@ -310,9 +313,14 @@ def attention(q, kc, vc, int start, out, int nthreads):
     cdef float *po = <float*>_ptr(out)
     cdef const uint16_t *hk = <const uint16_t*>pk
     cdef const uint16_t *hv = <const uint16_t*>pv
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    cdef float sc = <float>scale if scale > 0 else 0.0
+    if kv_t != cnp.NPY_FLOAT16 and (window or scale > 0):
+        raise ValueError("a sliding window or a custom scale needs the float16 cache")
     if kv_t == cnp.NPY_FLOAT16:
         with nogil:
-            plk_attention_f16(pq, hk, hv, T, nh, nkv, hd, maxP, start, po, nthreads)
+            plk_attention_f16_ex(pq, <size_t>(nh * hd), hk, hv, T, nh, nkv, hd, maxP, start, window, sc, po, nthreads)
     else:
         with nogil:
             plk_attention(pq, pk, pv, T, nh, nkv, hd, maxP, start, po, nthreads)

@@ -16,11 +16,21 @@
 #define PLK_H
 #include <stdint.h>
 #include <stddef.h>
+#include <math.h>
 
 enum { PLK_Q8 = 0, PLK_Q4_0, PLK_Q4_1, PLK_Q2, PLK_TERN, PLK_Q1,
        PLK_Q5_0, PLK_Q5_1, PLK_Q4_K, PLK_Q5_K, PLK_Q6_K, PLK_NFMT };
 enum { PLK_GENERIC = 0, PLK_AVX2 = 1, PLK_AVX512 = 2, PLK_NISA };
-enum { PLK_ACT_SILU = 0, PLK_ACT_RELU = 1 };
+enum { PLK_ACT_SILU = 0, PLK_ACT_RELU = 1, PLK_ACT_GELU_TANH = 2 };
+/* GELU, tanh form: 0.5 g (1 + tanh(u)) = g / (1 + e^(-2u)), u = sqrt(2/pi) (g + 0.044715 g^3) */
+#define PLK_GELU_C 0.7978845608028654f
+#define PLK_GELU_A 0.044715f
+static inline float plk_act_scalar(float g, int act)
+{
+    if (act == PLK_ACT_SILU) return g / (1.0f + expf(-g));
+    if (act == PLK_ACT_GELU_TANH) return g / (1.0f + expf(-2.0f * PLK_GELU_C * (g + PLK_GELU_A * g * g * g)));
+    return g > 0.0f ? g : 0.0f;
+}
 
 /* group (weights per scale), code bytes per group, has a min (plane, or inside the raw block)
  * q5_0 .. q6_k are raw GGML blocks (formats.py): qs holds the whole blocks (block bytes = qbytes), d and m
@@ -157,8 +167,13 @@ void plk_attention_f16_ld(const float *q, size_t ldq, const uint16_t *kc, const 
                           int hd, int maxP, int start, float *out, int nthreads);
 void plk_silu_mul(const float *g, const float *u, float *out, size_t n);
 void plk_relu_mul(const float *g, const float *u, float *out, size_t n);
+void plk_gelu_tanh_mul(const float *g, const float *u, float *out, size_t n);
 void plk_attention(const float *q, const float *kc, const float *vc, int T, int nh, int nkv, int hd,
                    int maxP, int start, float *out, int nthreads);
+/* window > 0: each query at position p attends to keys in (p - window, p] only (sliding-window layers);
+ * scale: the softmax scale of q.k (<= 0: 1/sqrt(hd), as plk_attention_f16_ld) */
+void plk_attention_f16_ex(const float *q, size_t ldq, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv,
+                          int hd, int maxP, int start, int window, float scale, float *out, int nthreads);
 void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv, int hd,
                        int maxP, int start, float *out, int nthreads);
 #endif

@@ -28,6 +28,9 @@ cdef extern from "plk.h" nogil:
     void plk_rope(float *x, int T, int nh, int hd, const int64_t *pos, double theta)
     void plk_silu_mul(const float *g, const float *u, float *out, size_t n)
     void plk_relu_mul(const float *g, const float *u, float *out, size_t n)
+    void plk_gelu_tanh_mul(const float *g, const float *u, float *out, size_t n)
+    void plk_attention_f16_ex(const float *q, size_t ldq, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv,
+                              int hd, int maxP, int start, int window, float scale, float *out, int nthreads)
     void plk_attention(const float *q, const float *kc, const float *vc, int T, int nh, int nkv, int hd,
                        int maxP, int start, float *out, int nthreads)
     void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv, int hd,

@@ -193,7 +193,6 @@ double read_probe_generic(const uint8_t *buf, size_t n)
 void gated_generic(float *g, const float *u, size_t n, int act)
 {
     for (size_t i = 0; i < n; i++) {
-        float a = act == PLK_ACT_SILU ? g[i] / (1.0f + expf(-g[i])) : (g[i] > 0.0f ? g[i] : 0.0f);
-        g[i] = a * u[i];
+        g[i] = plk_act_scalar(g[i], act) * u[i];
     }
 }

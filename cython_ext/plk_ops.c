@@ -86,6 +86,11 @@ CLONES void plk_relu_mul(const float *g, const float *u, float *out, size_t n)
     for (size_t i = 0; i < n; i++) out[i] = (g[i] > 0.0f ? g[i] : 0.0f) * u[i];
 }
 
+CLONES void plk_gelu_tanh_mul(const float *g, const float *u, float *out, size_t n)
+{
+    for (size_t i = 0; i < n; i++) out[i] = plk_act_scalar(g[i], PLK_ACT_GELU_TANH) * u[i];
+}
+
 /* one query row against keys 0..P-1 of one kv head; one body for both cache types (float32, and fp16 as
  * llama.cpp's default cache: _Float16 loads become vcvtph2ps in the x86-64-v3 clone, a library conversion in
  * the baseline one) */
@@ -196,7 +201,7 @@ static void attend_one_f16_avx2(const float *q, const uint16_t *K, const uint16_
 
 /* q rows of T tokens with row stride ldq floats (the q part of a fused qkv row); jobs (token, head)
  * in contiguous items run by the kernels' pool */
-typedef struct { const float *q; size_t ldq; const uint16_t *kc, *vc; int T, nh, grp, hd, maxP, start, per; float scale; float *out; int simd; } att_job;
+typedef struct { const float *q; size_t ldq; const uint16_t *kc, *vc; int T, nh, grp, hd, maxP, start, per; float scale; float *out; int simd, window; } att_job;
 static void att_item(void *c, int it)
 {
     const att_job *j = (const att_job *)c;
@@ -209,16 +214,26 @@ static void att_item(void *c, int it)
         const _Float16 *V = (const _Float16 *)j->vc + (size_t)kv * j->maxP * j->hd;
         const float *qr = j->q + (size_t)t * j->ldq + (size_t)h * j->hd;
         float *orow = j->out + (size_t)t * j->nh * j->hd + (size_t)h * j->hd;
+        int P = j->start + t + 1, p0 = 0;          /* keys p0..P-1: all before, or the window's (P - window, P - 1] */
+        if (j->window > 0 && P > j->window) p0 = P - j->window;
+        K += (size_t)p0 * j->hd;
+        V += (size_t)p0 * j->hd;
         if (j->simd)
-            attend_one_f16_avx2(qr, (const uint16_t *)K, (const uint16_t *)V, j->start + t + 1, j->hd, j->scale, sc, orow);
+            attend_one_f16_avx2(qr, (const uint16_t *)K, (const uint16_t *)V, P - p0, j->hd, j->scale, sc, orow);
         else
-            attend_one_f16(qr, K, V, j->start + t + 1, j->hd, j->scale, sc, orow);
+            attend_one_f16(qr, K, V, P - p0, j->hd, j->scale, sc, orow);
     }
     free(sc);
 }
 
 void plk_attention_f16_ld(const float *q, size_t ldq, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv,
                           int hd, int maxP, int start, float *out, int nthreads)
+{
+    plk_attention_f16_ex(q, ldq, kc, vc, T, nh, nkv, hd, maxP, start, 0, 1.0f / sqrtf((float)hd), out, nthreads);
+}
+
+void plk_attention_f16_ex(const float *q, size_t ldq, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv,
+                          int hd, int maxP, int start, int window, float scale, float *out, int nthreads)
 {
     const int jobs = T * nh;
     long work = (long)jobs * (start + T) * hd;
@@ -229,8 +244,9 @@ void plk_attention_f16_ld(const float *q, size_t ldq, const uint16_t *kc, const 
     if (nit > jobs) nit = jobs;
     static int avx2 = -1;
     if (avx2 < 0) avx2 = plk_detect_isa() >= PLK_AVX2;
-    att_job j = { q, ldq, kc, vc, T, nh, nh / nkv, hd, maxP, start, (jobs + nit - 1) / nit, 1.0f / sqrtf((float)hd), out,
-                  avx2 && hd % 8 == 0 && hd <= 128 };
+    if (!(scale > 0.0f)) scale = 1.0f / sqrtf((float)hd);
+    att_job j = { q, ldq, kc, vc, T, nh, nh / nkv, hd, maxP, start, (jobs + nit - 1) / nit, scale, out,
+                  avx2 && hd % 8 == 0 && hd <= 128, window };
     plk_pool_run(att_item, &j, (jobs + j.per - 1) / j.per, nth);
 }
 

@@ -1099,7 +1099,7 @@ void NAME(quantize_act_q8)(const float *x, int T, int K, int ldx, int Kp,
     }
 }
 
-/* g[i] = act(g[i]) * u[i] (silu: g / (1 + e^-g) with exp8; relu) */
+/* g[i] = act(g[i]) * u[i] (silu: g / (1 + e^-g) with exp8; gelu_tanh: g / (1 + e^(-2u)), see plk.h; relu) */
 void NAME(gated)(float *g, const float *u, size_t n, int act)
 {
     size_t i = 0;
@@ -1107,14 +1107,15 @@ void NAME(gated)(float *g, const float *u, size_t n, int act)
         __m256 gv = _mm256_loadu_ps(g + i), a;
         if (act == PLK_ACT_SILU)
             a = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-        else
+        else if (act == PLK_ACT_GELU_TANH) {
+            __m256 g3 = _mm256_mul_ps(_mm256_mul_ps(gv, gv), gv);
+            __m256 y = _mm256_mul_ps(_mm256_set1_ps(-2.0f * PLK_GELU_C), _mm256_fmadd_ps(_mm256_set1_ps(PLK_GELU_A), g3, gv));
+            a = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(y)));
+        } else
             a = _mm256_max_ps(gv, _mm256_setzero_ps());
         _mm256_storeu_ps(g + i, _mm256_mul_ps(a, _mm256_loadu_ps(u + i)));
     }
-    for (; i < n; i++) {
-        float a = act == PLK_ACT_SILU ? g[i] / (1.0f + expf(-g[i])) : (g[i] > 0.0f ? g[i] : 0.0f);
-        g[i] = a * u[i];
-    }
+    for (; i < n; i++) g[i] = plk_act_scalar(g[i], act) * u[i];
 }
 
 double NAME(read_probe)(const uint8_t *buf, size_t n)

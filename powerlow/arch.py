@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 from .errors import PowerlowError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
-SUPPORTED_ACTS = ("silu", "relu")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")   # powerlow.models has one module per family
+SUPPORTED_ACTS = ("silu", "relu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str                 # "llama" | "mistral" | "qwen2"
+    arch: str                 # one of SUPPORTED_ARCHS
     vocab_size: int
     hidden_size: int          # d_model
     intermediate_size: int    # FFN neurons per layer
@@ -23,12 +23,23 @@ class ModelConfig:
     rms_eps: float
     rope_theta: float
     max_positions: int        # context length the model was trained for
-    hidden_act: str = "silu"  # "silu" (SwiGLU) | "relu" (ReLU-gated, the sparse kind)
+    hidden_act: str = "silu"  # "silu" (SwiGLU) | "relu" (ReLU-gated, the sparse kind) | "gelu_tanh" (GeGLU, gemma3)
     tie_embeddings: bool = False
     attn_bias: bool = False   # qwen2: biases on q/k/v
     rope_scaling_factor: float = 1.0  # linear RoPE scaling (1.0 = none)
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
+    # fields added with the architecture registry; their defaults are the plain llama layer, so the manifests
+    # of older model dirs load unchanged
+    qk_norm: bool = False     # qwen3, gemma3: per-head RMSNorm of q and k (attn_q_norm, attn_k_norm) before RoPE
+    post_norms: bool = False  # gemma3: RMSNorm of the attention and FFN outputs (post_attention_norm, post_ffw_norm)
+    attn_scale: float = 0.0   # softmax scale of q.k; 0 = 1/sqrt(head_dim) (gemma3: query_pre_attn_scalar^-0.5)
+    embed_scale: float = 1.0  # gemma3: embeddings times sqrt(hidden_size)
+    logit_softcap: float = 0.0   # final logits cap * tanh(logits / cap); 0 = none
+    sliding_window: int = 0   # keys in (pos - window, pos] on the layers of swa_layers; 0 = none
+    swa_layers: tuple[int, ...] = ()    # the sliding-window (local) layers
+    rope_theta_local: float = 0.0       # RoPE base of the local layers (gemma3), unscaled; 0 = rope_theta
+    rope_freq_factors: tuple[float, ...] = ()   # llama3 RoPE: per-pair divisors of the frequencies (global layers)
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHS:
@@ -42,6 +53,21 @@ class ModelConfig:
             raise PowerlowError(f"model config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise PowerlowError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise PowerlowError(f"model config: {len(self.rope_freq_factors)} RoPE frequency factors for head_dim "
+                                f"{self.head_dim} (want head_dim / 2 = {self.head_dim // 2})")
+        if self.swa_layers and self.sliding_window <= 0:
+            raise PowerlowError("model config: sliding-window layers without a positive sliding_window")
+        if any(not 0 <= l < self.n_layers for l in self.swa_layers):
+            raise PowerlowError(f"model config: sliding-window layer ids {list(self.swa_layers)} outside 0..{self.n_layers - 1}")
+
+    def is_local(self, layer: int) -> bool:
+        """True for a sliding-window layer."""
+        return layer in self.swa_layers
+
+    def layer_is_plain(self, layer: int) -> bool:
+        """True if the layer is the plain llama/qwen2 block that the fused kernels.attn_block runs."""
+        return not (self.qk_norm or self.post_norms or self.attn_scale or self.is_local(layer))
 
     @property
     def q_dim(self) -> int:
@@ -53,7 +79,8 @@ class ModelConfig:
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        d["eos_ids"] = list(self.eos_ids)
+        for k in ("eos_ids", "swa_layers", "rope_freq_factors"):
+            d[k] = list(d[k])
         return d
 
     @classmethod
@@ -63,5 +90,6 @@ class ModelConfig:
         if unknown:
             raise PowerlowError(f"manifest config has unknown keys {sorted(unknown)}; the model dir was written by a newer powerlow — re-convert it")
         d = dict(d)
-        d["eos_ids"] = tuple(d.get("eos_ids", ()))
+        for k in ("eos_ids", "swa_layers", "rope_freq_factors"):
+            d[k] = tuple(d.get(k, ()))
         return cls(**d)

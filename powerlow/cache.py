@@ -49,7 +49,10 @@ class OffloadedStore:
         drop_page_cache(tf.dir / "resident.safetensors")
         release_free_heap()
         self._trimmed = False
+        # a slot holds a bundle of any layer (stride: the largest layer's); a read fills a slot's first
+        # _lstride[l] bytes (a GGUF quant mix stores some layers' down in a bigger format: powerlow.store)
         self.L, self.N, self.stride = info.n_layers, info.n_clusters, info.layout.stride
+        self._lstride = [lay.stride for lay in info.layouts]
         self.dense = getattr(tf, "predictor", None) is None and rt.mode == "dense"
         self.policy = rt.cache_policy
         self.depth = plan.prefetch_depth
@@ -127,7 +130,7 @@ class OffloadedStore:
             for i in range(0, len(run_c), per):
                 cs, ss = run_c[i:i + per], run_s[i:i + per]
                 off = self.info.bundle_offset(layer, int(cs[0]))
-                req = self.reader.submit(off, [self._views[s] for s in ss], priority=priority,
+                req = self.reader.submit(off, [self._views[s][:self._lstride[layer]] for s in ss], priority=priority,
                                          on_done=self._on_done, tag=ss)
                 for s in ss:
                     self._req[s] = req
@@ -286,7 +289,7 @@ class OffloadedStore:
             ids = ids[:run]
             wi = np.arange(g0, g0 + run) % W
             slots = self._win[wi]
-            req = self.reader.submit(self.info.bundle_offset(l, int(ids[0])), [self._views[s] for s in slots],
+            req = self.reader.submit(self.info.bundle_offset(l, int(ids[0])), [self._views[s][:self._lstride[l]] for s in slots],
                                      priority=0, tag=None)
             for w in wi:
                 self._item_req[w] = req

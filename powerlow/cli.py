@@ -33,8 +33,11 @@ def runtime_config(args):
         kw["mode"] = args.mode
     if args.density is not None:
         kw["density"] = args.density
-    if args.budget:
-        kw["budget_bytes"] = parse_size(args.budget)
+    if args.budget is not None:       # --budget '' is an error, not "everything resident"
+        try:
+            kw["budget_bytes"] = parse_size(args.budget)
+        except PowerlowError as e:
+            raise PowerlowError(f"--budget: {e}") from None
     if args.seed is not None:
         kw["seed"] = args.seed
     if args.threads < 0:

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import formats
 from .errors import PowerlowError
-from .loaders import open_source
+from .loaders import Source, open_source
 from .manifest import FORMAT_NAME, FORMAT_VERSION, atomic_path, file_entry, write_manifest
 from .store import StoreInfo, write_layer
 
@@ -45,19 +45,22 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
         raise PowerlowError(f"--bits {bits!r}: choose one of auto, {', '.join(BITS)}")
     if out_dir.exists() and not force:
         raise PowerlowError(f"{out_dir} already exists; delete it or pass --force to replace it")
-    source = open_source(src)
+    source = src if isinstance(src, Source) else open_source(src)
     cfg = source.config
     target = BITS.get(bits)
 
     def fmt_for(name: str, w) -> str | None:
-        """Format to store a matrix in; None keeps float32 (norms, biases)."""
-        if isinstance(w, np.ndarray) and w.ndim == 1:
+        """Format to store a matrix in; None keeps float32 (norms, biases). ``w``: the tensor, or its stored
+        format (Source.stored_format: a powerlow format name, "f32" for float matrices, None for vectors)."""
+        stored = w if isinstance(w, str) or w is None else (
+            w.fmt if isinstance(w, formats.QMatrix) else ("f32" if w.ndim > 1 else None))
+        if stored is None:
             return None
+        lossless = stored != "f32" and target in (None, stored)
         if name in ("token_embd", "output"):
-            return w.fmt if isinstance(w, formats.QMatrix) and w.fmt in ("q8", "q4_0", "q4_1") and target in (None, w.fmt) else "q8"
-        if isinstance(w, formats.QMatrix) and target is None:
-            return w.fmt
-        return target or "q8"
+            # kept as imported; else 8-bit (--bits applies to the layers' matrices, not the vocabulary)
+            return stored if lossless and stored not in formats.LOW_BIT else "q8"
+        return stored if lossless else (target or "q8")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".converting", dir=out_dir.parent))
@@ -85,21 +88,18 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
             save_file(tensors, str(p))
         del tensors
 
-        # FFN: every layer into ffn.bin as bundles
-        g0 = source.get("blk.0.ffn_gate")
-        d0 = source.get("blk.0.ffn_down")
-        ffn_fmt = fmt_for("blk.0.ffn_gate", g0)
-        down_fmt = fmt_for("blk.0.ffn_down", d0)
-        group = max(formats.FORMATS[down_fmt].group, 32)
+        # FFN: every layer into ffn.bin as bundles, each layer in its source formats (a GGUF quant mix keeps
+        # ffn_down in Q6_K in some layers and Q4_K in others: both stay as they are)
+        ffn_fmts = [fmt_for(f"blk.{l}.ffn_gate", source.stored_format(f"blk.{l}.ffn_gate")) for l in range(cfg.n_layers)]
+        down_fmts = [fmt_for(f"blk.{l}.ffn_down", source.stored_format(f"blk.{l}.ffn_down")) for l in range(cfg.n_layers)]
+        ffn_fmt, down_fmt = ffn_fmts[0], down_fmts[0]
+        group = max([formats.FORMATS[f].group for f in down_fmts] + [32])
         C = pick_cluster_size(cfg.intermediate_size, group, cluster_size)
-        info = StoreInfo.plan(ffn_fmt, down_fmt, C, cfg.hidden_size, cfg.intermediate_size, cfg.n_layers)
+        info = StoreInfo.plan(ffn_fmts, down_fmts, C, cfg.hidden_size, cfg.intermediate_size, cfg.n_layers)
         with atomic_path(tmp / "ffn.bin") as p, open(p, "wb") as f:
             for l in _progress(range(cfg.n_layers), "ffn.bin", progress):
-                gate = g0 if l == 0 else source.get(f"blk.{l}.ffn_gate")
-                up = source.get(f"blk.{l}.ffn_up")
-                down = d0 if l == 0 else source.get(f"blk.{l}.ffn_down")
-                write_layer(f, info, gate, up, down)
-                g0 = d0 = None
+                write_layer(f, info, l, source.get(f"blk.{l}.ffn_gate"), source.get(f"blk.{l}.ffn_up"),
+                            source.get(f"blk.{l}.ffn_down"))
         manifest = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,

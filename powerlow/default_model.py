@@ -46,14 +46,51 @@ def default_model_dir(progress: bool = True) -> Path:
     return out
 
 
+def converted_dir(src: Path) -> Path:
+    """Where a source model (GGUF file or HF folder) is converted on first use: $POWERLOW_HOME/models/NAME-KEY,
+    KEY a digest of the source's resolved path, size and mtime (a changed file is converted again)."""
+    import hashlib
+    src = src.resolve()
+    if src.is_dir():        # a HF folder: its files' sizes and mtimes
+        st = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.iterdir()) if f.is_file()]
+    else:
+        s = src.stat()
+        st = [(s.st_size, s.st_mtime_ns)]
+    key = hashlib.sha256(repr((str(src), st)).encode()).hexdigest()[:16]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in src.name.removesuffix(".gguf"))[:80]
+    return powerlow_home() / "models" / f"{name}-{key}"
+
+
+def prepare_source(src: Path, progress: bool = True) -> Path:
+    """The model dir of a GGUF file or HF folder, converting it on first use (converted_dir)."""
+    out = converted_dir(src)
+    if (out / "manifest.json").exists():
+        return out
+    from .convert import convert
+    if progress:
+        print(f"powerlow: converting {src} into {out} (once; later runs reuse it) ...", file=sys.stderr)
+    try:
+        convert(src, out, force=out.exists(), progress=progress)
+    except PowerlowError:
+        if not (out / "manifest.json").exists():     # else another process finished the same conversion first
+            raise
+    return out
+
+
 def resolve_model(model) -> Path:
-    """A model dir from -m: None -> the default model; a GGUF/HF source is refused with the convert command."""
+    """A model dir from -m: None -> the default model; a GGUF file or HF folder -> its converted dir (converted
+    on first use, see prepare_source); a powerlow model dir as it is."""
     if model is None:
         return default_model_dir()
     p = Path(model)
     if not p.exists():
-        raise PowerlowError(f"{p}: no such model dir; convert a model first with `powerlow convert SRC -o DIR`")
+        raise PowerlowError(f"{p}: no such model dir or file; give a powerlow model dir (made by `powerlow convert "
+                            "SRC -o DIR`), a .gguf file or a Hugging Face model folder")
     if p.is_file() or (p / "config.json").exists():
-        raise PowerlowError(f"{p} is a source model, not a powerlow model dir; convert it first: "
-                            f"`powerlow convert {p} -o DIR`, then `-m DIR`")
+        if p.is_file():
+            with open(p, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise PowerlowError(f"{p} is a file but not a GGUF model (no GGUF magic); give a .gguf file, a "
+                                        "Hugging Face model folder or a powerlow model dir")
+        return prepare_source(p)
     return p

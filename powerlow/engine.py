@@ -62,12 +62,12 @@ class RefOps:
         return x
 
     @staticmethod
-    def attention(q, k_cache, v_cache, start, out=None):
-        return reference.attention(q, k_cache, v_cache, start)
+    def attention(q, k_cache, v_cache, start, out=None, *, window=0, scale=0.0):
+        return reference.attention(q, k_cache, v_cache, start, window=window, scale=scale)
 
     @staticmethod
-    def rope_tables(positions, head_dim, theta, scale=1.0):
-        return reference.rope_tables(head_dim, theta, positions, scale)
+    def rope_tables(positions, head_dim, theta, scale=1.0, factors=None):
+        return reference.rope_tables(head_dim, theta, positions, scale, factors)
 
     @staticmethod
     def attn_scratch(T, n_heads, n_kv, head_dim, K):
@@ -177,6 +177,16 @@ class LayerWeights:
     ffn_norm: np.ndarray           # (K,)
 
 
+@dataclass(frozen=True)
+class LayerExtras:
+    """What a layer has beyond the plain llama block (None / 0 where it has not): qwen3, gemma3, sliding windows."""
+    q_norm: np.ndarray | None      # (hd,) per-head RMSNorm of q before RoPE
+    k_norm: np.ndarray | None
+    post_attn_norm: np.ndarray | None   # (K,) norm of the attention output before the residual add
+    post_ffn_norm: np.ndarray | None    # (K,) norm of the FFN output
+    window: int                    # sliding window of the layer's attention, 0 = all keys
+
+
 class Transformer:
     """Weights + KV cache + the forward pass of one model dir."""
 
@@ -269,6 +279,7 @@ class Transformer:
         ring_units: list = []
         self.layers: list[LayerWeights | None] = []
         self._small = []                    # per layer: (attn_norm, bqkv, ffn_norm), always resident
+        self._extra: list[LayerExtras] = []  # per layer: the norms and window of the non-llama blocks
         self._ring_of_layer: dict[int, int] = {}
         self._streamed_lw: dict[int, LayerWeights] = {}     # id(ring views) -> LayerWeights (ring keeps the views)
         for l in range(cfg.n_layers):
@@ -277,6 +288,9 @@ class Transformer:
                     if cfg.attn_bias else None)
             small = (self.w[p + "attn_norm"], bqkv, self.w[p + "ffn_norm"])
             self._small.append(small)
+            self._extra.append(LayerExtras(
+                self.w.get(p + "attn_q_norm"), self.w.get(p + "attn_k_norm"), self.w.get(p + "post_attention_norm"),
+                self.w.get(p + "post_ffw_norm"), cfg.sliding_window if cfg.is_local(l) else 0))
             if attn_res[l]:
                 m = attn[l].load(tf_)
                 self.layers.append(LayerWeights(small[0], m["wqkv"], bqkv, m["wo"], small[2]))
@@ -372,45 +386,67 @@ class Transformer:
         pos = np.arange(start, start + T, dtype=np.int64)
         ops = self.ops
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        qd, kd = cfg.q_dim, cfg.kv_dim
         x = self.embed_tokens(ids)                                      # (T, K)
-        if self.fused:
-            # one call per layer for the attention block (norm, qkv, RoPE, cache store, attention, o, +=,
-            # ffn norm), then the FFN adds its output straight into x
-            rope = ops.rope_tables(pos, hd, cfg.rope_theta, cfg.rope_scaling_factor)
-            h = np.empty_like(x)
-            scratch = self._attn_scratch(T)
-            for l in range(cfg.n_layers):
-                lw, streamed = self._layer(l)
-                ops.attn_block(lw, x, h, self.kv.k[l], self.kv.v[l], start, rope, nh, nkv, cfg.rms_eps, scratch)
-                if streamed:
-                    self.ring.release()
-                self.ffn.accumulate(l, h, x)
-        else:
-            for l in range(cfg.n_layers):
-                lw, streamed = self._layer(l)
-                h = ops.rmsnorm(x, lw.attn_norm, cfg.rms_eps)
-                qkv = qkv_matmul(lw.wqkv, h, ops.matmul)                # (T, q_dim + 2 kv_dim)
-                if lw.bqkv is not None:
-                    qkv += lw.bqkv
-                q = self._rope(qkv[:, :qd].reshape(T, nh, hd), pos)
-                k = self._rope(qkv[:, qd: qd + kd].reshape(T, nkv, hd), pos)
-                # the cache is fp16, as llama.cpp's default: on SmolLM2 this moved teacher-forced agreement
-                # with llama.cpp from 96.4% to 97.4% (float32 cache vs fp16, same kernels otherwise)
-                kc, vc = self.kv.k[l], self.kv.v[l]
-                kc[:, start: start + T] = k.transpose(1, 0, 2)                  # float32 -> float16 on store
-                vc[:, start: start + T] = qkv[:, qd + kd:].reshape(T, nkv, hd).transpose(1, 0, 2)
-                a = ops.attention(q, kc, vc, start)                     # (T, nh*hd)
-                x += ops.matmul(lw.wo, a)
-                if streamed:
-                    self.ring.release()
+        if cfg.embed_scale != 1.0:
+            x *= np.float32(cfg.embed_scale)
+        rope = None
+        h = np.empty_like(x)
+        for l in range(cfg.n_layers):
+            lw, streamed = self._layer(l)
+            if self.fused and cfg.layer_is_plain(l):
+                # one call for the attention block (norm, qkv, RoPE, cache store, attention, o, +=, ffn norm)
+                if rope is None:
+                    rope = ops.rope_tables(pos, hd, cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_freq_factors)
+                ops.attn_block(lw, x, h, self.kv.k[l], self.kv.v[l], start, rope, nh, nkv, cfg.rms_eps,
+                               self._attn_scratch(T))
+            else:
+                self._attention(l, lw, x, pos, start)
                 h = ops.rmsnorm(x, lw.ffn_norm, cfg.rms_eps)
-                self.ffn.accumulate(l, h, x)
+            if streamed:
+                self.ring.release()
+            post = self._extra[l].post_ffn_norm
+            if post is None:
+                self.ffn.accumulate(l, h, x)                            # the FFN adds its output straight into x
+            else:
+                x += ops.rmsnorm(self.ffn.forward(l, h), post, cfg.rms_eps)
         self.kv.length = start + T
         if last_only:
             x = x[-1:]
         x = self.ops.rmsnorm(np.ascontiguousarray(x), self.w["output_norm"], cfg.rms_eps)
-        return self.logits(x)
+        out = self.logits(x)
+        if cfg.logit_softcap:
+            cap = np.float32(cfg.logit_softcap)
+            out = (np.tanh(out / cap) * cap).astype(np.float32)
+        return out
+
+    def _attention(self, l: int, lw: LayerWeights, x: np.ndarray, pos: np.ndarray, start: int) -> None:
+        """x += attention block of layer l, as the unfused op sequence (the same kernels as attn_block one by one,
+        plus what the fused block lacks: QK-norm, sliding window, attention scale, post-attention norm)."""
+        cfg, ops, ex = self.config, self.ops, self._extra[l]
+        T, nh, nkv, hd = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        qd, kd = cfg.q_dim, cfg.kv_dim
+        h = ops.rmsnorm(x, lw.attn_norm, cfg.rms_eps)
+        qkv = qkv_matmul(lw.wqkv, h, ops.matmul)                        # (T, q_dim + 2 kv_dim)
+        if lw.bqkv is not None:
+            qkv += lw.bqkv
+        q, k = qkv[:, :qd].reshape(T, nh, hd), qkv[:, qd: qd + kd].reshape(T, nkv, hd)
+        if ex.q_norm is not None:                                       # per-head RMSNorm over head_dim
+            q = ops.rmsnorm(np.ascontiguousarray(q).reshape(T * nh, hd), ex.q_norm, cfg.rms_eps).reshape(T, nh, hd)
+            k = ops.rmsnorm(np.ascontiguousarray(k).reshape(T * nkv, hd), ex.k_norm, cfg.rms_eps).reshape(T, nkv, hd)
+        q, k = self._rope(q, pos, l), self._rope(k, pos, l)
+        # the cache is fp16, as llama.cpp's default: on SmolLM2 this moved teacher-forced agreement
+        # with llama.cpp from 96.4% to 97.4% (float32 cache vs fp16, same kernels otherwise)
+        kc, vc = self.kv.k[l], self.kv.v[l]
+        kc[:, start: start + T] = k.transpose(1, 0, 2)                  # float32 -> float16 on store
+        vc[:, start: start + T] = qkv[:, qd + kd:].reshape(T, nkv, hd).transpose(1, 0, 2)
+        if ex.window or cfg.attn_scale:
+            a = ops.attention(np.ascontiguousarray(q, np.float32), kc, vc, start, window=ex.window, scale=cfg.attn_scale)
+        else:
+            a = ops.attention(q, kc, vc, start)                         # (T, nh*hd)
+        o = ops.matmul(lw.wo, a)
+        if ex.post_attn_norm is not None:
+            o = ops.rmsnorm(o, ex.post_attn_norm, cfg.rms_eps)
+        x += o
 
     def _attn_scratch(self, T: int):
         """attn_block's scratch for T tokens: one buffer per Transformer, grown (never per token)."""
@@ -420,10 +456,14 @@ class Transformer:
             self._scratch_T = T
         return self._scratch
 
-    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """RoPE in place on x (T, heads, hd); linear scaling goes through the reference tables."""
+    def _rope(self, x: np.ndarray, pos: np.ndarray, l: int) -> np.ndarray:
+        """RoPE of layer l on x (T, heads, hd): local (sliding-window) layers of a model with a local base use
+        it unscaled (gemma3); linear scaling and llama3 frequency factors go through the tables."""
         cfg = self.config
-        if cfg.rope_scaling_factor != 1.0:
-            cos, sin = reference.rope_tables(cfg.head_dim, cfg.rope_theta, pos, cfg.rope_scaling_factor)
-            return reference.rope(x, cos, sin)
+        if cfg.is_local(l) and cfg.rope_theta_local:
+            return self.ops.rope(np.ascontiguousarray(x), pos, cfg.rope_theta_local)
+        if cfg.rope_scaling_factor != 1.0 or cfg.rope_freq_factors:
+            cos, sin = self.ops.rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor,
+                                            cfg.rope_freq_factors)
+            return reference.rope(x, cos, sin).astype(np.float32)
         return self.ops.rope(np.ascontiguousarray(x), pos, cfg.rope_theta)

@@ -40,9 +40,8 @@ class ResidentStore:
             except (AttributeError, OSError):
                 pass
         base = self.buf.ctypes.data
-        stride = info.layout.stride
-        self._all = [np.asarray(base + info.layer_offsets[l] + np.arange(info.n_clusters, dtype=np.uint64) * stride,
-                                dtype=np.uint64) for l in range(info.n_layers)]
+        self._all = [np.asarray(base + info.layer_offsets[l] + np.arange(info.n_clusters, dtype=np.uint64)
+                                * info.layouts[l].stride, dtype=np.uint64) for l in range(info.n_layers)]
         self.resident_bytes = size
 
     def ptrs(self, layer: int, clusters: np.ndarray | None) -> np.ndarray:
@@ -120,7 +119,7 @@ class SparseFFN:
         for i, (pos, lo, hi) in enumerate(self._pieces):
             a, b = int(self._piece_start[i]), int(self._piece_start[i + 1])
             ptrs[pos] = self.source.stream_piece(layer, a, b)
-            self.ops.ffn_bundles_part(ptrs, self.info.layout, h, self.act, out, priv, lo, hi)
+            self.ops.ffn_bundles_part(ptrs, self.info.layouts[layer], h, self.act, out, priv, lo, hi)
         for p in priv:                       # the kernel's reduction, in chunk order
             out += p
 
@@ -148,7 +147,7 @@ class SparseFFN:
         if out is None:
             out = np.zeros_like(h)
         if len(ptrs):
-            self.ops.ffn_bundles(ptrs, self.info.layout, h, self.act, out)
+            self.ops.ffn_bundles(ptrs, self.info.layouts[layer], h, self.act, out)
         if self._prefetch is not None:
             nxt = (layer + 1) % self.n_layers          # after the last layer: the next token's first
             ahead = self.predictor.lookahead(nxt, h) if self.predictor is not None else None

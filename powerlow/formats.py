@@ -91,6 +91,7 @@ KQUANTS = ("q4_k", "q5_k", "q6_k")
 QK_K = 256      # K-quant super-block
 
 _PLANE_DTYPE = {"d": np.float16, "m": np.float16}
+LOW_BIT = ("q2", "tern", "q1")   # the 1/1.58/2-bit formats (no GGUF counterpart)
 
 
 def _spec(fmt: str) -> FormatSpec:

@@ -19,23 +19,29 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise PowerlowError(f"--temp must be >= 0, got {self.temperature}")
+        import math
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise PowerlowError(f"--temp must be a number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise PowerlowError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise PowerlowError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise PowerlowError(f"--seed must be in 0 .. 2^64-1, got {self.seed}; omit it for a random seed")
 
 
 def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
     """One token id from logits (vocab,)."""
     if p.temperature == 0.0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / p.temperature
-    if p.top_k:
+    if not np.isfinite(logits).all():
+        raise PowerlowError("the model produced non-finite logits (NaN or inf): its weights are corrupt or the input "
+                            "overflowed; check the model with a fresh convert")
+    # shifted before dividing: any positive temperature, however small, stays finite (the top token at 0)
+    z = (logits.astype(np.float64) - float(logits.max())) / p.temperature
+    if 0 < p.top_k < len(z):          # a top-k of the whole vocabulary (or more) keeps everything
         kth = np.partition(z, -p.top_k)[-p.top_k]
         z = np.where(z < kth, -np.inf, z)
-    z -= z.max()
     probs = np.exp(z)
     probs /= probs.sum()
     if p.top_p < 1.0:

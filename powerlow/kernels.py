@@ -10,10 +10,11 @@
 Hot-path helpers (float32, C-contiguous; each returns `out`):
     rmsnorm(x (T, K), w (K,), eps, out=None)       x / sqrt(mean(x^2) + eps) * w
     rope(x (T, n_heads, hd), positions int64 (T,), theta)   in place, HF rotate_half pairs (i, i + hd/2)
-    silu_mul(g, u, out=None) / relu_mul(g, u, out=None)     act(g) * u, any matching shapes
-    attention(q (T, nh, hd), k_cache, v_cache (n_kv, max_pos, hd), start, out=None) -> (T, nh*hd)
+    silu_mul(g, u, out=None) / relu_mul / gelu_tanh_mul     act(g) * u, any matching shapes
+    attention(q (T, nh, hd), k_cache, v_cache (n_kv, max_pos, hd), start, out=None, window=0, scale=0) -> (T, nh*hd)
         causal grouped-query attention for positions start..start+T-1 (cache already holds them);
-        the cache may be float32 or float16 (both caches the same dtype)
+        the cache may be float32 or float16 (both caches the same dtype); window > 0: keys in
+        (pos - window, pos] only (sliding-window layers); scale: softmax scale (0 = 1/sqrt(hd)), both fp16 only
 Threads: matmul rows, ffn_bundles chunks and attention jobs run on one work-claiming pool (plk_common.c,
 not OpenMP): the caller works too and returns when every item is done, so a thread preempted by another
 process does not stall a call for a time slice (with OpenMP regions, 2 threads on this shared 2-core VM
@@ -42,7 +43,7 @@ from .errors import PowerlowError
 _ISA_NAMES = ("generic", "avx2", "avx512")
 _FMT_ID = {"q8": 0, "q4_0": 1, "q4_1": 2, "q2": 3, "tern": 4, "q1": 5,
            "q5_0": 6, "q5_1": 7, "q4_k": 8, "q5_k": 9, "q6_k": 10}   # plk.h order
-_ACT_ID = {"silu": 0, "relu": 1}
+_ACT_ID = {"silu": 0, "relu": 1, "gelu_tanh": 2}
 
 supported_isas = _ISA_NAMES[: _k.detect_isa() + 1]   # every variant this CPU can run
 
@@ -210,7 +211,7 @@ def ffn_bundles(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.ndarray,
 
     h and out float32 C-contiguous (T, K); act "silu" or "relu". Bundles are split over threads."""
     if act not in _ACT_ID:
-        raise ValueError(f"act must be 'silu' or 'relu', got {act!r}")
+        raise ValueError(f"act must be one of {', '.join(_ACT_ID)}, got {act!r}")
     which = _isa_id(isa)
     _k.ffn_bundles(which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
                    ptrs, layout.C, layout.K, _bundle_offsets(layout), h, _ACT_ID[act], out, _threads)
@@ -228,7 +229,7 @@ def ffn_bundles_part(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.nda
     Only those entries of ptrs are read. After the last piece, ``out += priv[0]; out += priv[1]; ...`` gives
     exactly ffn_bundles' floats (tests/test_kernels.py)."""
     if act not in _ACT_ID:
-        raise ValueError(f"act must be 'silu' or 'relu', got {act!r}")
+        raise ValueError(f"act must be one of {', '.join(_ACT_ID)}, got {act!r}")
     which = _isa_id(isa)
     _k.ffn_bundles_part(which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
                         ptrs, layout.C, layout.K, _bundle_offsets(layout), h, _ACT_ID[act], out, priv, lo, hi, _threads)
@@ -278,17 +279,28 @@ def relu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.
     return out
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int,
-              out: np.ndarray | None = None) -> np.ndarray:
+def gelu_tanh_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if out is None:
-        out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
-    _k.attention(q, k_cache, v_cache, int(start), out, _threads)
+        out = np.empty_like(g)
+    _k.gated(g, u, out, 2)
     return out
 
 
-def rope_tables(positions: np.ndarray, head_dim: int, theta: float, scale: float = 1.0):
-    """cos, sin (T, head_dim/2) float32 for positions (int64 (T,)); scale: linear RoPE scaling (1 = none).
-    The values of reference.rope_tables (double angles (p / scale) * theta^(-2i/hd), rounded once)."""
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int,
+              out: np.ndarray | None = None, *, window: int = 0, scale: float = 0.0) -> np.ndarray:
+    if out is None:
+        out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
+    _k.attention(q, k_cache, v_cache, int(start), out, _threads, int(window), float(scale))
+    return out
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, theta: float, scale: float = 1.0, factors=None):
+    """cos, sin (T, head_dim/2) float32 for positions (int64 (T,)); scale: linear RoPE scaling (1 = none);
+    factors: per-pair frequency divisors (llama3 RoPE), or None.
+    The values of reference.rope_tables (double angles (p / scale) * theta^(-2i/hd) / factor_i, rounded once)."""
+    if factors is not None and len(factors):
+        from . import reference
+        return reference.rope_tables(head_dim, theta, positions, scale, factors)
     positions = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
     c = np.empty((len(positions), head_dim // 2), np.float32)
     s = np.empty_like(c)

@@ -25,9 +25,11 @@ def atomic_path(path: Path):
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)     # mkstemp makes 0600; the finished file gets the usual permissions
     try:
         yield Path(tmp)
+        # mkstemp makes 0600, and a writer may have replaced the file (safetensors does): the finished file gets
+        # the usual permissions, whatever wrote it
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -8,17 +8,67 @@ import numpy as np
 from .config import RuntimeConfig
 from .default_model import resolve_model
 from .engine import Stats, Transformer
+from .errors import PowerlowError
 from .generate import SamplingParams, Token, generate as _generate
 
 
+def token_ids(ids, vocab_size: int, what: str = "token ids") -> list[int]:
+    """A 1-D sequence of integer token ids, checked (no silent coercion of floats, 2-D arrays, bytes or text)."""
+    if isinstance(ids, (str, bytes, bytearray, memoryview)) or ids is None:
+        raise PowerlowError(f"{what} must be a 1-D sequence of integers, got {type(ids).__name__}"
+                            + ("; pass text to generate(), or tokenize it first" if isinstance(ids, (str, bytes)) else ""))
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+            raise PowerlowError(f"{what} must be a 1-D integer array, got a {ids.ndim}-D {ids.dtype} array")
+        return _in_range([int(i) for i in ids], vocab_size, what)
+    try:
+        out = list(ids)
+    except TypeError:
+        raise PowerlowError(f"{what} must be a 1-D sequence of integers, got {type(ids).__name__}") from None
+    for i in out:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise PowerlowError(f"{what} must be integers, got {type(i).__name__} {i!r}")
+    return _in_range([int(i) for i in out], vocab_size, what)
+
+
+def _in_range(ids: list[int], vocab_size: int, what: str) -> list[int]:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise PowerlowError(f"{what}: id {bad[0]} is out of range 0..{vocab_size - 1}")
+    return ids
+
+
 class Model:
-    """A loaded powerlow model: tokenize / detokenize / forward / generate / stats."""
+    """A loaded powerlow model: tokenize / detokenize / forward / generate / stats.
+
+    One model has one KV cache, so one sequence at a time: a ``generate`` or ``forward`` call starts a new one, and
+    an earlier ``generate`` iterator resumed afterwards raises PowerlowError (its cache was overwritten)."""
 
     def __init__(self, transformer: Transformer):
         self.tf = transformer
         self.config = transformer.config
         self.tokenizer = transformer.tokenizer
         self.stats = Stats()
+        self._epoch = 0             # bumped by every call that writes the KV cache
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop the I/O threads and close the model's files (an offloaded run's readers)."""
+        if not self._closed:
+            self._closed = True
+            self.tf.close()
+
+    def _begin(self) -> int:
+        if self._closed:
+            raise PowerlowError("the model is closed; load it again")
+        self._epoch += 1
+        return self._epoch
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special=add_special)
@@ -28,6 +78,11 @@ class Model:
 
     def forward(self, ids, *, start_pos: int | None = None) -> np.ndarray:
         """Logits (T, vocab) float32 for ``ids`` (a fresh sequence unless ``start_pos`` continues the cached one)."""
+        ids = token_ids(ids, self.config.vocab_size)
+        if start_pos is not None and (isinstance(start_pos, bool) or not isinstance(start_pos, (int, np.integer))
+                                      or start_pos < 0):
+            raise PowerlowError(f"start_pos must be an integer >= 0, got {start_pos!r}")
+        self._begin()
         return self.tf.forward(ids, start_pos=start_pos)
 
     def generate(self, prompt, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -35,17 +90,29 @@ class Model:
         """Tokens as they are made. ``prompt`` is text (or a list of ids)."""
         if isinstance(prompt, str):
             if not prompt.strip():
-                from .errors import PowerlowError
                 raise PowerlowError("the prompt is empty; give some text")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise PowerlowError(f"the prompt is not valid text ({e.reason} at position {e.start}); give UTF-8 text") from None
             text = self.tokenizer.apply_chat(prompt) if chat else prompt
             ids = self.tokenize(text)
         else:
-            ids = [int(i) for i in prompt]
+            ids = token_ids(prompt, self.config.vocab_size, "the prompt")
         params = SamplingParams(temperature, top_k, top_p, seed)
-        yield from _generate(self.tf, ids, max_tokens, params, self.stats, stop_ids=self.tokenizer.stop_ids())
+        return self._generate(ids, max_tokens, params)
+
+    def _generate(self, ids, max_tokens, params) -> Iterator[Token]:
+        epoch = self._begin()
+        for tok in _generate(self.tf, ids, max_tokens, params, self.stats, stop_ids=self.tokenizer.stop_ids()):
+            yield tok
+            if self._epoch != epoch:
+                raise PowerlowError("this generation was superseded: a later generate() or forward() on the same model "
+                                    "overwrote its KV cache; start it again (one model runs one sequence at a time)")
         self.stats.ffn_density = self.tf.ffn.clusters_used / max(1, self.tf.ffn.clusters_total)
 
 
 def load(path=None, config: RuntimeConfig | None = None, *, backend: str | None = None) -> Model:
-    """Load a powerlow model dir (None: the default model, converted on first use)."""
+    """Load a powerlow model dir, or a GGUF file / Hugging Face folder (converted on first use into
+    $POWERLOW_HOME/models and reused afterwards); None: the default model."""
     return Model(Transformer(resolve_model(path), config, backend=backend))

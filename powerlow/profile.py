@@ -331,12 +331,13 @@ def relayout_clusters(model_dir: Path, manifest: dict, cperms: list[np.ndarray])
     from powerlow.store import StoreInfo
 
     info = StoreInfo.from_json(manifest["ffn"])
-    L, nC, C, F, S = info.n_layers, info.n_clusters, info.layout.C, info.n_neurons, info.layout.stride
+    L, nC, C, F = info.n_layers, info.n_clusters, info.layout.C, info.n_neurons
     if all(np.array_equal(p, np.arange(nC)) for p in cperms):
         return manifest
     path = model_dir / "ffn.bin"
     with open(path, "rb") as src, atomic_path(path) as tmp, open(tmp, "wb") as f:
         for l in range(L):
+            S = info.layouts[l].stride
             for c in cperms[l]:
                 src.seek(info.bundle_offset(l, int(c)))
                 b = src.read(S)
@@ -377,17 +378,18 @@ def relayout_store(model_dir: Path, manifest: dict, perms: list[np.ndarray]) -> 
     from powerlow.store import StoreInfo, read_layer_matrices
 
     old = StoreInfo.from_json(manifest["ffn"])
-    lay = old.layout
     F = old.n_neurons
     if all(np.array_equal(p, np.arange(F)) for p in perms):
         return manifest                                           # already hot-first: nothing to move
     down_fmt = "q8"
-    new = StoreInfo.plan(lay.fmt, down_fmt, lay.C, lay.K, F, old.n_layers)
+    new = StoreInfo.plan([x.fmt for x in old.layouts], down_fmt, old.layout.C, old.layout.K, F, old.n_layers)
     path = model_dir / "ffn.bin"
     mm = np.memmap(path, dtype=np.uint8, mode="r")
-    Fp = new.n_clusters * lay.C
+    Fp = new.n_clusters * old.layout.C
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for l in range(old.n_layers):
+            lay = old.layouts[l]
+
             def rows(off):
                 return concat_rows([formats.QMatrix.from_buffer(lay.fmt, lay.C, lay.K, mm, old.bundle_offset(l, c) + off)
                                     for c in range(old.n_clusters)])
@@ -396,21 +398,20 @@ def relayout_store(model_dir: Path, manifest: dict, perms: list[np.ndarray]) -> 
             up = formats.select_rows(rows(lay.up_off), idx)
             down = np.zeros((lay.K, Fp), np.float32)
             down[:, :F] = read_layer_matrices(mm, old, l)[2][:, perms[l]]
-            _write_bundles(f, new, gate, up, formats.quantize(down, down_fmt))
+            _write_bundles(f, new.layouts[l], new.n_clusters, gate, up, formats.quantize(down, down_fmt))
     del mm
     # new clusters: no original bundle order to keep (cluster_order None)
     return _publish_relayout(model_dir, manifest, perms, ffn=new.to_json(), cluster_order=None,
                              formats=dict(manifest["formats"], ffn_down=down_fmt))
 
 
-def _write_bundles(f, info, gate, up, down) -> None:
+def _write_bundles(f, lay, n_clusters: int, gate, up, down) -> None:
     """Append one layer's bundles: gate/up QMatrix (n_clusters*C, K) and down (K, n_clusters*C), already in
     the layout's formats (store.write_layer would re-quantize gate/up whenever the last cluster is padded)."""
     from powerlow import formats
 
-    lay = info.layout
     buf = bytearray(lay.stride)
-    for c in range(info.n_clusters):
+    for c in range(n_clusters):
         r = np.arange(c * lay.C, (c + 1) * lay.C)
         buf[:] = bytes(lay.stride)
         for off, q in ((lay.gate_off, formats.select_rows(gate, r)), (lay.up_off, formats.select_rows(up, r)),

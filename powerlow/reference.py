@@ -16,9 +16,15 @@ def matmul(q: "formats.QMatrix", x: np.ndarray) -> np.ndarray:
     return formats.matmul_ref(q, x)
 
 
+GELU_C, GELU_A = np.float32(0.7978845608028654), np.float32(0.044715)
+
+
 def act_fn(g: np.ndarray, act: str) -> np.ndarray:
     if act == "silu":
         return g / (1.0 + np.exp(-g))
+    if act == "gelu_tanh":          # 0.5 g (1 + tanh(u)) written as g / (1 + e^(-2u)), as the kernels do
+        with np.errstate(over="ignore"):                # e^(-2u) = inf for g << 0: the result is -0, right
+            return g / (1.0 + np.exp(np.float32(-2.0) * GELU_C * (g + GELU_A * g * g * g)))
     return np.maximum(g, 0.0)
 
 
@@ -44,9 +50,12 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(ms + eps)) * w
 
 
-def rope_tables(head_dim: int, theta: float, positions: np.ndarray, scale: float = 1.0):
-    """cos, sin (T, head_dim/2) for the Hugging Face (rotate_half) RoPE."""
+def rope_tables(head_dim: int, theta: float, positions: np.ndarray, scale: float = 1.0, factors=None):
+    """cos, sin (T, head_dim/2) for the Hugging Face (rotate_half) RoPE; factors: per-pair divisors of the
+    inverse frequencies (llama3 scaling, llama.cpp's rope_freqs), or None."""
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if factors is not None and len(factors):
+        inv = inv / np.asarray(factors, np.float64)
     ang = np.outer(positions.astype(np.float64) / scale, inv)
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
@@ -59,10 +68,12 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, *, window: int = 0,
+              scale: float = 0.0) -> np.ndarray:
     """Causal grouped-query attention.
 
     q (T, n_heads, hd) for positions start..start+T-1; k_cache/v_cache (n_kv, >= start+T, hd).
+    window > 0: keys in (pos - window, pos] only; scale: softmax scale (0 = 1/sqrt(hd)).
     Returns (T, n_heads * hd).
     """
     T, nh, hd = q.shape
@@ -72,9 +83,12 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
     K = k_cache[:, :P]                                          # (nkv, P, hd)
     V = v_cache[:, :P]
     qh = q.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3).reshape(nkv, g * T, hd)
-    s = (qh @ K.transpose(0, 2, 1)) * (1.0 / np.sqrt(hd))       # (nkv, g*T, P)
+    s = (qh @ K.transpose(0, 2, 1)) * (scale if scale > 0 else 1.0 / np.sqrt(hd))   # (nkv, g*T, P)
     s = s.reshape(nkv, g, T, P)
-    mask = np.arange(P)[None, :] > (start + np.arange(T))[:, None]   # (T, P) future keys
+    qpos = (start + np.arange(T))[:, None]
+    mask = np.arange(P)[None, :] > qpos                                  # (T, P) future keys
+    if window > 0:
+        mask |= np.arange(P)[None, :] <= qpos - window                   # keys out of the window
     s = np.where(mask, -np.inf, s)
     s = s - s.max(axis=-1, keepdims=True)
     p = np.exp(s)

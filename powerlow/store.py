@@ -1,10 +1,15 @@
 """ffn.bin, the neuron-cluster store: every layer's FFN as 4 KiB-aligned bundles, one per cluster of C neurons.
 
-Bundle c of layer l starts at ``layer_offsets[l] + c * layout.stride`` and holds (see formats.BundleLayout):
+Bundle c of layer l starts at ``layer_offsets[l] + c * layouts[l].stride`` and holds (see formats.BundleLayout):
   gate  QMatrix (C, K)  rows of ffn_gate for the cluster's neurons
   up    QMatrix (C, K)  rows of ffn_up
   down  QMatrix (K, C)  ffn_down[:, cluster], quantized along the neurons (keeps GGUF's down blocks whole)
 Neurons are stored in ``order[l]`` (hot-first after `powerlow profile`; identity after convert).
+
+A layer's formats are its source's: a GGUF quantization mix such as Q4_K_M stores ffn_down as Q6_K in some
+layers and Q4_K in others, and both are kept without loss, so bundles of different layers may differ in size
+(``layouts[l]``). ``layout`` is the layout with the largest stride: the size of one slot of the offloaded
+run's cache (a slot holds a bundle of any layer); cluster size C and hidden size K are the same in every layer.
 """
 from __future__ import annotations
 
@@ -21,47 +26,82 @@ ALIGN = 4096
 
 @dataclass(frozen=True)
 class StoreInfo:
-    layout: "formats.BundleLayout"
+    layouts: tuple["formats.BundleLayout", ...]   # per layer
     n_layers: int
     n_neurons: int          # F (real neurons per layer)
     n_clusters: int         # per layer; n_clusters * C >= F (the last cluster may be zero-padded)
     layer_offsets: tuple[int, ...]
 
     @property
-    def cluster_size(self) -> int:
-        return self.layout.C
+    def layout(self) -> "formats.BundleLayout":
+        """The layout with the largest stride (a cache slot's size; every layer's C and K)."""
+        return max(self.layouts, key=lambda lay: lay.stride)
 
     @property
-    def layer_bytes(self) -> int:
-        return self.n_clusters * self.layout.stride
+    def uniform(self) -> bool:
+        return len(set(self.layouts)) == 1
+
+    @property
+    def cluster_size(self) -> int:
+        return self.layouts[0].C
+
+    def layer_bytes(self, layer: int) -> int:
+        return self.n_clusters * self.layouts[layer].stride
 
     @property
     def total_bytes(self) -> int:
-        return self.n_layers * self.layer_bytes
+        return sum(self.layer_bytes(l) for l in range(self.n_layers))
 
     def bundle_offset(self, layer: int, cluster: int) -> int:
-        return self.layer_offsets[layer] + cluster * self.layout.stride
+        return self.layer_offsets[layer] + cluster * self.layouts[layer].stride
 
     def to_json(self) -> dict:
-        lay = self.layout
-        return {"fmt": lay.fmt, "down_fmt": lay.down_fmt, "cluster_size": lay.C, "hidden": lay.K,
-                "bundle_bytes": lay.nbytes, "stride": lay.stride, "n_layers": self.n_layers,
-                "n_neurons": self.n_neurons, "n_clusters": self.n_clusters, "layer_offsets": list(self.layer_offsets)}
+        lay = self.layouts[0]
+        d = {"fmt": lay.fmt, "down_fmt": lay.down_fmt, "cluster_size": lay.C, "hidden": lay.K,
+             "bundle_bytes": lay.nbytes, "stride": lay.stride, "n_layers": self.n_layers,
+             "n_neurons": self.n_neurons, "n_clusters": self.n_clusters, "layer_offsets": list(self.layer_offsets)}
+        if not self.uniform:      # fmt/down_fmt/stride above are layer 0's
+            d["layer_formats"] = [[x.fmt, x.down_fmt] for x in self.layouts]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "StoreInfo":
-        lay = formats.BundleLayout.make(d["fmt"], d["down_fmt"], int(d["cluster_size"]), int(d["hidden"]))
-        if lay.stride != d["stride"] or lay.nbytes != d["bundle_bytes"]:
+        try:
+            C, K, L, nC = int(d["cluster_size"]), int(d["hidden"]), int(d["n_layers"]), int(d["n_clusters"])
+            fmts = d.get("layer_formats") or [[d["fmt"], d["down_fmt"]]] * L
+            offsets = tuple(int(o) for o in d["layer_offsets"])
+            lays = tuple(formats.BundleLayout.make(f, df, C, K) for f, df in fmts)
+            F = int(d["n_neurons"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise PowerlowError(f"manifest.json: the ffn store description is incomplete or corrupt ({type(e).__name__}: "
+                                f"{e}); re-convert the model") from None
+        if lays[0].stride != d["stride"] or lays[0].nbytes != d["bundle_bytes"]:
             raise PowerlowError("ffn.bin bundle layout in the manifest does not match this powerlow's format "
-                                f"({d['stride']} vs {lay.stride} bytes per bundle); re-convert the model")
-        return cls(lay, int(d["n_layers"]), int(d["n_neurons"]), int(d["n_clusters"]), tuple(int(o) for o in d["layer_offsets"]))
+                                f"({d['stride']} vs {lays[0].stride} bytes per bundle); re-convert the model")
+        if len(lays) != L or len(offsets) != L:
+            raise PowerlowError(f"manifest.json: the ffn store lists {len(offsets)} layer offsets and {len(lays)} layer "
+                                f"formats for {L} layers; re-convert the model")
+        if L < 1 or nC < 1 or not 0 < F <= nC * C:
+            raise PowerlowError(f"manifest.json: the ffn store has {L} layers of {nC} clusters of {C} for {F} neurons "
+                                "(impossible); re-convert the model")
+        # layers lie back to back in ffn.bin: any other offset reads outside the file or another layer's bundles
+        want = np.concatenate([[0], np.cumsum([nC * lay.stride for lay in lays])[:-1]]).astype(np.int64)
+        bad = [l for l in range(L) if offsets[l] != want[l]]
+        if bad:
+            l = bad[0]
+            raise PowerlowError(f"manifest.json: ffn layer_offsets[{l}] is {offsets[l]}, the store's layout puts layer {l} at "
+                                f"{want[l]} (corrupt or edited manifest); re-convert the model")
+        return cls(lays, L, F, nC, offsets)
 
     @classmethod
-    def plan(cls, fmt: str, down_fmt: str, C: int, K: int, F: int, n_layers: int) -> "StoreInfo":
-        lay = formats.BundleLayout.make(fmt, down_fmt, C, K)
+    def plan(cls, fmt, down_fmt, C: int, K: int, F: int, n_layers: int) -> "StoreInfo":
+        """fmt, down_fmt: one format for every layer, or a list with one per layer."""
+        fmts = fmt if isinstance(fmt, (list, tuple)) else [fmt] * n_layers
+        dfmts = down_fmt if isinstance(down_fmt, (list, tuple)) else [down_fmt] * n_layers
+        lays = tuple(formats.BundleLayout.make(f, df, C, K) for f, df in zip(fmts, dfmts))
         n_clusters = -(-F // C)
-        layer_bytes = n_clusters * lay.stride
-        return cls(lay, n_layers, F, n_clusters, tuple(l * layer_bytes for l in range(n_layers)))
+        offsets = np.concatenate([[0], np.cumsum([n_clusters * lay.stride for lay in lays])[:-1]])
+        return cls(lays, n_layers, F, n_clusters, tuple(int(o) for o in offsets))
 
 
 def _as_format(w, fmt: str) -> "formats.QMatrix":
@@ -80,14 +120,14 @@ def _pad_rows(w: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def write_layer(f: BinaryIO, info: StoreInfo, gate, up, down, order: np.ndarray | None = None) -> None:
-    """Append one layer's bundles to ``f``. gate/up: (F, K), down: (K, F); float32 arrays or QMatrix.
+def write_layer(f: BinaryIO, info: StoreInfo, layer: int, gate, up, down, order: np.ndarray | None = None) -> None:
+    """Append layer ``layer``'s bundles to ``f``. gate/up: (F, K), down: (K, F); float32 arrays or QMatrix.
 
     ``order`` permutes the neurons (new position i holds old neuron order[i]). Gate/up rows permute exactly;
     down columns permute exactly only when whole quantization groups move together, else down is
     re-quantized into ``layout.down_fmt`` from its dequantized values.
     """
-    lay = info.layout
+    lay = info.layouts[layer]
     C, F = lay.C, info.n_neurons
     Fp = info.n_clusters * C
     lossless = (order is None or np.array_equal(order, np.arange(F))) and Fp == F
@@ -120,7 +160,7 @@ def write_layer(f: BinaryIO, info: StoreInfo, gate, up, down, order: np.ndarray 
 
 def read_layer_matrices(mm: np.ndarray, info: StoreInfo, layer: int):
     """Reassemble a layer's (gate, up, down) as float32 (F, K), (F, K), (K, F) in stored neuron order (for tests/tools)."""
-    lay = info.layout
+    lay = info.layouts[layer]
     gs, us, ds = [], [], []
     for c in range(info.n_clusters):
         base = info.bundle_offset(layer, c)

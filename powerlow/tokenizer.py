@@ -7,6 +7,8 @@ from .errors import PowerlowError
 
 # llama.cpp's pre-tokenizer names -> how the text is split before BPE
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# qwen2: the same but one digit per piece (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2), so "12345" is five tokens
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 _PRE_TYPES = ("default", "gpt2", "gpt-2", "smollm", "llama-bpe", "llama3", "qwen2")
 
 
@@ -18,14 +20,16 @@ def _pre_tokenizer(pre: str):
     if pre == "smollm":
         return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
     if pre in ("llama-bpe", "llama3", "qwen2"):
-        return pt.Sequence([pt.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+        split = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
+        return pt.Sequence([pt.Split(Regex(split), behavior="isolated", invert=False),
                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise PowerlowError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(_PRE_TYPES)}); "
                         "convert from the Hugging Face folder, whose tokenizer.json is used as is")
 
 
 def tokenizer_json_from_gguf(reader, path: Path) -> str:
-    """Build a HF tokenizer.json equivalent to the GGUF's BPE vocabulary (tokenizer.ggml.model == "gpt2")."""
+    """Build a HF tokenizer.json equivalent to the GGUF's vocabulary: byte-level BPE (tokenizer.ggml.model
+    "gpt2") or SentencePiece with scores and byte fallback ("llama": Llama 1/2, Mistral, Gemma)."""
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, processors
 
     def field(key, default=None):
@@ -33,9 +37,11 @@ def tokenizer_json_from_gguf(reader, path: Path) -> str:
         return default if f is None else f.contents()
 
     model = field("tokenizer.ggml.model")
+    if model == "llama":
+        return _spm_tokenizer_json(field, path)
     if model != "gpt2":
         raise PowerlowError(f"{path}: GGUF tokenizer model {model!r} is not supported (powerlow builds byte-level BPE, "
-                            "tokenizer.ggml.model == 'gpt2'); convert from the Hugging Face folder instead")
+                            "'gpt2', and SentencePiece, 'llama'); convert from the Hugging Face folder instead")
     tokens = field("tokenizer.ggml.tokens")
     merges = field("tokenizer.ggml.merges") or []
     types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -57,6 +63,69 @@ def tokenizer_json_from_gguf(reader, path: Path) -> str:
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok.to_str()
+
+
+# GGUF token types (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """Merges that make BPE reproduce llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm).
+
+    llama.cpp starts from the UTF-8 characters and repeatedly merges the adjacent pair whose concatenation is
+    a token of the highest score, the leftmost pair on ties. Hugging Face's BPE merges the pair of lowest rank,
+    leftmost on ties: so every split of a normal token into two tokens is a merge, ranked by the token's score
+    (highest first). Exact whenever distinct tokens have distinct scores (as in Llama/Gemma vocabularies);
+    two different tokens of one score are ranked by id here, where llama.cpp would take the leftmost."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for i, t in enumerate(tokens):
+        if types[i] not in (NORMAL, USER_DEFINED) or len(t) < 2:
+            continue
+        for k in range(1, len(t)):
+            a, b = t[:k], t[k:]
+            ia, ib = vocab.get(a), vocab.get(b)
+            if ia is not None and ib is not None and types[ia] in (NORMAL, USER_DEFINED) and types[ib] in (NORMAL, USER_DEFINED):
+                merges.append((-float(scores[i]), i, k, a, b))
+    merges.sort()
+    return [(a, b) for *_, a, b in merges]
+
+
+def _spm_tokenizer_json(field, path: Path) -> str:
+    """SentencePiece vocabulary (tokens, scores, types with <0xNN> byte tokens) as HF BPE with byte fallback;
+    spaces become "▁", with a leading one when tokenizer.ggml.add_space_prefix (default true; Gemma: false)
+    as llama.cpp adds it before each piece of text that starts the input or follows a special token."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, processors
+
+    tokens = field("tokenizer.ggml.tokens")
+    if not tokens:
+        raise PowerlowError(f"{path}: GGUF has no tokenizer.ggml.tokens; cannot build the tokenizer")
+    scores = field("tokenizer.ggml.scores")
+    types = field("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if scores is None or len(scores) != len(tokens) or len(types) != len(tokens):
+        raise PowerlowError(f"{path}: SentencePiece vocabulary needs one score and one type per token "
+                            f"({len(tokens)} tokens, {0 if scores is None else len(scores)} scores, {len(types)} types)")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk_id = field("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None else None
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=spm_merges(tokens, scores, types), unk_token=unk,
+                                 fuse_unk=True, byte_fallback=True))
+    prefix = bool(field("tokenizer.ggml.add_space_prefix", True))
+    norm = [normalizers.Prepend("▁")] if prefix else []
+    tok.normalizer = normalizers.Sequence(norm + [normalizers.Replace(" ", "▁")])
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    tok.add_tokens([AddedToken(tokens[i], special=(types[i] == CONTROL), normalized=False)
+                    for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)])
+    _post_processor(tok, field, tokens, processors, default_bos=True)
+    return tok.to_str()
+
+
+def _post_processor(tok, field, tokens, processors, *, default_bos: bool) -> None:
+    bos = field("tokenizer.ggml.bos_token_id")
+    if field("tokenizer.ggml.add_bos_token", default_bos) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+                                                           special_tokens=[(tokens[bos], int(bos))])
 
 
 class Tokenizer:
@@ -95,7 +164,7 @@ class Tokenizer:
     def stop_ids(self) -> set[int]:
         """Ids that end generation: the model's EOS ids plus the chat end-of-turn token if it has one."""
         out = set(self.eos_ids)
-        for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
             i = self._tok.token_to_id(t)
             if i is not None:
                 out.add(i)

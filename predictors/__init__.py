@@ -89,7 +89,7 @@ class _GateRows(Predictor):
         del buf
         drop_page_cache(tf)
         self.resident_bytes = sum(g.nbytes for g in self.G)
-        self._mul = getattr(self.ops, "silu_mul" if self.act == "silu" else "relu_mul", None)
+        self._mul = getattr(self.ops, {"silu": "silu_mul", "gelu_tanh": "gelu_tanh_mul"}.get(self.act, "relu_mul"), None)
         self._ones = np.ones((1, self.Fp), np.float32)
 
     def _act_abs(self, g: np.ndarray) -> np.ndarray:

@@ -75,7 +75,7 @@ def drop_page_cache(tf) -> None:
 
 def layer_rows(buf, info, layer: int, which: str = "gate") -> "formats.QMatrix":
     """Layer ``layer``'s gate or up rows for all its clusters, (n_clusters*C, K), in stored order (copied)."""
-    lay = info.layout
+    lay = info.layouts[layer]
     off = lay.gate_off if which == "gate" else lay.up_off
     return concat_rows([formats.QMatrix.from_buffer(lay.fmt, lay.C, lay.K, buf, info.bundle_offset(layer, c) + off)
                         for c in range(info.n_clusters)])
@@ -84,6 +84,9 @@ def layer_rows(buf, info, layer: int, which: str = "gate") -> "formats.QMatrix":
 def act_fn(g: np.ndarray, act: str) -> np.ndarray:
     if act == "relu":
         return np.maximum(g, 0.0)
+    if act == "gelu_tanh":
+        from powerlow.reference import act_fn as ref_act
+        return ref_act(g, act)
     return g / (1.0 + np.exp(-g))
 
 

@@ -2,8 +2,8 @@
 
     python scripts/compare_llamacpp.py [--gguf FILE] [-t 2] [-n 64] [--prompt-tokens 64] [--repeats 5] [--json]
 
-Default GGUF: the default model (SmolLM2-135M-Instruct Q4_1). powerlow runs the model dir converted from that GGUF
-(in $POWERLOW_HOME). llama.cpp runs in its own venv (scripts/llamacpp_env.py builds it once). Prints medians and
+Default GGUF: the default model (SmolLM2-135M-Instruct Q4_1); the real test model: `--gguf $(python
+scripts/fetch_qwen.py)`. powerlow runs the model dir converted from that GGUF (in $POWERLOW_HOME, as `-m GGUF` does). llama.cpp runs in its own venv (scripts/llamacpp_env.py builds it once). Prints medians and
 the ratios powerlow / llama.cpp.
 """
 from __future__ import annotations
@@ -94,15 +94,12 @@ def main() -> int:
     ap.add_argument("--extra-bufts", action="store_true", help="let llama.cpp repack weights into its CPU buffers")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    from powerlow.default_model import default_gguf, default_model_dir, powerlow_home
+    from powerlow.default_model import default_gguf, default_model_dir, prepare_source
     if args.gguf is None:
         gguf, model_dir = default_gguf(), Path(args.model) if args.model else default_model_dir()
-    else:
+    else:       # the dir `powerlow run -m GGUF` converts into on first use
         gguf = Path(args.gguf)
-        model_dir = Path(args.model) if args.model else powerlow_home() / "models" / (gguf.stem + "-compare")
-        if not (model_dir / "manifest.json").exists():
-            from powerlow.convert import convert
-            convert(gguf, model_dir, force=model_dir.exists())
+        model_dir = Path(args.model) if args.model else prepare_source(gguf)
     lc = run_llamacpp(gguf, args)
     pl = run_powerlow(model_dir, args)
     ratio = {"decode_ratio": round(pl["decode_tok_s"] / lc["decode_tok_s"], 3),

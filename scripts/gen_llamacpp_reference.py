@@ -1,7 +1,8 @@
-"""Regenerate tests/data/llamacpp_smollm2.json: llama.cpp's token ids, greedy continuations and top-5 log-probs
-for a few prompts on the default model's GGUF. Run with any Python; it re-runs itself in the llama.cpp venv.
+"""Regenerate the llama.cpp reference data of the real-model tests: llama.cpp's token ids, greedy continuations
+and top-5 log-probs for a few prompts. Run with any Python; it re-runs itself in the llama.cpp venv.
 
-    python scripts/gen_llamacpp_reference.py
+    python scripts/gen_llamacpp_reference.py              # tests/data/llamacpp_smollm2.json (the default model)
+    python scripts/gen_llamacpp_reference.py --qwen       # tests/data/llamacpp_qwen.json (scripts/fetch_qwen.py's GGUF)
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE.parent / "tests" / "data" / "llamacpp_smollm2.json"
+DATA = HERE.parent / "tests" / "data"
 PROMPTS = [
     {"text": "The capital of France is", "chat": False},
     {"text": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", "chat": False},
@@ -20,6 +21,17 @@ PROMPTS = [
     {"text": "What is the boiling point of water at sea level?", "chat": True},
     {"text": "Write a haiku about autumn leaves.", "chat": True},
     {"text": "List three prime numbers greater than 10: 11, 13,", "chat": False},
+]
+# the real test model is a coder: plain, chat and code prompts
+QWEN_PROMPTS = [
+    {"text": "The capital of France is", "chat": False},
+    {"text": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", "chat": False},
+    {"text": "import numpy as np\n\n\ndef softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:\n", "chat": False},
+    {"text": "What is the boiling point of water at sea level?", "chat": True},
+    {"text": "Write a Python function that checks whether a string is a palindrome.", "chat": True},
+    {"text": "Rename the variable x to count in this code:\n\nx = 0\nfor item in items:\n    x += item.size\nprint(x)",
+     "chat": True},
+    {"text": "SELECT name, COUNT(*) FROM orders WHERE total > 100 GROUP BY", "chat": False},
 ]
 N_CONT = 32
 
@@ -60,15 +72,27 @@ def main() -> int:
         return 0
     sys.path.insert(0, str(HERE.parent))
     sys.path.insert(0, str(HERE))
+    import gguf as gguf_py
     from llamacpp_env import bench_python
     from powerlow.default_model import default_gguf
-    from powerlow.loaders import open_source
-    from powerlow.tokenizer import Tokenizer
+    from powerlow.tokenizer import Tokenizer, tokenizer_json_from_gguf
 
-    gguf = default_gguf()
-    src = open_source(gguf)
-    tok = Tokenizer(src.tokenizer_json, chat_template=src.chat_template)
-    prompts = [dict(p, formatted=tok.apply_chat(p["text"]) if p["chat"] else p["text"]) for p in PROMPTS]
+    if "--qwen" in sys.argv:
+        from fetch_qwen import default_path
+        gguf, out, prompt_set = default_path(), DATA / "llamacpp_qwen.json", QWEN_PROMPTS
+    else:
+        gguf, out, prompt_set = default_gguf(), DATA / "llamacpp_smollm2.json", PROMPTS
+    r = gguf_py.GGUFReader(str(gguf), "r")
+
+    def field(key):
+        f = r.fields.get(key)
+        return None if f is None else f.contents()
+    eos = field("tokenizer.ggml.eos_token_id")
+    tok = Tokenizer(tokenizer_json_from_gguf(r, gguf), chat_template=field("tokenizer.chat_template"),
+                    bos_id=field("tokenizer.ggml.bos_token_id"), eos_ids=(eos,) if eos is not None else ())
+    del r
+    prompts = [dict(p, formatted=tok.apply_chat(p["text"]) if p["chat"] else p["text"]) for p in prompt_set]
+    OUT = out
     tmp = OUT.with_suffix(".tmp")
     tmp.write_text(json.dumps(prompts))
     subprocess.run([str(bench_python()), __file__, "--inner", str(gguf), str(tmp)], check=True)

@@ -40,9 +40,23 @@ def test_folder_that_is_not_a_model(tmp_path):
         powerlow.load(tmp_path / "junk")
 
 
-def test_source_given_to_run_names_convert(tiny_src):
-    r = run_cli("run", "-m", tiny_src, "-p", "hi")
-    assert r.returncode == 2 and "convert it first" in r.stderr
+def test_source_given_to_run_is_converted_on_first_use(tiny_src, tmp_path):
+    """-m SOURCE converts into $POWERLOW_HOME once (with a notice), then reuses the model dir."""
+    env = {"POWERLOW_HOME": str(tmp_path / "home")}
+    r1 = run_cli("run", "-m", tiny_src, "-p", "hi", "-n", "4", env=env)
+    assert r1.returncode == 0, r1.stderr
+    assert "converting" in r1.stderr
+    dirs = list((tmp_path / "home" / "models").iterdir())
+    assert len(dirs) == 1 and (dirs[0] / "manifest.json").exists()
+    r2 = run_cli("run", "-m", tiny_src, "-p", "hi", "-n", "4", env=env)
+    assert r2.returncode == 0 and "converting" not in r2.stderr and r2.stdout == r1.stdout
+    assert list((tmp_path / "home" / "models").iterdir()) == dirs
+
+
+def test_file_that_is_not_gguf_given_to_run(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"nope" * 10)
+    r = run_cli("run", "-m", tmp_path / "x.bin", "-p", "hi")
+    assert r.returncode == 2 and "not a GGUF model" in r.stderr
 
 
 def _write_gguf(path, arch="llama", qtype=None):
@@ -177,3 +191,72 @@ def test_bad_runtime_values(model_dir):
 def test_bad_bits(tiny_src, tmp_path):
     with pytest.raises(PowerlowError, match="--bits '3'"):
         convert(tiny_src, tmp_path / "o", bits="3")
+
+
+@pytest.mark.parametrize("value", [1 << 40, -4096, "copy"])
+def test_edited_layer_offset_is_refused(model_dir, value):
+    """An ffn layer offset that is not where the layout puts the layer (outside the file, negative, another
+    layer's) is refused at load instead of reading outside the buffer (a segfault) or giving garbage text."""
+    mpath = model_dir / "manifest.json"
+    m = json.loads(mpath.read_text())
+    offs = m["ffn"]["layer_offsets"]
+    offs[-1] = offs[0] if value == "copy" else value
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(PowerlowError, match="layer_offsets"):
+        powerlow.load(model_dir)
+    r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "2")
+    assert r.returncode == 2 and "layer_offsets" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_files_are_readable_by_others(model_dir):
+    """Every file of a converted model dir gets the umask's permissions (resident.safetensors was 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in model_dir.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+def test_api_token_ids_are_checked(model_dir):
+    """No silent coercion: float ids, 2-D arrays, bytes, huge ids, negative start_pos are PowerlowErrors."""
+    m = powerlow.load(model_dir)
+    for bad in (np.array([1.7, 2.9]), np.array([[1, 2], [3, 4]]), b"hello", [1, 2.5], [True, 3], None):
+        with pytest.raises(PowerlowError, match="integer|1-D"):
+            m.forward(bad)
+    with pytest.raises(PowerlowError, match="1-D sequence"):
+        list(m.generate(b"hello", 2))
+    with pytest.raises(PowerlowError, match="out of range"):
+        m.forward([1, 2**63])
+    with pytest.raises(PowerlowError, match="start_pos"):
+        m.forward([1, 2], start_pos=-1)
+    with pytest.raises(PowerlowError, match="not valid text"):
+        list(m.generate("bad \ud800 surrogate", 2))
+    m.close()
+    with pytest.raises(PowerlowError, match="closed"):
+        list(m.generate("hello", 2))
+
+
+def test_superseded_generation_raises(model_dir):
+    """One model, one sequence: resuming an iterator after another generate() ran raises instead of going on with
+    an overwritten KV cache."""
+    with powerlow.load(model_dir) as m:
+        alone = [t.id for t in m.generate([5, 17, 33], 6)]
+        g1 = m.generate([5, 17, 33], 6)
+        first = next(g1).id
+        list(m.generate([9, 100, 7, 2], 4))
+        with pytest.raises(PowerlowError, match="superseded"):
+            next(g1)
+        assert first == alone[0]
+        assert [t.id for t in m.generate([5, 17, 33], 6)] == alone     # a new one runs as before
+
+
+@pytest.mark.parametrize("flags,msg", [(["--temp", "nan"], "--temp"), (["--seed", "-1", "--temp", "1"], "--seed"),
+                                       (["--budget", ""], "budget")])
+def test_sampling_flags_are_checked(model_dir, flags, msg):
+    r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "3", *flags)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flags", [["--temp", "1e-320", "-s", "1"], ["--temp", "0.8", "--top-k", "10000000", "-s", "1"]])
+def test_extreme_sampling_values_run(model_dir, flags):
+    r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "3", *flags)
+    assert r.returncode == 0, r.stderr

@@ -17,6 +17,10 @@ def layer_names(cfg: ModelConfig) -> list[str]:
         names += [p + n for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
         if cfg.attn_bias:
             names += [p + n for n in ("attn_q.bias", "attn_k.bias", "attn_v.bias")]
+        if cfg.qk_norm:
+            names += [p + "attn_q_norm", p + "attn_k_norm"]
+        if cfg.post_norms:
+            names += [p + "post_attention_norm", p + "post_ffw_norm"]
     return names
 
 
@@ -45,6 +49,14 @@ class Source:
     def get(self, name: str):
         """float32 ndarray or QMatrix (Hugging Face row order)."""
         raise NotImplementedError
+
+    def stored_format(self, name: str) -> str | None:
+        """The powerlow format ``get(name)`` returns without loss, "f32" for a float matrix, None for a vector
+        (without reading the data, where the source can tell)."""
+        w = self.get(name)
+        if hasattr(w, "fmt"):
+            return w.fmt
+        return "f32" if np.ndim(w) > 1 else None
 
     def items(self) -> Iterator[tuple[str, object]]:
         for n in self.names():

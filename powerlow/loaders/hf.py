@@ -11,25 +11,6 @@ from ..arch import ModelConfig
 from ..errors import PowerlowError
 from .base import Source
 
-_HF_NAMES = {
-    "token_embd": "model.embed_tokens.weight",
-    "output_norm": "model.norm.weight",
-    "output": "lm_head.weight",
-}
-_HF_LAYER = {
-    "attn_norm": "input_layernorm.weight",
-    "attn_q": "self_attn.q_proj.weight",
-    "attn_k": "self_attn.k_proj.weight",
-    "attn_v": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output": "self_attn.o_proj.weight",
-    "ffn_norm": "post_attention_layernorm.weight",
-    "ffn_gate": "mlp.gate_proj.weight",
-    "ffn_up": "mlp.up_proj.weight",
-    "ffn_down": "mlp.down_proj.weight",
-}
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
@@ -77,7 +58,9 @@ class HFSource(Source):
             cfg = json.loads((path / "config.json").read_text())
         except json.JSONDecodeError as e:
             raise PowerlowError(f"{path}/config.json is not valid JSON ({e})") from None
-        self.config = _config_from_hf(cfg, path)
+        from ..models import hf_family
+        self.family = hf_family(cfg, str(path))
+        self.config = self.family.config_from_hf(cfg, str(path))
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise PowerlowError(f"{path}: no *.safetensors files; powerlow reads safetensors checkpoints (convert .bin with transformers first)")
@@ -98,61 +81,30 @@ class HFSource(Source):
             # some checkpoints omit lm_head although config says untied: treat as tied
             self.config = _replace(self.config, tie_embeddings=True)
         self.description = f"HF {self.config.arch} {path.name}"
+        from ..models.common import check_shapes
+        check_shapes(self.config, self._shape, f"{path}/config.json", self.names())
+
+    def _key(self, name: str) -> str:
+        from ..models.common import hf_name
+        key = hf_name(name, self.family.HF_LAYER_MAP)
+        if key not in self._index:
+            raise PowerlowError(f"{self.path}: tensor {key} is missing from the safetensors files; the checkpoint is incomplete "
+                                f"(or not a {self.config.arch} model)")
+        return key
+
+    def _shape(self, name: str) -> tuple:
+        from ..models.common import part_rows, part_shape
+        key = self._key(name)
+        return part_shape(tuple(self._index[key].header[key]["shape"]), part_rows(self.family, name, self.config))
 
     def get(self, name: str):
-        if name in _HF_NAMES:
-            key = _HF_NAMES[name]
-        else:
-            _, i, rest = name.split(".", 2)
-            key = f"model.layers.{i}.{_HF_LAYER[rest]}"
-        if key not in self._index:
-            raise PowerlowError(f"{self.path}: tensor {key} is missing from the safetensors files; the checkpoint is incomplete")
-        return np.ascontiguousarray(self._index[key].get(key), dtype=np.float32)
+        from ..models.common import part_rows, take_rows
+        key = self._key(name)
+        w = take_rows(self._index[key].get(key), part_rows(self.family, name, self.config))
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        return self.family.sanitize(name, w, self.config, "hf")
 
 
 def _replace(cfg: ModelConfig, **kw) -> ModelConfig:
     import dataclasses
     return dataclasses.replace(cfg, **kw)
-
-
-def _config_from_hf(c: dict, path: Path) -> ModelConfig:
-    mt = c.get("model_type")
-    if mt not in ("llama", "mistral", "qwen2"):
-        raise PowerlowError(f"{path}: model_type {mt!r} is not supported; powerlow converts llama, mistral and qwen2 models")
-    try:
-        hidden = int(c["hidden_size"])
-        heads = int(c["num_attention_heads"])
-        eos = c.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        scaling = c.get("rope_scaling") or None
-        factor = 1.0
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("linear", "default"):
-                raise PowerlowError(f"{path}: rope_scaling type {kind!r} is not supported (only linear)")
-            factor = float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
-        max_pos = int(c.get("max_position_embeddings", 2048))
-        sw = c.get("sliding_window")
-        if sw and c.get("use_sliding_window", mt == "mistral") and int(sw) < max_pos:
-            max_pos = int(sw)  # no sliding-window attention here: cap the context instead of computing wrong
-        return ModelConfig(
-            arch=mt,
-            vocab_size=int(c["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(c["intermediate_size"]),
-            n_layers=int(c["num_hidden_layers"]),
-            n_heads=heads,
-            n_kv_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or hidden // heads),
-            rms_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
-            max_positions=max_pos,
-            hidden_act=c.get("hidden_act", "silu"),
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            attn_bias=(mt == "qwen2") or bool(c.get("attention_bias", False)),
-            rope_scaling_factor=factor,
-            bos_id=c.get("bos_token_id"),
-            eos_ids=eos_ids,
-        )
-    except KeyError as e:
-        raise PowerlowError(f"{path}/config.json lacks {e.args[0]!r}; it is not a complete HF model config") from None

@@ -1,0 +1,185 @@
+"""Tiny random models of each architecture family, made with transformers, and a GGUF writer that lays them
+out as llama.cpp's converter does (metadata keys, tensor names, Q/K permutation for llama, +1 on gemma3 norms)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 300
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2)
+QK_SCALE, W_STD = 2.0, 0.05
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def _configs():
+    import transformers as T
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 16}
+    return {
+        "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
+        "llama3": (T.LlamaConfig, T.LlamaForCausalLM, {"rope_scaling": llama3, "rope_theta": 500000.0}),
+        "mistral": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": 7}),
+        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
+        "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"head_dim": 32}),
+        "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM,
+                   {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 6, "tie_word_embeddings": True,
+                    "layer_types": [SLIDING, FULL, SLIDING], "final_logit_softcapping": 3.0,
+                    "rope_parameters": {SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
+                                        FULL: {"rope_type": "default", "rope_theta": 1000000.0}},
+                    "hidden_activation": "gelu_pytorch_tanh"}),
+        "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"sliding_window": 9, "original_max_position_embeddings": 128,
+                                                   "pad_token_id": 0}),
+    }
+
+
+KINDS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+
+
+def _norm_center(kind: str, name: str) -> float:
+    """Mean of a random norm weight: 1 (gemma3: 0, its norms multiply by 1 + w); gemma3's post-attention and
+    post-FFN norms small (as trained ones are), and its q/k norms below 1: else each block's output has unit RMS
+    and the QK-normed scores are large, and the random model is chaotic enough that 8-bit rounding moves its
+    logits past the tolerance (checked: with the HF weights replaced by their q8 round trip and float matmuls,
+    every family agrees with transformers to ~5e-4)."""
+    if kind != "gemma3":
+        return 1.0
+    if "q_norm" in name or "k_norm" in name:
+        return -0.5
+    return -0.8 if ("post_attention" in name or "post_feedforward" in name) else 0.0
+
+
+def make_tiny(kind: str, out: Path, seed: int = 0) -> Path:
+    """A random ``kind`` model saved as a HF folder (float32 safetensors + a byte-level BPE tokenizer.json)."""
+    import torch
+    from powerlow.synthetic import build_tokenizer
+
+    cfg_cls, model_cls, extra = _configs()[kind]
+    cfg = cfg_cls(**{**BASE, **extra})
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:          # norms and biases: random, so the (1 + w) fold and the biases are exercised
+                p.copy_(0.3 * torch.randn(p.shape, generator=g) + _norm_center(kind, name)
+                        if name.endswith("norm.weight") else 0.5 * torch.randn(p.shape, generator=g))
+            else:
+                scale = QK_SCALE if ("q_proj" in name or "k_proj" in name) else 1.0   # peaky attention: windows matter
+                p.copy_(scale * W_STD * torch.randn(p.shape, generator=g))
+    out = Path(out)
+    model.save_pretrained(str(out), safe_serialization=True)
+    build_tokenizer(VOCAB).save(str(out / "tokenizer.json"))
+    return out
+
+
+def hf_logits(hf_dir: Path, ids) -> np.ndarray:
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
+             "phi3": "phi3"}
+GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+
+
+def _gguf_name(hf: str, arch: str) -> str:
+    glob = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}
+    if hf in glob:
+        return glob[hf]
+    _, _, i, rest = hf.split(".", 3)
+    mod, suffix = rest.rsplit(".", 1)
+    if mod == "post_attention_layernorm":      # gemma3: the post-attention norm; else the pre-FFN one
+        name = "post_attention_norm" if arch == "gemma3" else "ffn_norm"
+    else:
+        name = {"pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}.get(mod) \
+            or GGUF_LAYER[mod]
+    return f"blk.{i}.{name}.{suffix}"
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: each head's rotate-half rows interleaved in pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_factors(hf_dir: Path) -> np.ndarray:
+    """rope_freqs from transformers' own llama3 inverse frequencies (default / llama3), independent of powerlow."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    cfg = transformers.AutoConfig.from_pretrained(str(hf_dir))
+    inv3, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    theta = cfg.rope_parameters["rope_theta"]
+    inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    return (inv / inv3.double().numpy()).astype(np.float32)
+
+
+def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32", **meta_override) -> Path:
+    """The HF folder as llama.cpp's convert_hf_to_gguf.py would write it (F32 or Q8_0 matrices, F32 norms);
+    ``meta_override``: {key without the arch prefix: value} written instead of the true value (bad-input tests)."""
+    import gguf
+    from safetensors.numpy import load_file
+    from powerlow.synthetic import _read_tokenizer
+
+    hf_dir = Path(hf_dir)
+    c = json.loads((hf_dir / "config.json").read_text())
+    arch = GGUF_ARCH[c["model_type"]]
+    st = load_file(str(next(hf_dir.glob("*.safetensors"))))
+    H, KV = c["num_attention_heads"], c["num_key_value_heads"]
+    hd = c.get("head_dim") or c["hidden_size"] // H
+    w = gguf.GGUFWriter(str(out), arch)
+    meta = {"context_length": c["max_position_embeddings"], "embedding_length": c["hidden_size"],
+            "block_count": c["num_hidden_layers"], "feed_forward_length": c["intermediate_size"],
+            "attention.head_count": H, "attention.head_count_kv": KV,
+            "attention.key_length": hd, "attention.value_length": hd}
+    for k, v in {**meta, **meta_override}.items():
+        w.add_uint32(f"{arch}.{k}", int(v))
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(c["rms_norm_eps"]))
+    rp = c.get("rope_parameters") or {}
+    theta = rp.get("full_attention", rp).get("rope_theta", 10000.0)
+    w.add_rope_freq_base(float(theta))
+    if arch == "llama":
+        w.add_rope_dimension_count(hd)
+    if c.get("sliding_window") and arch in ("gemma3", "llama", "phi3"):
+        w.add_sliding_window(int(c["sliding_window"]))
+    if arch == "gemma3":
+        w.add_sliding_window_pattern([t == SLIDING for t in c["layer_types"]])
+        if c.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
+    tokens, types, merges = _read_tokenizer(hf_dir, c["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    if (c.get("rope_parameters") or {}).get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", _llama3_factors(hf_dir))
+    for name, t in st.items():
+        t = np.ascontiguousarray(t, np.float32)
+        g = _gguf_name(name, arch)
+        if arch == "llama" and g.endswith(("attn_q.weight", "attn_k.weight")):
+            t = _permute(t, H if "attn_q" in g else KV)
+        if arch == "gemma3" and g.endswith("norm.weight"):
+            t = t + np.float32(1.0)                     # Gemma3Model.modify_tensors: norm_shift
+        if t.ndim == 2 and qtype == "Q8_0":
+            w.add_tensor(g, gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(g, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(out)

@@ -1,0 +1,182 @@
+"""Every architecture family (llama, llama3 RoPE, mistral, qwen2, qwen3, gemma3, phi3), from a tiny random
+transformers model: HF route against transformers, prefill + decode against one forward, the GGUF route (F32 and Q8_0, written as llama.cpp's converter does) against the HF
+route, and bad checkpoints refused at convert with a PowerlowError."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import powerlow
+from powerlow.convert import convert
+from powerlow.errors import PowerlowError
+
+pytest.importorskip("transformers")
+from archs_util import KINDS, hf_logits, make_tiny, write_gguf  # noqa: E402
+
+IDS = list(range(3, 40))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """kind -> (HF folder, model dir converted with --bits 8), made once per module."""
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            root = tmp_path_factory.mktemp(kind)
+            hf = make_tiny(kind, root / "hf")
+            made[kind] = (hf, convert(hf, root / "m", bits="8", progress=False))
+        return made[kind]
+    return get
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hf_route_matches_transformers(tiny, kind):
+    """8-bit weights and int8 activations against float32 transformers (tolerance of test_tiny_models), and
+    prefill + token-by-token decode equal to one full forward."""
+    hf, d = tiny(kind)
+    ref = hf_logits(hf, IDS)
+    model = powerlow.load(d)
+    full = model.forward(IDS)
+    rel = np.linalg.norm(full - ref) / np.linalg.norm(ref)
+    print(f"\n{kind}: relative L2 error vs transformers {rel:.4f}")
+    assert rel < 0.03
+    model.forward(IDS[:20])
+    inc = [model.forward([IDS[i]], start_pos=i)[0] for i in range(20, len(IDS))]
+    np.testing.assert_allclose(np.stack(inc), full[20:], rtol=0, atol=1e-4 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_route_equals_hf_route(tiny, kind, qtype, tmp_path):
+    """The same weights as a GGUF (metadata keys, tensor names, Q/K permutation for llama, +1 on gemma3 norms as
+    llama.cpp writes them) give the HF route's logits."""
+    hf, d = tiny(kind)
+    g = write_gguf(hf, tmp_path / "m.gguf", qtype)
+    a = powerlow.load(convert(g, tmp_path / "g", progress=False))
+    b = powerlow.load(d)
+    assert a.tf.config.arch == ("llama" if kind in ("llama3", "mistral") else kind)
+    la, lb = a.forward(IDS), b.forward(IDS)
+    np.testing.assert_allclose(la, lb, rtol=0, atol=1e-3 * np.abs(lb).max())
+
+
+def test_config_fields_per_family(tiny):
+    cfg = {k: powerlow.load(tiny(k)[1]).tf.config for k in ("llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")}
+    assert cfg["phi3"].sliding_window == 9 and cfg["phi3"].swa_layers == (0, 1, 2)
+    assert len(cfg["llama3"].rope_freq_factors) == 8 and max(cfg["llama3"].rope_freq_factors) == 8.0
+    assert cfg["mistral"].sliding_window == 7 and cfg["mistral"].swa_layers == (0, 1, 2)
+    assert cfg["qwen2"].attn_bias and cfg["qwen2"].tie_embeddings
+    assert cfg["qwen3"].qk_norm and cfg["qwen3"].head_dim == 32 and not cfg["qwen3"].attn_bias
+    g = cfg["gemma3"]
+    assert (g.hidden_act, g.qk_norm, g.post_norms, g.swa_layers, g.sliding_window) == ("gelu_tanh", True, True, (0, 2), 6)
+    assert (g.rope_theta, g.rope_theta_local, g.embed_scale, g.logit_softcap) == (1e6, 1e4, 8.0, 3.0)
+    assert all(cfg[k].layer_is_plain(0) for k in ("llama3", "qwen2"))
+
+
+def test_llama3_fused_equals_unfused(tiny):
+    """The llama3 frequency factors reach both the fused attn_block (its rope tables) and the op sequence."""
+    m = powerlow.load(tiny("llama3")[1])
+    fused = m.forward(IDS)
+    m.tf.fused = False
+    np.testing.assert_array_equal(m.forward(IDS), fused)
+
+
+def test_sliding_window_matters(tiny, tmp_path):
+    """Mistral's window changes transformers' logits well past the tolerance: the window test above is real."""
+    hf, _ = tiny("mistral")
+    full = tmp_path / "nowindow"
+    shutil.copytree(hf, full)
+    c = json.loads((full / "config.json").read_text())
+    c["sliding_window"] = None
+    (full / "config.json").write_text(json.dumps(c))
+    a, b = hf_logits(hf, IDS), hf_logits(full, IDS)
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) > 0.1
+
+
+def test_gemma3_query_pre_attn_scalar(tiny, tmp_path):
+    """query_pre_attn_scalar other than head_dim (the 27B's case) sets the attention scale."""
+    hf, _ = tiny("gemma3")
+    alt = tmp_path / "hf"
+    shutil.copytree(hf, alt)
+    c = json.loads((alt / "config.json").read_text())
+    c["query_pre_attn_scalar"] = 20
+    (alt / "config.json").write_text(json.dumps(c))
+    m = powerlow.load(convert(alt, tmp_path / "m", bits="8", progress=False))
+    assert m.tf.config.attn_scale == pytest.approx(20 ** -0.5)
+    ref = hf_logits(alt, IDS)
+    assert np.linalg.norm(m.forward(IDS) - ref) / np.linalg.norm(ref) < 0.03
+
+
+def test_old_manifest_config_loads():
+    """A manifest config written before the registry (no new keys) loads with the plain-llama defaults."""
+    from powerlow.arch import ModelConfig
+    old = dict(arch="llama", vocab_size=300, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4, n_kv_heads=2,
+               head_dim=16, rms_eps=1e-5, rope_theta=1e4, max_positions=128, hidden_act="silu", tie_embeddings=False,
+               attn_bias=False, rope_scaling_factor=1.0, bos_id=1, eos_ids=[2])
+    c = ModelConfig.from_json(old)
+    assert c.layer_is_plain(0) and c.swa_layers == () and c.embed_scale == 1.0
+    assert ModelConfig.from_json(c.to_json()) == c
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+def test_unsupported_hf_architecture_names_the_supported(tiny, tmp_path):
+    hf, _ = tiny("llama")
+    bad = tmp_path / "hf"
+    shutil.copytree(hf, bad)
+    c = json.loads((bad / "config.json").read_text())
+    c.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
+    (bad / "config.json").write_text(json.dumps(c))
+    with pytest.raises(PowerlowError, match="'gpt_neox' is not supported; powerlow runs llama, mistral, qwen2, qwen3, gemma3, phi3"):
+        convert(bad, tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"embedding_length": 80}, r"token_embd is \(300, 64\) but the config says \(300, 80\).*disagree"),
+    ({"attention.head_count": 0}, "head_count = 0 must be positive"),
+    ({"feed_forward_length": 100}, r"ffn_gate is \(96, 64\) but the config says \(100, 64\).*feed_forward_length"),
+    ({"attention.head_count_kv": 4}, r"attn_k is \(32, 64\).*head_count_kv"),
+])
+def test_gguf_metadata_disagreeing_with_tensors(tiny, tmp_path, override, match):
+    hf, _ = tiny("qwen2")
+    g = write_gguf(hf, tmp_path / "bad.gguf", "F32", **override)
+    with pytest.raises(PowerlowError, match=match):
+        convert(g, tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
+
+
+def test_hf_config_disagreeing_with_tensors(tiny, tmp_path):
+    hf, _ = tiny("qwen3")
+    bad = tmp_path / "hf"
+    shutil.copytree(hf, bad)
+    c = json.loads((bad / "config.json").read_text())
+    c["intermediate_size"] = 128
+    (bad / "config.json").write_text(json.dumps(c))
+    with pytest.raises(PowerlowError, match=r"ffn_gate is \(96, 64\) but the config says \(128, 64\)"):
+        convert(bad, tmp_path / "m", progress=False)
+
+
+def test_real_qwen_gguf_metadata():
+    """The real Qwen2.5-Coder-1.5B Q4_K_M file: only its metadata is read (its K-quant tensors are another branch's)."""
+    from pathlib import Path
+    p = Path("/work/models/qwen.gguf")
+    if not p.exists():
+        pytest.skip("no /work/models/qwen.gguf on this machine")
+    from powerlow.loaders.gguf_file import GGUFSource
+    c = GGUFSource(p).config
+    assert (c.arch, c.hidden_size, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == ("qwen2", 1536, 28, 12, 2, 128)
+    assert c.attn_bias and c.rope_theta == 1e6 and c.layer_is_plain(0) and not c.swa_layers
+
+
+@pytest.mark.parametrize("hidden", [64, 640, 1152, 2560])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_gemma3_embed_scale_in_the_embedding_dtype(hidden, dtype):
+    """sqrt(hidden) rounded as transformers rounds it (a tensor cast to the weights' dtype)."""
+    torch = pytest.importorskip("torch")
+    from powerlow.models.gemma3 import _embed_scale
+    want = torch.tensor(hidden ** 0.5).to(getattr(torch, dtype)).float().item()
+    assert _embed_scale(hidden, dtype) == want
