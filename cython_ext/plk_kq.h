@@ -799,10 +799,74 @@ AI void q5_row(const int FMT, const int NT, const uint8_t *row, int nb, const pl
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) + bo[t];
 }
 
+/* 8 rows in lanes (rows r..r+7, lane i = row r + i), NT tokens: per block, the 8 rows' integer dots by one
+ * transposing reduction, then acc += cvt(dots) * (d_w dx_b) and off += Bw bx_b as vectors over the rows (the d
+ * and m of the 8 blocks by one gather); result acc + off. The same steps for every token whatever the batch. */
+AI void q5_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int nb, const plk_act *a, int t0,
+                 __m256 *res)
+{
+    const int QB = plk_qbytes[FMT], off = FMT == PLK_Q5_1 ? 4 : 2;
+    const __m256i vidx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)rowb));
+    __m256 acc[4], vo[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); vo[t] = _mm256_setzero_ps(); }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk0 = row0 + (size_t)b * QB;
+        /* d (and m) of the 8 blocks: one 32-bit gather, [d | m << 16] (q5_0: the high half is qh, unused) */
+        const __m256i dm = _mm256_i32gather_epi32((const int *)blk0, vidx, 1);
+        const __m128i d16 = _mm_packus_epi32(_mm256_castsi256_si128(_mm256_and_si256(dm, _mm256_set1_epi32(0xffff))),
+                                             _mm256_extracti128_si256(_mm256_and_si256(dm, _mm256_set1_epi32(0xffff)), 1));
+        const __m256 dv = _mm256_cvtph_ps(d16);
+        __m256 bw;
+        if (FMT == PLK_Q5_1) {
+            const __m256i mh = _mm256_srli_epi32(dm, 16);
+            bw = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(mh), _mm256_extracti128_si256(mh, 1)));
+        } else bw = _mm256_mul_ps(_mm256_set1_ps(-16.0f), dv);
+        __m256i c[8];
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *blk = blk0 + (size_t)i * rowb;
+            if (!(b & 1)) _mm_prefetch((const char *)blk + 8 * rowb, _MM_HINT_T0);   /* the next 8-row set */
+            c[i] = q5_unpack(blk, off);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const size_t tt = (size_t)(t0 + t);
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(a->qs + tt * a->Kp + (size_t)b * 32));
+            __m256i p[8];
+            for (int i = 0; i < 8; i++) p[i] = sdot(c[i], xv);
+            const __m256 dx = _mm256_set1_ps(a->dx[tt * nb + b]), bx = _mm256_set1_ps(a->bx[tt * a->ng + b]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(p)), _mm256_mul_ps(dv, dx), acc[t]);
+            vo[t] = _mm256_fmadd_ps(bw, bx, vo[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) res[t] = _mm256_add_ps(acc[t], vo[t]);
+}
+
 AI void rows_q5(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
     const int nb = a->nb;
     const size_t rowb = (size_t)nb * plk_qbytes[FMT];
+    /* whole sets of 8 rows in lanes (the leftover r1 - r0 < 8 rows: one at a time below) */
+    for (; r0 + 8 <= r1; r0 += 8) {
+        const uint8_t *row = w->qs + (size_t)r0 * rowb;
+        for (int ts = 0; ts < a->T; ts += 4) {
+            const int nt = a->T - ts < 4 ? a->T - ts : 4;
+            __m256 rv[4];
+            switch (nt) {
+            case 1: q5_rows8(FMT, 1, row, rowb, nb, a, ts, rv); break;
+            case 2: q5_rows8(FMT, 2, row, rowb, nb, a, ts, rv); break;
+            case 3: q5_rows8(FMT, 3, row, rowb, nb, a, ts, rv); break;
+            default: q5_rows8(FMT, 4, row, rowb, nb, a, ts, rv); break;
+            }
+            for (int t = 0; t < nt; t++) {
+                float *o = y + (size_t)(ts + t) * ldy + r0;
+                __m256 v = rv[t];
+                if (accum) v = _mm256_add_ps(_mm256_loadu_ps(o), v);
+                _mm256_storeu_ps(o, v);
+            }
+        }
+    }
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w->qs + (size_t)r * rowb;
         for (int ts = 0; ts < a->T; ts += 4) {
