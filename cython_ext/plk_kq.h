@@ -439,17 +439,17 @@ AI int kq_perm(const int FMT, int v, int j)
     return FMT == PLK_Q6_K ? 32 * (v >> 2) + 4 * j + (v & 3) : 8 * j + v;
 }
 
-AI void kq_relayout(const int FMT, const uint32_t *nat, uint32_t *out)
+AI void kq_relayout(const int FMT, const uint32_t *nat, uint32_t *out, int vstride)   /* vstride: dwords per step */
 {
     for (int v = 0; v < 8; v++)
-        for (int j = 0; j < 8; j++) out[8 * v + j] = nat[kq_perm(FMT, v, j)];
+        for (int j = 0; j < 8; j++) out[vstride * v + j] = nat[kq_perm(FMT, v, j)];
 }
 
 /* one row's super-blocks -> re-laid codes (S x 256 B), scales as int32 (S x 8, q6_k: S x 16), mins as int16
  * (S x 8), scale sources for the q6_k offset (S x 16 int16), d and dmin (S floats each) */
-AI void kq_row_prep(const int FMT, const uint8_t *row, int S, uint8_t *wt, int32_t *scv, int16_t *mnv,
-                    float *dw, float *dmw)
-{
+AI void kq_row_prep(const int FMT, const uint8_t *row, int S, uint8_t *wt, size_t bstride, int vstride,
+                    int32_t *scv, int16_t *mnv, float *dw, float *dmw)
+{   /* step v of super-block b at wt + b bstride + v vstride (bytes) */
     const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
     const int QB = plk_qbytes[FMT];
     for (int b = 0; b < S; b++) {
@@ -496,8 +496,18 @@ AI void kq_row_prep(const int FMT, const uint8_t *row, int S, uint8_t *wt, int32
             dw[b] = _cvtsh_ss(hd);
             dmw[b] = _cvtsh_ss(hm);
         }
-        for (int g = 0; g < 8; g++) _mm256_store_si256((__m256i *)(nat + 8 * g), c[g]);
-        kq_relayout(FMT, nat, (uint32_t *)(wt + (size_t)b * 256));
+        uint8_t *o = wt + (size_t)b * bstride;
+        if (FMT == PLK_Q6_K) {
+            for (int g = 0; g < 8; g++) _mm256_store_si256((__m256i *)(nat + 8 * g), c[g]);
+            kq_relayout(FMT, nat, (uint32_t *)o, vstride / 4);
+        } else {   /* lane j of step v = dword v of sub-block j: an 8 x 8 dword transpose */
+            tr4_lane(c);
+            tr4_lane(c + 4);
+            for (int k = 0; k < 4; k++) {
+                _mm256_store_si256((__m256i *)(o + (size_t)k * vstride), _mm256_permute2x128_si256(c[k], c[4 + k], 0x20));
+                _mm256_store_si256((__m256i *)(o + (size_t)(4 + k) * vstride), _mm256_permute2x128_si256(c[k], c[4 + k], 0x31));
+            }
+        }
     }
 }
 
@@ -532,8 +542,12 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
      * two rows' re-laid codes, scales, mins, d, dmin */
     const size_t xb = (size_t)T4 * S * 256, bb = (size_t)T4 * S * 16 * 2;
     const size_t wb = (size_t)S * 256, sb = (size_t)S * nsc * 4, mb = (size_t)S * 16 * 2, fb = ((size_t)S * 4 + 31) & ~(size_t)31;
-    uint8_t *buf = (uint8_t *)plk_scratch(xb + bb + 2 * (wb + sb + mb + 2 * fb) + 256, 1);
+    const size_t db = (size_t)T4 * S * 4;
+    uint8_t *buf = (uint8_t *)plk_scratch(xb + bb + 2 * (wb + sb + mb + 2 * fb) + db + 256, 1);
     if (!buf) { plk_oom_set(); return; }
+    float *dxt = (float *)(buf + xb + bb + 2 * (wb + sb + mb + 2 * fb));   /* [tile][b][4 tokens] */
+    for (int t = 0; t < T4; t++)
+        for (int b = 0; b < S; b++) dxt[((size_t)(t / 4) * S + b) * 4 + t % 4] = a->dx[(size_t)t * S + b];
     uint8_t *xt = buf;
     int16_t *b32 = (int16_t *)(buf + xb);
     uint8_t *wt[2];
@@ -541,8 +555,10 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
     int16_t *mnv[2];
     float *dw[2], *dmw[2];
     uint8_t *p = buf + xb + bb;
+    wt[0] = p;                 /* 2 wb contiguous: the VNNI variant interleaves the two rows there */
+    wt[1] = p + wb;
+    p += 2 * wb;
     for (int i = 0; i < 2; i++) {
-        wt[i] = p; p += wb;
         scv[i] = (int32_t *)p; p += sb;
         mnv[i] = (int16_t *)p; p += mb;
         dw[i] = (float *)p; p += fb;
@@ -551,57 +567,113 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
     for (int t = 0; t < T4; t++)
         for (int b = 0; b < S; b++) {
             kq_relayout(FMT, (const uint32_t *)(a->qs + (size_t)t * a->Kp + (size_t)b * 256),
-                        (uint32_t *)(xt + ((size_t)t * S + b) * 256));
+                        (uint32_t *)(xt + ((size_t)t * S + b) * 256), 8);
             if (FMT != PLK_Q6_K) {
                 const int16_t *bs = a->bs + (size_t)t * (a->Kp / 16) + (size_t)b * 16;
-                _mm_storeu_si128((__m128i *)(b32 + ((size_t)t * S + b) * 8),
-                                 _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8))));
+                const __m128i h = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8)));
+                _mm256_storeu_si256((__m256i *)(b32 + ((size_t)t * S + b) * 16), _mm256_set_m128i(h, h));   /* [b32 | b32] */
             }
         }
-    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256 signm = _mm256_set1_ps(-0.0f);
     for (int r = r0; r + 2 <= r1; r += 2) {
         for (int i = 0; i < 2; i++)
-            kq_row_prep(FMT, w->qs + (size_t)(r + i) * rowb, S, wt[i], scv[i], mnv[i], dw[i], dmw[i]);
+#if PLK_VNNI   /* the two rows' steps interleaved: zmm v of super-block b = [row r step v | row r+1 step v] */
+            kq_row_prep(FMT, w->qs + (size_t)(r + i) * rowb, S, wt[0] + 32 * i, 512, 64, scv[i], mnv[i], dw[i], dmw[i]);
+#else
+            kq_row_prep(FMT, w->qs + (size_t)(r + i) * rowb, S, wt[i], 256, 32, scv[i], mnv[i], dw[i], dmw[i]);
+#endif
+        /* the next row pair's bytes (2 rowb, from DRAM) prefetched a few lines per step over this pair's tiles */
+        const char *npf = (const char *)(w->qs + (size_t)(r + 2) * rowb);
+        const long nlines = r + 4 <= r1 ? (long)(2 * rowb / 64) : 0, nslots = (long)(T4 / 4) * S;
+        const int per = nlines ? (int)((nlines + nslots - 1) / nslots) : 0;
         for (int t0 = 0; t0 < T4; t0 += 4) {
             __m256 yv = _mm256_setzero_ps();
             for (int b = 0; b < S; b++) {
+                for (int k = 0; k < per; k++) {
+                    const long l = ((long)(t0 / 4) * S + b) * per + k;
+                    if (l < nlines) _mm_prefetch(npf + 64 * l, _MM_HINT_T0);
+                }
+#if !PLK_VNNI
                 const __m256i *W[2] = { (const __m256i *)(wt[0] + (size_t)b * 256), (const __m256i *)(wt[1] + (size_t)b * 256) };
+#endif
                 __m256i iv[8];
-                for (int t = 0; t < 4; t++) {
-                    const int8_t *x = (const int8_t *)(xt + ((size_t)(t0 + t) * S + b) * 256);
-                    for (int i = 0; i < 2; i++) {
-                        if (FMT == PLK_Q6_K) {
-                            const __m256i lo = kq_dot8(FMT, W[i], x, 0, 4), hi = kq_dot8(FMT, W[i], x, 4, 4);
-                            __m256i v = _mm256_add_epi32(_mm256_mullo_epi32(lo, _mm256_loadu_si256((const __m256i *)(scv[i] + 16 * b))),
-                                                         _mm256_mullo_epi32(hi, _mm256_loadu_si256((const __m256i *)(scv[i] + 16 * b + 8))));
-                            const __m256i sc16 = _mm256_loadu_si256((const __m256i *)(mnv[i] + 16 * b));
-                            const __m256i bs16 = _mm256_loadu_si256((const __m256i *)(a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16));
-                            iv[4 * i + t] = _mm256_sub_epi32(v, _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs16), 5));
-                        } else {
-                            iv[4 * i + t] = _mm256_mullo_epi32(kq_dot8(FMT, W[i], x, 0, 8), _mm256_loadu_si256((const __m256i *)(scv[i] + 8 * b)));
+                const int8_t *xq[4];
+                for (int t = 0; t < 4; t++) xq[t] = (const int8_t *)(xt + ((size_t)(t0 + t) * S + b) * 256);
+                const int nh = FMT == PLK_Q6_K ? 2 : 1, nv = 8 / nh;
+                for (int hh = 0; hh < nh; hh++) {
+                    /* the 8 (row, token) dots advance together: 8 independent accumulation chains */
+                    __m256i acc[8];
+                    for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_si256();
+#if PLK_VNNI
+                    {
+                        const __m512i *Wz = (const __m512i *)(wt[0] + (size_t)b * 512);
+                        __m512i az[4];
+                        for (int t = 0; t < 4; t++) az[t] = _mm512_setzero_si512();
+                        for (int v = hh * nv; v < (hh + 1) * nv; v++) {
+                            const __m512i Wv = _mm512_load_si512(Wz + v);
+                            for (int t = 0; t < 4; t++)
+                                az[t] = _mm512_dpbusd_epi32(az[t], Wv, _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i *)(xq[t] + 32 * v))));
+                        }
+                        for (int t = 0; t < 4; t++) {
+                            acc[t] = _mm512_castsi512_si256(az[t]);
+                            acc[4 + t] = _mm512_extracti64x4_epi64(az[t], 1);
                         }
                     }
+                    for (int i = 0; i < 2; i++) {
+                        const __m256i sc = _mm256_loadu_si256((const __m256i *)(scv[i] + nsc * b + 8 * hh));
+                        for (int t = 0; t < 4; t++) {
+                            const __m256i m = _mm256_mullo_epi32(acc[4 * i + t], sc);
+                            iv[4 * i + t] = hh ? _mm256_add_epi32(iv[4 * i + t], m) : m;
+                        }
+                    }
+#else
+                    /* the scales as int16 pairs per lane: vpmaddwd of the int16 sums by them is the scaled
+                     * int32 sum of each lane's sub-block (no vpmulld): sc x (s_lo + s_hi) */
+                    const int fold = FMT == PLK_Q4_K ? 8 : FMT == PLK_Q5_K ? 4 : 2;
+                    __m256i sc2[2];
+                    for (int i = 0; i < 2; i++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(scv[i] + nsc * b + 8 * hh));
+                        sc2[i] = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
+                    }
+                    for (int v0 = hh * nv; v0 < (hh + 1) * nv; v0 += fold) {
+                        __m256i s16[8];
+                        for (int k = 0; k < 8; k++) s16[k] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+                        for (int v = v0; v < v0 + fold; v++) {   /* not unrolled: 8 sums + 3 operands stay in registers */
+                            const __m256i W0 = _mm256_load_si256(W[0] + v), W1 = _mm256_load_si256(W[1] + v);
+                            for (int t = 0; t < 4; t++) {
+                                const __m256i X = _mm256_load_si256((const __m256i *)(xq[t] + 32 * v));
+                                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(W0, X));
+                                s16[4 + t] = _mm256_add_epi16(s16[4 + t], _mm256_maddubs_epi16(W1, X));
+                            }
+                        }
+                        for (int k = 0; k < 8; k++) acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(s16[k], sc2[k >> 2]));
+                    }
+                    for (int k = 0; k < 8; k++) iv[k] = hh ? _mm256_add_epi32(iv[k], acc[k]) : acc[k];
+#endif
                 }
+                if (FMT == PLK_Q6_K)
+                    for (int i = 0; i < 2; i++) {
+                        const __m256i sc16 = _mm256_loadu_si256((const __m256i *)(mnv[i] + 16 * b));
+                        for (int t = 0; t < 4; t++) {
+                            const __m256i bs16 = _mm256_loadu_si256((const __m256i *)(a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16));
+                            iv[4 * i + t] = _mm256_sub_epi32(iv[4 * i + t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs16), 5));
+                        }
+                    }
                 const __m256i I = hsum8x8i(iv);                 /* lane 4 i + t: row r + i, token t0 + t */
-                float dxs[4];
-                for (int t = 0; t < 4; t++) dxs[t] = a->dx[(size_t)(t0 + t) * S + b];
-                const __m256 dxv = _mm256_setr_ps(dxs[0], dxs[1], dxs[2], dxs[3], dxs[0], dxs[1], dxs[2], dxs[3]);
-                const __m256 dwv = _mm256_setr_ps(dw[0][b], dw[0][b], dw[0][b], dw[0][b], dw[1][b], dw[1][b], dw[1][b], dw[1][b]);
+                const __m256 dxv = _mm256_broadcast_ps((const __m128 *)(dxt + ((size_t)(t0 / 4) * S + b) * 4));
+                const __m256 dwv = _mm256_set_m128(_mm_set1_ps(dw[1][b]), _mm_set1_ps(dw[0][b]));
                 yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dwv, dxv), yv);
                 if (FMT != PLK_Q6_K) {
+                    /* [mins of row r | of row r+1] . [b32 of token t | the same]: lanes 0-3 (r, t), 4-7 (r+1, t);
+                     * the hadd tree then leaves lane 4 i + t = imin of (row r + i, token t0 + t) */
+                    const __m256i A = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(mnv[1] + 8 * b)),
+                                                       _mm_loadu_si128((const __m128i *)(mnv[0] + 8 * b)));
                     __m256i mv[4];
-                    for (int i = 0; i < 2; i++) {
-                        const __m256i mm = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(mnv[i] + 8 * b)));
-                        for (int tp = 0; tp < 2; tp++) {
-                            const __m256i bp = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(b32 + ((size_t)(t0 + 2 * tp + 1) * S + b) * 8)),
-                                                                _mm_loadu_si128((const __m128i *)(b32 + ((size_t)(t0 + 2 * tp) * S + b) * 8)));
-                            mv[2 * i + tp] = _mm256_madd_epi16(mm, bp);   /* [(i, 2tp) | (i, 2tp+1)] partials */
-                        }
-                    }
-                    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
-                    const __m256i M = _mm256_permutevar8x32_epi32(h, unperm);
-                    const __m256 dmv = _mm256_setr_ps(dmw[0][b], dmw[0][b], dmw[0][b], dmw[0][b], dmw[1][b], dmw[1][b], dmw[1][b], dmw[1][b]);
+                    for (int t = 0; t < 4; t++)
+                        mv[t] = _mm256_madd_epi16(A, _mm256_loadu_si256((const __m256i *)(b32 + ((size_t)(t0 + t) * S + b) * 16)));
+                    const __m256i M = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
+                    const __m256 dmv = _mm256_set_m128(_mm_set1_ps(dmw[1][b]), _mm_set1_ps(dmw[0][b]));
                     yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(dmv, dxv), signm), yv);
                 }
             }
@@ -727,10 +799,74 @@ AI void q5_row(const int FMT, const int NT, const uint8_t *row, int nb, const pl
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) + bo[t];
 }
 
+/* 8 rows in lanes (rows r..r+7, lane i = row r + i), NT tokens: per block, the 8 rows' integer dots by one
+ * transposing reduction, then acc += cvt(dots) * (d_w dx_b) and off += Bw bx_b as vectors over the rows (the d
+ * and m of the 8 blocks by one gather); result acc + off. The same steps for every token whatever the batch. */
+AI void q5_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int nb, const plk_act *a, int t0,
+                 __m256 *res)
+{
+    const int QB = plk_qbytes[FMT], off = FMT == PLK_Q5_1 ? 4 : 2;
+    const __m256i vidx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)rowb));
+    __m256 acc[4], vo[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); vo[t] = _mm256_setzero_ps(); }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk0 = row0 + (size_t)b * QB;
+        /* d (and m) of the 8 blocks: one 32-bit gather, [d | m << 16] (q5_0: the high half is qh, unused) */
+        const __m256i dm = _mm256_i32gather_epi32((const int *)blk0, vidx, 1);
+        const __m128i d16 = _mm_packus_epi32(_mm256_castsi256_si128(_mm256_and_si256(dm, _mm256_set1_epi32(0xffff))),
+                                             _mm256_extracti128_si256(_mm256_and_si256(dm, _mm256_set1_epi32(0xffff)), 1));
+        const __m256 dv = _mm256_cvtph_ps(d16);
+        __m256 bw;
+        if (FMT == PLK_Q5_1) {
+            const __m256i mh = _mm256_srli_epi32(dm, 16);
+            bw = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(mh), _mm256_extracti128_si256(mh, 1)));
+        } else bw = _mm256_mul_ps(_mm256_set1_ps(-16.0f), dv);
+        __m256i c[8];
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *blk = blk0 + (size_t)i * rowb;
+            if (!(b & 1)) _mm_prefetch((const char *)blk + 8 * rowb, _MM_HINT_T0);   /* the next 8-row set */
+            c[i] = q5_unpack(blk, off);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const size_t tt = (size_t)(t0 + t);
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(a->qs + tt * a->Kp + (size_t)b * 32));
+            __m256i p[8];
+            for (int i = 0; i < 8; i++) p[i] = sdot(c[i], xv);
+            const __m256 dx = _mm256_set1_ps(a->dx[tt * nb + b]), bx = _mm256_set1_ps(a->bx[tt * a->ng + b]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(p)), _mm256_mul_ps(dv, dx), acc[t]);
+            vo[t] = _mm256_fmadd_ps(bw, bx, vo[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) res[t] = _mm256_add_ps(acc[t], vo[t]);
+}
+
 AI void rows_q5(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
     const int nb = a->nb;
     const size_t rowb = (size_t)nb * plk_qbytes[FMT];
+    /* whole sets of 8 rows in lanes (the leftover r1 - r0 < 8 rows: one at a time below) */
+    for (; r0 + 8 <= r1; r0 += 8) {
+        const uint8_t *row = w->qs + (size_t)r0 * rowb;
+        for (int ts = 0; ts < a->T; ts += 4) {
+            const int nt = a->T - ts < 4 ? a->T - ts : 4;
+            __m256 rv[4];
+            switch (nt) {
+            case 1: q5_rows8(FMT, 1, row, rowb, nb, a, ts, rv); break;
+            case 2: q5_rows8(FMT, 2, row, rowb, nb, a, ts, rv); break;
+            case 3: q5_rows8(FMT, 3, row, rowb, nb, a, ts, rv); break;
+            default: q5_rows8(FMT, 4, row, rowb, nb, a, ts, rv); break;
+            }
+            for (int t = 0; t < nt; t++) {
+                float *o = y + (size_t)(ts + t) * ldy + r0;
+                __m256 v = rv[t];
+                if (accum) v = _mm256_add_ps(_mm256_loadu_ps(o), v);
+                _mm256_storeu_ps(o, v);
+            }
+        }
+    }
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w->qs + (size_t)r * rowb;
         for (int ts = 0; ts < a->T; ts += 4) {
@@ -779,7 +915,15 @@ void NAME(quantize_act_q8k)(const float *x, int T, int K, int ldx, int8_t *qs, f
                 continue;
             }
             int i0 = 0;                       /* the first element with |x| == amax, its signed value */
-            while (i0 < 255 && fabsf(v[i0]) != amax) i0++;
+            {
+                const __m256 am = _mm256_set1_ps(amax);
+                int i = 0, msk = 0;
+                for (; i < 256; i += 8) {
+                    msk = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(v + i), absm), am, _CMP_EQ_OQ));
+                    if (msk) break;
+                }
+                i0 = i < 256 ? i + __builtin_ctz((unsigned)msk) : 0;
+            }
             const float is = -127.0f / v[i0];
             const __m256 vis = _mm256_set1_ps(is);
             const __m256i c127 = _mm256_set1_epi32(127);

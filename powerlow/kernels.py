@@ -26,6 +26,12 @@ one rmsnorm output by 1 ulp moves SmolLM2 logits by up to ~1.4 in the numpy refe
 kernel-vs-reference logit comparisons need that slack; kernel-vs-kernel ones can be exact.
 Every function takes a keyword `isa=` override (used by the tests to run every variant in one process).
 
+GGML block formats: q5_0 / q5_1 (q8 activations) and the K-quants q4_k / q5_k / q6_k (Q8_K activations,
+quantize_act_k; K a multiple of 256), raw GGML blocks (formats.py). K-quant kernels are bit-exact with
+formats.matmul_ref on every variant: decode runs 8 rows in lanes (AVX-512: 512-bit dots), T >= 8 tokens
+the 2-row x 4-token tiles on re-laid codes (cython_ext/plk_kq.h).
+attn_block takes lw.wqkv as one QMatrix or a tuple of up to 3 parts (q, k, v rows) of different formats.
+
 Table-lookup kernels (T-MAC style) exist for q2, tern and q1: portable C (cython_ext/plk_generic.c) and
 AVX2 vpshufb (cython_ext/plk_tl.h, on a matrix given its layout by prepare_tl(q)); the dispatcher uses
 them where they measured faster (TL_PREFERRED, figures in the notes above it).

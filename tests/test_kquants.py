@@ -213,33 +213,68 @@ def test_batch_invariance(isa, fmt, threads):
 
 # ---------------------------------------------------------------- the real model's tensors
 
-def _qwen():
+@pytest.fixture(scope="module")
+def qwen():
+    """{name: tensor} of the real Qwen2.5-1.5B Q4_K_M GGUF (parsing it takes gguf ~9 s: once per module)"""
     if not os.path.exists(QWEN):
         pytest.skip(f"{QWEN} not present")
-    return gguf.GGUFReader(QWEN)
+    return {t.name: t for t in gguf.GGUFReader(QWEN).tensors}
 
 
-def test_qwen_tensors_import_bit_exact():
-    r = _qwen()
-    seen = set()
-    for t in r.tensors:
-        tn = t.tensor_type.name
-        if tn not in ("Q4_K", "Q6_K") or tn in seen:
-            continue
-        cols, rows = int(t.shape[0]), int(t.shape[1])
-        nr = min(rows, 48)
-        raw = np.asarray(t.data)[:nr]
-        q = F.from_gguf(raw, tn, nr, cols)
-        ref = GQ.dequantize(raw, t.tensor_type).reshape(nr, cols)
-        np.testing.assert_array_equal(_bits(F.dequantize(q)), _bits(ref), err_msg=t.name)
-        x = np.random.default_rng(0).standard_normal((2, cols)).astype(np.float32)
+def _qwen_matrix(t, rows=None):
+    cols, nr = int(t.shape[0]), int(t.shape[1]) if rows is None else rows
+    raw = np.asarray(t.data)[:nr]
+    return F.from_gguf(raw, t.tensor_type.name, nr, cols), raw
+
+
+# Q4_K (attn_q, ffn_gate, ffn_down of layer 2: K = 8960), Q6_K (attn_v, ffn_down of layer 0: K = 8960)
+QWEN_TENSORS = ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.ffn_down.weight", "blk.2.ffn_down.weight",
+                "blk.0.ffn_gate.weight"]
+
+
+def test_qwen_tensors_import_bit_exact(qwen):
+    kinds = set()
+    for name in QWEN_TENSORS:
+        t = qwen[name]
+        q, raw = _qwen_matrix(t, 40)
+        kinds.add(t.tensor_type.name)
+        ref = GQ.dequantize(raw, t.tensor_type).reshape(q.rows, q.cols)
+        np.testing.assert_array_equal(_bits(F.dequantize(q)), _bits(ref), err_msg=name)
+        x = np.random.default_rng(0).standard_normal((3, q.cols)).astype(np.float32)
         want = F.matmul_ref(q, x)
         for isa in ISAS:
-            np.testing.assert_array_equal(_bits(K.matmul(q, x, isa=isa)), _bits(want), err_msg=f"{t.name} {isa}")
-        seen.add(tn)
-        if len(seen) == 2:
-            break
-    assert seen == {"Q4_K", "Q6_K"}
+            np.testing.assert_array_equal(_bits(K.matmul(q, x, isa=isa)), _bits(want), err_msg=f"{name} {isa}")
+    assert kinds == {"Q4_K", "Q6_K"}
+
+
+def test_qwen_layer0_attention_parts(qwen):
+    """layer 0's q, k (Q4_K) and v (Q6_K) as attn_block parts == the unfused kernels, bit for bit"""
+    from types import SimpleNamespace
+    p = "blk.0."
+    parts = tuple(_qwen_matrix(qwen[p + f"attn_{n}.weight"])[0] for n in ("q", "k", "v"))
+    assert [q.fmt for q in parts] == ["q4_k", "q4_k", "q6_k"]
+    bias = np.concatenate([np.asarray(qwen[p + f"attn_{n}.bias"].data, np.float32) for n in ("q", "k", "v")])
+    Kd, nh, nkv, hd, eps, theta = 1536, 12, 2, 128, 1e-6, 1e6
+    lw = SimpleNamespace(attn_norm=np.asarray(qwen[p + "attn_norm.weight"].data, np.float32), wqkv=parts, bqkv=bias,
+                         wo=_qwen_matrix(qwen[p + "attn_output.weight"])[0],
+                         ffn_norm=np.asarray(qwen[p + "ffn_norm.weight"].data, np.float32))
+    x0 = np.random.default_rng(1).standard_normal((3, Kd)).astype(np.float32)
+    pos = np.arange(3, dtype=np.int64)
+    rope = K.rope_tables(pos, hd, theta)
+    for isa in ISAS[1:]:
+        kc, vc = np.zeros((nkv, 4, hd), np.float16), np.zeros((nkv, 4, hd), np.float16)
+        x, h = x0.copy(), np.empty_like(x0)
+        K.attn_block(lw, x, h, kc, vc, 0, rope, nh, nkv, eps, K.attn_scratch(3, nh, nkv, hd, Kd), isa=isa)
+        old = K.isa
+        try:
+            K.isa = isa
+            kc2, vc2 = np.zeros_like(kc), np.zeros_like(vc)
+            x2, h2 = _unfused_attn(lw, x0.copy(), kc2, vc2, 0, rope, pos, nh, nkv, hd, eps, theta)
+        finally:
+            K.isa = old
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(h, h2)
+        np.testing.assert_array_equal(kc, kc2)
 
 
 # ---------------------------------------------------------------- bundles with K-quant matrices
@@ -363,3 +398,39 @@ def test_attn_block_parts_of_one_format_equal_fused():
         outs.append((x, h, kc, vc))
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_stream_attention_unit_keeps_mixed_formats_apart(tmp_path):
+    """stream.attention_unit: q/k/v in one format -> one fused wqkv (as before); in different formats -> the tuple
+    of parts (q, k, v), each read into its own planes, equal to the stored matrices."""
+    from safetensors.numpy import save_file
+    from powerlow.stream import TensorFile, attention_unit
+    rng = np.random.default_rng(42)
+    K_ = 256
+    mats = {"attn_q": F.quantize(rng.standard_normal((64, K_)).astype(np.float32), "q4_k"),
+            "attn_k": F.quantize(rng.standard_normal((32, K_)).astype(np.float32), "q4_k"),
+            "attn_v": F.quantize(rng.standard_normal((32, K_)).astype(np.float32), "q6_k"),
+            "attn_output": F.quantize(rng.standard_normal((K_, 64)).astype(np.float32), "q8")}
+    for mixed in (True, False):
+        if not mixed:
+            mats["attn_v"] = F.quantize(rng.standard_normal((32, K_)).astype(np.float32), "q4_k")
+        tensors, meta = {}, {}
+        for n, q in mats.items():
+            tensors.update(q.tensors(f"blk.0.{n}"))
+            meta[f"blk.0.{n}"] = {"fmt": q.fmt, "shape": [q.rows, q.cols]}
+        path = tmp_path / f"r{int(mixed)}.safetensors"
+        save_file(tensors, str(path))
+        tf = TensorFile(path)
+        try:
+            m = attention_unit(meta, tf, 0).load(tf)
+        finally:
+            tf.close()
+        want = [mats[n] for n in ("attn_q", "attn_k", "attn_v")]
+        if mixed:
+            assert isinstance(m["wqkv"], tuple) and [p.fmt for p in m["wqkv"]] == ["q4_k", "q4_k", "q6_k"]
+            for got, ref in zip(m["wqkv"], want):
+                np.testing.assert_array_equal(got.planes["qs"], ref.planes["qs"])
+        else:
+            assert isinstance(m["wqkv"], F.QMatrix) and m["wqkv"].rows == 128
+            np.testing.assert_array_equal(m["wqkv"].planes["qs"], np.concatenate([p.planes["qs"] for p in want]))
+        np.testing.assert_array_equal(m["wo"].planes["qs"], mats["attn_output"].planes["qs"])
