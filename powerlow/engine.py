@@ -409,6 +409,11 @@ class Transformer:
                 self.ffn.accumulate(l, h, x)                            # the FFN adds its output straight into x
             else:
                 x += ops.rmsnorm(self.ffn.forward(l, h), post, cfg.rms_eps)
+            if not np.isfinite(x).all():                                # ~1 us a layer at T = 1
+                raise PowerlowError(
+                    f"layer {l} produced non-finite values (NaN or inf): its weights in {self.dir} are corrupt (a "
+                    "damaged ffn.bin or resident.safetensors; `powerlow convert --force` makes a fresh copy) or the "
+                    "activations overflowed")
         self.kv.length = start + T
         if last_only:
             x = x[-1:]

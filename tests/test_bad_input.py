@@ -317,3 +317,20 @@ def test_disk_full_during_convert_is_a_message(tiny_src, tmp_path, monkeypatch):
     with pytest.raises(PowerlowError, match="No space left on device"):
         convert(tiny_src, tmp_path / "m", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_bundle_stops_the_run_naming_the_layer(model_dir, monkeypatch):
+    """A bundle of 0xFF bytes (NaN scales) in a file not hashed at load stops the run with the layer named, instead
+    of printing end tokens forever."""
+    from powerlow.manifest import load_manifest
+    from powerlow.store import StoreInfo
+    info = StoreInfo.from_json(load_manifest(model_dir)["ffn"])
+    off = info.bundle_offset(1, 0)
+    with open(model_dir / "ffn.bin", "r+b") as f:
+        f.seek(off)
+        f.write(b"\xff" * info.layouts[1].nbytes)
+    # as for a real model's ffn.bin (over 256 MiB: not hashed at load)
+    monkeypatch.setattr("powerlow.manifest.HASH_AT_LOAD_MAX_BYTES", 0)
+    with powerlow.load(model_dir) as m:
+        with pytest.raises(PowerlowError, match="layer 1 produced non-finite"):
+            list(m.generate([5, 17, 33], 4))
