@@ -200,11 +200,16 @@ AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
             const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
             /* the same super-block of the next set of 8 rows (8 row streams are too many for the hardware
              * prefetcher to start in time, and a set's first blocks would wait for DRAM otherwise) */
-            const char *pf = (const char *)blk + 8 * rowb;
-            _mm_prefetch(pf, _MM_HINT_T0);
-            _mm_prefetch(pf + 64, _MM_HINT_T0);
-            _mm_prefetch(pf + 128, _MM_HINT_T0);
-            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T0);
+            const char *pf = (const char *)blk + 8 * rowb;     /* into L2: 8 long rows ahead would thrash L1 */
+            _mm_prefetch(pf, _MM_HINT_T1);
+            _mm_prefetch(pf + 64, _MM_HINT_T1);
+            _mm_prefetch(pf + 128, _MM_HINT_T1);
+            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T1);
+            const char *pn = (const char *)blk + 2 * QB;       /* and from L2 into L1, two blocks ahead in the row */
+            _mm_prefetch(pn, _MM_HINT_T0);
+            _mm_prefetch(pn + 64, _MM_HINT_T0);
+            _mm_prefetch(pn + 128, _MM_HINT_T0);
+            if (QB > 192) _mm_prefetch(pn + 192, _MM_HINT_T0);
             __m256i c[8], sv[8], sc16 = _mm256_setzero_si256();
             if (FMT == PLK_Q6_K) {
                 const uint8_t *ql = blk, *qh = blk + 128;
@@ -327,11 +332,16 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
             const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
             /* the same super-block of the next set of 8 rows (8 row streams are too many for the hardware
              * prefetcher to start in time, and a set's first blocks would wait for DRAM otherwise) */
-            const char *pf = (const char *)blk + 8 * rowb;
-            _mm_prefetch(pf, _MM_HINT_T0);
-            _mm_prefetch(pf + 64, _MM_HINT_T0);
-            _mm_prefetch(pf + 128, _MM_HINT_T0);
-            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T0);
+            const char *pf = (const char *)blk + 8 * rowb;     /* into L2: 8 long rows ahead would thrash L1 */
+            _mm_prefetch(pf, _MM_HINT_T1);
+            _mm_prefetch(pf + 64, _MM_HINT_T1);
+            _mm_prefetch(pf + 128, _MM_HINT_T1);
+            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T1);
+            const char *pn = (const char *)blk + 2 * QB;       /* and from L2 into L1, two blocks ahead in the row */
+            _mm_prefetch(pn, _MM_HINT_T0);
+            _mm_prefetch(pn + 64, _MM_HINT_T0);
+            _mm_prefetch(pn + 128, _MM_HINT_T0);
+            if (QB > 192) _mm_prefetch(pn + 192, _MM_HINT_T0);
             __m512i c[4], sv[4], sc16 = _mm512_setzero_si512();
             if (FMT == PLK_Q6_K) {
                 const uint8_t *ql = blk, *qh = blk + 128;
