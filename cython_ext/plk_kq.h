@@ -847,7 +847,10 @@ AI void q5_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
         __m256i c[8];
         for (int i = 0; i < 8; i++) {
             const uint8_t *blk = blk0 + (size_t)i * rowb;
-            if (!(b & 1)) _mm_prefetch((const char *)blk + 8 * rowb, _MM_HINT_T0);   /* the next 8-row set */
+            if (!(b & 1)) {   /* the next 8-row set into L2, this row a few blocks ahead into L1 */
+                _mm_prefetch((const char *)blk + 8 * rowb, _MM_HINT_T1);
+                _mm_prefetch((const char *)blk + 256, _MM_HINT_T0);
+            }
             c[i] = q5_unpack(blk, off);
         }
 #pragma GCC unroll 4
