@@ -457,3 +457,24 @@ def test_ffn_bundles_kquants_prefill_path(isa):
     q = F.quantize(rng.standard_normal((37, 768)).astype(np.float32), "q5_k")
     x = rng.standard_normal((13, 768)).astype(np.float32)
     np.testing.assert_array_equal(_bits(K.matmul(q, x, isa=isa)), _bits(F.matmul_ref(q, x)))
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
+@pytest.mark.parametrize("fmt", KQ)
+def test_gemm_scratch_failure_raises(isa, fmt):
+    """the prefill tiles' scratch allocation failing raises MemoryError (not a half-written output)"""
+    from powerlow import _kernels as _k
+    rng = np.random.default_rng(12)
+    q = F.quantize(rng.standard_normal((40, 512)).astype(np.float32), fmt)
+    x = rng.standard_normal((9, 512)).astype(np.float32)
+    ref = K.matmul(q, x, isa=isa)
+    old = K.get_threads()
+    try:
+        K.set_threads(1)
+        _k._test_fail_allocs(1)
+        with pytest.raises(MemoryError):
+            K.matmul(q, x, isa=isa)
+    finally:
+        _k._test_fail_allocs(0)
+        K.set_threads(old)
+    np.testing.assert_array_equal(K.matmul(q, x, isa=isa), ref)
