@@ -200,11 +200,16 @@ AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
             const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
             /* the same super-block of the next set of 8 rows (8 row streams are too many for the hardware
              * prefetcher to start in time, and a set's first blocks would wait for DRAM otherwise) */
-            const char *pf = (const char *)blk + 8 * rowb;
-            _mm_prefetch(pf, _MM_HINT_T0);
-            _mm_prefetch(pf + 64, _MM_HINT_T0);
-            _mm_prefetch(pf + 128, _MM_HINT_T0);
-            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T0);
+            const char *pf = (const char *)blk + 8 * rowb;     /* into L2: 8 long rows ahead would thrash L1 */
+            _mm_prefetch(pf, _MM_HINT_T1);
+            _mm_prefetch(pf + 64, _MM_HINT_T1);
+            _mm_prefetch(pf + 128, _MM_HINT_T1);
+            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T1);
+            const char *pn = (const char *)blk + 2 * QB;       /* and from L2 into L1, two blocks ahead in the row */
+            _mm_prefetch(pn, _MM_HINT_T0);
+            _mm_prefetch(pn + 64, _MM_HINT_T0);
+            _mm_prefetch(pn + 128, _MM_HINT_T0);
+            if (QB > 192) _mm_prefetch(pn + 192, _MM_HINT_T0);
             __m256i c[8], sv[8], sc16 = _mm256_setzero_si256();
             if (FMT == PLK_Q6_K) {
                 const uint8_t *ql = blk, *qh = blk + 128;
@@ -327,11 +332,16 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
             const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
             /* the same super-block of the next set of 8 rows (8 row streams are too many for the hardware
              * prefetcher to start in time, and a set's first blocks would wait for DRAM otherwise) */
-            const char *pf = (const char *)blk + 8 * rowb;
-            _mm_prefetch(pf, _MM_HINT_T0);
-            _mm_prefetch(pf + 64, _MM_HINT_T0);
-            _mm_prefetch(pf + 128, _MM_HINT_T0);
-            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T0);
+            const char *pf = (const char *)blk + 8 * rowb;     /* into L2: 8 long rows ahead would thrash L1 */
+            _mm_prefetch(pf, _MM_HINT_T1);
+            _mm_prefetch(pf + 64, _MM_HINT_T1);
+            _mm_prefetch(pf + 128, _MM_HINT_T1);
+            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T1);
+            const char *pn = (const char *)blk + 2 * QB;       /* and from L2 into L1, two blocks ahead in the row */
+            _mm_prefetch(pn, _MM_HINT_T0);
+            _mm_prefetch(pn + 64, _MM_HINT_T0);
+            _mm_prefetch(pn + 128, _MM_HINT_T0);
+            if (QB > 192) _mm_prefetch(pn + 192, _MM_HINT_T0);
             __m512i c[4], sv[4], sc16 = _mm512_setzero_si512();
             if (FMT == PLK_Q6_K) {
                 const uint8_t *ql = blk, *qh = blk + 128;
@@ -498,8 +508,21 @@ AI void kq_row_prep(const int FMT, const uint8_t *row, int S, uint8_t *wt, size_
         }
         uint8_t *o = wt + (size_t)b * bstride;
         if (FMT == PLK_Q6_K) {
-            for (int g = 0; g < 8; g++) _mm256_store_si256((__m256i *)(nat + 8 * g), c[g]);
-            kq_relayout(FMT, nat, (uint32_t *)o, vstride / 4);
+            /* step 4h + k, lane j = dword 4 (j % 2) + k of c[4h + j / 2]: per c a dword interleave
+             * [d0 d4 d1 d5 d2 d6 d3 d7] (qword k = (dword k, dword 4 + k)), then a 4 x 4 qword transpose */
+            const __m256i il = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            for (int h = 0; h < 2; h++) {
+                __m256i u[4];
+                for (int q = 0; q < 4; q++) u[q] = _mm256_permutevar8x32_epi32(c[4 * h + q], il);
+                const __m256i lo01 = _mm256_unpacklo_epi64(u[0], u[1]), hi01 = _mm256_unpackhi_epi64(u[0], u[1]);
+                const __m256i lo23 = _mm256_unpacklo_epi64(u[2], u[3]), hi23 = _mm256_unpackhi_epi64(u[2], u[3]);
+                uint8_t *oh = o + (size_t)(4 * h) * vstride;
+                _mm256_store_si256((__m256i *)(oh), _mm256_permute2x128_si256(lo01, lo23, 0x20));
+                _mm256_store_si256((__m256i *)(oh + vstride), _mm256_permute2x128_si256(hi01, hi23, 0x20));
+                _mm256_store_si256((__m256i *)(oh + 2 * (size_t)vstride), _mm256_permute2x128_si256(lo01, lo23, 0x31));
+                _mm256_store_si256((__m256i *)(oh + 3 * (size_t)vstride), _mm256_permute2x128_si256(hi01, hi23, 0x31));
+            }
+            (void)nat;
         } else {   /* lane j of step v = dword v of sub-block j: an 8 x 8 dword transpose */
             tr4_lane(c);
             tr4_lane(c + 4);
@@ -600,11 +623,11 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
                 const int8_t *xq[4];
                 for (int t = 0; t < 4; t++) xq[t] = (const int8_t *)(xt + ((size_t)(t0 + t) * S + b) * 256);
                 const int nh = FMT == PLK_Q6_K ? 2 : 1, nv = 8 / nh;
+                for (int k = 0; k < 8; k++) iv[k] = _mm256_setzero_si256();   /* (AVX2 sums into it directly) */
                 for (int hh = 0; hh < nh; hh++) {
                     /* the 8 (row, token) dots advance together: 8 independent accumulation chains */
-                    __m256i acc[8];
-                    for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_si256();
 #if PLK_VNNI
+                    __m256i acc[8];
                     {
                         const __m512i *Wz = (const __m512i *)(wt[0] + (size_t)b * 512);
                         __m512i az[4];
@@ -647,9 +670,8 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
                                 s16[4 + t] = _mm256_add_epi16(s16[4 + t], _mm256_maddubs_epi16(W1, X));
                             }
                         }
-                        for (int k = 0; k < 8; k++) acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(s16[k], sc2[k >> 2]));
+                        for (int k = 0; k < 8; k++) iv[k] = _mm256_add_epi32(iv[k], _mm256_madd_epi16(s16[k], sc2[k >> 2]));
                     }
-                    for (int k = 0; k < 8; k++) iv[k] = hh ? _mm256_add_epi32(iv[k], acc[k]) : acc[k];
 #endif
                 }
                 if (FMT == PLK_Q6_K)
@@ -825,7 +847,10 @@ AI void q5_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
         __m256i c[8];
         for (int i = 0; i < 8; i++) {
             const uint8_t *blk = blk0 + (size_t)i * rowb;
-            if (!(b & 1)) _mm_prefetch((const char *)blk + 8 * rowb, _MM_HINT_T0);   /* the next 8-row set */
+            if (!(b & 1)) {   /* the next 8-row set into L2, this row a few blocks ahead into L1 */
+                _mm_prefetch((const char *)blk + 8 * rowb, _MM_HINT_T1);
+                _mm_prefetch((const char *)blk + 256, _MM_HINT_T0);
+            }
             c[i] = q5_unpack(blk, off);
         }
 #pragma GCC unroll 4

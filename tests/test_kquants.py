@@ -434,3 +434,47 @@ def test_stream_attention_unit_keeps_mixed_formats_apart(tmp_path):
             assert isinstance(m["wqkv"], F.QMatrix) and m["wqkv"].rows == 128
             np.testing.assert_array_equal(m["wqkv"].planes["qs"], np.concatenate([p.planes["qs"] for p in want]))
         np.testing.assert_array_equal(m["wo"].planes["qs"], mats["attn_output"].planes["qs"])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_ffn_bundles_kquants_prefill_path(isa):
+    """T >= 8 (the GEMM tiles, accumulating into out for the down matrices): close to the reference, and each
+    token bit-identical to its decode (T = 1) result; the odd row count exercises the tile edges"""
+    rng = np.random.default_rng(10)
+    Kd, C = 512, 256
+    lay, arena, ptrs = _bundles("q4_k", "q6_k", C, Kd, 3, rng)
+    h = rng.standard_normal((11, Kd)).astype(np.float32)
+    base = rng.standard_normal((11, Kd)).astype(np.float32)
+    ref = base.copy()
+    R.ffn_bundles(ptrs, lay, h, "silu", ref)
+    out = base.copy()
+    K.ffn_bundles(ptrs, lay, h, "silu", out, isa=isa)
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=2e-3 * np.abs(ref - base).max())
+    for t in (0, 7, 10):
+        one = base[t:t + 1].copy()
+        K.ffn_bundles(ptrs, lay, h[t:t + 1].copy(), "silu", one, isa=isa)
+        np.testing.assert_array_equal(one[0], out[t])
+    q = F.quantize(rng.standard_normal((37, 768)).astype(np.float32), "q5_k")
+    x = rng.standard_normal((13, 768)).astype(np.float32)
+    np.testing.assert_array_equal(_bits(K.matmul(q, x, isa=isa)), _bits(F.matmul_ref(q, x)))
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
+@pytest.mark.parametrize("fmt", KQ)
+def test_gemm_scratch_failure_raises(isa, fmt):
+    """the prefill tiles' scratch allocation failing raises MemoryError (not a half-written output)"""
+    from powerlow import _kernels as _k
+    rng = np.random.default_rng(12)
+    q = F.quantize(rng.standard_normal((40, 512)).astype(np.float32), fmt)
+    x = rng.standard_normal((9, 512)).astype(np.float32)
+    ref = K.matmul(q, x, isa=isa)
+    old = K.get_threads()
+    try:
+        K.set_threads(1)
+        _k._test_fail_allocs(1)
+        with pytest.raises(MemoryError):
+            K.matmul(q, x, isa=isa)
+    finally:
+        _k._test_fail_allocs(0)
+        K.set_threads(old)
+    np.testing.assert_array_equal(K.matmul(q, x, isa=isa), ref)
