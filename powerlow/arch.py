@@ -47,8 +47,13 @@ class ModelConfig:
         if self.hidden_act not in SUPPORTED_ACTS:
             raise PowerlowError(f"hidden_act {self.hidden_act!r} is not supported; powerlow runs {', '.join(SUPPORTED_ACTS)}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_positions"):
-            if int(getattr(self, name)) <= 0:
-                raise PowerlowError(f"model config: {name} must be positive, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise PowerlowError(f"model config: {name} must be a positive integer, got {v!r}")
+        for name in ("rms_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise PowerlowError(f"model config: {name} must be a positive number, got {v!r}")
         if self.n_heads % self.n_kv_heads:
             raise PowerlowError(f"model config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
@@ -90,6 +95,9 @@ class ModelConfig:
         if unknown:
             raise PowerlowError(f"manifest config has unknown keys {sorted(unknown)}; the model dir was written by a newer powerlow — re-convert it")
         d = dict(d)
-        for k in ("eos_ids", "swa_layers", "rope_freq_factors"):
-            d[k] = tuple(d.get(k, ()))
-        return cls(**d)
+        try:
+            for k in ("eos_ids", "swa_layers", "rope_freq_factors"):
+                d[k] = tuple(d.get(k, ()))
+            return cls(**d)
+        except TypeError as e:      # a missing key, or a value of the wrong type
+            raise PowerlowError(f"manifest config is incomplete or corrupt ({e}); re-convert the model") from None

@@ -173,8 +173,11 @@ def load_toml(path) -> dict:
             d = tomllib.load(f)
     except FileNotFoundError:
         raise PowerlowError(f"config file {p} does not exist; check the path given to --config") from None
-    except tomllib.TOMLDecodeError as e:
-        raise PowerlowError(f"config file {p} is not valid TOML ({e}); fix the line it names") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PowerlowError(f"config file {p} is not valid TOML ({e}); give a TOML file (see `powerlow tune`'s "
+                            "output for an example)") from None
+    except OSError as e:
+        raise PowerlowError(f"config file {p} cannot be read ({e.strerror}); give a TOML file to --config") from None
     return config_from_dict(d, source=str(p))
 
 

@@ -106,6 +106,14 @@ def load_manifest(model_dir, *, verify: bool = False, check_files: bool = True) 
     files = m.get("files")
     if not isinstance(files, dict):
         raise PowerlowError(f"{mpath} lists no files; re-convert the model")
+    for name, entry in files.items():
+        if (not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or isinstance(entry.get("size"), bool)
+                or not isinstance(entry.get("sha256"), str)):
+            raise PowerlowError(f"{mpath}: the entry of {name!r} needs an integer size and a sha256 string (corrupt or "
+                                "edited manifest); re-convert the model")
+    for key in ("config", "ffn", "tensors"):
+        if not isinstance(m.get(key), dict):
+            raise PowerlowError(f"{mpath} has no {key!r} section (corrupt or edited manifest); re-convert the model")
     order = m.get("neuron_order")
     if order is not None:
         # a profiled model's neuron permutation, one id per FFN neuron and layer: as Python lists it holds

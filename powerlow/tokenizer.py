@@ -135,7 +135,10 @@ class Tokenizer:
                  bos_id: int | None = None, eos_ids: tuple[int, ...] = ()):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tok = HFTokenizer.from_str(tokenizer_json)
+        try:
+            self._tok = HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:      # tokenizers raises a bare Exception on bad JSON
+            raise PowerlowError(f"the tokenizer (tokenizer.json) is not a valid tokenizer ({e}); re-convert the model") from None
         self.chat_template = chat_template
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)

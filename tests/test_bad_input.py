@@ -334,3 +334,41 @@ def test_nan_bundle_stops_the_run_naming_the_layer(model_dir, monkeypatch):
     with powerlow.load(model_dir) as m:
         with pytest.raises(PowerlowError, match="layer 1 produced non-finite"):
             list(m.generate([5, 17, 33], 4))
+
+
+def _edit_manifest(d, fn):
+    p = d / "manifest.json"
+    m = json.loads(p.read_text())
+    fn(m)
+    p.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda m: m["files"]["ffn.bin"].pop("size"), "integer size"),
+    (lambda m: m["files"]["ffn.bin"].update(size="big"), "integer size"),
+    (lambda m: m.pop("ffn"), "no 'ffn' section"),
+    (lambda m: m.pop("config"), "no 'config' section"),
+    (lambda m: m["config"].pop("hidden_size"), "incomplete or corrupt"),
+    (lambda m: m["config"].update(hidden_size="64"), "positive integer"),
+    (lambda m: m["config"].update(rms_eps=None), "positive number"),
+])
+def test_corrupt_manifest_entries_are_messages(model_dir, edit, msg):
+    _edit_manifest(model_dir, edit)
+    r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "2")
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
+
+
+def test_bad_config_files_are_messages(model_dir, tmp_path):
+    (tmp_path / "bin.toml").write_bytes(b"\x7fELF\x02\x01\x01\x00\xd0\xff")
+    for cfg, msg in ((tmp_path / "bin.toml", "not valid TOML"), (tmp_path, "cannot be read")):
+        r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "2", "--config", cfg)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tokenizer_that_is_not_json_is_a_message(model_dir):
+    from powerlow.manifest import file_entry
+    (model_dir / "tokenizer.json").write_text("not json")
+    _edit_manifest(model_dir, lambda m: m["files"].update({"tokenizer.json": file_entry(model_dir / "tokenizer.json")}))
+    for extra in ((), ("--budget", "100MiB")):
+        r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "2", *extra)
+        assert r.returncode == 2 and "not a valid tokenizer" in r.stderr and "Traceback" not in r.stderr, r.stderr[-400:]
