@@ -15,6 +15,7 @@ FORMAT_VERSION = 1
 # Files larger than this are checked by size at every load and by sha256 only on `verify=True`
 # (hashing a multi-GB ffn.bin at every start would read the whole model through the page cache).
 HASH_AT_LOAD_MAX_BYTES = 256 << 20
+MODEL_FILES = ("tokenizer.json", "resident.safetensors", "ffn.bin")     # every model dir has them
 
 
 @contextmanager
@@ -86,8 +87,9 @@ def write_manifest(model_dir: Path, manifest: dict) -> None:
 
 
 def load_manifest(model_dir, *, verify: bool = False, check_files: bool = True) -> dict:
-    """Read and check a model dir's manifest: format, version, every file's size (and sha256 where cheap or asked;
-    ``check_files=False``: none of the files, for a caller that only needs the manifest before the engine loads)."""
+    """Read and check a model dir's manifest: format, version, every file's place (inside the dir) and size (and sha256
+    where cheap or asked; ``check_files=False``: places only, for a caller that only needs the manifest before the
+    engine loads)."""
     d = Path(model_dir)
     mpath = d / "manifest.json"
     if not d.exists():
@@ -111,6 +113,9 @@ def load_manifest(model_dir, *, verify: bool = False, check_files: bool = True) 
                 or not isinstance(entry.get("sha256"), str)):
             raise PowerlowError(f"{mpath}: the entry of {name!r} needs an integer size and a sha256 string (corrupt or "
                                 "edited manifest); re-convert the model")
+    missing = [n for n in MODEL_FILES if n not in files]
+    if missing:      # the engine opens these by name: each must be listed, so its size and place are checked
+        raise PowerlowError(f"{mpath} does not list {', '.join(missing)} (corrupt or edited manifest); re-convert the model")
     for key in ("config", "ffn", "tensors"):
         if not isinstance(m.get(key), dict):
             raise PowerlowError(f"{mpath} has no {key!r} section (corrupt or edited manifest); re-convert the model")
@@ -125,8 +130,10 @@ def load_manifest(model_dir, *, verify: bool = False, check_files: bool = True) 
             raise PowerlowError(f"{mpath}: neuron_order is not a list of integer lists (corrupt); re-run "
                                 f"`powerlow profile {d}` or re-convert the model") from None
         del order
-    for name, entry in (files.items() if check_files else ()):
-        p = safe_member(d, name)
+    for name, entry in files.items():
+        p = safe_member(d, name)            # always: nothing outside the dir is ever opened
+        if not check_files:
+            continue
         if not p.exists():
             raise PowerlowError(f"{d}: {name} is missing; re-convert the model (or restore the file)")
         size = p.stat().st_size

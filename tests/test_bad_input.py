@@ -372,3 +372,17 @@ def test_tokenizer_that_is_not_json_is_a_message(model_dir):
     for extra in ((), ("--budget", "100MiB")):
         r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "2", *extra)
         assert r.returncode == 2 and "not a valid tokenizer" in r.stderr and "Traceback" not in r.stderr, r.stderr[-400:]
+
+
+@pytest.mark.parametrize("name", ["ffn.bin", "tokenizer.json"])
+def test_unlisted_file_symlinked_outside_is_refused(model_dir, tmp_path, name):
+    """Removing a file's entry from the manifest no longer skips the outside-the-dir check (the engine opens the
+    model's files by name): ffn.bin or tokenizer.json as a symlink to a file elsewhere is refused."""
+    outside = tmp_path / f"elsewhere-{name}"
+    os.replace(model_dir / name, outside)
+    os.symlink(outside, model_dir / name)
+    r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "2")
+    assert r.returncode == 2 and "outside the model dir" in r.stderr
+    _edit_manifest(model_dir, lambda m: m["files"].pop(name))
+    r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "2")
+    assert r.returncode == 2 and f"does not list {name}" in r.stderr and "Traceback" not in r.stderr
