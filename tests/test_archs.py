@@ -1,6 +1,7 @@
 """Every architecture family (llama, llama3 RoPE, mistral, qwen2, qwen3, gemma3, phi3), from a tiny random
-transformers model: HF route against transformers, prefill + decode against one forward, the GGUF route (F32 and Q8_0, written as llama.cpp's converter does) against the HF
-route, and bad checkpoints refused at convert with a PowerlowError."""
+transformers model: HF route against transformers, prefill + decode against one forward, the GGUF route (F32 and
+Q8_0, written as llama.cpp's converter does) against the HF route, and bad checkpoints refused at convert with a
+PowerlowError."""
 from __future__ import annotations
 
 import json
@@ -180,3 +181,24 @@ def test_gemma3_embed_scale_in_the_embedding_dtype(hidden, dtype):
     from powerlow.models.gemma3 import _embed_scale
     want = torch.tensor(hidden ** 0.5).to(getattr(torch, dtype)).float().item()
     assert _embed_scale(hidden, dtype) == want
+
+
+@pytest.mark.parametrize("kind,edit,match", [
+    ("qwen3", {"num_attention_heads": 0}, "num_attention_heads = 0 must be positive"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+     "rope scaling type 'yarn' is not supported \\(powerlow runs none, linear and llama3\\)"),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
+     "llama3 rope scaling lacks 'low_freq_factor'"),
+    ("gemma3", {"text_config": {}}, "vision-language checkpoint"),
+    ("mistral", {"layer_types": ["sliding_attention"]}, "layer_types must list"),
+])
+def test_bad_hf_configs(tiny, tmp_path, kind, edit, match):
+    hf, _ = tiny(kind)
+    bad = tmp_path / "hf"
+    shutil.copytree(hf, bad)
+    c = json.loads((bad / "config.json").read_text())
+    c.update(edit)
+    (bad / "config.json").write_text(json.dumps(c))
+    with pytest.raises(PowerlowError, match=match):
+        convert(bad, tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists()
