@@ -3,7 +3,7 @@
 ValueError naming the problem, then run the C code with the GIL released.  powerlow/kernels.py is
 the public face (format names, QMatrix, thread count, ISA choice)."""
 cimport numpy as cnp
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from plk cimport *
 
 cnp.import_array()
@@ -12,10 +12,12 @@ _DTN = {cnp.NPY_FLOAT32: 'float32', cnp.NPY_FLOAT16: 'float16', cnp.NPY_UINT8: '
         cnp.NPY_INT64: 'int64', cnp.NPY_UINT64: 'uint64', cnp.NPY_INT32: 'int32'}
 
 # per format id (order of plk.h): group, code bytes per group, has a min plane
-cdef int GROUP[6]
-cdef int QBYTES[6]
-GROUP[:] = [32, 32, 32, 64, 64, 64]
-QBYTES[:] = [32, 16, 16, 16, 16, 8]
+# 6..10: q5_0, q5_1, q4_k, q5_k, q6_k, raw GGML blocks (qs only: d and m are None)
+cdef int NFMT = 11
+cdef int GROUP[11]
+cdef int QBYTES[11]
+GROUP[:] = [32, 32, 32, 64, 64, 64, 32, 32, 256, 256, 256]
+QBYTES[:] = [32, 16, 16, 16, 16, 8, 22, 24, 144, 176, 210]
 
 
 cdef inline int _arr(object a, int typenum, int ndim, str name) except -1:
@@ -56,13 +58,39 @@ def quantize_act(int isa, x, int Kp):
     return qs, d, s, isum
 
 
+def quantize_act_k(int isa, x):
+    """x (T, K) float32, K a multiple of 256 -> Q8_K (qs int8 (T, K), d float32 (T, K/256), bsums int16 (T, K/16))."""
+    _arr(x, cnp.NPY_FLOAT32, 2, "x")
+    cdef int T = x.shape[0], K = x.shape[1]
+    if K % 256 or K < 256:
+        raise ValueError(f"Q8_K activations need K a positive multiple of 256, got K={K}")
+    cdef cnp.ndarray qs = cnp.PyArray_ZEROS(2, [T, K], cnp.NPY_INT8, 0)
+    cdef cnp.ndarray d = cnp.PyArray_ZEROS(2, [T, K // 256], cnp.NPY_FLOAT32, 0)
+    cdef cnp.ndarray bs = cnp.PyArray_ZEROS(2, [T, K // 16], cnp.NPY_INT16, 0)
+    cdef const float *px = <const float*>_ptr(x)
+    with nogil:
+        plk_quantize_act_k(isa, px, T, K, K, <int8_t*>cnp.PyArray_DATA(qs), <float*>cnp.PyArray_DATA(d),
+                           <int16_t*>cnp.PyArray_DATA(bs))
+    return qs, d, bs
+
+
 cdef int _planes(int fmt, object qs, object d, object m, int N, int K, plk_w *w) except -1:
+    if fmt < 0 or fmt >= NFMT:
+        raise ValueError(f"bad format id {fmt}")
+    if GROUP[fmt] == 256 and K % 256:
+        raise ValueError(f"a K-quant matrix needs K a multiple of 256, got K={K}")
     cdef long ng = (K + GROUP[fmt] - 1) // GROUP[fmt]
     if not cnp.PyArray_Check(qs) or (cnp.PyArray_TYPE(<cnp.ndarray>qs) != cnp.NPY_UINT8 and cnp.PyArray_TYPE(<cnp.ndarray>qs) != cnp.NPY_INT8):
         raise ValueError("qs must be a uint8/int8 numpy array")
     _arr(qs, cnp.PyArray_TYPE(<cnp.ndarray>qs), -1, "qs")
     if cnp.PyArray_SIZE(<cnp.ndarray>qs) != N * ng * QBYTES[fmt]:
         raise ValueError(f"qs has {qs.size} bytes, a ({N}, {K}) matrix needs {N * ng * QBYTES[fmt]}")
+    w.qs = <const uint8_t*>_ptr(qs)
+    w.d = NULL
+    w.m = NULL
+    w.tl = NULL
+    if fmt >= 6:            # raw GGML blocks: scales inside qs
+        return 0
     _arr(d, cnp.NPY_FLOAT16, -1, "d")
     if cnp.PyArray_SIZE(<cnp.ndarray>d) != N * ng:
         raise ValueError(f"d has {d.size} scales, expected {N * ng}")
@@ -109,8 +137,6 @@ def tl_pack(int fmt, qs, d, m, int N, int K):
 def matmul(int isa, int fmt, int tl, qs, d, m, tl_layout, int N, int K, x, out, int nthreads):
     """out (T, N) = x (T, K) @ W^T for the packed matrix W (planes qs, d, m; tl_layout None or tl_pack's)."""
     cdef plk_w w
-    if fmt < 0 or fmt > 5:
-        raise ValueError(f"bad format id {fmt}")
     _planes(fmt, qs, d, m, N, K, &w)
     _tl_layout(fmt, tl_layout, N, K, &w)
     _arr(x, cnp.NPY_FLOAT32, 2, "x")
@@ -320,10 +346,13 @@ def rope_tables(pos, int hd, double theta, double scale, c, s):
 
 
 def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl, attn_norm, ffn_norm,
-               float eps, x, h, kc, vc, int start, int nh, int nkv, rcos, rsin, scratch, int nthreads):
+               float eps, x, h, kc, vc, int start, int nh, int nkv, rcos, rsin, scratch, int nthreads, parts=None):
     """One layer's attention block (plk_attn_block): x += wo attention(rope(wqkv rmsnorm(x))), K/V rows
-    stored into the fp16 caches at start.., h = rmsnorm(x, ffn_norm)."""
+    stored into the fp16 caches at start.., h = rmsnorm(x, ffn_norm).
+    parts: None (the fused wqkv qs, d, m, qtl) or a list of up to 3 (fmt, tl, qs, d, m, tl_layout, rows), rows
+    stacked in order (q, k, v); then fq .. qtl are ignored."""
     cdef plk_attn_w w
+    cdef int ip, r_total = 0
     _arr(x, cnp.NPY_FLOAT32, 2, "x")
     _arr(h, cnp.NPY_FLOAT32, 2, "h")
     cdef int T = x.shape[0], K = x.shape[1]
@@ -339,11 +368,30 @@ def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, o
     if start < 0 or start + T > maxP:
         raise ValueError(f"positions {start}..{start + T - 1} exceed the cache length {maxP}")
     cdef int nq = (nh + 2 * nkv) * hd, qd = nh * hd
-    if fq < 0 or fq > 5 or fo < 0 or fo > 5:
-        raise ValueError("bad format id")
-    _planes(fq, qs, d, m, nq, K, &w.wqkv)
+    w.nparts = 0
+    if parts is None:
+        _planes(fq, qs, d, m, nq, K, &w.wqkv)
+        _tl_layout(fq, qtl, nq, K, &w.wqkv)
+    else:
+        if not 1 <= len(parts) <= 3:
+            raise ValueError(f"the qkv projection takes 1 to 3 parts, got {len(parts)}")
+        for ip in range(len(parts)):
+            pf, ptl, pqs, pd, pm, playout, prow = parts[ip]
+            if prow < 1:
+                raise ValueError(f"qkv part {ip} has {prow} rows")
+            _planes(pf, pqs, pd, pm, prow, K, &w.wp[ip])
+            _tl_layout(pf, playout, prow, K, &w.wp[ip])
+            w.fmt_p[ip] = pf
+            w.tl_p[ip] = ptl
+            w.rows_p[ip] = prow
+            r_total += prow
+        if r_total != nq:
+            raise ValueError(f"the qkv parts have {r_total} rows in all, the heads need {nq}")
+        w.nparts = len(parts)
+        w.wqkv = w.wp[0]
+        fq = w.fmt_p[0]
+        tlq = w.tl_p[0]
     _planes(fo, oqs, od, om, K, qd, &w.wo)
-    _tl_layout(fq, qtl, nq, K, &w.wqkv)
     _tl_layout(fo, otl, K, qd, &w.wo)
     w.fmt_qkv = fq
     w.fmt_o = fo

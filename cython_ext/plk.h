@@ -18,7 +18,8 @@
 #include <stddef.h>
 #include <math.h>
 
-enum { PLK_Q8 = 0, PLK_Q4_0, PLK_Q4_1, PLK_Q2, PLK_TERN, PLK_Q1, PLK_NFMT };
+enum { PLK_Q8 = 0, PLK_Q4_0, PLK_Q4_1, PLK_Q2, PLK_TERN, PLK_Q1,
+       PLK_Q5_0, PLK_Q5_1, PLK_Q4_K, PLK_Q5_K, PLK_Q6_K, PLK_NFMT };
 enum { PLK_GENERIC = 0, PLK_AVX2 = 1, PLK_AVX512 = 2, PLK_NISA };
 enum { PLK_ACT_SILU = 0, PLK_ACT_RELU = 1, PLK_ACT_GELU_TANH = 2 };
 /* GELU, tanh form: 0.5 g (1 + tanh(u)) = g / (1 + e^(-2u)), u = sqrt(2/pi) (g + 0.044715 g^3) */
@@ -31,10 +32,16 @@ static inline float plk_act_scalar(float g, int act)
     return g > 0.0f ? g : 0.0f;
 }
 
-/* group (weights per scale), code bytes per group, has a min plane */
-static const int plk_group[PLK_NFMT] = {32, 32, 32, 64, 64, 64};
-static const int plk_qbytes[PLK_NFMT] = {32, 16, 16, 16, 16, 8};
-static const int plk_has_min[PLK_NFMT] = {0, 0, 1, 1, 0, 0};
+/* group (weights per scale), code bytes per group, has a min (plane, or inside the raw block)
+ * q5_0 .. q6_k are raw GGML blocks (formats.py): qs holds the whole blocks (block bytes = qbytes), d and m
+ * are unused (NULL). q5_0 / q5_1 take the q8 activations (q5_0: Bw = -16d, bx as q4_0; q5_1: Bw = m, bx as
+ * q4_1); the K-quants (plk_kquant) take Q8_K activations: qs int8 (T, Kp), dx (T, Kp/256) float32 scales,
+ * bs (T, Kp/16) int16 block sums; nb = ng = Kp/256, bx unused. Their kernels: rows_<fmt>_q8k_<isa>. */
+static const int plk_group[PLK_NFMT] = {32, 32, 32, 64, 64, 64, 32, 32, 256, 256, 256};
+static const int plk_qbytes[PLK_NFMT] = {32, 16, 16, 16, 16, 8, 22, 24, 144, 176, 210};
+static const int plk_has_min[PLK_NFMT] = {0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0};
+static inline int plk_raw_fmt(int fmt) { return fmt >= PLK_Q5_0; }
+static inline int plk_kquant(int fmt) { return fmt >= PLK_Q4_K; }
 
 typedef struct {
     int T, Kp, nb, ng;     /* tokens, padded width (multiple of the weight group), 32-blocks, groups */
@@ -42,6 +49,7 @@ typedef struct {
     const float *dx;       /* (T, nb) block scales (fp16-rounded values) */
     const float *bx;       /* (T, ng) offset factor per weight group (see above) */
     const uint8_t *tab;    /* NULL, or the table-lookup kernels' per-token tables (plk_tl_tables) */
+    const int16_t *bs;     /* Q8_K (K-quant) activations: (T, Kp/16) sums of 16 codes; else NULL */
 } plk_act;
 
 typedef struct {           /* one packed matrix: row r's planes at qs + r*ng*qbytes, d + r*ng, m + r*ng */
@@ -61,6 +69,8 @@ uint16_t plk_f2h(float f);                              /* round to nearest even
 plk_rows_fn plk_rows(int isa, int fmt, int tl);         /* tl: table-lookup variant (NULL if none) */
 void plk_quantize_act(int isa, const float *x, int T, int K, int ldx, int Kp,
                       int8_t *qs, float *dx, float *s, int32_t *isum);
+/* Q8_K activations (formats.quantize_act_k): K a multiple of 256, qs (T, K), d (T, K/256), bs (T, K/16) */
+void plk_quantize_act_k(int isa, const float *x, int T, int K, int ldx, int8_t *qs, float *d, int16_t *bs);
 void plk_act_bx(int fmt, int T, int nb, const float *dx, const float *s, const int32_t *isum, float *bx);
 void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *a, float *y, int ldy,
                 int accumulate, int nthreads);
@@ -86,9 +96,14 @@ double plk_read_probe(int isa, const uint8_t *buf, size_t n, int nthreads);
 typedef void (*plk_pool_fn)(void *ctx, int item);
 void plk_pool_run(plk_pool_fn fn, void *ctx, int n, int nthreads);
 /* one layer's attention block, see plk_common.c */
+#define PLK_QKV_MAXPARTS 3
 typedef struct {
     int fmt_qkv, fmt_o, tl_qkv, tl_o;   /* formats, table-lookup flags (as matmul picks them) */
     plk_w wqkv, wo;            /* (nh + 2 nkv) hd x K and K x nh hd */
+    /* nparts > 0: the qkv projection is these parts instead of wqkv (rows stacked in order, each its own
+     * format: e.g. q, k in q4_k and v in q6_k), each written into its column slice of qkv */
+    int nparts, fmt_p[PLK_QKV_MAXPARTS], tl_p[PLK_QKV_MAXPARTS], rows_p[PLK_QKV_MAXPARTS];
+    plk_w wp[PLK_QKV_MAXPARTS];
     const float *bqkv;         /* NULL or (nh + 2 nkv) hd */
     const float *attn_norm, *ffn_norm;
 } plk_attn_w;
@@ -125,6 +140,12 @@ void rowstl_q1_q8_avx2(const plk_w*, int, int, const plk_act*, float*, int, int)
     void rows_q2_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
     void rows_tern_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
     void rows_q1_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void rows_q5_0_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void rows_q5_1_q8_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void rows_q4_k_q8k_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void rows_q5_k_q8k_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void rows_q6_k_q8k_##isa(const plk_w*, int, int, const plk_act*, float*, int, int); \
+    void quantize_act_q8k_##isa(const float*, int, int, int, int8_t*, float*, int16_t*); \
     void quantize_act_q8_##isa(const float*, int, int, int, int, int8_t*, float*, float*, int32_t*); \
     double read_probe_##isa(const uint8_t*, size_t); \
     void gated_##isa(float *g, const float *u, size_t n, int act);

@@ -1,5 +1,5 @@
 # C declarations of the kernels (cython_ext/plk.h); no code here.
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
 
 cdef extern from "plk.h" nogil:
     ctypedef struct plk_w:
@@ -10,6 +10,7 @@ cdef extern from "plk.h" nogil:
     int plk_detect_isa()
     size_t plk_tl_nbytes(int fmt, int N, int K)
     int plk_tl_pack(int fmt, const plk_w *w, int N, int K, uint8_t *out)
+    void plk_quantize_act_k(int isa, const float *x, int T, int K, int ldx, int8_t *qs, float *d, int16_t *bs)
     void plk_quantize_act(int isa, const float *x, int T, int K, int ldx, int Kp,
                           int8_t *qs, float *dx, float *s, int32_t *isum)
     int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const float *x, int T,
@@ -42,6 +43,11 @@ cdef extern from "plk.h" nogil:
         int tl_o
         plk_w wqkv
         plk_w wo
+        int nparts
+        int fmt_p[3]
+        int tl_p[3]
+        int rows_p[3]
+        plk_w wp[3]
         const float *bqkv
         const float *attn_norm
         const float *ffn_norm

@@ -4,5 +4,6 @@
 #define SUFFIX avx2
 #define PLK_VNNI 0
 #include "plk_simd.h"
+#include "plk_kq.h"
 #include "plk_tl.h"
 #pragma GCC pop_options

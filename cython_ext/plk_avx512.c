@@ -4,4 +4,5 @@
 #define SUFFIX avx512
 #define PLK_VNNI 1
 #include "plk_simd.h"
+#include "plk_kq.h"
 #pragma GCC pop_options

@@ -57,7 +57,9 @@ int plk_detect_isa(void)
 }
 
 #define TABLE(isa) { rows_q8_q8_##isa, rows_q4_0_q8_##isa, rows_q4_1_q8_##isa, \
-                     rows_q2_q8_##isa, rows_tern_q8_##isa, rows_q1_q8_##isa }
+                     rows_q2_q8_##isa, rows_tern_q8_##isa, rows_q1_q8_##isa, \
+                     rows_q5_0_q8_##isa, rows_q5_1_q8_##isa, \
+                     rows_q4_k_q8k_##isa, rows_q5_k_q8k_##isa, rows_q6_k_q8k_##isa }
 static const plk_rows_fn ma_table[PLK_NISA][PLK_NFMT] = { TABLE(generic), TABLE(avx2), TABLE(avx512) };
 /* table lookup: the portable kernels (plk_generic.c) on generic and AVX-512 (there only if asked for:
  * TL_PREFERRED in kernels.py), the vpshufb ones (plk_tl.h, need a plk_tl_pack layout) on AVX2 */
@@ -118,6 +120,13 @@ void plk_quantize_act(int isa, const float *x, int T, int K, int ldx, int Kp,
     if (isa == PLK_GENERIC) quantize_act_q8_generic(x, T, K, ldx, Kp, qs, dx, s, isum);
     else if (isa == PLK_AVX2) quantize_act_q8_avx2(x, T, K, ldx, Kp, qs, dx, s, isum);
     else quantize_act_q8_avx512(x, T, K, ldx, Kp, qs, dx, s, isum);
+}
+
+void plk_quantize_act_k(int isa, const float *x, int T, int K, int ldx, int8_t *qs, float *d, int16_t *bs)
+{
+    if (isa == PLK_GENERIC) quantize_act_q8k_generic(x, T, K, ldx, qs, d, bs);
+    else if (isa == PLK_AVX2) quantize_act_q8k_avx2(x, T, K, ldx, qs, d, bs);
+    else quantize_act_q8k_avx512(x, T, K, ldx, qs, d, bs);
 }
 
 void plk_act_bx(int fmt, int T, int nb, const float *dx, const float *s, const int32_t *isum, float *bx)
@@ -312,7 +321,7 @@ void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *
 }
 
 typedef struct {                   /* activations in the layout plk_act points into */
-    int8_t *qs; float *dx, *s, *bx; int32_t *isum;
+    int8_t *qs; float *dx, *s, *bx; int32_t *isum; int16_t *bs;
 } act_buf;
 
 static int act_alloc(act_buf *b, int T, int Kp, int ng)
@@ -321,21 +330,29 @@ static int act_alloc(act_buf *b, int T, int Kp, int ng)
     b->qs = (int8_t *)malloc((size_t)T * Kp + 64);
     b->dx = (float *)malloc(sizeof(float) * ((size_t)T * nb * 2 + (size_t)T * ng + 16));
     b->isum = (int32_t *)malloc(sizeof(int32_t) * ((size_t)T * nb + 16));
-    if (!b->qs || !b->dx || !b->isum) { free(b->qs); free(b->dx); free(b->isum); return -1; }
+    b->bs = (int16_t *)malloc(sizeof(int16_t) * ((size_t)T * (Kp / 16) + 32));   /* Q8_K block sums */
+    if (!b->qs || !b->dx || !b->isum || !b->bs) { free(b->qs); free(b->dx); free(b->isum); free(b->bs); return -1; }
     b->s = b->dx + (size_t)T * nb;
     b->bx = b->s + (size_t)T * nb;
     return 0;
 }
 
-static void act_free(act_buf *b) { free(b->qs); free(b->dx); free(b->isum); }
+static void act_free(act_buf *b) { free(b->qs); free(b->dx); free(b->isum); free(b->bs); }
 
+/* x quantized in fmt's activation type: Q8_K for the K-quants (Kp == K, a multiple of 256), else q8 */
 static void act_prepare(int isa, int fmt, const float *x, int T, int K, int ldx, int Kp, act_buf *b, plk_act *a)
 {
+    if (plk_kquant(fmt)) {
+        plk_quantize_act_k(isa, x, T, K, ldx, b->qs, b->dx, b->bs);
+        a->T = T; a->Kp = Kp; a->nb = a->ng = Kp / 256;
+        a->qs = b->qs; a->dx = b->dx; a->bx = NULL; a->tab = NULL; a->bs = b->bs;
+        return;
+    }
     int nb = Kp / 32;
     plk_quantize_act(isa, x, T, K, ldx, Kp, b->qs, b->dx, b->s, b->isum);
     plk_act_bx(fmt, T, nb, b->dx, b->s, b->isum, b->bx);
     a->T = T; a->Kp = Kp; a->nb = nb; a->ng = Kp / plk_group[fmt];
-    a->qs = b->qs; a->dx = b->dx; a->bx = b->bx; a->tab = NULL;
+    a->qs = b->qs; a->dx = b->dx; a->bx = b->bx; a->tab = NULL; a->bs = NULL;
 }
 
 
@@ -394,9 +411,11 @@ static void ffn_item(void *c, int ch)
     const int64_t *offs = j->offs;
     for (int i = i0; i < i1; i++) {
         const uint8_t *base = (const uint8_t *)(uintptr_t)j->ptrs[i];
-        plk_w wg = { base + offs[0], (const uint16_t *)(base + offs[1]), offs[2] >= 0 ? (const uint16_t *)(base + offs[2]) : 0 };
-        plk_w wu = { base + offs[3], (const uint16_t *)(base + offs[4]), offs[5] >= 0 ? (const uint16_t *)(base + offs[5]) : 0 };
-        plk_w wd = { base + offs[6], (const uint16_t *)(base + offs[7]), offs[8] >= 0 ? (const uint16_t *)(base + offs[8]) : 0 };
+#define PLANE16(o) ((o) >= 0 ? (const uint16_t *)(base + (o)) : 0)   /* -1: no such plane (raw GGML blocks) */
+        plk_w wg = { base + offs[0], PLANE16(offs[1]), PLANE16(offs[2]) };
+        plk_w wu = { base + offs[3], PLANE16(offs[4]), PLANE16(offs[5]) };
+        plk_w wd = { base + offs[6], PLANE16(offs[7]), PLANE16(offs[8]) };
+#undef PLANE16
         float *g = gu, *u = gu + (size_t)T * C;
         j->fgu(&wg, 0, C, j->ha, g, C, 0);
         j->fgu(&wu, 0, C, j->ha, u, C, 0);
@@ -496,6 +515,45 @@ int plk_matmul_f32(int isa, int fmt, int tl, const plk_w *w, int N, int K, const
     return plk_oom_take() ? -1 : 0;
 }
 
+/* qkv (T, ldq) column slices <- the parts of the qkv projection, rows stacked in order. h is quantized once per
+ * activation type (and padded width): Q8_K for the K-quant parts, q8 for the others (their offset factors bx,
+ * which depend on the format, recomputed per part from the same blocks). Each part's values are those of
+ * plk_matmul_f32 on it alone (same activations, same kernel and row split): the unfused engine's bits. */
+static int qkv_parts(int isa, const plk_attn_w *lw, const float *h, int T, int K, float *qkv, int ldq, int nthreads)
+{
+    act_buf bq, bk;
+    int kp_q = 0, have_k = 0, rc = 0, row0 = 0;
+    plk_act ak;
+    for (int p = 0; p < lw->nparts && !rc; p++) {
+        const int fmt = lw->fmt_p[p], g = plk_group[fmt], Kp = (K + g - 1) / g * g;
+        plk_act a;
+        if (plk_kquant(fmt)) {
+            if (!have_k) {
+                if (act_alloc(&bk, T, Kp, Kp / 256)) { rc = -1; break; }
+                act_prepare(isa, fmt, h, T, K, K, Kp, &bk, &ak);
+                have_k = 1;
+            }
+            a = ak;
+        } else {
+            if (kp_q != Kp) {
+                if (kp_q) act_free(&bq);
+                kp_q = 0;
+                if (act_alloc(&bq, T, Kp, Kp / 32)) { rc = -1; break; }
+                plk_quantize_act(isa, h, T, K, K, Kp, bq.qs, bq.dx, bq.s, bq.isum);
+                kp_q = Kp;
+            }
+            plk_act_bx(fmt, T, Kp / 32, bq.dx, bq.s, bq.isum, bq.bx);
+            a.T = T; a.Kp = Kp; a.nb = Kp / 32; a.ng = Kp / g;
+            a.qs = bq.qs; a.dx = bq.dx; a.bx = bq.bx; a.tab = NULL; a.bs = NULL;
+        }
+        plk_matmul(isa, fmt, lw->tl_p[p], &lw->wp[p], lw->rows_p[p], &a, qkv + row0, ldq, 0, nthreads);
+        row0 += lw->rows_p[p];
+    }
+    if (kp_q) act_free(&bq);
+    if (have_k) act_free(&bk);
+    return rc || plk_oom_take() ? -1 : 0;
+}
+
 /* One layer's attention block, the unfused engine sequence in one call (same kernels, same order):
  *   h = rmsnorm(x, attn_norm); qkv = wqkv h (+ bqkv); RoPE on q and k (tables rcos/rsin (T, hd/2));
  *   k, v -> fp16 cache rows start..start+T-1 (kc, vc (nkv, maxP, hd)); a = attention(q, cache);
@@ -508,7 +566,9 @@ int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h,
     const int qd = nh * hd, kd = nkv * hd, nq = qd + 2 * kd;
     float *qkv = scratch, *att = qkv + (size_t)T * nq, *y = att + (size_t)T * qd;
     plk_rmsnorm(x, lw->attn_norm, eps, h, T, K);
-    if (plk_matmul_f32(isa, lw->fmt_qkv, lw->tl_qkv, &lw->wqkv, nq, K, h, T, qkv, nthreads)) return -1;
+    if (lw->nparts > 0) {
+        if (qkv_parts(isa, lw, h, T, K, qkv, nq, nthreads)) return -1;
+    } else if (plk_matmul_f32(isa, lw->fmt_qkv, lw->tl_qkv, &lw->wqkv, nq, K, h, T, qkv, nthreads)) return -1;
     for (int t = 0; t < T; t++) {
         float *r = qkv + (size_t)t * nq;
         if (lw->bqkv)

@@ -9,7 +9,7 @@ Rows (one JSON object per line with --json):
           kernels.matmul picks (TL_PREFERRED)
   sparse  ffn_bundles, hidden 4096, 11008 neurons, cluster 64, densities 0.1/0.25/0.5, random active
           clusters, bundles in DRAM (a fresh arena larger than the caches)
-  gemm    prefill batch 32 vs 32 GEMV calls: tokens/s ratio
+  gemm    prefill batch 32 vs 32 GEMV calls: tokens/s ratio (--gemm-formats, default q4_1 and q4_k)
 gbps = weight bytes streamed per second (median of repeats); probe_gbps = read bandwidth over a buffer of
 the same size with the same threads; ratio = gbps / probe_gbps.
 """
@@ -58,6 +58,11 @@ def _fast_quantize(fmt: str, rows: int, cols: int, rng) -> F.QMatrix:
     sp = F.FORMATS[fmt]
     g = -(-cols // sp.group)
     planes = {"qs": rng.integers(0, 256, (rows, g * sp.qbytes), dtype=np.uint8)}
+    if sp.raw:   # GGML blocks: random codes, sane fp16 scales at their offsets inside each block
+        b = planes["qs"].reshape(rows, g, sp.qbytes)
+        for off in ((208,) if fmt == "q6_k" else (0,) if fmt == "q5_0" else (0, 2)):
+            b[:, :, off:off + 2] = (rng.random((rows, g), np.float32) * 0.01 + 0.001).astype(np.float16)[..., None].view(np.uint8)
+        return F.QMatrix(fmt, rows, cols, planes)
     if fmt == "q8":
         planes["qs"] = planes["qs"].view(np.int8)
     planes["d"] = (rng.random((rows, g), np.float32) * 0.01 + 0.001).astype(np.float16)
@@ -163,6 +168,7 @@ def main(argv=None) -> int:
                     help="comma list of variants (default: the SIMD ones this CPU runs)")
     ap.add_argument("--only", default="dense,sparse,gemm", help="comma list of dense,sparse,gemm")
     ap.add_argument("--sparse-format", default="q4_1")
+    ap.add_argument("--gemm-formats", default="q4_1,q4_k")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     K.set_threads(a.threads)
@@ -192,7 +198,9 @@ def main(argv=None) -> int:
     if "sparse" in only:
         emit(bench_sparse(a.sparse_format, isas, a.threads, a.repeats, rng))
     if "gemm" in only:
-        emit(bench_gemm(a.sparse_format, isas, a.threads, a.repeats, rng))
+        for f in a.gemm_formats.split(","):
+            if f:
+                emit(bench_gemm(f, isas, a.threads, a.repeats, rng))
     return 0
 
 

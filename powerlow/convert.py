@@ -43,8 +43,7 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
     out_dir = Path(out_dir)
     if bits != "auto" and bits not in BITS:
         raise PowerlowError(f"--bits {bits!r}: choose one of auto, {', '.join(BITS)}")
-    if out_dir.exists() and not force:
-        raise PowerlowError(f"{out_dir} already exists; delete it or pass --force to replace it")
+    _check_target(out_dir, force)
     source = src if isinstance(src, Source) else open_source(src)
     cfg = source.config
     target = BITS.get(bits)
@@ -62,8 +61,12 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
             return stored if lossless and stored not in formats.LOW_BIT else "q8"
         return stored if lossless else (target or "q8")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".converting", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        recover_stale(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".converting", dir=out_dir.parent))
+    except OSError as e:
+        raise PowerlowError(f"cannot write into {out_dir.parent} ({e.strerror}); choose an output dir you can write to") from None
     try:
         t0 = time.time()
         from safetensors.numpy import save_file
@@ -117,8 +120,12 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
         write_manifest(tmp, manifest)
         _publish_permissions(tmp)
         _replace_dir(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):    # disk full, a read error of the source, permissions: nothing is left behind
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            raise PowerlowError(f"converting into {out_dir} failed: {e.strerror or e}{where}; the partial output was "
+                                "removed (free some space or choose another -o, and check the source file)") from None
         raise
     return out_dir
 
@@ -134,8 +141,59 @@ def _publish_permissions(d: Path) -> None:
     os.chmod(d, 0o777 & ~umask)
 
 
+def _check_target(out_dir: Path, force: bool) -> None:
+    """Refuse an output that is not ours to replace: only a powerlow model dir is replaced, and only with --force."""
+    if out_dir.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise PowerlowError(f"-o {out_dir} is the current directory (or holds it); give the name of a new model dir")
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not force:
+        raise PowerlowError(f"{out_dir} already exists; delete it or pass --force to replace it")
+    if out_dir.is_symlink() or not out_dir.is_dir() or not _is_model_dir(out_dir):
+        raise PowerlowError(f"{out_dir} exists and is not a powerlow model dir (no manifest.json of ours): --force "
+                            "replaces only model dirs; choose another -o, or move it away yourself")
+
+
+def _is_model_dir(d: Path) -> bool:
+    try:
+        return json.loads((d / "manifest.json").read_text()).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_stale(dst: Path) -> None:
+    """Clean up after a convert of ``dst`` that was killed: its temp dirs (.NAME.PID.XXXX.converting) and the old
+    copy a --force replacement set aside (.NAME.old-PID) are removed once their process is gone; if the kill fell
+    between the two renames (dst missing), the old copy is put back (rolled back)."""
+    for p in dst.parent.glob(f".{dst.name}.*"):
+        rest = p.name[len(dst.name) + 2:]
+        if rest.startswith("old-") and rest[4:].isdigit():
+            pid = int(rest[4:])
+        elif rest.endswith(".converting") and rest.split(".")[0].isdigit():
+            pid = int(rest.split(".")[0])
+        else:
+            continue
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        if rest.startswith("old-") and not dst.exists() and _is_model_dir(p):
+            os.replace(p, dst)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _replace_dir(new: Path, dst: Path) -> None:
-    """Move the finished ``new`` dir to ``dst``; an old ``dst`` is removed only after the new one is in place."""
+    """Move the finished ``new`` dir to ``dst``; an old ``dst`` is set aside first and removed only after the new
+    one is in place (a kill in between leaves it as .NAME.old-PID, which the next convert puts back)."""
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)

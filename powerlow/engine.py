@@ -24,6 +24,19 @@ from .tokenizer import Tokenizer
 from .util import release_free_heap
 
 
+def qkv_matmul(wqkv, h: np.ndarray, matmul) -> np.ndarray:
+    """qkv (T, sum of rows) = h @ wqkv^T for one fused QMatrix, or a tuple of parts (q, k, v: rows stacked in
+    order, each its own format), each part by ``matmul`` into its column slice (what attn_block computes)."""
+    if not isinstance(wqkv, (tuple, list)):
+        return matmul(wqkv, h)
+    out = np.empty((h.shape[0], sum(p.rows for p in wqkv)), np.float32)
+    r0 = 0
+    for p in wqkv:
+        out[:, r0: r0 + p.rows] = matmul(p, h)
+        r0 += p.rows
+    return out
+
+
 class RefOps:
     """The numpy reference backend, with the kernels' signatures (tests and debugging)."""
     name = isa = "reference"
@@ -66,7 +79,7 @@ class RefOps:
         cos, sin = rope
         T, hd = x.shape[0], k_cache.shape[2]
         qd, kd = n_heads * hd, n_kv * hd
-        qkv = reference.matmul(lw.wqkv, reference.rmsnorm(x, lw.attn_norm, eps).astype(np.float32))
+        qkv = qkv_matmul(lw.wqkv, reference.rmsnorm(x, lw.attn_norm, eps).astype(np.float32), reference.matmul)
         if lw.bqkv is not None:
             qkv += lw.bqkv
         q = reference.rope(qkv[:, :qd].reshape(T, n_heads, hd), cos, sin)
@@ -157,7 +170,8 @@ class KVCache:
 class LayerWeights:
     """One layer's resident weights, looked up once (no string keys on the per-token path)."""
     attn_norm: np.ndarray          # (K,)
-    wqkv: "formats.QMatrix"        # (q_dim + 2 kv_dim, K): q, k, v rows fused into one matmul
+    wqkv: "formats.QMatrix"        # (q_dim + 2 kv_dim, K): q, k, v rows fused into one matmul, or a tuple of
+                                   # parts (q, k, v: rows stacked in order) when their formats differ
     bqkv: np.ndarray | None        # (q_dim + 2 kv_dim,) qwen2 biases
     wo: "formats.QMatrix"          # (K, q_dim)
     ffn_norm: np.ndarray           # (K,)
@@ -204,7 +218,8 @@ class Transformer:
             # fully resident: the 1/1.58/2-bit matrices get their table-lookup layout (same results, ~2x faster
             # on AVX2; a re-laid copy as big as the matrix, so not under a budget, whose plan does not count it)
             for lw in self.layers:
-                prep(lw.wqkv)
+                for part in (lw.wqkv if isinstance(lw.wqkv, tuple) else (lw.wqkv,)):
+                    prep(part)
                 prep(lw.wo)
             for _, _, m, _ in self.head_chunks:
                 prep(m)
@@ -394,6 +409,11 @@ class Transformer:
                 self.ffn.accumulate(l, h, x)                            # the FFN adds its output straight into x
             else:
                 x += ops.rmsnorm(self.ffn.forward(l, h), post, cfg.rms_eps)
+            if not np.isfinite(x).all():                                # ~1 us a layer at T = 1
+                raise PowerlowError(
+                    f"layer {l} produced non-finite values (NaN or inf): its weights in {self.dir} are corrupt (a "
+                    "damaged ffn.bin or resident.safetensors; `powerlow convert --force` makes a fresh copy) or the "
+                    "activations overflowed")
         self.kv.length = start + T
         if last_only:
             x = x[-1:]
@@ -411,7 +431,7 @@ class Transformer:
         T, nh, nkv, hd = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qd, kd = cfg.q_dim, cfg.kv_dim
         h = ops.rmsnorm(x, lw.attn_norm, cfg.rms_eps)
-        qkv = ops.matmul(lw.wqkv, h)                                    # (T, q_dim + 2 kv_dim)
+        qkv = qkv_matmul(lw.wqkv, h, ops.matmul)                        # (T, q_dim + 2 kv_dim)
         if lw.bqkv is not None:
             qkv += lw.bqkv
         q, k = qkv[:, :qd].reshape(T, nh, hd), qkv[:, qd: qd + kd].reshape(T, nkv, hd)

@@ -26,6 +26,12 @@ one rmsnorm output by 1 ulp moves SmolLM2 logits by up to ~1.4 in the numpy refe
 kernel-vs-reference logit comparisons need that slack; kernel-vs-kernel ones can be exact.
 Every function takes a keyword `isa=` override (used by the tests to run every variant in one process).
 
+GGML block formats: q5_0 / q5_1 (q8 activations) and the K-quants q4_k / q5_k / q6_k (Q8_K activations,
+quantize_act_k; K a multiple of 256), raw GGML blocks (formats.py). K-quant kernels are bit-exact with
+formats.matmul_ref on every variant: decode runs 8 rows in lanes (AVX-512: 512-bit dots), T >= 8 tokens
+the 2-row x 4-token tiles on re-laid codes (cython_ext/plk_kq.h).
+attn_block takes lw.wqkv as one QMatrix or a tuple of up to 3 parts (q, k, v rows) of different formats.
+
 Table-lookup kernels (T-MAC style) exist for q2, tern and q1: portable C (cython_ext/plk_generic.c) and
 AVX2 vpshufb (cython_ext/plk_tl.h, on a matrix given its layout by prepare_tl(q)); the dispatcher uses
 them where they measured faster (TL_PREFERRED, figures in the notes above it).
@@ -41,7 +47,8 @@ from . import formats
 from .errors import PowerlowError
 
 _ISA_NAMES = ("generic", "avx2", "avx512")
-_FMT_ID = {"q8": 0, "q4_0": 1, "q4_1": 2, "q2": 3, "tern": 4, "q1": 5}
+_FMT_ID = {"q8": 0, "q4_0": 1, "q4_1": 2, "q2": 3, "tern": 4, "q1": 5,
+           "q5_0": 6, "q5_1": 7, "q4_k": 8, "q5_k": 9, "q6_k": 10}   # plk.h order
 _ACT_ID = {"silu": 0, "relu": 1, "gelu_tanh": 2}
 
 supported_isas = _ISA_NAMES[: _k.detect_isa() + 1]   # every variant this CPU can run
@@ -188,7 +195,7 @@ def matmul(q: formats.QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, 
     which = _isa_id(isa)
     use_tl, layout = _tl_args(q, which, tl)
     p = q.planes
-    _k.matmul(which, _FMT_ID[q.fmt], use_tl, p["qs"], p["d"], p.get("m"), layout, q.rows, q.cols, x, out, _threads)
+    _k.matmul(which, _FMT_ID[q.fmt], use_tl, p["qs"], p.get("d"), p.get("m"), layout, q.rows, q.cols, x, out, _threads)
     return out
 
 
@@ -198,7 +205,7 @@ def _bundle_offsets(layout) -> np.ndarray:
         offs = []
         for which in ("gate", "up", "down"):
             po = layout.plane_offsets(which)
-            offs += [po["qs"], po["d"], po.get("m", -1)]
+            offs += [po["qs"], po.get("d", -1), po.get("m", -1)]
         offs = np.array(offs, np.int64)
         object.__setattr__(layout, "_plk_offs", offs) if hasattr(layout, "__dict__") else None
     return offs
@@ -239,6 +246,12 @@ def quantize_act(x: np.ndarray, kp: int | None = None, *, isa: str | None = None
     kp = -(-x.shape[-1] // 32) * 32 if kp is None else kp
     qs, d, s, isum = _k.quantize_act(_isa_id(isa), x, kp)
     return formats.ActQ(qs, d, s, isum)
+
+
+def quantize_act_k(x: np.ndarray, *, isa: str | None = None) -> formats.ActQK:
+    """Q8_K activations (K-quants), bit-exact with formats.quantize_act_k."""
+    qs, d, bs = _k.quantize_act_k(_isa_id(isa), np.asarray(x))
+    return formats.ActQK(qs, d, bs)
 
 
 def read_probe(buf: np.ndarray, *, isa: str | None = None, threads: int | None = None) -> float:
@@ -311,7 +324,7 @@ def _mat_args(q: formats.QMatrix, which: int):
         raise ValueError(f"attn_block needs quantized (QMatrix) projections, got {type(q).__name__}")
     p = q.planes
     use_tl, layout = _tl_args(q, which, None)
-    return _FMT_ID[q.fmt], use_tl, p["qs"], p["d"], p.get("m"), layout
+    return _FMT_ID[q.fmt], use_tl, p["qs"], p.get("d"), p.get("m"), layout
 
 
 def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, rope,
@@ -323,8 +336,21 @@ def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: n
     h (T, K) receives rmsnorm(x, ffn_norm) (the FFN input) and is returned. rope = rope_tables(...) of
     the T positions; scratch from attn_scratch(T, ...). Bit-identical to the unfused kernel sequence."""
     which = _isa_id(isa)
-    fq, tlq, qs, d, m, qtl = _mat_args(lw.wqkv, which)
+    parts = None
+    if isinstance(lw.wqkv, (tuple, list)):
+        # q, k, v as separate matrices (formats that differ, e.g. q4_k q/k and a q6_k v): each part into its
+        # column slice, one activation quantization per activation type (plk_attn_block)
+        parts = []
+        for i, part in enumerate(lw.wqkv):
+            args = _mat_args(part, which)
+            if part.cols != x.shape[1]:
+                raise ValueError(f"qkv part {i} has {part.cols} columns, x has {x.shape[1]}")
+            parts.append(args + (part.rows,))
+        fq, tlq, qs, d, m, qtl = parts[0][:6]
+    else:
+        fq, tlq, qs, d, m, qtl = _mat_args(lw.wqkv, which)
     fo, tlo, oqs, od, om, otl = _mat_args(lw.wo, which)
     _k.attn_block(which, fq, tlq, qs, d, m, qtl, lw.bqkv, fo, tlo, oqs, od, om, otl, lw.attn_norm, lw.ffn_norm, eps,
-                  x, h, k_cache, v_cache, int(start), n_heads, n_kv, rope[0], rope[1], scratch, _threads)
+                  x, h, k_cache, v_cache, int(start), n_heads, n_kv, rope[0], rope[1], scratch, _threads, parts)
     return h
+

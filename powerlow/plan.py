@@ -575,14 +575,12 @@ def _hot_from_counts(counts: np.ndarray, H: int, N: int) -> list[int]:
 
 
 # -- `powerlow run --plan` ------------------------------------------------------------------------------
-def print_plan(args) -> int:
-    """Print how the budget of ``args`` (runtime flags) would be spent, without loading the weights."""
-    from .cli import runtime_config
-    from .default_model import resolve_model
+def print_plan(model_dir, rt: RuntimeConfig) -> int:
+    """Print how the budget of ``rt`` would be spent on ``model_dir``, without loading the weights (the plan the same
+    `powerlow run` command runs: its caller sizes the KV cache as the run does)."""
     from .manifest import load_manifest
 
-    rt = runtime_config(args)
-    model_dir = Path(resolve_model(args.model))
+    model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
     if rt.budget_bytes is None:
         R = safetensors_bytes(model_dir / "resident.safetensors")

@@ -14,20 +14,19 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    if args.plan:
-        from .plan import print_plan
-        return print_plan(args)
     from .cli import runtime_config
+    from .default_model import resolve_model
     from .model import load
 
     cfg = runtime_config(args)
     n = 64 if args.n_tokens is None else args.n_tokens
-    model_dir = args.model
+    model_dir = resolve_model(args.model)
     if cfg.budget_bytes is not None and cfg.max_context is None:
-        # a budget sizes the KV cache: give it exactly this run's sequence, not a guess
-        from .default_model import resolve_model
-        model_dir = resolve_model(args.model)
+        # a budget sizes the KV cache: give it exactly this run's sequence, not a guess (--plan shows the same)
         cfg = cfg.replace(max_context=_prompt_tokens(model_dir, args.prompt, args.chat) + n)
+    if args.plan:
+        from .plan import print_plan
+        return print_plan(model_dir, cfg)
     model = load(model_dir, cfg)
     out = sys.stdout
     for tok in model.generate(args.prompt, n, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,

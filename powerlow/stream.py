@@ -178,6 +178,8 @@ class Unit:
                 n = int(np.prod(shape))
                 arrs[plane] = np.frombuffer(buf, dtype=dt, count=n, offset=off).reshape(shape)
             out[key] = arrs[""] if fmt == "f32" else formats.QMatrix(fmt, rows, cols, arrs)
+        if "wqkv.0" in out:     # q, k, v kept apart (attention_unit): the parts tuple
+            out["wqkv"] = tuple(out.pop(f"wqkv.{i}") for i in range(3))
         return out
 
     def load(self, tfile: TensorFile) -> dict:
@@ -199,16 +201,20 @@ def read_matrix(tensors: dict, tfile: TensorFile, name: str):
 
 
 def attention_unit(tensors: dict, tfile: TensorFile, layer: int) -> Unit:
-    """Layer ``layer``'s wqkv (q, k, v rows fused) and wo."""
+    """Layer ``layer``'s wqkv (q, k, v rows fused; or, when their formats differ, the three matrices, which
+    Unit.build hands out as the tuple wqkv = (q, k, v)) and wo."""
     p = f"blk.{layer}."
     q, k, v, o = (tensors[p + n] for n in ("attn_q", "attn_k", "attn_v", "attn_output"))
-    if not (q["fmt"] == k["fmt"] == v["fmt"]) or not (q["shape"][1] == k["shape"][1] == v["shape"][1]):
-        raise PowerlowError(f"{tfile.path.parent}: layer {layer} has q/k/v in different formats; re-convert the model")
+    if not (q["shape"][1] == k["shape"][1] == v["shape"][1]):
+        raise PowerlowError(f"{tfile.path.parent}: layer {layer} has q/k/v of different widths; re-convert the model")
     rq, rk, rv = q["shape"][0], k["shape"][0], v["shape"][0]
+    wo = ("wo", o["fmt"], *o["shape"], [Part(p + "attn_output", 0, o["shape"][0], 0)])
+    if not (q["fmt"] == k["fmt"] == v["fmt"]):
+        mats = [(f"wqkv.{i}", t["fmt"], r, t["shape"][1], [Part(p + n, 0, r, 0)])
+                for i, (n, t, r) in enumerate((("attn_q", q, rq), ("attn_k", k, rk), ("attn_v", v, rv)))]
+        return Unit(f"layer {layer} attention", mats + [wo], tfile)
     parts = [Part(p + "attn_q", 0, rq, 0), Part(p + "attn_k", 0, rk, rq), Part(p + "attn_v", 0, rv, rq + rk)]
-    return Unit(f"layer {layer} attention", [("wqkv", q["fmt"], rq + rk + rv, q["shape"][1], parts),
-                                             ("wo", o["fmt"], *o["shape"], [Part(p + "attn_output", 0, o["shape"][0], 0)])],
-                tfile)
+    return Unit(f"layer {layer} attention", [("wqkv", q["fmt"], rq + rk + rv, q["shape"][1], parts), wo], tfile)
 
 
 def lm_head_units(tensors: dict, tfile: TensorFile, name: str, max_bytes: int | None) -> list[tuple[int, Unit]]:

@@ -55,11 +55,11 @@ def make_converted(root: Path, *, bits: str = "8", **model) -> tuple[Path, Path]
     return hf, convert(hf, root / "m", bits=bits, progress=False)
 
 
-def run_cli(*args, env=None, input=None, timeout=600) -> subprocess.CompletedProcess:
+def run_cli(*args, env=None, input=None, timeout=600, cwd=None) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "powerlow", *map(str, args)], capture_output=True, text=True,
-                          env=e, input=input, timeout=timeout)
+                          env=e, input=input, timeout=timeout, cwd=cwd)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

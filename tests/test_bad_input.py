@@ -66,7 +66,7 @@ def _write_gguf(path, arch="llama", qtype=None):
     if qtype is None:
         w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
     else:
-        w.add_tensor("token_embd.weight", np.zeros((8, 22), np.uint8), raw_dtype=qtype)
+        w.add_tensor("token_embd.weight", np.zeros((8, 18), np.uint8), raw_dtype=qtype)   # one 32-block per row
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -82,8 +82,8 @@ def test_gguf_unsupported_architecture(tmp_path):
 
 def test_gguf_unsupported_tensor_type(tmp_path):
     import gguf
-    _write_gguf(tmp_path / "m.gguf", qtype=gguf.GGMLQuantizationType.Q5_0)
-    with pytest.raises(PowerlowError, match="type Q5_0"):
+    _write_gguf(tmp_path / "m.gguf", qtype=gguf.GGMLQuantizationType.IQ4_NL)   # no kernels for the IQ types
+    with pytest.raises(PowerlowError, match="type IQ4_NL.*Q4_K.*Q6_K"):
         convert(tmp_path / "m.gguf", tmp_path / "out")
 
 
@@ -260,3 +260,77 @@ def test_sampling_flags_are_checked(model_dir, flags, msg):
 def test_extreme_sampling_values_run(model_dir, flags):
     r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "3", *flags)
     assert r.returncode == 0, r.stderr
+
+
+def test_force_replaces_only_model_dirs(tiny_src, tmp_path):
+    """--force must not delete a directory of the user's, nor a plain file; a model dir it does replace."""
+    v = tmp_path / "v"
+    v.mkdir()
+    (v / "notes.txt").write_text("mine")
+    with pytest.raises(PowerlowError, match="not a powerlow model dir"):
+        convert(tiny_src, v, force=True, progress=False)
+    assert (v / "notes.txt").read_text() == "mine"
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = run_cli("convert", tiny_src, "-o", f, "--force")
+    assert r.returncode == 2 and "not a powerlow model dir" in r.stderr and f.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "v"]      # no .NAME.old-PID left
+    m = convert(tiny_src, tmp_path / "m", progress=False)
+    convert(tiny_src, m, force=True, progress=False)
+    assert (m / "manifest.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["file", "m", "v"]
+
+
+def test_output_dot_is_refused(tiny_src, tmp_path):
+    r = run_cli("convert", tiny_src, "-o", ".", cwd=tmp_path)
+    assert r.returncode == 2 and "current directory" in r.stderr
+
+
+def test_killed_convert_leftovers_are_recovered(tiny_src, tmp_path):
+    """A convert killed mid-way leaves .NAME.PID.XXXX.converting (removed by the next convert of the target); one
+    killed between the two renames of --force leaves the target missing and .NAME.old-PID (put back)."""
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                                     # a pid that is gone
+    m = convert(tiny_src, tmp_path / "m", progress=False)
+    ref = (m / "manifest.json").read_text()
+    stale = tmp_path / f".m.{dead.pid}.abcd.converting"
+    stale.mkdir()
+    (stale / "ffn.bin").write_bytes(b"\0" * 1000)
+    os.replace(m, tmp_path / f".m.old-{dead.pid}")                  # as if killed between the renames
+    from powerlow.convert import recover_stale
+    recover_stale(m)
+    assert (m / "manifest.json").read_text() == ref
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    live = tmp_path / f".m.{os.getpid() + 0}.zzzz.converting"       # our own (live) temp dir is left alone
+    live.mkdir()
+    recover_stale(m)
+    assert live.exists()
+
+
+def test_disk_full_during_convert_is_a_message(tiny_src, tmp_path, monkeypatch):
+    import errno
+    from powerlow import store
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "ffn.bin")
+    monkeypatch.setattr("powerlow.convert.write_layer", full)
+    with pytest.raises(PowerlowError, match="No space left on device"):
+        convert(tiny_src, tmp_path / "m", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_bundle_stops_the_run_naming_the_layer(model_dir, monkeypatch):
+    """A bundle of 0xFF bytes (NaN scales) in a file not hashed at load stops the run with the layer named, instead
+    of printing end tokens forever."""
+    from powerlow.manifest import load_manifest
+    from powerlow.store import StoreInfo
+    info = StoreInfo.from_json(load_manifest(model_dir)["ffn"])
+    off = info.bundle_offset(1, 0)
+    with open(model_dir / "ffn.bin", "r+b") as f:
+        f.seek(off)
+        f.write(b"\xff" * info.layouts[1].nbytes)
+    # as for a real model's ffn.bin (over 256 MiB: not hashed at load)
+    monkeypatch.setattr("powerlow.manifest.HASH_AT_LOAD_MAX_BYTES", 0)
+    with powerlow.load(model_dir) as m:
+        with pytest.raises(PowerlowError, match="layer 1 produced non-finite"):
+            list(m.generate([5, 17, 33], 4))

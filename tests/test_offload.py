@@ -414,3 +414,17 @@ def test_bench_under_a_budget_skips_the_dram_probe(tiny_dir, monkeypatch):
     finally:
         model.tf.close()
     assert res["probe_gbps"] is None and res["decode_tok_s"] > 0 and res["read_bytes_per_token"] >= 0
+
+
+def test_plan_shown_is_the_plan_run(tiny_dir):
+    """`run --plan` sizes the KV cache as the same `run` command does (prompt + n), not the automatic guess."""
+    budget = _min(tiny_dir, max_context=100) + (1 << 20)
+    r = run_cli("run", "-m", tiny_dir, "-p", "hello there", "-n", "90", "--budget", budget, "--plan")
+    assert r.returncode == 0, r.stderr
+    import re
+    positions = int(re.search(r"kv cache .*?(\d+) positions", r.stdout).group(1))
+    with powerlow.load(tiny_dir) as m:
+        n_prompt = len(m.tokenize("hello there"))
+    assert positions == n_prompt + 90
+    r = run_cli("run", "-m", tiny_dir, "-p", "hello there", "-n", "90", "--budget", budget)
+    assert r.returncode == 0, r.stderr

@@ -1,4 +1,8 @@
-"""GGUF loader (through the `gguf` package): the architectures of powerlow.models; F32, F16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K."""
+"""GGUF loader (through the `gguf` package): the architectures of powerlow.models.
+
+Tensor types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K are kept as they are (bit-exact, computed natively);
+F32, F16, BF16 are read as floats (convert stores them in --bits, default 8-bit); Q2_K and Q3_K have no kernels of
+their own: they are dequantized and re-quantized to q4_k (the nearest native format), with a notice."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +12,11 @@ import numpy as np
 from ..errors import PowerlowError
 from .base import Source
 
-LOSSLESS = {"Q8_0": "q8", "Q4_0": "q4_0", "Q4_1": "q4_1"}   # GGUF type -> powerlow format, bit-exact
-SUPPORTED_TYPES = {"F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
+LOSSLESS = {"Q8_0": "q8", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1",   # GGUF type -> powerlow
+            "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}                                    # format, bit-exact
+REQUANTIZED = {"Q2_K": "q4_k", "Q3_K": "q4_k"}       # no native kernels: dequantized, re-quantized (lossy)
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+SUPPORTED_TYPES = set(LOSSLESS) | set(REQUANTIZED) | FLOAT_TYPES
 
 
 def _field(reader, key, default=None):
@@ -38,6 +45,11 @@ class GGUFSource(Source):
             if t.tensor_type.name not in SUPPORTED_TYPES:
                 raise PowerlowError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; powerlow reads "
                                     f"{', '.join(sorted(SUPPORTED_TYPES))} (re-quantize the GGUF with llama-quantize)")
+        requant = sorted({t.tensor_type.name for t in r.tensors if t.tensor_type.name in REQUANTIZED})
+        if requant:
+            import sys
+            print(f"powerlow: {path.name} has {'/'.join(requant)} tensors, which powerlow has no kernels for: they are "
+                  f"re-quantized to q4_k (lossy; the other tensors are kept as they are)", file=sys.stderr)
         emb = self.tensors.get("token_embd.weight")
         if emb is None:
             raise PowerlowError(f"{path}: tensor token_embd.weight is missing; the GGUF is incomplete")
@@ -67,6 +79,15 @@ class GGUFSource(Source):
         shape = tuple(int(s) for s in reversed(self._tensor(name).shape.tolist()))
         return part_shape(shape, part_rows(self.family, name, self.config))
 
+    def stored_format(self, name: str) -> str | None:
+        """The format get(name) returns, from the tensor's GGUF type (no data read); fused tensors split into rows
+        keep their type."""
+        t = self._tensor(name)
+        tname = t.tensor_type.name
+        if len(t.shape) < 2:
+            return None
+        return LOSSLESS.get(tname) or REQUANTIZED.get(tname) or "f32"
+
     def get(self, name: str):
         from ..models.common import part_rows, take_rows
         w = take_rows(self._read(self._tensor(name)), part_rows(self.family, name, self.config))
@@ -83,9 +104,10 @@ class GGUFSource(Source):
         cols = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         data = t.data
         if tname in LOSSLESS:
-            out = formats.from_gguf(np.ascontiguousarray(data).reshape(rows, -1), tname, rows, cols)
-        elif tname in ("F32", "F16"):
-            out = np.asarray(data, dtype=np.float32).reshape(shape)
-        else:
-            out = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32).reshape(shape)
+            return formats.from_gguf(np.ascontiguousarray(data).reshape(rows, -1), tname, rows, cols)
+        if tname in ("F32", "F16"):
+            return np.asarray(data, dtype=np.float32).reshape(shape)
+        out = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32).reshape(shape)
+        if tname in REQUANTIZED and out.ndim == 2:
+            return formats.quantize(out, REQUANTIZED[tname])
         return out

@@ -1,0 +1,973 @@
+/* SIMD kernels of the raw GGML block formats, included after plk_simd.h by plk_avx2.c and plk_avx512.c
+ * (same SUFFIX / PLK_VNNI / AI / NAME). 256-bit vectors in both variants; PLK_VNNI turns the int16 x int16
+ * scale step into vpdpwssd and the q5 bit expansion into a mask move.
+ *
+ * K-quants (q4_k, q5_k, q6_k) against Q8_K activations. Per row, up to 4 tokens at a time; per
+ * super-block the codes are unpacked once into 8 vectors of 32 unsigned codes (q4_k/q5_k: one 32-sub-block
+ * each; q6_k: two 16-sub-blocks, one per 128-bit lane) and the sub-block scales into matching int16
+ * vectors; per token, vpmaddubsw (u8 codes x s8 activations, pairs <= 2 x 63 x 127: no int16 overflow) then
+ * vpmaddwd / vpdpwssd by the scales accumulate sum_j sc_j * dot_j in 8 int32 lanes (exact), the mins term
+ * (q4_k/q5_k) is a vpmaddwd of the 8 mins with the per-32 sums of the Q8_K block sums, q6_k's -32 offset is
+ * folded in as 32 * sc_j * bsum_j. The two integers are reduced to scalars and the float steps are those of
+ * formats._matmul_ref_k, as scalar fmas in order over the super-blocks: the reference bits, and a token's
+ * bits do not depend on the batch it is in. */
+
+AI __m256i kq_madd(__m256i acc, __m256i s16, __m256i sc)
+{
+#if PLK_VNNI
+    return _mm256_dpwssd_epi32(acc, s16, sc);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(s16, sc));
+#endif
+}
+
+/* the 8 6-bit scales and mins of a q4_k / q5_k super-block as int16 (8 lanes each) */
+AI void kq_scale_min(const uint8_t *s, __m128i *sc, __m128i *mn)
+{
+    uint32_t u0, u1, u2;
+    memcpy(&u0, s, 4);
+    memcpy(&u1, s + 4, 4);
+    memcpy(&u2, s + 8, 4);
+    const uint32_t sc_lo = u0 & 0x3f3f3f3fu, mn_lo = u1 & 0x3f3f3f3fu;
+    const uint32_t sc_hi = (u2 & 0x0f0f0f0fu) | ((u0 >> 2) & 0x30303030u);
+    const uint32_t mn_hi = ((u2 >> 4) & 0x0f0f0f0fu) | ((u1 >> 2) & 0x30303030u);
+    *sc = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo));
+    *mn = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn_hi, (int)mn_lo));
+}
+
+/* the same as kq_scale_min in SSE: bytes 0..7 = sc, 8..15 = mins (reads 16 bytes at s: inside the block) */
+AI __m128i kq_scales_v(const uint8_t *s)
+{
+    const __m128i X = _mm_loadu_si128((const __m128i *)s);
+    const __m128i P = _mm_shuffle_epi8(X, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m128i lo = _mm_and_si128(P, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0));
+    const __m128i hi4 = _mm_and_si128(_mm_srli_epi16(P, 4), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15));
+    const __m128i Q = _mm_shuffle_epi8(X, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    const __m128i top = _mm_and_si128(_mm_srli_epi16(Q, 2), _mm_set1_epi8(0x30));
+    return _mm_or_si128(_mm_or_si128(lo, hi4), top);
+}
+
+/* bit 4 of code byte i = bit j of qh byte i (q5_k: qh bit j belongs to sub-block j) */
+AI __m256i kq_hbit(__m256i qh, int j)
+{
+    const __m256i m = _mm256_set1_epi8(0x10);
+    switch (j) {
+    case 0: return _mm256_and_si256(_mm256_slli_epi16(qh, 4), m);
+    case 1: return _mm256_and_si256(_mm256_slli_epi16(qh, 3), m);
+    case 2: return _mm256_and_si256(_mm256_slli_epi16(qh, 2), m);
+    case 3: return _mm256_and_si256(_mm256_slli_epi16(qh, 1), m);
+    case 4: return _mm256_and_si256(qh, m);
+    case 5: return _mm256_and_si256(_mm256_srli_epi16(qh, 1), m);
+    case 6: return _mm256_and_si256(_mm256_srli_epi16(qh, 2), m);
+    default: return _mm256_and_si256(_mm256_srli_epi16(qh, 3), m);
+    }
+}
+
+/* the last step of a super-block for one token: vi = 8 int32 partials of isum, vm = 4 int32 partials of
+ * imin (or zero), y <- fma(isum, dd, y) [, fma(imin, ndm, y)] */
+AI __m128 kq_finish(__m256i vi, __m128i vm, int has_min, float dd, float ndm, __m128 y)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(vi), _mm256_extracti128_si256(vi, 1));
+    s = _mm_hadd_epi32(s, vm);            /* [i0+i1, i2+i3, m0+m1, m2+m3] */
+    s = _mm_hadd_epi32(s, s);             /* [I, M, I, M] */
+    const __m128 f = _mm_cvtepi32_ps(s);
+    y = _mm_fmadd_ss(f, _mm_set_ss(dd), y);
+    if (has_min) y = _mm_fmadd_ss(_mm_movehdup_ps(f), _mm_set_ss(ndm), y);
+    return y;
+}
+
+/* one row x NT tokens (1..4) */
+AI void kq_row(const int FMT, const int NT, const uint8_t *row, int S, const plk_act *a, int t0, float *res)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    const int QB = plk_qbytes[FMT];
+    const int8_t *xp[4];
+    const int16_t *bp[4];
+    const float *dp[4];
+    __m128 y[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) {
+        xp[t] = a->qs + (size_t)(t0 + t) * a->Kp;
+        bp[t] = a->bs + (size_t)(t0 + t) * (a->Kp / 16);
+        dp[t] = a->dx + (size_t)(t0 + t) * S;
+        y[t] = _mm_setzero_ps();
+    }
+    for (int b = 0; b < S; b++) {
+        const uint8_t *blk = row + (size_t)b * QB;
+        const char *pf = (const char *)blk + PLK_PF;
+        _mm_prefetch(pf, _MM_HINT_T0);
+        _mm_prefetch(pf + 64, _MM_HINT_T0);
+        _mm_prefetch(pf + 128, _MM_HINT_T0);
+        if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T0);
+        __m256i c[8], sv[8];
+        __m128i mn = _mm_setzero_si128();
+        __m256i sc16 = _mm256_setzero_si256();
+        float dw, dmw = 0.0f;
+        if (FMT == PLK_Q6_K) {
+            const uint8_t *ql = blk, *qh = blk + 128;
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+                const __m256i hh = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+                c[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), m30));
+                c[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), m30));
+                c[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hh, m30));
+                c[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hh, 2), m30));
+            }
+            /* vector g (elements 32g..32g+31) has sub-blocks 2g (low lane), 2g+1 (high lane) */
+            sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+            const __m256i B0 = _mm256_permute2x128_si256(sc16, sc16, 0x00), B1 = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) {
+                const int k = g & 3;
+                const __m256i sel = _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                     4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                     4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3,
+                                                     4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3);
+                sv[g] = _mm256_shuffle_epi8(g < 4 ? B0 : B1, sel);
+            }
+            uint16_t hd;
+            memcpy(&hd, blk + 208, 2);
+            dw = _cvtsh_ss(hd);
+        } else {
+            const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
+            __m128i sc;
+            kq_scale_min(blk + 4, &sc, &mn);
+            const __m256i sb = _mm256_broadcastsi128_si256(sc);
+            __m256i qh = _mm256_setzero_si256();
+            if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; p++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+                c[2 * p] = _mm256_and_si256(v, m4);
+                c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (FMT == PLK_Q5_K) {
+                    c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
+                    c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
+                }
+            }
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++)
+                sv[j] = _mm256_shuffle_epi8(sb, _mm256_set1_epi16((short)((2 * j) | ((2 * j + 1) << 8))));
+            uint16_t hd, hm;
+            memcpy(&hd, blk, 2);
+            memcpy(&hm, blk + 2, 2);
+            dw = _cvtsh_ss(hd);
+            dmw = _cvtsh_ss(hm);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const int8_t *x = xp[t] + (size_t)b * 256;
+            const int16_t *bs = bp[t] + (size_t)b * 16;
+            __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++)
+                acc = kq_madd(acc, _mm256_maddubs_epi16(c[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j))), sv[j]);
+            const float dx = dp[t][b];
+            if (FMT == PLK_Q6_K) {
+                const __m256i m = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)bs));
+                acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(m, 5));
+                y[t] = kq_finish(acc, _mm_setzero_si128(), 0, dw * dx, 0.0f, y[t]);
+            } else {
+                const __m128i b32 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8)));
+                const __m128i vm = _mm_madd_epi16(mn, b32);
+                y[t] = kq_finish(acc, vm, 1, dw * dx, -(dmw * dx), y[t]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) res[t] = _mm_cvtss_f32(y[t]);
+}
+
+/* 8 rows x NT tokens (NT = 1..4; decode): the rows' integer sums of a super-block go to one vector (lane i =
+ * row r + i) by one transposing hadd tree, and the float steps run for the 8 rows at once (lanes), the same
+ * operations per (row, token) as kq_row: the same bits. Saves the per-row horizontal sums and scalar tail. */
+AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0,
+                 __m256 *yv)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256 signm = _mm256_set1_ps(-0.0f);
+    const int QB = plk_qbytes[FMT];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) yv[t] = _mm256_setzero_ps();
+    for (int b = 0; b < S; b++) {
+        __m256i iv[4][8];
+        __m128i mnr[8];
+        float dws[8], dms[8];
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
+            /* the same super-block of the next set of 8 rows (8 row streams are too many for the hardware
+             * prefetcher to start in time, and a set's first blocks would wait for DRAM otherwise) */
+            const char *pf = (const char *)blk + 8 * rowb;     /* into L2: 8 long rows ahead would thrash L1 */
+            _mm_prefetch(pf, _MM_HINT_T1);
+            _mm_prefetch(pf + 64, _MM_HINT_T1);
+            _mm_prefetch(pf + 128, _MM_HINT_T1);
+            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T1);
+            const char *pn = (const char *)blk + 2 * QB;       /* and from L2 into L1, two blocks ahead in the row */
+            _mm_prefetch(pn, _MM_HINT_T0);
+            _mm_prefetch(pn + 64, _MM_HINT_T0);
+            _mm_prefetch(pn + 128, _MM_HINT_T0);
+            if (QB > 192) _mm_prefetch(pn + 192, _MM_HINT_T0);
+            __m256i c[8], sv[8], sc16 = _mm256_setzero_si256();
+            if (FMT == PLK_Q6_K) {
+                const uint8_t *ql = blk, *qh = blk + 128;
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+                    const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+                    const __m256i hh = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+                    c[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), m30));
+                    c[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), m30));
+                    c[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hh, m30));
+                    c[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hh, 2), m30));
+                }
+                sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+                const __m256i B0 = _mm256_permute2x128_si256(sc16, sc16, 0x00), B1 = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+#pragma GCC unroll 8
+                for (int g = 0; g < 8; g++) {
+                    const int k = g & 3;
+                    const __m256i sel = _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                         4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                         4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3,
+                                                         4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3);
+                    sv[g] = _mm256_shuffle_epi8(g < 4 ? B0 : B1, sel);
+                }
+                uint16_t hd;
+                memcpy(&hd, blk + 208, 2);
+                dws[i] = _cvtsh_ss(hd);
+            } else {
+                const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
+                const __m128i R = kq_scales_v(blk + 4);
+                mnr[i] = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(R, R));
+                const __m256i sb = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(R));
+                __m256i qh = _mm256_setzero_si256();
+                if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+#pragma GCC unroll 4
+                for (int p = 0; p < 4; p++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+                    c[2 * p] = _mm256_and_si256(v, m4);
+                    c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    if (FMT == PLK_Q5_K) {
+                        c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
+                        c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
+                    }
+                }
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++)
+                    sv[j] = _mm256_shuffle_epi8(sb, _mm256_set1_epi16((short)((2 * j) | ((2 * j + 1) << 8))));
+                int dd;
+                memcpy(&dd, blk, 4);
+                const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dd));
+                dws[i] = _mm_cvtss_f32(f);
+                dms[i] = _mm_cvtss_f32(_mm_movehdup_ps(f));
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
+                __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++)
+                    acc = kq_madd(acc, _mm256_maddubs_epi16(c[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j))), sv[j]);
+                if (FMT == PLK_Q6_K) {
+                    const int16_t *bs = a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16;
+                    acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)bs)), 5));
+                }
+                iv[t][i] = acc;
+            }
+        }
+        const __m256 dwv = _mm256_loadu_ps(dws);
+        __m256i mpair[4];
+        if (FMT != PLK_Q6_K)
+            for (int k = 0; k < 4; k++) mpair[k] = _mm256_set_m128i(mnr[2 * k + 1], mnr[2 * k]);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const float dx = a->dx[(size_t)(t0 + t) * S + b];
+            const __m256 dxv = _mm256_set1_ps(dx);
+            yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(iv[t])), _mm256_mul_ps(dwv, dxv), yv[t]);
+            if (FMT != PLK_Q6_K) {
+                const int16_t *bs = a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16;
+                const __m128i b32 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8)));
+                const __m256i bb = _mm256_broadcastsi128_si256(b32);
+                __m256i mv[4];
+                for (int k = 0; k < 4; k++) mv[k] = _mm256_madd_epi16(mpair[k], bb);   /* [row 2k | row 2k+1] partials */
+                const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
+                const __m256i M = _mm256_permutevar8x32_epi32(h, unperm);
+                yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(_mm256_loadu_ps(dms), dxv), signm), yv[t]);
+            }
+        }
+    }
+}
+
+#if PLK_VNNI
+/* vpermw indices: q4_k/q5_k zmm p = [scale 2p x16 | scale 2p+1 x16]; q6_k zmm q: 128-bit lane L = scale 4q + L */
+#define I8(v) v, v, v, v, v, v, v, v
+#define I16(v) I8(v), I8(v)
+static const short kq_idx4[4][32] __attribute__((aligned(64))) = {
+    { I16(0), I16(1) }, { I16(2), I16(3) }, { I16(4), I16(5) }, { I16(6), I16(7) } };
+static const short kq_idx6[4][32] __attribute__((aligned(64))) = {
+    { I8(0), I8(1), I8(2), I8(3) }, { I8(4), I8(5), I8(6), I8(7) }, { I8(8), I8(9), I8(10), I8(11) },
+    { I8(12), I8(13), I8(14), I8(15) } };
+#undef I8
+#undef I16
+/* kq_rows8 with 512-bit vectors (AVX-512 BW + VNNI): one zmm holds two 32-sub-blocks (q6_k: four 16-sub-blocks)
+ * of codes, activations and scales, so a row's super-block costs 4 vpmaddubsw + 4 vpdpwssd per token; the
+ * integers are those of the 256-bit kernel (exact), the float steps the same: the same bits. */
+AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0,
+                     __m256 *yv)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30), one8 = _mm512_set1_epi8(1);
+    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256 signm = _mm256_set1_ps(-0.0f);
+    const __m512i sh04 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);   /* [0 | 4] */
+    const int QB = plk_qbytes[FMT];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) yv[t] = _mm256_setzero_ps();
+    for (int b = 0; b < S; b++) {
+        __m256i iv[4][8];
+        __m128i mnr[8];
+        float dws[8], dms[8];
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
+            /* the same super-block of the next set of 8 rows (8 row streams are too many for the hardware
+             * prefetcher to start in time, and a set's first blocks would wait for DRAM otherwise) */
+            const char *pf = (const char *)blk + 8 * rowb;     /* into L2: 8 long rows ahead would thrash L1 */
+            _mm_prefetch(pf, _MM_HINT_T1);
+            _mm_prefetch(pf + 64, _MM_HINT_T1);
+            _mm_prefetch(pf + 128, _MM_HINT_T1);
+            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T1);
+            const char *pn = (const char *)blk + 2 * QB;       /* and from L2 into L1, two blocks ahead in the row */
+            _mm_prefetch(pn, _MM_HINT_T0);
+            _mm_prefetch(pn + 64, _MM_HINT_T0);
+            _mm_prefetch(pn + 128, _MM_HINT_T0);
+            if (QB > 192) _mm_prefetch(pn + 192, _MM_HINT_T0);
+            __m512i c[4], sv[4], sc16 = _mm512_setzero_si512();
+            if (FMT == PLK_Q6_K) {
+                const uint8_t *ql = blk, *qh = blk + 128;
+                const __m512i s42 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+                const __m512i s02 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    const __m512i l = _mm512_loadu_si512((const void *)(ql + 64 * h));          /* [l0 | l1] */
+                    const __m512i hh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qh + 32 * h)));
+                    /* elements 128h + 0..63: [k=0 | k=1]; 128h + 64..127: [k=2 | k=3] */
+                    c[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_and_si512(_mm512_sllv_epi16(hh, s42), m30));
+                    c[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
+                                                   _mm512_and_si512(_mm512_srlv_epi16(hh, s02), m30));
+                }
+                const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+                sc16 = _mm512_castsi256_si512(s16);
+                /* zmm q (elements 64q..64q+63): 128-bit lane L = sub-block 4q + L */
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++) sv[q] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx6[q]), sc16);
+                uint16_t hd;
+                memcpy(&hd, blk + 208, 2);
+                dws[i] = _cvtsh_ss(hd);
+            } else {
+                const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
+                const __m128i R = kq_scales_v(blk + 4);
+                mnr[i] = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(R, R));
+                const __m512i sb = _mm512_castsi128_si512(_mm_cvtepu8_epi16(R));
+                __m512i qh = _mm512_setzero_si512();
+                if (FMT == PLK_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+#pragma GCC unroll 4
+                for (int p = 0; p < 4; p++) {
+                    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * p)));
+                    c[p] = _mm512_and_si512(_mm512_srlv_epi16(v, sh04), m4);       /* [sub 2p | sub 2p+1] */
+                    if (FMT == PLK_Q5_K) {
+                        const __m512i sj = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * p)), _mm256_set1_epi16((short)(2 * p + 1)), 1);
+                        c[p] = _mm512_or_si512(c[p], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sj), one8), 4));
+                    }
+                    sv[p] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx4[p]), sb);
+                }
+                int dd;
+                memcpy(&dd, blk, 4);
+                const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dd));
+                dws[i] = _mm_cvtss_f32(f);
+                dms[i] = _mm_cvtss_f32(_mm_movehdup_ps(f));
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
+                /* two independent chains (the 4-deep vpdpwssd chain was the critical path) */
+                __m512i acc0 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[0], _mm512_loadu_si512((const void *)x)), sv[0]);
+                __m512i acc1 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
+                acc0 = _mm512_dpwssd_epi32(acc0, _mm512_maddubs_epi16(c[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
+                acc1 = _mm512_dpwssd_epi32(acc1, _mm512_maddubs_epi16(c[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
+                const __m512i acc = _mm512_add_epi32(acc0, acc1);
+                __m256i acc8 = _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
+                if (FMT == PLK_Q6_K) {
+                    const int16_t *bs = a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16;
+                    acc8 = _mm256_sub_epi32(acc8, _mm256_slli_epi32(_mm256_madd_epi16(_mm512_castsi512_si256(sc16),
+                                                                                      _mm256_loadu_si256((const __m256i *)bs)), 5));
+                }
+                iv[t][i] = acc8;
+            }
+        }
+        const __m256 dwv = _mm256_loadu_ps(dws);
+        __m256i mpair[4];
+        if (FMT != PLK_Q6_K)
+            for (int k = 0; k < 4; k++) mpair[k] = _mm256_set_m128i(mnr[2 * k + 1], mnr[2 * k]);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const __m256 dxv = _mm256_set1_ps(a->dx[(size_t)(t0 + t) * S + b]);
+            yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(iv[t])), _mm256_mul_ps(dwv, dxv), yv[t]);
+            if (FMT != PLK_Q6_K) {
+                const int16_t *bs = a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16;
+                const __m128i b32 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8)));
+                const __m256i bb = _mm256_broadcastsi128_si256(b32);
+                __m256i mv[4];
+                for (int k = 0; k < 4; k++) mv[k] = _mm256_madd_epi16(mpair[k], bb);
+                const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
+                const __m256i M = _mm256_permutevar8x32_epi32(h, unperm);
+                yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(_mm256_loadu_ps(dms), dxv), signm), yv[t]);
+            }
+        }
+    }
+}
+#define KQ_ROWS8 kq_rows8_512
+#else
+#define KQ_ROWS8 kq_rows8
+#endif
+
+/* ---- K-quant GEMM (prefill, T >= KQ_GEMM_MINT): tiles of 2 rows x 4 tokens --------------------------------
+ * The per-token kernel spends most of its work per (row, token) on scaling each sub-block's products (vpmaddwd
+ * / vpdpwssd) and on horizontal sums. Here the codes of a row and the activations of a token are re-laid once per
+ * call so that 32-bit lane j of step vector v holds 4 consecutive codes of sub-block j (q6_k: sub-block
+ * 8 (v / 4) + j): 8 byte-dot steps (vpdpbusd, or vpmaddubsw summed in int16 while that cannot overflow, then
+ * vpmaddwd by ones) leave sub-block j's exact dot in lane j, one vpmulld applies the 8 scales, and one
+ * transposing hadd tree gives the 8 (row, token) integer sums of the tile in one vector; the mins (or q6_k's
+ * -32 offset) are vpmaddwd of the scales/mins with the block sums. The float steps are the per-token kernel's
+ * (fma(isum, d_w*d_x, y), fma(imin, -(dmin_w*d_x), y) per super-block in order), 8 (row, token) pairs per
+ * vector: bit-identical to a token computed alone. Rows left over (odd) and tokens (T % 4) take kq_row. */
+#define KQ_GEMM_MINT 8
+
+/* natural dword (4 codes) feeding lane j of step v: q4_k/q5_k (sub-blocks of 32), q6_k (of 16) */
+AI int kq_perm(const int FMT, int v, int j)
+{
+    return FMT == PLK_Q6_K ? 32 * (v >> 2) + 4 * j + (v & 3) : 8 * j + v;
+}
+
+AI void kq_relayout(const int FMT, const uint32_t *nat, uint32_t *out, int vstride)   /* vstride: dwords per step */
+{
+    for (int v = 0; v < 8; v++)
+        for (int j = 0; j < 8; j++) out[vstride * v + j] = nat[kq_perm(FMT, v, j)];
+}
+
+/* one row's super-blocks -> re-laid codes (S x 256 B), scales as int32 (S x 8, q6_k: S x 16), mins as int16
+ * (S x 8), scale sources for the q6_k offset (S x 16 int16), d and dmin (S floats each) */
+AI void kq_row_prep(const int FMT, const uint8_t *row, int S, uint8_t *wt, size_t bstride, int vstride,
+                    int32_t *scv, int16_t *mnv, float *dw, float *dmw)
+{   /* step v of super-block b at wt + b bstride + v vstride (bytes) */
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    const int QB = plk_qbytes[FMT];
+    for (int b = 0; b < S; b++) {
+        const uint8_t *blk = row + (size_t)b * QB;
+        __m256i c[8];
+        uint32_t nat[64] __attribute__((aligned(32)));
+        if (FMT == PLK_Q6_K) {
+            const uint8_t *ql = blk, *qh = blk + 128;
+            for (int h = 0; h < 2; h++) {
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+                const __m256i hh = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+                c[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), m30));
+                c[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), m30));
+                c[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hh, m30));
+                c[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hh, 2), m30));
+            }
+            const int8_t *sc = (const int8_t *)(blk + 192);
+            for (int j = 0; j < 16; j++) { scv[16 * b + j] = sc[j]; mnv[16 * b + j] = sc[j]; }
+            uint16_t hd;
+            memcpy(&hd, blk + 208, 2);
+            dw[b] = _cvtsh_ss(hd);
+            dmw[b] = 0.0f;
+        } else {
+            const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
+            __m256i qh = _mm256_setzero_si256();
+            if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+            for (int p = 0; p < 4; p++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+                c[2 * p] = _mm256_and_si256(v, m4);
+                c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (FMT == PLK_Q5_K) {
+                    c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
+                    c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
+                }
+            }
+            __m128i sc, mn;
+            kq_scale_min(blk + 4, &sc, &mn);
+            _mm256_storeu_si256((__m256i *)(scv + 8 * b), _mm256_cvtepi16_epi32(sc));
+            _mm_storeu_si128((__m128i *)(mnv + 8 * b), mn);
+            uint16_t hd, hm;
+            memcpy(&hd, blk, 2);
+            memcpy(&hm, blk + 2, 2);
+            dw[b] = _cvtsh_ss(hd);
+            dmw[b] = _cvtsh_ss(hm);
+        }
+        uint8_t *o = wt + (size_t)b * bstride;
+        if (FMT == PLK_Q6_K) {
+            /* step 4h + k, lane j = dword 4 (j % 2) + k of c[4h + j / 2]: per c a dword interleave
+             * [d0 d4 d1 d5 d2 d6 d3 d7] (qword k = (dword k, dword 4 + k)), then a 4 x 4 qword transpose */
+            const __m256i il = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            for (int h = 0; h < 2; h++) {
+                __m256i u[4];
+                for (int q = 0; q < 4; q++) u[q] = _mm256_permutevar8x32_epi32(c[4 * h + q], il);
+                const __m256i lo01 = _mm256_unpacklo_epi64(u[0], u[1]), hi01 = _mm256_unpackhi_epi64(u[0], u[1]);
+                const __m256i lo23 = _mm256_unpacklo_epi64(u[2], u[3]), hi23 = _mm256_unpackhi_epi64(u[2], u[3]);
+                uint8_t *oh = o + (size_t)(4 * h) * vstride;
+                _mm256_store_si256((__m256i *)(oh), _mm256_permute2x128_si256(lo01, lo23, 0x20));
+                _mm256_store_si256((__m256i *)(oh + vstride), _mm256_permute2x128_si256(hi01, hi23, 0x20));
+                _mm256_store_si256((__m256i *)(oh + 2 * (size_t)vstride), _mm256_permute2x128_si256(lo01, lo23, 0x31));
+                _mm256_store_si256((__m256i *)(oh + 3 * (size_t)vstride), _mm256_permute2x128_si256(hi01, hi23, 0x31));
+            }
+            (void)nat;
+        } else {   /* lane j of step v = dword v of sub-block j: an 8 x 8 dword transpose */
+            tr4_lane(c);
+            tr4_lane(c + 4);
+            for (int k = 0; k < 4; k++) {
+                _mm256_store_si256((__m256i *)(o + (size_t)k * vstride), _mm256_permute2x128_si256(c[k], c[4 + k], 0x20));
+                _mm256_store_si256((__m256i *)(o + (size_t)(4 + k) * vstride), _mm256_permute2x128_si256(c[k], c[4 + k], 0x31));
+            }
+        }
+    }
+}
+
+/* 8 step dots of one (row, token) pair into int32 lanes; AVX2 folds int16 while safe:
+ * q4_k 8 steps (<= 8 x 2 x 15 x 127), q5_k 4, q6_k 2 */
+AI __m256i kq_dot8(const int FMT, const __m256i *W, const int8_t *x, int v0, int nv)
+{
+#if PLK_VNNI
+    __m256i acc = _mm256_setzero_si256();
+    for (int v = v0; v < v0 + nv; v++) acc = _mm256_dpbusd_epi32(acc, W[v], _mm256_load_si256((const __m256i *)(x + 32 * v)));
+    return acc;
+#else
+    const int fold = FMT == PLK_Q4_K ? 8 : FMT == PLK_Q5_K ? 4 : 2;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int v = v0; v < v0 + nv; v += fold) {
+        __m256i s = _mm256_setzero_si256();
+        for (int u = v; u < v + fold && u < v0 + nv; u++)
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(W[u], _mm256_load_si256((const __m256i *)(x + 32 * u))));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+    }
+    return acc;
+#endif
+}
+
+AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk_act *a, float *y, int ldy, int accum)
+{
+    const int S = a->ng, QB = plk_qbytes[FMT];
+    const size_t rowb = (size_t)S * QB;
+    const int nsc = FMT == PLK_Q6_K ? 16 : 8;
+    /* scratch: activations re-laid (T4 x S x 256), per-32 block sums (T4 x S x 8 int16; q6_k: unused),
+     * two rows' re-laid codes, scales, mins, d, dmin */
+    const size_t xb = (size_t)T4 * S * 256, bb = (size_t)T4 * S * 16 * 2;
+    const size_t wb = (size_t)S * 256, sb = (size_t)S * nsc * 4, mb = (size_t)S * 16 * 2, fb = ((size_t)S * 4 + 31) & ~(size_t)31;
+    const size_t db = (size_t)T4 * S * 4;
+    uint8_t *buf = (uint8_t *)plk_scratch(xb + bb + 2 * (wb + sb + mb + 2 * fb) + db + 256, 1);
+    if (!buf) { plk_oom_set(); return; }
+    float *dxt = (float *)(buf + xb + bb + 2 * (wb + sb + mb + 2 * fb));   /* [tile][b][4 tokens] */
+    for (int t = 0; t < T4; t++)
+        for (int b = 0; b < S; b++) dxt[((size_t)(t / 4) * S + b) * 4 + t % 4] = a->dx[(size_t)t * S + b];
+    uint8_t *xt = buf;
+    int16_t *b32 = (int16_t *)(buf + xb);
+    uint8_t *wt[2];
+    int32_t *scv[2];
+    int16_t *mnv[2];
+    float *dw[2], *dmw[2];
+    uint8_t *p = buf + xb + bb;
+    wt[0] = p;                 /* 2 wb contiguous: the VNNI variant interleaves the two rows there */
+    wt[1] = p + wb;
+    p += 2 * wb;
+    for (int i = 0; i < 2; i++) {
+        scv[i] = (int32_t *)p; p += sb;
+        mnv[i] = (int16_t *)p; p += mb;
+        dw[i] = (float *)p; p += fb;
+        dmw[i] = (float *)p; p += fb;
+    }
+    for (int t = 0; t < T4; t++)
+        for (int b = 0; b < S; b++) {
+            kq_relayout(FMT, (const uint32_t *)(a->qs + (size_t)t * a->Kp + (size_t)b * 256),
+                        (uint32_t *)(xt + ((size_t)t * S + b) * 256), 8);
+            if (FMT != PLK_Q6_K) {
+                const int16_t *bs = a->bs + (size_t)t * (a->Kp / 16) + (size_t)b * 16;
+                const __m128i h = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8)));
+                _mm256_storeu_si256((__m256i *)(b32 + ((size_t)t * S + b) * 16), _mm256_set_m128i(h, h));   /* [b32 | b32] */
+            }
+        }
+    const __m256 signm = _mm256_set1_ps(-0.0f);
+    for (int r = r0; r + 2 <= r1; r += 2) {
+        for (int i = 0; i < 2; i++)
+#if PLK_VNNI   /* the two rows' steps interleaved: zmm v of super-block b = [row r step v | row r+1 step v] */
+            kq_row_prep(FMT, w->qs + (size_t)(r + i) * rowb, S, wt[0] + 32 * i, 512, 64, scv[i], mnv[i], dw[i], dmw[i]);
+#else
+            kq_row_prep(FMT, w->qs + (size_t)(r + i) * rowb, S, wt[i], 256, 32, scv[i], mnv[i], dw[i], dmw[i]);
+#endif
+        /* the next row pair's bytes (2 rowb, from DRAM) prefetched a few lines per step over this pair's tiles */
+        const char *npf = (const char *)(w->qs + (size_t)(r + 2) * rowb);
+        const long nlines = r + 4 <= r1 ? (long)(2 * rowb / 64) : 0, nslots = (long)(T4 / 4) * S;
+        const int per = nlines ? (int)((nlines + nslots - 1) / nslots) : 0;
+        for (int t0 = 0; t0 < T4; t0 += 4) {
+            __m256 yv = _mm256_setzero_ps();
+            for (int b = 0; b < S; b++) {
+                for (int k = 0; k < per; k++) {
+                    const long l = ((long)(t0 / 4) * S + b) * per + k;
+                    if (l < nlines) _mm_prefetch(npf + 64 * l, _MM_HINT_T0);
+                }
+#if !PLK_VNNI
+                const __m256i *W[2] = { (const __m256i *)(wt[0] + (size_t)b * 256), (const __m256i *)(wt[1] + (size_t)b * 256) };
+#endif
+                __m256i iv[8];
+                const int8_t *xq[4];
+                for (int t = 0; t < 4; t++) xq[t] = (const int8_t *)(xt + ((size_t)(t0 + t) * S + b) * 256);
+                const int nh = FMT == PLK_Q6_K ? 2 : 1, nv = 8 / nh;
+                for (int k = 0; k < 8; k++) iv[k] = _mm256_setzero_si256();   /* (AVX2 sums into it directly) */
+                for (int hh = 0; hh < nh; hh++) {
+                    /* the 8 (row, token) dots advance together: 8 independent accumulation chains */
+#if PLK_VNNI
+                    __m256i acc[8];
+                    {
+                        const __m512i *Wz = (const __m512i *)(wt[0] + (size_t)b * 512);
+                        __m512i az[4];
+                        for (int t = 0; t < 4; t++) az[t] = _mm512_setzero_si512();
+                        for (int v = hh * nv; v < (hh + 1) * nv; v++) {
+                            const __m512i Wv = _mm512_load_si512(Wz + v);
+                            for (int t = 0; t < 4; t++)
+                                az[t] = _mm512_dpbusd_epi32(az[t], Wv, _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i *)(xq[t] + 32 * v))));
+                        }
+                        for (int t = 0; t < 4; t++) {
+                            acc[t] = _mm512_castsi512_si256(az[t]);
+                            acc[4 + t] = _mm512_extracti64x4_epi64(az[t], 1);
+                        }
+                    }
+                    for (int i = 0; i < 2; i++) {
+                        const __m256i sc = _mm256_loadu_si256((const __m256i *)(scv[i] + nsc * b + 8 * hh));
+                        for (int t = 0; t < 4; t++) {
+                            const __m256i m = _mm256_mullo_epi32(acc[4 * i + t], sc);
+                            iv[4 * i + t] = hh ? _mm256_add_epi32(iv[4 * i + t], m) : m;
+                        }
+                    }
+#else
+                    /* the scales as int16 pairs per lane: vpmaddwd of the int16 sums by them is the scaled
+                     * int32 sum of each lane's sub-block (no vpmulld): sc x (s_lo + s_hi) */
+                    const int fold = FMT == PLK_Q4_K ? 8 : FMT == PLK_Q5_K ? 4 : 2;
+                    __m256i sc2[2];
+                    for (int i = 0; i < 2; i++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(scv[i] + nsc * b + 8 * hh));
+                        sc2[i] = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
+                    }
+                    for (int v0 = hh * nv; v0 < (hh + 1) * nv; v0 += fold) {
+                        __m256i s16[8];
+                        for (int k = 0; k < 8; k++) s16[k] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+                        for (int v = v0; v < v0 + fold; v++) {   /* not unrolled: 8 sums + 3 operands stay in registers */
+                            const __m256i W0 = _mm256_load_si256(W[0] + v), W1 = _mm256_load_si256(W[1] + v);
+                            for (int t = 0; t < 4; t++) {
+                                const __m256i X = _mm256_load_si256((const __m256i *)(xq[t] + 32 * v));
+                                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(W0, X));
+                                s16[4 + t] = _mm256_add_epi16(s16[4 + t], _mm256_maddubs_epi16(W1, X));
+                            }
+                        }
+                        for (int k = 0; k < 8; k++) iv[k] = _mm256_add_epi32(iv[k], _mm256_madd_epi16(s16[k], sc2[k >> 2]));
+                    }
+#endif
+                }
+                if (FMT == PLK_Q6_K)
+                    for (int i = 0; i < 2; i++) {
+                        const __m256i sc16 = _mm256_loadu_si256((const __m256i *)(mnv[i] + 16 * b));
+                        for (int t = 0; t < 4; t++) {
+                            const __m256i bs16 = _mm256_loadu_si256((const __m256i *)(a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16));
+                            iv[4 * i + t] = _mm256_sub_epi32(iv[4 * i + t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs16), 5));
+                        }
+                    }
+                const __m256i I = hsum8x8i(iv);                 /* lane 4 i + t: row r + i, token t0 + t */
+                const __m256 dxv = _mm256_broadcast_ps((const __m128 *)(dxt + ((size_t)(t0 / 4) * S + b) * 4));
+                const __m256 dwv = _mm256_set_m128(_mm_set1_ps(dw[1][b]), _mm_set1_ps(dw[0][b]));
+                yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dwv, dxv), yv);
+                if (FMT != PLK_Q6_K) {
+                    /* [mins of row r | of row r+1] . [b32 of token t | the same]: lanes 0-3 (r, t), 4-7 (r+1, t);
+                     * the hadd tree then leaves lane 4 i + t = imin of (row r + i, token t0 + t) */
+                    const __m256i A = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(mnv[1] + 8 * b)),
+                                                       _mm_loadu_si128((const __m128i *)(mnv[0] + 8 * b)));
+                    __m256i mv[4];
+                    for (int t = 0; t < 4; t++)
+                        mv[t] = _mm256_madd_epi16(A, _mm256_loadu_si256((const __m256i *)(b32 + ((size_t)(t0 + t) * S + b) * 16)));
+                    const __m256i M = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
+                    const __m256 dmv = _mm256_set_m128(_mm_set1_ps(dmw[1][b]), _mm_set1_ps(dmw[0][b]));
+                    yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(dmv, dxv), signm), yv);
+                }
+            }
+            float res[8];
+            _mm256_storeu_ps(res, yv);
+            for (int i = 0; i < 2; i++)
+                for (int t = 0; t < 4; t++) {
+                    float *o = y + (size_t)(t0 + t) * ldy + r + i;
+                    *o = accum ? *o + res[4 * i + t] : res[4 * i + t];
+                }
+        }
+    }
+    free(buf);
+}
+
+AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
+{
+    const int S = a->ng;
+    const size_t rowb = (size_t)S * plk_qbytes[FMT];
+    int t_done = 0;
+    if (a->T >= KQ_GEMM_MINT && r1 - r0 >= 2) {
+        const int T4 = a->T & ~3, r2 = r0 + ((r1 - r0) & ~1);
+        kq_gemm(FMT, w, r0, r2, T4, a, y, ldy, accum);
+        t_done = T4;
+    }
+    if (!t_done && r1 - r0 >= 8) {   /* decode / small batches: 8 rows in lanes */
+        const int r8 = r0 + (r1 - r0) / 8 * 8;
+        for (int r = r0; r < r8; r += 8) {
+            const uint8_t *row = w->qs + (size_t)r * rowb;
+            for (int ts = 0; ts < a->T; ts += 4) {
+                const int nt = a->T - ts < 4 ? a->T - ts : 4;
+                __m256 yv[4];
+                switch (nt) {
+                case 1: KQ_ROWS8(FMT, 1, row, rowb, S, a, ts, yv); break;
+                case 2: KQ_ROWS8(FMT, 2, row, rowb, S, a, ts, yv); break;
+                case 3: KQ_ROWS8(FMT, 3, row, rowb, S, a, ts, yv); break;
+                default: KQ_ROWS8(FMT, 4, row, rowb, S, a, ts, yv); break;
+                }
+                for (int t = 0; t < nt; t++) {
+                    float *o = y + (size_t)(ts + t) * ldy + r;
+                    __m256 v = yv[t];
+                    if (accum) v = _mm256_add_ps(_mm256_loadu_ps(o), v);
+                    _mm256_storeu_ps(o, v);
+                }
+            }
+        }
+        r0 = r8;
+    }
+    for (int r = r0; r < r1; r++) {
+        const int odd = t_done && ((r - r0) >= ((r1 - r0) & ~1));
+        const uint8_t *row = w->qs + (size_t)r * rowb;
+        for (int ts = odd ? 0 : t_done; ts < a->T; ts += 4) {
+            const int nt = a->T - ts < 4 ? a->T - ts : 4;
+            float res[4];
+            switch (nt) {
+            case 1: kq_row(FMT, 1, row, S, a, ts, res); break;
+            case 2: kq_row(FMT, 2, row, S, a, ts, res); break;
+            case 3: kq_row(FMT, 3, row, S, a, ts, res); break;
+            default: kq_row(FMT, 4, row, S, a, ts, res); break;
+            }
+            for (int t = 0; t < nt; t++) {
+                float *o = y + (size_t)(ts + t) * ldy + r;
+                *o = accum ? *o + res[t] : res[t];
+            }
+        }
+    }
+}
+
+void NAME(rows_q4_k_q8k)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc)
+{ rows_kq(PLK_Q4_K, w, r0, r1, a, y, ldy, acc); }
+void NAME(rows_q5_k_q8k)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc)
+{ rows_kq(PLK_Q5_K, w, r0, r1, a, y, ldy, acc); }
+void NAME(rows_q6_k_q8k)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc)
+{ rows_kq(PLK_Q6_K, w, r0, r1, a, y, ldy, acc); }
+
+/* ---- q5_0 / q5_1 (32-blocks, q8 activations) ---- */
+AI __m256i q5_unpack(const uint8_t *blk, int off)
+{
+    uint32_t qh;
+    memcpy(&qh, blk + off, 4);
+    const __m128i ql = _mm_loadu_si128((const __m128i *)(blk + off + 4));
+    const __m256i lo = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(ql, 4), ql), _mm256_set1_epi8(0x0f));
+#if PLK_VNNI
+    const __m256i hi = _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(0x10));
+#else
+    /* byte i <- byte i/8 of qh, then bit i%8 of it */
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    const __m256i hi = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+#endif
+    return _mm256_or_si256(lo, hi);
+}
+
+/* per row and token: acc (8 lanes) += cvt(dot of block b) * (d_w dx_b), block by block; off += Bw bx_b;
+ * result hsum8(acc) + off. The same steps for every token whatever the batch (batch invariant). */
+AI void q5_row(const int FMT, const int NT, const uint8_t *row, int nb, const plk_act *a, int t0, float *res)
+{
+    const int QB = plk_qbytes[FMT], off = FMT == PLK_Q5_1 ? 4 : 2;
+    __m256 acc[4];
+    float bo[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); bo[t] = 0.0f; }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + (size_t)b * QB;
+        if (!(b & 1)) _mm_prefetch((const char *)blk + PLK_PF, _MM_HINT_T0);
+        const __m256i c = q5_unpack(blk, off);
+        uint16_t hd, hm;
+        memcpy(&hd, blk, 2);
+        const float dw = _cvtsh_ss(hd);
+        float bw = -16.0f * dw;
+        if (FMT == PLK_Q5_1) { memcpy(&hm, blk + 2, 2); bw = _cvtsh_ss(hm); }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const size_t tt = (size_t)(t0 + t);
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(a->qs + tt * a->Kp + (size_t)b * 32));
+            const float dx = a->dx[tt * nb + b], bx = a->bx[tt * a->ng + b];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sdot(c, xv)), _mm256_set1_ps(dw * dx), acc[t]);
+            bo[t] = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(bw), _mm_set_ss(bx), _mm_set_ss(bo[t])));
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) + bo[t];
+}
+
+/* 8 rows in lanes (rows r..r+7, lane i = row r + i), NT tokens: per block, the 8 rows' integer dots by one
+ * transposing reduction, then acc += cvt(dots) * (d_w dx_b) and off += Bw bx_b as vectors over the rows (the d
+ * and m of the 8 blocks by one gather); result acc + off. The same steps for every token whatever the batch. */
+AI void q5_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int nb, const plk_act *a, int t0,
+                 __m256 *res)
+{
+    const int QB = plk_qbytes[FMT], off = FMT == PLK_Q5_1 ? 4 : 2;
+    const __m256i vidx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)rowb));
+    __m256 acc[4], vo[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); vo[t] = _mm256_setzero_ps(); }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk0 = row0 + (size_t)b * QB;
+        /* d (and m) of the 8 blocks: one 32-bit gather, [d | m << 16] (q5_0: the high half is qh, unused) */
+        const __m256i dm = _mm256_i32gather_epi32((const int *)blk0, vidx, 1);
+        const __m128i d16 = _mm_packus_epi32(_mm256_castsi256_si128(_mm256_and_si256(dm, _mm256_set1_epi32(0xffff))),
+                                             _mm256_extracti128_si256(_mm256_and_si256(dm, _mm256_set1_epi32(0xffff)), 1));
+        const __m256 dv = _mm256_cvtph_ps(d16);
+        __m256 bw;
+        if (FMT == PLK_Q5_1) {
+            const __m256i mh = _mm256_srli_epi32(dm, 16);
+            bw = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(mh), _mm256_extracti128_si256(mh, 1)));
+        } else bw = _mm256_mul_ps(_mm256_set1_ps(-16.0f), dv);
+        __m256i c[8];
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *blk = blk0 + (size_t)i * rowb;
+            if (!(b & 1)) {   /* the next 8-row set into L2, this row a few blocks ahead into L1 */
+                _mm_prefetch((const char *)blk + 8 * rowb, _MM_HINT_T1);
+                _mm_prefetch((const char *)blk + 256, _MM_HINT_T0);
+            }
+            c[i] = q5_unpack(blk, off);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const size_t tt = (size_t)(t0 + t);
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(a->qs + tt * a->Kp + (size_t)b * 32));
+            __m256i p[8];
+            for (int i = 0; i < 8; i++) p[i] = sdot(c[i], xv);
+            const __m256 dx = _mm256_set1_ps(a->dx[tt * nb + b]), bx = _mm256_set1_ps(a->bx[tt * a->ng + b]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(p)), _mm256_mul_ps(dv, dx), acc[t]);
+            vo[t] = _mm256_fmadd_ps(bw, bx, vo[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) res[t] = _mm256_add_ps(acc[t], vo[t]);
+}
+
+AI void rows_q5(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
+{
+    const int nb = a->nb;
+    const size_t rowb = (size_t)nb * plk_qbytes[FMT];
+    /* whole sets of 8 rows in lanes (the leftover r1 - r0 < 8 rows: one at a time below) */
+    for (; r0 + 8 <= r1; r0 += 8) {
+        const uint8_t *row = w->qs + (size_t)r0 * rowb;
+        for (int ts = 0; ts < a->T; ts += 4) {
+            const int nt = a->T - ts < 4 ? a->T - ts : 4;
+            __m256 rv[4];
+            switch (nt) {
+            case 1: q5_rows8(FMT, 1, row, rowb, nb, a, ts, rv); break;
+            case 2: q5_rows8(FMT, 2, row, rowb, nb, a, ts, rv); break;
+            case 3: q5_rows8(FMT, 3, row, rowb, nb, a, ts, rv); break;
+            default: q5_rows8(FMT, 4, row, rowb, nb, a, ts, rv); break;
+            }
+            for (int t = 0; t < nt; t++) {
+                float *o = y + (size_t)(ts + t) * ldy + r0;
+                __m256 v = rv[t];
+                if (accum) v = _mm256_add_ps(_mm256_loadu_ps(o), v);
+                _mm256_storeu_ps(o, v);
+            }
+        }
+    }
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = w->qs + (size_t)r * rowb;
+        for (int ts = 0; ts < a->T; ts += 4) {
+            const int nt = a->T - ts < 4 ? a->T - ts : 4;
+            float res[4];
+            switch (nt) {
+            case 1: q5_row(FMT, 1, row, nb, a, ts, res); break;
+            case 2: q5_row(FMT, 2, row, nb, a, ts, res); break;
+            case 3: q5_row(FMT, 3, row, nb, a, ts, res); break;
+            default: q5_row(FMT, 4, row, nb, a, ts, res); break;
+            }
+            for (int t = 0; t < nt; t++) {
+                float *o = y + (size_t)(ts + t) * ldy + r;
+                *o = (accum ? *o : 0.0f) + res[t];
+            }
+        }
+    }
+}
+
+void NAME(rows_q5_0_q8)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc)
+{ rows_q5(PLK_Q5_0, w, r0, r1, a, y, ldy, acc); }
+void NAME(rows_q5_1_q8)(const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int acc)
+{ rows_q5(PLK_Q5_1, w, r0, r1, a, y, ldy, acc); }
+
+/* ---- Q8_K activations (formats.quantize_act_k, bit-exact): first largest |x| per 256, q = cvtps (round to
+ * nearest even, as rint) of iscale * x, clamped at 127; d = 1 / iscale ---- */
+void NAME(quantize_act_q8k)(const float *x, int T, int K, int ldx, int8_t *qs, float *d, int16_t *bs)
+{
+    const int S = K / 256;
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int t = 0; t < T; t++)
+        for (int b = 0; b < S; b++) {
+            const float *v = x + (size_t)t * ldx + (size_t)b * 256;
+            int8_t *q = qs + (size_t)t * K + (size_t)b * 256;
+            int16_t *s = bs + (size_t)t * (K / 16) + (size_t)b * 16;
+            __m256 mx = _mm256_setzero_ps();
+            for (int i = 0; i < 256; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(v + i), absm));
+            __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            m = _mm_max_ss(m, _mm_movehdup_ps(m));
+            const float amax = _mm_cvtss_f32(m);
+            if (!(amax > 0.0f)) {
+                memset(q, 0, 256);
+                memset(s, 0, 32);
+                d[(size_t)t * S + b] = 0.0f;
+                continue;
+            }
+            int i0 = 0;                       /* the first element with |x| == amax, its signed value */
+            {
+                const __m256 am = _mm256_set1_ps(amax);
+                int i = 0, msk = 0;
+                for (; i < 256; i += 8) {
+                    msk = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(v + i), absm), am, _CMP_EQ_OQ));
+                    if (msk) break;
+                }
+                i0 = i < 256 ? i + __builtin_ctz((unsigned)msk) : 0;
+            }
+            const float is = -127.0f / v[i0];
+            const __m256 vis = _mm256_set1_ps(is);
+            const __m256i c127 = _mm256_set1_epi32(127);
+            for (int j = 0; j < 256; j += 32) {
+                __m256i qi[4];
+                for (int k = 0; k < 4; k++)
+                    qi[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(vis, _mm256_loadu_ps(v + j + 8 * k))), c127);
+                /* sums of 16 (two vectors each) */
+                for (int h = 0; h < 2; h++) {
+                    __m256i sv = _mm256_add_epi32(qi[2 * h], qi[2 * h + 1]);
+                    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sv), _mm256_extracti128_si256(sv, 1));
+                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+                    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+                    s[j / 16 + h] = (int16_t)_mm_cvtsi128_si32(s4);
+                }
+                __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+                p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256((__m256i *)(q + j), p8);
+            }
+            d[(size_t)t * S + b] = 1.0f / is;
+        }
+}
