@@ -146,16 +146,17 @@ void plk_attention(const float *q, const float *kc, const float *vc, int T, int 
     }
 }
 
-/* AVX2 + F16C form of attend_one_f16 for head_dim a multiple of 8 (measured: the target_clones
+/* AVX2 + F16C form of attend_one_f16 for head_dim a multiple of 8, up to 256 (gemma3) (measured: the target_clones
  * form above ran 98 us for 9 heads x 101 positions, i.e. the fp16 loads were not vectorised): scores
  * of 8 positions at a time (8 dot products reduced together), exp in scalar expf, V rows accumulated
- * 8 lanes at a time. Every query row goes through the same operations, whatever T. */
+ * 8 lanes at a time. Every query row goes through the same operations, whatever T. head_dim 256 (gemma3),
+ * 8 heads x 1024 positions, one token: 5.2 ms in the target_clones form, 0.19-0.39 ms here (load 2.6). */
 __attribute__((target("avx2,fma,f16c")))
 static void attend_one_f16_avx2(const float *q, const uint16_t *K, const uint16_t *V, int P, int hd, float scale,
                                 float *sc, float *o)
 {
     const int nc = hd / 8;
-    __m256 qv[16];
+    __m256 qv[32];
     for (int c = 0; c < nc; c++) qv[c] = _mm256_loadu_ps(q + 8 * c);
     float mx = -FLT_MAX;
     int p = 0;
@@ -188,7 +189,7 @@ static void attend_one_f16_avx2(const float *q, const uint16_t *K, const uint16_
     float sum = 0.0f;
     for (p = 0; p < P; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
     const float inv = 1.0f / sum;
-    __m256 ov[16];
+    __m256 ov[32];
     for (int c = 0; c < nc; c++) ov[c] = _mm256_setzero_ps();
     for (p = 0; p < P; p++) {
         const uint16_t *v = V + (size_t)p * hd;
@@ -246,7 +247,7 @@ void plk_attention_f16_ex(const float *q, size_t ldq, const uint16_t *kc, const 
     if (avx2 < 0) avx2 = plk_detect_isa() >= PLK_AVX2;
     if (!(scale > 0.0f)) scale = 1.0f / sqrtf((float)hd);
     att_job j = { q, ldq, kc, vc, T, nh, nh / nkv, hd, maxP, start, (jobs + nit - 1) / nit, scale, out,
-                  avx2 && hd % 8 == 0 && hd <= 128, window };
+                  avx2 && hd % 8 == 0 && hd <= 256, window };
     plk_pool_run(att_item, &j, (jobs + j.per - 1) / j.per, nth);
 }
 

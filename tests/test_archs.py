@@ -1,6 +1,7 @@
 """Every architecture family (llama, llama3 RoPE, mistral, qwen2, qwen3, gemma3, phi3), from a tiny random
-transformers model: HF route against transformers, prefill + decode against one forward, the GGUF route (F32 and Q8_0, written as llama.cpp's converter does) against the HF
-route, and bad checkpoints refused at convert with a PowerlowError."""
+transformers model: HF route against transformers, prefill + decode against one forward, the GGUF route (F32 and
+Q8_0, written as llama.cpp's converter does) against the HF route, and bad checkpoints refused at convert with a
+PowerlowError."""
 from __future__ import annotations
 
 import json
@@ -180,3 +181,54 @@ def test_gemma3_embed_scale_in_the_embedding_dtype(hidden, dtype):
     from powerlow.models.gemma3 import _embed_scale
     want = torch.tensor(hidden ** 0.5).to(getattr(torch, dtype)).float().item()
     assert _embed_scale(hidden, dtype) == want
+
+
+@pytest.mark.parametrize("kind,edit,match", [
+    ("qwen3", {"num_attention_heads": 0}, "num_attention_heads = 0 must be positive"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+     "rope scaling type 'yarn' is not supported \\(powerlow runs none, linear and llama3\\)"),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
+     "llama3 rope scaling lacks 'low_freq_factor'"),
+    ("gemma3", {"text_config": {}}, "lacks 'hidden_size'"),
+    ("mistral", {"layer_types": ["sliding_attention"]}, "layer_types must list"),
+])
+def test_bad_hf_configs(tiny, tmp_path, kind, edit, match):
+    hf, _ = tiny(kind)
+    bad = tmp_path / "hf"
+    shutil.copytree(hf, bad)
+    c = json.loads((bad / "config.json").read_text())
+    c.update(edit)
+    (bad / "config.json").write_text(json.dumps(c))
+    with pytest.raises(PowerlowError, match=match):
+        convert(bad, tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_gemma3_vision_language_checkpoint_converts_its_text_model(tmp_path):
+    """Gemma3ForConditionalGeneration: text_config + tensors under language_model.model.; text-only logits as
+    transformers' full model gives them (the vision tower is left out)."""
+    import torch
+    import transformers as T
+    from archs_util import VOCAB
+    from powerlow.synthetic import build_tokenizer
+    tc = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=6,
+              layer_types=["sliding_attention", "full_attention"])
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    model = T.Gemma3ForConditionalGeneration(T.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name and p.ndim == 2:
+                p.copy_(0.05 * torch.randn(p.shape))
+    hf = tmp_path / "hf"
+    model.save_pretrained(str(hf))
+    build_tokenizer(VOCAB).save(str(hf / "tokenizer.json"))
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([IDS])).logits[0].float().numpy()
+    m = powerlow.load(convert(hf, tmp_path / "m", bits="8", progress=False))
+    assert m.tf.config.arch == "gemma3" and m.tf.config.swa_layers == (0,)
+    ours = m.forward(IDS)
+    rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+    print(f"\ngemma3 vision-language checkpoint, text model: relative L2 error vs transformers {rel:.4f}")
+    assert rel < 0.03

@@ -60,6 +60,7 @@ class HFSource(Source):
             raise PowerlowError(f"{path}/config.json is not valid JSON ({e})") from None
         from ..models import hf_family
         self.family = hf_family(cfg, str(path))
+        self._prefix = "model."                  # where the text model's tensors are (a VLM nests them deeper)
         self.config = self.family.config_from_hf(cfg, str(path))
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -69,6 +70,9 @@ class HFSource(Source):
             st = _SafetensorsFile(f)
             for name in st.header:
                 self._index[name] = st
+        for p in getattr(self.family, "HF_PREFIXES", ()):
+            if p + "embed_tokens.weight" in self._index:
+                self._prefix = p
         tok = path / "tokenizer.json"
         if not tok.exists():
             raise PowerlowError(f"{path}: no tokenizer.json; powerlow needs the fast tokenizer file next to the weights")
@@ -87,6 +91,8 @@ class HFSource(Source):
     def _key(self, name: str) -> str:
         from ..models.common import hf_name
         key = hf_name(name, self.family.HF_LAYER_MAP)
+        if self._prefix != "model." and key.startswith("model."):
+            key = self._prefix + key[len("model."):]
         if key not in self._index:
             raise PowerlowError(f"{self.path}: tensor {key} is missing from the safetensors files; the checkpoint is incomplete "
                                 f"(or not a {self.config.arch} model)")

@@ -34,7 +34,7 @@ def family(name, where: str, what: str = "architecture"):
     fam = ALIASES.get(name) if isinstance(name, str) else None
     if fam is None:
         raise PowerlowError(f"{where}: {what} {name!r} is not supported; powerlow runs {', '.join(SUPPORTED)} "
-                            "(HF model_type llama, mistral, qwen2, qwen3, gemma3_text, phi3)")
+                            "(HF model_type llama, mistral, qwen2, qwen3, gemma3_text, gemma3, phi3)")
     return FAMILIES[fam]
 
 

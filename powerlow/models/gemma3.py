@@ -1,4 +1,5 @@
-"""Gemma 3 text models (HF Gemma3ForCausalLM, model_type ``gemma3_text``; GGUF architecture ``gemma3``).
+"""Gemma 3 text models (HF Gemma3ForCausalLM, model_type ``gemma3_text``, or the text model of a
+Gemma3ForConditionalGeneration, model_type ``gemma3``; GGUF architecture ``gemma3``).
 
 The block: x += post_attention_norm(attn(attn_norm(x))); x += post_ffw_norm(ffn(ffn_norm(x))), with GeGLU
 (tanh-approximated GELU), QK-norm, softmax scale query_pre_attn_scalar^-0.5, embeddings times sqrt(hidden)
@@ -46,10 +47,33 @@ def _pattern_local(pattern: int):
     return lambda i: pattern <= 0 or (i + 1) % pattern != 0
 
 
+# Gemma3ForConditionalGeneration (model_type "gemma3"): the text model's tensors under one of these prefixes (instead of
+# "model."), its config under text_config, which real checkpoints write sparsely: transformers' Gemma3TextConfig
+# defaults for what they leave out (sizes stay required)
+HF_PREFIXES = ("language_model.model.", "model.language_model.")
+TEXT_DEFAULTS = {"vocab_size": 262208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                 "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 131072,
+                 "sliding_window": 4096, "hidden_activation": "gelu_pytorch_tanh", "rope_theta": 1000000.0,
+                 "rope_local_base_freq": 10000.0, "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1}
+
+
+def _text_config(c: dict, where: str) -> dict:
+    """The text model's config of a vision-language checkpoint (the vision tower is not converted)."""
+    tc = c["text_config"]
+    if not isinstance(tc, dict):
+        raise PowerlowError(f"{where}/config.json: text_config is not an object")
+    out = {**TEXT_DEFAULTS, **tc}
+    if "rope_parameters" in tc:                      # transformers >= 5 spells both bases here
+        out.pop("rope_theta"), out.pop("rope_local_base_freq")
+    for k in ("bos_token_id", "eos_token_id", "dtype", "torch_dtype"):
+        if c.get(k) is not None:
+            out[k] = c[k]
+    return out
+
+
 def config_from_hf(c: dict, where: str) -> ModelConfig:
     if "text_config" in c:
-        raise PowerlowError(f"{where}: a Gemma 3 vision-language checkpoint (Gemma3ForConditionalGeneration); powerlow runs "
-                            "the text model: convert its GGUF, or a Gemma3ForCausalLM folder")
+        c = _text_config(c, where)
     if c.get("attn_logit_softcapping"):
         raise PowerlowError(f"{where}: attn_logit_softcapping is not supported (Gemma 3 has none; this looks like Gemma 2)")
     kw = hf_base(c, where, NAME)
