@@ -157,6 +157,16 @@ def matmul(int isa, int fmt, int tl, qs, d, m, tl_layout, int N, int K, x, out, 
         raise MemoryError("kernel scratch allocation failed")
 
 
+cdef int _check_ffn_fmts(int fmt, int down_fmt, int C, int K) except -1:
+    if fmt < 0 or fmt >= NFMT or down_fmt < 0 or down_fmt >= NFMT:
+        raise ValueError(f"bad format ids {fmt}, {down_fmt}")
+    if GROUP[fmt] == 256 and K % 256:
+        raise ValueError(f"K-quant gate/up need K a multiple of 256, got K={K}")
+    if GROUP[down_fmt] == 256 and C % 256:
+        raise ValueError(f"a K-quant down matrix needs the cluster size C a multiple of 256, got C={C}")
+    return 0
+
+
 cdef int _check_ffn(ptrs, offs, h, out, int K, int act) except -1:
     """The checks both ffn_bundles entry points share; returns T."""
     _arr(ptrs, cnp.NPY_UINT64, 1, "ptrs")
@@ -177,6 +187,7 @@ cdef int _check_ffn(ptrs, offs, h, out, int K, int act) except -1:
 
 def ffn_bundles(int isa, int fmt, int down_fmt, int tl, ptrs, int C, int K, offs, h, int act, out, int nthreads):
     """out (T, K) += sum over bundles at ptrs of down @ (act(gate h) * (up h))."""
+    _check_ffn_fmts(fmt, down_fmt, C, K)
     cdef int T = _check_ffn(ptrs, offs, h, out, K, act), n = ptrs.shape[0]
     cdef const uint64_t *pp = <const uint64_t*>_ptr(ptrs)
     cdef const int64_t *po = <const int64_t*>_ptr(offs)
@@ -205,6 +216,7 @@ def ffn_bundles_part(int isa, int fmt, int down_fmt, int tl, ptrs, int C, int K,
                      lo, hi, int nthreads):
     """Bundles lo[c]..hi[c]-1 of each chunk c (of len(lo) chunks) added into out (chunk 0) or priv[c-1]; no
     reduction (the caller adds priv[0], priv[1], ... into out after the last piece). Only those ptrs are read."""
+    _check_ffn_fmts(fmt, down_fmt, C, K)
     cdef int T = _check_ffn(ptrs, offs, h, out, K, act), n = ptrs.shape[0]
     _arr(priv, cnp.NPY_FLOAT32, 3, "priv")
     _arr(lo, cnp.NPY_INT32, 1, "lo")

@@ -1,6 +1,9 @@
 /* SIMD kernels of the raw GGML block formats, included after plk_simd.h by plk_avx2.c and plk_avx512.c
- * (same SUFFIX / PLK_VNNI / AI / NAME). 256-bit vectors in both variants; PLK_VNNI turns the int16 x int16
- * scale step into vpdpwssd and the q5 bit expansion into a mask move.
+ * (same SUFFIX / PLK_VNNI / AI / NAME). PLK_VNNI (the AVX-512 variant) turns the int16 x int16 scale step into
+ * vpdpwssd, the q5 bit expansion into a mask move, and runs the decode rows (kq_rows8_512) and the prefill
+ * tiles (vpdpbusd) on 512-bit vectors; the AVX2 variant stays on 256 bits.
+ * Paths: T >= KQ_GEMM_MINT tokens -> kq_gemm (2 rows x 4 tokens tiles); else 8 rows in lanes (kq_rows8);
+ * leftover rows (< 8, or the odd row / T % 4 tokens of the tiles) -> kq_row. All give the same bits.
  *
  * K-quants (q4_k, q5_k, q6_k) against Q8_K activations. Per row, up to 4 tokens at a time; per
  * super-block the codes are unpacked once into 8 vectors of 32 unsigned codes (q4_k/q5_k: one 32-sub-block
@@ -435,9 +438,10 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
  * The per-token kernel spends most of its work per (row, token) on scaling each sub-block's products (vpmaddwd
  * / vpdpwssd) and on horizontal sums. Here the codes of a row and the activations of a token are re-laid once per
  * call so that 32-bit lane j of step vector v holds 4 consecutive codes of sub-block j (q6_k: sub-block
- * 8 (v / 4) + j): 8 byte-dot steps (vpdpbusd, or vpmaddubsw summed in int16 while that cannot overflow, then
- * vpmaddwd by ones) leave sub-block j's exact dot in lane j, one vpmulld applies the 8 scales, and one
- * transposing hadd tree gives the 8 (row, token) integer sums of the tile in one vector; the mins (or q6_k's
+ * 8 (v / 4) + j): 8 byte-dot steps leave sub-block j's exact dot in lane j (AVX-512: vpdpbusd on zmm holding
+ * both rows, then one vpmulld by the 8 scales; AVX2: vpmaddubsw summed in int16 while that cannot overflow,
+ * then vpmaddwd by the scales duplicated per int16 pair), and one transposing hadd tree gives the 8
+ * (row, token) integer sums of the tile in one vector; the mins (or q6_k's
  * -32 offset) are vpmaddwd of the scales/mins with the block sums. The float steps are the per-token kernel's
  * (fma(isum, d_w*d_x, y), fma(imin, -(dmin_w*d_x), y) per super-block in order), 8 (row, token) pairs per
  * vector: bit-identical to a token computed alone. Rows left over (odd) and tokens (T % 4) take kq_row. */
@@ -465,7 +469,6 @@ AI void kq_row_prep(const int FMT, const uint8_t *row, int S, uint8_t *wt, size_
     for (int b = 0; b < S; b++) {
         const uint8_t *blk = row + (size_t)b * QB;
         __m256i c[8];
-        uint32_t nat[64] __attribute__((aligned(32)));
         if (FMT == PLK_Q6_K) {
             const uint8_t *ql = blk, *qh = blk + 128;
             for (int h = 0; h < 2; h++) {
@@ -522,7 +525,6 @@ AI void kq_row_prep(const int FMT, const uint8_t *row, int S, uint8_t *wt, size_
                 _mm256_store_si256((__m256i *)(oh + 2 * (size_t)vstride), _mm256_permute2x128_si256(lo01, lo23, 0x31));
                 _mm256_store_si256((__m256i *)(oh + 3 * (size_t)vstride), _mm256_permute2x128_si256(hi01, hi23, 0x31));
             }
-            (void)nat;
         } else {   /* lane j of step v = dword v of sub-block j: an 8 x 8 dword transpose */
             tr4_lane(c);
             tr4_lane(c + 4);
@@ -532,28 +534,6 @@ AI void kq_row_prep(const int FMT, const uint8_t *row, int S, uint8_t *wt, size_
             }
         }
     }
-}
-
-/* 8 step dots of one (row, token) pair into int32 lanes; AVX2 folds int16 while safe:
- * q4_k 8 steps (<= 8 x 2 x 15 x 127), q5_k 4, q6_k 2 */
-AI __m256i kq_dot8(const int FMT, const __m256i *W, const int8_t *x, int v0, int nv)
-{
-#if PLK_VNNI
-    __m256i acc = _mm256_setzero_si256();
-    for (int v = v0; v < v0 + nv; v++) acc = _mm256_dpbusd_epi32(acc, W[v], _mm256_load_si256((const __m256i *)(x + 32 * v)));
-    return acc;
-#else
-    const int fold = FMT == PLK_Q4_K ? 8 : FMT == PLK_Q5_K ? 4 : 2;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc = _mm256_setzero_si256();
-    for (int v = v0; v < v0 + nv; v += fold) {
-        __m256i s = _mm256_setzero_si256();
-        for (int u = v; u < v + fold && u < v0 + nv; u++)
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(W[u], _mm256_load_si256((const __m256i *)(x + 32 * u))));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
-    }
-    return acc;
-#endif
 }
 
 AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk_act *a, float *y, int ldy, int accum)

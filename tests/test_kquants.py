@@ -97,6 +97,14 @@ def test_kquant_shape_errors():
     q = F.quantize(np.ones((2, 256), np.float32), "q4_k")
     with pytest.raises(ValueError):
         K.matmul(q, np.zeros((1, 255), np.float32))
+    # the bundle wrappers check the K-quant shapes too (a layout made by hand)
+    offs = np.zeros(9, np.int64)
+    h, out = np.zeros((1, 300), np.float32), np.zeros((1, 300), np.float32)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        _k.ffn_bundles(0, K._FMT_ID["q4_k"], 0, 0, np.zeros(1, np.uint64), 32, 300, offs, h, 0, out, 1)
+    h, out = np.zeros((1, 256), np.float32), np.zeros((1, 256), np.float32)
+    with pytest.raises(ValueError, match="cluster size"):
+        _k.ffn_bundles(0, 0, K._FMT_ID["q6_k"], 0, np.zeros(1, np.uint64), 64, 256, offs, h, 0, out, 1)
 
 
 # ---------------------------------------------------------------- Q8_K activations
