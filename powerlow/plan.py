@@ -238,6 +238,19 @@ class Plan:
     expected_basis: str = ""
     dense: DensePlan | None = None            # attention / lm_head / embeddings (None: all resident)
     stream_window: bool = False               # dense mode: staging is a window the unpinned bundles stream through
+    layer_strides: tuple[int, ...] = ()       # a bundle's bytes on disk per layer (a GGUF quant mix: not all = stride)
+
+    @property
+    def ffn_store_bytes(self) -> int:
+        """ffn.bin's size: every layer's bundles at their own size (memory slots are all ``stride``)."""
+        return self.n_clusters * (sum(self.layer_strides) if self.layer_strides else self.n_layers * self.stride)
+
+    @property
+    def hot_read_bytes(self) -> int:
+        """The pinned clusters' bytes on disk (what they save a dense token in reads)."""
+        if not self.layer_strides:
+            return self.hot_bytes
+        return sum(int(h) * s for h, s in zip(self.hot_per_layer, self.layer_strides))
 
     @property
     def resident_bytes(self) -> int:
@@ -281,13 +294,15 @@ class Plan:
 
     def render(self) -> str:
         B = self.budget_bytes
-        ffn_total = self.n_layers * self.n_clusters * self.stride
+        ffn_total = self.ffn_store_bytes
+        sizes = sorted(set(self.layer_strides)) or [self.stride]
+        kib = f"{sizes[0] // 1024}" + (f"-{sizes[-1] // 1024}" if len(sizes) > 1 else "")
 
         def row(name, n, extra=""):
             return f"  {name:<26s} {format_size(n):>12s}  {100 * n / B:5.1f}%  {extra}".rstrip()
 
         lines = [f"memory budget {format_size(B)} ({B} bytes); FFN store {format_size(ffn_total)} in "
-                 f"{self.n_layers} x {self.n_clusters} bundles of {self.stride // 1024} KiB"]
+                 f"{self.n_layers} x {self.n_clusters} bundles of {kib} KiB"]
         lines.append(row("resident", self.resident_bytes))
         for k, v in self.resident.items():
             extra = f"{self.context} positions" if k == "kv cache" else ""
@@ -315,7 +330,7 @@ class Plan:
             if not (d is not None and d.streams):
                 lines.append("  everything fits: no reads after loading")
         elif self.expected_read_bytes is None:
-            lines.append(f"  FFN read from storage per token (dense): about {format_size(ffn_total - self.hot_bytes)}")
+            lines.append(f"  FFN read from storage per token (dense): about {format_size(ffn_total - self.hot_read_bytes)}")
         else:
             lines.append(f"  FFN read from storage per token: about {format_size(self.expected_read_bytes)} "
                          f"({self.expected_basis}; less with dynamic hits)")
@@ -354,6 +369,7 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
     cfg = manifest["config"]
     info = StoreInfo.from_json(manifest["ffn"])
     L, N, S = info.n_layers, info.n_clusters, info.layout.stride
+    strides = tuple(lay.stride for lay in info.layouts)
     from .stream import READ_CHUNK, lm_head_units, ring_reader_threads
     attn_units, heads, head_name, tfile = dense_units(model_dir, manifest, None)
     try:
@@ -460,7 +476,7 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
     D = runtime.prefetch_depth
     if slots >= total:
         return Plan(B, S, L, N, context, resident, [N] * L, [np.arange(N)] * L, 0, 0, D, 1.0, "everything", notes,
-                    dense=dense)
+                    dense=dense, layer_strides=strides)
 
     dense_like = runtime.mode == "dense" or (runtime.mode == "gate" and counts is None)
     stream_window = False
@@ -517,7 +533,7 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
         source = "cluster order"
     hot_ids = [np.sort(o).astype(np.int64) for o in order]
     plan = Plan(B, S, L, N, context, resident, [int(h) for h in hot], hot_ids, int(dynamic), int(staging), D,
-                float(frac), source, notes, dense=dense, stream_window=stream_window)
+                float(frac), source, notes, dense=dense, stream_window=stream_window, layer_strides=strides)
     if not dense_like:
         if counts is not None and counts.max() <= 1.0 and runtime.mode == "gate":
             cold = sum(float(np.delete(counts[l], hot_ids[l]).sum()) for l in range(L))

@@ -110,3 +110,12 @@ def test_run_gguf_directly_converts_once(qwen_gguf, tmp_path):
     assert "converting" in r1.stderr and "Paris" in r1.stdout
     r2 = run_cli("run", "-m", qwen_gguf, "-p", "The capital of France is", "-n", "6", env=env)
     assert r2.returncode == 0 and "converting" not in r2.stderr and r2.stdout == r1.stdout
+
+
+def test_offloaded_run_gives_the_resident_tokens(qwen, qwen_dir):
+    """Under a budget about half the model (bundles of two sizes: Q6_K and Q4_K downs), the same greedy tokens."""
+    import powerlow
+    prompt = qwen.tokenize("def fibonacci(n):")
+    resident = [t.id for t in qwen.generate(prompt, 8)]
+    with powerlow.load(qwen_dir, powerlow.RuntimeConfig(budget_bytes=600 << 20, max_context=64)) as m:
+        assert [t.id for t in m.generate(prompt, 8)] == resident
