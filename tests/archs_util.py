@@ -124,8 +124,28 @@ def _llama3_factors(hf_dir: Path) -> np.ndarray:
     return (inv / inv3.double().numpy()).astype(np.float32)
 
 
+def gguf_blocks(t: np.ndarray, qtype: str, seed: int = 0):
+    """A float matrix (rows, cols) as GGML blocks of ``qtype`` -> (raw uint8 (rows, row bytes), GGML type): the gguf
+    package's quantizers where it has one (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), powerlow's for the K-quants it computes
+    (Q4_K, Q5_K, Q6_K: raw GGML blocks), and random blocks with small scales for Q2_K / Q3_K (no quantizer at hand:
+    they stand for a file made elsewhere)."""
+    import gguf
+    from powerlow import formats
+    typ = gguf.GGMLQuantizationType[qtype]
+    if qtype in ("Q4_K", "Q5_K", "Q6_K"):
+        return formats.quantize(t, qtype.lower()).planes["qs"], typ
+    if qtype in ("Q2_K", "Q3_K"):
+        rng = np.random.default_rng(seed)
+        size, d_at = {"Q2_K": (84, (80, 82)), "Q3_K": (110, (108,))}[qtype]
+        b = rng.integers(0, 256, (t.shape[0], t.shape[1] // 256, size), dtype=np.uint8)
+        for off in d_at:                                     # d (and dmin) fp16 0.002
+            b[:, :, off:off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+        return b.reshape(t.shape[0], -1), typ
+    return gguf.quants.quantize(t, typ), typ
+
+
 def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32", **meta_override) -> Path:
-    """The HF folder as llama.cpp's convert_hf_to_gguf.py would write it (F32 or Q8_0 matrices, F32 norms);
+    """The HF folder as llama.cpp's convert_hf_to_gguf.py would write it (F32 or GGML-quantized matrices, F32 norms);
     ``meta_override``: {key without the arch prefix: value} written instead of the true value (bad-input tests)."""
     import gguf
     from safetensors.numpy import load_file
@@ -173,9 +193,9 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32", **meta_override) -> 
             t = _permute(t, H if "attn_q" in g else KV)
         if arch == "gemma3" and g.endswith("norm.weight"):
             t = t + np.float32(1.0)                     # Gemma3Model.modify_tensors: norm_shift
-        if t.ndim == 2 and qtype == "Q8_0":
-            w.add_tensor(g, gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        if t.ndim == 2 and qtype != "F32":
+            raw, typ = gguf_blocks(t, qtype)
+            w.add_tensor(g, raw, raw_dtype=typ)
         else:
             w.add_tensor(g, t)
     w.write_header_to_file()
