@@ -21,6 +21,17 @@ def smol_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_gguf() -> Path:
+    """The real Qwen2.5-Coder-1.5B Q4_K_M GGUF (the test command runs scripts/fetch_qwen.py first): missing is a
+    failure, not a skip."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from fetch_qwen import SIZE, default_path
+    p = default_path()
+    assert p.exists() and p.stat().st_size == SIZE, f"{p} is missing: run `python scripts/fetch_qwen.py`"
+    return p
+
+
+@pytest.fixture(scope="session")
 def smol_dir(smol_gguf, tmp_path_factory) -> Path:
     from powerlow.convert import convert
     return convert(smol_gguf, tmp_path_factory.mktemp("smol") / "model", progress=False)

@@ -14,7 +14,7 @@ import powerlow
 from powerlow.convert import convert
 from powerlow.errors import PowerlowError
 
-pytest.importorskip("transformers")
+import transformers  # noqa: F401  (the test extras: missing is a failure)
 from archs_util import KINDS, hf_logits, make_tiny, write_gguf  # noqa: E402
 
 IDS = list(range(3, 40))
@@ -161,12 +161,9 @@ def test_hf_config_disagreeing_with_tensors(tiny, tmp_path):
         convert(bad, tmp_path / "m", progress=False)
 
 
-def test_real_qwen_gguf_metadata():
-    """The real Qwen2.5-Coder-1.5B Q4_K_M file: only its metadata is read (its K-quant tensors are another branch's)."""
-    from pathlib import Path
-    p = Path("/work/models/qwen.gguf")
-    if not p.exists():
-        pytest.skip("no /work/models/qwen.gguf on this machine")
+def test_real_qwen_gguf_metadata(qwen_gguf):
+    """The real Qwen2.5-Coder-1.5B Q4_K_M file's metadata."""
+    p = qwen_gguf
     from powerlow.loaders.gguf_file import GGUFSource
     c = GGUFSource(p).config
     assert (c.arch, c.hidden_size, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == ("qwen2", 1536, 28, 12, 2, 128)
@@ -177,7 +174,7 @@ def test_real_qwen_gguf_metadata():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_gemma3_embed_scale_in_the_embedding_dtype(hidden, dtype):
     """sqrt(hidden) rounded as transformers rounds it (a tensor cast to the weights' dtype)."""
-    torch = pytest.importorskip("torch")
+    import torch
     from powerlow.models.gemma3 import _embed_scale
     want = torch.tensor(hidden ** 0.5).to(getattr(torch, dtype)).float().item()
     assert _embed_scale(hidden, dtype) == want

@@ -110,11 +110,8 @@ def test_gemma_style_chat_template_renders(tmp_path):
     assert tok.stop_ids() == {2, 4}                                     # eos and <end_of_turn>
 
 
-def test_qwen_chat_template_from_the_real_gguf():
-    from pathlib import Path
-    p = Path("/work/models/qwen.gguf")
-    if not p.exists():
-        pytest.skip("no /work/models/qwen.gguf on this machine")
+def test_qwen_chat_template_from_the_real_gguf(qwen_gguf):
+    p = qwen_gguf
     import gguf
     r = gguf.GGUFReader(str(p))
     tok = Tokenizer(tokenizer_json_from_gguf(r, p), chat_template=r.fields["tokenizer.chat_template"].contents(),

@@ -309,7 +309,6 @@ def test_killed_convert_leftovers_are_recovered(tiny_src, tmp_path):
 
 def test_disk_full_during_convert_is_a_message(tiny_src, tmp_path, monkeypatch):
     import errno
-    from powerlow import store
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", "ffn.bin")

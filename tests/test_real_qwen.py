@@ -5,24 +5,13 @@ from `python scripts/gen_llamacpp_reference.py --qwen` (llama.cpp) and `python s
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import DATA, ROOT, log_softmax, run_cli
+from conftest import DATA, log_softmax, run_cli
 
 NEAR_TIE = 0.25
-
-
-@pytest.fixture(scope="module")
-def qwen_gguf():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from fetch_qwen import SIZE, default_path
-    p = default_path()
-    # the test command fetches it; a missing model is a failure, not a skip
-    assert p.exists() and p.stat().st_size == SIZE, f"{p} is missing: run `python scripts/fetch_qwen.py`"
-    return p
 
 
 @pytest.fixture(scope="module")

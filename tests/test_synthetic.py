@@ -36,7 +36,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def _hf_run(path: Path, ids: np.ndarray):
     """transformers logits [S, T, V] plus per-layer gate pre-activations and act*up, via hooks."""
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
