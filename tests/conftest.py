@@ -73,6 +73,20 @@ def run_cli(*args, env=None, input=None, timeout=600, cwd=None) -> subprocess.Co
                           env=e, input=input, timeout=timeout, cwd=cwd)
 
 
+def teacher_forced(model, prompts):
+    """Per continuation position of llama.cpp reference prompts: (powerlow argmax, llama.cpp's token, transformers'
+    argmax where the data has it (else None), powerlow's log-probs row)."""
+    rows = []
+    for p in prompts:
+        seq = p["ids"] + p["continuation"]
+        lp = log_softmax(model.forward(seq))
+        tf = p.get("transformers_argmax")
+        n0 = len(p["ids"]) - 1
+        for i in range(n0, len(seq) - 1):
+            rows.append((int(lp[i].argmax()), seq[i + 1], None if tf is None else tf[i - n0], lp[i]))
+    return rows
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import log_softmax, run_cli
+from conftest import log_softmax, run_cli, teacher_forced
 
 NEAR_TIE = 0.25   # log-prob gap under which rounding may flip the argmax (the issue's tolerance)
 
@@ -21,20 +21,9 @@ def test_detokenize_roundtrip(smol, llamacpp_ref):
         assert smol.detokenize(p["ids"]) == p["formatted"]
 
 
-def teacher_forced(model, prompts):
-    """For every continuation position: (powerlow argmax, reference token, powerlow log-probs row)."""
-    rows = []
-    for p in prompts:
-        seq = p["ids"] + p["continuation"]
-        lp = log_softmax(model.forward(seq))
-        for i in range(len(p["ids"]) - 1, len(seq) - 1):
-            rows.append((int(lp[i].argmax()), seq[i + 1], lp[i]))
-    return rows
-
-
 def test_teacher_forced_agreement_with_llamacpp(smol, llamacpp_ref):
     rows = teacher_forced(smol, llamacpp_ref["prompts"])
-    gaps = [lp[mine] - lp[ref] for mine, ref, lp in rows if mine != ref]
+    gaps = [lp[mine] - lp[ref] for mine, ref, _, lp in rows if mine != ref]
     rate = 1 - len(gaps) / len(rows)
     print(f"\nllama.cpp agreement {rate:.3f} over {len(rows)} positions; misses' gaps {np.round(gaps, 3).tolist()}")
     assert all(g <= NEAR_TIE for g in gaps), f"a miss that is not a near-tie: {max(gaps):.3f}"

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import DATA, log_softmax, run_cli
+from conftest import DATA, run_cli, teacher_forced
 
 NEAR_TIE = 0.25
 
@@ -56,21 +56,8 @@ def test_tokenization_matches_llamacpp(qwen, ref):
         assert qwen.detokenize(p["ids"]) == p["formatted"]
 
 
-def _teacher_forced(model, prompts):
-    """Per continuation position: (powerlow argmax, llama.cpp's token, transformers' argmax or None, log-probs)."""
-    rows = []
-    for p in prompts:
-        seq = p["ids"] + p["continuation"]
-        lp = log_softmax(model.forward(seq))
-        tf = p.get("transformers_argmax")
-        n0 = len(p["ids"]) - 1
-        for i in range(n0, len(seq) - 1):
-            rows.append((int(lp[i].argmax()), seq[i + 1], None if tf is None else tf[i - n0], lp[i]))
-    return rows
-
-
 def test_teacher_forced_agreement_with_llamacpp_and_transformers(qwen, ref):
-    rows = _teacher_forced(qwen, ref["prompts"])
+    rows = teacher_forced(qwen, ref["prompts"])
     misses = [(mine, lc, tf, lp[mine] - lp[lc]) for mine, lc, tf, lp in rows if mine != lc]
     rate = 1 - len(misses) / len(rows)
     tf_rate = np.mean([mine == tf for mine, _, tf, _ in rows])

@@ -13,9 +13,14 @@ HF_LAYER_MAP = HF_LAYER
 
 
 def config_from_hf(c: dict, where: str) -> ModelConfig:
-    kw = hf_base(c, where, NAME)
+    return qwen_config_from_hf(c, where, NAME, attn_bias=True)
+
+
+def qwen_config_from_hf(c: dict, where: str, name: str, **fields) -> ModelConfig:
+    """The Qwen families' config.json (qwen3 too): llama keys, rope scaling, sliding window from max_window_layers."""
+    kw = hf_base(c, where, name)
     theta, scaling = hf_rope(c)
-    kw.update(rope_theta=theta, attn_bias=True, **hf_scaling(scaling, kw["head_dim"], theta, where))
+    kw.update(rope_theta=theta, **fields, **hf_scaling(scaling, kw["head_dim"], theta, where))
     if c.get("use_sliding_window"):
         first = int(c.get("max_window_layers", 0))
         kw.update(hf_sliding(c, kw["n_layers"], where, lambda i: i >= first))

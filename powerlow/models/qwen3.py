@@ -7,21 +7,15 @@ GGUF: llama.cpp's converter (Qwen3Model, derived from Qwen2Model) writes Q and K
 from __future__ import annotations
 
 from ..arch import ModelConfig
-from .common import HF_LAYER, gguf_common, gguf_linear_scaling, hf_base, hf_rope, hf_scaling, hf_sliding
+from .common import HF_LAYER, gguf_common, gguf_linear_scaling
+from .qwen2 import qwen_config_from_hf
 
 NAME = "qwen3"
 HF_LAYER_MAP = HF_LAYER
 
 
 def config_from_hf(c: dict, where: str) -> ModelConfig:
-    kw = hf_base(c, where, NAME)
-    theta, scaling = hf_rope(c)
-    kw.update(rope_theta=theta, attn_bias=bool(c.get("attention_bias", False)), qk_norm=True,
-              **hf_scaling(scaling, kw["head_dim"], theta, where))
-    if c.get("use_sliding_window"):
-        first = int(c.get("max_window_layers", 0))
-        kw.update(hf_sliding(c, kw["n_layers"], where, lambda i: i >= first))
-    return ModelConfig(**kw)
+    return qwen_config_from_hf(c, where, NAME, attn_bias=bool(c.get("attention_bias", False)), qk_norm=True)
 
 
 def config_from_gguf(m, kw: dict, tensors: dict, read) -> ModelConfig:
