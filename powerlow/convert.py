@@ -24,7 +24,13 @@ RESIDENT_FILES = ("tokenizer.json", "resident.safetensors", "ffn.bin")
 
 def pick_cluster_size(F: int, group: int, requested: int | None) -> int:
     """Neurons per bundle: a multiple of the down format's group; by default 32 rounded up to the group
-    and, if possible, dividing F (so no cluster is padded)."""
+    and, if possible, dividing F (so no cluster is padded).
+
+    Why the down format decides: a bundle holds its neurons' gate and up *rows* (whole rows: any C keeps them in
+    their stored blocks) and their down *columns*, ``ffn_down[:, cluster]``, and ffn_down is quantized along the
+    neurons. Only a C that is a multiple of the down format's block keeps every row's slice whole stored blocks,
+    so the bytes are copied, never re-quantized. K-quants (Q4_K, Q6_K, ...) have 256-wide super-blocks, hence
+    C = 256 for a Q4_K_M model (Qwen2.5-1.5B: F = 8960 = 35 x 256, 35 bundles a layer)."""
     if requested is not None:
         if requested <= 0 or requested % group:
             raise PowerlowError(f"--cluster-size {requested}: must be a positive multiple of {group} (the format's group size)")
