@@ -20,6 +20,19 @@ def powerlow_home() -> Path:
     return Path(os.environ.get("POWERLOW_HOME") or Path.home() / ".cache" / "powerlow")
 
 
+def models_home() -> Path:
+    """$POWERLOW_HOME/models, created if needed; a home that cannot hold it is named with the fix."""
+    d = powerlow_home() / "models"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise PowerlowError(f"POWERLOW_HOME={powerlow_home()} cannot hold converted models: {d} is not a writable "
+                            f"directory ({e.strerror}); set POWERLOW_HOME to a directory you can write to") from None
+    return d
+
+
 def default_gguf() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -38,6 +51,8 @@ def default_model_dir(progress: bool = True) -> Path:
     src = default_gguf()
     st = src.stat()
     out = powerlow_home() / "models" / f"smollm2-135m-instruct-q4_1-{st.st_size:x}"
+    if not (out / "manifest.json").exists():
+        models_home()
     if not (out / "manifest.json").exists():
         from .convert import convert
         if progress:
@@ -66,6 +81,7 @@ def prepare_source(src: Path, progress: bool = True) -> Path:
     out = converted_dir(src)
     if (out / "manifest.json").exists():
         return out
+    models_home()
     from .convert import convert
     if progress:
         print(f"powerlow: converting {src} into {out} (once; later runs reuse it) ...", file=sys.stderr)

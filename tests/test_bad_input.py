@@ -385,3 +385,31 @@ def test_unlisted_file_symlinked_outside_is_refused(model_dir, tmp_path, name):
     _edit_manifest(model_dir, lambda m: m["files"].pop(name))
     r = run_cli("run", "-m", model_dir, "-p", "hi", "-n", "2")
     assert r.returncode == 2 and f"does not list {name}" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("case", ["readonly", "file", "models_file"])
+def test_unusable_powerlow_home_is_a_message(tiny_src, tmp_path, case):
+    home = tmp_path / "home"
+    if case == "readonly":
+        home.mkdir()
+        (home / "models").mkdir()
+        os.chmod(home / "models", 0o555)
+    elif case == "file":
+        home.write_text("x")
+    else:
+        home.mkdir()
+        (home / "models").write_text("x")
+    r = run_cli("run", "-m", tiny_src, "-p", "hi", "-n", "2", env={"POWERLOW_HOME": str(home)})
+    if case == "readonly" and os.geteuid() == 0:      # root writes anyway: then it must simply work
+        assert r.returncode == 0, r.stderr
+        return
+    assert r.returncode == 2 and "POWERLOW_HOME" in r.stderr and "Traceback" not in r.stderr, r.stderr[-400:]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_invalid_utf8_prompt_on_the_command_line(model_dir, chat):
+    import subprocess
+    import sys
+    args = [sys.executable, "-m", "powerlow", "run", "-m", str(model_dir), "-p", b"hi \xff\xfe there", "-n", "2"]
+    r = subprocess.run(args + (["--chat"] if chat else []), capture_output=True, text=True)
+    assert r.returncode == 2 and "not valid text" in r.stderr and "Traceback" not in r.stderr, r.stderr[-400:]
