@@ -195,6 +195,12 @@ class Transformer:
         self.runtime = runtime or RuntimeConfig()
         self.manifest = load_manifest(self.dir, verify=verify)
         self.config = cfg = ModelConfig.from_json(self.manifest["config"])
+        from .stream import TensorFile, check_tensors
+        tfile = TensorFile(self.dir / "resident.safetensors")
+        try:
+            check_tensors(self.manifest["tensors"], cfg, tfile)
+        finally:
+            tfile.close()
         # a budget is checked before anything big is loaded: under a memory limit below the minimum, a late
         # check would be an OOM kill instead of this error
         self.plan = None
