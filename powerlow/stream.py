@@ -157,7 +157,11 @@ class TensorFile:
         view = memoryview(dest.reshape(-1).view(np.uint8))
         done = 0
         while done < len(view):
-            n = os.preadv(self.fd, [view[done: done + self.READ_STEP]], offset + done)
+            try:
+                n = os.preadv(self.fd, [view[done: done + self.READ_STEP]], offset + done)
+            except OSError as e:
+                raise PowerlowError(f"{self.path}: read error ({e.strerror or e}); check the disk and the file "
+                                    "(re-convert the model if it is damaged)") from None
             if n <= 0:
                 raise PowerlowError(f"{self.path}: unexpected end of file; re-convert the model")
             if n >= 1 << 16:
