@@ -109,3 +109,16 @@ def test_stream_decoder_is_constant_work_per_token(model_dir, monkeypatch):
         for i in ids:
             dec.push(i)
         assert max(sizes) <= StreamDecoder.CONTEXT + StreamDecoder.MAX_PENDING
+
+
+def test_budget_kv_cache_is_allocated_once(tmp_path):
+    """Under a budget the KV cache is its planned size at the first token and never re-allocated: doubling kept the
+    outgrown caches in RSS (malloc's raised mmap threshold puts the next ones on a heap that does not shrink)."""
+    from conftest import make_converted
+    _, d = make_converted(tmp_path, act="silu", seed=3, **dict(TINY, max_positions=1024))
+    with powerlow.load(d, {"budget": "8MiB", "max_context": 1000}) as m:
+        list(m.generate([5, 17, 33], 2))
+        first = [id(a) for a in m.tf.kv.k]
+        assert m.tf.kv.cap == m.tf.kv.limit == m.tf.plan.context == 1000
+        list(m.generate([5, 17, 33] * 100, 30))
+        assert [id(a) for a in m.tf.kv.k] == first
