@@ -54,6 +54,7 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise PowerlowError(f"model config: {name} must be a positive number, got {v!r}")
+        self._check_types()
         if self.n_heads % self.n_kv_heads:
             raise PowerlowError(f"model config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
@@ -65,6 +66,26 @@ class ModelConfig:
             raise PowerlowError("model config: sliding-window layers without a positive sliding_window")
         if any(not 0 <= l < self.n_layers for l in self.swa_layers):
             raise PowerlowError(f"model config: sliding-window layer ids {list(self.swa_layers)} outside 0..{self.n_layers - 1}")
+
+    def _check_types(self) -> None:
+        """The optional fields: each of its own type and range (a corrupt manifest is refused, not run)."""
+        import math
+
+        def num(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+        def count(x):
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+        bad = [n for n in ("tie_embeddings", "attn_bias", "qk_norm", "post_norms") if not isinstance(getattr(self, n), bool)]
+        bad += [n for n in ("attn_scale", "embed_scale", "logit_softcap", "rope_theta_local") if not num(getattr(self, n))]
+        bad += [n for n in ("rope_scaling_factor",) if not (num(self.rope_scaling_factor) and self.rope_scaling_factor > 0)]
+        bad += [n for n in ("sliding_window",) if not count(self.sliding_window)]
+        bad += [n for n in ("bos_id",) if self.bos_id is not None and not count(self.bos_id)]
+        bad += [n for n in ("eos_ids", "swa_layers") if not all(count(i) for i in getattr(self, n))]
+        bad += [n for n in ("rope_freq_factors",) if not all(num(f) and f > 0 for f in self.rope_freq_factors)]
+        if bad:
+            raise PowerlowError(f"model config: {bad[0]} has a value of the wrong type or range "
+                                f"({getattr(self, bad[0])!r}); the manifest is corrupt — re-convert the model")
 
     def is_local(self, layer: int) -> bool:
         """True for a sliding-window layer."""
@@ -99,5 +120,5 @@ class ModelConfig:
             for k in ("eos_ids", "swa_layers", "rope_freq_factors"):
                 d[k] = tuple(d.get(k, ()))
             return cls(**d)
-        except TypeError as e:      # a missing key, or a value of the wrong type
+        except (TypeError, ValueError) as e:      # a missing key, or a value of the wrong type
             raise PowerlowError(f"manifest config is incomplete or corrupt ({e}); re-convert the model") from None

@@ -138,9 +138,13 @@ class KVCache:
     fp16 as llama.cpp's default cache: half the memory of float32, and the kernels write and read it
     directly (attention converts fp16 -> float32 in registers)."""
 
-    def __init__(self, cfg: ModelConfig, limit: int):
+    def __init__(self, cfg: ModelConfig, limit: int, *, whole: bool = False):
         self.cfg = cfg
         self.limit = limit
+        # whole: the full limit at the first use (a budget's plan has paid for it). Doubling under a budget kept
+        # every outgrown cache in RSS: after the first one is freed, malloc raises its mmap threshold and the next
+        # ones come from the heap, which does not shrink (SmolLM2, -n 2000: +33 MiB past budget + baseline)
+        self.whole = whole
         self.cap = 0
         self.k: list[np.ndarray] = []
         self.v: list[np.ndarray] = []
@@ -151,7 +155,7 @@ class KVCache:
             raise PowerlowError(f"sequence of {n} tokens exceeds the context of {self.limit}; shorten the prompt or lower -n")
         if n <= self.cap:
             return
-        cap = min(self.limit, max(n, 2 * self.cap, 256))
+        cap = self.limit if self.whole else min(self.limit, max(n, 2 * self.cap, 256))
         c = self.cfg
         shape = (c.n_kv_heads, cap, c.head_dim)
         newk = [np.zeros(shape, np.float16) for _ in range(c.n_layers)]
@@ -195,6 +199,12 @@ class Transformer:
         self.runtime = runtime or RuntimeConfig()
         self.manifest = load_manifest(self.dir, verify=verify)
         self.config = cfg = ModelConfig.from_json(self.manifest["config"])
+        from .stream import TensorFile, check_tensors
+        tfile = TensorFile(self.dir / "resident.safetensors")
+        try:
+            check_tensors(self.manifest["tensors"], cfg, tfile)
+        finally:
+            tfile.close()
         # a budget is checked before anything big is loaded: under a memory limit below the minimum, a late
         # check would be an OOM kill instead of this error
         self.plan = None
@@ -236,7 +246,7 @@ class Transformer:
         self.ffn = SparseFFN(self.ffn_source, self.store_info, cfg.hidden_act, self.ops, mode=self.runtime.mode,
                              predictor=self.predictor, cluster_order=self.manifest.get("cluster_order"))
         limit = min(cfg.max_positions, self.runtime.max_context or cfg.max_positions)
-        self.kv = KVCache(cfg, limit)
+        self.kv = KVCache(cfg, limit, whole=self.plan is not None)
         # fused: one attn_block call per layer (kernels or reference); False runs the unfused op sequence
         # (the same kernels one by one: tests compare the two bit for bit)
         self.fused = True

@@ -69,7 +69,8 @@ def generate(tf, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
         raise PowerlowError(f"-n must be >= 0, got {max_tokens}")
     n_ctx = tf.kv.limit
     if len(prompt_ids) + max_tokens > n_ctx:
-        budget = tf.runtime.budget_bytes is not None
+        # max_context can lift a budget's cache size, never the model's own context: advise it only below that
+        budget = tf.runtime.budget_bytes is not None and len(prompt_ids) + max_tokens <= tf.config.max_positions
         raise PowerlowError(f"prompt ({len(prompt_ids)} tokens) + -n {max_tokens} exceeds the context of {n_ctx} tokens; "
                             "shorten the prompt or lower -n" + (
                                 f", or set max_context >= {len(prompt_ids) + max_tokens} in the config (the budget's "

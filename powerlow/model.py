@@ -112,7 +112,27 @@ class Model:
         self.stats.ffn_density = self.tf.ffn.clusters_used / max(1, self.tf.ffn.clusters_total)
 
 
-def load(path=None, config: RuntimeConfig | None = None, *, backend: str | None = None) -> Model:
+def runtime_of(config) -> RuntimeConfig | None:
+    """``config`` as a RuntimeConfig: one, None (the defaults), or a dict of the config file's keys
+    (``{"budget": "512MiB", "threads": 2}``, checked as the file is); anything else is a PowerlowError."""
+    if config is None or isinstance(config, RuntimeConfig):
+        return config
+    if isinstance(config, dict):
+        from .config import config_from_dict
+        return RuntimeConfig(**config_from_dict(config, source="powerlow.load config"))
+    raise PowerlowError(f"powerlow.load: config must be a RuntimeConfig, a dict of config keys or None, got "
+                        f"{type(config).__name__}")
+
+
+def load(path=None, config: RuntimeConfig | dict | None = None, *, backend: str | None = None) -> Model:
     """Load a powerlow model dir, or a GGUF file / Hugging Face folder (converted on first use into
-    $POWERLOW_HOME/models and reused afterwards); None: the default model."""
-    return Model(Transformer(resolve_model(path), config, backend=backend))
+    $POWERLOW_HOME/models and reused afterwards); None: the default model. ``config``: a RuntimeConfig or a dict
+    of the config file's keys. A read error (EIO, a directory where a file should be) is a PowerlowError naming
+    the file."""
+    config = runtime_of(config)
+    model_dir = resolve_model(path)
+    try:
+        return Model(Transformer(model_dir, config, backend=backend))
+    except OSError as e:
+        raise PowerlowError(f"{e.filename or model_dir}: read error while loading the model ({e.strerror or e}); "
+                            "check the disk and the file (re-convert the model if it is damaged)") from None

@@ -23,7 +23,12 @@ def main(args) -> int:
     model_dir = resolve_model(args.model)
     if cfg.budget_bytes is not None and cfg.max_context is None:
         # a budget sizes the KV cache: give it exactly this run's sequence, not a guess (--plan shows the same)
-        cfg = cfg.replace(max_context=_prompt_tokens(model_dir, args.prompt, args.chat) + n)
+        n_prompt, n_model = _prompt_tokens(model_dir, args.prompt, args.chat)
+        if n_prompt + n > n_model:      # the model's own limit first: no budget or max_context lifts it
+            from .errors import PowerlowError
+            raise PowerlowError(f"prompt ({n_prompt} tokens) + -n {n} exceeds the context of {n_model} tokens the model "
+                                "was made for; shorten the prompt or lower -n")
+        cfg = cfg.replace(max_context=n_prompt + n)
     if args.plan:
         from .plan import print_plan
         return print_plan(model_dir, cfg)
@@ -42,8 +47,9 @@ def main(args) -> int:
     return 0
 
 
-def _prompt_tokens(model_dir, prompt: str, chat: bool) -> int:
-    """How many tokens the prompt is, counted before the model loads (the tokenizer is let go again)."""
+def _prompt_tokens(model_dir, prompt: str, chat: bool) -> tuple[int, int]:
+    """How many tokens the prompt is, counted before the model loads (the tokenizer is let go again), and the
+    model's context (max_positions)."""
     from pathlib import Path
 
     from .arch import ModelConfig
@@ -52,8 +58,9 @@ def _prompt_tokens(model_dir, prompt: str, chat: bool) -> int:
     from .util import release_free_heap
 
     manifest = load_manifest(Path(model_dir), check_files=False)     # the engine checks the files right after
-    tok = Tokenizer.of_model(model_dir, manifest, ModelConfig.from_json(manifest["config"]))
+    cfg = ModelConfig.from_json(manifest["config"])
+    tok = Tokenizer.of_model(model_dir, manifest, cfg)
     n = len(tok.encode(tok.apply_chat(prompt) if chat else prompt))
     del tok
     release_free_heap()
-    return max(1, n)
+    return max(1, n), cfg.max_positions

@@ -43,6 +43,78 @@ def ring_reader_threads(queue_depth: int) -> int:
     return max(1, min(8, queue_depth))
 
 
+_ITEMSIZE = {**{k: np.dtype(v).itemsize for k, v in _DTYPES.items() if v is not None}, "BF16": 2}
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_header_entry(key: str, v, data_size: int) -> None:
+    """One safetensors header entry: a known dtype, a shape of counts whose bytes are exactly its data span, and a
+    span inside the file -- all checked before anything is allocated or read (a shape of [2**40] is refused here)."""
+    if not isinstance(v, dict):
+        raise ValueError(f"tensor {key}: entry is {type(v).__name__}, not an object")
+    offs, shape, dtype = v["data_offsets"], v["shape"], v["dtype"]
+    if not (isinstance(offs, list) and len(offs) == 2 and all(map(_is_count, offs))):
+        raise ValueError(f"tensor {key}: data_offsets {offs!r} are not two byte offsets")
+    a, b = offs
+    if not a <= b <= data_size:
+        raise ValueError(f"tensor {key} lies past the end of the file")
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+        raise ValueError(f"tensor {key}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(map(_is_count, shape))):
+        raise ValueError(f"tensor {key}: shape {shape!r} is not a list of counts")
+    n = _ITEMSIZE[dtype]
+    for s in shape:
+        n *= s
+    if n != b - a:
+        raise ValueError(f"tensor {key}: shape {shape} of {dtype} is {n} bytes, its data span {b - a}")
+
+
+def check_tensors(tensors, cfg, tfile: "TensorFile") -> None:
+    """The manifest's tensor table against the config (shapes) and resident.safetensors (every plane's bytes),
+    before any weight is allocated: a corrupt or edited entry is one PowerlowError, not a crash or wrong logits."""
+    from .models.common import check_shapes
+    where = f"{tfile.path.parent}/manifest.json"
+    if not isinstance(tensors, dict):
+        raise PowerlowError(f"{where}: the tensors section is not a table; re-convert the model")
+    for name, meta in tensors.items():
+        ok = (isinstance(meta, dict) and isinstance(meta.get("fmt"), str)
+              and (meta["fmt"] == "f32" or meta["fmt"] in formats.FORMATS)
+              and isinstance(meta.get("shape"), list) and len(meta["shape"]) in (1, 2)
+              and all(_is_count(s) and s > 0 for s in meta["shape"]) and (len(meta["shape"]) == 2 or meta["fmt"] == "f32"))
+        if not ok:
+            raise PowerlowError(f"{where}: the entry of tensor {name!r} is corrupt ({json.dumps(meta)[:100]}); "
+                                "re-convert the model")
+    need = ["token_embd", "output_norm"] + [f"blk.{l}.{n}" for l in range(cfg.n_layers)
+                                            for n in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output")]
+    if not cfg.tie_embeddings:
+        need.append("output")
+    missing = [n for n in need if n not in tensors]
+    if missing:
+        raise PowerlowError(f"{where} lacks tensor {missing[0]!r}; re-convert the model")
+    try:
+        check_shapes(cfg, lambda n: tensors[n]["shape"], where, [n for n in tensors if not n.startswith("blk.")
+                     or (n.split(".", 2)[1].isdigit() and int(n.split(".", 2)[1]) < cfg.n_layers)])
+    except KeyError as e:
+        raise PowerlowError(f"{where}: tensor {e} is not one this powerlow knows; re-convert the model") from None
+    for name, meta in tensors.items():
+        shape = meta["shape"]
+        rows, cols = (shape[0], 1) if len(shape) == 1 else shape
+        try:
+            planes = matrix_planes(meta["fmt"], rows, cols)
+        except ValueError as e:
+            raise PowerlowError(f"{where}: tensor {name!r}: {e}; re-convert the model") from None
+        for plane, dt, pshape in planes:
+            key = _key(name, plane)
+            _, n = tfile.span(key)
+            want = dt.itemsize * int(np.prod(pshape, dtype=np.int64))
+            if n != want or (meta["fmt"] == "f32" and tfile.meta[key]["shape"] != shape):
+                raise PowerlowError(f"{tfile.path}: tensor {key!r} has {n} bytes (shape {tfile.meta[key]['shape']}), "
+                                    f"the manifest's {meta['fmt']} {shape} needs {want}; re-convert the model")
+
+
 class TensorFile:
     """Tensors of a safetensors file by pread: ``span(key)`` -> (file offset, nbytes), ``read(key)`` -> array."""
 
@@ -65,10 +137,8 @@ class TensorFile:
             self.meta = {k: v for k, v in header.items() if k != "__metadata__"}
             self.header_metadata = header.get("__metadata__") or {}
             for k, v in self.meta.items():
-                a, b = v["data_offsets"]
-                if not 0 <= a <= b or self.base + b > size:
-                    raise ValueError(f"tensor {k} lies past the end of the file")
-        except (ValueError, KeyError, TypeError, struct.error) as e:
+                _check_header_entry(k, v, size - self.base)
+        except (ValueError, KeyError, TypeError, struct.error, RecursionError) as e:
             os.close(self.fd)
             raise PowerlowError(f"{self.path} is not a readable safetensors file ({e}); re-convert the model") from None
 
@@ -87,7 +157,11 @@ class TensorFile:
         view = memoryview(dest.reshape(-1).view(np.uint8))
         done = 0
         while done < len(view):
-            n = os.preadv(self.fd, [view[done: done + self.READ_STEP]], offset + done)
+            try:
+                n = os.preadv(self.fd, [view[done: done + self.READ_STEP]], offset + done)
+            except OSError as e:
+                raise PowerlowError(f"{self.path}: read error ({e.strerror or e}); check the disk and the file "
+                                    "(re-convert the model if it is damaged)") from None
             if n <= 0:
                 raise PowerlowError(f"{self.path}: unexpected end of file; re-convert the model")
             if n >= 1 << 16:

@@ -193,18 +193,26 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of ids into text pieces, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of ids into text pieces, holding back incomplete UTF-8 sequences.
+
+    O(1) per token: each push decodes only a short window (the last ``CONTEXT`` emitted ids, which give the
+    decoder its context, e.g. a leading space, plus the ids not emitted yet) and emits what the window adds to its
+    context's text; nothing grows with the length of the output."""
+    CONTEXT = 4            # emitted ids kept as context for the next piece
+    MAX_PENDING = 16       # ids held back at most (a real UTF-8 sequence spans at most 4 byte tokens)
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
-        self.ids: list[int] = []
-        self.emitted = ""
+        self.context: list[int] = []
+        self.pending: list[int] = []
 
     def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece = text[len(self.emitted):]
-        self.emitted = text
+        self.pending.append(int(token_id))
+        window = self.context + self.pending
+        text = self.tok.decode(window)
+        if text.endswith("\ufffd") and len(self.pending) < self.MAX_PENDING:
+            return ""          # an incomplete UTF-8 sequence: wait for the ids that complete it
+        piece = text[len(self.tok.decode(self.context)) if self.context else 0:]
+        self.context = window[-self.CONTEXT:]
+        self.pending = []
         return piece

@@ -26,6 +26,15 @@ def _field(reader, key, default=None):
     return f.contents()
 
 
+def _check_layout(tensors, path) -> None:
+    """Tensor data must not overlap (an edited offset would read another tensor's bytes as this one's)."""
+    spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in tensors)
+    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise PowerlowError(f"{path}: tensors {an} and {bn} overlap in the file (corrupt tensor offsets); the "
+                                "file is broken or was edited: re-export it from the original model")
+
+
 class GGUFSource(Source):
     def __init__(self, path: Path):
         import gguf
@@ -41,6 +50,7 @@ class GGUFSource(Source):
         arch = _field(r, "general.architecture")
         self.family = family(arch, str(path), "GGUF architecture")
         self.tensors = {t.name: t for t in r.tensors}
+        _check_layout(r.tensors, path)
         for t in r.tensors:
             if t.tensor_type.name not in SUPPORTED_TYPES:
                 raise PowerlowError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; powerlow reads "
@@ -54,6 +64,14 @@ class GGUFSource(Source):
         if emb is None:
             raise PowerlowError(f"{path}: tensor token_embd.weight is missing; the GGUF is incomplete")
         meta = GGUFMeta(r, arch, path)
+        # before the config is built (it and the shape checks go over every layer): block_count must be the layers
+        # the file has tensors of, or a 2**32 count hangs and a small one silently drops layers
+        blocks = {n.split(".")[1] for n in self.tensors if n.startswith("blk.")}
+        n_blocks = meta.count("block_count")
+        if len(blocks) != n_blocks or blocks != {str(l) for l in range(n_blocks)}:
+            raise PowerlowError(f"{path}: GGUF metadata {arch}.block_count = {n_blocks} but the file has tensors of "
+                                f"{len(blocks)} layers; the metadata and the tensors disagree — the file is broken or "
+                                "was edited: re-export it from the original model")
         vocab = int(emb.shape[1]) if len(emb.shape) > 1 else meta.count("vocab_size")
         self.config = self.family.config_from_gguf(
             meta, {"vocab_size": vocab, "tie_embeddings": "output.weight" not in self.tensors},
