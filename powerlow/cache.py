@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
+from . import integrity
 from .errors import PowerlowError
 from .io import BundleReader, aligned_buffer, drop_page_cache
 from .plan import make_plan
@@ -57,6 +59,10 @@ class OffloadedStore:
         self.policy = rt.cache_policy
         self.depth = plan.prefetch_depth
         self.block = max(self.stride, rt.io_block_bytes // self.stride * self.stride)
+        # each bundle read is checked against its CRC32C in the reader thread (None: no checksums stored)
+        self.sums = integrity.run_sums(tf.dir)
+        if self.sums is not None:
+            integrity.check_layout(self.sums, info, tf.dir / "ffn.bin")
         n = plan.n_slots
         self.arena = aligned_buffer(n * self.stride)          # hot + dynamic + staging, exactly
         self.base = self.arena.ctypes.data
@@ -131,9 +137,21 @@ class OffloadedStore:
                 cs, ss = run_c[i:i + per], run_s[i:i + per]
                 off = self.info.bundle_offset(layer, int(cs[0]))
                 req = self.reader.submit(off, [self._views[s][:self._lstride[layer]] for s in ss], priority=priority,
-                                         on_done=self._on_done, tag=ss)
+                                         on_done=self._on_done, tag=ss, check=self._checker(layer, cs, ss))
                 for s in ss:
                     self._req[s] = req
+
+    def _checker(self, layer: int, clusters: np.ndarray, slots: np.ndarray):
+        return None if self.sums is None else partial(self._check_read, layer, clusters.copy(), slots.copy())
+
+    def _check_read(self, layer: int, clusters: np.ndarray, slots: np.ndarray, req) -> str | None:
+        """I/O thread, right after the read: the bundles' CRC32C against the stored ones."""
+        ptrs = np.uint64(self.base) + slots.astype(np.uint64) * np.uint64(self.stride)
+        bad = integrity.bad_bundles(self.sums, self.info, layer, ptrs, clusters)
+        if not len(bad):
+            return None
+        c = int(bad[0])
+        return integrity.bundle_error(self.reader.path, layer, c, self.info.bundle_offset(layer, c))
 
     def _on_done(self, req) -> None:      # I/O thread: data is in place
         self.state[req.tag] = READY
@@ -290,7 +308,7 @@ class OffloadedStore:
             wi = np.arange(g0, g0 + run) % W
             slots = self._win[wi]
             req = self.reader.submit(self.info.bundle_offset(l, int(ids[0])), [self._views[s][:self._lstride[l]] for s in slots],
-                                     priority=0, tag=None)
+                                     priority=0, tag=None, check=self._checker(l, ids, slots))
             for w in wi:
                 self._item_req[w] = req
             self._issued += run

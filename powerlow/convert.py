@@ -14,6 +14,7 @@ import numpy as np
 
 from . import formats
 from .errors import PowerlowError
+from .integrity import SUMS_FILE, write_sums
 from .loaders import Source, open_source
 from .manifest import FORMAT_NAME, FORMAT_VERSION, atomic_path, file_entry, write_manifest
 from .store import StoreInfo, write_layer
@@ -114,7 +115,7 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
                         "attn": tmeta["blk.0.attn_q"]["fmt"], "embed": tmeta["token_embd"]["fmt"]},
             "ffn": info.to_json(),
             "neuron_order": None,
-            "files": {n: file_entry(tmp / n) for n in RESIDENT_FILES},
+            "files": {**{n: file_entry(tmp / n) for n in RESIDENT_FILES}, SUMS_FILE: write_sums(tmp, info)},
             "convert_seconds": round(time.time() - t0, 2),
         }
         write_manifest(tmp, manifest)
