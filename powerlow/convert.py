@@ -14,7 +14,7 @@ import numpy as np
 
 from . import formats
 from .errors import PowerlowError
-from .integrity import SUMS_FILE, write_sums
+from .integrity import write_sums
 from .loaders import Source, open_source
 from .manifest import FORMAT_NAME, FORMAT_VERSION, atomic_path, file_entry, write_manifest
 from .store import StoreInfo, write_layer
@@ -115,7 +115,8 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
                         "attn": tmeta["blk.0.attn_q"]["fmt"], "embed": tmeta["token_embd"]["fmt"]},
             "ffn": info.to_json(),
             "neuron_order": None,
-            "files": {**{n: file_entry(tmp / n) for n in RESIDENT_FILES}, SUMS_FILE: write_sums(tmp, info)},
+            "files": {n: file_entry(tmp / n) for n in RESIDENT_FILES},
+            "checksums": write_sums(tmp, info),      # the sidecar of per-bundle/per-tensor CRC32C (integrity)
             "convert_seconds": round(time.time() - t0, 2),
         }
         write_manifest(tmp, manifest)

@@ -4,9 +4,10 @@
 
 A bundle's checksum covers its whole stride in ffn.bin (padding included: what a read brings in); a
 tensor's covers its bytes in resident.safetensors (one entry per safetensors key). The sidecar is listed in
-the manifest's files like the others, so its own sha256 is checked at every load (it is small: 4 bytes of
-data a bundle, ~11 bytes as JSON; ~1 MiB for a 100k-bundle Llama-70B). It is a sidecar and not part of
-manifest.json so that every command that reads the manifest (run, bench, plan) does not parse 100k numbers.
+the manifest under ``"checksums": {"file", "size", "sha256"}`` (beside ``files``, the model's payload), and its
+sha256 is checked whenever it is read (it is small: ~11 bytes of JSON a bundle, ~1 MiB for the ~100k bundles
+of a Llama-70B). It is a sidecar and not part of manifest.json so that every command that reads the manifest
+(run, bench, plan, profile's rewrites) does not parse and rewrite 100k numbers.
 
 Checked: each bundle an offloaded run reads, in the I/O thread right after its read; every bundle once when
 a resident run loads ffn.bin; every resident tensor read whole at load, and every streamed unit at its first
@@ -56,11 +57,41 @@ class Sums:
                 "tensors": {k: int(v) for k, v in self.tensors.items()}}
 
 
-def load_sums(model_dir) -> Sums | None:
-    """The dir's checksums, or None for a model converted without them."""
-    p = Path(model_dir) / SUMS_FILE
-    if not p.exists():
+_CACHE: dict = {}
+
+
+def sums_entry(model_dir) -> dict | None:
+    """The manifest's entry of the sidecar, or None (a model converted before checksums existed)."""
+    mpath = Path(model_dir) / "manifest.json"
+    try:
+        entry = json.loads(mpath.read_text()).get("checksums")
+    except (OSError, ValueError, AttributeError) as e:
+        raise PowerlowError(f"{mpath} is unreadable or corrupt ({e}); re-convert the model") from None
+    if entry is None:
         return None
+    if not isinstance(entry, dict) or entry.get("file") != SUMS_FILE or not isinstance(entry.get("sha256"), str):
+        raise PowerlowError(f"{mpath}: the 'checksums' entry is corrupt (edited manifest); {FIX}")
+    return entry
+
+
+def load_sums(model_dir) -> Sums | None:
+    """The dir's checksums (their file's sha256 checked against the manifest), or None for a model converted
+    without them. Kept while neither file changes (a load asks for them from several places)."""
+    from .manifest import sha256_file
+    d = Path(model_dir)
+    entry = sums_entry(d)
+    if entry is None:
+        return None
+    p = d / SUMS_FILE
+    try:
+        st, mst = p.stat(), (d / "manifest.json").stat()
+    except OSError:
+        raise PowerlowError(f"{p} is missing (the manifest lists it); {FIX}") from None
+    key = (str(d.resolve()), st.st_mtime_ns, st.st_size, mst.st_mtime_ns, mst.st_size)
+    if key in _CACHE:
+        return _CACHE[key]
+    if sha256_file(p) != entry["sha256"]:
+        raise PowerlowError(f"{p} does not match its sha256 in the manifest (corrupt); {FIX}")
     try:
         d = json.loads(p.read_text())
         if d.get("algo") != ALGO:
@@ -69,7 +100,9 @@ def load_sums(model_dir) -> Sums | None:
         tensors = {str(k): int(v) for k, v in d["tensors"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
         raise PowerlowError(f"{p} is unreadable or corrupt ({e}); {FIX}") from None
-    return Sums(bundles, tensors)
+    _CACHE.clear()
+    _CACHE[key] = sums = Sums(bundles, tensors)
+    return sums
 
 
 def run_sums(model_dir) -> Sums | None:
@@ -143,7 +176,7 @@ def file_tensor_sums(path) -> dict[str, int]:
 
 def write_sums(model_dir, info, *, bundles: list[np.ndarray] | None = None,
                tensors: dict[str, int] | None = None) -> dict:
-    """Write the sidecar (bundles / tensors computed from the files unless given) -> its manifest file entry."""
+    """Write the sidecar (bundles / tensors computed from the files unless given) -> its manifest entry."""
     from .manifest import atomic_write_text, file_entry
     d = Path(model_dir)
     if bundles is None:
@@ -151,20 +184,18 @@ def write_sums(model_dir, info, *, bundles: list[np.ndarray] | None = None,
     if tensors is None:
         tensors = file_tensor_sums(d / "resident.safetensors")
     atomic_write_text(d / SUMS_FILE, json.dumps(Sums(bundles, tensors).to_json(), separators=(",", ":")))
-    return file_entry(d / SUMS_FILE)
+    return {"file": SUMS_FILE, **file_entry(d / SUMS_FILE)}
 
 
-def rewrite_after_relayout(model_dir, manifest: dict, info, cperms: list[np.ndarray] | None) -> dict:
+def rewrite_after_relayout(model_dir, info, cperms: list[np.ndarray] | None) -> dict | None:
     """After profile rewrote ffn.bin: the sidecar with the bundles' checksums moved with them (``cperms``:
     whole clusters moved, bytes unchanged, so a bundle corrupt before stays detectable) or computed anew
-    (None: re-quantized bundles). Returns the manifest's files with the new entry (unchanged for an old dir)."""
-    files = dict(manifest["files"])
+    (None: re-quantized bundles). Returns the manifest's new "checksums" entry (None for an old dir)."""
     old = load_sums(model_dir)
     if old is None:          # converted without checksums: a re-layout does not add them
-        return files
+        return None
     bundles = [old.bundles[l][np.asarray(p)] for l, p in enumerate(cperms)] if cperms is not None else None
-    files[SUMS_FILE] = write_sums(model_dir, info, bundles=bundles, tensors=old.tensors)
-    return files
+    return write_sums(model_dir, info, bundles=bundles, tensors=old.tensors)
 
 
 def require_good_bundles(model_dir, info) -> None:

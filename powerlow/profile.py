@@ -368,7 +368,9 @@ def _publish_relayout(model_dir: Path, manifest: dict, perms: list[np.ndarray], 
     m["neuron_order"] = [[int(x) for x in (np.asarray(prev[l])[p] if prev else p)] for l, p in enumerate(perms)]
     m["files"] = {k: v for k, v in m["files"].items() if k != PREDICTORS_FILE}
     m["files"]["ffn.bin"] = file_entry(path)
-    m["files"] = rewrite_after_relayout(model_dir, m, StoreInfo.from_json(m["ffn"]), bundle_perms)
+    entry = rewrite_after_relayout(model_dir, StoreInfo.from_json(m["ffn"]), bundle_perms)
+    if entry is not None:
+        m["checksums"] = entry
     (model_dir / PREDICTORS_FILE).unlink(missing_ok=True)
     write_manifest(model_dir, m)
     return m

@@ -94,7 +94,7 @@ def test_crc32c_known_value_and_portable_path():
 
 def test_convert_writes_checksums_and_clean_model_verifies(model):
     m = load_manifest(model)
-    assert integrity.SUMS_FILE in m["files"]
+    assert m["checksums"]["file"] == integrity.SUMS_FILE and integrity.SUMS_FILE not in m["files"]
     sums = integrity.load_sums(model)
     info = _info(model)
     assert len(sums.bundles) == info.n_layers and all(len(b) == info.n_clusters for b in sums.bundles)
@@ -207,12 +207,14 @@ def test_verify_with_a_corrupt_sidecar(model):
     p = model / integrity.SUMS_FILE
     p.write_text(p.read_text().replace("[", "[1,", 2))
     r = run_cli("verify", model, timeout=120)
-    assert r.returncode == 2 and "checksums.json: " in r.stdout
+    assert r.returncode == 2 and "checksums.json does not match its sha256" in r.stdout
+    with pytest.raises(PowerlowError, match=r"checksums\.json does not match its sha256 .*re-convert"):
+        powerlow.load(model)
 
 
 def test_old_model_without_checksums_loads_and_verify_says_so(model):
     m = json.loads((model / "manifest.json").read_text())
-    del m["files"][integrity.SUMS_FILE]
+    del m["checksums"]
     (model / "manifest.json").write_text(json.dumps(m))
     (model / integrity.SUMS_FILE).unlink()
     _generate(model, RuntimeConfig())
