@@ -1,7 +1,8 @@
 /* CRC32C (Castagnoli, reflected polynomial 0x82F63B78): the checksum of every ffn.bin bundle and every
  * resident tensor (powerlow/integrity.py).  The SSE4.2 `crc32` instruction does 8 bytes per instruction;
- * its latency is 3 cycles and its throughput 1 a cycle, so plk_crc32c_many runs three buffers in lockstep
- * (three independent chains fill the pipeline).  CPUs without SSE4.2 use a slice-by-8 table. */
+ * its latency is 3 cycles and its throughput 1 a cycle, so three independent chains fill the pipeline:
+ * plk_crc32c_many runs three buffers in lockstep, plk_crc32c splits one long buffer into three lanes and
+ * joins them (GF(2) shift).  CPUs without SSE4.2 use a slice-by-8 table. */
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
@@ -68,10 +69,54 @@ static void crc_hw3(const uint8_t *a, const uint8_t *b, const uint8_t *d, size_t
     out[2] = ~crc_hw((uint32_t)cd, d + i, n - i);
 }
 
+/* GF(2) arithmetic modulo the CRC polynomial, in the reflected bit order of the register: multiplying a
+ * register value by x^(8n) is what appending n zero bytes does to it (without the pre/post inversion).  Used to
+ * join the three lanes of one buffer: crc(A|B) = shift(crc(A), |B|) ^ crc(B) on the raw registers. */
+static uint32_t gf2_mul(uint32_t a, uint32_t b) {      /* a * b mod P; bit 31 is x^0 */
+    uint32_t r = 0;
+    for (int i = 0; i < 32; i++) {
+        if (a & 0x80000000u) r ^= b;
+        a <<= 1;
+        b = (b >> 1) ^ (0x82F63B78u & (0u - (b & 1u)));
+    }
+    return r;
+}
+
+static uint32_t x_pow_8n(size_t n) {                   /* x^(8n) mod P by square-and-multiply */
+    uint32_t r = 0x80000000u, sq = 0x00800000u;         /* 1 and x^8 */
+    while (n) {
+        if (n & 1) r = gf2_mul(r, sq);
+        sq = gf2_mul(sq, sq);
+        n >>= 1;
+    }
+    return r;
+}
+
+__attribute__((target("sse4.2")))
+static uint32_t crc_hw_long(uint32_t c, const uint8_t *p, size_t n) {
+    /* a long buffer as three lanes in lockstep, joined by shifting the first two over the lanes after them */
+    size_t third = (n / 3) & ~(size_t)7;
+    const uint8_t *a = p, *b = p + third, *d = p + 2 * third;
+    uint64_t ca = c, cb = 0, cd = 0;
+    for (size_t i = 0; i < third; i += 8) {
+        uint64_t wa, wb, wd;
+        memcpy(&wa, a + i, 8); memcpy(&wb, b + i, 8); memcpy(&wd, d + i, 8);
+        ca = __builtin_ia32_crc32di(ca, wa);
+        cb = __builtin_ia32_crc32di(cb, wb);
+        cd = __builtin_ia32_crc32di(cd, wd);
+    }
+    uint32_t k = x_pow_8n(third);
+    uint32_t r = gf2_mul((uint32_t)ca, k) ^ (uint32_t)cb;
+    r = gf2_mul(r, k) ^ (uint32_t)cd;
+    return crc_hw(r, p + 3 * third, n - 3 * third);
+}
+
 uint32_t plk_crc32c(const void *p, size_t n, uint32_t crc) {
     if (have_hw < 0) plk_crc32c_init();
     uint32_t c = ~crc;
-    c = have_hw ? crc_hw(c, (const uint8_t *)p, n) : crc_sw(c, (const uint8_t *)p, n);
+    if (!have_hw) c = crc_sw(c, (const uint8_t *)p, n);
+    else if (n >= 4096) c = crc_hw_long(c, (const uint8_t *)p, n);
+    else c = crc_hw(c, (const uint8_t *)p, n);
     return ~c;
 }
 
