@@ -142,16 +142,11 @@ class OffloadedStore:
                     self._req[s] = req
 
     def _checker(self, layer: int, clusters: np.ndarray, slots: np.ndarray):
-        return None if self.sums is None else partial(self._check_read, layer, clusters.copy(), slots.copy())
-
-    def _check_read(self, layer: int, clusters: np.ndarray, slots: np.ndarray, req) -> str | None:
-        """I/O thread, right after the read: the bundles' CRC32C against the stored ones."""
-        ptrs = np.uint64(self.base) + slots.astype(np.uint64) * np.uint64(self.stride)
-        bad = integrity.bad_bundles(self.sums, self.info, layer, ptrs, clusters)
-        if not len(bad):
+        """The check of one read (run in the I/O thread): its buffers' CRC32C against the stored ones."""
+        if self.sums is None:
             return None
-        c = int(bad[0])
-        return integrity.bundle_error(self.reader.path, layer, c, self.info.bundle_offset(layer, c))
+        return partial(integrity.check_buffers, self.reader.path, self.info, layer, [int(c) for c in clusters],
+                       self.sums.bundles[layer][clusters].tolist())
 
     def _on_done(self, req) -> None:      # I/O thread: data is in place
         self.state[req.tag] = READY

@@ -134,6 +134,16 @@ def bad_bundles(sums: Sums, info, layer: int, ptrs: np.ndarray, clusters: np.nda
     return ids[got != want]
 
 
+def check_buffers(path, info, layer: int, clusters: list[int], want: list[int], req) -> str | None:
+    """A read's check (BundleReader, in the I/O thread): buffer i of ``req`` holds bundle ``clusters[i]``; the
+    first whose CRC32C is not ``want[i]`` is named. Little Python a bundle: the reader threads share the GIL."""
+    from ._kernels import crc32c as crc
+    for buf, w, c in zip(req.bufs, want, clusters):
+        if crc(buf) != w:
+            return bundle_error(path, layer, c, info.bundle_offset(layer, c))
+    return None
+
+
 # -- computing them (convert, profile's re-layouts, verify) --------------------------------------------------
 def file_bundle_sums(path, info) -> list[np.ndarray]:
     """CRC32C of every bundle of ffn.bin, read a layer at a time."""
