@@ -12,7 +12,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-C_SOURCES = ["plk_common.c", "plk_generic.c", "plk_avx2.c", "plk_avx512.c", "plk_ops.c", "plk_kq_generic.c"]
+C_SOURCES = ["plk_common.c", "plk_generic.c", "plk_avx2.c", "plk_avx512.c", "plk_ops.c", "plk_kq_generic.c", "plk_crc.c"]
 
 extra_compile = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 if platform.machine().lower() not in ("x86_64", "amd64"):

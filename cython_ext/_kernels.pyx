@@ -3,7 +3,7 @@
 ValueError naming the problem, then run the C code with the GIL released.  powerlow/kernels.py is
 the public face (format names, QMatrix, thread count, ISA choice)."""
 cimport numpy as cnp
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from plk cimport *
 
 cnp.import_array()
@@ -440,3 +440,34 @@ def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, o
         rc = plk_attn_block(isa, &w, eps, px, ph, T, K, pk, pv, maxP, start, nh, nkv, hd, pc, ps, psc, nthreads)
     if rc:
         raise MemoryError("kernel scratch allocation failed")
+
+
+# -- CRC32C (cython_ext/plk_crc.c): the checksums of ffn.bin's bundles and the resident tensors ----------------
+plk_crc32c_init()
+
+
+def crc32c(const uint8_t[::1] data, uint32_t crc=0, bint portable=False):
+    """CRC32C of a contiguous buffer (bytes, memoryview, uint8 array); ``crc``: the value of the bytes before,
+    to continue a checksum; ``portable``: the table path even where SSE4.2 is (tests). GIL released."""
+    cdef size_t n = data.shape[0]
+    cdef const void *p = &data[0] if n else NULL
+    cdef uint32_t out
+    with nogil:
+        out = plk_crc32c_sw(p, n, crc) if portable else plk_crc32c(p, n, crc)
+    return out
+
+
+def crc32c_many(ptrs, size_t nbytes):
+    """CRC32C of ``len(ptrs)`` buffers of ``nbytes`` each at the uint64 addresses ``ptrs`` -> uint32 array.
+    The caller keeps the memory alive. GIL released."""
+    _arr(ptrs, cnp.NPY_UINT64, 1, "ptrs")
+    cdef int k = ptrs.shape[0]
+    cdef cnp.ndarray out = cnp.PyArray_ZEROS(1, [k], cnp.NPY_UINT32, 0)
+    cdef const uint64_t *pp = <const uint64_t*>_ptr(ptrs)
+    with nogil:
+        plk_crc32c_many(pp, k, nbytes, <uint32_t*>cnp.PyArray_DATA(out))
+    return out
+
+
+def crc32c_hardware():
+    return bool(plk_crc32c_hw())

@@ -176,4 +176,10 @@ void plk_attention_f16_ex(const float *q, size_t ldq, const uint16_t *kc, const 
                           int hd, int maxP, int start, int window, float scale, float *out, int nthreads);
 void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv, int hd,
                        int maxP, int start, float *out, int nthreads);
+/* CRC32C (plk_crc.c): hardware crc32 where SSE4.2 is, a slice-by-8 table elsewhere */
+void plk_crc32c_init(void);
+uint32_t plk_crc32c(const void *p, size_t n, uint32_t crc);
+uint32_t plk_crc32c_sw(const void *p, size_t n, uint32_t crc);
+void plk_crc32c_many(const uint64_t *ptrs, int k, size_t n, uint32_t *out);
+int plk_crc32c_hw(void);
 #endif

@@ -1,5 +1,5 @@
 # C declarations of the kernels (cython_ext/plk.h); no code here.
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "plk.h" nogil:
     ctypedef struct plk_w:
@@ -54,3 +54,8 @@ cdef extern from "plk.h" nogil:
     int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h, int T, int K,
                        uint16_t *kc, uint16_t *vc, int maxP, int start, int nh, int nkv, int hd,
                        const float *rcos, const float *rsin, float *scratch, int nthreads)
+    void plk_crc32c_init()
+    uint32_t plk_crc32c(const void *p, size_t n, uint32_t crc)
+    uint32_t plk_crc32c_sw(const void *p, size_t n, uint32_t crc)
+    void plk_crc32c_many(const uint64_t *ptrs, int k, size_t n, uint32_t *out)
+    int plk_crc32c_hw()

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
+from . import integrity
 from .errors import PowerlowError
 from .io import BundleReader, aligned_buffer, drop_page_cache
 from .plan import make_plan
@@ -57,6 +59,10 @@ class OffloadedStore:
         self.policy = rt.cache_policy
         self.depth = plan.prefetch_depth
         self.block = max(self.stride, rt.io_block_bytes // self.stride * self.stride)
+        # each bundle read is checked against its CRC32C in the reader thread (None: no checksums stored)
+        self.sums = integrity.run_sums(tf.dir)
+        if self.sums is not None:
+            integrity.check_layout(self.sums, info, tf.dir / "ffn.bin")
         n = plan.n_slots
         self.arena = aligned_buffer(n * self.stride)          # hot + dynamic + staging, exactly
         self.base = self.arena.ctypes.data
@@ -131,9 +137,16 @@ class OffloadedStore:
                 cs, ss = run_c[i:i + per], run_s[i:i + per]
                 off = self.info.bundle_offset(layer, int(cs[0]))
                 req = self.reader.submit(off, [self._views[s][:self._lstride[layer]] for s in ss], priority=priority,
-                                         on_done=self._on_done, tag=ss)
+                                         on_done=self._on_done, tag=ss, check=self._checker(layer, cs, ss))
                 for s in ss:
                     self._req[s] = req
+
+    def _checker(self, layer: int, clusters: np.ndarray, slots: np.ndarray):
+        """The check of one read (run in the I/O thread): its buffers' CRC32C against the stored ones."""
+        if self.sums is None:
+            return None
+        return partial(integrity.check_buffers, self.reader.path, self.info, layer, [int(c) for c in clusters],
+                       self.sums.bundles[layer][clusters].tolist())
 
     def _on_done(self, req) -> None:      # I/O thread: data is in place
         self.state[req.tag] = READY
@@ -290,7 +303,7 @@ class OffloadedStore:
             wi = np.arange(g0, g0 + run) % W
             slots = self._win[wi]
             req = self.reader.submit(self.info.bundle_offset(l, int(ids[0])), [self._views[s][:self._lstride[l]] for s in slots],
-                                     priority=0, tag=None)
+                                     priority=0, tag=None, check=self._checker(l, ids, slots))
             for w in wi:
                 self._item_req[w] = req
             self._issued += run

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("profile", "powerlow.profile", False, "record neuron hotness + training samples; re-lay ffn.bin hot-first"),
             ("train-predictor", "powerlow.predictors.train", False, "train the low-rank activation predictors"),
             ("eval", "powerlow.eval", True, "perplexity on held-out text"),
-            ("tune", "powerlow.tune", True, "speed against memory budget; suggests a config")):
+            ("tune", "powerlow.tune", True, "speed against memory budget; suggests a config"),
+            ("verify", "powerlow.verify", False, "check every file's sha256 and every bundle/tensor checksum")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

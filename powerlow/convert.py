@@ -14,6 +14,7 @@ import numpy as np
 
 from . import formats
 from .errors import PowerlowError
+from .integrity import write_sums
 from .loaders import Source, open_source
 from .manifest import FORMAT_NAME, FORMAT_VERSION, atomic_path, file_entry, write_manifest
 from .store import StoreInfo, write_layer
@@ -121,6 +122,7 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
             "ffn": info.to_json(),
             "neuron_order": None,
             "files": {n: file_entry(tmp / n) for n in RESIDENT_FILES},
+            "checksums": write_sums(tmp, info),      # the sidecar of per-bundle/per-tensor CRC32C (integrity)
             "convert_seconds": round(time.time() - t0, 2),
         }
         write_manifest(tmp, manifest)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import integrity
 from .errors import PowerlowError
 from .io import aligned_buffer
 from .plan import STREAM_PIECE_BYTES
@@ -43,6 +44,20 @@ class ResidentStore:
         self._all = [np.asarray(base + info.layer_offsets[l] + np.arange(info.n_clusters, dtype=np.uint64)
                                 * info.layouts[l].stride, dtype=np.uint64) for l in range(info.n_layers)]
         self.resident_bytes = size
+        self._check(path)
+
+    def _check(self, path: Path) -> None:
+        """Every bundle's CRC32C once, at load (nothing to do for a model converted without checksums)."""
+        sums = integrity.run_sums(path.parent)
+        if sums is None:
+            return
+        integrity.check_layout(sums, self.info, path)
+        for l in range(self.info.n_layers):
+            bad = integrity.bad_bundles(sums, self.info, l, self._all[l])
+            if len(bad):
+                c = int(bad[0])
+                more = f" ({len(bad)} bundles of this layer are bad; `powerlow verify` lists all)" if len(bad) > 1 else ""
+                raise PowerlowError(integrity.bundle_error(path, l, c, self.info.bundle_offset(l, c)) + more)
 
     def ptrs(self, layer: int, clusters: np.ndarray | None) -> np.ndarray:
         allp = self._all[layer]

@@ -69,9 +69,10 @@ class Request:
 
     ``unaligned``: offset, length and buffer need not be 4 KiB-aligned; under O_DIRECT the reader thread reads
     the aligned range around it into its own bounce buffer and copies the asked part out."""
-    __slots__ = ("offset", "bufs", "nbytes", "event", "error", "on_done", "tag", "unaligned")
+    __slots__ = ("offset", "bufs", "nbytes", "event", "error", "on_done", "tag", "unaligned", "check")
 
-    def __init__(self, offset: int, bufs: list, on_done=None, tag=None, unaligned=False):
+    def __init__(self, offset: int, bufs: list, on_done=None, tag=None, unaligned=False, check=None):
+        self.check = check          # check(req) -> None, or an error message (in the reader thread, after the read)
         self.offset = offset
         self.bufs = bufs
         self.nbytes = sum(len(b) for b in bufs)
@@ -146,8 +147,10 @@ class BundleReader:
         return self._clocks[0].seconds
 
     def submit(self, offset: int, bufs: list, *, priority: int = 0, on_done=None, tag=None,
-               unaligned: bool = False) -> Request:
-        req = Request(offset, bufs, on_done, tag, unaligned and self.direct)
+               unaligned: bool = False, check=None) -> Request:
+        """``check(req)``: run in the reader thread once the bytes are in; a message it returns fails the request
+        (``wait`` raises it; ``on_done`` is not called)."""
+        req = Request(offset, bufs, on_done, tag, unaligned and self.direct, check)
         if offset < 0 or offset + req.nbytes > self.size:
             raise PowerlowError(f"{self.path}: read of {req.nbytes} bytes at {offset} is past the end "
                                 f"({self.size} bytes); re-convert the model")
@@ -180,6 +183,11 @@ class BundleReader:
                         os.posix_fadvise(fd, req.offset, req.nbytes, os.POSIX_FADV_DONTNEED)
             except OSError as e:
                 err = f"{self.path}: read of {req.nbytes} bytes at {req.offset} failed ({e.strerror or e}); check the disk"
+            if err is None and req.check is not None:
+                try:
+                    err = req.check(req)
+                except Exception as e:          # a broken check must fail the read, not kill the thread
+                    err = f"{self.path}: checking the read at {req.offset} failed ({type(e).__name__}: {e})"
             for c in self._clocks:
                 c.leave()
             with self._cv:

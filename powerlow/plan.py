@@ -207,7 +207,7 @@ def dense_units(model_dir: Path, manifest: dict, chunk_bytes: int | None):
     """(attention units per layer, [(first row, lm_head unit)], head name, TensorFile) of a model dir."""
     from .stream import TensorFile, attention_unit, lm_head_units
     tensors = manifest["tensors"]
-    tfile = TensorFile(model_dir / "resident.safetensors")
+    tfile = TensorFile(model_dir / "resident.safetensors", check=True)
     try:
         attn = [attention_unit(tensors, tfile, l) for l in range(manifest["config"]["n_layers"])]
         head = "output" if "output" in tensors else "token_embd"

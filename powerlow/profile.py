@@ -348,13 +348,17 @@ def relayout_clusters(model_dir: Path, manifest: dict, cperms: list[np.ndarray])
     # relative to the clusters as converted, or as the last neuron re-layout made them (cluster_order None)
     order = [[int(x) for x in (np.asarray(prev_c[l])[cperms[l]] if prev_c else cperms[l])] for l in range(L)]
     return _publish_relayout(model_dir, manifest, [cluster_to_neuron_perm(cp, C, F) for cp in cperms],
-                             cluster_order=order)
+                             bundle_perms=cperms, cluster_order=order)
 
 
-def _publish_relayout(model_dir: Path, manifest: dict, perms: list[np.ndarray], **changes) -> dict:
+def _publish_relayout(model_dir: Path, manifest: dict, perms: list[np.ndarray], *, bundle_perms=None,
+                      **changes) -> dict:
     """After ffn.bin was rewritten: compose neuron_order with perms, apply ``changes`` to the manifest, record
-    the new ffn.bin, delete predictors (their neuron ids no longer hold), write and return the manifest."""
+    the new ffn.bin and its bundles' checksums (moved by ``bundle_perms`` when whole bundles moved, else computed
+    anew), delete predictors (their neuron ids no longer hold), write and return the manifest."""
+    from powerlow.integrity import rewrite_after_relayout
     from powerlow.manifest import file_entry, write_manifest
+    from powerlow.store import StoreInfo
     from powerlow.predictors.common import PREDICTORS_FILE, publish
 
     path = model_dir / "ffn.bin"
@@ -364,6 +368,9 @@ def _publish_relayout(model_dir: Path, manifest: dict, perms: list[np.ndarray], 
     m["neuron_order"] = [[int(x) for x in (np.asarray(prev[l])[p] if prev else p)] for l, p in enumerate(perms)]
     m["files"] = {k: v for k, v in m["files"].items() if k != PREDICTORS_FILE}
     m["files"]["ffn.bin"] = file_entry(path)
+    entry = rewrite_after_relayout(model_dir, StoreInfo.from_json(m["ffn"]), bundle_perms)
+    if entry is not None:
+        m["checksums"] = entry
     (model_dir / PREDICTORS_FILE).unlink(missing_ok=True)
     write_manifest(model_dir, m)
     return m
@@ -373,6 +380,7 @@ def relayout_store(model_dir: Path, manifest: dict, perms: list[np.ndarray]) -> 
     """Rewrite ffn.bin with each layer's neurons in order perms[l] (stored ids); returns the new manifest
     (also written). Gate/up rows are moved without loss; down becomes q8 (see the module doc)."""
     from powerlow import formats
+    from powerlow.integrity import require_good_bundles
     from powerlow.manifest import atomic_path
     from powerlow.predictors.common import concat_rows
     from powerlow.store import StoreInfo, read_layer_matrices
@@ -381,6 +389,7 @@ def relayout_store(model_dir: Path, manifest: dict, perms: list[np.ndarray]) -> 
     F = old.n_neurons
     if all(np.array_equal(p, np.arange(F)) for p in perms):
         return manifest                                           # already hot-first: nothing to move
+    require_good_bundles(model_dir, old)     # re-quantized bundles get new checksums: no corrupt source may go in
     down_fmt = "q8"
     new = StoreInfo.plan([x.fmt for x in old.layouts], down_fmt, old.layout.C, old.layout.K, F, old.n_layers)
     path = model_dir / "ffn.bin"

@@ -118,8 +118,11 @@ def check_tensors(tensors, cfg, tfile: "TensorFile") -> None:
 class TensorFile:
     """Tensors of a safetensors file by pread: ``span(key)`` -> (file offset, nbytes), ``read(key)`` -> array."""
 
-    def __init__(self, path):
+    def __init__(self, path, *, check: bool = False):
+        """``check``: tensors read whole are checked against the model dir's CRC32C (powerlow.integrity)."""
         self.path = Path(path)
+        self.sums = None
+        self._key_at: dict[tuple[int, int], str] = {}
         try:
             self.fd = os.open(self.path, os.O_RDONLY)
             if hasattr(os, "posix_fadvise"):      # no read-ahead past what is asked for (it would stay cached)
@@ -138,9 +141,27 @@ class TensorFile:
             self.header_metadata = header.get("__metadata__") or {}
             for k, v in self.meta.items():
                 _check_header_entry(k, v, size - self.base)
+                a, b = v["data_offsets"]
+                self._key_at[(self.base + a, b - a)] = k
         except (ValueError, KeyError, TypeError, struct.error, RecursionError) as e:
             os.close(self.fd)
             raise PowerlowError(f"{self.path} is not a readable safetensors file ({e}); re-convert the model") from None
+        if check:
+            from .integrity import run_sums
+            sums = run_sums(self.path.parent)
+            self.sums = sums.tensors if sums is not None else None
+
+    def check_read(self, offset: int, nbytes: int, buf) -> None:
+        """If [offset, offset + nbytes) is one whole tensor with a stored checksum, the bytes read into ``buf``
+        must match it (row ranges of a tensor, such as lm_head chunks or embedding rows, are not checked)."""
+        if self.sums is None:
+            return
+        key = self._key_at.get((offset, nbytes))
+        want = self.sums.get(key) if key is not None else None
+        if want is not None:
+            from .integrity import crc32c, tensor_error
+            if crc32c(np.ascontiguousarray(buf).reshape(-1).view(np.uint8)) != want:
+                raise PowerlowError(tensor_error(self.path, key))
 
     def span(self, key: str) -> tuple[int, int]:
         try:
@@ -187,6 +208,7 @@ class TensorFile:
         if a.nbytes != n:
             raise PowerlowError(f"{self.path}: tensor {key!r} has {n} bytes for shape {m['shape']}; re-convert the model")
         self.read_into(off, a)
+        self.check_read(off, n, a)
         return a
 
     def drop_cache(self) -> None:
@@ -225,6 +247,7 @@ class Unit:
 
     def __init__(self, label: str, matrices: list[tuple[str, str, int, int, list[Part]]], tfile: TensorFile):
         self.label = label
+        self.tfile = tfile            # its checksums (check_reads)
         self.matrices = []            # (key, fmt, rows, cols, [(plane, dtype, shape, offset)])
         self.reads: list[tuple[int, int, int]] = []
         off = 0
@@ -262,7 +285,13 @@ class Unit:
         buf = aligned_buffer(max(self.nbytes, PLANE_ALIGN))
         for src, n, dst in self.reads:
             tfile.read_into(src, buf[dst: dst + n])
+        self.check_reads(buf)
         return self.build(buf)
+
+    def check_reads(self, buf: np.ndarray) -> None:
+        """The whole tensors this unit holds in ``buf`` against their checksums (PowerlowError on a mismatch)."""
+        for src, n, dst in self.reads:
+            self.tfile.check_read(src, n, buf[dst: dst + n])
 
 
 def read_matrix(tensors: dict, tfile: TensorFile, name: str):
@@ -352,6 +381,7 @@ class WeightRing:
         self._views: dict[tuple[int, int], dict] = {}
         self.wait_seconds = 0.0
         self.reads = 0
+        self._checked: set[int] = set()       # units whose tensors were checked (at their first read)
         self._fill()
 
     @property
@@ -384,6 +414,9 @@ class WeightRing:
         for r in reqs:
             r.wait()
         self.wait_seconds += time.perf_counter() - t
+        if unit not in self._checked:       # once per unit: later reads of the same bytes are not re-checked
+            self.units[unit].check_reads(self.bufs[slot])
+            self._checked.add(unit)
         self._current = (unit, slot)
         key = (unit, slot)               # the views of a unit in a slot are made once, not every token
         if key not in self._views:
