@@ -189,7 +189,10 @@ def test_fuzzed_manifest(base):
         _copy_model(d, cd)
         _rewrite(cd / "manifest.json", json.dumps(m).encode())
         cases.append({"id": f"manifest-{i}", "kind": "model", "path": str(cd), "what": what})
-    _check(cases, run_cases(cases, ref))
+    # a config number replaced by another valid one (eps 1, a softcap of 7, ...) is another model, not a bug
+    numbers = {f"config/{f}" for f in ("rms_eps", "rope_theta", "rope_scaling_factor", "attn_scale", "embed_scale",
+                                       "logit_softcap", "rope_theta_local")}
+    _check(cases, run_cases(cases, ref), allow_diff={c["id"] for c in cases if c["what"] in numbers})
 
 
 def test_fuzzed_safetensors_header(base):
