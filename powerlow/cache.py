@@ -59,10 +59,13 @@ class OffloadedStore:
         self.policy = rt.cache_policy
         self.depth = plan.prefetch_depth
         self.block = max(self.stride, rt.io_block_bytes // self.stride * self.stride)
-        # each bundle read is checked against its CRC32C in the reader thread (None: no checksums stored)
+        # a bundle's first read in this run (every read with POWERLOW_CHECKSUMS=every) is checked against its
+        # CRC32C in the reader thread (None: no checksums stored)
         self.sums = integrity.run_sums(tf.dir)
         if self.sums is not None:
             integrity.check_layout(self.sums, info, tf.dir / "ffn.bin")
+        self._check_every = integrity.every_read()
+        self._verified = np.zeros((info.n_layers, info.n_clusters), dtype=bool)
         n = plan.n_slots
         self.arena = aligned_buffer(n * self.stride)          # hot + dynamic + staging, exactly
         self.base = self.arena.ctypes.data
@@ -142,11 +145,24 @@ class OffloadedStore:
                     self._req[s] = req
 
     def _checker(self, layer: int, clusters: np.ndarray, slots: np.ndarray):
-        """The check of one read (run in the I/O thread): its buffers' CRC32C against the stored ones."""
+        """The check of one read (run in the I/O thread): the CRC32C of its buffers that hold a bundle not yet
+        checked in this run (every one with POWERLOW_CHECKSUMS=every) against the stored ones."""
         if self.sums is None:
             return None
-        return partial(integrity.check_buffers, self.reader.path, self.info, layer, [int(c) for c in clusters],
-                       self.sums.bundles[layer][clusters].tolist())
+        clusters = np.asarray(clusters)
+        pos = np.arange(len(clusters)) if self._check_every else np.flatnonzero(~self._verified[layer, clusters])
+        if not len(pos):
+            return None
+        cl = clusters[pos]
+        check = partial(integrity.check_buffers, self.reader.path, self.info, layer, cl.tolist(),
+                        self.sums.bundles[layer][cl].tolist(), pos.tolist())
+
+        def run(req):
+            err = check(req)
+            if err is None:
+                self._verified[layer, cl] = True
+            return err
+        return run
 
     def _on_done(self, req) -> None:      # I/O thread: data is in place
         self.state[req.tag] = READY

@@ -9,7 +9,9 @@ sha256 is checked whenever it is read (it is small: ~11 bytes of JSON a bundle, 
 of a Llama-70B). It is a sidecar and not part of manifest.json so that every command that reads the manifest
 (run, bench, plan, profile's rewrites) does not parse and rewrite 100k numbers.
 
-Checked: each bundle an offloaded run reads, in the I/O thread right after its read; every bundle once when
+Checked: each bundle an offloaded run reads, in the I/O thread right after its first read in the run (a dense
+run re-reads every unpinned bundle every token: checking each re-read cost 17% of its decode speed, and the
+bytes on disk are what the check is for); ``POWERLOW_CHECKSUMS=every`` checks every read. Every bundle once when
 a resident run loads ffn.bin; every resident tensor read whole at load, and every streamed unit at its first
 read. ``POWERLOW_CHECKSUMS=0`` turns the run-time checks off (only to measure what they cost).
 A model dir converted before checksums existed has no sidecar: it loads without these checks, and
@@ -134,14 +136,20 @@ def bad_bundles(sums: Sums, info, layer: int, ptrs: np.ndarray, clusters: np.nda
     return ids[got != want]
 
 
-def check_buffers(path, info, layer: int, clusters: list[int], want: list[int], req) -> str | None:
-    """A read's check (BundleReader, in the I/O thread): buffer i of ``req`` holds bundle ``clusters[i]``; the
-    first whose CRC32C is not ``want[i]`` is named. Little Python a bundle: the reader threads share the GIL."""
+def check_buffers(path, info, layer: int, clusters: list[int], want: list[int], positions: list[int], req) -> str | None:
+    """A read's check (BundleReader, in the I/O thread): buffer ``positions[i]`` of ``req`` holds bundle
+    ``clusters[i]``; the first whose CRC32C is not ``want[i]`` is named. Little Python a bundle: the reader threads
+    share the GIL."""
     from ._kernels import crc32c as crc
-    for buf, w, c in zip(req.bufs, want, clusters):
-        if crc(buf) != w:
+    for p, w, c in zip(positions, want, clusters):
+        if crc(req.bufs[p]) != w:
             return bundle_error(path, layer, c, info.bundle_offset(layer, c))
     return None
+
+
+def every_read() -> bool:
+    """POWERLOW_CHECKSUMS=every: an offloaded run checks every read of a bundle, not only its first (the default)."""
+    return os.environ.get("POWERLOW_CHECKSUMS", "").strip().lower() == "every"
 
 
 # -- computing them (convert, profile's re-layouts, verify) --------------------------------------------------

@@ -257,3 +257,27 @@ def test_neuron_relayout_refuses_a_corrupt_source(model):
     perms = [np.random.default_rng(3).permutation(info.n_neurons) for _ in range(info.n_layers)]
     with pytest.raises(PowerlowError, match=BUNDLE_MSG):
         relayout_store(model, load_manifest(model, check_files=False), perms)
+
+
+@pytest.mark.parametrize("mode", ["first", "every"])
+def test_offloaded_run_checks_each_bundle_once_unless_every_read(model, monkeypatch, mode):
+    """A dense offloaded run re-reads every unpinned bundle every token: by default each is checked at its first
+    read of the run (what the check is for: the bytes on disk), with POWERLOW_CHECKSUMS=every at each read."""
+    from powerlow import integrity
+    if mode == "every":
+        monkeypatch.setenv("POWERLOW_CHECKSUMS", "every")
+    checked = []
+    real = integrity.check_buffers
+
+    def counting(path, info, layer, clusters, want, positions, req):
+        checked.extend((layer, c) for c in clusters)
+        return real(path, info, layer, clusters, want, positions, req)
+    monkeypatch.setattr(integrity, "check_buffers", counting)
+    cfg = RuntimeConfig(budget_bytes=minimum_budget(model, load_manifest(model), RuntimeConfig()))
+    _generate(model, cfg, n=6)
+    distinct = len(set(checked))
+    assert distinct > 0
+    if mode == "first":
+        assert len(checked) == distinct                     # no bundle checked twice
+    else:
+        assert len(checked) >= 3 * distinct                 # re-read and re-checked every token
