@@ -61,11 +61,13 @@ int plk_detect_isa(void)
                      rows_q5_0_q8_##isa, rows_q5_1_q8_##isa, \
                      rows_q4_k_q8k_##isa, rows_q5_k_q8k_##isa, rows_q6_k_q8k_##isa }
 static const plk_rows_fn ma_table[PLK_NISA][PLK_NFMT] = { TABLE(generic), TABLE(avx2), TABLE(avx512) };
-/* table lookup: the portable kernels (plk_generic.c) on generic and AVX-512 (there only if asked for:
- * TL_PREFERRED in kernels.py), the vpshufb ones (plk_tl.h, need a plk_tl_pack layout) on AVX2 */
+/* table lookup: the portable kernels (plk_generic.c) on generic, the vpshufb ones (plk_tl.h, need a plk_tl_pack
+ * layout; without one they run the AVX2 multiply-add, bit-identical to AVX-512's) on AVX2 and on AVX-512 CPUs too:
+ * there is no 512-bit TL, and the AVX2 one beats AVX-512's multiply-add (q1 0.63 vs 0.38 of the probe, q2 0.56 vs
+ * 0.52, bench-kernels on an AVX-512 Xeon guest) with the same bits */
 #define TLG { 0, 0, 0, rowstl_q2_q8_generic, rowstl_tern_q8_generic, rowstl_q1_q8_generic }
-static const plk_rows_fn tl_table[PLK_NISA][PLK_NFMT] = {
-    TLG, { 0, 0, 0, rowstl_q2_q8_avx2, rowstl_tern_q8_avx2, rowstl_q1_q8_avx2 }, TLG };
+#define TLA { 0, 0, 0, rowstl_q2_q8_avx2, rowstl_tern_q8_avx2, rowstl_q1_q8_avx2 }
+static const plk_rows_fn tl_table[PLK_NISA][PLK_NFMT] = { TLG, TLA, TLA };
 
 plk_rows_fn plk_rows(int isa, int fmt, int tl)
 {
@@ -284,7 +286,7 @@ void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *
     if (!fn) fn = plk_rows(isa, fmt, 0);
     /* AVX2 table lookup: the tokens' tables once per call (every row reads them), for at most
      * PLK_TL_TCHUNK tokens at a time (Kp x 8 or 16 bytes each) */
-    const int avx2_tl = tl && isa == PLK_AVX2 && plk_tl_fmt(fmt) && w->tl && N >= PLK_TL_ROWS;
+    const int avx2_tl = tl && isa >= PLK_AVX2 && plk_tl_fmt(fmt) && w->tl && N >= PLK_TL_ROWS;
     if (avx2_tl && a->T > PLK_TL_TCHUNK) {
         for (int c0 = 0; c0 < a->T; c0 += PLK_TL_TCHUNK) {
             plk_act c = *a;

@@ -92,11 +92,15 @@ isa: str = _pick_isa()
 # row-interleaved layout (prepare_tl) and gives the same bits as MAD, so an unprepared matrix (or its
 # last rows % 32, or rows of <= 4 groups) simply runs MAD. TL also won at 2..64 tokens per call (e.g. q1
 # 0.45 vs 0.93 ms at 2, 20 vs 34 ms at 64), so it is used for every batch size (tables in chunks of 64).
-# AVX-512 (not runnable here) keeps MAD: its vpdpbusd MAD is unmeasured against any TL, and the vpshufb
-# kernels are AVX2-only; the portable TL wins only where there is no SIMD MAD (generic).
+# AVX-512 (fifth session, an Intel Xeon guest that exposes it; bench-kernels -t 2, dense rows, ratio to the
+# probe): its vpdpbusd MAD q2 0.52-0.53, tern 0.52, q1 0.38 against the AVX2 vpshufb TL 0.55-0.56 / 0.55 / 0.63, with
+# the same bits (AVX2 MAD == AVX-512 MAD == AVX2 TL, tests/test_kernels.py): an AVX-512 CPU runs the AVX2 TL kernels
+# for these formats (there is no 512-bit TL; the "avx512" TL entry is the AVX2 code). The portable TL wins only where
+# there is no SIMD MAD (generic).
 TL_PREFERRED: dict[tuple[str, str], bool] = {("q2", "generic"): True, ("tern", "generic"): True,
                                              ("q1", "generic"): True,
-                                             ("q2", "avx2"): True, ("tern", "avx2"): True, ("q1", "avx2"): True}
+                                             ("q2", "avx2"): True, ("tern", "avx2"): True, ("q1", "avx2"): True,
+                                             ("q2", "avx512"): True, ("tern", "avx512"): True, ("q1", "avx512"): True}
 
 
 def _use_tl(fmt: str, which: str) -> int:
@@ -168,7 +172,7 @@ _TL_FMTS = ("q2", "tern", "q1")
 def prepare_resident(q: formats.QMatrix) -> formats.QMatrix:
     """prepare_tl(q) where the dispatcher runs table lookup on q's format with this CPU's variant (AVX2 needs the
     layout; the portable TL and AVX-512's multiply-add do not), else q unchanged."""
-    if isa == "avx2" and _use_tl(q.fmt, "avx2"):
+    if isa in ("avx2", "avx512") and _use_tl(q.fmt, isa):
         prepare_tl(q)
     return q
 
@@ -179,8 +183,8 @@ def _tl_args(q: formats.QMatrix, which: int, tl: bool | None) -> tuple[int, np.n
     name = _ISA_NAMES[which]
     use = _use_tl(q.fmt, name) if tl is None else int(bool(tl))
     layout = getattr(q, "tl", None)
-    if tl and name == "avx2" and q.fmt in _TL_FMTS and layout is None and q.rows >= 32:
-        raise ValueError("tl=True on avx2 needs the table-lookup layout: call kernels.prepare_tl(q) first")
+    if tl and name in ("avx2", "avx512") and q.fmt in _TL_FMTS and layout is None and q.rows >= 32:
+        raise ValueError(f"tl=True on {name} needs the table-lookup layout: call kernels.prepare_tl(q) first")
     return use, layout
 
 

@@ -706,3 +706,20 @@ def test_bench_dense_matrices_far_larger_than_l3():
         nbytes = dense_rows(fmt) * 8192 * sp.bits_per_weight / 8
         assert nbytes >= 75e6, (fmt, nbytes)
 
+
+
+@pytest.mark.parametrize("fmt", ["q2", "tern", "q1"])
+def test_avx512_runs_the_avx2_table_lookup_with_the_same_bits(fmt):
+    """On an AVX-512 CPU the dispatcher runs the AVX2 vpshufb TL for the 1/1.58/2-bit formats (faster than its
+    multiply-add, there is no 512-bit TL) and gets AVX-512 multiply-add's bits, prepared matrix or not."""
+    if "avx512" not in K.supported_isas:
+        pytest.skip("this CPU has no AVX-512")
+    rng = np.random.default_rng(11)
+    q = F.quantize(rng.standard_normal((96, 640)).astype(np.float32), fmt)
+    x = rng.standard_normal((5, 640)).astype(np.float32)
+    mad = K.matmul(q, x, isa="avx512", tl=False)
+    np.testing.assert_array_equal(K.matmul(q, x, isa="avx512"), mad)          # unprepared: MAD inside
+    K.prepare_tl(q)
+    assert K.TL_PREFERRED[(fmt, "avx512")]
+    np.testing.assert_array_equal(K.matmul(q, x, isa="avx512"), mad)          # the AVX2 TL tiles
+    np.testing.assert_array_equal(K.matmul(q, x, isa="avx2", tl=True), mad)

@@ -145,7 +145,8 @@ def test_bench_warns_when_greedy_inputs_repeat():
 @pytest.mark.parametrize("bits", ["2", "ternary", "1"])
 def test_resident_low_bit_matrices_use_table_lookup(tmp_path, bits):
     """A fully resident run gives its 1/1.58/2-bit attention matrices the table-lookup layout where the
-    dispatcher runs TL (AVX2), with the multiply-add logits bit for bit; under a budget they stay as stored."""
+    dispatcher runs TL (the AVX2 kernels, on AVX2 and AVX-512 CPUs), with the multiply-add logits bit for bit; under
+    a budget they stay as stored."""
     from powerlow import kernels as K
     from powerlow.config import RuntimeConfig
     from powerlow.engine import Transformer
@@ -156,7 +157,7 @@ def test_resident_low_bit_matrices_use_table_lookup(tmp_path, bits):
     tf = Transformer(d)
     try:
         mats = [m for lw in tf.layers for m in (lw.wqkv, lw.wo)]
-        want_tl = K.isa == "avx2" and K.TL_PREFERRED.get((mats[0].fmt, "avx2"), False)
+        want_tl = K.isa in ("avx2", "avx512") and K.TL_PREFERRED.get((mats[0].fmt, K.isa), False)
         assert all((m.tl is not None) == want_tl for m in mats)
         got = tf.forward(ids)
         for m in mats:
