@@ -79,10 +79,74 @@ AI __m128 kq_finish(__m256i vi, __m128i vm, int has_min, float dd, float ndm, __
     return y;
 }
 
+/* one q4_k / q5_k / q6_k super-block at blk, decoded for the 256-bit byte dots: c[j] the codes of elements
+ * 32j..32j+31, sv[j] their scales as int16 (the pairs maddubs + madd take); q6_k: *sc16 its 16 int8 scales widened
+ * (for the -32 offset); q4_k/q5_k: *mn the 8 mins as int16, *dmw the fp16 dmin. Returns the fp16 d. kq_row and
+ * kq_rows8 both decode through it, so they take the same integers. */
+AI float kq_block256(const int FMT, const uint8_t *blk, __m256i c[8], __m256i sv[8], __m256i *sc16, __m128i *mn,
+                     float *dmw)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    *sc16 = _mm256_setzero_si256();
+    if (FMT == PLK_Q6_K) {
+        const uint8_t *ql = blk, *qh = blk + 128;
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+            const __m256i hh = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+            c[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), m30));
+            c[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), m30));
+            c[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hh, m30));
+            c[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hh, 2), m30));
+        }
+        /* vector g (elements 32g..32g+31) has sub-blocks 2g (low lane), 2g+1 (high lane) */
+        *sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+        const __m256i B0 = _mm256_permute2x128_si256(*sc16, *sc16, 0x00), B1 = _mm256_permute2x128_si256(*sc16, *sc16, 0x11);
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            const int k = g & 3;
+            const __m256i sel = _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3,
+                                                 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3);
+            sv[g] = _mm256_shuffle_epi8(g < 4 ? B0 : B1, sel);
+        }
+        *mn = _mm_setzero_si128();
+        *dmw = 0.0f;
+        uint16_t hd;
+        memcpy(&hd, blk + 208, 2);
+        return _cvtsh_ss(hd);
+    }
+    const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
+    const __m128i R = kq_scales_v(blk + 4);
+    *mn = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(R, R));
+    const __m256i sb = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(R));
+    __m256i qh = _mm256_setzero_si256();
+    if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; p++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+        c[2 * p] = _mm256_and_si256(v, m4);
+        c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        if (FMT == PLK_Q5_K) {
+            c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
+            c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++)
+        sv[j] = _mm256_shuffle_epi8(sb, _mm256_set1_epi16((short)((2 * j) | ((2 * j + 1) << 8))));
+    int dd;
+    memcpy(&dd, blk, 4);
+    const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dd));
+    *dmw = _mm_cvtss_f32(_mm_movehdup_ps(f));
+    return _mm_cvtss_f32(f);
+}
+
 /* one row x NT tokens (1..4) */
 AI void kq_row(const int FMT, const int NT, const uint8_t *row, int S, const plk_act *a, int t0, float *res)
 {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
     const int QB = plk_qbytes[FMT];
     const int8_t *xp[4];
     const int16_t *bp[4];
@@ -102,63 +166,10 @@ AI void kq_row(const int FMT, const int NT, const uint8_t *row, int S, const plk
         _mm_prefetch(pf + 64, _MM_HINT_T0);
         _mm_prefetch(pf + 128, _MM_HINT_T0);
         if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T0);
-        __m256i c[8], sv[8];
-        __m128i mn = _mm_setzero_si128();
-        __m256i sc16 = _mm256_setzero_si256();
-        float dw, dmw = 0.0f;
-        if (FMT == PLK_Q6_K) {
-            const uint8_t *ql = blk, *qh = blk + 128;
-#pragma GCC unroll 2
-            for (int h = 0; h < 2; h++) {
-                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
-                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
-                const __m256i hh = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
-                c[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), m30));
-                c[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), m30));
-                c[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hh, m30));
-                c[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hh, 2), m30));
-            }
-            /* vector g (elements 32g..32g+31) has sub-blocks 2g (low lane), 2g+1 (high lane) */
-            sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-            const __m256i B0 = _mm256_permute2x128_si256(sc16, sc16, 0x00), B1 = _mm256_permute2x128_si256(sc16, sc16, 0x11);
-#pragma GCC unroll 8
-            for (int g = 0; g < 8; g++) {
-                const int k = g & 3;
-                const __m256i sel = _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
-                                                     4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
-                                                     4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3,
-                                                     4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3);
-                sv[g] = _mm256_shuffle_epi8(g < 4 ? B0 : B1, sel);
-            }
-            uint16_t hd;
-            memcpy(&hd, blk + 208, 2);
-            dw = _cvtsh_ss(hd);
-        } else {
-            const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
-            __m128i sc;
-            kq_scale_min(blk + 4, &sc, &mn);
-            const __m256i sb = _mm256_broadcastsi128_si256(sc);
-            __m256i qh = _mm256_setzero_si256();
-            if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
-#pragma GCC unroll 4
-            for (int p = 0; p < 4; p++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
-                c[2 * p] = _mm256_and_si256(v, m4);
-                c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                if (FMT == PLK_Q5_K) {
-                    c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
-                    c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
-                }
-            }
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j++)
-                sv[j] = _mm256_shuffle_epi8(sb, _mm256_set1_epi16((short)((2 * j) | ((2 * j + 1) << 8))));
-            uint16_t hd, hm;
-            memcpy(&hd, blk, 2);
-            memcpy(&hm, blk + 2, 2);
-            dw = _cvtsh_ss(hd);
-            dmw = _cvtsh_ss(hm);
-        }
+        __m256i c[8], sv[8], sc16;
+        __m128i mn;
+        float dmw;
+        const float dw = kq_block256(FMT, blk, c, sv, &sc16, &mn, &dmw);
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
             const int8_t *x = xp[t] + (size_t)b * 256;
@@ -189,7 +200,6 @@ AI void kq_row(const int FMT, const int NT, const uint8_t *row, int S, const plk
 AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0,
                  __m256 *yv)
 {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
     const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256 signm = _mm256_set1_ps(-0.0f);
     const int QB = plk_qbytes[FMT];
@@ -213,59 +223,8 @@ AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
             _mm_prefetch(pn + 64, _MM_HINT_T0);
             _mm_prefetch(pn + 128, _MM_HINT_T0);
             if (QB > 192) _mm_prefetch(pn + 192, _MM_HINT_T0);
-            __m256i c[8], sv[8], sc16 = _mm256_setzero_si256();
-            if (FMT == PLK_Q6_K) {
-                const uint8_t *ql = blk, *qh = blk + 128;
-#pragma GCC unroll 2
-                for (int h = 0; h < 2; h++) {
-                    const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
-                    const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
-                    const __m256i hh = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
-                    c[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), m30));
-                    c[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), m30));
-                    c[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hh, m30));
-                    c[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hh, 2), m30));
-                }
-                sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-                const __m256i B0 = _mm256_permute2x128_si256(sc16, sc16, 0x00), B1 = _mm256_permute2x128_si256(sc16, sc16, 0x11);
-#pragma GCC unroll 8
-                for (int g = 0; g < 8; g++) {
-                    const int k = g & 3;
-                    const __m256i sel = _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
-                                                         4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
-                                                         4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3,
-                                                         4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3);
-                    sv[g] = _mm256_shuffle_epi8(g < 4 ? B0 : B1, sel);
-                }
-                uint16_t hd;
-                memcpy(&hd, blk + 208, 2);
-                dws[i] = _cvtsh_ss(hd);
-            } else {
-                const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
-                const __m128i R = kq_scales_v(blk + 4);
-                mnr[i] = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(R, R));
-                const __m256i sb = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(R));
-                __m256i qh = _mm256_setzero_si256();
-                if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
-#pragma GCC unroll 4
-                for (int p = 0; p < 4; p++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
-                    c[2 * p] = _mm256_and_si256(v, m4);
-                    c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                    if (FMT == PLK_Q5_K) {
-                        c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
-                        c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
-                    }
-                }
-#pragma GCC unroll 8
-                for (int j = 0; j < 8; j++)
-                    sv[j] = _mm256_shuffle_epi8(sb, _mm256_set1_epi16((short)((2 * j) | ((2 * j + 1) << 8))));
-                int dd;
-                memcpy(&dd, blk, 4);
-                const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dd));
-                dws[i] = _mm_cvtss_f32(f);
-                dms[i] = _mm_cvtss_f32(_mm_movehdup_ps(f));
-            }
+            __m256i c[8], sv[8], sc16;
+            dws[i] = kq_block256(FMT, blk, c, sv, &sc16, &mnr[i], &dms[i]);
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) {
                 const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
