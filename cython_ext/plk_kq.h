@@ -144,6 +144,22 @@ AI float kq_block256(const int FMT, const uint8_t *blk, __m256i c[8], __m256i sv
     return _mm_cvtss_f32(f);
 }
 
+/* the 8-rows-in-lanes kernels' prefetch, per row and super-block: the same super-block of the next set of 8 rows
+ * into L2 (8 row streams are too many for the hardware prefetcher to start in time, and a set's first blocks would
+ * wait for DRAM otherwise; into L1, 8 long rows ahead thrashed it), and this row two blocks ahead from L2 into L1 */
+AI void kq_prefetch8(const uint8_t *blk, size_t rowb, int QB)
+{
+    const char *pf = (const char *)blk + 8 * rowb, *pn = (const char *)blk + 2 * QB;
+    _mm_prefetch(pf, _MM_HINT_T1);
+    _mm_prefetch(pf + 64, _MM_HINT_T1);
+    _mm_prefetch(pf + 128, _MM_HINT_T1);
+    if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T1);
+    _mm_prefetch(pn, _MM_HINT_T0);
+    _mm_prefetch(pn + 64, _MM_HINT_T0);
+    _mm_prefetch(pn + 128, _MM_HINT_T0);
+    if (QB > 192) _mm_prefetch(pn + 192, _MM_HINT_T0);
+}
+
 /* one row x NT tokens (1..4) */
 AI void kq_row(const int FMT, const int NT, const uint8_t *row, int S, const plk_act *a, int t0, float *res)
 {
@@ -211,18 +227,7 @@ AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
         float dws[8], dms[8];
         for (int i = 0; i < 8; i++) {
             const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
-            /* the same super-block of the next set of 8 rows (8 row streams are too many for the hardware
-             * prefetcher to start in time, and a set's first blocks would wait for DRAM otherwise) */
-            const char *pf = (const char *)blk + 8 * rowb;     /* into L2: 8 long rows ahead would thrash L1 */
-            _mm_prefetch(pf, _MM_HINT_T1);
-            _mm_prefetch(pf + 64, _MM_HINT_T1);
-            _mm_prefetch(pf + 128, _MM_HINT_T1);
-            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T1);
-            const char *pn = (const char *)blk + 2 * QB;       /* and from L2 into L1, two blocks ahead in the row */
-            _mm_prefetch(pn, _MM_HINT_T0);
-            _mm_prefetch(pn + 64, _MM_HINT_T0);
-            _mm_prefetch(pn + 128, _MM_HINT_T0);
-            if (QB > 192) _mm_prefetch(pn + 192, _MM_HINT_T0);
+            kq_prefetch8(blk, rowb, QB);
             __m256i c[8], sv[8], sc16;
             dws[i] = kq_block256(FMT, blk, c, sv, &sc16, &mnr[i], &dms[i]);
 #pragma GCC unroll 4
@@ -292,18 +297,7 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
         float dws[8], dms[8];
         for (int i = 0; i < 8; i++) {
             const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
-            /* the same super-block of the next set of 8 rows (8 row streams are too many for the hardware
-             * prefetcher to start in time, and a set's first blocks would wait for DRAM otherwise) */
-            const char *pf = (const char *)blk + 8 * rowb;     /* into L2: 8 long rows ahead would thrash L1 */
-            _mm_prefetch(pf, _MM_HINT_T1);
-            _mm_prefetch(pf + 64, _MM_HINT_T1);
-            _mm_prefetch(pf + 128, _MM_HINT_T1);
-            if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T1);
-            const char *pn = (const char *)blk + 2 * QB;       /* and from L2 into L1, two blocks ahead in the row */
-            _mm_prefetch(pn, _MM_HINT_T0);
-            _mm_prefetch(pn + 64, _MM_HINT_T0);
-            _mm_prefetch(pn + 128, _MM_HINT_T0);
-            if (QB > 192) _mm_prefetch(pn + 192, _MM_HINT_T0);
+            kq_prefetch8(blk, rowb, QB);
             __m512i c[4], sv[4], sc16 = _mm512_setzero_si512();
             if (FMT == PLK_Q6_K) {
                 const uint8_t *ql = blk, *qh = blk + 128;

@@ -289,6 +289,7 @@ class Transformer:
         ring_units: list = []
         self.layers: list[LayerWeights | None] = []
         self._small = []                    # per layer: (attn_norm, bqkv, ffn_norm), always resident
+        self._plain = [cfg.layer_is_plain(l) for l in range(cfg.n_layers)]   # layers the fused attn_block runs
         self._extra: list[LayerExtras] = []  # per layer: the norms and window of the non-llama blocks
         self._ring_of_layer: dict[int, int] = {}
         self._streamed_lw: dict[int, LayerWeights] = {}     # id(ring views) -> LayerWeights (ring keeps the views)
@@ -403,7 +404,7 @@ class Transformer:
         h = np.empty_like(x)
         for l in range(cfg.n_layers):
             lw, streamed = self._layer(l)
-            if self.fused and cfg.layer_is_plain(l):
+            if self.fused and self._plain[l]:
                 # one call for the attention block (norm, qkv, RoPE, cache store, attention, o, +=, ffn norm)
                 if rope is None:
                     rope = ops.rope_tables(pos, hd, cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_freq_factors)
