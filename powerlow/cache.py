@@ -373,6 +373,12 @@ class OffloadedStore:
             return
         self._fetch(layer, np.unique(np.asarray(clusters, dtype=np.int64)), demand=False, priority=1)
 
+    def pinned_ptrs(self, layer: int) -> np.ndarray:
+        """Addresses of layer's pinned bundles, by cluster id (what the self-drafter computes; never evicted)."""
+        slots = np.flatnonzero(self.pinned & (self.key // self.N == layer) & (self.key >= 0))
+        slots = slots[np.argsort(self.key[slots] % self.N, kind="stable")]
+        return (self.base + slots.astype(np.uint64) * np.uint64(self.stride)).astype(np.uint64)
+
     def counters(self) -> dict:
         used = self.hits + self.misses
         passes = max(1, self.passes)

@@ -18,6 +18,10 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default=None, choices=("dense", "gate", "threshold", "predict"), help="FFN mode")
     p.add_argument("--density", type=float, default=None, help="target FFN density for threshold/predict modes")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed")
+    p.add_argument("--draft", default=None, help="speculative decoding's drafter: none | ngram (prompt lookup) | self "
+                   "(the resident part of the model, under --budget) | a draft model (dir, GGUF or HF folder with the "
+                   "same tokenizer); greedy output is the same tokens with any of them")
+    p.add_argument("--draft-k", type=int, default=None, help="drafts per target pass (default 0: adaptive, up to 8)")
 
 
 def runtime_config(args):
@@ -40,6 +44,10 @@ def runtime_config(args):
             raise PowerlowError(f"--budget: {e}") from None
     if args.seed is not None:
         kw["seed"] = args.seed
+    if getattr(args, "draft", None) is not None:
+        kw["draft"] = args.draft
+    if getattr(args, "draft_k", None) is not None:
+        kw["draft_k"] = args.draft_k
     if args.threads < 0:
         raise PowerlowError(f"-t {args.threads}: threads must be >= 1")
     return RuntimeConfig(**kw)

@@ -111,7 +111,7 @@ class Stats:
     """Counters of the last run (also what `powerlow bench` reports)."""
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    decode_steps: int = 0         # forward passes of one token (the first generated token comes from prefill)
+    decode_steps: int = 0         # tokens made by decode passes (the first generated token comes from prefill)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     ffn_density: float = 1.0
@@ -129,7 +129,8 @@ class Stats:
         from .util import peak_rss_bytes
         return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
                 "prefill_tok_s": round(self.prefill_tok_s, 2), "decode_tok_s": round(self.decode_tok_s, 2),
-                "density": round(self.ffn_density, 4), "peak_rss_bytes": peak_rss_bytes(), **self.extra}
+                "density": round(self.ffn_density, 4), "peak_rss_bytes": peak_rss_bytes(),
+                **{k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in self.extra.items()}}
 
 
 class KVCache:
@@ -251,6 +252,7 @@ class Transformer:
         # (the same kernels one by one: tests compare the two bit for bit)
         self.fused = True
         self._scratch, self._scratch_T = None, 0
+        self._draft_ptrs = None
 
     def _make_ffn_source(self):
         """All of ffn.bin in RAM, or (with a budget) the segmented cache fed by the I/O thread."""
@@ -372,10 +374,31 @@ class Transformer:
             return self.embed.rows_f32(ids)
         return formats.dequantize(formats.select_rows(self.embed, ids))
 
-    def forward(self, ids, *, start_pos: int | None = None, last_only: bool = False) -> np.ndarray:
+    def self_draft_unavailable(self) -> str | None:
+        """Why the model cannot draft from its resident part (powerlow.speculate.SelfDrafter), or None."""
+        if self.plan is None:
+            return ("the model is fully resident (no --budget), so nothing of it is cheaper than the whole; "
+                    "self-drafting drafts from what a budget keeps resident")
+        if any(m is None for _, _, m, _ in self.head_chunks):
+            return "the lm_head streams at this budget, so a drafted token would read it from storage"
+        if not hasattr(self.ffn_source, "pinned_ptrs"):
+            return "this cluster source has no pinned clusters"
+        return None
+
+    def _draft_ffn(self, l: int, h: np.ndarray, out: np.ndarray) -> None:
+        """out += layer l's FFN over its pinned clusters only (the self-drafter's FFN; nothing is read)."""
+        if self._draft_ptrs is None:
+            self._draft_ptrs = [self.ffn_source.pinned_ptrs(i) for i in range(self.config.n_layers)]
+        ptrs = self._draft_ptrs[l]
+        if len(ptrs):
+            self.ops.ffn_bundles(ptrs, self.store_info.layouts[l], h, self.config.hidden_act, out)
+
+    def forward(self, ids, *, start_pos: int | None = None, last_only: bool = False, draft: bool = False) -> np.ndarray:
         """Run tokens ``ids`` at positions start_pos.. (default: a fresh sequence from 0).
 
-        Returns logits (T, vocab) float32, or (1, vocab) for the last token with ``last_only``.
+        Returns logits (T, vocab) float32, or (1, vocab) for the last token with ``last_only``. ``draft``: the
+        self-drafter's approximation from what is resident (layers whose attention streams are skipped, the FFN
+        over the pinned clusters only); it writes the KV cache of the layers it runs like a real pass.
         """
         cfg = self.config
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -403,6 +426,8 @@ class Transformer:
         rope = None
         h = np.empty_like(x)
         for l in range(cfg.n_layers):
+            if draft and self.layers[l] is None:
+                continue
             lw, streamed = self._layer(l)
             if self.fused and self._plain[l]:
                 # one call for the attention block (norm, qkv, RoPE, cache store, attention, o, +=, ffn norm)
@@ -416,7 +441,14 @@ class Transformer:
             if streamed:
                 self.ring.release()
             post = self._extra[l].post_ffn_norm
-            if post is None:
+            if draft:
+                if post is None:
+                    self._draft_ffn(l, h, x)
+                else:
+                    d = np.zeros_like(h)
+                    self._draft_ffn(l, h, d)
+                    x += ops.rmsnorm(d, post, cfg.rms_eps)
+            elif post is None:
                 self.ffn.accumulate(l, h, x)                            # the FFN adds its output straight into x
             else:
                 x += ops.rmsnorm(self.ffn.forward(l, h), post, cfg.rms_eps)

@@ -30,10 +30,8 @@ class SamplingParams:
             raise PowerlowError(f"--seed must be in 0 .. 2^64-1, got {self.seed}; omit it for a random seed")
 
 
-def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from logits (vocab,)."""
-    if p.temperature == 0.0:
-        return int(np.argmax(logits))
+def probs(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """The distribution a token is sampled from (temperature, then top-k, then top-p), float64 (vocab,)."""
     if not np.isfinite(logits).all():
         raise PowerlowError("the model produced non-finite logits (NaN or inf): its weights are corrupt or the input "
                             "overflowed; check the model with a fresh convert")
@@ -42,16 +40,24 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> i
     if 0 < p.top_k < len(z):          # a top-k of the whole vocabulary (or more) keeps everything
         kth = np.partition(z, -p.top_k)[-p.top_k]
         z = np.where(z < kth, -np.inf, z)
-    probs = np.exp(z)
-    probs /= probs.sum()
+    pr = np.exp(z)
+    pr /= pr.sum()
     if p.top_p < 1.0:
-        order = np.argsort(-probs)
-        csum = np.cumsum(probs[order])
+        order = np.argsort(-pr)
+        csum = np.cumsum(pr[order])
         keep = order[: int(np.searchsorted(csum, p.top_p) + 1)]
-        mask = np.zeros_like(probs)
-        mask[keep] = probs[keep]
-        probs = mask / mask.sum()
-    return int(rng.choice(len(probs), p=probs))
+        mask = np.zeros_like(pr)
+        mask[keep] = pr[keep]
+        pr = mask / mask.sum()
+    return pr
+
+
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id from logits (vocab,)."""
+    if p.temperature == 0.0:
+        return int(np.argmax(logits))
+    pr = probs(logits, p)
+    return int(rng.choice(len(pr), p=pr))
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,12 @@ class Token:
 
 
 def generate(tf, prompt_ids: list[int], max_tokens: int, params: SamplingParams, stats,
-             stop_ids: set[int] | None = None) -> Iterator[Token]:
-    """Yield generated tokens as they are made; ``stats`` gets prefill/decode timings."""
+             stop_ids: set[int] | None = None, drafter=None, k_max: int = 0) -> Iterator[Token]:
+    """Yield generated tokens as they are made; ``stats`` gets prefill/decode timings.
+
+    With a ``drafter`` (powerlow.speculate) each target pass checks the drafted tokens in one batch: greedy gives
+    plain greedy decoding's tokens, sampling their distribution. ``k_max``: most drafts a pass (0 = adaptive up to
+    speculate.K_MAX)."""
     if not prompt_ids:
         raise PowerlowError("the prompt is empty; give some text with -p")
     if max_tokens < 0:
@@ -82,20 +92,68 @@ def generate(tf, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
     stats.generated_tokens = 0
     stats.decode_steps = 0
     stats.decode_seconds = 0.0
+    stats.extra.pop("speculation", None)
     t0 = time.perf_counter()
     logits = tf.forward(prompt_ids, start_pos=0, last_only=True)[-1]
     stats.prefill_seconds = time.perf_counter() - t0
-    pos = len(prompt_ids)
-    for _ in range(max_tokens):
-        tok = sample(logits, params, rng)
+    if drafter is None:
+        pos = len(prompt_ids)
+        for _ in range(max_tokens):
+            tok = sample(logits, params, rng)
+            if tok in stop_ids:
+                break
+            yield Token(tok, dec.push(tok))
+            stats.generated_tokens += 1
+            if stats.generated_tokens == max_tokens:
+                break
+            t1 = time.perf_counter()
+            logits = tf.forward([tok], start_pos=pos, last_only=True)[-1]
+            stats.decode_seconds += time.perf_counter() - t1
+            stats.decode_steps += 1
+            pos += 1
+        return
+    yield from _speculate(tf, list(prompt_ids), logits, max_tokens, params, rng, stats, stop_ids, dec, drafter, k_max)
+
+
+def _speculate(tf, ctx, logits, max_tokens, params, rng, stats, stop_ids, dec, drafter, k_max):
+    """The speculative loop: ctx holds the prompt and every emitted token; its last one is pending (not in the
+    KV cache) until the next pass runs it with the drafts after it."""
+    from .speculate import K_MAX, KController, SpecStats, verify
+    from .generate import probs as probs_fn
+    ctl = KController(K_MAX, fixed=k_max)
+    spec = SpecStats(getattr(drafter, "name", "draft"))
+    stats.extra["speculation"] = spec
+    drafter.reset(ctx)
+    tok = sample(logits, params, rng)
+    while True:
         if tok in stop_ids:
-            break
+            return
         yield Token(tok, dec.push(tok))
         stats.generated_tokens += 1
-        if stats.generated_tokens == max_tokens:
-            break
+        ctx.append(tok)
+        remaining = max_tokens - stats.generated_tokens
+        if remaining <= 0:
+            return
+        pos = len(ctx) - 1                         # where the pending token goes
         t1 = time.perf_counter()
-        logits = tf.forward([tok], start_pos=pos, last_only=True)[-1]
-        stats.decode_seconds += time.perf_counter() - t1
-        stats.decode_steps += 1
-        pos += 1
+        k = ctl.choose(remaining)
+        drafts = drafter.propose(ctx, k) if k else []
+        t2 = time.perf_counter()
+        logits = tf.forward([tok] + drafts, start_pos=pos, last_only=False)
+        t3 = time.perf_counter()
+        n, nxt = verify(logits, drafts, params, rng, probs_fn)
+        tf.kv.length = pos + n + 1                 # the rejected drafts' positions are overwritten next pass
+        ctl.record(len(drafts) + 1, t3 - t2, len(drafts), n, t2 - t1)
+        spec.record(len(drafts), n, n + 1)
+        spec.draft_seconds += t2 - t1
+        stats.decode_seconds += t3 - t1
+        for d in drafts[:n]:
+            if d in stop_ids:
+                return
+            yield Token(d, dec.push(d))
+            stats.generated_tokens += 1
+            stats.decode_steps += 1
+            ctx.append(d)
+        drafter.accept(ctx)
+        stats.decode_steps += 1                    # nxt: made by this pass, emitted at the loop's top
+        tok = nxt

@@ -44,19 +44,33 @@ class Model:
     One model has one KV cache, so one sequence at a time: a ``generate`` or ``forward`` call starts a new one, and
     an earlier ``generate`` iterator resumed afterwards raises PowerlowError (its cache was overwritten)."""
 
-    def __init__(self, transformer: Transformer):
+    def __init__(self, transformer: Transformer, drafter=None):
         self.tf = transformer
         self.config = transformer.config
         self.tokenizer = transformer.tokenizer
         self.stats = Stats()
         self._epoch = 0             # bumped by every call that writes the KV cache
         self._closed = False
+        self._drafters = {}         # draft spec -> drafter (powerlow.speculate), made at first use
+        if drafter is not None:
+            self._drafters[transformer.runtime.draft] = drafter
 
     def close(self) -> None:
         """Stop the I/O threads and close the model's files (an offloaded run's readers)."""
         if not self._closed:
             self._closed = True
+            for d in self._drafters.values():
+                if d is not None:
+                    d.close()
             self.tf.close()
+
+    def drafter(self, spec: str | None = None):
+        """The drafter of ``spec`` (default: the config's ``draft``), made once; None for 'none'."""
+        spec = self.tf.runtime.draft if spec is None else spec
+        if spec not in self._drafters:
+            from .speculate import make_drafter
+            self._drafters[spec] = make_drafter(spec, self.tf)
+        return self._drafters[spec]
 
     def _begin(self) -> int:
         if self._closed:
@@ -86,8 +100,11 @@ class Model:
         return self.tf.forward(ids, start_pos=start_pos)
 
     def generate(self, prompt, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, chat: bool = False) -> Iterator[Token]:
-        """Tokens as they are made. ``prompt`` is text (or a list of ids)."""
+                 seed: int | None = None, chat: bool = False, draft: str | None = None,
+                 draft_k: int | None = None) -> Iterator[Token]:
+        """Tokens as they are made. ``prompt`` is text (or a list of ids). ``draft``: speculative decoding's drafter
+        (none | ngram | self | a draft model; default: the config's), ``draft_k`` drafts a pass (0 = adaptive);
+        greedy output is the same tokens with any drafter."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PowerlowError("the prompt is empty; give some text")
@@ -100,11 +117,15 @@ class Model:
         else:
             ids = token_ids(prompt, self.config.vocab_size, "the prompt")
         params = SamplingParams(temperature, top_k, top_p, seed)
-        return self._generate(ids, max_tokens, params)
+        if draft_k is not None and (isinstance(draft_k, bool) or not isinstance(draft_k, int) or not 0 <= draft_k <= 8):
+            raise PowerlowError(f"draft_k must be 0 (adaptive) .. 8, got {draft_k!r}")
+        return self._generate(ids, max_tokens, params, self.drafter(draft),
+                              self.tf.runtime.draft_k if draft_k is None else draft_k)
 
-    def _generate(self, ids, max_tokens, params) -> Iterator[Token]:
+    def _generate(self, ids, max_tokens, params, drafter=None, draft_k=0) -> Iterator[Token]:
         epoch = self._begin()
-        for tok in _generate(self.tf, ids, max_tokens, params, self.stats, stop_ids=self.tokenizer.stop_ids()):
+        for tok in _generate(self.tf, ids, max_tokens, params, self.stats, stop_ids=self.tokenizer.stop_ids(),
+                             drafter=drafter, k_max=draft_k):
             yield tok
             if self._epoch != epoch:
                 raise PowerlowError("this generation was superseded: a later generate() or forward() on the same model "
@@ -131,8 +152,32 @@ def load(path=None, config: RuntimeConfig | dict | None = None, *, backend: str 
     the file."""
     config = runtime_of(config)
     model_dir = resolve_model(path)
+    rt = config or RuntimeConfig()
+    target_rt, draft_dir = rt, None
+    if rt.draft not in ("none", "ngram", "self"):
+        # a draft model is resident; under a budget its footprint comes off what the target may use
+        draft_dir = resolve_model(rt.draft)
+        if rt.budget_bytes is not None:
+            from .manifest import load_manifest
+            from .tune import full_footprint
+            fp, _ = full_footprint(draft_dir, load_manifest(draft_dir, check_files=False), rt)
+            from .config import format_size
+            if fp >= rt.budget_bytes:
+                raise PowerlowError(f"the draft model {rt.draft} needs {format_size(fp)} resident, the whole budget of "
+                                    f"{format_size(rt.budget_bytes)}; give a bigger --budget or --draft ngram")
+            target_rt = rt.replace(budget_bytes=rt.budget_bytes - fp)
     try:
-        return Model(Transformer(model_dir, config, backend=backend))
+        tf = Transformer(model_dir, target_rt, backend=backend)
+        drafter = None
+        if draft_dir is not None:
+            from .speculate import make_drafter
+            try:
+                drafter = make_drafter(str(draft_dir), tf)
+            except BaseException:
+                tf.close()
+                raise
+            tf.runtime = tf.runtime.replace(draft=str(draft_dir))
+        return Model(tf, drafter)
     except OSError as e:
         raise PowerlowError(f"{e.filename or model_dir}: read error while loading the model ({e.strerror or e}); "
                             "check the disk and the file (re-convert the model if it is damaged)") from None

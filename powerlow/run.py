@@ -44,6 +44,11 @@ def main(args) -> int:
           f"at {s.decode_tok_s:.1f} tok/s, peak RSS {s.as_dict()['peak_rss_bytes'] / 2**20:.0f} MiB, "
           f"threads {cfg.n_threads}, kernels {getattr(model.tf.ops, 'isa', model.tf.ops.name if hasattr(model.tf.ops, 'name') else '?')}",
           file=sys.stderr)
+    spec = s.extra.get("speculation")
+    if spec is not None:
+        d = spec.as_dict()
+        print(f"powerlow: draft {d['drafter']}: {d['passes']} target passes, {d['tokens_per_pass']:.2f} tokens a pass, "
+              f"{d['accepted']}/{d['proposed']} drafts accepted", file=sys.stderr)
     return 0
 
 

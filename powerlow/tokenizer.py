@@ -164,6 +164,13 @@ class Tokenizer:
     def token_str(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
 
+    def vocab_fingerprint(self) -> int:
+        """A hash of the id -> token-string map (two models can share token ids only if it is equal)."""
+        import hashlib
+        v = sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        return int.from_bytes(hashlib.blake2b("\x00".join(t for t, _ in v).encode("utf-8", "surrogatepass"),
+                                              digest_size=8).digest(), "little")
+
     def stop_ids(self) -> set[int]:
         """Ids that end generation: the model's EOS ids plus the chat end-of-turn token if it has one."""
         out = set(self.eos_ids)

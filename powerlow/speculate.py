@@ -1,0 +1,309 @@
+"""Speculative decoding: a cheap drafter proposes k tokens, the target checks them in one batched pass.
+
+A pass runs the target on [pending token, d1 .. dk] at positions pos .. pos+k (``Transformer.forward`` with
+T = k + 1: the GEMM path, and in an offloaded run each streamed bundle and attention unit read once for all
+k + 1 tokens). Logits row i predicts the token after position pos + i, so
+
+  greedy    d(i+1) is accepted while it is row i's argmax; the first row that disagrees gives its argmax
+            instead, and when all k agree row k gives one more token: exactly plain greedy decoding's tokens
+            (a token's logits are the same bits alone or in a batch: tests/test_kernels.py);
+  sampling  d(i+1) is accepted with probability p_i(d(i+1)) (the drafters propose one token, so their
+            distribution is a point mass and min(1, p/q) = p); a rejection samples from p_i with d(i+1)
+            removed, renormalised. Each emitted token is distributed exactly as plain sampling's.
+
+The KV cache is rolled back past rejected positions by its length alone (the next pass overwrites them).
+
+Drafters (``make_drafter``):
+  ngram   prompt lookup: the longest suffix of the context (up to ``NGRAM_MAX``) seen earlier proposes what
+          followed it there. No memory, no compute; strong where the output repeats its context (edits,
+          summaries, code that reuses names).
+  self    the same model from what is resident: FFN over the pinned clusters only, the layers whose attention
+          streams skipped; it shares the target's KV cache (the positions it writes are overwritten by the
+          verifying pass). Only under a budget (resident, the full model is the drafter).
+  MODEL   a smaller model dir (or GGUF / HF folder) with the same tokenizer, resident, with its own KV cache.
+Each reports its acceptance per draft position; ``KController`` picks k from those rates and the measured
+cost of a pass of T tokens, so a drafter that does not pay is left off (k = 0: a plain decode step).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .errors import PowerlowError
+
+K_MAX = 8
+NGRAM_MAX = 4          # longest suffix the lookup matches
+NGRAM_MIN = 1
+
+
+class NgramDrafter:
+    """Prompt lookup over the context: index of every n-gram's latest end, n = NGRAM_MIN .. NGRAM_MAX."""
+    name = "ngram"
+
+    def __init__(self, max_n: int = NGRAM_MAX, min_n: int = NGRAM_MIN):
+        self.max_n, self.min_n = max_n, min_n
+        self.reset()
+
+    def reset(self, ids=()) -> None:
+        self.index = {n: {} for n in range(self.min_n, self.max_n + 1)}
+        self.done = 0       # end positions indexed: e in [n, done) for the n-gram ctx[e-n:e]
+
+    def _index(self, ctx: list[int], upto: int) -> None:
+        for e in range(max(self.done, 1), upto):
+            for n, d in self.index.items():
+                if e >= n:
+                    d[tuple(ctx[e - n: e])] = e
+        self.done = max(self.done, upto)
+
+    def propose(self, ctx: list[int], k: int) -> list[int]:
+        """Up to k tokens after ``ctx`` (its last token is the one the next pass runs); [] if nothing matches."""
+        if k <= 0 or len(ctx) < 2:
+            return []
+        # index the n-grams ending before the current suffix's end, so a match is an earlier occurrence
+        self._index(ctx, len(ctx))
+        for n in range(min(self.max_n, len(ctx) - 1), self.min_n - 1, -1):
+            e = self.index[n].get(tuple(ctx[-n:]))
+            if e is not None:
+                out = ctx[e: e + k]
+                # a match close to the end copies what is there, then goes round again (a repeating span)
+                while len(out) < k and out:
+                    out.append(ctx[e + len(out)] if e + len(out) < len(ctx) else out[len(out) - (len(ctx) - e)])
+                return out[:k]
+        return []
+
+    def accept(self, ctx: list[int]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ModelDrafter:
+    """A smaller model with the same tokenizer proposes its greedy continuation (its own KV cache)."""
+
+    def __init__(self, tf, name: str):
+        self.tf = tf
+        self.name = name
+        self.cached: list[int] = []      # tokens whose K/V are in the draft model's cache, in order
+
+    def reset(self, ids=()) -> None:
+        self.cached = []
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        """Logits after ids[-1], feeding only what the cache lacks."""
+        n = 0
+        lim = min(len(self.cached), len(ids) - 1)         # at least one token runs (its logits are needed)
+        while n < lim and self.cached[n] == ids[n]:
+            n += 1
+        logits = self.tf.forward(ids[n:], start_pos=n, last_only=True)[-1]
+        self.cached = list(ids)
+        return logits
+
+    def propose(self, ctx: list[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        out: list[int] = []
+        seq = list(ctx)
+        for _ in range(k):
+            t = int(np.argmax(self._run(seq)))
+            out.append(t)
+            seq.append(t)
+        # the last draft token was never run: the cache holds seq[:-1]
+        self.cached = seq[:-1]
+        return out
+
+    def accept(self, ctx: list[int]) -> None:
+        pass                # _run keeps the longest common prefix of what is cached and what comes next
+
+    def close(self) -> None:
+        self.tf.close()
+
+
+class SelfDrafter:
+    """The target computed from its resident part only (Transformer.forward(..., draft=True))."""
+    name = "self"
+
+    def __init__(self, tf):
+        reason = tf.self_draft_unavailable()
+        if reason:
+            raise PowerlowError(f"--draft self: {reason}; use --draft ngram (or a small draft model)")
+        self.tf = tf
+
+    def reset(self, ids=()) -> None:
+        pass
+
+    def propose(self, ctx: list[int], k: int) -> list[int]:
+        """ctx[-1] sits at position len(ctx) - 1 and is not in the cache yet; the drafts go after it."""
+        out: list[int] = []
+        tf = self.tf
+        length = tf.kv.length
+        pos = len(ctx) - 1
+        t = ctx[-1]
+        for _ in range(k):
+            t = int(np.argmax(tf.forward([t], start_pos=pos, last_only=True, draft=True)[-1]))
+            out.append(t)
+            pos += 1
+        tf.kv.length = length           # what the draft wrote past the verified cache is overwritten next
+        return out
+
+    def accept(self, ctx: list[int]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def make_drafter(spec: str, tf, runtime=None):
+    """'none' -> None; 'ngram'; 'self'; else a model (dir, GGUF or HF folder) with the target's tokenizer."""
+    if spec in (None, "", "none"):
+        return None
+    if spec == "ngram":
+        return NgramDrafter()
+    if spec == "self":
+        return SelfDrafter(tf)
+    from .default_model import resolve_model
+    from .engine import Transformer
+    from .config import RuntimeConfig
+    d = resolve_model(spec)
+    threads = tf.runtime.n_threads if runtime is None else runtime.n_threads
+    dtf = Transformer(d, RuntimeConfig(threads=threads, max_context=tf.kv.limit))
+    if dtf.config.vocab_size != tf.config.vocab_size or dtf.tokenizer.vocab_fingerprint() != tf.tokenizer.vocab_fingerprint():
+        dtf.close()
+        raise PowerlowError(f"--draft {spec}: its tokenizer differs from the model's (vocab {dtf.config.vocab_size} vs "
+                            f"{tf.config.vocab_size}); a draft model must share the target's tokenizer")
+    return ModelDrafter(dtf, str(spec))
+
+
+class KController:
+    """k per pass: the one that maximises expected tokens per second from the measured acceptance of each draft
+    position and the measured seconds of a target pass of T tokens (+ the drafter's seconds per token).
+
+    Expected tokens of a pass with k drafts: 1 + sum_j prod_{i<=j} a_i (a_i: acceptance of position i given
+    the ones before it were accepted). Costs not measured yet are extrapolated from T = 1 with a slope learned
+    from the passes run so far (prior 0.1 of a one-token pass per extra token)."""
+
+    def __init__(self, k_max: int = K_MAX, fixed: int = 0):
+        self.k_max = max(0, k_max)
+        self.fixed = fixed
+        self.reached = np.zeros(K_MAX + 1)      # per position i (1-based): drafts at i checked
+        self.accepted = np.zeros(K_MAX + 1)
+        self.cost = {}                          # T -> EMA seconds of a target pass of T tokens
+        self.draft_cost = 0.0                   # EMA seconds per drafted token
+        self.idle = 0                           # passes since the last draft was checked
+
+    def rates(self) -> np.ndarray:
+        """a_i, each with a prior of two checks at the rate of the position before it (position 1: 1 in 2), so a
+        position not tried yet is worth what the last one was."""
+        a = np.zeros(K_MAX + 1)
+        prev = 0.5
+        for i in range(1, K_MAX + 1):
+            a[i] = prev = (self.accepted[i] + 2.0 * prev) / (self.reached[i] + 2.0)
+        return a
+
+    def pass_cost(self, T: int) -> float:
+        """Seconds of a target pass of T tokens: measured, else from the nearest measured T along the median slope
+        between measured ones (prior: 0.1 of a pass per extra token)."""
+        if T in self.cost:
+            return self.cost[T]
+        if not self.cost:
+            return 1.0 + 0.1 * (T - 1)
+        ts = sorted(self.cost)
+        slopes = [(self.cost[b] - self.cost[a]) / (b - a) for i, a in enumerate(ts) for b in ts[i + 1:]]
+        near = min(ts, key=lambda t: abs(t - T))
+        slope = max(0.0, float(np.median(slopes))) if slopes else 0.1 * self.cost[near] / near
+        return self.cost[near] + slope * (T - near)
+
+    def choose(self, remaining: int) -> int:
+        """Drafts to ask for (0: a plain step), at most remaining - 1 (the pass emits up to k + 1 tokens)."""
+        cap = min(self.k_max, remaining - 1)
+        if cap <= 0:
+            return 0
+        if self.fixed:
+            return min(self.fixed, cap)
+        a = self.rates()
+        best, best_rate, e = 0, 1.0 / self.pass_cost(1), 1.0
+        surv = 1.0
+        for k in range(1, cap + 1):
+            surv *= a[k]
+            e += surv
+            rate = e / (self.pass_cost(k + 1) + k * self.draft_cost)
+            if rate > best_rate * 1.02:
+                best, best_rate = k, rate
+        if best == 0:
+            self.idle += 1
+            if self.idle >= 32:          # look again now and then: the text may have turned repetitive
+                self.idle = 0
+                return 1
+        return best
+
+    def record(self, T: int, seconds: float, proposed: int, n_accepted: int, draft_seconds: float) -> None:
+        old = self.cost.get(T)
+        self.cost[T] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        if proposed:
+            self.idle = 0
+            per = draft_seconds / proposed
+            self.draft_cost = per if self.draft_cost == 0.0 else 0.8 * self.draft_cost + 0.2 * per
+            i = np.arange(1, proposed + 1)
+            self.reached[i[: n_accepted + 1 if n_accepted < proposed else proposed]] += 1
+            self.accepted[i[:n_accepted]] += 1
+
+
+class SpecStats:
+    """What a speculative run reports (Stats.extra['speculation'])."""
+
+    def __init__(self, drafter_name: str):
+        self.drafter = drafter_name
+        self.passes = 0            # target passes after prefill
+        self.proposed = 0
+        self.accepted = 0
+        self.reached = np.zeros(K_MAX + 1, np.int64)
+        self.acc_at = np.zeros(K_MAX + 1, np.int64)
+        self.draft_seconds = 0.0
+        self.emitted = 0           # tokens the passes produced
+
+    def record(self, proposed: int, n_accepted: int, emitted: int) -> None:
+        self.passes += 1
+        self.proposed += proposed
+        self.accepted += n_accepted
+        self.emitted += emitted
+        if proposed:
+            self.reached[1: min(proposed, n_accepted + 1) + 1] += 1
+            self.acc_at[1: n_accepted + 1] += 1
+
+    def as_dict(self) -> dict:
+        per = [round(float(self.acc_at[i] / self.reached[i]), 3) for i in range(1, K_MAX + 1) if self.reached[i]]
+        return {"drafter": self.drafter, "passes": self.passes, "proposed": self.proposed, "accepted": self.accepted,
+                "acceptance": round(self.accepted / self.proposed, 3) if self.proposed else 0.0,
+                "acceptance_per_position": per,
+                "tokens_per_pass": round(self.emitted / self.passes, 3) if self.passes else 0.0,
+                "draft_seconds": round(self.draft_seconds, 4)}
+
+
+def verify(logits: np.ndarray, drafts: list[int], params, rng, probs_fn) -> tuple[int, int]:
+    """(accepted drafts n, the token after them) from the pass's logits (k+1, vocab)."""
+    k = len(drafts)
+    if params.temperature == 0.0:
+        for i in range(k):
+            t = int(np.argmax(logits[i]))
+            if t != drafts[i]:
+                return i, t
+        return k, int(np.argmax(logits[k]))
+    for i in range(k):
+        p = probs_fn(logits[i], params)
+        d = drafts[i]
+        if rng.random() < p[d]:
+            continue
+        r = p.copy()
+        r[d] = 0.0
+        s = r.sum()
+        if s <= 0.0:                    # p was a point mass on d: the draft is always accepted
+            continue
+        return i, int(rng.choice(len(r), p=r / s))
+    return k, int(rng.choice(logits.shape[1], p=probs_fn(logits[k], params)))
+
+
+def timed(fn, *a):
+    t = time.perf_counter()
+    out = fn(*a)
+    return out, time.perf_counter() - t
