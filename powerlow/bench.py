@@ -118,9 +118,42 @@ def run_bench(model, *, n_tokens: int, prompt_tokens: int, repeats: int, decode_
         "isa": getattr(tf.ops, "isa", "reference"),
     }
     res.update(extra)                        # the cluster source's counters (offloaded runs)
+    if tf.runtime.draft not in ("none", "auto"):       # asked for: --draft ngram|self|MODEL
+        res.update(speculative_bench(model, prompt, n_tokens, repeats))
     if tf.predictor is not None and hasattr(tf.predictor, "describe"):
         res["predictor_recall"] = tf.predictor.describe().get("recall")
     return res
+
+
+def speculative_bench(model, prompt: list[int], n_tokens: int, repeats: int) -> dict:
+    """Greedy generation of n_tokens from the bench prompt with the config's drafter, and without one, in turns:
+    decode speeds, acceptance, tokens per target pass, bytes read per generated token. The bench text repeats
+    itself, which prompt lookup catches: a best case; `scripts/bench_oversized.py --prompts` has real prompts."""
+    from .generate import SamplingParams
+    from .util import read_bytes_so_far
+    tf = model.tf
+    src = tf.ffn_source
+    runs = {"none": [], "draft": []}
+    spec = None
+    read = {}
+    for _ in range(repeats):
+        for which, drafter in (("none", None), ("draft", model.drafter())):
+            r0 = read_bytes_so_far(src)
+            toks = [t.id for t in model._generate(prompt, n_tokens, SamplingParams(), drafter, tf.runtime.draft_k)]
+            runs[which].append(model.stats.decode_tok_s)
+            read[which] = (read_bytes_so_far(src) - r0) / max(1, len(toks))
+            if which == "draft":
+                spec = model.stats.extra["speculation"].as_dict()
+                same = toks == ref
+            else:
+                ref = toks
+    plain, fast = statistics.median(runs["none"]), statistics.median(runs["draft"])
+    return {"draft": tf.runtime.draft, "generate_tok_s_plain": round(plain, 2), "generate_tok_s_draft": round(fast, 2),
+            "draft_speedup": round(fast / plain, 3) if plain else None, "draft_same_tokens": same,
+            "draft_acceptance": spec["acceptance"], "draft_acceptance_per_position": spec["acceptance_per_position"],
+            "draft_tokens_per_pass": spec["tokens_per_pass"],
+            "read_bytes_per_generated_token_plain": int(read["none"]),
+            "read_bytes_per_generated_token_draft": int(read["draft"])}
 
 
 def main(args) -> int:
@@ -132,7 +165,13 @@ def main(args) -> int:
     if cfg.budget_bytes is not None and cfg.max_context is None:
         # the bench knows its sequence: a KV cache of exactly that many positions, the rest of the budget to weights
         cfg = cfg.replace(max_context=args.prompt_tokens + n_tokens)
-    model = load(args.model, cfg)
+    from .default_model import resolve_model
+    from .quality import describe
+    model_dir = resolve_model(args.model)
+    msg, _ = describe(model_dir, cfg.mode, cfg.density)
+    if msg:
+        print(f"powerlow: {msg}", file=sys.stderr)
+    model = load(model_dir, cfg)
     res = run_bench(model, n_tokens=n_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                     decode_input=args.decode_input)
     warn = repeat_warning(res)

@@ -18,7 +18,7 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default=None, choices=("dense", "gate", "threshold", "predict"), help="FFN mode")
     p.add_argument("--density", type=float, default=None, help="target FFN density for threshold/predict modes")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed")
-    p.add_argument("--draft", default=None, help="speculative decoding's drafter: none | ngram (prompt lookup) | self "
+    p.add_argument("--draft", default=None, help="speculative decoding's drafter: auto (default: ngram) | none | ngram (prompt lookup) | self "
                    "(the resident part of the model, under --budget) | a draft model (dir, GGUF or HF folder with the "
                    "same tokenizer); greedy output is the same tokens with any of them")
     p.add_argument("--draft-k", type=int, default=None, help="drafts per target pass (default 0: adaptive, up to 8)")

@@ -15,7 +15,7 @@ A TOML config file holds the same knobs as the dataclass fields (``budget`` take
     io_block = "1MiB"          # largest single read (adjacent bundles are merged up to this)
     prefetch_depth = 1         # layers read ahead of the one being computed
     o_direct = true            # O_DIRECT reads (falls back to buffered + DONTNEED where refused)
-    draft = "ngram"            # speculative decoding: none | ngram | self | a draft model's path (same tokenizer)
+    draft = "auto"             # speculative decoding: auto | none | ngram | self | a draft model's path
     draft_k = 0                # drafts per pass, 0 = adaptive
 
 Unknown keys and impossible values are errors that name the key and say what to write instead.
@@ -91,7 +91,8 @@ class RuntimeConfig:
     prefetch_depth: int = 1          # layers read ahead of the one being computed
     o_direct: bool = True            # O_DIRECT (else buffered reads + POSIX_FADV_DONTNEED)
     # -- speculative decoding (powerlow.speculate) --
-    draft: str = "none"              # none | ngram | self | a draft model (dir, GGUF or HF folder, same tokenizer)
+    draft: str = "auto"              # auto | none | ngram | self | a draft model (dir, GGUF or HF folder, same
+                                     # tokenizer); auto = ngram (powerlow.speculate.AUTO_DRAFT: why)
     draft_k: int = 0                 # drafts per target pass; 0 = adaptive (1..8, from acceptance and pass cost)
 
     def __post_init__(self):
@@ -122,7 +123,7 @@ class RuntimeConfig:
         check(0 <= self.prefetch_depth <= 8, "prefetch_depth", f"must be 0..8 layers, got {self.prefetch_depth}")
         check(isinstance(self.o_direct, bool), "o_direct", f"must be true or false, got {self.o_direct!r}")
         check(isinstance(self.draft, str) and self.draft.strip() != "", "draft",
-              f"must be none, ngram, self or a draft model's path, got {self.draft!r}")
+              f"must be auto, none, ngram, self or a draft model's path, got {self.draft!r}")
         check(isinstance(self.draft_k, int) and not isinstance(self.draft_k, bool) and 0 <= self.draft_k <= 8,
               "draft_k", f"must be 0 (adaptive) .. 8 drafts a pass, got {self.draft_k!r}")
 

@@ -88,10 +88,43 @@ def main(args) -> int:
         from .predictors import make_predictor
         tf.predictor = tf.ffn.predictor = make_predictor(tf, args.predictor)
     r = evaluate(tf, text, n_tokens=n, window=args.window)
+    tf.close()
     r = {"model": str(model_dir), **r}
+    _record_quality(model_dir, rt, args, text, n, r)
     if args.json:
         print(json.dumps(r))
     else:
         print(f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens; mode {r['mode']}, FFN density {r['density']:.3f}, "
-              f"{r['tok_s']:.1f} tok/s ({r['threads']} threads)")
+              f"{r['tok_s']:.1f} tok/s ({r['threads']} threads)"
+              + (f"; x{r['ppl_vs_dense']:.3f} of dense ({r['dense_ppl']:.3f})" if "ppl_vs_dense" in r else ""))
     return 0
+
+
+def _record_quality(model_dir, rt, args, text, n, r) -> None:
+    """Keep the figure in the model dir's quality.json (what `run` prints in a lossy mode), with the dense
+    perplexity of the same tokens (measured now if it is not there yet); adds ppl_vs_dense to r."""
+    import hashlib
+    import sys
+    from . import quality
+    from .engine import Transformer
+    key = hashlib.sha256(f"{n}:{args.window}:".encode() + (text or "<default>").encode()).hexdigest()[:16]
+    name = args.text or "the held-out pydoc topics"
+    dense = r["ppl"] if r["mode"] == "dense" else quality.dense_ppl(model_dir, key)
+    if dense is None:
+        print("powerlow: measuring the dense perplexity of the same tokens, to give the mode's cost ...", file=sys.stderr)
+        d = Transformer(model_dir, rt.replace(mode="dense", density=1.0))
+        try:
+            dense = evaluate(d, text, n_tokens=n, window=args.window)["ppl"]
+        finally:
+            d.close()
+    r["dense_ppl"], r["ppl_vs_dense"] = dense, round(r["ppl"] / dense, 4)
+    try:
+        if r["mode"] != "dense":
+            quality.record(model_dir, {"mode": "dense", "target_density": 1.0, "predictor": None, "text": key,
+                                       "text_name": name, "tokens": r["tokens"], "ppl": dense, "dense_ppl": dense})
+        quality.record(model_dir, {"mode": r["mode"], "target_density": r["target_density"],
+                                   "predictor": args.predictor, "text": key, "text_name": name, "tokens": r["tokens"],
+                                   "density": r["density"], "ppl": r["ppl"], "dense_ppl": dense})
+    except OSError as e:
+        print(f"powerlow: note: cannot keep the figure in {model_dir}/quality.json ({e.strerror}); `run` will not "
+              "know this mode's measured cost", file=sys.stderr)

@@ -154,7 +154,7 @@ def load(path=None, config: RuntimeConfig | dict | None = None, *, backend: str 
     model_dir = resolve_model(path)
     rt = config or RuntimeConfig()
     target_rt, draft_dir = rt, None
-    if rt.draft not in ("none", "ngram", "self"):
+    if rt.draft not in ("auto", "none", "ngram", "self"):
         # a draft model is resident; under a budget its footprint comes off what the target may use
         draft_dir = resolve_model(rt.draft)
         if rt.budget_bytes is not None:

@@ -605,4 +605,21 @@ def print_plan(model_dir, rt: RuntimeConfig) -> int:
               f"FFN store {format_size(ffn)}) plus KV cache and scratch; pass --budget SIZE to plan an offloaded run")
         return 0
     print(make_plan(model_dir, manifest, rt).render())
+    print(draft_line(rt))
     return 0
+
+
+def draft_line(rt: RuntimeConfig) -> str:
+    """What the run drafts with (speculative decoding) and why, for --plan."""
+    from .speculate import AUTO_DRAFT, K_MAX
+    d = rt.draft
+    k = f"{rt.draft_k} drafts a pass" if rt.draft_k else f"k adaptive 0..{K_MAX} from the measured acceptance and pass cost"
+    if d == "none":
+        return "speculative decoding: off (--draft none): one target pass per generated token"
+    why = {"ngram": "prompt lookup from the context, no memory",
+           "self": "the resident part of the model (pinned clusters; streamed layers skipped), no extra memory"}
+    if d == "auto":
+        return (f"speculative decoding: auto -> {AUTO_DRAFT} ({why[AUTO_DRAFT]}; a plain step where it finds nothing), "
+                f"{k}; every target pass reads the streamed weights once for all the tokens it checks")
+    return (f"speculative decoding: {d} ({why.get(d, 'a draft model, resident: its footprint is taken off the budget')}), "
+            f"{k}; every target pass reads the streamed weights once for all the tokens it checks")

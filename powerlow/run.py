@@ -32,6 +32,10 @@ def main(args) -> int:
     if args.plan:
         from .plan import print_plan
         return print_plan(model_dir, cfg)
+    from .quality import describe
+    msg, _ = describe(model_dir, cfg.mode, cfg.density)
+    if msg:
+        print(f"powerlow: {msg}", file=sys.stderr)
     model = load(model_dir, cfg)
     out = sys.stdout
     for tok in model.generate(args.prompt, n, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,

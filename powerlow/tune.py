@@ -154,6 +154,14 @@ def main(args) -> int:
                                                  "cache_hit_rate", "peak_rss_bytes")})
             print(f"{label:>10s} {format_size(b):>11s} {row['decode_tok_s']:12.2f} {row['prefill_tok_s']:13.2f} "
                   f"{row['read_bytes_per_token'] / 2**20:12.1f} {row['cache_hit_rate']:8.3f} {row['peak_rss_bytes'] / 2**20:12.0f}")
+            if "draft_speedup" in res:          # --draft given: the speculative generate figures (powerlow.bench)
+                row.update({k: v for k, v in res.items() if k.startswith(("draft", "generate_", "read_bytes_per_gen"))})
+                print(f"{'':>10s} draft {res['draft']}: generate {res['generate_tok_s_plain']:.2f} -> "
+                      f"{res['generate_tok_s_draft']:.2f} tok/s (x{res['draft_speedup']:.2f}), acceptance "
+                      f"{res['draft_acceptance']:.2f}, {res['draft_tokens_per_pass']:.2f} tokens a pass, MiB read per "
+                      f"generated token {res['read_bytes_per_generated_token_plain'] / 2**20:.1f} -> "
+                      f"{res['read_bytes_per_generated_token_draft'] / 2**20:.1f}"
+                      + ("" if res["draft_same_tokens"] else "  TOKENS DIFFER FROM PLAIN GREEDY"))
         except PowerlowError as e:
             need = minimum_budget(model_dir, manifest, rt)
             row["refused"] = str(e)
@@ -172,7 +180,8 @@ def main(args) -> int:
     kw = {"budget_bytes": -(-best["budget_bytes"] // (1 << 20)) << 20, "threads": base.threads or None,
           "mode": base.mode, "density": base.density if base.mode in ("threshold", "predict") else None,
           "max_context": base.max_context, "cache_policy": base.cache_policy, "queue_depth": base.queue_depth,
-          "prefetch_depth": base.prefetch_depth, "o_direct": base.o_direct}
+          "prefetch_depth": base.prefetch_depth, "o_direct": base.o_direct,
+          "draft": None if base.draft == "auto" else base.draft, "draft_k": base.draft_k or None}
     text = (f"# powerlow tune suggestion for {model_dir}: the smallest budget within {args.within:.0%} of the fastest "
             f"({best['decode_tok_s']:.2f} decode tok/s)\n" + dump_toml({k: v for k, v in kw.items() if v is not None}))
     if args.write_config:

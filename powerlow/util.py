@@ -43,3 +43,11 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def read_bytes_so_far(source) -> int:
+    """Bytes an offloaded run's cluster source and weight ring have read from storage (0 for a resident run)."""
+    c = getattr(source, "counters", None)
+    if c is None:
+        return 0
+    return int(c()["io_all_bytes"])

@@ -122,6 +122,135 @@ def inner_powerlow(a: dict) -> dict:
     return out
 
 
+# -- generation from real prompts (--prompts): speculative decoding against llama.cpp's prompt lookup -------
+CODE_PROMPT = '''import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Inventory:
+    """Items in stock, by name, with their counts and unit prices."""
+    counts: dict[str, int] = field(default_factory=dict)
+    prices: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, count: int, price: float) -> None:
+        """Add count items of name at price each."""
+        self.counts[name] = self.counts.get(name, 0) + count
+        self.prices[name] = price
+
+    def remove(self, name: str, count: int) -> None:
+        """Remove count items of name; raise KeyError if there are not enough."""
+'''
+EDIT_CODE = '''def total_price(items, tax_rate):
+    total = 0.0
+    for item in items:
+        price = item["price"] * item["quantity"]
+        if item.get("discount"):
+            price = price * (1 - item["discount"])
+        total = total + price
+    total = total * (1 + tax_rate)
+    return round(total, 2)
+
+
+def cheapest_item(items):
+    best = None
+    for item in items:
+        if best is None or item["price"] < best["price"]:
+            best = item
+    return best
+'''
+PROMPT_KINDS = {
+    "code": (CODE_PROMPT, False),
+    "chat": ("Explain how a hash map works and when a sorted array is the better choice. Keep it short.", True),
+    "edit": ("Rename the parameter `items` to `cart` everywhere in this code, and return the whole code:\n\n```python\n"
+             + EDIT_CODE + "```", True),
+}
+
+
+def prompt_ids(model_dir: Path, kind: str) -> list[int]:
+    """The prompt's token ids by powerlow's tokenizer (chat kinds through the model's chat template); both engines
+    get the same ids."""
+    from powerlow.arch import ModelConfig
+    from powerlow.manifest import load_manifest
+    from powerlow.tokenizer import Tokenizer
+    m = load_manifest(model_dir, check_files=False)
+    tok = Tokenizer.of_model(model_dir, m, ModelConfig.from_json(m["config"]))
+    text, chat = PROMPT_KINDS[kind]
+    return tok.encode(tok.apply_chat(text) if chat else text)
+
+
+def inner_powerlow_generate(a: dict) -> dict:
+    """Greedy generation of a["n"] tokens from a["prompt_ids"] with drafter a["draft"]."""
+    import importlib
+    for m in BASELINE_IMPORTS:
+        importlib.import_module(m)
+    from powerlow.util import current_rss_bytes
+    import powerlow
+    from powerlow.config import RuntimeConfig
+    baseline = current_rss_bytes()
+    kw = dict(threads=a["threads"], max_context=len(a["prompt_ids"]) + a["n"] + 1, draft=a["draft"],
+              draft_k=a.get("draft_k", 0))
+    if a["budget"]:
+        kw["budget_bytes"] = a["budget"]
+    kw.update(a.get("extra", {}))
+    model = powerlow.load(a["model"], RuntimeConfig(**kw))
+    toks = []
+    r0 = t0 = None
+    for t in model._generate(a["prompt_ids"], a["n"], powerlow.generate.SamplingParams(),
+                             model.drafter(), model.tf.runtime.draft_k):
+        toks.append(t.id)
+        if r0 is None:
+            r0, t0 = _proc_read_bytes(), time.perf_counter()
+    dt = time.perf_counter() - t0
+    r1 = _proc_read_bytes()
+    s = model.stats.as_dict()
+    spec = s.get("speculation") or {}
+    model.close()
+    n = max(1, len(toks) - 1)
+    return {"engine": "powerlow", "mode": "dense", "density": 1.0, "draft": a["draft"], "kind": a["kind"],
+            "budget_bytes": a["budget"], "prefill_tok_s": s["prefill_tok_s"], "decode_tok_s": round(n / dt, 3),
+            "read_bytes_per_token": int((r1 - r0) / n), "baseline_rss_bytes": baseline, "peak_rss_bytes": _peak_rss(),
+            "tokens": toks, "speculation": spec}
+
+
+def inner_llamacpp_generate(a: dict) -> dict:
+    """Greedy generation with llama.cpp, plain or with its prompt lookup decoding (a["lookup"] drafts a pass)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as lc
+    from llama_cpp import Llama
+    if not a["extra_bufts"]:
+        default = lc.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        lc.llama_model_default_params = params
+        llama_cpp.llama_model_default_params = params
+    draft = None
+    if a["lookup"]:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=a["lookup"])
+    ids = a["prompt_ids"]
+    llm = Llama(model_path=a["gguf"], n_ctx=len(ids) + a["n"] + 16, n_threads=a["threads"],
+                n_threads_batch=a["threads"], n_batch=512, verbose=False, draft_model=draft)
+    toks = []
+    r0 = t0 = None
+    for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        toks.append(int(t))
+        if r0 is None:
+            r0, t0 = _proc_read_bytes(), time.perf_counter()
+        if len(toks) == a["n"] or t == llm.token_eos():
+            break
+    dt = time.perf_counter() - t0
+    r1 = _proc_read_bytes()
+    n = max(1, len(toks) - 1)
+    return {"engine": "llama.cpp", "extra_bufts": a["extra_bufts"], "lookup": a["lookup"], "kind": a["kind"],
+            "decode_tok_s": round(n / dt, 3), "read_bytes_per_token": int((r1 - r0) / n),
+            "peak_rss_bytes": _peak_rss(), "tokens": toks}
+
+
 def inner_llamacpp(a: dict) -> dict:
     import llama_cpp
     import llama_cpp.llama_cpp as lc
@@ -292,7 +421,10 @@ def interpreter_cgroup_baseline() -> int:
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--inner":
         a = json.loads(sys.argv[2])
-        res = inner_powerlow(a) if a["engine"] == "powerlow" else inner_llamacpp(a)
+        if a.get("kind"):
+            res = inner_powerlow_generate(a) if a["engine"] == "powerlow" else inner_llamacpp_generate(a)
+        else:
+            res = inner_powerlow(a) if a["engine"] == "powerlow" else inner_llamacpp(a)
         print(json.dumps(res))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,7 +448,19 @@ def main() -> int:
     ap.add_argument("--decode-input", choices=("greedy", "text"), default="greedy",
                     help="decode steps fed the previous argmax (greedy) or the text's next token (text: varied "
                          "inputs where a small random model's greedy output repeats one token)")
+    ap.add_argument("--prompts", default=None, help="generate from real prompts instead of fixed decode inputs: "
+                    "comma-separated kinds of " + ",".join(PROMPT_KINDS) + " (greedy, -n tokens each)")
+    ap.add_argument("--drafts", default="none,ngram", help="powerlow drafters for --prompts (none,ngram,self,MODEL)")
+    ap.add_argument("--lookup", type=int, default=10, help="llama.cpp prompt-lookup drafts a pass for --prompts "
+                    "(LlamaPromptLookupDecoding num_pred_tokens; 0 = plain llama.cpp only)")
+    ap.add_argument("--table", help="print the --prompts table of an earlier run's --json file and exit")
     args = ap.parse_args()
+    if args.table:
+        d = json.loads(Path(args.table).read_text())
+        print_generate_table(d["results"], d.get("cgroup_baseline_bytes", 0))
+        return 0
+    if args.prompts:
+        return main_generate(args)
     if os.geteuid() != 0:
         print("warning: not root: cgroups and drop_caches will fail", file=sys.stderr)
     from powerlow.config import format_size, parse_size
@@ -342,7 +486,7 @@ def main() -> int:
           f"{args.threads} threads; decode {args.n} tokens after a {args.prompt_tokens}-token prompt", file=sys.stderr)
     results = []
     probe = [] if args.skip_probe else run_probe(model, [], "before")
-    limits = ([None] if args.unlimited else []) + [int(size * float(p) / 100) for p in args.limits.split(",")]
+    limits = ([None] if args.unlimited else []) + [int(size * float(p) / 100) for p in args.limits.split(",") if p.strip()]
     # with --repeats, every engine and mode runs once per round, rounds one after the other (the disk of a
     # shared VM drifts within minutes: alternating keeps each ratio side by side); the table shows medians
     for limit in [x for _ in range(args.repeats) for x in limits]:
@@ -376,6 +520,114 @@ def main() -> int:
                                                "allowance_bytes": base, "cgroup_baseline_bytes": cg_base,
                                                "results": results, "probe": probe}, indent=1))
     return 0
+
+
+def main_generate(args) -> int:
+    """--prompts: each engine generates -n greedy tokens from each prompt kind inside each limit, rounds
+    alternating; powerlow once per drafter, llama.cpp plain and with its prompt lookup."""
+    from powerlow.config import format_size, parse_size
+    gguf, model = ensure_models(args)
+    size = gguf.stat().st_size
+    base = parse_size(args.baseline) if args.baseline else (-(-interpreter_baseline() // (16 << 20)) + 1) * (16 << 20)
+    from llamacpp_env import bench_python
+    lpy = None if args.no_llamacpp else str(bench_python())
+    kinds = [k.strip() for k in args.prompts.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in PROMPT_KINDS]
+    if bad:
+        raise SystemExit(f"--prompts: unknown kind {bad[0]!r}; choose from {', '.join(PROMPT_KINDS)}")
+    ids = {k: prompt_ids(model, k) for k in kinds}
+    drafts = [d.strip() for d in args.drafts.split(",") if d.strip()]
+    extra = {}
+    if args.config:
+        from powerlow.config import load_toml
+        extra = {k: v for k, v in load_toml(args.config).items() if k not in ("budget_bytes", "threads", "max_context",
+                                                                               "draft")}
+    cg_base = interpreter_cgroup_baseline()
+    print(f"model {gguf.name}: {format_size(size)}; interpreter allowance {format_size(base)}; {args.threads} threads; "
+          f"{args.n} greedy tokens from prompts " + ", ".join(f"{k} ({len(v)} tokens)" for k, v in ids.items()),
+          file=sys.stderr)
+    limits = ([None] if args.unlimited else []) + [int(size * float(p) / 100) for p in args.limits.split(",") if p.strip()]
+    results = []
+    for rnd in range(args.repeats):
+        for limit in limits:
+            tag = "none" if limit is None else f"{100 * limit / size:.0f}%"
+            for kind in kinds:
+                common = {"threads": args.threads, "n": args.n, "kind": kind, "prompt_ids": ids[kind]}
+                runs = []
+                if lpy:
+                    for look in ([0, args.lookup] if args.lookup else [0]):
+                        runs.append((lpy, {"engine": "llama.cpp", "gguf": str(gguf), "extra_bufts": limit is None,
+                                           "lookup": look, **common}))
+                for d in drafts:
+                    budget = None if limit is None else limit - base
+                    runs.append((sys.executable, {"engine": "powerlow", "model": str(model), "budget": budget,
+                                                  "draft": d, "extra": extra, **common}))
+                for py, payload in runs:
+                    r = run_in_cgroup(py, payload, limit, args.timeout)
+                    r.update(limit=tag, round=rnd, kind=kind, engine=payload["engine"])
+                    for key in ("draft", "lookup"):
+                        if key in payload:
+                            r.setdefault(key, payload[key])
+                    results.append(r)
+                    short = {k: v for k, v in r.items() if k != "tokens"}
+                    print(json.dumps(short), file=sys.stderr)
+                    if args.json:        # after every run: a long benchmark broken off keeps what it measured
+                        Path(args.json).write_text(json.dumps({
+                            "gguf": str(gguf), "model": str(model), "size_bytes": size, "allowance_bytes": base,
+                            "cgroup_baseline_bytes": cg_base, "prompt_ids": ids, "results": results}, indent=1))
+    print_generate_table(results, cg_base)
+    return 0
+
+
+def _gen_label(r: dict) -> str:
+    if r.get("engine") == "llama.cpp":
+        return "llama.cpp " + (f"lookup {r['lookup']}" if r.get("lookup") else "plain")
+    return f"powerlow {r.get('draft')}"
+
+
+def print_generate_table(results: list, cg_base: int) -> None:
+    """Per limit and prompt kind: the median run of each engine (over rounds), ratios against llama.cpp plain and
+    llama.cpp with prompt lookup at the same limit, whether the tokens equal the engine's plain greedy ones."""
+    import statistics
+    MiB = 1 << 20
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["limit"], r["kind"], _gen_label(r)), []).append(r)
+    med = {}
+    for key, rows in groups.items():
+        ok = [r for r in rows if "decode_tok_s" in r]
+        if not ok:
+            med[key] = rows[0]
+            continue
+        m = statistics.median_low([r["decode_tok_s"] for r in ok])
+        row = dict(next(r for r in ok if r["decode_tok_s"] == m))
+        row["runs"] = [r["decode_tok_s"] for r in ok]
+        row["oom_any"] = sum(r.get("oom_kills", 0) for r in rows)
+        med[key] = row
+    print(f"{'limit':>6s} {'kind':5s} {'engine':22s} {'tok/s':>7s} {'x plain':>8s} {'x lookup':>8s} {'MB read/tok':>11s} "
+          f"{'tok/pass':>8s} {'accept':>6s} {'RSS MiB':>8s} {'OOM':>3s} {'same':>5s}  runs")
+    ratios: dict = {}
+    for (limit, kind, label), r in med.items():
+        if "decode_tok_s" not in r:
+            print(f"{limit:>6s} {kind:5s} {label:22s} {'failed':>7s}  {r.get('error')} {r.get('stderr', '')[-200:]!r}")
+            continue
+        plain = med.get((limit, kind, "llama.cpp plain"), {}).get("decode_tok_s")
+        look = next((v.get("decode_tok_s") for (l, k, lab), v in med.items()
+                     if l == limit and k == kind and lab.startswith("llama.cpp lookup")), None)
+        ref = med.get((limit, kind, "powerlow none" if r["engine"] == "powerlow" else "llama.cpp plain"), {})
+        same = "-" if not ref.get("tokens") or ref is r else ("yes" if ref["tokens"] == r["tokens"] else "NO")
+        spec = r.get("speculation") or {}
+        x1 = r["decode_tok_s"] / plain if plain else float("nan")
+        x2 = r["decode_tok_s"] / look if look else float("nan")
+        ratios.setdefault((limit, label), []).append((x1, x2))
+        print(f"{limit:>6s} {kind:5s} {label:22s} {r['decode_tok_s']:7.2f} {x1:8.2f} {x2:8.2f} "
+              f"{r['read_bytes_per_token'] / 1e6:11.1f} {spec.get('tokens_per_pass', 1.0):8.2f} "
+              f"{spec.get('acceptance', 0.0):6.2f} {r['peak_rss_bytes'] / MiB:8.0f} {r.get('oom_any', 0):>3d} {same:>5s}  "
+              + "/".join(f"{x:.2f}" for x in r.get("runs", [])))
+    print("median over prompt kinds of the per-kind ratios:")
+    for (limit, label), xs in ratios.items():
+        print(f"  {limit:>6s} {label:22s} x plain {statistics.median(x for x, _ in xs):.2f}, "
+              f"x lookup {statistics.median(y for _, y in xs):.2f}")
 
 
 def plan_refusal(model: Path, budget, mode: str, density: float, context: int, threads: int,

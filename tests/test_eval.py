@@ -64,3 +64,40 @@ def test_text_too_short(relu_dir, tmp_path):
 def test_predict_mode_without_predictors(relu_dir):
     r = run_cli("eval", "-m", relu_dir, "--mode", "predict", "--tokens", "16", "--json")
     assert r.returncode == 2 and "powerlow train-predictor" in r.stderr
+
+
+def test_lossy_mode_cost_is_kept_and_shown(relu_dir, tmp_path):
+    """`eval` in a lossy mode keeps its perplexity against dense in quality.json; `run` in that mode prints it,
+    and warns when it was never measured or costs more than 3%."""
+    import shutil
+    from powerlow import quality
+    d = tmp_path / "m"
+    shutil.copytree(relu_dir, d)
+    (d / quality.FILE).unlink(missing_ok=True)        # what the other tests' evals kept
+    r = run_cli("run", "-m", d, "--mode", "threshold", "--density", "0.3", "-p", "hi", "-n", "2", "-t", "1")
+    assert r.returncode == 0 and "never measured" in r.stderr and "powerlow eval" in r.stderr
+    r = run_cli("eval", "-m", d, "--mode", "threshold", "--density", "0.3", "--tokens", "64", "-t", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    dense = json.loads(run_cli("eval", "-m", d, "--tokens", "64", "-t", "1", "--json").stdout)
+    assert out["dense_ppl"] == dense["ppl"] and out["ppl_vs_dense"] == pytest.approx(out["ppl"] / dense["ppl"], 1e-3)
+    msg, warn = quality.describe(d, "threshold", 0.3)
+    assert f"x{out['ppl'] / dense['ppl']:.3f}" in msg and warn == (out["ppl"] / dense["ppl"] > quality.WARN_RATIO)
+    r = run_cli("run", "-m", d, "--mode", "threshold", "--density", "0.3", "-p", "hi", "-n", "2", "-t", "1")
+    assert r.returncode == 0 and f"x{out['ppl'] / dense['ppl']:.3f}" in r.stderr
+    assert ("warning" in r.stderr) == warn
+    # another density was not measured
+    assert quality.describe(d, "threshold", 0.5)[1] is True
+    assert quality.describe(d, "dense", 1.0) == (None, False)
+
+
+def test_quality_warns_above_three_percent(tmp_path):
+    from powerlow import quality
+    quality.record(tmp_path, {"mode": "predict", "target_density": 0.25, "predictor": None, "text": "t",
+                              "tokens": 100, "ppl": 10.2, "dense_ppl": 10.0})
+    msg, warn = quality.describe(tmp_path, "predict", 0.25)
+    assert not warn and "x1.020" in msg
+    quality.record(tmp_path, {"mode": "predict", "target_density": 0.25, "predictor": None, "text": "t",
+                              "tokens": 100, "ppl": 12.0, "dense_ppl": 10.0})      # replaces the entry
+    msg, warn = quality.describe(tmp_path, "predict", 0.25)
+    assert warn and "x1.200" in msg and len(quality.read(tmp_path)) == 1

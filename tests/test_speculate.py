@@ -266,3 +266,37 @@ def test_draft_config_checks(tiny_dir, tmp_path):
     assert r.returncode == 2 and "fully resident" in r.stderr
     r = run_cli("run", "-m", tiny_dir, "-p", "hi there hi there hi there", "-n", "16", "--draft", "ngram")
     assert r.returncode == 0 and "draft ngram" in r.stderr
+
+
+def test_bench_and_plan_report_the_drafter(tiny_dir):
+    import json
+    r = run_cli("bench", "-m", tiny_dir, "--draft", "ngram", "-n", "24", "--repeats", "1", "--prompt-tokens", "16",
+                "--json", "-t", "1")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["draft"] == "ngram" and res["draft_same_tokens"] is True
+    assert res["draft_tokens_per_pass"] >= 1.0 and 0.0 <= res["draft_acceptance"] <= 1.0
+    assert res["generate_tok_s_plain"] > 0 and res["generate_tok_s_draft"] > 0
+    m = load_manifest(tiny_dir)
+    b = minimum_budget(tiny_dir, m, RuntimeConfig(max_context=64)) + (1 << 20)
+    r = run_cli("run", "-m", tiny_dir, "-p", "hi", "-n", "8", "--budget", str(b), "--plan")
+    assert r.returncode == 0 and "speculative decoding: auto -> ngram" in r.stdout, r.stdout + r.stderr
+    r = run_cli("run", "-m", tiny_dir, "-p", "hi", "-n", "8", "--budget", str(b), "--plan", "--draft", "none")
+    assert "speculative decoding: off" in r.stdout
+
+
+def test_drafts_never_pass_the_planned_context(tiny_dir):
+    """A budget's KV cache holds prompt + n positions (what `run` plans): k = 8 drafts near the end are cut to what
+    is left, so no pass writes past it, and the tokens are plain greedy's."""
+    p = PROMPTS[3]
+    n = 30
+    with powerlow.load(tiny_dir) as m:
+        ref = _ids(m, p, n, draft="none")
+    m_ = load_manifest(tiny_dir)
+    b = minimum_budget(tiny_dir, m_, RuntimeConfig(max_context=len(p) + n)) + (64 << 10)
+    with powerlow.load(tiny_dir, RuntimeConfig(budget_bytes=b, max_context=len(p) + n)) as m:
+        assert m.tf.kv.limit == len(p) + n
+        always = ListDrafter(lambda ctx, k, r=ref, n0=len(p): r[len(ctx) - n0: len(ctx) - n0 + k])
+        got = [t.id for t in m._generate(p, n, SamplingParams(), always, 8)]
+        assert got == ref and m.tf.kv.length <= m.tf.kv.limit
+        assert m.stats.extra["speculation"].passes <= -(-(n - 1) // 9) + 1
