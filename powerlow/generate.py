@@ -119,7 +119,6 @@ def _speculate(tf, ctx, logits, max_tokens, params, rng, stats, stop_ids, dec, d
     """The speculative loop: ctx holds the prompt and every emitted token; its last one is pending (not in the
     KV cache) until the next pass runs it with the drafts after it."""
     from .speculate import K_MAX, KController, SpecStats, verify
-    from .generate import probs as probs_fn
     ctl = KController(K_MAX, fixed=k_max)
     spec = SpecStats(getattr(drafter, "name", "draft"))
     stats.extra["speculation"] = spec
@@ -141,7 +140,7 @@ def _speculate(tf, ctx, logits, max_tokens, params, rng, stats, stop_ids, dec, d
         t2 = time.perf_counter()
         logits = tf.forward([tok] + drafts, start_pos=pos, last_only=False)
         t3 = time.perf_counter()
-        n, nxt = verify(logits, drafts, params, rng, probs_fn)
+        n, nxt = verify(logits, drafts, params, rng, probs)
         tf.kv.length = pos + n + 1                 # the rejected drafts' positions are overwritten next pass
         ctl.record(len(drafts) + 1, t3 - t2, len(drafts), n, t2 - t1)
         spec.record(len(drafts), n, n + 1)

@@ -26,7 +26,6 @@ cost of a pass of T tokens, so a drafter that does not pay is left off (k = 0: a
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
@@ -114,9 +113,7 @@ class ModelDrafter:
             t = int(np.argmax(self._run(seq)))
             out.append(t)
             seq.append(t)
-        # the last draft token was never run: the cache holds seq[:-1]
-        self.cached = seq[:-1]
-        return out
+        return out          # the last draft was never run: _run left the cache at seq[:-1]
 
     def accept(self, ctx: list[int]) -> None:
         pass                # _run keeps the longest common prefix of what is cached and what comes next
@@ -310,9 +307,3 @@ def verify(logits: np.ndarray, drafts: list[int], params, rng, probs_fn) -> tupl
             continue
         return i, int(rng.choice(len(r), p=r / s))
     return k, int(rng.choice(logits.shape[1], p=probs_fn(logits[k], params)))
-
-
-def timed(fn, *a):
-    t = time.perf_counter()
-    out = fn(*a)
-    return out, time.perf_counter() - t

@@ -214,20 +214,26 @@ def inner_powerlow_generate(a: dict) -> dict:
             "tokens": toks, "speculation": spec}
 
 
-def inner_llamacpp_generate(a: dict) -> dict:
-    """Greedy generation with llama.cpp, plain or with its prompt lookup decoding (a["lookup"] drafts a pass)."""
+def _no_extra_bufts() -> None:
+    """Keep llama.cpp's weights memory-mapped instead of repacked into anonymous memory (with the repacking, a run
+    under a limit thrashes)."""
     import llama_cpp
     import llama_cpp.llama_cpp as lc
+    default = lc.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    lc.llama_model_default_params = params
+    llama_cpp.llama_model_default_params = params
+
+
+def inner_llamacpp_generate(a: dict) -> dict:
+    """Greedy generation with llama.cpp, plain or with its prompt lookup decoding (a["lookup"] drafts a pass)."""
     from llama_cpp import Llama
     if not a["extra_bufts"]:
-        default = lc.llama_model_default_params
-
-        def params():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-        lc.llama_model_default_params = params
-        llama_cpp.llama_model_default_params = params
+        _no_extra_bufts()
     draft = None
     if a["lookup"]:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -253,19 +259,11 @@ def inner_llamacpp_generate(a: dict) -> dict:
 
 def inner_llamacpp(a: dict) -> dict:
     import llama_cpp
-    import llama_cpp.llama_cpp as lc
     import numpy as np
     from llama_cpp import Llama
 
-    if not a["extra_bufts"]:          # keep Q4_0 weights memory-mapped instead of repacked into anonymous memory
-        default = lc.llama_model_default_params
-
-        def params():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-        lc.llama_model_default_params = params
-        llama_cpp.llama_model_default_params = params
+    if not a["extra_bufts"]:
+        _no_extra_bufts()
     t = time.perf_counter()
     llm = Llama(model_path=a["gguf"], n_ctx=a["prompt_tokens"] + a["n"] + 8, n_threads=a["threads"],
                 n_threads_batch=a["threads"], n_batch=max(a["prompt_tokens"], 8), verbose=False)
