@@ -140,7 +140,7 @@ def _speculate(tf, ctx, logits, max_tokens, params, rng, stats, stop_ids, dec, d
         t2 = time.perf_counter()
         logits = tf.forward([tok] + drafts, start_pos=pos, last_only=False)
         t3 = time.perf_counter()
-        n, nxt = verify(logits, drafts, params, rng, probs)
+        n, nxt = verify(logits, drafts, params, rng, sample)
         tf.kv.length = pos + n + 1                 # the rejected drafts' positions are overwritten next pass
         ctl.record(len(drafts) + 1, t3 - t2, len(drafts), n, t2 - t1)
         spec.record(len(drafts), n, n + 1)

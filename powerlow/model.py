@@ -101,10 +101,11 @@ class Model:
 
     def generate(self, prompt, max_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, chat: bool = False, draft: str | None = None,
-                 draft_k: int | None = None) -> Iterator[Token]:
+                 draft_k: int | None = None, ignore_eos: bool = False) -> Iterator[Token]:
         """Tokens as they are made. ``prompt`` is text (or a list of ids). ``draft``: speculative decoding's drafter
         (none | ngram | self | a draft model; default: the config's), ``draft_k`` drafts a pass (0 = adaptive);
-        greedy output is the same tokens with any drafter."""
+        greedy output is the same tokens with any drafter. ``ignore_eos``: go on past end-of-sequence tokens
+        until max_tokens (benchmarks and soak runs of a fixed length)."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PowerlowError("the prompt is empty; give some text")
@@ -120,11 +121,12 @@ class Model:
         if draft_k is not None and (isinstance(draft_k, bool) or not isinstance(draft_k, int) or not 0 <= draft_k <= 8):
             raise PowerlowError(f"draft_k must be 0 (adaptive) .. 8, got {draft_k!r}")
         return self._generate(ids, max_tokens, params, self.drafter(draft),
-                              self.tf.runtime.draft_k if draft_k is None else draft_k)
+                              self.tf.runtime.draft_k if draft_k is None else draft_k, ignore_eos=bool(ignore_eos))
 
-    def _generate(self, ids, max_tokens, params, drafter=None, draft_k=0) -> Iterator[Token]:
+    def _generate(self, ids, max_tokens, params, drafter=None, draft_k=0, ignore_eos=False) -> Iterator[Token]:
         epoch = self._begin()
-        for tok in _generate(self.tf, ids, max_tokens, params, self.stats, stop_ids=self.tokenizer.stop_ids(),
+        stop = set() if ignore_eos else self.tokenizer.stop_ids()
+        for tok in _generate(self.tf, ids, max_tokens, params, self.stats, stop_ids=stop,
                              drafter=drafter, k_max=draft_k):
             yield tok
             if self._epoch != epoch:

@@ -10,6 +10,7 @@ def add_arguments(p) -> None:
     p.add_argument("--temp", type=float, default=0.0, help="temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence tokens until -n")
     p.add_argument("--plan", action="store_true", help="print how the memory budget is spent, then exit")
 
 
@@ -39,7 +40,7 @@ def main(args) -> int:
     model = load(model_dir, cfg)
     out = sys.stdout
     for tok in model.generate(args.prompt, n, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                              seed=cfg.seed, chat=args.chat):
+                              seed=cfg.seed, chat=args.chat, ignore_eos=args.ignore_eos):
         out.write(tok.text)
         out.flush()
     out.write("\n")

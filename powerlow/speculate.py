@@ -286,24 +286,17 @@ class SpecStats:
                 "draft_seconds": round(self.draft_seconds, 4)}
 
 
-def verify(logits: np.ndarray, drafts: list[int], params, rng, probs_fn) -> tuple[int, int]:
-    """(accepted drafts n, the token after them) from the pass's logits (k+1, vocab)."""
+def verify(logits: np.ndarray, drafts: list[int], params, rng, sample_fn) -> tuple[int, int]:
+    """(accepted drafts n, the token after them) from the pass's logits (k+1, vocab).
+
+    Each position draws its token from the target's distribution exactly as plain decoding does (sample_fn, one
+    draw of rng per emitted token) and a draft is accepted iff it equals that token. Against point-mass drafts
+    this is the rejection rule in distribution (accept d with probability p(d); on rejection the token is p
+    without d, renormalised) and, beyond that, the same tokens: a seeded sampled run gives the text of the plain
+    seeded run whatever the drafter proposed and whatever k the controller chose (greedy: the argmax)."""
     k = len(drafts)
-    if params.temperature == 0.0:
-        for i in range(k):
-            t = int(np.argmax(logits[i]))
-            if t != drafts[i]:
-                return i, t
-        return k, int(np.argmax(logits[k]))
     for i in range(k):
-        p = probs_fn(logits[i], params)
-        d = drafts[i]
-        if rng.random() < p[d]:
-            continue
-        r = p.copy()
-        r[d] = 0.0
-        s = r.sum()
-        if s <= 0.0:                    # p was a point mass on d: the draft is always accepted
-            continue
-        return i, int(rng.choice(len(r), p=r / s))
-    return k, int(rng.choice(logits.shape[1], p=probs_fn(logits[k], params)))
+        t = sample_fn(logits[i], params, rng)
+        if t != drafts[i]:
+            return i, t
+    return k, sample_fn(logits[k], params, rng)

@@ -45,6 +45,24 @@ def release_free_heap() -> None:
         pass
 
 
+RUNTIME_MODULES = ("numpy", "numpy.random", "hashlib", "zlib", "json", "tokenizers", "jinja2.sandbox",
+                   "powerlow.model", "powerlow.generate", "powerlow.speculate", "powerlow.tokenizer", "powerlow.kernels")
+
+
+def import_runtime() -> None:
+    """Import the program a run executes (numpy, the compiled kernels, tokenizers, jinja2 for chat templates,
+    OpenSSL through hashlib: ~30 MiB of code and interpreter state) without loading any model: what is resident
+    after this is the interpreter's baseline, the part of a process's RSS that --budget does not cover.
+    powerlow imports these lazily, so a measurement taken right after `import powerlow` would count ~15 MiB of
+    library code as model memory. tests/test_reliability.py checks that a run imports no extension module
+    this did not."""
+    import hashlib
+    import importlib
+    for name in RUNTIME_MODULES:
+        importlib.import_module(name)
+    hashlib.sha256(b"")                       # maps OpenSSL's code as a load's sha256 does
+
+
 def read_bytes_so_far(source) -> int:
     """Bytes an offloaded run's cluster source and weight ring have read from storage (0 for a resident run)."""
     c = getattr(source, "counters", None)

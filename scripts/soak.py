@@ -1,8 +1,9 @@
 """Soak test: a long generation under a memory budget, RSS recorded every 100 tokens.
 
-    python scripts/soak.py [-m MODEL] [--budget 90MiB] [-n 2000] [--chat] [-p TEXT] [--temp 0.8] [-s 1] [--json OUT]
+    python scripts/soak.py [-m MODEL] [--budget 90MiB] [-n 2000] [--chat] [-p TEXT] [--temp 0.8] [-s 1] [--ignore-eos] [--json OUT]
 
-The interpreter's own baseline (Python + numpy + powerlow imported, nothing loaded) is measured in this process
+The interpreter's own baseline (Python with the code a run executes imported: powerlow.util.import_runtime,
+nothing loaded) is measured in this process
 before the model loads; the budget holds if peak RSS <= budget + baseline. Prints one line per 100 tokens and a
 summary; exits 1 if the budget was not held."""
 from __future__ import annotations
@@ -37,17 +38,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-chat", dest="chat", action="store_false")
     ap.add_argument("--temp", type=float, default=0.8)
     ap.add_argument("-s", "--seed", type=int, default=1)
+    ap.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence tokens until -n")
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--json", default=None, help="write the figures here")
     a = ap.parse_args(argv)
 
-    import numpy  # noqa: F401  (part of the baseline: every run imports it)
     import powerlow
+    from powerlow.util import import_runtime
     from powerlow.config import parse_size
     from powerlow.default_model import resolve_model
     from powerlow.run import _prompt_tokens
 
     model_dir = resolve_model(a.model)       # a source is converted first (not part of the measured run)
+    import_runtime()                          # the program's code, not the model: the baseline
     baseline = rss_mib()
     budget = parse_size(a.budget)
     n_prompt, _ = _prompt_tokens(model_dir, a.prompt, a.chat)
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
     print(f"baseline {baseline:.1f} MiB; budget {budget / 2**20:.1f} MiB; loaded: RSS {rows[0][1]:.1f} MiB "
           f"(peak {rows[0][2]:.1f})", flush=True)
     n = 0
-    for _ in model.generate(a.prompt, a.n, temperature=a.temp, seed=a.seed, chat=a.chat):
+    for _ in model.generate(a.prompt, a.n, temperature=a.temp, seed=a.seed, chat=a.chat,
+                                ignore_eos=a.ignore_eos):
         n += 1
         if n % a.every == 0:
             rows.append((n, rss_mib(), peak_mib()))

@@ -122,3 +122,37 @@ def test_budget_kv_cache_is_allocated_once(tmp_path):
         assert m.tf.kv.cap == m.tf.kv.limit == m.tf.plan.context == 1000
         list(m.generate([5, 17, 33] * 100, 30))
         assert [id(a) for a in m.tf.kv.k] == first
+
+
+def test_ignore_eos_runs_to_max_tokens(smol):
+    """A chat answer ends with an end token well before -n; ignore_eos (run --ignore-eos) goes on to exactly -n,
+    with the same tokens up to the end token."""
+    short = [t.id for t in smol.generate("What is 2+2?", 64, chat=True)]
+    assert len(short) < 64
+    full = [t.id for t in smol.generate("What is 2+2?", 64, chat=True, ignore_eos=True)]
+    assert len(full) == 64 and full[: len(short)] == short
+    assert full[len(short)] in smol.tokenizer.stop_ids()
+
+
+def test_import_runtime_imports_what_a_run_imports(smol_dir):
+    """scripts/soak.py's baseline is RSS after powerlow.util.import_runtime: a load + generate (chat, sampling,
+    speculative, under a budget) must import no extension module or top-level library it did not, or the
+    soak would count library code as model memory."""
+    d = smol_dir
+    code = f"""
+import sys
+from powerlow.util import import_runtime
+import_runtime()
+before = set(sys.modules)
+import powerlow
+with powerlow.load({str(d)!r}, {{"budget": "90MiB"}}) as m:
+    list(m.generate("Once upon a time", 8, temperature=0.8, seed=1))
+    list(m.generate("hi", 4, chat=True))
+new = sorted(n for n in set(sys.modules) - before
+             if "." not in n or getattr(sys.modules[n], "__file__", "") and not str(sys.modules[n].__file__).endswith(".py"))
+print(new)
+"""
+    import subprocess, sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

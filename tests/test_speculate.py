@@ -8,7 +8,7 @@ import pytest
 import powerlow
 from powerlow.config import RuntimeConfig
 from powerlow.errors import PowerlowError
-from powerlow.generate import SamplingParams, probs
+from powerlow.generate import SamplingParams, probs, sample
 from powerlow.manifest import load_manifest
 from powerlow.plan import minimum_budget
 from powerlow.speculate import KController, NgramDrafter, verify
@@ -105,6 +105,25 @@ def test_greedy_identical_resident(tiny_dir, plain, draft, k):
             assert spec["accepted"] == 0 and spec["tokens_per_pass"] == 1.0
 
 
+@pytest.mark.parametrize("k", [0, 1, 4, 8])
+def test_seeded_sampling_identical(tiny_dir, k):
+    """A seeded sampled run gives the plain seeded run's tokens whatever the drafts and k (each emitted token is
+    one draw from the target distribution; a draft is kept iff it equals it): the n-gram drafter, the model
+    drafting for itself, always-wrong drafts, at top-k/top-p/temperature settings."""
+    settings = [dict(temperature=0.8), dict(temperature=1.2, top_k=20), dict(temperature=0.7, top_p=0.9)]
+    with powerlow.load(tiny_dir) as m:
+        drafters = [m.drafter("ngram"), m.drafter(str(tiny_dir)),
+                    ListDrafter(lambda ctx, kk: [(ctx[-1] + 1 + i) % 300 for i in range(kk)])]
+        for j, p in enumerate(PROMPTS[:8]):
+            sp = SamplingParams(**settings[j % 3], seed=100 + j)
+            ref = [t.id for t in m._generate(p, 30, sp, None, 0)]
+            for d in drafters:
+                got = [t.id for t in m._generate(p, 30, sp, d, k)]
+                assert got == ref, (j, d, k)
+        if k:
+            assert m.stats.extra["speculation"].as_dict()["accepted"] == 0     # the last drafter: always wrong
+
+
 @pytest.mark.parametrize("where", ["min", "mid", "pinned"])
 @pytest.mark.parametrize("draft", ["ngram", "self"])
 def test_greedy_identical_offloaded(stream_dir, monkeypatch, where, draft):
@@ -174,7 +193,7 @@ def test_verify_sampling_distribution():
     first = np.zeros(V)
     second = {}
     for _ in range(N):
-        n, nxt = verify(logits, drafts, params, rng, probs)
+        n, nxt = verify(logits, drafts, params, rng, sample)
         t0 = drafts[0] if n >= 1 else nxt
         first[t0] += 1
         if n >= 1:
