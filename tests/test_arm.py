@@ -111,3 +111,38 @@ def test_harness_can_fail(harness):
     for v in ("neon", "dotprod", "i8mm"):
         assert f"[{v}]: differs from generic" in r.stdout, v
     assert "[generic]" not in r.stdout
+
+
+_FAKE = """
+import sys, types
+import powerlow
+fake = types.ModuleType("powerlow._kernels")
+fake.detect_isa = lambda: {best}
+sys.modules["powerlow._kernels"] = fake
+powerlow._kernels = fake
+from powerlow import kernels as K
+print(",".join(K.supported_isas), K.isa, K._isa_id(K.isa))
+"""
+
+
+@pytest.mark.parametrize("best,want", [(5, "generic,neon,dotprod,i8mm"), (4, "generic,neon,dotprod"), (3, "generic,neon"),
+                                       (0, "generic"), (2, "generic,avx2,avx512")])
+def test_python_names_the_arm_variants(best, want):
+    """powerlow.kernels on an aarch64 build (plk_detect_isa's ids, plk.h): supported_isas lists generic and the
+    variants up to the detected one, isa is the best unless POWERLOW_ISA forces one, and the id passed to C is plk.h's"""
+    def run(env_isa=None):
+        env = {k: v for k, v in os.environ.items() if k != "POWERLOW_ISA"}
+        if env_isa:
+            env["POWERLOW_ISA"] = env_isa
+        return subprocess.run([sys.executable, "-c", _FAKE.format(best=best)], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=60)
+    r = run()
+    assert r.returncode == 0, r.stderr
+    names, isa, ident = r.stdout.split()
+    assert names == want and isa == want.split(",")[-1] and int(ident) == best
+    if best >= 3:
+        r = run("neon")
+        assert r.returncode == 0 and r.stdout.split()[1:] == ["neon", "3"], r.stderr
+    if best in (3, 4):
+        r = run("i8mm")
+        assert r.returncode != 0 and "supports only" in r.stderr, r.stderr
