@@ -35,9 +35,9 @@ void quantize_act_q8_neon(const float *x, int T, int K, int ldx, int Kp, int8_t 
             float32x4_t f[8], m = vdupq_n_f32(0.0f);
             for (int i = 0; i < 8; i++) {
                 f[i] = vld1q_f32(v + 4 * i);
-                m = vmaxq_f32(m, vabsq_f32(f[i]));
+                m = vmaxnmq_f32(m, vabsq_f32(f[i]));    /* maxnm: a NaN is passed over, as the generic's compare */
             }
-            const float amax = vmaxvq_f32(m);
+            const float amax = vmaxnmvq_f32(m);
             const float d = amax / 127.0f;
             const float id = d != 0.0f ? 1.0f / d : 0.0f;
             int32x4_t sum4 = vdupq_n_s32(0);
@@ -72,8 +72,8 @@ void quantize_act_q8k_neon(const float *x, int T, int K, int ldx, int8_t *qs, fl
             int8_t *q = qs + (size_t)t * K + (size_t)b * 256;
             int16_t *sm = bs + (size_t)t * (K / 16) + (size_t)b * 16;
             float32x4_t m = vdupq_n_f32(0.0f);
-            for (int i = 0; i < 256; i += 4) m = vmaxq_f32(m, vabsq_f32(vld1q_f32(v + i)));
-            const float amax = vmaxvq_f32(m);
+            for (int i = 0; i < 256; i += 4) m = vmaxnmq_f32(m, vabsq_f32(vld1q_f32(v + i)));   /* NaN passed over */
+            const float amax = vmaxnmvq_f32(m);
             if (amax == 0.0f) {
                 memset(q, 0, 256);
                 memset(sm, 0, 32);
@@ -81,7 +81,7 @@ void quantize_act_q8k_neon(const float *x, int T, int K, int ldx, int8_t *qs, fl
                 continue;
             }
             int i0 = 0;                                  /* the first element of largest |x| gives the sign */
-            while (fabsf(v[i0]) != amax) i0++;
+            while (i0 < 255 && fabsf(v[i0]) != amax) i0++;
             const float is = -127.0f / v[i0];
             for (int j = 0; j < 16; j++) {
                 int32x4_t qi[4];
