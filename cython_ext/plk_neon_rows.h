@@ -112,25 +112,33 @@ AI void NAMEI(codes32)(const int FMT, const uint8_t *rowq, int g, int j, int8x16
     }
 }
 
-/* dw = A * d and the offset weight bw (plk.h) of group g of a row, as the portable C computes them */
-AI void NAMEI(gscale)(const int FMT, const plk_w *w, size_t row, const uint8_t *rowq, int ng, int g, float *dw, float *bw)
+/* fp16 -> float of 4 values by FCVTL: exact, the same numbers as plk_h2f (a signalling-NaN scale would come out
+ * quiet; no real weights have one) */
+AI float32x4_t NAMEI(h2f4)(const uint16_t *h) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h))); }
+
+/* dw = A * d and the offset weight bw (plk.h) of group g of the 4 lane rows, the portable C's values: A * d is d
+ * (A = 1) or 2d, and the -8d / -16d / -d offsets are exact scalings as there */
+AI void NAMEI(gscale4)(const int FMT, const plk_w *w, const size_t *rr, const uint8_t *const *q, int ng, int g,
+                        float32x4_t *dw, float32x4_t *bw)
 {
-    if (FMT == PLK_Q5_0 || FMT == PLK_Q5_1) {
-        const uint8_t *blk = rowq + (size_t)g * plk_qbytes[FMT];
-        uint16_t hd, hm;
-        memcpy(&hd, blk, 2);
-        *dw = plk_h2f(hd);
-        if (FMT == PLK_Q5_1) { memcpy(&hm, blk + 2, 2); *bw = plk_h2f(hm); }
-        else *bw = -16.0f * *dw;
-        return;
+    uint16_t hd[4], hm[4] = { 0, 0, 0, 0 };
+    for (int i = 0; i < 4; i++) {
+        if (FMT == PLK_Q5_0 || FMT == PLK_Q5_1) {
+            const uint8_t *blk = q[i] + (size_t)g * plk_qbytes[FMT];
+            memcpy(&hd[i], blk, 2);
+            if (FMT == PLK_Q5_1) memcpy(&hm[i], blk + 2, 2);
+        } else {
+            hd[i] = w->d[rr[i] * (size_t)ng + g];
+            if (plk_has_min[FMT]) hm[i] = w->m[rr[i] * (size_t)ng + g];
+        }
     }
-    const size_t gi = row * (size_t)ng + g;
-    const float d = plk_h2f(w->d[gi]);
-    *dw = (FMT == PLK_Q1 ? 2.0f : 1.0f) * d;
-    if (FMT == PLK_Q4_1 || FMT == PLK_Q2) *bw = plk_h2f(w->m[gi]);
-    else if (FMT == PLK_Q4_0) *bw = -8.0f * d;
-    else if (FMT == PLK_TERN || FMT == PLK_Q1) *bw = -d;
-    else *bw = 0.0f;
+    const float32x4_t d = NAMEI(h2f4)(hd);
+    *dw = FMT == PLK_Q1 ? vmulq_n_f32(d, 2.0f) : d;
+    if (FMT == PLK_Q5_1 || FMT == PLK_Q4_1 || FMT == PLK_Q2) *bw = NAMEI(h2f4)(hm);
+    else if (FMT == PLK_Q5_0) *bw = vmulq_n_f32(d, -16.0f);
+    else if (FMT == PLK_Q4_0) *bw = vmulq_n_f32(d, -8.0f);
+    else if (FMT == PLK_TERN || FMT == PLK_Q1) *bw = vnegq_f32(d);
+    else *bw = vdupq_n_f32(0.0f);
 }
 
 /* y rows rr[0..3] (nr valid), tokens t0..t0+NT-1: the portable C's float steps per lane. MM: the token
@@ -154,9 +162,8 @@ AI void NAMEI(q8a_tile)(const int FMT, const int M, const int MM, const int NT, 
         bsum[t] = vdupq_n_f32(0.0f);
     }
     for (int g = 0; g < ng; g++) {
-        float dwa[4], bwa[4];
-        for (int i = 0; i < 4; i++) NAMEI(gscale)(FMT, w, rr[i], q[i], ng, g, &dwa[i], &bwa[i]);
-        const float32x4_t dwv = vld1q_f32(dwa), bwv = vld1q_f32(bwa);
+        float32x4_t dwv, bwv;
+        NAMEI(gscale4)(FMT, w, rr, q, ng, g, &dwv, &bwv);
         __builtin_prefetch(q[0] + (size_t)g * plk_qbytes[FMT] + 512);
         __builtin_prefetch(q[3] + (size_t)g * plk_qbytes[FMT] + 512);
         for (int j = 0; j < per; j++) {
@@ -251,17 +258,16 @@ AI void NAMEI(kq_chunk)(const int FMT, const uint8_t *blk, int k, const int *sc,
 }
 
 /* a super-block's scales: q4_k / q5_k the 8 6-bit scales and mins (k_scale_min), q6_k the 16 int8 scales;
- * returns d, *dm the fp16 dmin (0 for q6_k) */
-AI float NAMEI(kq_scales)(const int FMT, const uint8_t *blk, int *sc, int16x8_t *mn, float *dm)
+ * *hd, *hm the fp16 d and dmin (0 for q6_k) */
+AI void NAMEI(kq_scales)(const int FMT, const uint8_t *blk, int *sc, int16x8_t *mn, uint16_t *hd, uint16_t *hm)
 {
-    uint16_t hd, hm;
     if (FMT == PLK_Q6_K) {
         const int8_t *s = (const int8_t *)(blk + 192);
         for (int j = 0; j < 16; j++) sc[j] = s[j];
-        memcpy(&hd, blk + 208, 2);
-        *dm = 0.0f;
+        memcpy(hd, blk + 208, 2);
+        *hm = 0;
         *mn = vdupq_n_s16(0);
-        return plk_h2f(hd);
+        return;
     }
     const uint8_t *s = blk + 4;
     int16_t m[8];
@@ -272,10 +278,8 @@ AI float NAMEI(kq_scales)(const int FMT, const uint8_t *blk, int *sc, int16x8_t 
         m[j + 4] = (int16_t)((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
     }
     *mn = vld1q_s16(m);
-    memcpy(&hd, blk, 2);
-    memcpy(&hm, blk + 2, 2);
-    *dm = plk_h2f(hm);
-    return plk_h2f(hd);
+    memcpy(hd, blk, 2);
+    memcpy(hm, blk + 2, 2);
 }
 
 /* sum of the lane products of two int16 x 16 (a0|a1 . b0|b1) as int32 */
@@ -301,7 +305,7 @@ AI void NAMEI(kq_tile)(const int FMT, const int M, const int MM, const int NT, c
     for (int t = 0; t < NT; t++) acc[t] = vdupq_n_f32(0.0f);
     for (int b = 0; b < S; b++) {
         int32_t isum[4][4], imin[4][4];                 /* [token][row] */
-        float da[4], dma[4];
+        uint16_t hda[4], hma[4];
         int sc[4][16];
         int16x8_t mn[4];
         const uint8_t *blk[4];
@@ -310,7 +314,7 @@ AI void NAMEI(kq_tile)(const int FMT, const int M, const int MM, const int NT, c
             __builtin_prefetch(blk[i] + 2 * QB);
             __builtin_prefetch(blk[i] + 2 * QB + 64);
             __builtin_prefetch(blk[i] + 2 * QB + 128);
-            da[i] = NAMEI(kq_scales)(FMT, blk[i], sc[i], &mn[i], &dma[i]);
+            NAMEI(kq_scales)(FMT, blk[i], sc[i], &mn[i], &hda[i], &hma[i]);
         }
         /* the offset terms, from the activations' 16-sums: imin (q4_k/q5_k) or q6_k's 32 * sum sc_j bs_j */
 #pragma GCC unroll 4
@@ -383,7 +387,7 @@ AI void NAMEI(kq_tile)(const int FMT, const int M, const int MM, const int NT, c
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) isum[t][i] += vaddvq_s32(s4[t]);
         }
-        const float32x4_t dv = vld1q_f32(da), dmv = vld1q_f32(dma);
+        const float32x4_t dv = NAMEI(h2f4)(hda), dmv = NAMEI(h2f4)(hma);
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
             const float dx = a->dx[(size_t)(t0 + t) * S + b];

@@ -116,6 +116,24 @@ def main(out):
     x = rng.standard_normal((4, 64)).astype(np.float32)
     x[:, ::32] = -5.0                                   # -> -127 in each block
     matmul_case(w, "q8 codes -128 6x64 T=4", q, x)
+    # fp16 subnormal scales and mins (the NEON kernels convert by FCVTL, the portable C by plk_h2f)
+    for fmt in ("q4_1", "q1", "q8"):
+        q = F.quantize(rng.standard_normal((7, 192)).astype(np.float32), fmt)
+        for name in ("d", "m"):
+            if name in q.planes:
+                sign = rng.integers(0, 2, q.planes[name].shape) << 15 if name == "m" else 0
+                q.planes[name].view(np.uint16)[:] = rng.integers(1, 1024, q.planes[name].shape) | sign
+        matmul_case(w, f"{fmt} subnormal scales 7x192 T=3", q, (rng.standard_normal((3, 192)) * 1e3).astype(np.float32))
+    for fmt in ("q5_1", "q4_k", "q6_k"):
+        sp = F.FORMATS[fmt]
+        q = random_blocks(fmt, 5, 2, rng)
+        raw = q.planes["qs"].reshape(5, 2, sp.qbytes)
+        sub = rng.integers(1, 1024, (5, 2)).astype(np.uint16)
+        off = 208 if fmt == "q6_k" else 0
+        raw[..., off:off + 2] = sub.view(np.uint8).reshape(5, 2, 2)
+        if fmt != "q6_k":
+            raw[..., 2:4] = rng.integers(1, 1024, (5, 2)).astype(np.uint16).view(np.uint8).reshape(5, 2, 2)
+        matmul_case(w, f"{fmt} subnormal scales 5x{q.cols} T=3", q, rng.standard_normal((3, q.cols)).astype(np.float32))
     # exact inputs: power-of-two scales, integer activations with a +-127 per block (tests/test_kernels.py)
     for fmt in ("q1", "tern", "q2"):
         sp = F.FORMATS[fmt]
