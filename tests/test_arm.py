@@ -95,6 +95,8 @@ def test_harness_under_qemu(harness, cpu):
     out = r.stdout
     print(out)
     want = CPUS[cpu]
+    feats = re.search(r"^cpu: aarch64 asimd=(\d) asimddp=(\d) i8mm=(\d)$", out, re.M)
+    assert feats and feats.groups() == ("1", str(int("dotprod" in want)), str(int("i8mm" in want))), out
     assert re.search(r"^variants: (.*)$", out, re.M).group(1).split() == want, out
     assert re.search(r"^detected: (\S+)$", out, re.M).group(1) == want[-1], out
     for v in want:
