@@ -2,7 +2,13 @@
 
 One build runs on any x86-64: no -march flags; the AVX2 and AVX-512 variants are compiled with
 per-function target attributes (a `#pragma GCC target` region per source file) and chosen at run time
-from cpuid (see cython_ext/plk_common.c). predictors/ is installed as powerlow.predictors.
+from cpuid (see cython_ext/plk_common.c). On aarch64 the same: the baseline armv8-a build, with the neon,
+dotprod and i8mm variants of cython_ext/plk_neon.c in target regions, chosen from getauxval(AT_HWCAP/2);
+no global -march=...+dotprod (GCC would auto-vectorise the portable reference kernels with sdot, and the
+generic variant would no longer run everywhere). -ffp-contract=off there: AArch64 always has FMA, and GCC
+would otherwise fuse the portable C's separate multiplies and adds, which the NEON kernels reproduce exactly
+(plk_neon_rows.h); x86-64's baseline has no FMA, so its flags are unchanged. predictors/ is installed as
+powerlow.predictors.
 """
 import os
 import platform
@@ -12,11 +18,17 @@ from Cython.Build import cythonize
 from setuptools import Extension, find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-C_SOURCES = ["plk_common.c", "plk_generic.c", "plk_avx2.c", "plk_avx512.c", "plk_ops.c", "plk_kq_generic.c", "plk_crc.c"]
+MACHINE = platform.machine().lower()
+X86 = MACHINE in ("x86_64", "amd64")
+ARM64 = MACHINE in ("aarch64", "arm64")
+if not (X86 or ARM64):
+    raise SystemExit(f"powerlow's kernels need an x86-64 or aarch64 CPU (this is {MACHINE})")
+C_SOURCES = ["plk_common.c", "plk_generic.c", "plk_ops.c", "plk_kq_generic.c", "plk_crc.c"]
+C_SOURCES += ["plk_avx2.c", "plk_avx512.c"] if X86 else ["plk_neon.c"]
 
 extra_compile = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
-if platform.machine().lower() not in ("x86_64", "amd64"):
-    raise SystemExit("powerlow's kernels need an x86-64 CPU")
+if ARM64:
+    extra_compile.append("-ffp-contract=off")
 
 ext = Extension(
     "powerlow._kernels",

@@ -20,7 +20,9 @@
 
 enum { PLK_Q8 = 0, PLK_Q4_0, PLK_Q4_1, PLK_Q2, PLK_TERN, PLK_Q1,
        PLK_Q5_0, PLK_Q5_1, PLK_Q4_K, PLK_Q5_K, PLK_Q6_K, PLK_NFMT };
-enum { PLK_GENERIC = 0, PLK_AVX2 = 1, PLK_AVX512 = 2, PLK_NISA };
+/* ISA variants: x86-64 builds have generic, avx2, avx512; aarch64 builds generic, neon, dotprod, i8mm
+ * (plk_neon.c). An id of the other architecture has no kernels (plk_rows returns NULL; Python never asks). */
+enum { PLK_GENERIC = 0, PLK_AVX2 = 1, PLK_AVX512 = 2, PLK_NEON = 3, PLK_DOTPROD = 4, PLK_I8MM = 5, PLK_NISA };
 enum { PLK_ACT_SILU = 0, PLK_ACT_RELU = 1, PLK_ACT_GELU_TANH = 2 };
 /* GELU, tanh form: 0.5 g (1 + tanh(u)) = g / (1 + e^(-2u)), u = sqrt(2/pi) (g + 0.044715 g^3) */
 #define PLK_GELU_C 0.7978845608028654f
@@ -64,6 +66,7 @@ typedef void (*plk_rows_fn)(const plk_w *w, int r0, int r1, const plk_act *a, fl
 
 /* plk_common.c */
 int plk_detect_isa(void);                               /* best variant this CPU runs */
+int plk_isa_supported(int isa);                         /* 1 if this build and CPU run variant isa */
 float plk_h2f(uint16_t h);
 uint16_t plk_f2h(float f);                              /* round to nearest even */
 plk_rows_fn plk_rows(int isa, int fmt, int tl);         /* tl: table-lookup variant (NULL if none) */
@@ -156,6 +159,10 @@ void rowstl_tern_q8_generic(const plk_w*, int, int, const plk_act*, float*, int,
 void rowstl_q1_q8_generic(const plk_w*, int, int, const plk_act*, float*, int, int);
 PLK_DECL_ROWS(avx2)
 PLK_DECL_ROWS(avx512)
+/* aarch64 (plk_neon.c): row kernels per variant; the quantizers, gated and read_probe are the _neon ones for all three */
+PLK_DECL_ROWS(neon)
+PLK_DECL_ROWS(dotprod)
+PLK_DECL_ROWS(i8mm)
 
 /* plk_ops.c: float helpers for the engine's hot path */
 void plk_rmsnorm(const float *x, const float *w, float eps, float *out, int T, int K);

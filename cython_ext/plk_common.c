@@ -4,6 +4,21 @@
 #include <string.h>
 #include <omp.h>
 #include "plk.h"
+#if defined(__x86_64__) || defined(__i386__)
+#define PLK_X86 1
+#elif defined(__aarch64__)
+#define PLK_ARM64 1
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1UL << 1)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1UL << 13)
+#endif
+#endif
 
 float plk_h2f(uint16_t h)
 {
@@ -45,6 +60,14 @@ uint16_t plk_f2h(float f)
 
 int plk_detect_isa(void)
 {
+#if PLK_ARM64
+    /* the kernel's view of the CPU features (user space may not read the ID registers everywhere) */
+    const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+    if (!(hw & HWCAP_ASIMD)) return PLK_GENERIC;
+    if (!(hw & HWCAP_ASIMDDP)) return PLK_NEON;
+    if (!(hw2 & HWCAP2_I8MM)) return PLK_DOTPROD;
+    return PLK_I8MM;
+#elif PLK_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -54,20 +77,51 @@ int plk_detect_isa(void)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return PLK_AVX2;   /* F16C: every AVX2 CPU has it (Haswell+, Zen) */
     return PLK_GENERIC;
+#else
+    return PLK_GENERIC;
+#endif
+}
+
+/* the variants of this build's architecture up to the detected one (x86: generic < avx2 < avx512; aarch64:
+ * generic, neon < dotprod < i8mm), each a superset of the one before */
+int plk_isa_supported(int isa)
+{
+    const int best = plk_detect_isa();
+    if (isa == PLK_GENERIC) return 1;
+#if PLK_ARM64
+    return isa >= PLK_NEON && isa <= best;
+#elif PLK_X86
+    return isa >= PLK_AVX2 && isa <= PLK_AVX512 && isa <= best;
+#else
+    return 0;
+#endif
 }
 
 #define TABLE(isa) { rows_q8_q8_##isa, rows_q4_0_q8_##isa, rows_q4_1_q8_##isa, \
                      rows_q2_q8_##isa, rows_tern_q8_##isa, rows_q1_q8_##isa, \
                      rows_q5_0_q8_##isa, rows_q5_1_q8_##isa, \
                      rows_q4_k_q8k_##isa, rows_q5_k_q8k_##isa, rows_q6_k_q8k_##isa }
-static const plk_rows_fn ma_table[PLK_NISA][PLK_NFMT] = { TABLE(generic), TABLE(avx2), TABLE(avx512) };
+#define NONE { 0 }
+#if PLK_ARM64
+static const plk_rows_fn ma_table[PLK_NISA][PLK_NFMT] = { TABLE(generic), NONE, NONE, TABLE(neon), TABLE(dotprod), TABLE(i8mm) };
+#elif PLK_X86
+static const plk_rows_fn ma_table[PLK_NISA][PLK_NFMT] = { TABLE(generic), TABLE(avx2), TABLE(avx512), NONE, NONE, NONE };
+#else
+static const plk_rows_fn ma_table[PLK_NISA][PLK_NFMT] = { TABLE(generic) };
+#endif
 /* table lookup: the portable kernels (plk_generic.c) on generic, the vpshufb ones (plk_tl.h, need a plk_tl_pack
  * layout; without one they run the AVX2 multiply-add, bit-identical to AVX-512's) on AVX2 and on AVX-512 CPUs too:
  * there is no 512-bit TL, and the AVX2 one beats AVX-512's multiply-add (q1 0.63 vs 0.38 of the probe, q2 0.56 vs
  * 0.52, bench-kernels on an AVX-512 Xeon guest) with the same bits */
 #define TLG { 0, 0, 0, rowstl_q2_q8_generic, rowstl_tern_q8_generic, rowstl_q1_q8_generic }
 #define TLA { 0, 0, 0, rowstl_q2_q8_avx2, rowstl_tern_q8_avx2, rowstl_q1_q8_avx2 }
-static const plk_rows_fn tl_table[PLK_NISA][PLK_NFMT] = { TLG, TLA, TLA };
+#if PLK_ARM64   /* no NEON table lookup: the portable one where asked for (TL_PREFERRED has no ARM entry) */
+static const plk_rows_fn tl_table[PLK_NISA][PLK_NFMT] = { TLG, NONE, NONE, TLG, TLG, TLG };
+#elif PLK_X86
+static const plk_rows_fn tl_table[PLK_NISA][PLK_NFMT] = { TLG, TLA, TLA, NONE, NONE, NONE };
+#else
+static const plk_rows_fn tl_table[PLK_NISA][PLK_NFMT] = { TLG };
+#endif
 
 plk_rows_fn plk_rows(int isa, int fmt, int tl)
 {
@@ -119,16 +173,24 @@ int plk_tl_pack(int fmt, const plk_w *w, int N, int K, uint8_t *out)
 void plk_quantize_act(int isa, const float *x, int T, int K, int ldx, int Kp,
                       int8_t *qs, float *dx, float *s, int32_t *isum)
 {
-    if (isa == PLK_GENERIC) quantize_act_q8_generic(x, T, K, ldx, Kp, qs, dx, s, isum);
-    else if (isa == PLK_AVX2) quantize_act_q8_avx2(x, T, K, ldx, Kp, qs, dx, s, isum);
-    else quantize_act_q8_avx512(x, T, K, ldx, Kp, qs, dx, s, isum);
+#if PLK_X86
+    if (isa == PLK_AVX2) { quantize_act_q8_avx2(x, T, K, ldx, Kp, qs, dx, s, isum); return; }
+    if (isa == PLK_AVX512) { quantize_act_q8_avx512(x, T, K, ldx, Kp, qs, dx, s, isum); return; }
+#elif PLK_ARM64
+    if (isa >= PLK_NEON) { quantize_act_q8_neon(x, T, K, ldx, Kp, qs, dx, s, isum); return; }
+#endif
+    quantize_act_q8_generic(x, T, K, ldx, Kp, qs, dx, s, isum);
 }
 
 void plk_quantize_act_k(int isa, const float *x, int T, int K, int ldx, int8_t *qs, float *d, int16_t *bs)
 {
-    if (isa == PLK_GENERIC) quantize_act_q8k_generic(x, T, K, ldx, qs, d, bs);
-    else if (isa == PLK_AVX2) quantize_act_q8k_avx2(x, T, K, ldx, qs, d, bs);
-    else quantize_act_q8k_avx512(x, T, K, ldx, qs, d, bs);
+#if PLK_X86
+    if (isa == PLK_AVX2) { quantize_act_q8k_avx2(x, T, K, ldx, qs, d, bs); return; }
+    if (isa == PLK_AVX512) { quantize_act_q8k_avx512(x, T, K, ldx, qs, d, bs); return; }
+#elif PLK_ARM64
+    if (isa >= PLK_NEON) { quantize_act_q8k_neon(x, T, K, ldx, qs, d, bs); return; }
+#endif
+    quantize_act_q8k_generic(x, T, K, ldx, qs, d, bs);
 }
 
 void plk_act_bx(int fmt, int T, int nb, const float *dx, const float *s, const int32_t *isum, float *bx)
@@ -161,7 +223,14 @@ void plk_act_bx(int fmt, int T, int nb, const float *dx, const float *s, const i
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#if PLK_X86
 #include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#elif PLK_ARM64
+#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define cpu_relax() ((void)0)
+#endif
 
 #define POOL_MAXW 15
 #define T_GEN(t) ((uint32_t)((t) >> 44))
@@ -200,7 +269,7 @@ static void *pool_worker(void *arg)
         uint32_t g;
         int spins = 0;
         while ((g = atomic_load_explicit(&P.gen, memory_order_acquire)) == seen) {
-            if (++spins < 4000) { _mm_pause(); continue; }
+            if (++spins < 4000) { cpu_relax(); continue; }
             atomic_fetch_add(&P.sleepers, 1);
             if (atomic_load(&P.gen) == seen) syscall(SYS_futex, &P.gen, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
             atomic_fetch_sub(&P.sleepers, 1);
@@ -264,11 +333,15 @@ void plk_pool_run(plk_pool_fn fn, void *ctx, int n, int nthreads)
     }
     int spins = 0;
     while (atomic_load_explicit(&P.done, memory_order_acquire) < n) {
-        if (++spins < 2000) _mm_pause();
+        if (++spins < 2000) cpu_relax();
         else { sched_yield(); spins = 0; }
     }
     pthread_mutex_unlock(&P.lock);
 }
+
+#if !PLK_X86   /* the AVX2 table-lookup tables exist on x86 only (avx2_tl below is never true elsewhere) */
+#define plk_tl_tables_avx2(fmt, a, tab) ((void)(fmt), (void)(a), (void)(tab))
+#endif
 
 typedef struct { plk_rows_fn fn; const plk_w *w; int N, chunk; const plk_act *a; float *y; int ldy, acc; } mm_job;
 static void mm_item(void *c, int i)
@@ -286,7 +359,7 @@ void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *
     if (!fn) fn = plk_rows(isa, fmt, 0);
     /* AVX2 table lookup: the tokens' tables once per call (every row reads them), for at most
      * PLK_TL_TCHUNK tokens at a time (Kp x 8 or 16 bytes each) */
-    const int avx2_tl = tl && isa >= PLK_AVX2 && plk_tl_fmt(fmt) && w->tl && N >= PLK_TL_ROWS;
+    const int avx2_tl = tl && (isa == PLK_AVX2 || isa == PLK_AVX512) && plk_tl_fmt(fmt) && w->tl && N >= PLK_TL_ROWS;
     if (avx2_tl && a->T > PLK_TL_TCHUNK) {
         for (int c0 = 0; c0 < a->T; c0 += PLK_TL_TCHUNK) {
             plk_act c = *a;
@@ -384,6 +457,17 @@ int plk_ffn_nchunks(int n, int nthreads)
     return nch < 1 ? 1 : nch;
 }
 
+static void gated_isa(int isa, float *g, const float *u, size_t n, int act)
+{
+#if PLK_X86
+    if (isa == PLK_AVX512) { gated_avx512(g, u, n, act); return; }
+    if (isa == PLK_AVX2) { gated_avx2(g, u, n, act); return; }
+#elif PLK_ARM64
+    if (isa >= PLK_NEON) { gated_neon(g, u, n, act); return; }
+#endif
+    gated_generic(g, u, n, act);
+}
+
 typedef struct {
     int isa, fmt, down_fmt, C, K, Cp, T, act, n, nch;
     const int *lo, *hi;          /* bundle range of each chunk (NULL: the whole chunk) */
@@ -421,9 +505,7 @@ static void ffn_item(void *c, int ch)
         float *g = gu, *u = gu + (size_t)T * C;
         j->fgu(&wg, 0, C, j->ha, g, C, 0);
         j->fgu(&wu, 0, C, j->ha, u, C, 0);
-        if (j->isa == PLK_AVX512) gated_avx512(g, u, (size_t)T * C, j->act);
-        else if (j->isa == PLK_AVX2) gated_avx2(g, u, (size_t)T * C, j->act);
-        else gated_generic(g, u, (size_t)T * C, j->act);
+        gated_isa(j->isa, g, u, (size_t)T * C, j->act);
         plk_act aa;
         act_prepare(j->isa, j->down_fmt, g, T, C, C, j->Cp, &ab, &aa);
         j->fd(&wd, 0, K, &aa, dst, K, 1);
@@ -486,9 +568,13 @@ static void probe_item(void *c, int i)
     size_t i0 = (size_t)i * j->chunk, i1 = i0 + j->chunk < j->n ? i0 + j->chunk : j->n;
     size_t len = i0 < i1 ? (i1 - i0) & ~(size_t)127 : 0;
     if (!len) { j->part[i] = 0.0; return; }
-    if (j->isa == PLK_AVX512) j->part[i] = read_probe_avx512(j->buf + i0, len);
-    else if (j->isa == PLK_AVX2) j->part[i] = read_probe_avx2(j->buf + i0, len);
-    else j->part[i] = read_probe_generic(j->buf + i0, len);
+#if PLK_X86
+    if (j->isa == PLK_AVX512) { j->part[i] = read_probe_avx512(j->buf + i0, len); return; }
+    if (j->isa == PLK_AVX2) { j->part[i] = read_probe_avx2(j->buf + i0, len); return; }
+#elif PLK_ARM64
+    if (j->isa >= PLK_NEON) { j->part[i] = read_probe_neon(j->buf + i0, len); return; }
+#endif
+    j->part[i] = read_probe_generic(j->buf + i0, len);
 }
 
 /* plain read of buf with the kernels' threads (the same pool), one contiguous share per thread */

@@ -19,8 +19,12 @@ void plk_crc32c_init(void) {
     }
     for (uint32_t i = 0; i < 256; i++)
         for (int t = 1; t < 8; t++) T8[t][i] = (T8[t - 1][i] >> 8) ^ T8[0][T8[t - 1][i] & 0xff];
+#if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     have_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+#else
+    have_hw = 0;           /* aarch64: the table (the ARMv8 crc32c instructions are not used yet) */
+#endif
 }
 
 static uint32_t crc_sw(uint32_t c, const uint8_t *p, size_t n) {
@@ -37,6 +41,12 @@ static uint32_t crc_sw(uint32_t c, const uint8_t *p, size_t n) {
     return c;
 }
 
+#if !(defined(__x86_64__) || defined(__i386__))
+/* never called (have_hw is 0): the SSE4.2 builtins below stand for the table there */
+#define __builtin_ia32_crc32qi(c, b) crc_sw((uint32_t)(c), &(uint8_t){ (uint8_t)(b) }, 1)
+#define __builtin_ia32_crc32di(c, w) crc_sw((uint32_t)(c), (const uint8_t *)&(uint64_t){ (w) }, 8)
+#define target(x) unused
+#endif
 __attribute__((target("sse4.2")))
 static uint32_t crc_hw(uint32_t c, const uint8_t *p, size_t n) {
     uint64_t c64 = c;

@@ -7,10 +7,15 @@
 #include <stdlib.h>
 #include <omp.h>
 #include <string.h>
-#include <immintrin.h>
 #include "plk.h"
-
+#if defined(__x86_64__) || defined(__i386__)
+#define PLK_OPS_X86 1
+#include <immintrin.h>
 #define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else                      /* aarch64: the plain C below (NEON is baseline there; no clones) */
+#define PLK_OPS_X86 0
+#define CLONES
+#endif
 
 CLONES void plk_rmsnorm(const float *x, const float *w, float eps, float *out, int T, int K)
 {
@@ -151,6 +156,7 @@ void plk_attention(const float *q, const float *kc, const float *vc, int T, int 
  * of 8 positions at a time (8 dot products reduced together), exp in scalar expf, V rows accumulated
  * 8 lanes at a time. Every query row goes through the same operations, whatever T. head_dim 256 (gemma3),
  * 8 heads x 1024 positions, one token: 5.2 ms in the target_clones form, 0.19-0.39 ms here (load 2.6). */
+#if PLK_OPS_X86
 __attribute__((target("avx2,fma,f16c")))
 static void attend_one_f16_avx2(const float *q, const uint16_t *K, const uint16_t *V, int P, int hd, float scale,
                                 float *sc, float *o)
@@ -199,6 +205,7 @@ static void attend_one_f16_avx2(const float *q, const uint16_t *K, const uint16_
     }
     for (int c = 0; c < nc; c++) _mm256_storeu_ps(o + 8 * c, ov[c]);
 }
+#endif
 
 /* q rows of T tokens with row stride ldq floats (the q part of a fused qkv row); jobs (token, head)
  * in contiguous items run by the kernels' pool */
@@ -219,9 +226,11 @@ static void att_item(void *c, int it)
         if (j->window > 0 && P > j->window) p0 = P - j->window;
         K += (size_t)p0 * j->hd;
         V += (size_t)p0 * j->hd;
+#if PLK_OPS_X86
         if (j->simd)
             attend_one_f16_avx2(qr, (const uint16_t *)K, (const uint16_t *)V, P - p0, j->hd, j->scale, sc, orow);
         else
+#endif
             attend_one_f16(qr, K, V, P - p0, j->hd, j->scale, sc, orow);
     }
     free(sc);
@@ -244,7 +253,7 @@ void plk_attention_f16_ex(const float *q, size_t ldq, const uint16_t *kc, const 
     int nit = nth == 1 ? 1 : 4 * nth;
     if (nit > jobs) nit = jobs;
     static int avx2 = -1;
-    if (avx2 < 0) avx2 = plk_detect_isa() >= PLK_AVX2;
+    if (avx2 < 0) avx2 = PLK_OPS_X86 && (plk_detect_isa() == PLK_AVX2 || plk_detect_isa() == PLK_AVX512);
     if (!(scale > 0.0f)) scale = 1.0f / sqrtf((float)hd);
     att_job j = { q, ldq, kc, vc, T, nh, nh / nkv, hd, maxP, start, (jobs + nit - 1) / nit, scale, out,
                   avx2 && hd % 8 == 0 && hd <= 256, window };

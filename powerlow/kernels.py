@@ -1,6 +1,7 @@
 """The C kernels' Python face: format names, QMatrix planes, thread count and ISA choice.
 
-    isa                      "avx512" | "avx2" | "generic": best this CPU runs, or POWERLOW_ISA=avx2|generic
+    isa                      x86-64: "avx512" | "avx2" | "generic"; aarch64: "i8mm" | "dotprod" | "neon" | "generic":
+                             the best this CPU runs, or the one POWERLOW_ISA names (supported_isas: all it runs)
     set_threads(n) / get_threads()
     matmul(q, x, out=None)   y (T, N) = x (T, K) @ W^T in formats.matmul_ref numerics (GEMV if T == 1)
     prepare_tl(q)            q.tl = the AVX2 table-lookup layout of a q2/tern/q1 matrix (once, resident weights)
@@ -46,12 +47,14 @@ from . import _kernels as _k
 from . import formats
 from .errors import PowerlowError
 
-_ISA_NAMES = ("generic", "avx2", "avx512")
+_ISA_NAMES = ("generic", "avx2", "avx512", "neon", "dotprod", "i8mm")   # plk.h ids
 _FMT_ID = {"q8": 0, "q4_0": 1, "q4_1": 2, "q2": 3, "tern": 4, "q1": 5,
            "q5_0": 6, "q5_1": 7, "q4_k": 8, "q5_k": 9, "q6_k": 10}   # plk.h order
 _ACT_ID = {"silu": 0, "relu": 1, "gelu_tanh": 2}
 
-supported_isas = _ISA_NAMES[: _k.detect_isa() + 1]   # every variant this CPU can run
+_BEST = _k.detect_isa()
+# every variant this CPU can run: generic and its architecture's variants up to the best (each a superset)
+supported_isas = _ISA_NAMES[: _BEST + 1] if _BEST <= 2 else ("generic",) + _ISA_NAMES[3: _BEST + 1]
 
 
 def _pick_isa() -> str:
