@@ -269,6 +269,24 @@ def test_controller_leaves_a_drafter_off_when_it_does_not_pay():
     assert c.choose(3) == 2             # never past what is left to generate
 
 
+def test_controller_explores_k_by_doubling():
+    """Untried pass sizes are reached by doubling T from 2: a wrong cost prior costs one small pass. Drafts always
+    right, flat cost: k goes 1, 3, 7, 8; T-proportional cost: the first pass is T = 2 and after it no drafts."""
+    c = KController()
+    ks = []
+    for _ in range(5):
+        k = c.choose(100)
+        ks.append(k)
+        c.record(k + 1, 1.0 + 0.01 * k, k, k, 0.0)
+    assert ks == [1, 3, 7, 8, 8]
+    c = KController()
+    k = c.choose(100)
+    assert k == 1
+    c.record(1, 1.0, 0, 0, 0.0)
+    c.record(2, 2.0, 1, 0, 0.0)
+    assert c.choose(100) == 0
+
+
 def test_draft_config_checks(tiny_dir, tmp_path):
     with pytest.raises(PowerlowError, match="draft_k"):
         RuntimeConfig(draft_k=9)
