@@ -10,6 +10,8 @@ Rows (one JSON object per line with --json):
   sparse  ffn_bundles, hidden 4096, 11008 neurons, cluster 64, densities 0.1/0.25/0.5, random active
           clusters, bundles in DRAM (a fresh arena larger than the caches)
   gemm    prefill batch 32 vs 32 GEMV calls: tokens/s ratio (--gemm-formats, default q4_1 and q4_k)
+Every row has "chosen": the variant the measured dispatcher (powerlow/dispatch.py) runs for that format and
+batch class on this machine (marked "<- chosen" in the text output).
 gbps = weight bytes streamed per second (median of repeats); probe_gbps = read bandwidth over a buffer of
 the same size with the same threads; ratio = gbps / probe_gbps.
 """
@@ -107,7 +109,8 @@ def bench_dense(fmts, isas, threads, repeats, rng, Kd=8192):
                 tl = kern == "tl"
                 dt, probe = _paired(lambda: K.matmul(q, x, out, isa=isa, tl=tl), q.nbytes, isa, threads, repeats)
                 rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe, kernel=kern,
-                                 default=tl == bool(K.TL_PREFERRED.get((fmt, isa), False))))
+                                 default=tl == bool(K.TL_PREFERRED.get((fmt, isa), False)),
+                                 chosen=isa == K.dispatcher().choice(fmt, 1)))
     return rows
 
 
@@ -137,7 +140,8 @@ def bench_sparse(fmt, isas, threads, repeats, rng, Kd=4096, Fn=11008, C=64, dens
             nbytes = n * lay.nbytes
             dt, probe = _paired(lambda: K.ffn_bundles(next(it), lay, h, "silu", out, isa=isa), nbytes, isa,
                                 threads, repeats, min_probe=64 << 20)
-            rows.append(_row("sparse", fmt, isa, threads, [Kd, Fn, C], dens, nbytes, dt, probe, bundles=n))
+            rows.append(_row("sparse", fmt, isa, threads, [Kd, Fn, C], dens, nbytes, dt, probe, bundles=n,
+                             chosen=isa == K.dispatcher().choice(fmt, 1)))
     return rows
 
 
@@ -150,7 +154,8 @@ def bench_gemm(fmt, isas, threads, repeats, rng, N=16384, Kd=8192, T=32):
     for isa in isas:
         dt_gemm = _median_time(lambda: K.matmul(q, x, out, isa=isa), max(2, repeats // 2))
         dt_gemv, probe = _paired(lambda: K.matmul(q, x[:1], out1, isa=isa), q.nbytes, isa, threads, repeats)
-        r = _row("gemm", fmt, isa, threads, [N, Kd, T], 1.0, q.nbytes, dt_gemm, probe)
+        r = _row("gemm", fmt, isa, threads, [N, Kd, T], 1.0, q.nbytes, dt_gemm, probe,
+                 chosen=isa == K.dispatcher().choice(fmt, T))
         r.update(gemm_tok_s=round(T / dt_gemm, 1), gemv_tok_s=round(1 / dt_gemv, 1),
                  speedup=round(dt_gemv * T / dt_gemm, 2))
         rows.append(r)
@@ -190,7 +195,8 @@ def main(argv=None) -> int:
                 extra = f" speedup {r['speedup']}x ({r['gemm_tok_s']} vs {r['gemv_tok_s']} tok/s)" if "speedup" in r else ""
                 kern = f"{r['kernel']}{'*' if r.get('default') else ' '}" if "kernel" in r else "    "
                 print(f"{r['kind']:6s} {r['format']:5s} {r['isa']:7s} {kern:4s} t{r['threads']} d={r['density']:<4} "
-                      f"{r['ms']:8.2f} ms {r['gbps']:6.2f} GB/s probe {r['probe_gbps']:6.2f} ratio {r['ratio']:.2f}{extra}",
+                      f"{r['ms']:8.2f} ms {r['gbps']:6.2f} GB/s probe {r['probe_gbps']:6.2f} ratio {r['ratio']:.2f}{extra}"
+                      f"{'  <- chosen' if r.get('chosen') else ''}",
                       flush=True)
 
     if "dense" in only:

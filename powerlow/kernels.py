@@ -1,5 +1,6 @@
 """The C kernels' Python face: format names, QMatrix planes, thread count and ISA choice.
 
+    dispatcher()             which variant runs each (format, T = 1 | T > 1): measured here (powerlow/dispatch.py)
     isa                      x86-64: "avx512" | "avx2" | "generic"; aarch64: "i8mm" | "dotprod" | "neon" | "generic":
                              the best this CPU runs, or the one POWERLOW_ISA names (supported_isas: all it runs)
     set_threads(n) / get_threads()
@@ -69,6 +70,7 @@ def _pick_isa() -> str:
 
 
 isa: str = _pick_isa()
+_PICKED = isa          # assigning another name to kernels.isa forces that variant, as POWERLOW_ISA does
 
 # Table lookup (TL, T-MAC style) against multiply-add (MAD) for the 1/1.58/2-bit formats, measured on this
 # machine: AMD EPYC (Zen 4) KVM guest, AVX-512 hidden by the hypervisor, 2 vCPUs shared with other jobs.
@@ -115,6 +117,34 @@ def _isa_id(which: str | None) -> int:
     if which not in supported_isas:
         raise ValueError(f"isa {which!r} not available here (have {', '.join(supported_isas)})")
     return _ISA_NAMES.index(which)
+
+
+_dispatcher = None
+
+
+def dispatcher():
+    """The measured dispatcher (powerlow/dispatch.py): which variant runs each (format, T = 1 | T > 1)."""
+    global _dispatcher
+    if _dispatcher is None:
+        from . import dispatch
+        from .default_model import powerlow_home
+        mode = os.environ.get("POWERLOW_DISPATCH", "").strip().lower() or "measure"
+        if mode not in ("measure", "static"):
+            raise PowerlowError(f"POWERLOW_DISPATCH={mode!r}: use measure (the default) or static")
+        forced = bool(os.environ.get("POWERLOW_ISA", "").strip())
+        cache = powerlow_home() / "kernels" / f"{dispatch.machine_key(getattr(_k, '__file__', None))}.json"
+        _dispatcher = dispatch.Dispatcher(supported_isas, isa, measure=mode == "measure" and not forced,
+                                          cache_file=cache)
+    return _dispatcher
+
+
+def _which(which: str | None, fmt: str, T: int) -> int:
+    """The variant id for one call: the caller's isa= override, else the dispatcher's choice for (fmt, T)."""
+    if which is not None:
+        return _isa_id(which)
+    if isa != _PICKED:
+        return _isa_id(isa)
+    return _isa_id(dispatcher().choice(fmt, T))
 
 
 def _default_threads() -> int:
@@ -199,7 +229,7 @@ def matmul(q: formats.QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, 
         x = x[None]
     if out is None:
         out = np.empty((x.shape[0], q.rows), np.float32)
-    which = _isa_id(isa)
+    which = _which(isa, q.fmt, x.shape[0])
     use_tl, layout = _tl_args(q, which, tl)
     p = q.planes
     _k.matmul(which, _FMT_ID[q.fmt], use_tl, p["qs"], p.get("d"), p.get("m"), layout, q.rows, q.cols, x, out, _threads)
@@ -225,7 +255,7 @@ def ffn_bundles(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.ndarray,
     h and out float32 C-contiguous (T, K); act "silu" or "relu". Bundles are split over threads."""
     if act not in _ACT_ID:
         raise ValueError(f"act must be one of {', '.join(_ACT_ID)}, got {act!r}")
-    which = _isa_id(isa)
+    which = _which(isa, layout.fmt, h.shape[0])
     _k.ffn_bundles(which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
                    ptrs, layout.C, layout.K, _bundle_offsets(layout), h, _ACT_ID[act], out, _threads)
 
@@ -243,7 +273,7 @@ def ffn_bundles_part(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.nda
     exactly ffn_bundles' floats (tests/test_kernels.py)."""
     if act not in _ACT_ID:
         raise ValueError(f"act must be one of {', '.join(_ACT_ID)}, got {act!r}")
-    which = _isa_id(isa)
+    which = _which(isa, layout.fmt, h.shape[0])
     _k.ffn_bundles_part(which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
                         ptrs, layout.C, layout.K, _bundle_offsets(layout), h, _ACT_ID[act], out, priv, lo, hi, _threads)
 
@@ -342,7 +372,8 @@ def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: n
     the K/V rows of positions start..start+T-1 are stored into the fp16 caches (n_kv, max_pos, hd);
     h (T, K) receives rmsnorm(x, ffn_norm) (the FFN input) and is returned. rope = rope_tables(...) of
     the T positions; scratch from attn_scratch(T, ...). Bit-identical to the unfused kernel sequence."""
-    which = _isa_id(isa)
+    first = lw.wqkv[0] if isinstance(lw.wqkv, (tuple, list)) else lw.wqkv
+    which = _which(isa, getattr(first, "fmt", "q8"), x.shape[0])
     parts = None
     if isinstance(lw.wqkv, (tuple, list)):
         # q, k, v as separate matrices (formats that differ, e.g. q4_k q/k and a q6_k v): each part into its
