@@ -757,3 +757,22 @@ class BundleLayout:
             out[name] = off
             off += _pad(dt.itemsize * int(np.prod(shape)))
         return out
+
+
+def random_qmatrix(fmt: str, rows: int, cols: int, rng) -> "QMatrix":
+    """A random packed matrix of fmt (random codes, small positive fp16 scales, negative mins) built straight
+    in its planes: no float matrix, no quantizer (benchmarks and the dispatcher's timings)."""
+    sp = FORMATS[fmt]
+    g = -(-cols // sp.group)
+    planes = {"qs": rng.integers(0, 256, (rows, g * sp.qbytes), dtype=np.uint8)}
+    if sp.raw:   # GGML blocks: random codes, sane fp16 scales at their offsets inside each block
+        b = planes["qs"].reshape(rows, g, sp.qbytes)
+        for off in ((208,) if fmt == "q6_k" else (0,) if fmt == "q5_0" else (0, 2)):
+            b[:, :, off:off + 2] = (rng.random((rows, g), np.float32) * 0.01 + 0.001).astype(np.float16)[..., None].view(np.uint8)
+        return QMatrix(fmt, rows, cols, planes)
+    if fmt == "q8":
+        planes["qs"] = planes["qs"].view(np.int8)
+    planes["d"] = (rng.random((rows, g), np.float32) * 0.01 + 0.001).astype(np.float16)
+    if sp.has_min:
+        planes["m"] = (-rng.random((rows, g), np.float32) * 0.05).astype(np.float16)
+    return QMatrix(fmt, rows, cols, planes)
