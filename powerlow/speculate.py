@@ -7,9 +7,9 @@ k + 1 tokens). Logits row i predicts the token after position pos + i, so
   greedy    d(i+1) is accepted while it is row i's argmax; the first row that disagrees gives its argmax
             instead, and when all k agree row k gives one more token: exactly plain greedy decoding's tokens
             (a token's logits are the same bits alone or in a batch: tests/test_kernels.py);
-  sampling  d(i+1) is accepted with probability p_i(d(i+1)) (the drafters propose one token, so their
-            distribution is a point mass and min(1, p/q) = p); a rejection samples from p_i with d(i+1)
-            removed, renormalised. Each emitted token is distributed exactly as plain sampling's.
+  sampling  row i's token is drawn from p_i as plain sampling draws it (one draw a token) and d(i+1) is kept
+            iff it equals it: for point-mass drafts the rejection rule in distribution (keep with probability
+            p_i(d), else p_i without d renormalised), and a seeded run gives plain sampling's very tokens.
 
 The KV cache is rolled back past rejected positions by its length alone (the next pass overwrites them).
 
