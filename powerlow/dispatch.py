@@ -81,7 +81,8 @@ class Dispatcher:
         self.measure = measure and len(self.variants) > 1
         self.cache_file = cache_file
         self.timer = timer or _time_variants
-        self.table: dict[str, str] = {}
+        self.table: dict[str, str] = {}          # "fmt/class" -> variant, as cached on disk
+        self._hot: dict[tuple[str, bool], str] = {}
         self.timings: dict[str, dict[str, float]] = {}
         if self.measure and cache_file is not None:
             self._load()
@@ -112,12 +113,19 @@ class Dispatcher:
             pass              # a read-only home: measure again next time, never fail a run over a cache
 
     def choice(self, fmt: str, T: int) -> str:
+        """Runs for every matmul call: one dict lookup once the class is known."""
+        got = self._hot.get((fmt, T > 1))
+        if got is None:
+            got = self._hot[(fmt, T > 1)] = self._decide(fmt, shape_class(T))
+        return got
+
+    def _decide(self, fmt: str, cls: str) -> str:
         if not self.measure:
             return self.default
-        key = f"{fmt}/{shape_class(T)}"
+        key = f"{fmt}/{cls}"
         got = self.table.get(key)
         if got is None:
-            t = self.timer(fmt, shape_class(T), self.variants)
+            t = self.timer(fmt, cls, self.variants)
             self.timings[key] = {k: round(float(v), 9) for k, v in t.items()}
             got = self.table[key] = pick(t, self.default)
             self._save()

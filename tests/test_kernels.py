@@ -13,6 +13,7 @@ from powerlow import formats as F
 from powerlow import reference as R
 
 from powerlow import kernels as K      # a broken build fails here, it is not skipped
+from kernel_cases import exact_activations, exact_lowbit
 
 ISAS = list(K.supported_isas)
 # formats on the q8 activations (any K, zero-padded): the K-quants (K a multiple of 256, Q8_K activations)
@@ -521,27 +522,16 @@ def test_low_bit_kernels_exact_on_exact_inputs(fmt, k):
     on every variant, portable TL, AVX2 TL; 69 rows = two 32-row tiles + 5 rows in partial lane sets; short
     rows (3 groups), 7 groups, 130 groups; 1 and 5 tokens."""
     rng = np.random.default_rng(k)
-    n, ng = 69, k // 64
-    sp = F.FORMATS[fmt]
-    if fmt == "q1":
-        qs = rng.integers(0, 256, (n, ng * sp.qbytes), dtype=np.uint8)
-    else:   # four 2-bit codes per byte; ternary codes stop at 2
-        c = rng.integers(0, 3 if fmt == "tern" else 4, (n, ng * sp.qbytes, 4))
-        qs = (c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6).astype(np.uint8)
-    planes = {"qs": qs, "d": (2.0 ** -rng.integers(0, 5, (n, ng))).astype(np.float16)}
-    if sp.has_min:
-        planes["m"] = (-(2.0 ** -rng.integers(0, 5, (n, ng)))).astype(np.float16)
-    q = F.QMatrix(fmt, n, k, planes)
+    q = exact_lowbit(fmt, 69, k, rng)
     for t in (1, 5):
-        x = rng.integers(-127, 128, (t, k)).astype(np.float32)
-        x[:, ::32] = np.where(rng.random((t, k // 32)) < 0.5, -127.0, 127.0)
+        x = exact_activations(t, k, rng)
         ref = F.matmul_ref(q, x)
         assert np.abs(ref).max() > 1000      # a real computation, not zeros
         for isa in ISAS:
             np.testing.assert_array_equal(K.matmul(q, x, isa=isa, tl=False), ref, err_msg=f"{isa} mad t={t}")
         np.testing.assert_array_equal(K.matmul(q, x, isa="generic", tl=True), ref, err_msg=f"generic tl t={t}")
         if "avx2" in ISAS:
-            qt = K.prepare_tl(F.QMatrix(fmt, n, k, dict(planes)))
+            qt = K.prepare_tl(F.QMatrix(fmt, q.rows, k, dict(q.planes)))
             np.testing.assert_array_equal(K.matmul(qt, x, isa="avx2", tl=True), ref, err_msg=f"avx2 tl t={t}")
 
 

@@ -12,26 +12,11 @@ from powerlow import reference as R
 
 from powerlow import kernels as K      # a broken build fails here, it is not skipped
 
+from kernel_cases import KQ, random_blocks
+
 ISAS = list(K.supported_isas)
 NEW = ["q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
-KQ = ["q4_k", "q5_k", "q6_k"]
 GGML_NAME = {"q5_0": "Q5_0", "q5_1": "Q5_1", "q4_k": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K"}
-
-
-def _random_blocks(fmt, rows, nblk, rng):
-    """random block bytes with sane fp16 scales (d, dmin / m in [-1, 1]; no inf / nan)"""
-    sp = F.FORMATS[fmt]
-    b = rng.integers(0, 256, (rows, nblk, sp.qbytes), dtype=np.uint8)
-
-    def f16(lo=-1.0):
-        return np.ascontiguousarray(rng.uniform(lo, 1, (rows, nblk)).astype(np.float16)).view(np.uint8).reshape(rows, nblk, 2)
-    if fmt == "q6_k":
-        b[..., 208:210] = f16()
-    else:
-        b[..., 0:2] = f16()
-        if fmt != "q5_0":
-            b[..., 2:4] = f16(0.0 if fmt in KQ else -1.0)
-    return b.reshape(rows, -1)
 
 
 def _bits(a):
@@ -39,11 +24,11 @@ def _bits(a):
 
 
 @pytest.mark.parametrize("fmt", NEW)
-def test_dequantize_equals_gguf_random_blocks(fmt):
+def test_dequantize_equals_ggufrandom_blocks(fmt):
     rng = np.random.default_rng(1)
     sp = F.FORMATS[fmt]
     for rows, nblk in ((1, 1), (3, 5), (9, 2)):
-        raw = _random_blocks(fmt, rows, nblk, rng)
+        raw = random_blocks(fmt, rows, nblk, rng)
         q = F.from_gguf(raw, GGML_NAME[fmt], rows, nblk * sp.group)
         ref = GQ.dequantize(raw, getattr(gguf.GGMLQuantizationType, GGML_NAME[fmt])).reshape(rows, -1)
         np.testing.assert_array_equal(_bits(F.dequantize(q)), _bits(ref))
@@ -162,7 +147,7 @@ def test_kquant_matmul_bit_exact(isa, fmt):
 def test_kquant_random_blocks_extreme_codes(isa, fmt):
     """every code value and scale byte (random GGML blocks, not our quantizer's), activations at +-127"""
     rng = np.random.default_rng(5)
-    raw = _random_blocks(fmt, 9, 3, rng)
+    raw = random_blocks(fmt, 9, 3, rng)
     q = F.from_gguf(raw, GGML_NAME[fmt], 9, 768)
     x = rng.standard_normal((4, 768)).astype(np.float32)
     x[1] = np.sign(x[1]) * 3.0           # every activation at |q| = 127

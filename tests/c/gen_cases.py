@@ -24,12 +24,14 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from powerlow import formats as F          # noqa: E402
 from powerlow import reference as R        # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import kernel_cases                        # noqa: E402
 
 FMT_ID = {"q8": 0, "q4_0": 1, "q4_1": 2, "q2": 3, "tern": 4, "q1": 5,
           "q5_0": 6, "q5_1": 7, "q4_k": 8, "q5_k": 9, "q6_k": 10}   # plk.h order
 ACT_ID = {"silu": 0, "relu": 1, "gelu_tanh": 2}
 Q8A = ["q8", "q4_0", "q4_1", "q2", "tern", "q1", "q5_0", "q5_1"]
-KQ = ["q4_k", "q5_k", "q6_k"]
+KQ = kernel_cases.KQ
 GGML_NAME = {"q5_0": "Q5_0", "q5_1": "Q5_1", "q4_k": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K"}
 
 
@@ -72,19 +74,9 @@ def exact_case(w: Writer, name, q: F.QMatrix, x, nthreads=1):
 
 
 def random_blocks(fmt, rows, nblk, rng):
-    """random GGML block bytes (every code value and scale byte) with sane fp16 scales (tests/test_kquants.py)"""
+    """random GGML block bytes with sane fp16 scales (tests/kernel_cases.py) as a QMatrix"""
     sp = F.FORMATS[fmt]
-    b = rng.integers(0, 256, (rows, nblk, sp.qbytes), dtype=np.uint8)
-
-    def f16(lo=-1.0):
-        return np.ascontiguousarray(rng.uniform(lo, 1, (rows, nblk)).astype(np.float16)).view(np.uint8).reshape(rows, nblk, 2)
-    if fmt == "q6_k":
-        b[..., 208:210] = f16()
-    else:
-        b[..., 0:2] = f16()
-        if fmt != "q5_0":
-            b[..., 2:4] = f16(0.0 if fmt in KQ else -1.0)
-    return F.from_gguf(b.reshape(rows, -1), GGML_NAME[fmt], rows, nblk * sp.group)
+    return F.from_gguf(kernel_cases.random_blocks(fmt, rows, nblk, rng), GGML_NAME[fmt], rows, nblk * sp.group)
 
 
 def main(out):
@@ -136,21 +128,10 @@ def main(out):
         matmul_case(w, f"{fmt} subnormal scales 5x{q.cols} T=3", q, rng.standard_normal((3, q.cols)).astype(np.float32))
     # exact inputs: power-of-two scales, integer activations with a +-127 per block (tests/test_kernels.py)
     for fmt in ("q1", "tern", "q2"):
-        sp = F.FORMATS[fmt]
         for k in (64 * 3, 64 * 7):
-            n, ng = 69, k // sp.group
-            if fmt == "q1":
-                qs = rng.integers(0, 256, (n, ng * sp.qbytes), dtype=np.uint8)
-            else:
-                c = rng.integers(0, 3 if fmt == "tern" else 4, (n, ng * sp.qbytes, 4))
-                qs = (c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6).astype(np.uint8)
-            planes = {"qs": qs, "d": (2.0 ** -rng.integers(0, 5, (n, ng))).astype(np.float16)}
-            if sp.has_min:
-                planes["m"] = (-(2.0 ** -rng.integers(0, 5, (n, ng)))).astype(np.float16)
-            q = F.QMatrix(fmt, n, k, planes)
+            q = kernel_cases.exact_lowbit(fmt, 69, k, rng)
             for t in (1, 5):
-                x = rng.integers(-127, 128, (t, k)).astype(np.float32)
-                x[:, ::32] = np.where(rng.random((t, k // 32)) < 0.5, -127.0, 127.0)
+                x = kernel_cases.exact_activations(t, k, rng)
                 exact_case(w, f"{fmt} exact 69x{k} T={t}", q, x)
     # ---- K-quants (Q8_K activations): bit-exact with the reference
     for fmt in KQ:
