@@ -3,6 +3,7 @@
 ValueError naming the problem, then run the C code with the GIL released.  powerlow/kernels.py is
 the public face (format names, QMatrix, thread count, ISA choice)."""
 cimport numpy as cnp
+import numpy as np
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from plk cimport *
 
@@ -239,6 +240,38 @@ def ffn_bundles_part(int isa, int fmt, int down_fmt, int tl, ptrs, int C, int K,
     with nogil:
         rc = plk_ffn_bundles_part(isa, fmt, down_fmt, tl, pp, n, nch, plo, phi, C, K, po, ph, T, act, pout, ppriv,
                                   nthreads)
+    if rc:
+        raise MemoryError("kernel scratch allocation failed")
+
+
+def moe_ffn(int isa, int fmt, int down_fmt, int tl, ptrs, int cpe, int C, int K, offs, h, gs, tok, wt, int act, out,
+            int nthreads):
+    """out (T, K) += for each group g (its expert: bundles ptrs[g*cpe:(g+1)*cpe]) and each of its tokens
+    j in gs[g]..gs[g+1]-1: wt[j] * expert_g(h[tok[j]]). Groups in order; see plk_moe_ffn."""
+    _check_ffn_fmts(fmt, down_fmt, C, K)
+    cdef int T = _check_ffn(ptrs, offs, h, out, K, act), n = ptrs.shape[0]
+    _arr(gs, cnp.NPY_INT32, 1, "gs")
+    _arr(tok, cnp.NPY_INT32, 1, "tok")
+    _arr(wt, cnp.NPY_FLOAT32, 1, "wt")
+    cdef int ng = gs.shape[0] - 1
+    if cpe < 1 or ng < 0 or n != ng * cpe:
+        raise ValueError(f"ptrs must hold cpe ({cpe}) bundles for each of the {ng} groups, got {n}")
+    if ng == 0:
+        return
+    if gs[0] != 0 or (np.diff(gs) < 0).any() or gs[ng] != tok.shape[0] or wt.shape[0] != tok.shape[0]:
+        raise ValueError("gs must rise from 0 to len(tok) == len(wt)")
+    if tok.shape[0] and (tok.min() < 0 or tok.max() >= T):
+        raise ValueError(f"token indices must be in 0..{T - 1}")
+    cdef const uint64_t *pp = <const uint64_t*>_ptr(ptrs)
+    cdef const int64_t *po = <const int64_t*>_ptr(offs)
+    cdef const float *ph = <const float*>_ptr(h)
+    cdef const int *pgs = <const int*>_ptr(gs)
+    cdef const int *ptok = <const int*>_ptr(tok)
+    cdef const float *pwt = <const float*>_ptr(wt)
+    cdef float *pout = <float*>_ptr(out)
+    cdef int rc = 0
+    with nogil:
+        rc = plk_moe_ffn(isa, fmt, down_fmt, tl, pp, ng, cpe, C, K, po, ph, T, pgs, ptok, pwt, act, pout, nthreads)
     if rc:
         raise MemoryError("kernel scratch allocation failed")
 

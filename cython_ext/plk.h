@@ -94,6 +94,10 @@ int plk_ffn_nchunks(int n, int nthreads);
 int plk_ffn_bundles_part(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int nch,
                          const int *lo, const int *hi, int C, int K, const int64_t *offs, const float *h, int T,
                          int act, float *out, float *priv, int nthreads);
+/* mixture of experts: groups of cpe bundles (one expert each) over their routed tokens, see plk_common.c */
+int plk_moe_ffn(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int ngroups, int cpe, int C, int K,
+                const int64_t *offs, const float *h, int T, const int *gs, const int *tok, const float *wt, int act,
+                float *out, int nthreads);
 double plk_read_probe(int isa, const uint8_t *buf, size_t n, int nthreads);
 /* the kernels' thread pool: fn(ctx, i) for i in 0..n-1 on up to nthreads threads, caller included */
 typedef void (*plk_pool_fn)(void *ctx, int item);

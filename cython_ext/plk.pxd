@@ -23,6 +23,9 @@ cdef extern from "plk.h" nogil:
     int plk_ffn_bundles_part(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int n, int nch,
                              const int *lo, const int *hi, int C, int K, const int64_t *offs, const float *h, int T,
                              int act, float *out, float *priv, int nthreads)
+    int plk_moe_ffn(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int ngroups, int cpe, int C, int K,
+                    const int64_t *offs, const float *h, int T, const int *gs, const int *tok, const float *wt, int act,
+                    float *out, int nthreads)
     double plk_read_probe(int isa, const uint8_t *buf, size_t n, int nthreads)
     void plk_rmsnorm(const float *x, const float *w, float eps, float *out, int T, int K)
     void plk_rope(float *x, int T, int nh, int hd, const int64_t *pos, double theta)

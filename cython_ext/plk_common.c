@@ -561,6 +561,119 @@ int plk_ffn_bundles_part(int isa, int fmt, int down_fmt, int tl, const uint64_t 
     return ffn_run(isa, fmt, down_fmt, tl, ptrs, n, nch, lo, hi, C, K, offs, h, T, act, out, priv, nthreads);
 }
 
+/* Mixture of experts, one call per layer: out (T, K) += sum over groups g, in order, of wt[j] * expert_g(h[tok[j]])
+ * for j in gs[g] .. gs[g+1]-1 (the tokens routed to group g's expert, and their router weights). Group g's
+ * expert is the cpe bundles ptrs[g*cpe ..]. Its bundles are cut into nch = plk_ffn_nchunks(cpe, nthreads) chunks;
+ * item (g, c) sums chunk c's bundles in order into its own zeroed (Tg, K) buffer; then, per group in order and
+ * per token, res = chunk 0 + chunk 1 + ... and out[t] += w * res. Nothing a token gets depends on the other
+ * tokens of the call: decode (T = 1), prefill and batched verification give a token the same bits. */
+typedef struct {
+    int isa, fmt, down_fmt, C, K, Kp, Cp, act, cpe, nch;
+    plk_rows_fn fgu, fd;
+    const uint64_t *ptrs;
+    const int64_t *offs;
+    const float *h;
+    const int *gs, *tok;
+    act_buf *ab;                /* per group: its tokens' activations */
+    plk_act *ga;
+    float *buf;                 /* item (g, c): buf + (gs[g] * nch + c * Tg) * K */
+    _Atomic int err;
+} moe_job;
+
+static void moe_gather(void *c, int g)
+{
+    moe_job *j = (moe_job *)c;
+    const int t0 = j->gs[g], Tg = j->gs[g + 1] - t0, K = j->K;
+    if (Tg <= 0) return;
+    float *x = (float *)malloc(sizeof(float) * (size_t)Tg * K);
+    if (!x || act_alloc(&j->ab[g], Tg, j->Kp, j->Kp / plk_group[j->fmt])) {
+        free(x);
+        j->ab[g].qs = NULL;
+        atomic_store(&j->err, -1);
+        return;
+    }
+    for (int i = 0; i < Tg; i++) memcpy(x + (size_t)i * K, j->h + (size_t)j->tok[t0 + i] * K, sizeof(float) * K);
+    act_prepare(j->isa, j->fmt, x, Tg, K, K, j->Kp, &j->ab[g], &j->ga[g]);   /* per row: the bits of h's rows */
+    free(x);
+}
+
+static void moe_item(void *c, int it)
+{
+    moe_job *j = (moe_job *)c;
+    const int g = it / j->nch, ch = it % j->nch, C = j->C, K = j->K;
+    const int t0 = j->gs[g], Tg = j->gs[g + 1] - t0;
+    const int i0 = g * j->cpe + (int)((long)j->cpe * ch / j->nch);
+    const int i1 = g * j->cpe + (int)((long)j->cpe * (ch + 1) / j->nch);
+    if (Tg <= 0 || i0 >= i1 || !j->ab[g].qs) return;
+    float *dst = j->buf + ((size_t)t0 * j->nch + (size_t)ch * Tg) * K;
+    float *gu = (float *)malloc(sizeof(float) * (size_t)Tg * C * 2);
+    act_buf ab;
+    if (!gu || act_alloc(&ab, Tg, j->Cp, j->Cp / plk_group[j->down_fmt])) {
+        free(gu);
+        atomic_store(&j->err, -1);
+        return;
+    }
+    const int64_t *offs = j->offs;
+    for (int i = i0; i < i1; i++) {
+        const uint8_t *base = (const uint8_t *)(uintptr_t)j->ptrs[i];
+#define PLANE16(o) ((o) >= 0 ? (const uint16_t *)(base + (o)) : 0)
+        plk_w wg = { base + offs[0], PLANE16(offs[1]), PLANE16(offs[2]) };
+        plk_w wu = { base + offs[3], PLANE16(offs[4]), PLANE16(offs[5]) };
+        plk_w wd = { base + offs[6], PLANE16(offs[7]), PLANE16(offs[8]) };
+#undef PLANE16
+        float *gg = gu, *u = gu + (size_t)Tg * C;
+        j->fgu(&wg, 0, C, &j->ga[g], gg, C, 0);
+        j->fgu(&wu, 0, C, &j->ga[g], u, C, 0);
+        gated_isa(j->isa, gg, u, (size_t)Tg * C, j->act);
+        plk_act aa;
+        act_prepare(j->isa, j->down_fmt, gg, Tg, C, C, j->Cp, &ab, &aa);
+        j->fd(&wd, 0, K, &aa, dst, K, 1);
+    }
+    act_free(&ab);
+    free(gu);
+}
+
+int plk_moe_ffn(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int ngroups, int cpe, int C, int K,
+                const int64_t *offs, const float *h, int T, const int *gs, const int *tok, const float *wt, int act,
+                float *out, int nthreads)
+{
+    (void)T;
+    if (ngroups <= 0 || cpe <= 0) return 0;
+    const int Kp = (K + plk_group[fmt] - 1) / plk_group[fmt] * plk_group[fmt];
+    const int Cp = (C + plk_group[down_fmt] - 1) / plk_group[down_fmt] * plk_group[down_fmt];
+    const int nch = plk_ffn_nchunks(cpe, nthreads), pairs = gs[ngroups];
+    plk_rows_fn fgu = plk_rows(isa, fmt, tl), fd = plk_rows(isa, down_fmt, tl);
+    if (!fgu) fgu = plk_rows(isa, fmt, 0);
+    if (!fd) fd = plk_rows(isa, down_fmt, 0);
+    act_buf *ab = (act_buf *)calloc((size_t)ngroups, sizeof(act_buf));
+    plk_act *ga = (plk_act *)calloc((size_t)ngroups, sizeof(plk_act));
+    float *buf = (float *)calloc((size_t)pairs * nch * K + 1, sizeof(float));
+    if (!ab || !ga || !buf) { free(ab); free(ga); free(buf); return -1; }
+    int nth = nthreads < 1 ? 1 : nthreads;
+    moe_job j = { isa, fmt, down_fmt, C, K, Kp, Cp, act, cpe, nch, fgu, fd, ptrs, offs, h, gs, tok, ab, ga, buf, 0 };
+    plk_pool_run(moe_gather, &j, ngroups, nth < ngroups ? nth : ngroups);
+    if (!atomic_load(&j.err)) plk_pool_run(moe_item, &j, ngroups * nch, nth);
+    int rc = plk_oom_take() ? -1 : atomic_load(&j.err);
+    if (!rc) {
+        for (int g = 0; g < ngroups; g++) {         /* in group order: each token's experts add in order */
+            const int t0 = gs[g], Tg = gs[g + 1] - t0;
+            for (int i = 0; i < Tg; i++) {
+                float *y = out + (size_t)tok[t0 + i] * K;
+                const float *b0 = buf + ((size_t)t0 * nch + i) * K;
+                const float w = wt[t0 + i];
+                for (int k = 0; k < K; k++) {
+                    float r = b0[k];
+                    for (int c = 1; c < nch; c++) r += b0[(size_t)c * Tg * K + k];
+                    y[k] += w * r;
+                }
+            }
+        }
+    }
+    for (int g = 0; g < ngroups; g++) if (ab[g].qs) act_free(&ab[g]);
+    free(ab); free(ga); free(buf);
+    return rc;
+}
+
 typedef struct { int isa; const uint8_t *buf; size_t n, chunk; double part[64]; } probe_job;
 static void probe_item(void *c, int i)
 {

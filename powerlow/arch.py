@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .errors import PowerlowError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")   # powerlow.models has one module per family
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "qwen3moe", "qwen2moe", "mixtral")   # powerlow.models has one module per family
 SUPPORTED_ACTS = ("silu", "relu", "gelu_tanh")
 
 
@@ -40,6 +40,13 @@ class ModelConfig:
     swa_layers: tuple[int, ...] = ()    # the sliding-window (local) layers
     rope_theta_local: float = 0.0       # RoPE base of the local layers (gemma3), unscaled; 0 = rope_theta
     rope_freq_factors: tuple[float, ...] = ()   # llama3 RoPE: per-pair divisors of the frequencies (global layers)
+    # mixture of experts (qwen3moe, qwen2moe, mixtral): every layer's FFN is n_experts experts of expert_ffn
+    # neurons, n_experts_used of them per token chosen by the router (ffn_gate_inp); 0 = a dense FFN
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ffn: int = 0
+    norm_topk: bool = False   # the chosen experts' router probabilities renormalized to sum 1 (qwen3moe, mixtral)
+    shared_ffn: int = 0       # qwen2moe: neurons of the shared expert every token runs, gated by sigmoid(h . g)
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHS:
@@ -62,6 +69,13 @@ class ModelConfig:
         if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
             raise PowerlowError(f"model config: {len(self.rope_freq_factors)} RoPE frequency factors for head_dim "
                                 f"{self.head_dim} (want head_dim / 2 = {self.head_dim // 2})")
+        if self.n_experts or self.n_experts_used or self.expert_ffn:
+            if not (self.n_experts > 0 and 0 < self.n_experts_used <= self.n_experts and self.expert_ffn > 0):
+                raise PowerlowError(f"model config: a mixture of experts needs n_experts > 0, 0 < n_experts_used <= "
+                                    f"n_experts and expert_ffn > 0; got {self.n_experts}, {self.n_experts_used}, "
+                                    f"{self.expert_ffn}")
+        elif self.shared_ffn:
+            raise PowerlowError("model config: a shared expert (shared_ffn) without routed experts")
         if self.swa_layers and self.sliding_window <= 0:
             raise PowerlowError("model config: sliding-window layers without a positive sliding_window")
         if any(not 0 <= l < self.n_layers for l in self.swa_layers):
@@ -79,7 +93,9 @@ class ModelConfig:
         bad = [n for n in ("tie_embeddings", "attn_bias", "qk_norm", "post_norms") if not isinstance(getattr(self, n), bool)]
         bad += [n for n in ("attn_scale", "embed_scale", "logit_softcap", "rope_theta_local") if not num(getattr(self, n))]
         bad += [n for n in ("rope_scaling_factor",) if not (num(self.rope_scaling_factor) and self.rope_scaling_factor > 0)]
-        bad += [n for n in ("sliding_window",) if not count(self.sliding_window)]
+        bad += [n for n in ("sliding_window", "n_experts", "n_experts_used", "expert_ffn", "shared_ffn")
+                if not count(getattr(self, n))]
+        bad += [n for n in ("norm_topk",) if not isinstance(self.norm_topk, bool)]
         bad += [n for n in ("bos_id",) if self.bos_id is not None and not count(self.bos_id)]
         bad += [n for n in ("eos_ids", "swa_layers") if not all(count(i) for i in getattr(self, n))]
         bad += [n for n in ("rope_freq_factors",) if not all(num(f) and f > 0 for f in self.rope_freq_factors)]
@@ -94,6 +110,15 @@ class ModelConfig:
     def layer_is_plain(self, layer: int) -> bool:
         """True if the layer is the plain llama/qwen2 block that the fused kernels.attn_block runs."""
         return not (self.qk_norm or self.post_norms or self.attn_scale or self.is_local(layer))
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def ffn_neurons(self) -> int:
+        """Neurons of a layer's FFN in ffn.bin: the experts side by side (expert e: e*expert_ffn ..), or the dense FFN."""
+        return self.n_experts * self.expert_ffn if self.moe else self.intermediate_size
 
     @property
     def q_dim(self) -> int:

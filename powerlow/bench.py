@@ -30,7 +30,12 @@ def add_decode_input(p) -> None:
 
 
 def weight_bytes_per_token(tf) -> int:
-    """Bytes of weights one decode step touches in the mode's dense equivalent (attention + lm_head + FFN)."""
+    """Bytes of weights one decode step touches in the mode's dense equivalent (attention + lm_head + FFN); a
+    mixture of experts touches its chosen experts (k of E) and its shared expert."""
+    cfg = tf.config
+    if cfg.moe:
+        shared = sum(getattr(w, "nbytes", 0) for n, w in tf.w.items() if "_shexp" in n)
+        return tf.dense_weight_bytes + tf.store_info.total_bytes * cfg.n_experts_used // cfg.n_experts + shared
     return tf.dense_weight_bytes + tf.store_info.total_bytes
 
 
@@ -122,6 +127,11 @@ def run_bench(model, *, n_tokens: int, prompt_tokens: int, repeats: int, decode_
         res.update(speculative_bench(model, prompt, n_tokens, repeats))
     if tf.predictor is not None and hasattr(tf.predictor, "describe"):
         res["predictor_recall"] = tf.predictor.describe().get("recall")
+    if tf.ffn.router is not None:            # MoE: the router is exact; the lookahead is what prefetching uses
+        d = tf.ffn.router.describe()
+        res.update(predictor_recall=d["recall"], experts=tf.config.n_experts, experts_per_token=tf.config.n_experts_used,
+                   expert_lookahead_recall=d["lookahead_recall"],
+                   expert_lookahead_recall_per_layer=d["lookahead_recall_per_layer"])
     return res
 
 

@@ -373,6 +373,11 @@ class OffloadedStore:
             return
         self._fetch(layer, np.unique(np.asarray(clusters, dtype=np.int64)), demand=False, priority=1)
 
+    def bundles_per_call(self) -> int:
+        """Most bundles one ptrs() call should ask for: the unpinned slots (a MoE prefill chunk asks expert group by
+        group within this, so it never unpins hot experts)."""
+        return int((~self.pinned).sum())
+
     def pinned_ptrs(self, layer: int) -> np.ndarray:
         """Addresses of layer's pinned bundles, by cluster id (what the self-drafter computes; never evicted)."""
         slots = np.flatnonzero(self.pinned & (self.key // self.N == layer) & (self.key >= 0))

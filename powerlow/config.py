@@ -30,11 +30,27 @@ from pathlib import Path
 
 from .errors import PowerlowError
 
-MODES = ("dense", "gate", "threshold", "predict")
+MODES = ("dense", "gate", "threshold", "predict", "experts")
 CACHE_POLICIES = ("lfu", "lru", "fifo")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
           "mi": 1 << 20, "g": 10**9, "gb": 10**9, "gib": 1 << 30, "gi": 1 << 30, "t": 10**12, "tb": 10**12, "tib": 1 << 40}
+
+
+def for_model(rt: "RuntimeConfig", cfg: dict) -> "RuntimeConfig":
+    """The runtime a model dir runs with: a mixture-of-experts model runs in mode "experts" (its router picks
+    the bundles; the default "dense" means that), a dense model never does."""
+    moe = bool(cfg.get("n_experts"))
+    if moe and rt.mode == "dense":
+        return rt.replace(mode="experts")
+    if moe and rt.mode != "experts":
+        raise PowerlowError(f"--mode {rt.mode}: this is a mixture-of-experts model, whose router is the exact predictor "
+                            "of the experts a token needs; it runs in mode experts (the default), not with a "
+                            "neuron predictor")
+    if not moe and rt.mode == "experts":
+        raise PowerlowError("--mode experts is for mixture-of-experts models (qwen3moe, qwen2moe, mixtral); this model "
+                            "has a dense FFN: choose dense, gate, threshold or predict")
+    return rt
 
 
 def parse_size(text) -> int:

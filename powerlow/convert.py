@@ -44,6 +44,23 @@ def pick_cluster_size(F: int, group: int, requested: int | None) -> int:
     return base
 
 
+def pick_expert_cluster_size(F: int, group: int, row_bytes: float, requested: int | None) -> int:
+    """Neurons per bundle of a MoE layer: a multiple of the down format's group that divides the expert's F (an
+    expert is whole bundles, so the router's choice is a set of bundles), the largest whose bundle (gate, up and
+    down of C neurons: ``3 * C * row_bytes``) stays within 1 MiB -- big sequential reads, and still a few bundles
+    an expert for the kernel threads to share -- or the group itself if none does."""
+    if requested is not None:
+        if requested <= 0 or requested % group or F % requested:
+            raise PowerlowError(f"--cluster-size {requested}: for this mixture-of-experts model it must be a positive "
+                                f"multiple of {group} (the format's group) dividing the expert size {F}")
+        return requested
+    if F % group:
+        raise PowerlowError(f"expert FFN size {F} is not a multiple of the down format's block ({group}); the "
+                            "checkpoint cannot be laid out as whole bundles per expert")
+    fits = [c for c in range(group, F + 1, group) if F % c == 0 and 3 * c * row_bytes <= 1 << 20]
+    return max(fits) if fits else group
+
+
 def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None, force: bool = False,
             progress: bool = True) -> Path:
     """Convert ``src`` into a model dir at ``out_dir`` (written to a temp dir, renamed into place at the end)."""
@@ -60,7 +77,7 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
         format (Source.stored_format: a powerlow format name, "f32" for float matrices, None for vectors)."""
         stored = w if isinstance(w, str) or w is None else (
             w.fmt if isinstance(w, formats.QMatrix) else ("f32" if w.ndim > 1 else None))
-        if stored is None:
+        if stored is None or name.endswith(".ffn_gate_inp"):     # vectors; the MoE router stays float32
             return None
         lossless = stored != "f32" and target in (None, stored)
         if name in ("token_embd", "output"):
@@ -83,7 +100,8 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
         tmeta: dict[str, dict] = {}
         ffn_fmt = down_fmt = None
         names = source.names()
-        resident = [n for n in names if not n.split(".")[-1].startswith("ffn_") or n.endswith("ffn_norm")]
+        streamed = ("ffn_gate", "ffn_up", "ffn_down")          # into ffn.bin; everything else is resident
+        resident = [n for n in names if not (n.startswith("blk.") and n.split(".", 2)[2] in streamed)]
         for name in _progress(resident, "resident", progress):
             w = source.get(name)
             fmt = fmt_for(name, w)
@@ -104,8 +122,12 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
         down_fmts = [fmt_for(f"blk.{l}.ffn_down", source.stored_format(f"blk.{l}.ffn_down")) for l in range(cfg.n_layers)]
         ffn_fmt, down_fmt = ffn_fmts[0], down_fmts[0]
         group = max([formats.FORMATS[f].group for f in down_fmts] + [32])
-        C = pick_cluster_size(cfg.intermediate_size, group, cluster_size)
-        info = StoreInfo.plan(ffn_fmts, down_fmts, C, cfg.hidden_size, cfg.intermediate_size, cfg.n_layers)
+        if cfg.moe:
+            row = max(formats.packed_nbytes(f, 256, cfg.hidden_size) for f in ffn_fmts + down_fmts) / 256
+            C = pick_expert_cluster_size(cfg.expert_ffn, group, row, cluster_size)
+        else:
+            C = pick_cluster_size(cfg.intermediate_size, group, cluster_size)
+        info = StoreInfo.plan(ffn_fmts, down_fmts, C, cfg.hidden_size, cfg.ffn_neurons, cfg.n_layers)
         with atomic_path(tmp / "ffn.bin") as p, open(p, "wb") as f:
             for l in _progress(range(cfg.n_layers), "ffn.bin", progress):
                 write_layer(f, info, l, source.get(f"blk.{l}.ffn_gate"), source.get(f"blk.{l}.ffn_up"),

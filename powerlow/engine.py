@@ -48,6 +48,10 @@ class RefOps:
         return 1            # reference.ffn_bundles adds every bundle into out in turn: one chunk
 
     @staticmethod
+    def moe_ffn(ptrs, layout, h, act, out, gs, tok, wt, cpe):
+        reference.moe_ffn(ptrs, layout, h, act, out, gs, tok, wt, cpe, 1)
+
+    @staticmethod
     def ffn_bundles_part(ptrs, layout, h, act, out, priv, lo, hi):
         reference.ffn_bundles(ptrs[int(lo[0]): int(hi[0])], layout, h, act, out)
 
@@ -200,6 +204,8 @@ class Transformer:
         self.runtime = runtime or RuntimeConfig()
         self.manifest = load_manifest(self.dir, verify=verify)
         self.config = cfg = ModelConfig.from_json(self.manifest["config"])
+        from .config import for_model
+        self.runtime = for_model(self.runtime, self.manifest["config"])
         from .stream import TensorFile, check_tensors
         tfile = TensorFile(self.dir / "resident.safetensors")
         try:
@@ -244,8 +250,10 @@ class Transformer:
                                     f"{nC} clusters; re-run `powerlow profile` on a fresh convert")
         self.ffn_source = self._make_ffn_source()
         self.predictor = self._make_predictor()
+        router, shared = self._moe_parts()
         self.ffn = SparseFFN(self.ffn_source, self.store_info, cfg.hidden_act, self.ops, mode=self.runtime.mode,
-                             predictor=self.predictor, cluster_order=self.manifest.get("cluster_order"))
+                             predictor=self.predictor, cluster_order=self.manifest.get("cluster_order"),
+                             router=router, shared=shared)
         limit = min(cfg.max_positions, self.runtime.max_context or cfg.max_positions)
         self.kv = KVCache(cfg, limit, whole=self.plan is not None)
         # fused: one attn_block call per layer (kernels or reference); False runs the unfused op sequence
@@ -261,9 +269,34 @@ class Transformer:
         from .cache import OffloadedStore
         return OffloadedStore(self)
 
+    def _moe_parts(self):
+        """(Router, shared experts or None) of a mixture-of-experts model, else (None, None)."""
+        cfg = self.config
+        if not cfg.moe:
+            return None, None
+        from .moe import Router, SharedExpert
+        if self.manifest.get("cluster_order") is not None:
+            raise PowerlowError(f"{self.dir}: a mixture-of-experts model dir with a neuron re-layout (cluster_order); "
+                                "experts are never re-laid: re-convert the model")
+        cpe, rem = divmod(cfg.expert_ffn, self.store_info.cluster_size)
+        if rem or self.store_info.n_clusters != cfg.n_experts * cpe:
+            raise PowerlowError(f"{self.dir}/manifest.json: {self.store_info.n_clusters} bundles of "
+                                f"{self.store_info.cluster_size} neurons a layer do not make {cfg.n_experts} experts of "
+                                f"{cfg.expert_ffn}; re-convert the model")
+        L = cfg.n_layers
+        router = Router(cfg, [self.w[f"blk.{l}.ffn_gate_inp"] for l in range(L)],
+                        [self.w[f"blk.{l}.ffn_norm"] for l in range(L)], cpe)
+        shared = None
+        if cfg.shared_ffn:
+            shared = [SharedExpert(*(self.w[f"blk.{l}.{n}"] for n in ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
+                                                                      "ffn_gate_inp_shexp")), cfg.hidden_act)
+                      for l in range(L)]
+        return router, shared
+
     def _make_predictor(self):
-        """None in dense mode; else the predictor of the mode (powerlow.predictors)."""
-        if self.runtime.mode == "dense":
+        """None in dense and experts mode (a MoE model's router is its predictor: powerlow.moe); else the
+        predictor of the mode (powerlow.predictors)."""
+        if self.runtime.mode in ("dense", "experts"):
             return None
         from .predictors import make_predictor
         return make_predictor(self)

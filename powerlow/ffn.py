@@ -79,8 +79,10 @@ class SparseFFN:
     """
 
     def __init__(self, source, info: StoreInfo, act: str, ops, *, mode: str = "dense", predictor=None,
-                 cluster_order=None):
+                 cluster_order=None, router=None, shared=None):
         self.source = source
+        self.router = router          # powerlow.moe.Router: a mixture-of-experts model (mode "experts")
+        self.shared = shared          # per layer powerlow.moe.SharedExpert (qwen2moe) or None
         # after a cluster re-layout (powerlow.profile), bundles are summed in their converted order, so the
         # outputs stay bit-identical (_orig[l]: converted id of each stored cluster)
         self._orig = None if cluster_order is None else [np.asarray(o, np.int64) for o in cluster_order]
@@ -147,6 +149,8 @@ class SparseFFN:
     def forward(self, layer: int, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """h (T, K) float32 -> the FFN output (T, K) float32 (a new array), or, with ``out``, that output
         added into ``out`` (T, K) in place (the residual stream: no temporary, no extra add) and returned."""
+        if self.router is not None:
+            return self._forward_moe(layer, h, np.zeros_like(h) if out is None else out)
         if self._pieces is not None:
             if out is None:
                 out = np.zeros_like(h)
@@ -168,6 +172,29 @@ class SparseFFN:
             ahead = self.predictor.lookahead(nxt, h) if self.predictor is not None else None
             self._prefetch(nxt, ahead)
         self.clusters_used += len(ptrs)
+        self.clusters_total += self.info.n_clusters
+        return out
+
+    def _forward_moe(self, layer: int, h: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out += the layer's routed experts (and shared expert): groups of experts in as few kernel calls as the
+        cluster source holds bundles for (one, but for a prefill chunk needing more experts than an offloaded
+        cache's free slots); the calls go in expert order, so the sums are those of one call."""
+        r = self.router
+        experts, gs, tok, wt = r.route(layer, h)
+        cap = getattr(self.source, "bundles_per_call", None)
+        per = len(experts) if cap is None else max(1, cap() // r.cpe)
+        lay = self.info.layouts[layer]
+        for g0 in range(0, len(experts), per):
+            g1 = min(len(experts), g0 + per)
+            ptrs = self.source.ptrs(layer, r.clusters(experts[g0:g1]))
+            if g1 == len(experts) and self._prefetch is not None:
+                nxt = (layer + 1) % self.n_layers     # read while this layer computes (its slots are locked)
+                self._prefetch(nxt, r.lookahead(nxt, h))
+            j0, j1 = int(gs[g0]), int(gs[g1])
+            self.ops.moe_ffn(ptrs, lay, h, self.act, out, gs[g0:g1 + 1] - gs[g0], tok[j0:j1], wt[j0:j1], r.cpe)
+        if self.shared is not None:
+            self.shared[layer].add(h, out, self.ops)
+        self.clusters_used += len(experts) * r.cpe
         self.clusters_total += self.info.n_clusters
         return out
 

@@ -260,6 +260,18 @@ def ffn_bundles(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.ndarray,
                    ptrs, layout.C, layout.K, _bundle_offsets(layout), h, _ACT_ID[act], out, _threads)
 
 
+def moe_ffn(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.ndarray, act: str, out: np.ndarray,
+            gs: np.ndarray, tok: np.ndarray, wt: np.ndarray, cpe: int, *, isa: str | None = None) -> None:
+    """A mixture-of-experts layer in one call: out (T, K) += for each group g (an expert: the cpe bundles at
+    ptrs[g*cpe:(g+1)*cpe]) and each j in gs[g]..gs[g+1]-1, wt[j] * expert(h[tok[j]]). Groups are added in order,
+    and what a token gets does not depend on the other tokens (reference.moe_ffn; tests/test_moe.py)."""
+    if act not in _ACT_ID:
+        raise ValueError(f"act must be one of {', '.join(_ACT_ID)}, got {act!r}")
+    which = _which(isa, layout.fmt, h.shape[0])
+    _k.moe_ffn(which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
+               ptrs, int(cpe), layout.C, layout.K, _bundle_offsets(layout), h, gs, tok, wt, _ACT_ID[act], out, _threads)
+
+
 def ffn_nchunks(n: int) -> int:
     """How many chunks ffn_bundles splits ``n`` bundles into at the current thread count."""
     return _k.ffn_nchunks(int(n), _threads)

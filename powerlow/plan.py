@@ -239,6 +239,7 @@ class Plan:
     dense: DensePlan | None = None            # attention / lm_head / embeddings (None: all resident)
     stream_window: bool = False               # dense mode: staging is a window the unpinned bundles stream through
     layer_strides: tuple[int, ...] = ()       # a bundle's bytes on disk per layer (a GGUF quant mix: not all = stride)
+    experts: tuple[int, int, int] | None = None   # a MoE model: (experts a layer, bundles an expert, chosen a token)
 
     @property
     def ffn_store_bytes(self) -> int:
@@ -334,6 +335,15 @@ class Plan:
         else:
             lines.append(f"  FFN read from storage per token: about {format_size(self.expected_read_bytes)} "
                          f"({self.expected_basis}; less with dynamic hits)")
+        if self.experts is not None:
+            E, cpe, k = self.experts
+            whole = [int((np.bincount(np.asarray(ids, np.int64) // cpe, minlength=E) == cpe).sum())
+                     for ids in self.hot_clusters]
+            lines.append(f"  experts: {E} a layer of {cpe} bundle{'s' if cpe > 1 else ''} each "
+                         f"({format_size(cpe * self.stride)}); the router picks {k} a token (density {k / E:.3g})")
+            lines.append("    pinned experts per layer (whole): " + " ".join(str(w) for w in whole)
+                         + f"; {self.n_dynamic + self.n_staging} slots ({(self.n_dynamic + self.n_staging) // cpe} "
+                         "experts) for the ones streamed, dynamic + staging")
         lines += ["  note: " + n for n in self.notes]
         return "\n".join(lines)
 
@@ -363,6 +373,8 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
     """Share ``runtime.budget_bytes`` out between the segments; refuse a budget below the minimum.
     ``allow_stream=False``: attention and lm_head must stay resident (the minimum is then higher)."""
     model_dir = Path(model_dir)
+    from .config import for_model
+    runtime = for_model(runtime, manifest["config"])
     B = runtime.budget_bytes
     if B is None:
         raise PowerlowError("no memory budget given; pass --budget SIZE (e.g. --budget 512MiB) or set budget in the config")
@@ -474,9 +486,13 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
     notes: list[str] = []
     counts = hotness(model_dir, info)
     D = runtime.prefetch_depth
+    experts = None
+    if runtime.mode == "experts":
+        E = cfg["n_experts"]
+        experts = (E, N // E, cfg["n_experts_used"])
     if slots >= total:
         return Plan(B, S, L, N, context, resident, [N] * L, [np.arange(N)] * L, 0, 0, D, 1.0, "everything", notes,
-                    dense=dense, layer_strides=strides)
+                    dense=dense, layer_strides=strides, experts=experts)
 
     dense_like = runtime.mode == "dense" or (runtime.mode == "gate" and counts is None)
     stream_window = False
@@ -513,6 +529,8 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
         if runtime.mode == "gate" and counts is not None:     # the profile's cluster activity is the demand
             share = counts if counts.max() <= 1.0 else counts / counts.max(axis=1, keepdims=True)
             density = float(np.clip(share.sum(axis=1).max() / N, 1.0 / N, 1.0))
+        elif runtime.mode == "experts":                        # the router's top-k: exactly k of E experts a token
+            density = cfg["n_experts_used"] / cfg["n_experts"]
         else:
             density = runtime.density
             if runtime.mode == "predict" and density >= 1.0:     # by recall: what the predictor selected when
@@ -533,7 +551,8 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
         source = "cluster order"
     hot_ids = [np.sort(o).astype(np.int64) for o in order]
     plan = Plan(B, S, L, N, context, resident, [int(h) for h in hot], hot_ids, int(dynamic), int(staging), D,
-                float(frac), source, notes, dense=dense, stream_window=stream_window, layer_strides=strides)
+                float(frac), source, notes, dense=dense, stream_window=stream_window, layer_strides=strides,
+                experts=experts)
     if not dense_like:
         if counts is not None and counts.max() <= 1.0 and runtime.mode == "gate":
             cold = sum(float(np.delete(counts[l], hot_ids[l]).sum()) for l in range(L))
@@ -604,6 +623,8 @@ def print_plan(model_dir, rt: RuntimeConfig) -> int:
         print(f"no budget: everything resident, about {format_size(R + ffn)} (weights {format_size(R)}, "
               f"FFN store {format_size(ffn)}) plus KV cache and scratch; pass --budget SIZE to plan an offloaded run")
         return 0
+    from .config import for_model
+    rt = for_model(rt, manifest["config"])
     print(make_plan(model_dir, manifest, rt).render())
     print(draft_line(rt))
     return 0

@@ -193,6 +193,8 @@ def profile_model(model_dir, *, text: str | None = None, n_tokens: int = DEFAULT
     tf = Transformer(model_dir, RuntimeConfig(threads=threads))
     if text is None:
         text = default_texts()[0]
+    if tf.config.moe:
+        return profile_experts(tf, text, n_tokens, plot, progress, t0)
     windows = token_windows(tf.tokenizer, text, n_tokens, min(WINDOW, tf.kv.limit), "calibration")
     total = sum(len(w) for w in windows)
     rng = np.random.default_rng(seed)
@@ -270,6 +272,55 @@ def profile_model(model_dir, *, text: str | None = None, n_tokens: int = DEFAULT
     return summary
 
 
+def profile_experts(tf, text: str, n_tokens: int, plot: str | None, progress: bool, t0: float) -> dict:
+    """A mixture-of-experts model: how often the router picks each expert (L, E) -- the skew the hot experts are
+    pinned by (powerlow.plan) -- and how often pairs are picked together. Experts are never re-laid (each is a
+    contiguous run of bundles). profile.safetensors: expert_freq (L, E) share of tokens that chose each expert;
+    cluster_freq (L, nC) the same per bundle (what the plan reads); co_select (L, E, E) share of tokens that chose
+    both."""
+    windows = token_windows(tf.tokenizer, text, n_tokens, min(WINDOW, tf.kv.limit), "calibration")
+    r = tf.ffn.router
+    L, E = r.L, r.E
+    co = np.zeros((L, E, E), np.int64)
+    top = r.top
+
+    def rec(layer, h):                       # the router's choices, counted (the forward pass is unchanged)
+        idx, w = top(layer, h)
+        onehot = np.zeros((len(idx), E), np.int64)
+        np.put_along_axis(onehot, idx, 1, axis=1)
+        co[layer] += onehot.T @ onehot
+        return idx, w
+    r.top = rec
+    it = windows
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(windows, desc="profile", unit="window", file=sys.stderr)
+    try:
+        for w in it:
+            tf.forward(w)
+    finally:
+        r.top = top
+    tokens = sum(len(w) for w in windows)
+    freq = (np.diagonal(co, axis1=1, axis2=2) / tokens).astype(np.float32)      # (L, E)
+    manifest = tf.manifest
+    tf.close()
+    from powerlow.predictors.common import file_meta
+    share = np.sort(freq, axis=1)[:, ::-1]
+    q = max(1, E // 4)
+    top25 = share[:, :q].sum(axis=1) / share.sum(axis=1)
+    summary = {"tokens": int(tokens), "experts": E, "experts_per_token": r.k, "relaid": False, "relayout": "none",
+               "act": manifest["config"]["hidden_act"],
+               "hot25_expert_share_mean": round(float(top25.mean()), 4),
+               "hot25_expert_share": [round(float(x), 4) for x in top25], "seconds": round(time.time() - t0, 1)}
+    tensors = {"expert_freq": freq, "cluster_freq": np.repeat(freq, r.cpe, axis=1),
+               "co_select": (co / tokens).astype(np.float32)}
+    _write_profile(Path(tf.dir), manifest, tensors, file_meta(manifest, summary=summary))
+    if plot:
+        plot_coverage(freq, plot, title=f"{Path(tf.dir).name}: router choices covered by the most chosen experts",
+                      unit="experts")
+    return summary
+
+
 def coverage(freq: np.ndarray) -> dict:
     """Per layer, the share of all activations covered by the hottest x% of neurons (curve and x = 20%)."""
     L, F = freq.shape
@@ -279,7 +330,7 @@ def coverage(freq: np.ndarray) -> dict:
     return {"curve": cum, "hot20": cum[:, k20 - 1]}
 
 
-def plot_coverage(freq: np.ndarray, path, title: str = "") -> None:
+def plot_coverage(freq: np.ndarray, path, title: str = "", unit: str = "neurons") -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -295,8 +346,8 @@ def plot_coverage(freq: np.ndarray, path, title: str = "") -> None:
         ax.plot(x, cum[l] * 100, color=cmap(l / max(1, L - 1)), lw=1, label=f"layer {l}" if l in (0, L - 1) else None)
     ax.plot(x, x, "k:", lw=0.8, label="no skew")
     ax.axvline(20, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("hottest neurons of the layer (%)")
-    ax.set_ylabel("share of activations covered (%)")
+    ax.set_xlabel(f"hottest {unit} of the layer (%)")
+    ax.set_ylabel("share of activations covered (%)" if unit == "neurons" else "share of router choices covered (%)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -473,6 +524,12 @@ def main(args) -> int:
                       plot=args.plot)
     if args.json:
         print(json.dumps(s))
+        return 0
+    if "experts" in s:
+        h = np.asarray(s["hot25_expert_share"])
+        print(f"profiled {s['tokens']} tokens in {s['seconds']} s: {s['experts']} experts a layer, {s['experts_per_token']} "
+              f"a token; the most chosen 25% of experts take {h.mean():.1%} of the router's choices (layers: min "
+              f"{h.min():.1%}, max {h.max():.1%}); experts are pinned by this at the next budgeted run")
         return 0
     rule = "gate > 0" if s["act"] == "relu" else f"top {s['density']:.0%} |act| per layer"
     print(f"profiled {s['tokens']} tokens ({s['samples']} samples per layer) in {s['seconds']} s; active: {rule}")

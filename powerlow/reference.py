@@ -44,6 +44,25 @@ def ffn_bundles(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.ndarray,
         out += formats.matmul_ref(d, a.astype(np.float32))
 
 
+def moe_ffn(ptrs, layout, h, act, out, gs, tok, wt, cpe, nch: int = 1) -> None:
+    """kernels.moe_ffn: per group g in order (an expert: cpe bundles), its tokens' rows of h through the expert --
+    the bundles cut into nch chunks (the kernels: ffn_nchunks(cpe)), each summed into its own buffer, the chunks
+    added in order -- then out[tok] += wt * that."""
+    K = h.shape[1]
+    for g in range(len(gs) - 1):
+        j0, j1 = int(gs[g]), int(gs[g + 1])
+        if j0 == j1:
+            continue
+        rows = np.asarray(tok[j0:j1], np.int64)
+        hg = np.ascontiguousarray(h[rows])
+        res = None
+        for c in range(nch):
+            b = np.zeros((j1 - j0, K), np.float32)
+            ffn_bundles(ptrs[g * cpe + cpe * c // nch: g * cpe + cpe * (c + 1) // nch], layout, hg, act, b)
+            res = b if res is None else res + b
+        out[rows] += np.asarray(wt[j0:j1], np.float32)[:, None] * res
+
+
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x (T, K) -> (T, K): x / rms(x) * w."""
     ms = np.mean(x.astype(np.float32) ** 2, axis=-1, keepdims=True)

@@ -49,6 +49,12 @@ def main(args) -> int:
           f"at {s.decode_tok_s:.1f} tok/s, peak RSS {s.as_dict()['peak_rss_bytes'] / 2**20:.0f} MiB, "
           f"threads {cfg.n_threads}, kernels {getattr(model.tf.ops, 'isa', model.tf.ops.name if hasattr(model.tf.ops, 'name') else '?')}",
           file=sys.stderr)
+    router, src = model.tf.ffn.router, model.tf.ffn_source
+    if router is not None and hasattr(src, "counters"):
+        c, d = src.counters(), router.describe()
+        la = d["lookahead_recall"]
+        print(f"powerlow: experts: bundle hit rate {c['cache_hit_rate']:.1%}, {c['ffn_read_bytes_per_token'] / 2**20:.1f} "
+              f"MiB of experts read a token, lookahead recall {'n/a' if la is None else f'{la:.1%}'}", file=sys.stderr)
     spec = s.extra.get("speculation")
     if spec is not None:
         d = spec.as_dict()

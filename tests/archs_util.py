@@ -33,10 +33,17 @@ def _configs():
                     "hidden_activation": "gelu_pytorch_tanh"}),
         "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"sliding_window": 9, "original_max_position_embeddings": 128,
                                                    "pad_token_id": 0}),
+        "qwen3moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM, MOE | {"head_dim": 32, "norm_topk_prob": True}),
+        "qwen2moe": (T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM, MOE | {"shared_expert_intermediate_size": 64}),
+        "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, {"num_local_experts": 8, "num_experts_per_tok": 2,
+                                                            "intermediate_size": 32}),
     }
 
 
-KINDS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+# tiny mixture-of-experts models: 8 experts of 32 neurons, top 2 (Qwen: moe_intermediate_size)
+MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+MOE_KINDS = ("qwen3moe", "qwen2moe", "mixtral")
+KINDS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3")     # dense (MOE_KINDS: tests/test_moe.py)
 
 
 def _norm_center(kind: str, name: str) -> float:
@@ -85,7 +92,7 @@ def hf_logits(hf_dir: Path, ids) -> np.ndarray:
 
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
-             "phi3": "phi3"}
+             "phi3": "phi3", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
 GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
               "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -105,6 +112,36 @@ def _gguf_name(hf: str, arch: str) -> str:
         name = {"pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}.get(mod) \
             or GGUF_LAYER[mod]
     return f"blk.{i}.{name}.{suffix}"
+
+
+_EXPERT_PARTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+                 "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+_MOE_OTHER = {"mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",
+              "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+              "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+
+
+def _stack_experts(st: dict, E: int) -> dict:
+    """HF per-expert tensors -> llama.cpp's blk.{i}.ffn_{gate,up,down}_exps (E, rows, cols), the router and the
+    shared expert under their GGUF names; everything else as it was."""
+    if not E:
+        return st
+    out, exps = {}, {}
+    for name, t in st.items():
+        parts = name.split(".")
+        if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
+            i, e, kind = parts[2], int(parts[parts.index("experts") + 1]), parts[-2]
+            exps.setdefault((i, _EXPERT_PARTS[kind]), {})[e] = t
+            continue
+        mod = ".".join(parts[3:-1]) if name.startswith("model.layers.") else None
+        if mod in _MOE_OTHER:
+            v = np.asarray(t, np.float32)
+            out[f"blk.{parts[2]}.{_MOE_OTHER[mod]}.weight"] = v.reshape(-1) if mod == "mlp.shared_expert_gate" else v
+            continue
+        out[name] = t
+    for (i, g), d in exps.items():
+        out[f"blk.{i}.{g}.weight"] = np.stack([np.asarray(d[e], np.float32) for e in range(E)])
+    return out
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -162,6 +199,13 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32", **meta_override) -> 
             "block_count": c["num_hidden_layers"], "feed_forward_length": c["intermediate_size"],
             "attention.head_count": H, "attention.head_count_kv": KV,
             "attention.key_length": hd, "attention.value_length": hd}
+    E = c.get("num_local_experts") or c.get("num_experts")
+    if E:                     # llama.cpp's MoE keys (Mixtral: feed_forward_length is the expert's size)
+        meta.update({"expert_count": E, "expert_used_count": c["num_experts_per_tok"]})
+        if c.get("moe_intermediate_size"):
+            meta["expert_feed_forward_length"] = c["moe_intermediate_size"]
+        if c.get("shared_expert_intermediate_size"):
+            meta["expert_shared_feed_forward_length"] = c["shared_expert_intermediate_size"]
     for k, v in {**meta, **meta_override}.items():
         w.add_uint32(f"{arch}.{k}", int(v))
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(c["rms_norm_eps"]))
@@ -186,14 +230,18 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32", **meta_override) -> 
     w.add_eos_token_id(2)
     if (c.get("rope_parameters") or {}).get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _llama3_factors(hf_dir))
+    st = _stack_experts(st, E or 0)
     for name, t in st.items():
         t = np.ascontiguousarray(t, np.float32)
-        g = _gguf_name(name, arch)
+        g = name if name.startswith("blk.") else _gguf_name(name, arch)
         if arch == "llama" and g.endswith(("attn_q.weight", "attn_k.weight")):
             t = _permute(t, H if "attn_q" in g else KV)
         if arch == "gemma3" and g.endswith("norm.weight"):
             t = t + np.float32(1.0)                     # Gemma3Model.modify_tensors: norm_shift
-        if t.ndim == 2 and qtype != "F32":
+        if t.ndim == 3 and qtype != "F32":          # experts (E, rows, cols): each expert's rows as blocks
+            raw, typ = gguf_blocks(t.reshape(-1, t.shape[2]), qtype)
+            w.add_tensor(g, raw.reshape(t.shape[0], t.shape[1], -1), raw_dtype=typ)
+        elif t.ndim == 2 and qtype != "F32" and not g.endswith("ffn_gate_inp.weight"):   # the router stays F32
             raw, typ = gguf_blocks(t, qtype)
             w.add_tensor(g, raw, raw_dtype=typ)
         else:

@@ -21,6 +21,10 @@ def layer_names(cfg: ModelConfig) -> list[str]:
             names += [p + "attn_q_norm", p + "attn_k_norm"]
         if cfg.post_norms:
             names += [p + "post_attention_norm", p + "post_ffw_norm"]
+        if cfg.moe:
+            names.append(p + "ffn_gate_inp")
+        if cfg.shared_ffn:
+            names += [p + n for n in ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_gate_inp_shexp")]
     return names
 
 

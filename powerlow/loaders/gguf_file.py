@@ -82,7 +82,21 @@ class GGUFSource(Source):
         self.chat_template = _field(r, "tokenizer.chat_template")
         self.description = f"GGUF {path.name}"
 
+    def _is_experts(self, name: str) -> bool:
+        return self.config.moe and name.startswith("blk.") and name.split(".", 2)[2] in ("ffn_gate", "ffn_up", "ffn_down")
+
     def _tensor(self, name: str):
+        if getattr(self, "config", None) is not None and self._is_experts(name):
+            from ..models.moe import GGUF_EXPS
+            i, part = name.split(".")[1], name.split(".", 2)[2]
+            key = f"blk.{i}.{GGUF_EXPS[part]}.weight"
+            t = self.tensors.get(key)
+            if t is None:
+                legacy = f"blk.{i}.{part}.0.weight" in self.tensors
+                raise PowerlowError(f"{self.path}: tensor {key} is missing" + (
+                    "; this GGUF stores each expert as its own tensor (an old Mixtral export): re-export it with a "
+                    "current llama.cpp convert_hf_to_gguf.py" if legacy else "; the GGUF is incomplete"))
+            return t
         fused = getattr(self.family, "GGUF_SOURCE", {})
         if name.startswith("blk.") and name.split(".", 2)[2] in fused:
             name = name.rsplit(".", 1)[0] + "." + fused[name.split(".", 2)[2]]
@@ -95,6 +109,11 @@ class GGUFSource(Source):
     def _shape(self, name: str) -> tuple:
         from ..models.common import part_rows, part_shape
         shape = tuple(int(s) for s in reversed(self._tensor(name).shape.tolist()))
+        if self._is_experts(name):
+            if len(shape) != 3:
+                return shape
+            E, R, C = shape             # gate/up (E, F, K); down (E, K, F)
+            return (R, E * C) if name.endswith("ffn_down") else (E * R, C)
         return part_shape(shape, part_rows(self.family, name, self.config))
 
     def stored_format(self, name: str) -> str | None:
@@ -102,14 +121,37 @@ class GGUFSource(Source):
         keep their type."""
         t = self._tensor(name)
         tname = t.tensor_type.name
-        if len(t.shape) < 2:
+        if len(t.shape) < 2 or name.endswith("ffn_gate_inp_shexp"):
             return None
         return LOSSLESS.get(tname) or REQUANTIZED.get(tname) or "f32"
 
     def get(self, name: str):
         from ..models.common import part_rows, take_rows
+        if self._is_experts(name):
+            return self._read_experts(self._tensor(name), name.endswith("ffn_down"))
         w = take_rows(self._read(self._tensor(name)), part_rows(self.family, name, self.config))
         return self.family.sanitize(name, w, self.config, "gguf")
+
+    def _read_experts(self, t, down: bool):
+        """A (E, F, K) / (E, K, F) expert tensor as the layer's experts side by side (powerlow.models.moe): gate/up
+        rows stacked (E*F, K); down (K, E*F), each row of K the experts' blocks in turn (bytes moved, not
+        re-quantized: F is a multiple of the format's block)."""
+        from .. import formats
+        import gguf
+        tname = t.tensor_type.name
+        E, R, C = (int(s) for s in reversed(t.shape.tolist()))
+        if tname in LOSSLESS:
+            raw = np.asarray(t.data).reshape(E, R, -1)
+            if down:
+                raw = raw.transpose(1, 0, 2)
+            raw = np.ascontiguousarray(raw).reshape((R, -1) if down else (E * R, -1))
+            return formats.from_gguf(raw, tname, R if down else E * R, E * C if down else C)
+        if tname in ("F32", "F16"):
+            w = np.asarray(t.data, dtype=np.float32).reshape(E, R, C)
+        else:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(E, R, C)
+        w = np.ascontiguousarray(w.transpose(1, 0, 2).reshape(R, E * C) if down else w.reshape(E * R, C))
+        return formats.quantize(w, REQUANTIZED[tname]) if tname in REQUANTIZED else w
 
     def _read(self, t):
         """One tensor in HF row order as stored: float32 array, or a QMatrix for the lossless types."""

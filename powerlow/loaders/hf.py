@@ -98,13 +98,67 @@ class HFSource(Source):
                                 f"(or not a {self.config.arch} model)")
         return key
 
+    def _experts(self, name: str):
+        """(per-expert keys, None) or (None, fused key) of MoE tensor ``name`` (blk.{i}.ffn_gate/up/down)."""
+        i, part = name.split(".")[1], name.split(".", 2)[2]
+        tmpl = self.family.HF_EXPERTS
+        pre = f"{self._prefix}layers.{i}."
+        keys = [pre + tmpl[part].format(e=e) for e in range(self.config.n_experts)]
+        if all(k in self._index for k in keys):
+            return keys, None
+        fused = pre + tmpl["fused"] + ("down_proj" if part == "ffn_down" else "gate_up_proj")
+        if fused in self._index:
+            return None, fused
+        missing = next(k for k in keys if k not in self._index)
+        raise PowerlowError(f"{self.path}: tensor {missing} (expert {keys.index(missing)} of {len(keys)}) is missing from "
+                            "the safetensors files; the checkpoint is incomplete (or its num_experts is wrong)")
+
+    def _is_experts(self, name: str) -> bool:
+        return self.config.moe and name.startswith("blk.") and name.split(".", 2)[2] in ("ffn_gate", "ffn_up", "ffn_down")
+
+    def _expert_shape(self, name: str) -> tuple:
+        keys, fused = self._experts(name)
+        E, down = self.config.n_experts, name.endswith("ffn_down")
+        if fused is not None:
+            e, r, c = self._index[fused].header[fused]["shape"]
+            if e != E:
+                return (e, r, c)
+            return (r, E * c) if down else (E * r // 2, c)
+        shapes = {tuple(self._index[k].header[k]["shape"]) for k in keys}
+        if len(shapes) != 1:
+            raise PowerlowError(f"{self.path}: the experts of {name} have different shapes {sorted(shapes)}; the "
+                                "checkpoint is broken")
+        r, c = shapes.pop()
+        return (r, E * c) if down else (E * r, c)
+
+    def _expert_get(self, name: str) -> np.ndarray:
+        """The layer's experts side by side (powerlow.models.moe): gate/up (E*F, K), down (K, E*F)."""
+        keys, fused = self._experts(name)
+        part = name.split(".", 2)[2]
+        if fused is not None:
+            w = self._index[fused].get(fused)
+            E, R, C = w.shape
+            if part == "ffn_down":
+                return np.ascontiguousarray(w.transpose(1, 0, 2).reshape(R, E * C))
+            F = R // 2
+            w = w[:, :F] if part == "ffn_gate" else w[:, F:]
+            return np.ascontiguousarray(w.reshape(E * F, C))
+        ws = [self._index[k].get(k) for k in keys]
+        return np.ascontiguousarray(np.concatenate(ws, axis=1 if part == "ffn_down" else 0), dtype=np.float32)
+
     def _shape(self, name: str) -> tuple:
         from ..models.common import part_rows, part_shape
+        if self._is_experts(name):
+            return self._expert_shape(name)
         key = self._key(name)
+        if name.endswith("ffn_gate_inp_shexp"):           # a Linear(K, 1): (1, K)
+            return (int(np.prod(self._index[key].header[key]["shape"])),)
         return part_shape(tuple(self._index[key].header[key]["shape"]), part_rows(self.family, name, self.config))
 
     def get(self, name: str):
         from ..models.common import part_rows, take_rows
+        if self._is_experts(name):
+            return self._expert_get(name)
         key = self._key(name)
         w = take_rows(self._index[key].get(key), part_rows(self.family, name, self.config))
         w = np.ascontiguousarray(w, dtype=np.float32)

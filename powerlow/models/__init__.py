@@ -14,9 +14,9 @@ and, for checkpoints that fuse tensors (phi3):
 from __future__ import annotations
 
 from ..errors import PowerlowError
-from . import gemma3, llama, phi3, qwen2, qwen3
+from . import gemma3, llama, mixtral, phi3, qwen2, qwen2moe, qwen3, qwen3moe
 
-FAMILIES = {m.NAME: m for m in (llama, qwen2, qwen3, gemma3, phi3)}
+FAMILIES = {m.NAME: m for m in (llama, qwen2, qwen3, gemma3, phi3, qwen3moe, qwen2moe, mixtral)}
 
 # every name a checkpoint may give its architecture -> family (HF model_type, HF architectures[0], GGUF arch)
 ALIASES = {
@@ -25,8 +25,11 @@ ALIASES = {
     "qwen3": "qwen3", "Qwen3ForCausalLM": "qwen3",
     "gemma3_text": "gemma3", "gemma3": "gemma3", "Gemma3ForCausalLM": "gemma3",
     "phi3": "phi3", "Phi3ForCausalLM": "phi3",
+    "qwen3_moe": "qwen3moe", "qwen3moe": "qwen3moe", "Qwen3MoeForCausalLM": "qwen3moe",
+    "qwen2_moe": "qwen2moe", "qwen2moe": "qwen2moe", "Qwen2MoeForCausalLM": "qwen2moe",
+    "mixtral": "mixtral", "MixtralForCausalLM": "mixtral",
 }
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "qwen3moe", "qwen2moe", "mixtral")
 
 
 def family(name, where: str, what: str = "architecture"):
@@ -34,7 +37,7 @@ def family(name, where: str, what: str = "architecture"):
     fam = ALIASES.get(name) if isinstance(name, str) else None
     if fam is None:
         raise PowerlowError(f"{where}: {what} {name!r} is not supported; powerlow runs {', '.join(SUPPORTED)} "
-                            "(HF model_type llama, mistral, qwen2, qwen3, gemma3_text, gemma3, phi3)")
+                            "(HF model_type llama, mistral, qwen2, qwen3, gemma3_text, gemma3, phi3, qwen3_moe, qwen2_moe, mixtral)")
     return FAMILIES[fam]
 
 

@@ -131,7 +131,9 @@ def hf_layer_types(c: dict, n_layers: int, where: str) -> list[str] | None:
 
 
 def hf_int(c: dict, key: str, where: str, default=None) -> int:
-    v = c.get(key, default)
+    v = c.get(key)
+    if v is None:              # absent, or null (transformers writes "head_dim": null for Mixtral)
+        v = default
     if v is None:
         raise PowerlowError(f"{where}/config.json lacks {key!r}; it is not a complete HF model config")
     try:
@@ -204,14 +206,19 @@ def gguf_linear_scaling(m: GGUFMeta) -> dict:
 def check_shapes(cfg, shape_of, where: str, names) -> None:
     """Every tensor's shape against what the config says (shape_of(name) -> HF-order shape tuple). Metadata that
     disagrees with the tensors is refused here, at convert, instead of making a broken model dir."""
-    K, F, qd, kd, hd = cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, cfg.kv_dim, cfg.head_dim
+    K, F, qd, kd, hd = cfg.hidden_size, cfg.ffn_neurons, cfg.q_dim, cfg.kv_dim, cfg.head_dim
+    E, Fs = cfg.n_experts, cfg.shared_ffn
     want = {"token_embd": (cfg.vocab_size, K), "output": (cfg.vocab_size, K), "output_norm": (K,),
             "attn_norm": (K,), "ffn_norm": (K,), "post_attention_norm": (K,), "post_ffw_norm": (K,),
             "attn_q": (qd, K), "attn_k": (kd, K), "attn_v": (kd, K), "attn_output": (K, qd),
             "attn_q.bias": (qd,), "attn_k.bias": (kd,), "attn_v.bias": (kd,), "attn_q_norm": (hd,), "attn_k_norm": (hd,),
-            "ffn_gate": (F, K), "ffn_up": (F, K), "ffn_down": (K, F)}
+            "ffn_gate": (F, K), "ffn_up": (F, K), "ffn_down": (K, F), "ffn_gate_inp": (E, K),
+            "ffn_gate_shexp": (Fs, K), "ffn_up_shexp": (Fs, K), "ffn_down_shexp": (K, Fs), "ffn_gate_inp_shexp": (K,)}
     keys = {"attn_q": "head_count x head_dim", "attn_k": "head_count_kv x head_dim", "attn_v": "head_count_kv x head_dim",
-            "ffn_gate": "feed_forward_length", "ffn_up": "feed_forward_length", "ffn_down": "feed_forward_length"}
+            "ffn_gate": "feed_forward_length", "ffn_up": "feed_forward_length", "ffn_down": "feed_forward_length",
+            "ffn_gate_inp": "expert_count", "ffn_gate_shexp": "expert_shared_feed_forward_length"}
+    if cfg.moe:
+        keys.update(dict.fromkeys(("ffn_gate", "ffn_up", "ffn_down"), "expert_count x expert_feed_forward_length"))
     for name in names:
         short = name.split(".", 2)[-1] if name.startswith("blk.") else name
         got = tuple(int(s) for s in shape_of(name))
@@ -220,8 +227,9 @@ def check_shapes(cfg, shape_of, where: str, names) -> None:
             what = keys.get(short, "embedding_length" if K in exp else "the head sizes")
             raise PowerlowError(
                 f"{where}: tensor {name} is {got} but the config says {exp} (hidden {K}, heads {cfg.n_heads}/"
-                f"{cfg.n_kv_heads} x {hd}, FFN {F}); the metadata ({what}) and the tensors disagree — the file is "
-                "broken or was edited: re-export it from the original model")
+                f"{cfg.n_kv_heads} x {hd}, FFN {F}{f' = {E} experts x {cfg.expert_ffn}' if E else ''}); the metadata "
+                f"({what}) and the tensors disagree — the file is broken or was edited: re-export it from the original "
+                "model")
 
 
 HF_ACTS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}

@@ -35,6 +35,9 @@ def config_from_gguf(m, kw: dict, tensors: dict, read) -> ModelConfig:
     sw = m.get("attention.sliding_window")
     if sw:     # not written by llama.cpp's converter for llama/mistral; honoured when a file carries it
         kw.update(sliding_window=int(sw), swa_layers=tuple(range(kw["n_layers"])))
+    from .moe import gguf_moe, is_gguf_moe
+    if is_gguf_moe(m):      # Mixtral: llama.cpp writes it as llama with experts (feed_forward_length = an expert's)
+        kw.update(gguf_moe(m, norm_default=True, ffn_key="expert_feed_forward_length"))
     # llama.cpp's llama architecture is always SwiGLU; powerlow's synthetic ReLU models carry their own key
     return ModelConfig(arch="llama", hidden_act=m.raw("powerlow.hidden_act", "silu"),
                        attn_bias="blk.0.attn_q.bias" in tensors, **kw)
