@@ -167,10 +167,10 @@ def speculative_bench(model, prompt: list[int], n_tokens: int, repeats: int) -> 
 
 
 def main(args) -> int:
-    from .cli import runtime_config
     from .model import load
 
-    cfg = runtime_config(args)
+    from .config import RuntimeConfig
+    cfg = RuntimeConfig.from_args(args)
     n_tokens = args.n_tokens or 32
     if cfg.budget_bytes is not None and cfg.max_context is None:
         # the bench knows its sequence: a KV cache of exactly that many positions, the rest of the budget to weights

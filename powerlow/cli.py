@@ -15,42 +15,14 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--n-tokens", type=int, default=None, help="tokens to generate")
     p.add_argument("--budget", default=None, help="memory budget, e.g. 512MiB (default: everything resident)")
     p.add_argument("--config", default=None, help="TOML runtime config file")
-    p.add_argument("--mode", default=None, choices=("dense", "gate", "threshold", "predict"), help="FFN mode")
+    p.add_argument("--mode", default=None, choices=("dense", "gate", "threshold", "predict", "experts"),
+                   help="FFN mode (a mixture-of-experts model runs in experts: its router picks the experts)")
     p.add_argument("--density", type=float, default=None, help="target FFN density for threshold/predict modes")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed")
     p.add_argument("--draft", default=None, help="speculative decoding's drafter: auto (default: ngram) | none | ngram (prompt lookup) | self "
                    "(the resident part of the model, under --budget) | a draft model (dir, GGUF or HF folder with the "
                    "same tokenizer); greedy output is the same tokens with any of them")
     p.add_argument("--draft-k", type=int, default=None, help="drafts per target pass (default 0: adaptive, up to 8)")
-
-
-def runtime_config(args):
-    from .config import RuntimeConfig, parse_size
-
-    kw = {}
-    if args.config:
-        from .config import load_toml
-        kw.update(load_toml(args.config))
-    if args.threads:
-        kw["threads"] = args.threads
-    if args.mode:
-        kw["mode"] = args.mode
-    if args.density is not None:
-        kw["density"] = args.density
-    if args.budget is not None:       # --budget '' is an error, not "everything resident"
-        try:
-            kw["budget_bytes"] = parse_size(args.budget)
-        except PowerlowError as e:
-            raise PowerlowError(f"--budget: {e}") from None
-    if args.seed is not None:
-        kw["seed"] = args.seed
-    if getattr(args, "draft", None) is not None:
-        kw["draft"] = args.draft
-    if getattr(args, "draft_k", None) is not None:
-        kw["draft_k"] = args.draft_k
-    if args.threads < 0:
-        raise PowerlowError(f"-t {args.threads}: threads must be >= 1")
-    return RuntimeConfig(**kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,6 +143,34 @@ class RuntimeConfig:
         check(isinstance(self.draft_k, int) and not isinstance(self.draft_k, bool) and 0 <= self.draft_k <= 8,
               "draft_k", f"must be 0 (adaptive) .. 8 drafts a pass, got {self.draft_k!r}")
 
+    @classmethod
+    def from_args(cls, args) -> "RuntimeConfig":
+        """The runtime of a command line (powerlow.cli's shared flags: -t, --mode, --density, --budget, --config,
+        -s, --draft, --draft-k) over the --config file's keys."""
+        kw = {}
+        if args.config:
+            kw.update(load_toml(args.config))
+        if args.threads:
+            kw["threads"] = args.threads
+        if args.mode:
+            kw["mode"] = args.mode
+        if args.density is not None:
+            kw["density"] = args.density
+        if args.budget is not None:       # --budget '' is an error, not "everything resident"
+            try:
+                kw["budget_bytes"] = parse_size(args.budget)
+            except PowerlowError as e:
+                raise PowerlowError(f"--budget: {e}") from None
+        if args.seed is not None:
+            kw["seed"] = args.seed
+        if getattr(args, "draft", None) is not None:
+            kw["draft"] = args.draft
+        if getattr(args, "draft_k", None) is not None:
+            kw["draft_k"] = args.draft_k
+        if args.threads < 0:
+            raise PowerlowError(f"-t {args.threads}: threads must be >= 1")
+        return cls(**kw)
+
     @property
     def n_threads(self) -> int:
         return self.threads or default_threads()

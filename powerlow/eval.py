@@ -74,12 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from .cli import runtime_config
     from .default_model import resolve_model
     from .engine import Transformer
     from .profile import read_texts
 
-    rt = runtime_config(args)
+    from .config import RuntimeConfig
+    rt = RuntimeConfig.from_args(args)
     model_dir = resolve_model(args.model)
     text = read_texts([args.text]) if args.text else None
     n = args.tokens or args.n_tokens or DEFAULT_TOKENS

@@ -94,6 +94,8 @@ class SparseFFN:
         self.predictor = predictor
         self.n_layers = info.n_layers
         self._prefetch = getattr(source, "prefetch", None)
+        # MoE: the next layer's experts are read ahead unless prefetch_depth is 0 (to measure what that buys)
+        self._lookahead = self._prefetch is not None and getattr(getattr(source, "plan", None), "prefetch_depth", 1) > 0
         self.clusters_used = 0       # over the whole run, for the density figure
         self.clusters_total = 0
         self._pieces = None
@@ -187,7 +189,7 @@ class SparseFFN:
         for g0 in range(0, len(experts), per):
             g1 = min(len(experts), g0 + per)
             ptrs = self.source.ptrs(layer, r.clusters(experts[g0:g1]))
-            if g1 == len(experts) and self._prefetch is not None:
+            if g1 == len(experts) and self._lookahead:
                 nxt = (layer + 1) % self.n_layers     # read while this layer computes (its slots are locked)
                 self._prefetch(nxt, r.lookahead(nxt, h))
             j0, j1 = int(gs[g0]), int(gs[g1])

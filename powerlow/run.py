@@ -15,11 +15,11 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from .cli import runtime_config
     from .default_model import resolve_model
     from .model import load
 
-    cfg = runtime_config(args)
+    from .config import RuntimeConfig
+    cfg = RuntimeConfig.from_args(args)
     n = 64 if args.n_tokens is None else args.n_tokens
     model_dir = resolve_model(args.model)
     if cfg.budget_bytes is not None and cfg.max_context is None:

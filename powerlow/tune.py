@@ -122,14 +122,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 def main(args) -> int:
     from .bench import repeat_warning
-    from .cli import runtime_config
     from .config import dump_toml, format_size
     from .default_model import resolve_model
     from .errors import PowerlowError
     from .manifest import load_manifest
     from .plan import minimum_budget
 
-    base = runtime_config(args)
+    from .config import RuntimeConfig
+    base = RuntimeConfig.from_args(args)
     model_dir = Path(resolve_model(args.model))
     manifest = load_manifest(model_dir)
     full, ctx = full_footprint(model_dir, manifest, base)
