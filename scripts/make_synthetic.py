@@ -4,7 +4,7 @@
     python scripts/make_synthetic.py --preset tiny --out /tmp/tiny                 # seconds
     python scripts/make_synthetic.py --preset 2gb --gguf Q4_0 --out /data/syn-2gb  # minutes
 
-Presets (powerlow.synthetic.PRESETS):
+Presets (scripts/synthetic.py PRESETS):
   tiny  hidden 128, ffn 352, 2 layers, 4 heads / 2 kv heads, vocab 512, float32
   2gb   Llama-2-7B shape cut to 16 layers: hidden 4096, ffn 11008, 32 heads, vocab 32000;
         3.50 G weights: 1.97e9 bytes (1.83 GiB) as Q4_0 GGUF, 7.0e9 bytes as the float16 HF folder
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from powerlow.errors import PowerlowError
-from powerlow.synthetic import ACTS, DTYPES, GGUF_QTYPES, PRESETS, SyntheticSpec, export_gguf, make_hf_model
+from synthetic import ACTS, DTYPES, GGUF_QTYPES, PRESETS, SyntheticSpec, export_gguf, make_hf_model
 
 GGUF_BITS_PER_WEIGHT = {"Q4_0": 4.5, "Q8_0": 8.5, "F16": 16.0}
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tie-embeddings", action="store_true", help="share embeddings and lm_head")
     ap.add_argument("--coact-group", type=int, default=1,
-                    help="neurons per co-activating group (1: neurons fire independently; see powerlow.synthetic)")
+                    help="neurons per co-activating group (1: neurons fire independently; see scripts/synthetic.py)")
     ap.add_argument("--coact-rho", type=float, default=0.9, help="gate correlation within a group (default 0.9)")
     for name in ("hidden", "intermediate", "layers", "heads", "kv-heads", "vocab"):
         ap.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")

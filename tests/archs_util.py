@@ -62,7 +62,7 @@ def _norm_center(kind: str, name: str) -> float:
 def make_tiny(kind: str, out: Path, seed: int = 0) -> Path:
     """A random ``kind`` model saved as a HF folder (float32 safetensors + a byte-level BPE tokenizer.json)."""
     import torch
-    from powerlow.synthetic import build_tokenizer
+    from synthetic import build_tokenizer
 
     cfg_cls, model_cls, extra = _configs()[kind]
     cfg = cfg_cls(**{**BASE, **extra})
@@ -186,7 +186,7 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32", **meta_override) -> 
     ``meta_override``: {key without the arch prefix: value} written instead of the true value (bad-input tests)."""
     import gguf
     from safetensors.numpy import load_file
-    from powerlow.synthetic import _read_tokenizer
+    from synthetic import _read_tokenizer
 
     hf_dir = Path(hf_dir)
     c = json.loads((hf_dir / "config.json").read_text())

@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
+# the synthetic model maker is a script, not part of the runtime package (scripts/synthetic.py)
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 @pytest.fixture(scope="session")
@@ -53,15 +55,15 @@ TINY = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=30
 
 @pytest.fixture(scope="session", params=["silu", "relu"])
 def tiny_hf(request, tmp_path_factory) -> Path:
-    from powerlow.synthetic import make_hf_model
+    from synthetic import make_hf_model
     return make_hf_model(tmp_path_factory.mktemp(f"tiny_{request.param}") / "hf", act=request.param, seed=1, **TINY)
 
 
 def make_converted(root: Path, *, bits: str = "8", **model) -> tuple[Path, Path]:
-    """A synthetic HF model (powerlow.synthetic.make_hf_model keywords) in root/hf, converted to root/m
+    """A synthetic HF model (synthetic.make_hf_model keywords, scripts/synthetic.py) in root/hf, converted to root/m
     -> (hf dir, model dir)."""
     from powerlow.convert import convert
-    from powerlow.synthetic import make_hf_model
+    from synthetic import make_hf_model
     hf = make_hf_model(root / "hf", **model)
     return hf, convert(hf, root / "m", bits=bits, progress=False)
 

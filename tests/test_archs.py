@@ -207,7 +207,7 @@ def test_gemma3_vision_language_checkpoint_converts_its_text_model(tmp_path):
     import torch
     import transformers as T
     from archs_util import VOCAB
-    from powerlow.synthetic import build_tokenizer
+    from synthetic import build_tokenizer
     tc = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=6,
               layer_types=["sliding_attention", "full_attention"])

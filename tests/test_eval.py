@@ -17,7 +17,7 @@ from conftest import TINY, log_softmax, run_cli
 @pytest.fixture(scope="module")
 def relu_dir(tmp_path_factory):
     from powerlow.convert import convert
-    from powerlow.synthetic import make_hf_model
+    from synthetic import make_hf_model
 
     root = tmp_path_factory.mktemp("eval")
     hf = make_hf_model(root / "hf", act="relu", seed=2, hot_alpha=1.0, **TINY)

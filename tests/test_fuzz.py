@@ -167,7 +167,7 @@ def _check(cases, res, allow_diff=()):
 def base(tmp_path_factory):
     """The tiny model dir and its logits for IDS (computed in a worker, as the cases are)."""
     from powerlow.convert import convert
-    from powerlow.synthetic import make_hf_model
+    from synthetic import make_hf_model
     root = tmp_path_factory.mktemp("fuzz")
     hf = make_hf_model(root / "hf", act="silu", seed=5, **TINY)
     d = convert(hf, root / "m", bits="8", progress=False)

@@ -12,7 +12,7 @@ from powerlow import formats
 from powerlow.convert import convert
 from powerlow.manifest import load_manifest
 from powerlow.stream import TensorFile, read_matrix
-from powerlow.synthetic import make_hf_model
+from synthetic import make_hf_model
 
 
 @pytest.fixture(scope="module")

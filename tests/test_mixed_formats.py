@@ -13,7 +13,7 @@ from powerlow.loaders.base import Source
 from powerlow.manifest import load_manifest
 from powerlow.plan import minimum_budget
 from powerlow.store import StoreInfo, read_layer_matrices
-from powerlow.synthetic import make_hf_model
+from synthetic import make_hf_model
 
 PROMPT = [5, 17, 33, 9, 100, 7]
 DOWN = {0: "q8", 1: "q4_1", 2: "q4_0"}     # per layer

@@ -17,7 +17,7 @@ from conftest import TINY, run_cli
 
 @pytest.fixture(scope="module")
 def tiny_src(tmp_path_factory):
-    from powerlow.synthetic import make_hf_model
+    from synthetic import make_hf_model
     return make_hf_model(tmp_path_factory.mktemp("rel") / "hf", act="silu", seed=3, **TINY)
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from powerlow import synthetic as S
+import synthetic as S
 from powerlow.errors import PowerlowError
-from powerlow.synthetic import (BOS_ID, EOS_ID, FIRE_GATE, build_tokenizer, export_gguf, load_planted_hotness,
+from synthetic import (BOS_ID, EOS_ID, FIRE_GATE, build_tokenizer, export_gguf, load_planted_hotness,
                                 make_hf_model, numpy_forward)
 
 ROOT = Path(__file__).resolve().parent.parent

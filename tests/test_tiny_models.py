@@ -55,7 +55,7 @@ def test_matches_transformers(tiny_dir, tiny_hf):
 def test_gguf_export_equals_hf_convert(tiny_hf, tmp_path):
     """The same weights through GGUF (Q/K rows permuted, Q8_0) and through HF (--bits 8) give the same logits:
     this checks the un-permutation of Q/K rows and the lossless Q8_0 import."""
-    from powerlow.synthetic import export_gguf
+    from synthetic import export_gguf
 
     g = export_gguf(tiny_hf, tmp_path / "m.gguf", "Q8_0")
     a = powerlow.load(convert(g, tmp_path / "from_gguf", progress=False))
