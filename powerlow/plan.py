@@ -417,9 +417,13 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
 
     weights["tokenizer (estimate)"] = tokenizer_bytes(model_dir / "tokenizer.json")
 
+    # the FFN kernel's per-chunk sums: a MoE layer keeps one (T, K) buffer per chunk of each of a token's k experts
+    # (kernels.moe_ffn), plus the experts' gathered activations
+    chunks = (cfg["n_experts_used"] * ffn_nchunks(N // cfg["n_experts"], runtime.n_threads) + 2
+              if cfg.get("n_experts") else ffn_nchunks(N, runtime.n_threads))
+
     def fixed_for(ctx: int) -> dict:
-        return {**weights, "kv cache": ctx * kv_bytes_per_position(cfg),
-                "scratch (estimate)": scratch_bytes(cfg, ctx, ffn_nchunks(N, runtime.n_threads))}
+        return {**weights, "kv cache": ctx * kv_bytes_per_position(cfg), "scratch (estimate)": scratch_bytes(cfg, ctx, chunks)}
 
     def need(ctx: int, stream: bool) -> int:
         return sum(fixed_for(ctx).values()) + (ring_bytes if stream else full_dense) + N * S
