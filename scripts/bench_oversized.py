@@ -3,10 +3,13 @@
 
     sudo python scripts/bench_oversized.py                      # 2 GB synthetic model, limits 50% and 25%
     python scripts/bench_oversized.py --limits 50 --modes dense,predict:0.25 -n 16 --json out.json
+    sudo python scripts/bench_oversized.py --moe moe-2gb --repeats 3 --decode-input text --unlimited
 
 What it does, per run (a fresh process each):
   * makes (or reuses) the synthetic model: ~/.cache/powerlow/synthetic/2gb-relu (scripts/make_synthetic.py,
     preset 2gb, ReLU, planted hotness), its Q4_0 GGUF, and the powerlow model dir converted from that GGUF;
+    with --moe moe-2gb the synthetic qwen3moe GGUF with planted expert skew (scripts/synthetic_moe.py), its
+    powerlow dir, profiled (expert frequencies), run in mode experts;
   * creates a cgroup v1 memory group with memory.limit_in_bytes = limit, drops the page cache
     (sync; echo 3 > /proc/sys/vm/drop_caches), starts the engine inside the group, 2 threads;
   * powerlow gets --budget = limit - the interpreter's own baseline (RSS after imports, measured here);
@@ -106,6 +109,10 @@ def inner_powerlow(a: dict) -> dict:
            "peak_rss_bytes": _peak_rss(), "tokens": toks, "decode_input": a.get("decode_input", "greedy"),
            "distinct_inputs": len(set(fed)),
            "ffn_density": round(tf.ffn.clusters_used / max(1, tf.ffn.clusters_total), 4)}
+    if tf.ffn.router is not None:         # MoE: the next layer's router on this layer's state, against its choice
+        d = tf.ffn.router.describe()
+        out.update(expert_lookahead_recall=d["lookahead_recall"],
+                   expert_lookahead_recall_per_layer=d["lookahead_recall_per_layer"])
     if c:
         busy = c["io_busy_s"] - c0.get("io_busy_s", 0)
         nbytes = c["bytes_read"] - c0.get("bytes_read", 0)
@@ -379,6 +386,8 @@ def run_in_cgroup(python: str, payload: dict, limit: int | None, timeout: float)
 def ensure_models(args) -> tuple[Path, Path]:
     from powerlow.default_model import powerlow_home
     syn = powerlow_home() / "synthetic"
+    if args.moe:
+        return ensure_moe(args, syn)
     hf = syn / "2gb-relu"
     gguf = Path(args.gguf) if args.gguf else syn / "2gb-relu-Q4_0.gguf"
     if not gguf.exists():
@@ -390,6 +399,26 @@ def ensure_models(args) -> tuple[Path, Path]:
         from powerlow.convert import convert
         print(f"converting {gguf} -> {model} ...", file=sys.stderr)
         convert(gguf, model, force=model.exists())
+    return gguf, model
+
+
+def ensure_moe(args, syn: Path) -> tuple[Path, Path]:
+    """The synthetic qwen3moe GGUF of preset args.moe (scripts/synthetic_moe.py, made if missing), its powerlow
+    model dir, and that dir profiled (expert frequencies: the plan pins the most chosen experts)."""
+    gguf = Path(args.gguf) if args.gguf else syn / f"{args.moe}.gguf"
+    if not gguf.exists():
+        print(f"making the synthetic MoE model {gguf} (minutes) ...", file=sys.stderr)
+        subprocess.run([sys.executable, str(HERE / "make_synthetic.py"), "--preset", args.moe, "--out", str(gguf),
+                        "--overwrite"], check=True)
+    model = Path(args.model) if args.model else gguf.with_suffix(".powerlow")
+    if not (model / "manifest.json").exists():
+        from powerlow.convert import convert
+        print(f"converting {gguf} -> {model} ...", file=sys.stderr)
+        convert(gguf, model, force=model.exists())
+    if not (model / "profile.safetensors").exists():
+        print(f"profiling {model} (the router's expert choices on text) ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "powerlow", "profile", str(model), "--tokens", "4096",
+                        "-t", str(args.threads)], check=True, env=dict(os.environ, PYTHONPATH=str(HERE.parent)))
     return gguf, model
 
 
@@ -428,6 +457,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", help="GGUF (default: the 2 GB synthetic Q4_0, made if missing)")
     ap.add_argument("-m", "--model", help="powerlow model dir of that GGUF (default: converted next to it)")
+    ap.add_argument("--moe", default=None, help="a synthetic mixture-of-experts preset (moe-2gb, moe-4gb: "
+                    "scripts/synthetic_moe.py) instead of the dense 2 GB model; powerlow runs it in mode experts")
     ap.add_argument("--limits", default="50,25", help="memory limits in %% of the GGUF size (default 50,25)")
     ap.add_argument("--modes", default="dense", help="powerlow modes, e.g. dense,predict:0.25,threshold:0.25")
     ap.add_argument("-t", "--threads", type=int, default=2)
@@ -462,6 +493,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("warning: not root: cgroups and drop_caches will fail", file=sys.stderr)
     from powerlow.config import format_size, parse_size
+    if args.moe and args.modes == "dense":
+        args.modes = "experts"
     gguf, model = ensure_models(args)
     size = gguf.stat().st_size
     base = parse_size(args.baseline) if args.baseline else (-(-interpreter_baseline() // (16 << 20)) + 1) * (16 << 20)
@@ -524,6 +557,8 @@ def main_generate(args) -> int:
     """--prompts: each engine generates -n greedy tokens from each prompt kind inside each limit, rounds
     alternating; powerlow once per drafter, llama.cpp plain and with its prompt lookup."""
     from powerlow.config import format_size, parse_size
+    if args.moe and args.modes == "dense":
+        args.modes = "experts"
     gguf, model = ensure_models(args)
     size = gguf.stat().st_size
     base = parse_size(args.baseline) if args.baseline else (-(-interpreter_baseline() // (16 << 20)) + 1) * (16 << 20)

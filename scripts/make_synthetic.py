@@ -3,6 +3,7 @@
 
     python scripts/make_synthetic.py --preset tiny --out /tmp/tiny                 # seconds
     python scripts/make_synthetic.py --preset 2gb --gguf Q4_0 --out /data/syn-2gb  # minutes
+    python scripts/make_synthetic.py --preset moe-2gb --out /data/moe-2gb.gguf     # qwen3moe, ~3 minutes
 
 Presets (scripts/synthetic.py PRESETS):
   tiny  hidden 128, ffn 352, 2 layers, 4 heads / 2 kv heads, vocab 512, float32
@@ -49,8 +50,11 @@ def _folder_bytes(path: Path) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Make a synthetic Llama-shaped model with planted neuron hotness.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (default tiny)")
-    ap.add_argument("--out", required=True, type=Path, help="HF folder to write")
+    from synthetic_moe import PRESETS as MOE_PRESETS
+    ap.add_argument("--preset", choices=sorted(PRESETS) + sorted(MOE_PRESETS), default="tiny",
+                    help="model shape (default tiny); moe-*: a qwen3moe GGUF with planted expert skew "
+                         "(scripts/synthetic_moe.py), written straight to --out")
+    ap.add_argument("--out", required=True, type=Path, help="HF folder to write (moe-*: the .gguf file)")
     ap.add_argument("--act", choices=ACTS, default="relu", help="FFN activation (default relu)")
     ap.add_argument("--hot-alpha", type=_alpha, default=1.5, help="power-law exponent of neuron hotness, or 'none'")
     ap.add_argument("--hot-density", type=float, default=0.15, help="mean planted firing probability (default 0.15)")
@@ -68,8 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def main_moe(args) -> int:
+    from synthetic_moe import spec_of, write_moe_gguf
+    try:
+        spec = spec_of(args.preset, seed=args.seed)
+        print(f"{args.preset}: qwen3moe hidden {spec.hidden}, {spec.layers} layers, {spec.experts} experts of "
+              f"{spec.expert_ffn}, top {spec.top_k}, {spec.qtype}: {_size(spec.file_bytes())}", file=sys.stderr)
+        if args.out.exists() and not args.overwrite:
+            raise PowerlowError(f"{args.out} already exists; pass --overwrite to replace it")
+        t0 = time.perf_counter()
+        out = write_moe_gguf(args.out, spec, progress=True)
+        print(f"wrote {out} ({_size(out.stat().st_size)}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    except PowerlowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.preset.startswith("moe-"):
+        return main_moe(args)
     shape = dict(PRESETS[args.preset])
     for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "dtype"):
         if getattr(args, name) is not None:
