@@ -251,3 +251,17 @@ def write_gguf(hf_dir: Path, out: Path, qtype: str = "F32", **meta_override) -> 
     w.write_tensors_to_file()
     w.close()
     return Path(out)
+
+
+def tiny_models(tmp_path_factory):
+    """kind -> (HF folder, model dir converted with --bits 8), made once per caller (a module's fixture)."""
+    from powerlow.convert import convert
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            root = tmp_path_factory.mktemp(kind)
+            hf = make_tiny(kind, root / "hf")
+            made[kind] = (hf, convert(hf, root / "m", bits="8", progress=False))
+        return made[kind]
+    return get

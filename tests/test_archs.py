@@ -15,7 +15,7 @@ from powerlow.convert import convert
 from powerlow.errors import PowerlowError
 
 import transformers  # noqa: F401  (the test extras: missing is a failure)
-from archs_util import KINDS, hf_logits, make_tiny, write_gguf  # noqa: E402
+from archs_util import KINDS, hf_logits, make_tiny, tiny_models, write_gguf  # noqa: E402
 
 IDS = list(range(3, 40))
 
@@ -23,15 +23,7 @@ IDS = list(range(3, 40))
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """kind -> (HF folder, model dir converted with --bits 8), made once per module."""
-    made = {}
-
-    def get(kind):
-        if kind not in made:
-            root = tmp_path_factory.mktemp(kind)
-            hf = make_tiny(kind, root / "hf")
-            made[kind] = (hf, convert(hf, root / "m", bits="8", progress=False))
-        return made[kind]
-    return get
+    return tiny_models(tmp_path_factory)
 
 
 @pytest.mark.parametrize("kind", KINDS)

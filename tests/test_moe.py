@@ -19,7 +19,7 @@ from powerlow.plan import make_plan, minimum_budget
 from powerlow.store import StoreInfo
 
 import transformers  # noqa: F401  (the test extras: missing is a failure)
-from archs_util import MOE_KINDS, make_tiny, write_gguf  # noqa: E402
+from archs_util import MOE_KINDS, make_tiny, tiny_models, write_gguf  # noqa: E402
 
 IDS = list(range(3, 40))
 
@@ -27,15 +27,7 @@ IDS = list(range(3, 40))
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """kind -> (HF folder, model dir converted with --bits 8), made once per module."""
-    made = {}
-
-    def get(kind):
-        if kind not in made:
-            root = tmp_path_factory.mktemp(kind)
-            hf = make_tiny(kind, root / "hf")
-            made[kind] = (hf, convert(hf, root / "m", bits="8", progress=False))
-        return made[kind]
-    return get
+    return tiny_models(tmp_path_factory)
 
 
 def _hf_run(hf, ids):
