@@ -468,6 +468,9 @@ def main() -> int:
     ap.add_argument("--baseline", default=None, help="interpreter allowance subtracted from the limit for powerlow's "
                     "--budget (default: measured RSS after imports, rounded up to 16 MiB, + 16 MiB)")
     ap.add_argument("--config", help="TOML runtime config for powerlow (queue_depth, io_block, ...; not budget)")
+    ap.add_argument("--variants", default=None, help="powerlow config variants run side by side in every round, "
+                    "';'-separated sets of key=value (',' between keys; 'default' = none), e.g. "
+                    "\"default;prefetch_depth=0;hot_fraction=0.5,cache_policy=lru\"")
     ap.add_argument("--unlimited", action="store_true", help="also run both engines without a limit")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--skip-probe", action="store_true")
@@ -511,6 +514,7 @@ def main() -> int:
     for m in args.modes.split(","):
         name, _, d = m.partition(":")
         modes.append((name, float(d) if d else 1.0))
+    variants = parse_variants(args.variants)
     cg_base = interpreter_cgroup_baseline()
     print(f"model {gguf.name}: {format_size(size)}; interpreter allowance {format_size(base)} (its cgroup charge "
           f"after imports, page cache included: {format_size(cg_base)}); "
@@ -528,19 +532,20 @@ def main() -> int:
             r.update(limit=tag)
             results.append(r)
             print(json.dumps(r), file=sys.stderr)
-        for mode, dens in modes:
+        for (mode, dens), (vname, vextra) in [(m, v) for m in modes for v in variants]:
             budget = None if limit is None else limit - base
-            refused = plan_refusal(model, budget, mode, dens, args.context, args.threads, extra)
+            cfg = {**extra, **vextra}
+            refused = plan_refusal(model, budget, mode, dens, args.context, args.threads, cfg)
             if refused:
                 r = {"engine": "powerlow", "mode": mode, "density": dens, "budget_bytes": budget, "limit": tag,
-                     "refused": refused}
+                     "refused": refused, "variant": vname}
                 results.append(r)
                 print(json.dumps(r), file=sys.stderr)
                 continue
             r = run_in_cgroup(sys.executable, {"engine": "powerlow", "model": str(model), "budget": budget, "mode": mode,
-                                               "density": dens, "context": args.context, "extra": extra, **common},
+                                               "density": dens, "context": args.context, "extra": cfg, **common},
                               limit, args.timeout)
-            r.update(limit=tag)
+            r.update(limit=tag, variant=vname)
             results.append(r)
             print(json.dumps(r), file=sys.stderr)
     if not args.skip_probe:
@@ -704,13 +709,40 @@ def run_probe(model: Path, results: list, when: str) -> list:
     return out
 
 
+def parse_variants(text: str | None) -> list[tuple[str, dict]]:
+    """``--variants`` -> [(label, config overrides)]: "default;prefetch_depth=0;hot_fraction=0.5,cache_policy=lru"."""
+    if not text:
+        return [("", {})]
+    out = []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        kv = {}
+        if part != "default":
+            for item in part.split(","):
+                key, eq, val = (x.strip() for x in item.partition("="))
+                if not eq or not key:
+                    raise SystemExit(f"--variants: {item!r} is not key=value (e.g. prefetch_depth=0)")
+                for conv in (int, float):
+                    try:
+                        kv[key] = conv(val)
+                        break
+                    except ValueError:
+                        pass
+                else:
+                    kv[key] = val
+        out.append((part, kv))
+    return out or [("", {})]
+
+
 def median_rows(results: list) -> list:
     """One row per (limit, engine, mode, density): the run with the median decode speed, with every run's
     speed in ``runs`` (a single run passes through)."""
     import statistics
     groups: dict = {}
     for r in results:
-        groups.setdefault((r.get("limit"), r.get("engine"), r.get("mode"), r.get("density")), []).append(r)
+        groups.setdefault((r.get("limit"), r.get("engine"), r.get("mode"), r.get("density"), r.get("variant", "")),
+                          []).append(r)
     out = []
     for rows in groups.values():
         ok = [r for r in rows if "decode_tok_s" in r]
@@ -735,6 +767,8 @@ def print_table(results: list, probe, size: int, cg_base: int = 0) -> None:
         eng = r.get("engine", "?")
         mode = (f"{r['mode']}" + (f" d={r['density']}" if r.get("density", 1) < 1 else "")) if eng == "powerlow" else \
             ("repacked" if r.get("extra_bufts") else "mmap")
+        if r.get("variant"):
+            mode += f" [{r['variant']}]"
         if r.get("refused"):
             import re
             m = re.search(r"minimum ([0-9.]+ [KMG]iB)", r["refused"])

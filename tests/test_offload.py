@@ -425,3 +425,22 @@ def test_plan_shown_is_the_plan_run(tiny_dir):
     assert positions == n_prompt + 90
     r = run_cli("run", "-m", tiny_dir, "-p", "hello there", "-n", "90", "--budget", budget)
     assert r.returncode == 0, r.stderr
+
+
+def test_bench_oversized_variants_parse_and_stay_apart_in_the_medians():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_oversized.py"
+    spec = importlib.util.spec_from_file_location("bench_oversized", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    v = mod.parse_variants("default;prefetch_depth=0;hot_fraction=0.5,cache_policy=lru")
+    assert v == [("default", {}), ("prefetch_depth=0", {"prefetch_depth": 0}),
+                 ("hot_fraction=0.5,cache_policy=lru", {"hot_fraction": 0.5, "cache_policy": "lru"})]
+    assert mod.parse_variants(None) == [("", {})]
+    with pytest.raises(SystemExit, match="not key=value"):
+        mod.parse_variants("prefetch_depth")
+    runs = [{"limit": "50%", "engine": "powerlow", "mode": "experts", "density": 1.0, "variant": name, "decode_tok_s": x}
+            for name, x in (("default", 3.0), ("prefetch_depth=0", 1.0), ("default", 5.0), ("prefetch_depth=0", 2.0))]
+    rows = mod.median_rows(runs)
+    assert {r["variant"]: r["runs"] for r in rows} == {"default": [3.0, 5.0], "prefetch_depth=0": [1.0, 2.0]}
