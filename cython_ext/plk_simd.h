@@ -504,8 +504,11 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
  * a chunk at a time, is one inline-asm statement (gemm_chunk_q4/q8); edge tiles use the C loop. A row pair's re-laid
  * codes (2 x K bytes) stay in L1 across the token tiles. q4 perm = [0 2 4 6 1 3 5 7]: what an in-lane
  * 4x4 dword transpose of two-group loads gives; q8 perm = identity (8x8 transpose).
- * The VNNI variant keeps the per-token kernel (vpdpbusd already accumulates in int32; this VM has no
- * AVX-512 to test a VNNI GEMM on). */
+ * VNNI (the AVX-512 variant): one vpdpbusd per (row, token, step) accumulates straight into int32 lanes,
+ * in place of vpmaddubsw + vpaddw (+ vpmaddwd once a chunk). q8 codes are signed: the row prep stores
+ * them offset by 128 (w ^ 0x80, unsigned) and the epilogue subtracts 128 x the block's activation sum
+ * (kept as int32 in the [bx] half of the tile's float table, which q8 does not use): the same exact
+ * integer sums, hence the same bits as the AVX2 GEMM and the per-token kernels. */
 #define GEMM_MINT 4
 
 AI void tr4_lane(__m256i *v)   /* in-lane 4x4 dword transpose of v[0..3] */
@@ -531,9 +534,10 @@ AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, cons
             for (int j = 0; j < 8; j++) b[j] = _mm256_loadu_si256((const __m256i *)(qs + (size_t)c * 256 + 32 * j));
             tr4_lane(b);
             tr4_lane(b + 4);
+            const __m256i off = _mm256_set1_epi8(PLK_VNNI ? (char)0x80 : 0);   /* VNNI: w + 128, unsigned */
             for (int s = 0; s < 4; s++) {
-                _mm256_store_si256(o + s, _mm256_permute2x128_si256(b[s], b[4 + s], 0x20));
-                _mm256_store_si256(o + 4 + s, _mm256_permute2x128_si256(b[s], b[4 + s], 0x31));
+                _mm256_store_si256(o + s, _mm256_xor_si256(_mm256_permute2x128_si256(b[s], b[4 + s], 0x20), off));
+                _mm256_store_si256(o + 4 + s, _mm256_xor_si256(_mm256_permute2x128_si256(b[s], b[4 + s], 0x31), off));
             }
         } else {
             __m256i lo[4], hi[4];
@@ -633,6 +637,73 @@ AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, con
     const __m256i one = _mm256_set1_epi16(1);
     __asm__ volatile(GA_STEPS(GA_Q8STEP, GA_Q8MUL, GA_Q8MAC) GA_EPILOGUE(GA_EPI_Q8) GA_OPERANDS);
 }
+#else
+/* VNNI: the same 2 x 4 chunk with vpdpbusd (sums zeroed first: it only accumulates). q8's codes are
+ * w + 128 (gemm_row_prep), so its step is q4's and its epilogue first subtracts 128 x the activation
+ * block sums (int32, token t at f + 16 t + 8). vpdpbusd adds into its destination (latency 4-5), so one
+ * sum per (row, token) would be a chain of 8 dependent steps a chunk: even steps go to ymm0-7, odd
+ * steps to ymm16-23, added once in the epilogue (integers: the same sums). */
+#define GA_MAC(X, W, S) "vpdpbusd %%ymm" X ", %%ymm" W ", %%ymm" S "\n\t"
+#define GA_STEP_(K_, S0, S1, S2, S3, S4, S5, S6, S7)                                         \
+    "vmovdqa " K_ "(%[w0]), %%ymm12\n\t vmovdqa " K_ "(%[w1]), %%ymm13\n\t"                  \
+    "vmovdqa " K_ "(%[x]), %%ymm14\n\t"     GA_MAC("14", "12", S0) GA_MAC("14", "13", S4)     \
+    "vmovdqa 256+" K_ "(%[x]), %%ymm14\n\t" GA_MAC("14", "12", S1) GA_MAC("14", "13", S5)     \
+    "vmovdqa 512+" K_ "(%[x]), %%ymm14\n\t" GA_MAC("14", "12", S2) GA_MAC("14", "13", S6)     \
+    "vmovdqa 768+" K_ "(%[x]), %%ymm14\n\t" GA_MAC("14", "12", S3) GA_MAC("14", "13", S7)
+#define GA_STEP_E(K_) GA_STEP_(K_, "0", "1", "2", "3", "4", "5", "6", "7")
+#define GA_STEP_O(K_) GA_STEP_(K_, "16", "17", "18", "19", "20", "21", "22", "23")
+#define GA_ZERO                                                                              \
+    "vpxor %%xmm0, %%xmm0, %%xmm0\n\t vpxor %%xmm1, %%xmm1, %%xmm1\n\t"                      \
+    "vpxor %%xmm2, %%xmm2, %%xmm2\n\t vpxor %%xmm3, %%xmm3, %%xmm3\n\t"                      \
+    "vpxor %%xmm4, %%xmm4, %%xmm4\n\t vpxor %%xmm5, %%xmm5, %%xmm5\n\t"                      \
+    "vpxor %%xmm6, %%xmm6, %%xmm6\n\t vpxor %%xmm7, %%xmm7, %%xmm7\n\t"                      \
+    "vpxord %%xmm16, %%xmm16, %%xmm16\n\t vpxord %%xmm17, %%xmm17, %%xmm17\n\t"              \
+    "vpxord %%xmm18, %%xmm18, %%xmm18\n\t vpxord %%xmm19, %%xmm19, %%xmm19\n\t"              \
+    "vpxord %%xmm20, %%xmm20, %%xmm20\n\t vpxord %%xmm21, %%xmm21, %%xmm21\n\t"              \
+    "vpxord %%xmm22, %%xmm22, %%xmm22\n\t vpxord %%xmm23, %%xmm23, %%xmm23\n\t"
+#define GA_STEPS GA_STEP_E("0") GA_STEP_O("32") GA_STEP_E("64") GA_STEP_O("96") GA_STEP_E("128") \
+                 GA_STEP_O("160") GA_STEP_E("192") GA_STEP_O("224")                                \
+    "vpaddd %%ymm16, %%ymm0, %%ymm0\n\t vpaddd %%ymm17, %%ymm1, %%ymm1\n\t"                    \
+    "vpaddd %%ymm18, %%ymm2, %%ymm2\n\t vpaddd %%ymm19, %%ymm3, %%ymm3\n\t"                    \
+    "vpaddd %%ymm20, %%ymm4, %%ymm4\n\t vpaddd %%ymm21, %%ymm5, %%ymm5\n\t"                    \
+    "vpaddd %%ymm22, %%ymm6, %%ymm6\n\t vpaddd %%ymm23, %%ymm7, %%ymm7\n\t"
+#define GA_EPI_Q4(S, T)                                                                      \
+    "vcvtdq2ps %%ymm" S ", %%ymm" S "\n\t"                                                    \
+    "vmulps " T "*64(%[f]), %%ymm12, %%ymm14\n\t"                                             \
+    "vfmadd231ps %%ymm14, %%ymm" S ", %[a" S "]\n\t"                                          \
+    "vfmadd231ps " T "*64+32(%[f]), %%ymm13, %[a" S "]\n\t"
+#define GA_EPI_Q8(S, T)                                                                      \
+    "vpsubd " T "*64+32(%[f]), %%ymm" S ", %%ymm" S "\n\t vcvtdq2ps %%ymm" S ", %%ymm" S "\n\t" \
+    "vmulps " T "*64(%[f]), %%ymm12, %%ymm14\n\t"                                             \
+    "vfmadd231ps %%ymm14, %%ymm" S ", %[a" S "]\n\t"
+#define GA_EPILOGUE(EPI)                                                                     \
+    "vmovups (%[d]), %%ymm12\n\t vmovups (%[b]), %%ymm13\n\t"                                 \
+    EPI("0", "0") EPI("1", "1") EPI("2", "2") EPI("3", "3")                                   \
+    "vmovups (%[d],%[vs]), %%ymm12\n\t vmovups (%[b],%[vs]), %%ymm13\n\t"                     \
+    EPI("4", "0") EPI("5", "1") EPI("6", "2") EPI("7", "3")
+#define GA_OPERANDS                                                                          \
+    : [a0] "+v"(acc[0]), [a1] "+v"(acc[1]), [a2] "+v"(acc[2]), [a3] "+v"(acc[3]),             \
+      [a4] "+v"(acc[4]), [a5] "+v"(acc[5]), [a6] "+v"(acc[6]), [a7] "+v"(acc[7])              \
+    : [w0] "r"(w0), [w1] "r"(w1), [x] "r"(x), [f] "r"(f), [d] "r"(d), [b] "r"(b), [vs] "r"(vs) \
+    : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7",               \
+      "xmm12", "xmm13", "xmm14", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23"
+
+AI void gemm_chunk_q4(const __m256i *w0, const __m256i *w1, const int8_t *x, const float *f,
+                      const float *d, const float *b, size_t vs, __m256 *acc)
+{
+    __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_EPI_Q4) GA_OPERANDS);
+}
+
+AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, const float *f,
+                      const float *d, const float *b, size_t vs, __m256 *acc)
+{
+    __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_EPI_Q8) GA_OPERANDS);
+}
+#undef GA_STEP_
+#undef GA_STEP_E
+#undef GA_STEP_O
+#undef GA_ZERO
+#endif
 #undef GA_MUL
 #undef GA_MAC
 #undef GA_Q4STEP
@@ -644,7 +715,6 @@ AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, con
 #undef GA_EPILOGUE
 #undef GA_STEPS
 #undef GA_OPERANDS
-#endif
 
 /* R rows x NT tokens over nch chunks: acc[r * 4 + t] */
 AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m256i *wr, size_t wst,
@@ -652,7 +722,6 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
                   __m256 *acc, const char *pf, int npf)
 {
     const __m256i ones = _mm256_set1_epi16(1);
-#if !PLK_VNNI
     if (R == 2 && NT == 4) {
         for (int c = 0; c < nch; c++) {
             if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
@@ -666,7 +735,6 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
         }
         return;
     }
-#endif
     for (int c = 0; c < nch; c++) {
         if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
         __m256i s[2][4];
@@ -681,13 +749,18 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
 #pragma GCC unroll 2
             for (int r = 0; r < R; r++) {
                 wv[r] = _mm256_load_si256(wc + r * wst + k);
-                if (FMT == PLK_Q8) wa[r] = _mm256_abs_epi8(wv[r]);
+                if (FMT == PLK_Q8 && !PLK_VNNI) wa[r] = _mm256_abs_epi8(wv[r]);
             }
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) {
                 const __m256i xv = _mm256_load_si256((const __m256i *)(xt + ((size_t)c * 4 + t) * 256 + 32 * k));
 #pragma GCC unroll 2
                 for (int r = 0; r < R; r++) {
+#if PLK_VNNI
+                    s[r][t] = _mm256_dpbusd_epi32(s[r][t], wv[r], xv);   /* q8: codes + 128 */
+                    (void)wa;
+                    continue;
+#endif
                     if (FMT == PLK_Q8)
                         s[r][t] = _mm256_add_epi32(s[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xv, wv[r])), ones));
                     else
@@ -707,7 +780,13 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
             const __m256 dx = _mm256_load_ps(f), bx = _mm256_load_ps(f + 8);
 #pragma GCC unroll 2
             for (int r = 0; r < R; r++) {
+#if PLK_VNNI
+                const __m256i isum = FMT == PLK_Q8 ? _mm256_sub_epi32(s[r][t], _mm256_load_si256((const __m256i *)(f + 8)))
+                                                   : s[r][t];
+                (void)ones;
+#else
                 const __m256i isum = FMT == PLK_Q8 ? s[r][t] : _mm256_madd_epi16(s[r][t], ones);
+#endif
                 __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv[r], dx), acc[r * 4 + t]);
                 if (FMT != PLK_Q8) v = _mm256_fmadd_ps(bv[r], bx, v);
                 acc[r * 4 + t] = v;
@@ -750,6 +829,12 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
                 v[q] = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)b * 32));
                 f[q] = dxp[t][b];
                 f[8 + q] = FMT == PLK_Q8 ? 0.0f : bxp[t][b];
+                if (FMT == PLK_Q8 && PLK_VNNI) {   /* 128 x the block's sum, to undo the codes' offset */
+                    int32_t sum = 0;
+                    for (int j = 0; j < 32; j++) sum += xp[t][(size_t)b * 32 + j];
+                    sum *= 128;
+                    memcpy(f + 8 + q, &sum, sizeof sum);
+                }
             }
             tr4_lane(v);
             tr4_lane(v + 4);
@@ -824,7 +909,7 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
         const int T = a->T - t0 < G32_MAXT ? a->T - t0 : G32_MAXT;
         /* q4: activations re-laid per pair of blocks: [b lo16 | b+1 lo16], [b hi16 | b+1 hi16] */
         /* the GEMM path below needs them only for an even tail of groups */
-        const int gemm = !PLK_VNNI && T >= GEMM_MINT && nfull >= 8;
+        const int gemm = T >= GEMM_MINT && nfull >= 8;
         int8_t *xr = NULL;
         if (q4 && !(gemm && (tailn == 0 || (tailn & 1)))) {
             size_t need = (size_t)T * (ng & ~1) * 32;

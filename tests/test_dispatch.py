@@ -21,13 +21,18 @@ def test_variants_give_the_same_bits(fmt):
     portable C, which sums floats in another order on x86, runs only where there is no SIMD) gives the bits of
     the widest, for GEMV and GEMM, so runs agree whichever variant the cache picked."""
     rng = np.random.default_rng(3)
-    q = formats.quantize(rng.standard_normal((96, 512), dtype=np.float32), fmt)
-    K.prepare_resident(q)
-    for T in (1, 3, 32):
-        x = rng.standard_normal((T, 512), dtype=np.float32)
-        ref = K.matmul(q, x, isa=K.isa)
-        for v in K.dispatcher().variants:
-            np.testing.assert_array_equal(K.matmul(q, x, isa=v), ref, err_msg=f"{fmt} {v} T={T}")
+    # (97, 416): an odd row count (a lone last row) and 13 groups (one GEMM chunk of 8 + a 5-group tail);
+    # T = 4, 7, 65: the GEMM's full and partial token tiles and its 64-token blocks
+    for n, k, ts in ((96, 512, (1, 3, 32)), (97, 416, (4, 7, 65))):
+        if fmt.endswith("_k") and k % 256:
+            k = 512
+        q = formats.quantize(rng.standard_normal((n, k), dtype=np.float32), fmt)
+        K.prepare_resident(q)
+        for T in ts:
+            x = rng.standard_normal((T, k), dtype=np.float32)
+            ref = K.matmul(q, x, isa=K.isa)
+            for v in K.dispatcher().variants:
+                np.testing.assert_array_equal(K.matmul(q, x, isa=v), ref, err_msg=f"{fmt} {v} {n}x{k} T={T}")
 
 
 def test_pick():
