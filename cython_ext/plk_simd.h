@@ -510,6 +510,9 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
  * (kept as int32 in the [bx] half of the tile's float table, which q8 does not use): the same exact
  * integer sums, hence the same bits as the AVX2 GEMM and the per-token kernels. */
 #define GEMM_MINT 4
+#ifndef GEMM_KB
+#define GEMM_KB 8      /* chunks (of 256 codes) per K block of the GEMM; even (VNNI pairs chunks) */
+#endif
 
 AI void tr4_lane(__m256i *v)   /* in-lane 4x4 dword transpose of v[0..3] */
 {
@@ -521,14 +524,26 @@ AI void tr4_lane(__m256i *v)   /* in-lane 4x4 dword transpose of v[0..3] */
     v[3] = _mm256_unpackhi_epi64(t1, t3);
 }
 
-/* one row's nch chunks -> wr (nch x 8 vectors), dvr/bvr (nch x 8 floats, permuted like the lanes) */
+/* Where a chunk's re-laid vectors live. AVX2: chunk c's weight vector k at wr[8 c + k], token t's activation
+ * vector k at byte 256 (4 c + t) + 32 k of the token tile. VNNI (512-bit steps over chunk pairs): chunks
+ * 2p, 2p+1 interleave by 32 bytes, so [chunk 2p | chunk 2p+1] vector k is one aligned 64-byte load; an odd
+ * count's last chunk has a zero partner (g_pad). */
+AI size_t g_wi(int c, int k) { return PLK_VNNI ? (size_t)(c & ~1) * 8 + 2 * k + (c & 1) : (size_t)c * 8 + k; }
+AI size_t g_xo(int c, int t, int k)
+{
+    return PLK_VNNI ? ((size_t)(c >> 1) * 4 + t) * 512 + 64 * k + 32 * (c & 1) : ((size_t)c * 4 + t) * 256 + 32 * k;
+}
+AI int g_pad(int nch) { return PLK_VNNI ? (nch + 1) & ~1 : nch; }   /* chunks a row / token tile holds */
+
+/* one row's nch chunks -> wr (g_pad(nch) x 8 vectors), dvr/bvr (nch x 8 floats, permuted like the lanes) */
 AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, const uint16_t *mr, int nch,
                       __m256i *wr, float *dvr, float *bvr)
 {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     const __m256i pidx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    if (g_pad(nch) > nch)
+        for (int k = 0; k < 8; k++) _mm256_store_si256(wr + g_wi(nch, k), _mm256_setzero_si256());
     for (int c = 0; c < nch; c++) {
-        __m256i *o = wr + (size_t)c * 8;
         if (FMT == PLK_Q8) {
             __m256i b[8];
             for (int j = 0; j < 8; j++) b[j] = _mm256_loadu_si256((const __m256i *)(qs + (size_t)c * 256 + 32 * j));
@@ -536,8 +551,8 @@ AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, cons
             tr4_lane(b + 4);
             const __m256i off = _mm256_set1_epi8(PLK_VNNI ? (char)0x80 : 0);   /* VNNI: w + 128, unsigned */
             for (int s = 0; s < 4; s++) {
-                _mm256_store_si256(o + s, _mm256_xor_si256(_mm256_permute2x128_si256(b[s], b[4 + s], 0x20), off));
-                _mm256_store_si256(o + 4 + s, _mm256_xor_si256(_mm256_permute2x128_si256(b[s], b[4 + s], 0x31), off));
+                _mm256_store_si256(wr + g_wi(c, s), _mm256_xor_si256(_mm256_permute2x128_si256(b[s], b[4 + s], 0x20), off));
+                _mm256_store_si256(wr + g_wi(c, 4 + s), _mm256_xor_si256(_mm256_permute2x128_si256(b[s], b[4 + s], 0x31), off));
             }
         } else {
             __m256i lo[4], hi[4];
@@ -549,8 +564,8 @@ AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, cons
             tr4_lane(lo);
             tr4_lane(hi);
             for (int k = 0; k < 4; k++) {
-                _mm256_store_si256(o + k, lo[k]);
-                _mm256_store_si256(o + 4 + k, hi[k]);
+                _mm256_store_si256(wr + g_wi(c, k), lo[k]);
+                _mm256_store_si256(wr + g_wi(c, 4 + k), hi[k]);
             }
         }
         __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dr + (size_t)c * 8)));
@@ -638,18 +653,23 @@ AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, con
     __asm__ volatile(GA_STEPS(GA_Q8STEP, GA_Q8MUL, GA_Q8MAC) GA_EPILOGUE(GA_EPI_Q8) GA_OPERANDS);
 }
 #else
-/* VNNI: the same 2 x 4 chunk with vpdpbusd (sums zeroed first: it only accumulates). q8's codes are
- * w + 128 (gemm_row_prep), so its step is q4's and its epilogue first subtracts 128 x the activation
- * block sums (int32, token t at f + 16 t + 8). vpdpbusd adds into its destination (latency 4-5), so one
- * sum per (row, token) would be a chain of 8 dependent steps a chunk: even steps go to ymm0-7, odd
- * steps to ymm16-23, added once in the epilogue (integers: the same sums). */
-#define GA_MAC(X, W, S) "vpdpbusd %%ymm" X ", %%ymm" W ", %%ymm" S "\n\t"
+/* VNNI: two chunks at a time in 512-bit vectors (on Zen 4 a zmm vpdpbusd does 1.5x the products of a ymm
+ * one per cycle: measured 3.5 G zmm/s vs 4.5 G ymm/s), zmm k = [chunk c vector k | chunk c+1 vector k]
+ * (g_wi, g_xo below lay the codes and activations out so), sums zeroed first (vpdpbusd only accumulates).
+ * The float epilogue takes the low halves (chunk c) then the high halves (chunk c+1), each with its own
+ * chunk's dv, bv, dx, bx: the AVX2 tile's float steps in its order. q8's codes are w + 128 (gemm_row_prep),
+ * so its integer steps are q4's and each half first subtracts 128 x its blocks' activation sums (int32,
+ * token t at f + 16 t + 8). A sum per (row, token) would chain 8 dependent vpdpbusd (latency 4-5) a pair:
+ * even steps go to zmm0-7, odd ones to zmm16-23, added once (integers: the same sums). A lone last chunk
+ * (odd count) runs the same steps over zero codes and activations laid in its partner's place, and only
+ * the low epilogue. acc: 8 ymm operands that stay in registers. */
+#define GA_MAC(X, W, S) "vpdpbusd %%zmm" X ", %%zmm" W ", %%zmm" S "\n\t"
 #define GA_STEP_(K_, S0, S1, S2, S3, S4, S5, S6, S7)                                         \
-    "vmovdqa " K_ "(%[w0]), %%ymm12\n\t vmovdqa " K_ "(%[w1]), %%ymm13\n\t"                  \
-    "vmovdqa " K_ "(%[x]), %%ymm14\n\t"     GA_MAC("14", "12", S0) GA_MAC("14", "13", S4)     \
-    "vmovdqa 256+" K_ "(%[x]), %%ymm14\n\t" GA_MAC("14", "12", S1) GA_MAC("14", "13", S5)     \
-    "vmovdqa 512+" K_ "(%[x]), %%ymm14\n\t" GA_MAC("14", "12", S2) GA_MAC("14", "13", S6)     \
-    "vmovdqa 768+" K_ "(%[x]), %%ymm14\n\t" GA_MAC("14", "12", S3) GA_MAC("14", "13", S7)
+    "vmovdqa64 " K_ "(%[w0]), %%zmm12\n\t vmovdqa64 " K_ "(%[w1]), %%zmm13\n\t"              \
+    "vmovdqa64 " K_ "(%[x]), %%zmm14\n\t"      GA_MAC("14", "12", S0) GA_MAC("14", "13", S4)  \
+    "vmovdqa64 512+" K_ "(%[x]), %%zmm14\n\t"  GA_MAC("14", "12", S1) GA_MAC("14", "13", S5)  \
+    "vmovdqa64 1024+" K_ "(%[x]), %%zmm14\n\t" GA_MAC("14", "12", S2) GA_MAC("14", "13", S6)  \
+    "vmovdqa64 1536+" K_ "(%[x]), %%zmm14\n\t" GA_MAC("14", "12", S3) GA_MAC("14", "13", S7)
 #define GA_STEP_E(K_) GA_STEP_(K_, "0", "1", "2", "3", "4", "5", "6", "7")
 #define GA_STEP_O(K_) GA_STEP_(K_, "16", "17", "18", "19", "20", "21", "22", "23")
 #define GA_ZERO                                                                              \
@@ -661,44 +681,62 @@ AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, con
     "vpxord %%xmm18, %%xmm18, %%xmm18\n\t vpxord %%xmm19, %%xmm19, %%xmm19\n\t"              \
     "vpxord %%xmm20, %%xmm20, %%xmm20\n\t vpxord %%xmm21, %%xmm21, %%xmm21\n\t"              \
     "vpxord %%xmm22, %%xmm22, %%xmm22\n\t vpxord %%xmm23, %%xmm23, %%xmm23\n\t"
-#define GA_STEPS GA_STEP_E("0") GA_STEP_O("32") GA_STEP_E("64") GA_STEP_O("96") GA_STEP_E("128") \
-                 GA_STEP_O("160") GA_STEP_E("192") GA_STEP_O("224")                                \
-    "vpaddd %%ymm16, %%ymm0, %%ymm0\n\t vpaddd %%ymm17, %%ymm1, %%ymm1\n\t"                    \
-    "vpaddd %%ymm18, %%ymm2, %%ymm2\n\t vpaddd %%ymm19, %%ymm3, %%ymm3\n\t"                    \
-    "vpaddd %%ymm20, %%ymm4, %%ymm4\n\t vpaddd %%ymm21, %%ymm5, %%ymm5\n\t"                    \
-    "vpaddd %%ymm22, %%ymm6, %%ymm6\n\t vpaddd %%ymm23, %%ymm7, %%ymm7\n\t"
-#define GA_EPI_Q4(S, T)                                                                      \
-    "vcvtdq2ps %%ymm" S ", %%ymm" S "\n\t"                                                    \
-    "vmulps " T "*64(%[f]), %%ymm12, %%ymm14\n\t"                                             \
-    "vfmadd231ps %%ymm14, %%ymm" S ", %[a" S "]\n\t"                                          \
-    "vfmadd231ps " T "*64+32(%[f]), %%ymm13, %[a" S "]\n\t"
-#define GA_EPI_Q8(S, T)                                                                      \
-    "vpsubd " T "*64+32(%[f]), %%ymm" S ", %%ymm" S "\n\t vcvtdq2ps %%ymm" S ", %%ymm" S "\n\t" \
-    "vmulps " T "*64(%[f]), %%ymm12, %%ymm14\n\t"                                             \
-    "vfmadd231ps %%ymm14, %%ymm" S ", %[a" S "]\n\t"
-#define GA_EPILOGUE(EPI)                                                                     \
-    "vmovups (%[d]), %%ymm12\n\t vmovups (%[b]), %%ymm13\n\t"                                 \
-    EPI("0", "0") EPI("1", "1") EPI("2", "2") EPI("3", "3")                                   \
-    "vmovups (%[d],%[vs]), %%ymm12\n\t vmovups (%[b],%[vs]), %%ymm13\n\t"                     \
-    EPI("4", "0") EPI("5", "1") EPI("6", "2") EPI("7", "3")
+#define GA_STEPS GA_STEP_E("0") GA_STEP_O("64") GA_STEP_E("128") GA_STEP_O("192") GA_STEP_E("256") \
+                 GA_STEP_O("320") GA_STEP_E("384") GA_STEP_O("448")                                \
+    "vpaddd %%zmm16, %%zmm0, %%zmm0\n\t vpaddd %%zmm17, %%zmm1, %%zmm1\n\t"                    \
+    "vpaddd %%zmm18, %%zmm2, %%zmm2\n\t vpaddd %%zmm19, %%zmm3, %%zmm3\n\t"                    \
+    "vpaddd %%zmm20, %%zmm4, %%zmm4\n\t vpaddd %%zmm21, %%zmm5, %%zmm5\n\t"                    \
+    "vpaddd %%zmm22, %%zmm6, %%zmm6\n\t vpaddd %%zmm23, %%zmm7, %%zmm7\n\t"
+/* one half: integer sums in ymm I, chunk's dv in ymm D, bv in ymm B, its [dx | bx] at F(%[f]) */
+#define GA_HALF_Q4(I, D, B, F, S)                                                            \
+    "vcvtdq2ps %%ymm" I ", %%ymm" I "\n\t"                                                    \
+    "vmulps " F "(%[f]), %%ymm" D ", %%ymm14\n\t"                                             \
+    "vfmadd231ps %%ymm14, %%ymm" I ", %[a" S "]\n\t"                                          \
+    "vfmadd231ps " F "+32(%[f]), %%ymm" B ", %[a" S "]\n\t"
+#define GA_HALF_Q8(I, D, B, F, S)                                                            \
+    "vpsubd " F "+32(%[f]), %%ymm" I ", %%ymm" I "\n\t vcvtdq2ps %%ymm" I ", %%ymm" I "\n\t"  \
+    "vmulps " F "(%[f]), %%ymm" D ", %%ymm14\n\t"                                             \
+    "vfmadd231ps %%ymm14, %%ymm" I ", %[a" S "]\n\t"
+/* sum S (token T): high half to ymm15 first (a VEX write of ymm S clears it), low half, then high */
+#define GA_EPI2(H, S, T)                                                                     \
+    "vextracti64x4 $1, %%zmm" S ", %%ymm15\n\t"                                               \
+    H(S, "12", "13", T "*64", S) H("15", "24", "25", "256+" T "*64", S)
+#define GA_EPI1(H, S, T) H(S, "12", "13", T "*64", S)
+#define GA_HI0 "vmovups 32(%[d]), %%ymm24\n\t vmovups 32(%[b]), %%ymm25\n\t"
+#define GA_HI1 "vmovups 32(%[d],%[vs]), %%ymm24\n\t vmovups 32(%[b],%[vs]), %%ymm25\n\t"
+#define GA_EPILOGUE(H, EPI, HI0, HI1)                                                        \
+    "vmovups (%[d]), %%ymm12\n\t vmovups (%[b]), %%ymm13\n\t" HI0                             \
+    EPI(H, "0", "0") EPI(H, "1", "1") EPI(H, "2", "2") EPI(H, "3", "3")                       \
+    "vmovups (%[d],%[vs]), %%ymm12\n\t vmovups (%[b],%[vs]), %%ymm13\n\t" HI1                 \
+    EPI(H, "4", "0") EPI(H, "5", "1") EPI(H, "6", "2") EPI(H, "7", "3")
 #define GA_OPERANDS                                                                          \
     : [a0] "+v"(acc[0]), [a1] "+v"(acc[1]), [a2] "+v"(acc[2]), [a3] "+v"(acc[3]),             \
       [a4] "+v"(acc[4]), [a5] "+v"(acc[5]), [a6] "+v"(acc[6]), [a7] "+v"(acc[7])              \
     : [w0] "r"(w0), [w1] "r"(w1), [x] "r"(x), [f] "r"(f), [d] "r"(d), [b] "r"(b), [vs] "r"(vs) \
-    : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7",               \
-      "xmm12", "xmm13", "xmm14", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23"
+    : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm12",      \
+      "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", \
+      "xmm23", "xmm24", "xmm25"
 
+/* chunks c, c+1 (pair = 1) or c alone (pair = 0) of a 2 x 4 tile */
 AI void gemm_chunk_q4(const __m256i *w0, const __m256i *w1, const int8_t *x, const float *f,
-                      const float *d, const float *b, size_t vs, __m256 *acc)
+                      const float *d, const float *b, size_t vs, __m256 *acc, int pair)
 {
-    __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_EPI_Q4) GA_OPERANDS);
+    if (pair) __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_HALF_Q4, GA_EPI2, GA_HI0, GA_HI1) GA_OPERANDS);
+    else __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_HALF_Q4, GA_EPI1, "", "") GA_OPERANDS);
 }
 
 AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, const float *f,
-                      const float *d, const float *b, size_t vs, __m256 *acc)
+                      const float *d, const float *b, size_t vs, __m256 *acc, int pair)
 {
-    __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_EPI_Q8) GA_OPERANDS);
+    if (pair) __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_HALF_Q8, GA_EPI2, GA_HI0, GA_HI1) GA_OPERANDS);
+    else __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_HALF_Q8, GA_EPI1, "", "") GA_OPERANDS);
 }
+#undef GA_HALF_Q4
+#undef GA_HALF_Q8
+#undef GA_EPI1
+#undef GA_EPI2
+#undef GA_HI0
+#undef GA_HI1
 #undef GA_STEP_
 #undef GA_STEP_E
 #undef GA_STEP_O
@@ -719,10 +757,28 @@ AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, con
 /* R rows x NT tokens over nch chunks: acc[r * 4 + t] */
 AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m256i *wr, size_t wst,
                   const float *dvr, const float *bvr, size_t vst, const int8_t *xt, const float *ft,
-                  __m256 *acc, const char *pf, int npf)
+                  __m256 *acc_io, const char *pf, int npf)
 {
     const __m256i ones = _mm256_set1_epi16(1);
+    /* a local copy: registers across the chunks (the asm's memory clobber would reload and store an
+     * accumulator that lives in the caller's array at every chunk) */
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = acc_io[i];
     if (R == 2 && NT == 4) {
+#if PLK_VNNI
+        for (int c = 0; c < nch; c += 2) {
+            if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
+            if (c + 1 < npf) _mm_prefetch(pf + 64 * c + 64, _MM_HINT_T0);
+            const __m256i *w0 = wr + g_wi(c, 0);
+            const int8_t *x = xt + g_xo(c, 0, 0);
+            if (FMT == PLK_Q8)
+                gemm_chunk_q8(w0, w0 + wst, x, ft + (size_t)c * 64, dvr + (size_t)c * 8, bvr + (size_t)c * 8,
+                              vst * sizeof(float), acc, c + 1 < nch);
+            else
+                gemm_chunk_q4(w0, w0 + wst, x, ft + (size_t)c * 64, dvr + (size_t)c * 8, bvr + (size_t)c * 8,
+                              vst * sizeof(float), acc, c + 1 < nch);
+        }
+#else
         for (int c = 0; c < nch; c++) {
             if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
             const __m256i *w0 = wr + (size_t)c * 8;
@@ -733,6 +789,8 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
                 gemm_chunk_q4(w0, w0 + wst, xt + (size_t)c * 1024, ft + (size_t)c * 64, dvr + (size_t)c * 8,
                               bvr + (size_t)c * 8, vst * sizeof(float), acc);
         }
+#endif
+        for (int i = 0; i < 8; i++) acc_io[i] = acc[i];
         return;
     }
     for (int c = 0; c < nch; c++) {
@@ -742,18 +800,17 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) s[r][t] = _mm256_setzero_si256();
-        const __m256i *wc = wr + (size_t)c * 8;
 #pragma GCC unroll 4
         for (int k = 0; k < 8; k++) {
             __m256i wv[2], wa[2];
 #pragma GCC unroll 2
             for (int r = 0; r < R; r++) {
-                wv[r] = _mm256_load_si256(wc + r * wst + k);
+                wv[r] = _mm256_load_si256(wr + r * wst + g_wi(c, k));
                 if (FMT == PLK_Q8 && !PLK_VNNI) wa[r] = _mm256_abs_epi8(wv[r]);
             }
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) {
-                const __m256i xv = _mm256_load_si256((const __m256i *)(xt + ((size_t)c * 4 + t) * 256 + 32 * k));
+                const __m256i xv = _mm256_load_si256((const __m256i *)(xt + g_xo(c, t, k)));
 #pragma GCC unroll 2
                 for (int r = 0; r < R; r++) {
 #if PLK_VNNI
@@ -793,6 +850,7 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
             }
         }
     }
+    for (int i = 0; i < 8; i++) acc_io[i] = acc[i];
 }
 
 AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull, int tailn,
@@ -805,22 +863,24 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
     const int ng = nfull + tailn, nch = nfull / 8;
     const size_t rowq = (size_t)ng * plk_qbytes[FMT];
     const int ntile = (T + 3) / 4;
-    const size_t xbytes = (size_t)ntile * nch * 1024, wvec = (size_t)nch * 8;
+    const size_t xtile = (size_t)g_pad(nch) * 1024, xbytes = (size_t)ntile * xtile, wvec = (size_t)g_pad(nch) * 8;
     /* one block: xg, fg (activations per token tile, see below), wr (2 rows x wvec vectors), dvr, bvr (2 x nfull) */
     size_t nbytes = xbytes + 2 * wvec * 32 + sizeof(float) * ((size_t)ntile * nch * 64 + 4 * (size_t)nfull);
     uint8_t *buf = (uint8_t *)plk_scratch(nbytes, 1);
     if (!buf) { plk_oom_set(); return; }
     /* per token tile i (tokens 4i..4i+3), chunk c, token t of the tile: 256 re-laid activation bytes
-     * at xg + ((i * nch + c) * 4 + t) * 256 and [dx | bx] of the chunk's 8 blocks (permuted like the
+     * at xg + i * xtile + g_xo(c, t, k) (k = 0..7) and [dx | bx] of the chunk's 8 blocks (permuted like the
      * lanes) at fg + ((i * nch + c) * 4 + t) * 16: one pointer per tile reaches everything */
     int8_t *xg = (int8_t *)buf;
     __m256i *wr = (__m256i *)(buf + xbytes);
     float *fg = (float *)(buf + xbytes + 2 * wvec * 32);
     float *dvr = fg + (size_t)ntile * nch * 64, *bvr = dvr + 2 * (size_t)nfull;
     for (int t = 0; t < T; t++) {
+        int8_t *xo = xg + (size_t)(t / 4) * xtile;
+        if (g_pad(nch) > nch)   /* the zero partner of an odd count's last chunk */
+            for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i *)(xo + g_xo(nch, t % 4, k)), _mm256_setzero_si256());
         for (int c = 0; c < nch; c++) {
             const size_t slot = ((size_t)(t / 4) * nch + c) * 4 + t % 4;
-            int8_t *o = xg + slot * 256;
             float *f = fg + slot * 16;
             /* 8x8 dword transpose of the chunk's blocks taken in perm order (as the weights) */
             __m256i v[8];
@@ -839,8 +899,8 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
             tr4_lane(v);
             tr4_lane(v + 4);
             for (int k = 0; k < 4; k++) {
-                _mm256_store_si256((__m256i *)(o + 32 * k), _mm256_permute2x128_si256(v[k], v[4 + k], 0x20));
-                _mm256_store_si256((__m256i *)(o + 32 * (4 + k)), _mm256_permute2x128_si256(v[k], v[4 + k], 0x31));
+                _mm256_store_si256((__m256i *)(xo + g_xo(c, t % 4, k)), _mm256_permute2x128_si256(v[k], v[4 + k], 0x20));
+                _mm256_store_si256((__m256i *)(xo + g_xo(c, t % 4, 4 + k)), _mm256_permute2x128_si256(v[k], v[4 + k], 0x31));
             }
         }
     }
@@ -850,23 +910,37 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
             gemm_row_prep(FMT, w->qs + (size_t)(r + i) * rowq, w->d + (size_t)(r + i) * ng,
                           plk_has_min[FMT] ? w->m + (size_t)(r + i) * ng : NULL, nch,
                           wr + i * wvec, dvr + (size_t)i * nfull, bvr + (size_t)i * nfull);
+        /* K blocks of GEMM_KB chunks, token tiles inside: a block of the row pair's re-laid codes (2 x 2 KiB)
+         * stays in L1 while the tiles' activations stream past it. Each (row, token) accumulator still takes
+         * the chunks in order: the same float steps. */
+        __m256 accs[G32_MAXT / 4][8];
+        for (int i = 0; i < ntile; i++)
+            for (int j = 0; j < 8; j++) accs[i][j] = _mm256_setzero_ps();
+        /* spread prefetches of the next row pair (codes, then scales) over the calls */
+        const long pfn = r + 2 < r1 ? (long)(r1 - r - 2 < 2 ? 1 : 2) * (long)(rowq / 64) : 0;
+        long pfl = 0;
+        if (r + 2 < r1) {
+            _mm_prefetch((const char *)(w->d + (size_t)(r + 2) * ng), _MM_HINT_T0);
+            if (plk_has_min[FMT]) _mm_prefetch((const char *)(w->m + (size_t)(r + 2) * ng), _MM_HINT_T0);
+        }
+        for (int c0 = 0; c0 < nch; c0 += GEMM_KB) {
+            const int cn = nch - c0 < GEMM_KB ? nch - c0 : GEMM_KB;
+            for (int ts = 0; ts < T; ts += 4) {
+                const int nt = T - ts < 4 ? T - ts : 4;
+                const char *pf = (const char *)(w->qs + (size_t)(r + 2) * rowq) + 64 * pfl;
+                const int npf = pfl < pfn ? (int)(pfn - pfl < cn ? pfn - pfl : cn) : 0;
+                pfl += cn;
+#define GT_(RR, NN) gemm_tile(FMT, RR, NN, cn, wr + g_wi(c0, 0), wvec, dvr + (size_t)c0 * 8, bvr + (size_t)c0 * 8, \
+                            nfull, xg + (size_t)(ts / 4) * xtile + g_xo(c0, 0, 0), \
+                            fg + (size_t)(ts / 4) * nch * 64 + (size_t)c0 * 64, accs[ts / 4], pf, npf)
+                if (R == 2) switch (nt) { case 1: GT_(2, 1); break; case 2: GT_(2, 2); break; case 3: GT_(2, 3); break; default: GT_(2, 4); }
+                else switch (nt) { case 1: GT_(1, 1); break; case 2: GT_(1, 2); break; case 3: GT_(1, 3); break; default: GT_(1, 4); }
+#undef GT_
+            }
+        }
         for (int ts = 0; ts < T; ts += 4) {
             const int nt = T - ts < 4 ? T - ts : 4;
-            __m256 acc[8];
-            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-            /* spread prefetches of the next row pair (codes, then scales) over the token tiles */
-            const long pf0 = (long)(ts / 4) * nch, pfn = r + 2 < r1 ? (long)(r1 - r - 2 < 2 ? 1 : 2) * (long)(rowq / 64) : 0;
-            const char *pf = (const char *)(w->qs + (size_t)(r + 2) * rowq) + 64 * pf0;
-            const int npf = pf0 < pfn ? (int)(pfn - pf0 < nch ? pfn - pf0 : nch) : 0;
-            if (ts == 0 && r + 2 < r1) {
-                _mm_prefetch((const char *)(w->d + (size_t)(r + 2) * ng), _MM_HINT_T0);
-                if (plk_has_min[FMT]) _mm_prefetch((const char *)(w->m + (size_t)(r + 2) * ng), _MM_HINT_T0);
-            }
-#define GT_(RR, NN) gemm_tile(FMT, RR, NN, nch, wr, wvec, dvr, bvr, nfull, xg + (size_t)(ts / 4) * nch * 1024, \
-                            fg + (size_t)(ts / 4) * nch * 64, acc, pf, npf)
-            if (R == 2) switch (nt) { case 1: GT_(2, 1); break; case 2: GT_(2, 2); break; case 3: GT_(2, 3); break; default: GT_(2, 4); }
-            else switch (nt) { case 1: GT_(1, 1); break; case 2: GT_(1, 2); break; case 3: GT_(1, 3); break; default: GT_(1, 4); }
-#undef GT_
+            __m256 *acc = accs[ts / 4];
             if (tailn == 0 && R == 2 && nt == 4) {   /* no tail: the 8 sums at once */
                 static const int lr[8] = {0, 0, 1, 1, 0, 0, 1, 1}, lt[8] = {0, 2, 0, 2, 1, 3, 1, 3};
                 float res[8];
