@@ -6,3 +6,11 @@ class PowerlowError(Exception):
 
     The CLI prints the message and exits with status 2; library callers can catch it.
     """
+
+
+class BudgetTooSmall(PowerlowError):
+    """The memory budget is below what the plan needs; ``minimum`` is the smallest it accepts (bytes)."""
+
+    def __init__(self, message: str, minimum: int):
+        super().__init__(message)
+        self.minimum = int(minimum)

@@ -1,6 +1,6 @@
 """How one memory budget is spent: resident | hot | dynamic | I/O staging (`powerlow run --plan`).
 
-    plan = make_plan(model_dir, manifest, runtime)     # raises PowerlowError if the budget is too small
+    plan = make_plan(model_dir, manifest, runtime)     # raises BudgetTooSmall (.minimum) if the budget is too small
     print(plan.render())
 
 Segments (bytes, exact where the run allocates them, estimated where numpy does):
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import RuntimeConfig, format_size
-from .errors import PowerlowError
+from .errors import BudgetTooSmall, PowerlowError
 from .store import StoreInfo
 
 SCRATCH_PREFILL_TOKENS = 64
@@ -357,31 +357,40 @@ def _spread(total: int, n_layers: int, cap: int) -> list[int]:
 def minimum_budget(model_dir, manifest: dict, runtime: RuntimeConfig, *, dense_resident: bool = False) -> int:
     """The smallest budget make_plan accepts for this model and runtime (bytes); with ``dense_resident``, the
     smallest that keeps all attention and lm_head weights resident."""
-    rt = runtime.replace(budget_bytes=1)
     try:
-        make_plan(model_dir, manifest, rt, allow_stream=not dense_resident)
-    except PowerlowError as e:
-        import re
-        m = re.search(r"minimum .*?\((\d+) bytes\)", str(e))
-        if m:
-            return max(int(m.group(1)), tokenizer_load_peak(Path(model_dir) / "tokenizer.json"))
-        raise
+        make_plan(model_dir, manifest, runtime.replace(budget_bytes=1), allow_stream=not dense_resident)
+    except BudgetTooSmall as e:
+        return max(e.minimum, tokenizer_load_peak(Path(model_dir) / "tokenizer.json"))
     return 1
 
 
-def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream: bool = True) -> Plan:
-    """Share ``runtime.budget_bytes`` out between the segments; refuse a budget below the minimum.
-    ``allow_stream=False``: attention and lm_head must stay resident (the minimum is then higher)."""
-    model_dir = Path(model_dir)
-    from .config import for_model
-    runtime = for_model(runtime, manifest["config"])
-    B = runtime.budget_bytes
-    if B is None:
-        raise PowerlowError("no memory budget given; pass --budget SIZE (e.g. --budget 512MiB) or set budget in the config")
+@dataclass
+class _Sizes:
+    """What the plan shares the budget between, read once from the model directory (bytes)."""
+    weights: dict[str, int]            # resident whatever happens: norms, small weights, predictors, tokenizer
+    attn_bytes: list[int]              # per layer
+    head_name: str
+    head_total: int
+    chunk_req: int                     # a streamed lm_head chunk's bytes
+    stream_head_bytes: list[int]       # the lm_head's chunks when it streams
+    tied: bool
+    ring_bytes: int                    # the ring of streamed attention / lm_head units + its bounce buffers
+    bounce: int
+    slot: int                          # one ring slot
+    chunks: int                        # the FFN kernel's per-chunk sums (scratch)
+
+    def fixed_for(self, cfg: dict, ctx: int) -> dict:
+        return {**self.weights, "kv cache": ctx * kv_bytes_per_position(cfg),
+                "scratch (estimate)": scratch_bytes(cfg, ctx, self.chunks)}
+
+    def need(self, cfg: dict, ctx: int, stream: bool, layer_bytes: int) -> int:
+        return (sum(self.fixed_for(cfg, ctx).values()) + (self.ring_bytes if stream else
+                                                           sum(self.attn_bytes) + self.head_total) + layer_bytes)
+
+
+def _sizes(model_dir: Path, manifest: dict, runtime: RuntimeConfig, info: StoreInfo) -> _Sizes:
     cfg = manifest["config"]
-    info = StoreInfo.from_json(manifest["ffn"])
-    L, N, S = info.n_layers, info.n_clusters, info.layout.stride
-    strides = tuple(lay.stride for lay in info.layouts)
+    L, N = info.n_layers, info.n_clusters
     from .stream import READ_CHUNK, lm_head_units, ring_reader_threads
     attn_units, heads, head_name, tfile = dense_units(model_dir, manifest, None)
     try:
@@ -389,7 +398,7 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
         attn_bytes = [u.nbytes for u in attn_units]
         # the ring's slot: one attention layer, or a chunk of lm_head rows if a chunk cannot be that small
         chunk_req = -(-max(attn_bytes) // 4096) * 4096
-        stream_heads = lm_head_units(manifest["tensors"], tfile, head_name, chunk_req)
+        stream_heads = [u.nbytes for _, u in lm_head_units(manifest["tensors"], tfile, head_name, chunk_req)]
     finally:
         tfile.close()
 
@@ -400,12 +409,9 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
     other = sum(sizes.values()) - sum(stored(n) for n in dense_names)
     if not tied:        # untied embeddings are read a row per token (powerlow.stream.EmbeddingRows)
         other -= stored("token_embd")
-    head_total = heads[0][1].nbytes
-    full_dense = sum(attn_bytes) + head_total
-    slot = -(-max(attn_bytes + [u.nbytes for _, u in stream_heads]) // 4096) * 4096
+    slot = -(-max(attn_bytes + stream_heads) // 4096) * 4096
     # + the reader threads' O_DIRECT bounce buffers (powerlow.io: a request + 2 blocks, allocated 1 block over)
     bounce = ring_reader_threads(runtime.queue_depth) * (min(READ_CHUNK, slot) + 3 * 4096)
-    ring_bytes = RING_SLOTS * slot + bounce
 
     weights = {"norms and small weights": other}
     if runtime.mode == "predict" and (model_dir / "predictors.safetensors").exists():
@@ -414,106 +420,114 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
         # these predictors compute every neuron's gate from a resident copy of all gate rows (powerlow.predictors)
         from .formats import packed_nbytes
         weights["predictors (gate rows)"] = L * packed_nbytes(info.layout.fmt, N * info.cluster_size, info.layout.K)
-
     weights["tokenizer (estimate)"] = tokenizer_bytes(model_dir / "tokenizer.json")
-
     # the FFN kernel's per-chunk sums: a MoE layer keeps one (T, K) buffer per chunk of each of a token's k experts
     # (kernels.moe_ffn), plus the experts' gathered activations
     chunks = (cfg["n_experts_used"] * ffn_nchunks(N // cfg["n_experts"], runtime.n_threads) + 2
               if cfg.get("n_experts") else ffn_nchunks(N, runtime.n_threads))
+    return _Sizes(weights, attn_bytes, head_name, heads[0][1].nbytes, chunk_req, stream_heads, tied,
+                  RING_SLOTS * slot + bounce, bounce, slot, chunks)
 
-    def fixed_for(ctx: int) -> dict:
-        return {**weights, "kv cache": ctx * kv_bytes_per_position(cfg), "scratch (estimate)": scratch_bytes(cfg, ctx, chunks)}
 
+def _context_and_stream(sz: _Sizes, cfg: dict, runtime: RuntimeConfig, B: int, layer: int,
+                        allow_stream: bool) -> tuple[int, bool]:
+    """KV positions and whether attention / lm_head stream: the automatic context shrinks (to 64) before
+    anything streams; an explicit max_context streams only if that fits where resident does not."""
     def need(ctx: int, stream: bool) -> int:
-        return sum(fixed_for(ctx).values()) + (ring_bytes if stream else full_dense) + N * S
-
+        return sz.need(cfg, ctx, stream, layer)
     context = min(runtime.max_context or auto_context(cfg, B), cfg["max_positions"])
-    stream = False
-    if runtime.max_context is None:      # the automatic context shrinks (to 64) before anything streams
-        ctx = context
-        while ctx > 64 and need(ctx, False) > B:
-            ctx //= 2
-        if need(ctx, False) <= B or not allow_stream or need(64, True) >= need(64, False):
-            context = ctx
-        else:
-            stream = True
-            while context > 64 and need(context, True) > B:
-                context //= 2
-    else:
-        stream = need(context, False) > B and allow_stream and need(context, True) < need(context, False)
-    fixed = fixed_for(context)
+    if runtime.max_context is not None:
+        return context, need(context, False) > B and allow_stream and need(context, True) < need(context, False)
+    ctx = context
+    while ctx > 64 and need(ctx, False) > B:
+        ctx //= 2
+    if need(ctx, False) <= B or not allow_stream or need(64, True) >= need(64, False):
+        return ctx, False
+    while context > 64 and need(context, True) > B:
+        context //= 2
+    return context, True
+
+
+def _dense_plan(sz: _Sizes, cfg: dict, B: int, context: int, stream: bool, layer: int) -> DensePlan:
+    """Which attention layers and lm_head chunks stay pinned; refuses a budget below the streaming minimum."""
+    L = len(sz.attn_bytes)
+    if not stream:
+        return DensePlan([True] * L, sz.attn_bytes, sz.head_name, None, [True], [sz.head_total], 0, 0, not sz.tied)
+    fixed = sz.fixed_for(cfg, context)
     F = sum(fixed.values())
-    if stream:
-        needed = need(context, True)
-        if B < needed:
-            raise PowerlowError(
-                f"budget {format_size(B)} is below the minimum {format_size(needed)} ({needed} bytes) for this model: "
-                f"{format_size(F)} fixed (norms, KV cache of {context} positions, scratch, tokenizer"
-                + (", predictors" if len(weights) > 2 else "") + f") + {format_size(ring_bytes)} ring for "
-                f"streamed attention + one layer of bundles {format_size(N * S)}; raise --budget to at least "
-                f"{-(-needed // (1 << 20))}MiB" + (" or lower max_context" if fixed["kv cache"] > N * S else ""))
-        sizes = attn_bytes + [u.nbytes for _, u in stream_heads]
-        room = B - F - N * S - ring_bytes
-        pinned = []
-        for b in sizes:                      # all used once per token: pin in order while they fit
-            ok = b <= room
-            room -= b if ok else 0
-            pinned.append(ok)
-        n_streamed = pinned.count(False)
-        dense = DensePlan(pinned[:L], attn_bytes, head_name, chunk_req, pinned[L:], sizes[L:],
-                          min(RING_SLOTS, n_streamed), slot, True)
-    else:
-        dense = DensePlan([True] * L, attn_bytes, head_name, None, [True], [head_total], 0, 0, not tied)
-    resident = dict(weights)
+    needed = sz.need(cfg, context, True, layer)
+    if B < needed:
+        raise BudgetTooSmall(
+            f"budget {format_size(B)} is below the minimum {format_size(needed)} ({needed} bytes) for this model: "
+            f"{format_size(F)} fixed (norms, KV cache of {context} positions, scratch, tokenizer"
+            + (", predictors" if len(sz.weights) > 2 else "") + f") + {format_size(sz.ring_bytes)} ring for "
+            f"streamed attention + one layer of bundles {format_size(layer)}; raise --budget to at least "
+            f"{-(-needed // (1 << 20))}MiB" + (" or lower max_context" if fixed["kv cache"] > layer else ""), needed)
+    sizes = sz.attn_bytes + sz.stream_head_bytes
+    room = B - F - layer - sz.ring_bytes
+    pinned = []
+    for b in sizes:                      # all used once per token: pin in order while they fit
+        ok = b <= room
+        room -= b if ok else 0
+        pinned.append(ok)
+    return DensePlan(pinned[:L], sz.attn_bytes, sz.head_name, sz.chunk_req, pinned[L:], sizes[L:],
+                     min(RING_SLOTS, pinned.count(False)), sz.slot, True)
+
+
+def _resident(sz: _Sizes, dense: DensePlan, fixed: dict) -> dict[str, int]:
+    resident = dict(sz.weights)
     resident["attention (resident)"] = sum(b for b, r in zip(dense.attn_bytes, dense.attn_resident) if r)
     resident["lm_head (resident)"] = sum(b for b, r in zip(dense.head_bytes, dense.head_resident) if r)
     if dense.streams:
-        resident["ring (streamed weights)"] = dense.ring_slots * dense.ring_slot_bytes + bounce
+        resident["ring (streamed weights)"] = dense.ring_slots * dense.ring_slot_bytes + sz.bounce
     resident["kv cache"] = fixed["kv cache"]
     resident["scratch (estimate)"] = fixed["scratch (estimate)"]
-    R = sum(resident.values())
-    if B < R + N * S:     # only without streaming (allow_stream=False)
-        need_ = R + N * S
-        raise PowerlowError(
+    return resident
+
+
+def _check_floor(model_dir: Path, B: int, R: int, layer: int, context: int) -> None:
+    """Refuse what the resident part + one layer of bundles, or the tokenizer's parse, does not leave room for."""
+    if B < R + layer:     # only without streaming (allow_stream=False)
+        need_ = R + layer
+        raise BudgetTooSmall(
             f"budget {format_size(B)} is below the minimum {format_size(need_)} ({need_} bytes) for this model with "
             f"attention resident: {format_size(R)} (weights, KV cache of {context} positions, scratch) + one layer "
-            f"of bundles {format_size(N * S)}; raise --budget to at least {-(-need_ // (1 << 20))}MiB")
+            f"of bundles {format_size(layer)}; raise --budget to at least {-(-need_ // (1 << 20))}MiB", need_)
     peak = tokenizer_load_peak(model_dir / "tokenizer.json")
     if B < peak:
-        raise PowerlowError(
+        raise BudgetTooSmall(
             f"budget {format_size(B)} is below the minimum {format_size(peak)} ({peak} bytes) for this model: parsing "
             f"its tokenizer.json takes that much before any weight is loaded; raise --budget to at least "
-            f"{-(-peak // (1 << 20))}MiB")
-    slots = (B - R) // S
-    total = L * N
-    notes: list[str] = []
-    counts = hotness(model_dir, info)
-    D = runtime.prefetch_depth
-    experts = None
-    if runtime.mode == "experts":
-        E = cfg["n_experts"]
-        experts = (E, N // E, cfg["n_experts_used"])
-    if slots >= total:
-        return Plan(B, S, L, N, context, resident, [N] * L, [np.arange(N)] * L, 0, 0, D, 1.0, "everything", notes,
-                    dense=dense, layer_strides=strides, experts=experts)
+            f"{-(-peak // (1 << 20))}MiB", peak)
 
-    dense_like = runtime.mode == "dense" or (runtime.mode == "gate" and counts is None)
-    stream_window = False
+
+def _mode_density(model_dir: Path, runtime: RuntimeConfig, cfg: dict, counts, N: int) -> float:
+    """The share of a layer's clusters a token asks for, by mode."""
+    if runtime.mode == "gate" and counts is not None:     # the profile's cluster activity is the demand
+        share = counts if counts.max() <= 1.0 else counts / counts.max(axis=1, keepdims=True)
+        return float(np.clip(share.sum(axis=1).max() / N, 1.0 / N, 1.0))
+    if runtime.mode == "experts":                          # the router's top-k: exactly k of E experts a token
+        return cfg["n_experts_used"] / cfg["n_experts"]
+    if runtime.mode == "predict" and runtime.density >= 1.0:   # by recall: what the predictor selected when
+        return predictor_density(model_dir) or 1.0             # train-predictor measured it
+    return runtime.density
+
+
+def _split_slots(runtime: RuntimeConfig, slots: int, L: int, N: int, S: int, counts, density: float,
+                 notes: list) -> tuple[list[int], int, int, int, bool]:
+    """The FFN slots -> (hot per layer, staging, dynamic, prefetch depth, stream window?) by mode."""
+    D = runtime.prefetch_depth
+    frac = 1.0 if runtime.hot_fraction is None else runtime.hot_fraction
     if runtime.mode == "dense":
         # every cluster every token, in a fixed order: the unpinned ones stream through a window of slots in the
         # order the layers use them, each piece computed as it lands (powerlow.ffn: the kernels' chunk sums do
         # not change), so only the window is staging, not a whole layer + a read-ahead layer; the rest is pinned
-        frac = 1.0 if runtime.hot_fraction is None else runtime.hot_fraction
-        nch = ffn_nchunks(N, runtime.n_threads)
-        window = max(-(-stream_window_bytes(N * S, runtime) // S), 3 * nch)
+        window = max(-(-stream_window_bytes(N * S, runtime) // S), 3 * ffn_nchunks(N, runtime.n_threads))
         H = int(max(0, slots - window) * frac)
-        hot = _spread(H, L, N)
-        staging, dynamic, stream_window = slots - H, 0, True
-    elif dense_like:
+        return _spread(H, L, N), slots - H, 0, D, True
+    if runtime.mode == "gate" and counts is None:
         # every cluster is needed every token: a dynamic segment only cycles (LRU never hits); pin all it can,
         # keeping (1 + D) layers of misses for the reads in flight
-        frac = 1.0 if runtime.hot_fraction is None else runtime.hot_fraction
         H = _max_hot_dense(slots, L, N, D)
         if H is None:
             # not even 1 + D whole layers: pin nothing and read ahead as far as the slots go. A slot of read-ahead
@@ -523,49 +537,71 @@ def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream
             notes.append(f"prefetch_depth {runtime.prefetch_depth} does not fit: one layer and "
                          f"{slots - N} bundles of the next in flight, nothing pinned")
         H = int(H * frac)
-        hot = _spread(H, L, N)
-        staging = slots - H
-        dynamic = 0
+        return _spread(H, L, N), slots - H, 0, D, False
+    # measured (README.offload.md): the dynamic segment adds 0.1-1% hits over pinning by the profile, on
+    # SmolLM2 + its low-rank predictor and on the planted-hotness model; so by default pin everything
+    want = (1 + D) * max(1, math.ceil(density * N))     # misses of the layer computed + D read ahead
+    # a layer asking for more than the unpinned slots borrows pinned ones (powerlow.cache): all slots >= N
+    H = max(0, int((slots - min(want, slots)) * frac))
+    hot = _spread(H, L, N) if counts is None else _hot_from_counts(counts, H, N)
+    free = slots - sum(hot)
+    return hot, min(free, want), free - min(free, want), D, False
+
+
+def _expect_reads(plan: Plan, runtime: RuntimeConfig, counts, density: float) -> None:
+    """A sparse plan's estimate of the cold bundles read a token."""
+    L, N, S = plan.n_layers, plan.n_clusters, plan.stride
+    if counts is not None and counts.max() <= 1.0 and runtime.mode == "gate":
+        cold = sum(float(np.delete(counts[l], plan.hot_clusters[l]).sum()) for l in range(L))
+        plan.expected_read_bytes, plan.expected_basis = int(cold * S), "profiled cluster activity"
     else:
-        # measured (README.offload.md): the dynamic segment adds 0.1-1% hits over pinning by the profile, on
-        # SmolLM2 + its low-rank predictor and on the planted-hotness model; so by default pin everything
-        frac = 1.0 if runtime.hot_fraction is None else runtime.hot_fraction
-        if runtime.mode == "gate" and counts is not None:     # the profile's cluster activity is the demand
-            share = counts if counts.max() <= 1.0 else counts / counts.max(axis=1, keepdims=True)
-            density = float(np.clip(share.sum(axis=1).max() / N, 1.0 / N, 1.0))
-        elif runtime.mode == "experts":                        # the router's top-k: exactly k of E experts a token
-            density = cfg["n_experts_used"] / cfg["n_experts"]
-        else:
-            density = runtime.density
-            if runtime.mode == "predict" and density >= 1.0:     # by recall: what the predictor selected when
-                density = predictor_density(model_dir) or 1.0    # train-predictor measured it
-        per_layer = max(1, math.ceil(density * N))
-        want = (1 + D) * per_layer                      # misses of the layer computed + D read ahead
-        # a layer asking for more than the unpinned slots borrows pinned ones (powerlow.cache): all slots >= N
-        H = max(0, int((slots - min(want, slots)) * frac))
-        hot = _spread(H, L, N) if counts is None else _hot_from_counts(counts, H, N)
-        free = slots - sum(hot)
-        staging = min(free, want)
-        dynamic = free - staging
+        per = max(1, math.ceil(density * N))
+        plan.expected_read_bytes = int(sum(max(0, per - h) for h in plan.hot_per_layer) * S)
+        plan.expected_basis = f"density {density:.3g} if the pinned clusters are among the chosen"
+
+
+def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream: bool = True) -> Plan:
+    """Share ``runtime.budget_bytes`` out between the segments; refuse a budget below the minimum
+    (BudgetTooSmall, with the minimum). ``allow_stream=False``: attention and lm_head must stay resident (the
+    minimum is then higher)."""
+    model_dir = Path(model_dir)
+    from .config import for_model
+    runtime = for_model(runtime, manifest["config"])
+    B = runtime.budget_bytes
+    if B is None:
+        raise PowerlowError("no memory budget given; pass --budget SIZE (e.g. --budget 512MiB) or set budget in the config")
+    cfg = manifest["config"]
+    info = StoreInfo.from_json(manifest["ffn"])
+    L, N, S = info.n_layers, info.n_clusters, info.layout.stride
+    strides = tuple(lay.stride for lay in info.layouts)
+    sz = _sizes(model_dir, manifest, runtime, info)
+    context, stream = _context_and_stream(sz, cfg, runtime, B, N * S, allow_stream)
+    dense = _dense_plan(sz, cfg, B, context, stream, N * S)
+    resident = _resident(sz, dense, sz.fixed_for(cfg, context))
+    R = sum(resident.values())
+    _check_floor(model_dir, B, R, N * S, context)
+    slots = (B - R) // S
+    notes: list[str] = []
+    counts = hotness(model_dir, info)
+    experts = (cfg["n_experts"], N // cfg["n_experts"], cfg["n_experts_used"]) if runtime.mode == "experts" else None
+    if slots >= L * N:
+        return Plan(B, S, L, N, context, resident, [N] * L, [np.arange(N)] * L, 0, 0, runtime.prefetch_depth, 1.0,
+                    "everything", notes, dense=dense, layer_strides=strides, experts=experts)
+    dense_like = runtime.mode == "dense" or (runtime.mode == "gate" and counts is None)
+    density = 1.0 if dense_like else _mode_density(model_dir, runtime, cfg, counts, N)
+    hot, staging, dynamic, D, window = _split_slots(runtime, slots, L, N, S, counts, density, notes)
     if counts is not None and not dense_like:
         order = [np.argsort(-counts[l], kind="stable")[: hot[l]] for l in range(L)]
         source = "profile"
     else:
         order = [np.arange(h) for h in hot]
         source = "cluster order"
-    hot_ids = [np.sort(o).astype(np.int64) for o in order]
-    plan = Plan(B, S, L, N, context, resident, [int(h) for h in hot], hot_ids, int(dynamic), int(staging), D,
-                float(frac), source, notes, dense=dense, stream_window=stream_window, layer_strides=strides,
-                experts=experts)
+    frac = 1.0 if runtime.hot_fraction is None else runtime.hot_fraction
+    plan = Plan(B, S, L, N, context, resident, [int(h) for h in hot], [np.sort(o).astype(np.int64) for o in order],
+                int(dynamic), int(staging), D, float(frac), source, notes, dense=dense, stream_window=window,
+                layer_strides=strides, experts=experts)
     if not dense_like:
-        if counts is not None and counts.max() <= 1.0 and runtime.mode == "gate":
-            cold = sum(float(np.delete(counts[l], hot_ids[l]).sum()) for l in range(L))
-            plan.expected_read_bytes, plan.expected_basis = int(cold * S), "profiled cluster activity"
-        else:
-            per = max(1, math.ceil(density * N))
-            cold = sum(max(0, per - h) for h in hot)
-            plan.expected_read_bytes = int(cold * S)
-            plan.expected_basis = f"density {density:.3g} if the pinned clusters are among the chosen"
+        _expect_reads(plan, runtime, counts, density)
     return plan
 
 

@@ -444,3 +444,17 @@ def test_bench_oversized_variants_parse_and_stay_apart_in_the_medians():
             for name, x in (("default", 3.0), ("prefetch_depth=0", 1.0), ("default", 5.0), ("prefetch_depth=0", 2.0))]
     rows = mod.median_rows(runs)
     assert {r["variant"]: r["runs"] for r in rows} == {"default": [3.0, 5.0], "prefetch_depth=0": [1.0, 2.0]}
+
+
+@pytest.mark.parametrize("dense_resident", [False, True])
+def test_budget_too_small_carries_the_minimum(tiny_dir, dense_resident):
+    """A refused budget raises BudgetTooSmall whose ``minimum`` is the smallest budget the planner accepts:
+    one byte less is refused, that many bytes plan (with streaming allowed or not)."""
+    from powerlow.errors import BudgetTooSmall
+    m = load_manifest(tiny_dir)
+    low = minimum_budget(tiny_dir, m, RuntimeConfig(), dense_resident=dense_resident)
+    with pytest.raises(BudgetTooSmall) as e:
+        make_plan(tiny_dir, m, RuntimeConfig(budget_bytes=low - 1), allow_stream=not dense_resident)
+    assert e.value.minimum == low and isinstance(e.value, PowerlowError) and "raise --budget" in str(e.value)
+    plan = make_plan(tiny_dir, m, RuntimeConfig(budget_bytes=low), allow_stream=not dense_resident)
+    assert plan.budget_bytes == low and plan.n_hot + plan.n_staging + plan.n_dynamic >= plan.n_clusters
