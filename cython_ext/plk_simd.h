@@ -513,6 +513,9 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
 /* chunks (of 256 codes) per K block of the GEMM; even (VNNI pairs chunks). Measured 16384 x 8192, batch 32,
  * 1 thread: VNNI 8 -> 38 ms (unblocked 41); AVX2 blocked 48 ms, unblocked 46-47: AVX2 runs unblocked */
 #define GEMM_KB (PLK_VNNI ? 8 : 1 << 20)
+/* rows a GEMM pass prepares: VNNI runs a 4 rows x 4 tokens register tile (each activation load feeds 4 rows),
+ * AVX2 the 2 x 4 one (16 ymm registers) */
+#define G_ROWS (PLK_VNNI ? 4 : 2)
 
 AI void tr4_lane(__m256i *v)   /* in-lane 4x4 dword transpose of v[0..3] */
 {
@@ -853,19 +856,150 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
     for (int i = 0; i < 8; i++) acc_io[i] = acc[i];
 }
 
+#if PLK_VNNI
+/* 4 rows x 4 tokens, VNNI, chunk pairs as gemm_chunk_*: sums s[r][t] in zmm(4r + t), codes of row r in zmm16+r,
+ * activations in zmm20; 16 independent sums, so no even/odd split. The float accumulators live in acc (memory:
+ * 16 of them do not fit next to the sums), loaded and stored once a pair. Float steps as the 2 x 4 tile's. */
+#define G4_MAC(R_, T_) "vpdpbusd %%zmm20, %%zmm" #R_ ", %%zmm" T_ "\n\t"
+#define G4_STEP(K_)                                                                          \
+    "vmovdqa64 " K_ "(%[w0]), %%zmm16\n\t vmovdqa64 " K_ "(%[w1]), %%zmm17\n\t"              \
+    "vmovdqa64 " K_ "(%[w2]), %%zmm18\n\t vmovdqa64 " K_ "(%[w3]), %%zmm19\n\t"              \
+    "vmovdqa64 " K_ "(%[x]), %%zmm20\n\t"                                                     \
+    G4_MAC(16, "0") G4_MAC(17, "4") G4_MAC(18, "8") G4_MAC(19, "12")                          \
+    "vmovdqa64 512+" K_ "(%[x]), %%zmm20\n\t"                                                 \
+    G4_MAC(16, "1") G4_MAC(17, "5") G4_MAC(18, "9") G4_MAC(19, "13")                          \
+    "vmovdqa64 1024+" K_ "(%[x]), %%zmm20\n\t"                                                \
+    G4_MAC(16, "2") G4_MAC(17, "6") G4_MAC(18, "10") G4_MAC(19, "14")                         \
+    "vmovdqa64 1536+" K_ "(%[x]), %%zmm20\n\t"                                                \
+    G4_MAC(16, "3") G4_MAC(17, "7") G4_MAC(18, "11") G4_MAC(19, "15")
+#define G4_ZERO                                                                              \
+    "vpxor %%xmm0, %%xmm0, %%xmm0\n\t vpxor %%xmm1, %%xmm1, %%xmm1\n\t vpxor %%xmm2, %%xmm2, %%xmm2\n\t"       \
+    "vpxor %%xmm3, %%xmm3, %%xmm3\n\t vpxor %%xmm4, %%xmm4, %%xmm4\n\t vpxor %%xmm5, %%xmm5, %%xmm5\n\t"       \
+    "vpxor %%xmm6, %%xmm6, %%xmm6\n\t vpxor %%xmm7, %%xmm7, %%xmm7\n\t vpxor %%xmm8, %%xmm8, %%xmm8\n\t"       \
+    "vpxor %%xmm9, %%xmm9, %%xmm9\n\t vpxor %%xmm10, %%xmm10, %%xmm10\n\t vpxor %%xmm11, %%xmm11, %%xmm11\n\t" \
+    "vpxor %%xmm12, %%xmm12, %%xmm12\n\t vpxor %%xmm13, %%xmm13, %%xmm13\n\t"                                  \
+    "vpxor %%xmm14, %%xmm14, %%xmm14\n\t vpxor %%xmm15, %%xmm15, %%xmm15\n\t"
+#define G4_STEPS G4_STEP("0") G4_STEP("64") G4_STEP("128") G4_STEP("192") G4_STEP("256") G4_STEP("320") \
+                 G4_STEP("384") G4_STEP("448")
+/* one half of sum I (ymm) into the accumulator in ymm27: chunk's dv ymm D, bv ymm B, [dx | bx] at F(%[f]) */
+#define G4_HALF_Q4(I, D, B, F)                                                               \
+    "vcvtdq2ps %%ymm" I ", %%ymm" I "\n\t vmulps " F "(%[f]), %%ymm" D ", %%ymm25\n\t"       \
+    "vfmadd231ps %%ymm25, %%ymm" I ", %%ymm27\n\t vfmadd231ps " F "+32(%[f]), %%ymm" B ", %%ymm27\n\t"
+#define G4_HALF_Q8(I, D, B, F)                                                               \
+    "vpsubd " F "+32(%[f]), %%ymm" I ", %%ymm" I "\n\t vcvtdq2ps %%ymm" I ", %%ymm" I "\n\t" \
+    "vmulps " F "(%[f]), %%ymm" D ", %%ymm25\n\t vfmadd231ps %%ymm25, %%ymm" I ", %%ymm27\n\t"
+#define G4_EPI2(H, S, T)                                                                     \
+    "vextracti64x4 $1, %%zmm" S ", %%ymm26\n\t vmovaps " S "*32(%[acc]), %%ymm27\n\t"         \
+    H(S, "21", "22", T "*64") H("26", "23", "24", "256+" T "*64") "vmovaps %%ymm27, " S "*32(%[acc])\n\t"
+#define G4_EPI1(H, S, T)                                                                     \
+    "vmovaps " S "*32(%[acc]), %%ymm27\n\t" H(S, "21", "22", T "*64") "vmovaps %%ymm27, " S "*32(%[acc])\n\t"
+#define G4_ROW(H, EPI, DB, HI, S0, S1, S2, S3)                                               \
+    "vmovups (%[d]" DB "), %%ymm21\n\t vmovups (%[b]" DB "), %%ymm22\n\t" HI                   \
+    EPI(H, S0, "0") EPI(H, S1, "1") EPI(H, S2, "2") EPI(H, S3, "3")
+#define G4_HI(DB) "vmovups 32(%[d]" DB "), %%ymm23\n\t vmovups 32(%[b]" DB "), %%ymm24\n\t"
+#define G4_EPILOGUE(H, EPI, P)                                                               \
+    G4_ROW(H, EPI, "", P(""), "0", "1", "2", "3")                                            \
+    G4_ROW(H, EPI, ",%[vs]", P(",%[vs]"), "4", "5", "6", "7")                                \
+    G4_ROW(H, EPI, ",%[vs],2", P(",%[vs],2"), "8", "9", "10", "11")                          \
+    G4_ROW(H, EPI, ",%[vs3]", P(",%[vs3]"), "12", "13", "14", "15")
+#define G4_NOHI(DB) ""
+#define G4_OPERANDS                                                                          \
+    : : [w0] "r"(w0), [w1] "r"(w1), [w2] "r"(w2), [w3] "r"(w3), [x] "r"(x), [f] "r"(f),        \
+        [d] "r"(d), [b] "r"(b), [vs] "r"(vs), [vs3] "r"(3 * vs), [acc] "r"(acc)                 \
+    : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
+      "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", \
+      "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27"
+
+AI void gemm_chunk4(const int FMT, const __m256i *w0, size_t wst, const int8_t *x, const float *f, const float *d,
+                    const float *b, size_t vs, __m256 *acc, int pair)
+{
+    const __m256i *w1 = w0 + wst, *w2 = w0 + 2 * wst, *w3 = w0 + 3 * wst;
+    if (FMT == PLK_Q8) {
+        if (pair) __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE(G4_HALF_Q8, G4_EPI2, G4_HI) G4_OPERANDS);
+        else __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE(G4_HALF_Q8, G4_EPI1, G4_NOHI) G4_OPERANDS);
+    } else {
+        if (pair) __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE(G4_HALF_Q4, G4_EPI2, G4_HI) G4_OPERANDS);
+        else __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE(G4_HALF_Q4, G4_EPI1, G4_NOHI) G4_OPERANDS);
+    }
+}
+#undef G4_MAC
+#undef G4_STEP
+#undef G4_ZERO
+#undef G4_STEPS
+#undef G4_HALF_Q4
+#undef G4_HALF_Q8
+#undef G4_EPI2
+#undef G4_EPI1
+#undef G4_ROW
+#undef G4_HI
+#undef G4_EPILOGUE
+#undef G4_NOHI
+#undef G4_OPERANDS
+
+/* 4 rows x 4 tokens over nch chunks: acc[4 r + t]; prefetches npf lines of pf, 4 a chunk pair */
+AI void gemm_tile4(const int FMT, int nch, const __m256i *wr, size_t wst, const float *dvr, const float *bvr,
+                   size_t vst, const int8_t *xt, const float *ft, __m256 *acc, const char *pf, int npf)
+{
+    for (int c = 0; c < nch; c += 2) {
+        for (int j = 0; j < 4; j++)
+            if (2 * c + j < npf) _mm_prefetch(pf + 64 * (2 * c + j), _MM_HINT_T0);
+        gemm_chunk4(FMT, wr + g_wi(c, 0), wst, xt + g_xo(c, 0, 0), ft + (size_t)c * 64, dvr + (size_t)c * 8,
+                    bvr + (size_t)c * 8, vst * sizeof(float), acc, c + 1 < nch);
+    }
+}
+#endif
+
+/* the R (<= 2) rows r.. x nt tokens ts.. of a GEMM tile: lanes back to block order, the ng % 8 tail (the per-token
+ * code), horizontal sums, stores */
+AI void g32_finish(const int FMT, const plk_w *w, int r, int R, int nt, int ts, __m256 *acc, int nfull, int tailn,
+                   const int8_t *const *xp, const int8_t *const *xrp, const float *const *dxp,
+                   const float *const *bxp, float *y, int ldy, int accum)
+{
+    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const int ng = nfull + tailn;
+    const size_t rowq = (size_t)ng * plk_qbytes[FMT];
+    if (tailn == 0 && R == 2 && nt == 4) {   /* no tail: the 8 sums at once */
+        static const int lr[8] = {0, 0, 1, 1, 0, 0, 1, 1}, lt[8] = {0, 2, 0, 2, 1, 3, 1, 3};
+        __m256 a[8];
+        float res[8];
+        for (int i = 0; i < 8; i++) a[i] = FMT != PLK_Q8 ? _mm256_permutevar8x32_ps(acc[i], unperm) : acc[i];
+        _mm256_storeu_ps(res, hsum8_x8(a));
+        for (int l = 0; l < 8; l++) {
+            float *o = y + (size_t)(ts + lt[l]) * ldy + r + lr[l];
+            *o = (accum ? *o : 0.0f) + res[l];
+        }
+        return;
+    }
+    for (int i = 0; i < R; i++) {
+        const uint8_t *qs = w->qs + (size_t)(r + i) * rowq;
+        const uint16_t *dr = w->d + (size_t)(r + i) * ng, *mr = plk_has_min[FMT] ? w->m + (size_t)(r + i) * ng : NULL;
+        __m256 a4[4];
+        float res[4];
+        for (int t = 0; t < nt; t++)
+            a4[t] = FMT == PLK_Q8 ? acc[i * 4 + t] : _mm256_permutevar8x32_ps(acc[i * 4 + t], unperm);
+#define G32_(NN) g32_row(FMT, NN, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, a4, res)
+        switch (nt) { case 1: G32_(1); break; case 2: G32_(2); break; case 3: G32_(3); break; default: G32_(4); }
+#undef G32_
+        for (int t = 0; t < nt; t++) {
+            float *o = y + (size_t)(ts + t) * ldy + r + i;
+            *o = (accum ? *o : 0.0f) + res[t];
+        }
+    }
+}
+
 AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull, int tailn,
                  const int8_t *const *xp, const int8_t *const *xrp, const float *const *dxp,
                  const float *const *bxp, float *y, int ldy, int accum)
 {
     static const int perm_q4[8] = {0, 2, 4, 6, 1, 3, 5, 7}, perm_id[8] = {0, 1, 2, 3, 4, 5, 6, 7};
     const int *perm = FMT == PLK_Q8 ? perm_id : perm_q4;
-    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const int ng = nfull + tailn, nch = nfull / 8;
     const size_t rowq = (size_t)ng * plk_qbytes[FMT];
     const int ntile = (T + 3) / 4;
     const size_t xtile = (size_t)g_pad(nch) * 1024, xbytes = (size_t)ntile * xtile, wvec = (size_t)g_pad(nch) * 8;
-    /* one block: xg, fg (activations per token tile, see below), wr (2 rows x wvec vectors), dvr, bvr (2 x nfull) */
-    size_t nbytes = xbytes + 2 * wvec * 32 + sizeof(float) * ((size_t)ntile * nch * 64 + 4 * (size_t)nfull);
+    /* one block: xg, fg (activations per token tile, see below), wr (G_ROWS rows x wvec vectors), dvr, bvr
+     * (G_ROWS x nfull each) */
+    size_t nbytes = xbytes + G_ROWS * wvec * 32 + sizeof(float) * ((size_t)ntile * nch * 64 + 2 * G_ROWS * (size_t)nfull);
     uint8_t *buf = (uint8_t *)plk_scratch(nbytes, 1);
     if (!buf) { plk_oom_set(); return; }
     /* per token tile i (tokens 4i..4i+3), chunk c, token t of the tile: 256 re-laid activation bytes
@@ -873,8 +1007,8 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
      * lanes) at fg + ((i * nch + c) * 4 + t) * 16: one pointer per tile reaches everything */
     int8_t *xg = (int8_t *)buf;
     __m256i *wr = (__m256i *)(buf + xbytes);
-    float *fg = (float *)(buf + xbytes + 2 * wvec * 32);
-    float *dvr = fg + (size_t)ntile * nch * 64, *bvr = dvr + 2 * (size_t)nfull;
+    float *fg = (float *)(buf + xbytes + G_ROWS * wvec * 32);
+    float *dvr = fg + (size_t)ntile * nch * 64, *bvr = dvr + G_ROWS * (size_t)nfull;
     for (int t = 0; t < T; t++) {
         int8_t *xo = xg + (size_t)(t / 4) * xtile;
         if (g_pad(nch) > nch)   /* the zero partner of an odd count's last chunk */
@@ -904,71 +1038,55 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
             }
         }
     }
-    for (int r = r0; r < r1; r += 2) {
-        const int R = r1 - r < 2 ? 1 : 2;
+    for (int r = r0; r < r1; r += G_ROWS) {
+        const int R = r1 - r < G_ROWS ? r1 - r : G_ROWS;
         for (int i = 0; i < R; i++)
             gemm_row_prep(FMT, w->qs + (size_t)(r + i) * rowq, w->d + (size_t)(r + i) * ng,
                           plk_has_min[FMT] ? w->m + (size_t)(r + i) * ng : NULL, nch,
                           wr + i * wvec, dvr + (size_t)i * nfull, bvr + (size_t)i * nfull);
-        /* K blocks of GEMM_KB chunks, token tiles inside: a block of the row pair's re-laid codes (2 x 2 KiB)
+        /* K blocks of GEMM_KB chunks, token tiles inside: a block of the rows' re-laid codes (R x 2 KiB)
          * stays in L1 while the tiles' activations stream past it. Each (row, token) accumulator still takes
-         * the chunks in order: the same float steps. */
-        __m256 accs[G32_MAXT / 4][8];
+         * the chunks in order: the same float steps. accs[tile][4 r + t] */
+        __m256 accs[G32_MAXT / 4][4 * G_ROWS];
         for (int i = 0; i < ntile; i++)
-            for (int j = 0; j < 8; j++) accs[i][j] = _mm256_setzero_ps();
-        /* spread prefetches of the next row pair (codes, then scales) over the calls */
-        const long pfn = r + 2 < r1 ? (long)(r1 - r - 2 < 2 ? 1 : 2) * (long)(rowq / 64) : 0;
+            for (int j = 0; j < 4 * G_ROWS; j++) accs[i][j] = _mm256_setzero_ps();
+        /* spread prefetches of the next rows (codes, then scales) over the calls */
+        const long pfn = r + G_ROWS < r1 ? (long)(r1 - r - G_ROWS < G_ROWS ? r1 - r - G_ROWS : G_ROWS) * (long)(rowq / 64) : 0;
         long pfl = 0;
-        if (r + 2 < r1) {
-            _mm_prefetch((const char *)(w->d + (size_t)(r + 2) * ng), _MM_HINT_T0);
-            if (plk_has_min[FMT]) _mm_prefetch((const char *)(w->m + (size_t)(r + 2) * ng), _MM_HINT_T0);
+        if (r + G_ROWS < r1) {
+            _mm_prefetch((const char *)(w->d + (size_t)(r + G_ROWS) * ng), _MM_HINT_T0);
+            if (plk_has_min[FMT]) _mm_prefetch((const char *)(w->m + (size_t)(r + G_ROWS) * ng), _MM_HINT_T0);
         }
         for (int c0 = 0; c0 < nch; c0 += GEMM_KB) {
             const int cn = nch - c0 < GEMM_KB ? nch - c0 : GEMM_KB;
             for (int ts = 0; ts < T; ts += 4) {
                 const int nt = T - ts < 4 ? T - ts : 4;
-                const char *pf = (const char *)(w->qs + (size_t)(r + 2) * rowq) + 64 * pfl;
-                const int npf = pfl < pfn ? (int)(pfn - pfl < cn ? pfn - pfl : cn) : 0;
-                pfl += cn;
-#define GT_(RR, NN) gemm_tile(FMT, RR, NN, cn, wr + g_wi(c0, 0), wvec, dvr + (size_t)c0 * 8, bvr + (size_t)c0 * 8, \
-                            nfull, xg + (size_t)(ts / 4) * xtile + g_xo(c0, 0, 0), \
-                            fg + (size_t)(ts / 4) * nch * 64 + (size_t)c0 * 64, accs[ts / 4], pf, npf)
-                if (R == 2) switch (nt) { case 1: GT_(2, 1); break; case 2: GT_(2, 2); break; case 3: GT_(2, 3); break; default: GT_(2, 4); }
-                else switch (nt) { case 1: GT_(1, 1); break; case 2: GT_(1, 2); break; case 3: GT_(1, 3); break; default: GT_(1, 4); }
+                const int npf0 = pfl < pfn ? (int)(pfn - pfl < G_ROWS / 2 * cn ? pfn - pfl : G_ROWS / 2 * cn) : 0;
+                const char *pf = (const char *)(w->qs + (size_t)(r + G_ROWS) * rowq) + 64 * pfl;
+                pfl += G_ROWS / 2 * cn;
+                const int8_t *xt = xg + (size_t)(ts / 4) * xtile + g_xo(c0, 0, 0);
+                const float *ft = fg + (size_t)(ts / 4) * nch * 64 + (size_t)c0 * 64;
+#if PLK_VNNI
+                if (R == 4 && nt == 4) {
+                    gemm_tile4(FMT, cn, wr + g_wi(c0, 0), wvec, dvr + (size_t)c0 * 8, bvr + (size_t)c0 * 8, nfull, xt,
+                               ft, accs[ts / 4], pf, npf0);
+                    continue;
+                }
+#endif
+                for (int h = 0; h < R; h += 2) {   /* row pairs (and a lone last row) */
+                    const int npf = h ? 0 : npf0;
+#define GT_(RR, NN) gemm_tile(FMT, RR, NN, cn, wr + h * wvec + g_wi(c0, 0), wvec, dvr + (size_t)h * nfull + (size_t)c0 * 8, \
+                            bvr + (size_t)h * nfull + (size_t)c0 * 8, nfull, xt, ft, accs[ts / 4] + 4 * h, pf, npf)
+                    if (R - h >= 2) switch (nt) { case 1: GT_(2, 1); break; case 2: GT_(2, 2); break; case 3: GT_(2, 3); break; default: GT_(2, 4); }
+                    else switch (nt) { case 1: GT_(1, 1); break; case 2: GT_(1, 2); break; case 3: GT_(1, 3); break; default: GT_(1, 4); }
 #undef GT_
-            }
-        }
-        for (int ts = 0; ts < T; ts += 4) {
-            const int nt = T - ts < 4 ? T - ts : 4;
-            __m256 *acc = accs[ts / 4];
-            if (tailn == 0 && R == 2 && nt == 4) {   /* no tail: the 8 sums at once */
-                static const int lr[8] = {0, 0, 1, 1, 0, 0, 1, 1}, lt[8] = {0, 2, 0, 2, 1, 3, 1, 3};
-                float res[8];
-                if (FMT != PLK_Q8)
-                    for (int i = 0; i < 8; i++) acc[i] = _mm256_permutevar8x32_ps(acc[i], unperm);
-                _mm256_storeu_ps(res, hsum8_x8(acc));
-                for (int l = 0; l < 8; l++) {
-                    float *o = y + (size_t)(ts + lt[l]) * ldy + r + lr[l];
-                    *o = (accum ? *o : 0.0f) + res[l];
-                }
-                continue;
-            }
-            for (int i = 0; i < R; i++) {
-                const uint8_t *qs = w->qs + (size_t)(r + i) * rowq;
-                const uint16_t *dr = w->d + (size_t)(r + i) * ng, *mr = plk_has_min[FMT] ? w->m + (size_t)(r + i) * ng : NULL;
-                __m256 a4[4];
-                float res[4];
-                for (int t = 0; t < nt; t++)
-                    a4[t] = FMT == PLK_Q8 ? acc[i * 4 + t] : _mm256_permutevar8x32_ps(acc[i * 4 + t], unperm);
-#define G32_(NN) g32_row(FMT, NN, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, a4, res)
-                switch (nt) { case 1: G32_(1); break; case 2: G32_(2); break; case 3: G32_(3); break; default: G32_(4); }
-#undef G32_
-                for (int t = 0; t < nt; t++) {
-                    float *o = y + (size_t)(ts + t) * ldy + r + i;
-                    *o = (accum ? *o : 0.0f) + res[t];
                 }
             }
         }
+        for (int ts = 0; ts < T; ts += 4)
+            for (int h = 0; h < R; h += 2)
+                g32_finish(FMT, w, r + h, R - h < 2 ? 1 : 2, T - ts < 4 ? T - ts : 4, ts, accs[ts / 4] + 4 * h, nfull,
+                           tailn, xp, xrp, dxp, bxp, y, ldy, accum);
     }
     free(buf);
 }

@@ -21,9 +21,10 @@ def test_variants_give_the_same_bits(fmt):
     portable C, which sums floats in another order on x86, runs only where there is no SIMD) gives the bits of
     the widest, for GEMV and GEMM, so runs agree whichever variant the cache picked."""
     rng = np.random.default_rng(3)
-    # (97, 416): an odd row count (a lone last row) and 13 groups (one GEMM chunk of 8 + a 5-group tail);
+    # (97, 416): a lone last row of the GEMM's 4-row pass and 13 groups (one chunk of 8 + a 5-group tail);
+    # (99, 2336): 3 rows left over and 73 groups (an odd count of chunks: the VNNI tile's zero partner + a tail);
     # T = 4, 7, 65: the GEMM's full and partial token tiles and its 64-token blocks
-    for n, k, ts in ((96, 512, (1, 3, 32)), (97, 416, (4, 7, 65))):
+    for n, k, ts in ((96, 512, (1, 3, 32)), (97, 416, (4, 7, 65)), (99, 2336, (4, 33))):
         if fmt.endswith("_k") and k % 256:
             k = 512
         q = formats.quantize(rng.standard_normal((n, k), dtype=np.float32), fmt)
