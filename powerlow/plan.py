@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,24 +35,15 @@ import numpy as np
 
 from .config import RuntimeConfig, format_size
 from .errors import BudgetTooSmall, PowerlowError
+from .st_header import read_header, tensor_bytes
 from .store import StoreInfo
 
 SCRATCH_PREFILL_TOKENS = 64
 SCRATCH_FIXED_BYTES = 2 << 20
 
 
-def safetensors_bytes(path: Path) -> int:
-    """Sum of tensor data sizes of a safetensors file (what loading it allocates), from its header only."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
-
-
 def safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+    return read_header(path)[0]
 
 
 def lowrank_predictor_bytes(path: Path, n_layers: int, Fp: int) -> int:
@@ -65,7 +55,7 @@ def lowrank_predictor_bytes(path: Path, n_layers: int, Fp: int) -> int:
     for l in range(n_layers):
         A, B = h.get(f"blk.{l}.A"), h.get(f"blk.{l}.B")
         if A is None or B is None:
-            return safetensors_bytes(path)
+            return tensor_bytes(path)
         K, r = A["shape"]
         n = B["shape"][1]
         n = Fp if n >= Fp - 64 else n            # neuron targets are padded to whole clusters; cluster targets not
@@ -658,7 +648,7 @@ def print_plan(model_dir, rt: RuntimeConfig) -> int:
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
     if rt.budget_bytes is None:
-        R = safetensors_bytes(model_dir / "resident.safetensors")
+        R = tensor_bytes(model_dir / "resident.safetensors")
         ffn = StoreInfo.from_json(manifest["ffn"]).total_bytes
         print(f"no budget: everything resident, about {format_size(R + ffn)} (weights {format_size(R)}, "
               f"FFN store {format_size(ffn)}) plus KV cache and scratch; pass --budget SIZE to plan an offloaded run")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from . import formats
 from .errors import PowerlowError
+from .st_header import read_header
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None, "I8": np.int8, "U8": np.uint8,
            "I16": np.int16, "U16": np.uint16, "I32": np.int32, "U32": np.uint32, "BOOL": np.bool_,
@@ -131,19 +131,17 @@ class TensorFile:
             raise PowerlowError(f"cannot open {self.path}: {e.strerror}; re-convert the model") from None
         try:
             size = os.fstat(self.fd).st_size
-            head = os.pread(self.fd, 8, 0)
-            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
-            if n is None or n > size - 8:
-                raise ValueError("bad header length")
-            header = json.loads(os.pread(self.fd, n, 8))
-            self.base = 8 + n
+            header, self.base = read_header(self.path, fd=self.fd)
             self.meta = {k: v for k, v in header.items() if k != "__metadata__"}
             self.header_metadata = header.get("__metadata__") or {}
             for k, v in self.meta.items():
                 _check_header_entry(k, v, size - self.base)
                 a, b = v["data_offsets"]
                 self._key_at[(self.base + a, b - a)] = k
-        except (ValueError, KeyError, TypeError, struct.error, RecursionError) as e:
+        except PowerlowError:
+            os.close(self.fd)
+            raise
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             os.close(self.fd)
             raise PowerlowError(f"{self.path} is not a readable safetensors file ({e}); re-convert the model") from None
         if check:

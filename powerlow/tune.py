@@ -28,11 +28,12 @@ def add_arguments(p) -> None:
 
 def full_footprint(model_dir: Path, manifest: dict, rt) -> tuple[int, int]:
     """(bytes with everything resident at the plan's context, KV positions) for the runtime ``rt``."""
-    from .plan import (auto_context, ffn_nchunks, kv_bytes_per_position, safetensors_bytes, scratch_bytes,
+    from .plan import (auto_context, ffn_nchunks, kv_bytes_per_position, scratch_bytes,
                        tokenizer_bytes)
     from .store import StoreInfo
     cfg = manifest["config"]
-    weights = safetensors_bytes(model_dir / "resident.safetensors")
+    from .st_header import tensor_bytes
+    weights = tensor_bytes(model_dir / "resident.safetensors")
     info = StoreInfo.from_json(manifest["ffn"])
     ffn = info.total_bytes
     ctx = rt.max_context or auto_context(cfg, weights + ffn)

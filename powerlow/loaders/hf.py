@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..arch import ModelConfig
 from ..errors import PowerlowError
+from ..st_header import read_header
 from .base import Source
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
@@ -20,19 +20,8 @@ class _SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise PowerlowError(f"{path}: truncated safetensors file (no header); re-download it")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise PowerlowError(f"{path}: corrupt safetensors header (length {n} > file size); re-download it")
-            try:
-                self.header = json.loads(f.read(n))
-            except json.JSONDecodeError as e:
-                raise PowerlowError(f"{path}: corrupt safetensors header ({e}); re-download it") from None
+        self.header, self.data_start = read_header(path, fix="re-download it")
         self.header.pop("__metadata__", None)
-        self.data_start = 8 + n
         self.mm = np.memmap(path, dtype=np.uint8, mode="r")
         for name, info in self.header.items():
             end = self.data_start + info["data_offsets"][1]
