@@ -18,7 +18,7 @@ from .config import RuntimeConfig
 from .errors import PowerlowError
 from .ffn import ResidentStore, SparseFFN
 from .manifest import load_manifest
-from .plan import SCRATCH_PREFILL_TOKENS
+from .sizes import SCRATCH_PREFILL_TOKENS
 from .store import StoreInfo
 from .tokenizer import Tokenizer
 from .util import release_free_heap
@@ -222,7 +222,7 @@ class Transformer:
             self.runtime = self.runtime.replace(max_context=self.plan.context)
         self.tokenizer = Tokenizer.of_model(self.dir, self.manifest, cfg)
         # parsing tokenizer.json leaves ~2/3 of its peak in malloc's free lists (SmolLM2: +44 MiB while loading,
-        # +15 MiB kept); hand them back before the weights come in (powerlow.plan.tokenizer_bytes)
+        # +15 MiB kept); hand them back before the weights come in (powerlow.sizes.tokenizer_bytes)
         release_free_heap()
         self.ring = None
         from .io import BusyClock

@@ -28,8 +28,8 @@ def add_arguments(p) -> None:
 
 def full_footprint(model_dir: Path, manifest: dict, rt) -> tuple[int, int]:
     """(bytes with everything resident at the plan's context, KV positions) for the runtime ``rt``."""
-    from .plan import (auto_context, ffn_nchunks, kv_bytes_per_position, scratch_bytes,
-                       tokenizer_bytes)
+    from .plan import ffn_nchunks
+    from .sizes import auto_context, kv_bytes_per_position, scratch_bytes, tokenizer_bytes
     from .store import StoreInfo
     cfg = manifest["config"]
     from .st_header import tensor_bytes
