@@ -69,74 +69,18 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
         raise PowerlowError(f"--bits {bits!r}: choose one of auto, {', '.join(BITS)}")
     _check_target(out_dir, force)
     source = src if isinstance(src, Source) else open_source(src)
-    cfg = source.config
-    target = BITS.get(bits)
-
-    def fmt_for(name: str, w) -> str | None:
-        """Format to store a matrix in; None keeps float32 (norms, biases). ``w``: the tensor, or its stored
-        format (Source.stored_format: a powerlow format name, "f32" for float matrices, None for vectors)."""
-        stored = w if isinstance(w, str) or w is None else (
-            w.fmt if isinstance(w, formats.QMatrix) else ("f32" if w.ndim > 1 else None))
-        if stored is None or name.endswith(".ffn_gate_inp"):     # vectors; the MoE router stays float32
-            return None
-        lossless = stored != "f32" and target in (None, stored)
-        if name in ("token_embd", "output"):
-            # kept as imported; else 8-bit (--bits applies to the layers' matrices, not the vocabulary)
-            return stored if lossless and stored not in formats.LOW_BIT else "q8"
-        return stored if lossless else (target or "q8")
-
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        recover_stale(out_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".converting", dir=out_dir.parent))
-    except OSError as e:
-        raise PowerlowError(f"cannot write into {out_dir.parent} ({e.strerror}); choose an output dir you can write to") from None
+    fmt_for = _format_chooser(BITS.get(bits))
+    tmp = _make_tmp(out_dir)
     try:
         t0 = time.time()
-        from safetensors.numpy import save_file
-
         (tmp / "tokenizer.json").write_text(source.tokenizer_json)
-        tensors: dict[str, np.ndarray] = {}
-        tmeta: dict[str, dict] = {}
-        ffn_fmt = down_fmt = None
-        names = source.names()
-        streamed = ("ffn_gate", "ffn_up", "ffn_down")          # into ffn.bin; everything else is resident
-        resident = [n for n in names if not (n.startswith("blk.") and n.split(".", 2)[2] in streamed)]
-        for name in _progress(resident, "resident", progress):
-            w = source.get(name)
-            fmt = fmt_for(name, w)
-            if fmt is None:
-                tensors[name] = np.ascontiguousarray(w, dtype=np.float32)
-                tmeta[name] = {"fmt": "f32", "shape": list(w.shape)}
-                continue
-            q = w if isinstance(w, formats.QMatrix) and w.fmt == fmt else formats.quantize(_float(w), fmt)
-            tensors.update(q.tensors(name))
-            tmeta[name] = {"fmt": fmt, "shape": [q.rows, q.cols]}
-        with atomic_path(tmp / "resident.safetensors") as p:
-            save_file(tensors, str(p))
-        del tensors
-
-        # FFN: every layer into ffn.bin as bundles, each layer in its source formats (a GGUF quant mix keeps
-        # ffn_down in Q6_K in some layers and Q4_K in others: both stay as they are)
-        ffn_fmts = [fmt_for(f"blk.{l}.ffn_gate", source.stored_format(f"blk.{l}.ffn_gate")) for l in range(cfg.n_layers)]
-        down_fmts = [fmt_for(f"blk.{l}.ffn_down", source.stored_format(f"blk.{l}.ffn_down")) for l in range(cfg.n_layers)]
-        ffn_fmt, down_fmt = ffn_fmts[0], down_fmts[0]
-        group = max([formats.FORMATS[f].group for f in down_fmts] + [32])
-        if cfg.moe:
-            row = max(formats.packed_nbytes(f, 256, cfg.hidden_size) for f in ffn_fmts + down_fmts) / 256
-            C = pick_expert_cluster_size(cfg.expert_ffn, group, row, cluster_size)
-        else:
-            C = pick_cluster_size(cfg.intermediate_size, group, cluster_size)
-        info = StoreInfo.plan(ffn_fmts, down_fmts, C, cfg.hidden_size, cfg.ffn_neurons, cfg.n_layers)
-        with atomic_path(tmp / "ffn.bin") as p, open(p, "wb") as f:
-            for l in _progress(range(cfg.n_layers), "ffn.bin", progress):
-                write_layer(f, info, l, source.get(f"blk.{l}.ffn_gate"), source.get(f"blk.{l}.ffn_up"),
-                            source.get(f"blk.{l}.ffn_down"))
+        tmeta = _write_resident(source, tmp, fmt_for, progress)
+        info, ffn_fmt, down_fmt = _write_ffn(source, tmp, fmt_for, cluster_size, progress)
         manifest = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "source": source.description,
-            "config": cfg.to_json(),
+            "config": source.config.to_json(),
             "chat_template": source.chat_template,
             "tensors": tmeta,
             "formats": {"ffn": ffn_fmt, "ffn_down": down_fmt,
@@ -158,6 +102,75 @@ def convert(src, out_dir, *, bits: str = "auto", cluster_size: int | None = None
                                 "removed (free some space or choose another -o, and check the source file)") from None
         raise
     return out_dir
+
+
+def _format_chooser(target: str | None):
+    """name, tensor (or its stored format) -> the format to store it in; None keeps float32 (norms, biases)."""
+    def fmt_for(name: str, w) -> str | None:
+        """``w``: the tensor, or its stored format (Source.stored_format: a powerlow format name, "f32" for float
+        matrices, None for vectors)."""
+        stored = w if isinstance(w, str) or w is None else (
+            w.fmt if isinstance(w, formats.QMatrix) else ("f32" if w.ndim > 1 else None))
+        if stored is None or name.endswith(".ffn_gate_inp"):     # vectors; the MoE router stays float32
+            return None
+        lossless = stored != "f32" and target in (None, stored)
+        if name in ("token_embd", "output"):
+            # kept as imported; else 8-bit (--bits applies to the layers' matrices, not the vocabulary)
+            return stored if lossless and stored not in formats.LOW_BIT else "q8"
+        return stored if lossless else (target or "q8")
+    return fmt_for
+
+
+def _make_tmp(out_dir: Path) -> Path:
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        recover_stale(out_dir)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".converting", dir=out_dir.parent))
+    except OSError as e:
+        raise PowerlowError(f"cannot write into {out_dir.parent} ({e.strerror}); choose an output dir you can write to") from None
+
+
+def _write_resident(source: Source, tmp: Path, fmt_for, progress: bool) -> dict[str, dict]:
+    """Every tensor but the layers' FFN matrices into resident.safetensors; returns their manifest entries."""
+    from safetensors.numpy import save_file
+    tensors: dict[str, np.ndarray] = {}
+    tmeta: dict[str, dict] = {}
+    streamed = ("ffn_gate", "ffn_up", "ffn_down")          # into ffn.bin; everything else is resident
+    resident = [n for n in source.names() if not (n.startswith("blk.") and n.split(".", 2)[2] in streamed)]
+    for name in _progress(resident, "resident", progress):
+        w = source.get(name)
+        fmt = fmt_for(name, w)
+        if fmt is None:
+            tensors[name] = np.ascontiguousarray(w, dtype=np.float32)
+            tmeta[name] = {"fmt": "f32", "shape": list(w.shape)}
+            continue
+        q = w if isinstance(w, formats.QMatrix) and w.fmt == fmt else formats.quantize(_float(w), fmt)
+        tensors.update(q.tensors(name))
+        tmeta[name] = {"fmt": fmt, "shape": [q.rows, q.cols]}
+    with atomic_path(tmp / "resident.safetensors") as p:
+        save_file(tensors, str(p))
+    return tmeta
+
+
+def _write_ffn(source: Source, tmp: Path, fmt_for, cluster_size: int | None, progress: bool):
+    """Every layer's FFN into ffn.bin as bundles, each layer in its source formats (a GGUF quant mix keeps ffn_down
+    in Q6_K in some layers and Q4_K in others: both stay as they are); returns (StoreInfo, layer 0's gate/up
+    format, its down format)."""
+    cfg = source.config
+    ffn_fmts = [fmt_for(f"blk.{l}.ffn_gate", source.stored_format(f"blk.{l}.ffn_gate")) for l in range(cfg.n_layers)]
+    down_fmts = [fmt_for(f"blk.{l}.ffn_down", source.stored_format(f"blk.{l}.ffn_down")) for l in range(cfg.n_layers)]
+    group = max([formats.FORMATS[f].group for f in down_fmts] + [32])
+    if cfg.moe:
+        row = max(formats.packed_nbytes(f, 256, cfg.hidden_size) for f in ffn_fmts + down_fmts) / 256
+        C = pick_expert_cluster_size(cfg.expert_ffn, group, row, cluster_size)
+    else:
+        C = pick_cluster_size(cfg.intermediate_size, group, cluster_size)
+    info = StoreInfo.plan(ffn_fmts, down_fmts, C, cfg.hidden_size, cfg.ffn_neurons, cfg.n_layers)
+    with atomic_path(tmp / "ffn.bin") as p, open(p, "wb") as f:
+        for l in _progress(range(cfg.n_layers), "ffn.bin", progress):
+            write_layer(f, info, l, source.get(f"blk.{l}.ffn_gate"), source.get(f"blk.{l}.ffn_up"),
+                        source.get(f"blk.{l}.ffn_down"))
+    return info, ffn_fmts[0], down_fmts[0]
 
 
 def _float(w) -> np.ndarray:
