@@ -200,54 +200,17 @@ def profile_model(model_dir, *, text: str | None = None, n_tokens: int = DEFAULT
     rng = np.random.default_rng(seed)
     sample_mask = np.zeros(total, bool)
     sample_mask[rng.choice(total, size=min(n_samples, total), replace=False)] = True
-    rec = _Recorder(tf, density, sample_mask)
-    try:
-        it = windows
-        if progress:
-            from tqdm import tqdm
-            it = tqdm(windows, desc="profile", unit="window", file=sys.stderr)
-        for w in it:
-            tf.forward(w)
-    finally:
-        rec.close()
+    rec = _record(tf, windows, density, sample_mask, progress)
     info = tf.store_info
-    L, F, C, nC = info.n_layers, info.n_neurons, info.layout.C, info.n_clusters
+    L, F, C = info.n_layers, info.n_neurons, info.layout.C
     freq = (rec.count / rec.tokens).astype(np.float32)
     mean_abs = (rec.abs_sum / rec.tokens).astype(np.float32)
-    # hot-first: by firing frequency, ties broken by mean magnitude
-    cperms = None
-    if relayout == "neurons":
-        perms = [np.lexsort((-mean_abs[l], -freq[l])) for l in range(L)]
-    elif relayout == "clusters":
-        cperms = [hot_cluster_order(freq[l], mean_abs[l], C) for l in range(L)]
-        perms = [cluster_to_neuron_perm(cp, C, F) for cp in cperms]
-    else:
-        perms = [np.arange(F) for _ in range(L)]
+    perms, cperms = _hot_first(relayout, freq, mean_abs, C)
     unpacked = np.unpackbits(rec.samples_m, axis=2, count=F).astype(bool)       # (L, S, F)
     samples_m = np.stack([np.packbits(unpacked[l][:, perms[l]], axis=1) for l in range(L)])
     freq_p = np.stack([freq[l][perms[l]] for l in range(L)])
     mean_abs_p = np.stack([mean_abs[l][perms[l]] for l in range(L)])
-    # thresholds of the training-free modes, on the sampled tokens, in the new order
-    gate_thr = np.zeros((L, 101))
-    cluster_thr = np.zeros((L, 101))
-    cluster_freq = np.zeros((L, nC), np.float32)
-    cluster_any = np.zeros((L, nC), np.float32)
-    from powerlow.predictors.common import quantile_table, threshold_at
-    for l in range(L):
-        hs = np.ascontiguousarray(rec.samples_h[l].astype(np.float32))
-        g = np.abs(_act(tf.ops.matmul(rec.G[l], hs)[:, :F], tf.config.hidden_act))[:, perms[l]]
-        gate_thr[l] = quantile_table(g)
-        gp = np.zeros((len(hs), nC * C), np.float32)
-        gp[:, :F] = g
-        cs = gp.reshape(len(hs), nC, C).sum(axis=2)                   # threshold mode's cluster score
-        cluster_thr[l] = quantile_table(cs)
-        mp = np.zeros((len(hs), nC * C), bool)
-        mp[:, :F] = unpacked[l][:, perms[l]]
-        cluster_any[l] = mp.reshape(len(hs), nC, C).any(axis=2).mean(axis=0)
-        if tf.config.hidden_act == "relu":
-            cluster_freq[l] = cluster_any[l]                             # what gate mode computes, exactly
-        else:
-            cluster_freq[l] = (cs > threshold_at(cluster_thr[l], density)).mean(axis=0)
+    gate_thr, cluster_thr, cluster_freq, cluster_any = _mode_thresholds(tf, rec, perms, unpacked, density)
     manifest = tf.manifest
     tf.close()
     del tf, rec.G, rec.U
@@ -270,6 +233,61 @@ def profile_model(model_dir, *, text: str | None = None, n_tokens: int = DEFAULT
     if plot:
         plot_coverage(freq_p, plot, title=f"{model_dir.name}: activation coverage by the hottest neurons")
     return summary
+
+
+def _record(tf, windows, density: float, sample_mask, progress: bool) -> "_Recorder":
+    """Run the calibration windows through ``tf`` with a recorder on every FFN."""
+    rec = _Recorder(tf, density, sample_mask)
+    try:
+        it = windows
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(windows, desc="profile", unit="window", file=sys.stderr)
+        for w in it:
+            tf.forward(w)
+    finally:
+        rec.close()
+    return rec
+
+
+def _hot_first(relayout: str, freq: np.ndarray, mean_abs: np.ndarray, C: int):
+    """Per layer the neuron permutation (and, relaying clusters, the cluster order): by firing frequency, ties
+    broken by mean magnitude."""
+    L, F = freq.shape
+    if relayout == "neurons":
+        return [np.lexsort((-mean_abs[l], -freq[l])) for l in range(L)], None
+    if relayout == "clusters":
+        cperms = [hot_cluster_order(freq[l], mean_abs[l], C) for l in range(L)]
+        return [cluster_to_neuron_perm(cp, C, F) for cp in cperms], cperms
+    return [np.arange(F) for _ in range(L)], None
+
+
+def _mode_thresholds(tf, rec, perms, unpacked: np.ndarray, density: float):
+    """The training-free modes' thresholds on the sampled tokens, in the new order: (gate_thr, cluster_thr
+    quantile tables, cluster_freq at ``density``, cluster_any)."""
+    from powerlow.predictors.common import quantile_table, threshold_at
+    info = tf.store_info
+    L, F, C, nC = info.n_layers, info.n_neurons, info.layout.C, info.n_clusters
+    gate_thr = np.zeros((L, 101))
+    cluster_thr = np.zeros((L, 101))
+    cluster_freq = np.zeros((L, nC), np.float32)
+    cluster_any = np.zeros((L, nC), np.float32)
+    for l in range(L):
+        hs = np.ascontiguousarray(rec.samples_h[l].astype(np.float32))
+        g = np.abs(_act(tf.ops.matmul(rec.G[l], hs)[:, :F], tf.config.hidden_act))[:, perms[l]]
+        gate_thr[l] = quantile_table(g)
+        gp = np.zeros((len(hs), nC * C), np.float32)
+        gp[:, :F] = g
+        cs = gp.reshape(len(hs), nC, C).sum(axis=2)                   # threshold mode's cluster score
+        cluster_thr[l] = quantile_table(cs)
+        mp = np.zeros((len(hs), nC * C), bool)
+        mp[:, :F] = unpacked[l][:, perms[l]]
+        cluster_any[l] = mp.reshape(len(hs), nC, C).any(axis=2).mean(axis=0)
+        if tf.config.hidden_act == "relu":
+            cluster_freq[l] = cluster_any[l]                             # what gate mode computes, exactly
+        else:
+            cluster_freq[l] = (cs > threshold_at(cluster_thr[l], density)).mean(axis=0)
+    return gate_thr, cluster_thr, cluster_freq, cluster_any
 
 
 def profile_experts(tf, text: str, n_tokens: int, plot: str | None, progress: bool, t0: float) -> dict:
