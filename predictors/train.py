@@ -164,29 +164,8 @@ def train_predictors(model_dir, *, rank: int = 128, target_recall: float = 0.95,
         from tqdm import tqdm
         layers = bar = tqdm(range(L), desc="train-predictor", unit="layer", file=sys.stderr)
     for l in layers:
-        X = H[l].astype(np.float32)
-        Y = np.unpackbits(Mp[l], axis=1, count=F).astype(bool)
-        by_cluster = targets == "clusters"
-        W = _fit_layer(X[tr], _cluster_any(Y[tr], C) if by_cluster else Y[tr], rank, epochs, seed + l)
-        zc = _logits(W, X[cal])
-        if by_cluster:      # clusters are kept or dropped whole: the sample size is the clusters' (weighted)
-            w = _cluster_sum(Y[cal], C).reshape(-1)
-            n_eff = float(w.sum()) ** 2 / max(1.0, float((w * w).sum()))
-            thr[l] = _recall_threshold(zc.reshape(-1), w, _aim(target_recall, n_eff))
-        else:
-            pos = zc[Y[cal]]
-            thr[l] = np.quantile(pos, 1.0 - _aim(target_recall, pos.size)) if pos.size else 0.0
-        zt = _logits(W, X[te])
-        stats = _cluster_stats if by_cluster else _stats
-        r = {"layer": l, **stats(zt > thr[l], Y[te], C)}
-        held = np.concatenate([zc, zt])
-        cthr[l] = quantile_table(held if by_cluster else _cluster_sum(1.0 / (1.0 + np.exp(-held)), C))
-        if l > 0:     # lookahead: this layer's predictor on the previous layer's input, re-scaled by the norm ratio
-            ratio = np.where(np.abs(norms[l - 1]) > 1e-6, norms[l] / np.where(norms[l - 1] == 0, 1, norms[l - 1]), 0)
-            za = _logits(W, H[l - 1][te].astype(np.float32) * ratio)
-            r["lookahead_recall"] = stats(za > thr[l], Y[te], C)["recall"]
-        r["density_ratio"] = (r["cluster_density"] / max(r["true_cluster_density"], 1e-9) if by_cluster
-                              else r["density"] / max(r["true_density"], 1e-9))
+        W, thr[l], cthr[l], r = _train_layer(l, H, Mp, F, C, norms, (tr, cal, te), targets, rank, epochs, seed,
+                                             target_recall)
         report.append({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
         for name, v in zip("AaBb", W):
             tensors[f"blk.{l}.{name}"] = np.ascontiguousarray(v, np.float32)
@@ -204,6 +183,37 @@ def train_predictors(model_dir, *, rank: int = 128, target_recall: float = 0.95,
     manifest["files"] = dict(manifest["files"], **{PREDICTORS_FILE: file_entry(path)})
     write_manifest(model_dir, manifest)
     return {"summary": summary, "layers": report}
+
+
+def _train_layer(l, H, Mp, F, C, norms, split, targets, rank, epochs, seed, target_recall):
+    """Layer l's predictor: fit on the training split, threshold for the target recall on the calibration split,
+    measure on the test split (and as a lookahead from layer l-1's input). Returns (weights, threshold, cluster
+    score quantiles, report row)."""
+    tr, cal, te = split
+    X = H[l].astype(np.float32)
+    Y = np.unpackbits(Mp[l], axis=1, count=F).astype(bool)
+    by_cluster = targets == "clusters"
+    W = _fit_layer(X[tr], _cluster_any(Y[tr], C) if by_cluster else Y[tr], rank, epochs, seed + l)
+    zc = _logits(W, X[cal])
+    if by_cluster:      # clusters are kept or dropped whole: the sample size is the clusters' (weighted)
+        w = _cluster_sum(Y[cal], C).reshape(-1)
+        n_eff = float(w.sum()) ** 2 / max(1.0, float((w * w).sum()))
+        thr = _recall_threshold(zc.reshape(-1), w, _aim(target_recall, n_eff))
+    else:
+        pos = zc[Y[cal]]
+        thr = np.quantile(pos, 1.0 - _aim(target_recall, pos.size)) if pos.size else 0.0
+    zt = _logits(W, X[te])
+    stats = _cluster_stats if by_cluster else _stats
+    r = {"layer": l, **stats(zt > thr, Y[te], C)}
+    held = np.concatenate([zc, zt])
+    cthr = quantile_table(held if by_cluster else _cluster_sum(1.0 / (1.0 + np.exp(-held)), C))
+    if l > 0:     # lookahead: this layer's predictor on the previous layer's input, re-scaled by the norm ratio
+        ratio = np.where(np.abs(norms[l - 1]) > 1e-6, norms[l] / np.where(norms[l - 1] == 0, 1, norms[l - 1]), 0)
+        za = _logits(W, H[l - 1][te].astype(np.float32) * ratio)
+        r["lookahead_recall"] = stats(za > thr, Y[te], C)["recall"]
+    r["density_ratio"] = (r["cluster_density"] / max(r["true_cluster_density"], 1e-9) if by_cluster
+                          else r["density"] / max(r["true_density"], 1e-9))
+    return W, thr, cthr, r
 
 
 def _summary(report: list[dict], target: float) -> dict:
