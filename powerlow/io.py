@@ -95,7 +95,8 @@ class BusyClock:
     """Wall time with at least one read in flight in any of the readers sharing it (the FFN bundles and the
     streamed attention share one disk: their throughput together is what a probe of that disk compares with)."""
 
-    def __init__(self):
+    def __init__(self, now=time.perf_counter):
+        self._now = now          # the time source (a test passes a fake one)
         self._lock = threading.Lock()
         self._in_flight = 0
         self._since = 0.0
@@ -104,19 +105,19 @@ class BusyClock:
     def enter(self) -> None:
         with self._lock:
             if self._in_flight == 0:
-                self._since = time.perf_counter()
+                self._since = self._now()
             self._in_flight += 1
 
     def leave(self) -> None:
         with self._lock:
             self._in_flight -= 1
             if self._in_flight == 0:
-                self._done += time.perf_counter() - self._since
+                self._done += self._now() - self._since
 
     @property
     def seconds(self) -> float:
         with self._lock:
-            return self._done + (time.perf_counter() - self._since if self._in_flight else 0.0)
+            return self._done + (self._now() - self._since if self._in_flight else 0.0)
 
 
 class BundleReader:

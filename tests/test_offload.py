@@ -64,7 +64,7 @@ def test_offloaded_dense_same_tokens(tiny_dir, resident_tokens, policy, extra_sl
         assert c["bytes_read"] == 0 and c["cache_hit_rate"] == 1.0
     else:
         assert c["read_bytes_per_token"] > 0 and c["misses"] > 0
-    assert c["planned_bytes"] if "planned_bytes" in c else c["plan_planned_bytes"] <= budget
+    assert c["plan_planned_bytes"] <= budget
 
 
 def test_buffered_fallback_same_tokens(tiny_dir, resident_tokens):
@@ -329,11 +329,9 @@ def test_busy_clock_is_the_union_of_readers(tmp_path):
         reqs = [r.submit(i << 20, [memoryview(bufs[i])]) for i, r in enumerate([a, b] * 4)]
         for q in reqs:
             q.wait()
-        assert clock.seconds > 0
-        # the readers' own clocks start a moment before the shared one and stop a moment after (a thread may be
-        # descheduled in between): loose bounds, still failing for a clock that counts nothing or double-counts
-        assert 0.5 * max(a.busy_seconds, b.busy_seconds) <= clock.seconds <= a.busy_seconds + b.busy_seconds + 0.05
+        assert clock.seconds > 0 and a.busy_seconds > 0 and b.busy_seconds > 0
         assert a.bytes_read + b.bytes_read == 8 << 20
+        # (how the shared clock unites overlapping reads: test_busy_clock_counts_the_union, with a fake time)
     finally:
         a.close()
         b.close()
@@ -458,3 +456,19 @@ def test_budget_too_small_carries_the_minimum(tiny_dir, dense_resident):
     assert e.value.minimum == low and isinstance(e.value, PowerlowError) and "raise --budget" in str(e.value)
     plan = make_plan(tiny_dir, m, RuntimeConfig(budget_bytes=low), allow_stream=not dense_resident)
     assert plan.budget_bytes == low and plan.n_hot + plan.n_staging + plan.n_dynamic >= plan.n_clusters
+
+
+def test_busy_clock_counts_the_union():
+    """Busy time is the union of the readers' in-flight intervals: overlaps once, gaps not at all."""
+    from powerlow.io import BusyClock
+    t = [0.0]
+    clock = BusyClock(now=lambda: t[0])
+    for at, op in ((0, "enter"), (1, "enter"), (3, "leave"), (4, "leave"),    # [0, 4] with an overlap: 4 s
+                   (10, "enter"), (12, "leave")):                            # a gap, then [10, 12]: 2 s
+        t[0] = at
+        getattr(clock, op)()
+    assert clock.seconds == 6.0
+    t[0] = 20.0
+    clock.enter()
+    t[0] = 21.5
+    assert clock.seconds == 7.5          # a read in flight counts up to now

@@ -27,7 +27,7 @@ def test_teacher_forced_agreement_with_llamacpp(smol, llamacpp_ref):
     rate = 1 - len(gaps) / len(rows)
     print(f"\nllama.cpp agreement {rate:.3f} over {len(rows)} positions; misses' gaps {np.round(gaps, 3).tolist()}")
     assert all(g <= NEAR_TIE for g in gaps), f"a miss that is not a near-tie: {max(gaps):.3f}"
-    assert rate >= 0.9
+    assert rate >= 0.96       # measured 0.979 (4 near-tie misses of 192): room for 3 more near ties, not for a bug
 
 
 def test_greedy_decode_matches_prefill(smol):
@@ -95,7 +95,7 @@ def test_teacher_forced_agreement_with_transformers(smol, hf_llama, llamacpp_ref
     print(f"\ntransformers agreement {rate:.3f} over {len(rows)} positions; max |dlogp| of its top token {max_diff:.3f}; "
           f"misses' gaps {np.round(gaps, 3).tolist()}")
     assert all(g <= NEAR_TIE for g in gaps)
-    assert rate >= 0.9
+    assert rate >= 0.96       # measured 0.979 (4 near-tie misses of 192): room for 3 more near ties, not for a bug
     assert max_diff < 1.0
 
 

@@ -67,7 +67,7 @@ def test_teacher_forced_agreement_with_llamacpp_and_transformers(qwen, ref):
           f"{[(round(float(g), 3), mine == tf) for mine, _, tf, g in misses]}")
     bad = [(g, mine, lc, tf) for mine, lc, tf, g in misses if g > NEAR_TIE and mine != tf]
     assert not bad, f"disagreements with llama.cpp that are neither near-ties nor sided by transformers: {bad}"
-    assert rate >= 0.9
+    assert rate >= 0.97       # measured 0.987 (3 misses of 224): room for 3 more near ties, not for a bug
 
 
 def test_greedy_decode_matches_prefill(qwen):
