@@ -479,39 +479,48 @@ typedef struct {
     _Atomic int err;
 } ffn_job;
 
-static void ffn_item(void *c, int ch)
+/* bundles i0..i1-1 of ptrs, each gate/up rows -> gated activation -> down rows added into dst (T x K), for the
+ * T activation rows of ha; the one body of the dense/sparse FFN (ffn_item) and of a MoE expert chunk (moe_item).
+ * Returns -1 if its scratch cannot be had. */
+static int bundles_into(int isa, int down_fmt, int C, int K, int Cp, int act, plk_rows_fn fgu, plk_rows_fn fd,
+                        const uint64_t *ptrs, const int64_t *offs, int i0, int i1, const plk_act *ha, int T, float *dst)
 {
-    ffn_job *j = (ffn_job *)c;
-    const int T = j->T, C = j->C, K = j->K;
-    const int i0 = j->lo ? j->lo[ch] : (int)((long)j->n * ch / j->nch);
-    const int i1 = j->hi ? j->hi[ch] : (int)((long)j->n * (ch + 1) / j->nch);
-    if (i0 >= i1) return;
-    float *dst = ch == 0 ? j->out : j->priv + (size_t)(ch - 1) * T * K;
     float *gu = (float *)malloc(sizeof(float) * (size_t)T * C * 2);
     act_buf ab;
-    if (!gu || act_alloc(&ab, T, j->Cp, j->Cp / plk_group[j->down_fmt])) {
+    if (!gu || act_alloc(&ab, T, Cp, Cp / plk_group[down_fmt])) {
         free(gu);
-        atomic_store(&j->err, -1);
-        return;
+        return -1;
     }
-    const int64_t *offs = j->offs;
     for (int i = i0; i < i1; i++) {
-        const uint8_t *base = (const uint8_t *)(uintptr_t)j->ptrs[i];
+        const uint8_t *base = (const uint8_t *)(uintptr_t)ptrs[i];
 #define PLANE16(o) ((o) >= 0 ? (const uint16_t *)(base + (o)) : 0)   /* -1: no such plane (raw GGML blocks) */
         plk_w wg = { base + offs[0], PLANE16(offs[1]), PLANE16(offs[2]) };
         plk_w wu = { base + offs[3], PLANE16(offs[4]), PLANE16(offs[5]) };
         plk_w wd = { base + offs[6], PLANE16(offs[7]), PLANE16(offs[8]) };
 #undef PLANE16
         float *g = gu, *u = gu + (size_t)T * C;
-        j->fgu(&wg, 0, C, j->ha, g, C, 0);
-        j->fgu(&wu, 0, C, j->ha, u, C, 0);
-        gated_isa(j->isa, g, u, (size_t)T * C, j->act);
+        fgu(&wg, 0, C, ha, g, C, 0);
+        fgu(&wu, 0, C, ha, u, C, 0);
+        gated_isa(isa, g, u, (size_t)T * C, act);
         plk_act aa;
-        act_prepare(j->isa, j->down_fmt, g, T, C, C, j->Cp, &ab, &aa);
-        j->fd(&wd, 0, K, &aa, dst, K, 1);
+        act_prepare(isa, down_fmt, g, T, C, C, Cp, &ab, &aa);
+        fd(&wd, 0, K, &aa, dst, K, 1);
     }
     act_free(&ab);
     free(gu);
+    return 0;
+}
+
+static void ffn_item(void *c, int ch)
+{
+    ffn_job *j = (ffn_job *)c;
+    const int i0 = j->lo ? j->lo[ch] : (int)((long)j->n * ch / j->nch);
+    const int i1 = j->hi ? j->hi[ch] : (int)((long)j->n * (ch + 1) / j->nch);
+    if (i0 >= i1) return;
+    float *dst = ch == 0 ? j->out : j->priv + (size_t)(ch - 1) * j->T * j->K;
+    if (bundles_into(j->isa, j->down_fmt, j->C, j->K, j->Cp, j->act, j->fgu, j->fd, j->ptrs, j->offs, i0, i1, j->ha,
+                     j->T, dst))
+        atomic_store(&j->err, -1);
 }
 
 /* chunks c with lo[c] < hi[c]: bundles lo[c]..hi[c]-1 of the nch-chunk split of n (plk_ffn_chunk_bounds) added
@@ -600,37 +609,15 @@ static void moe_gather(void *c, int g)
 static void moe_item(void *c, int it)
 {
     moe_job *j = (moe_job *)c;
-    const int g = it / j->nch, ch = it % j->nch, C = j->C, K = j->K;
+    const int g = it / j->nch, ch = it % j->nch, K = j->K;
     const int t0 = j->gs[g], Tg = j->gs[g + 1] - t0;
     const int i0 = g * j->cpe + (int)((long)j->cpe * ch / j->nch);
     const int i1 = g * j->cpe + (int)((long)j->cpe * (ch + 1) / j->nch);
     if (Tg <= 0 || i0 >= i1 || !j->ab[g].qs) return;
     float *dst = j->buf + ((size_t)t0 * j->nch + (size_t)ch * Tg) * K;
-    float *gu = (float *)malloc(sizeof(float) * (size_t)Tg * C * 2);
-    act_buf ab;
-    if (!gu || act_alloc(&ab, Tg, j->Cp, j->Cp / plk_group[j->down_fmt])) {
-        free(gu);
+    if (bundles_into(j->isa, j->down_fmt, j->C, K, j->Cp, j->act, j->fgu, j->fd, j->ptrs, j->offs, i0, i1, &j->ga[g],
+                     Tg, dst))
         atomic_store(&j->err, -1);
-        return;
-    }
-    const int64_t *offs = j->offs;
-    for (int i = i0; i < i1; i++) {
-        const uint8_t *base = (const uint8_t *)(uintptr_t)j->ptrs[i];
-#define PLANE16(o) ((o) >= 0 ? (const uint16_t *)(base + (o)) : 0)
-        plk_w wg = { base + offs[0], PLANE16(offs[1]), PLANE16(offs[2]) };
-        plk_w wu = { base + offs[3], PLANE16(offs[4]), PLANE16(offs[5]) };
-        plk_w wd = { base + offs[6], PLANE16(offs[7]), PLANE16(offs[8]) };
-#undef PLANE16
-        float *gg = gu, *u = gu + (size_t)Tg * C;
-        j->fgu(&wg, 0, C, &j->ga[g], gg, C, 0);
-        j->fgu(&wu, 0, C, &j->ga[g], u, C, 0);
-        gated_isa(j->isa, gg, u, (size_t)Tg * C, j->act);
-        plk_act aa;
-        act_prepare(j->isa, j->down_fmt, gg, Tg, C, C, j->Cp, &ab, &aa);
-        j->fd(&wd, 0, K, &aa, dst, K, 1);
-    }
-    act_free(&ab);
-    free(gu);
 }
 
 int plk_moe_ffn(int isa, int fmt, int down_fmt, int tl, const uint64_t *ptrs, int ngroups, int cpe, int C, int K,
