@@ -489,36 +489,174 @@ AI void kq_row_prep(const int FMT, const uint8_t *row, int S, uint8_t *wt, size_
     }
 }
 
+/* pairs of rows a K-quant GEMM pass takes: VNNI 2 (4 rows: each activation broadcast feeds both pairs' zmm
+ * dots), AVX2 1 */
+#define KQ_NP (PLK_VNNI ? 2 : 1)
+
+/* one row pair's prepared planes (kq_row_prep) */
+typedef struct { uint8_t *wt[2]; int32_t *scv[2]; int16_t *mnv[2]; float *dw[2], *dmw[2]; } kq_pair;
+
+/* super-block b of a row pair x 4 tokens: the scaled int32 sums iv (lane 4 i + t) -> yv, with the q6_k bias term,
+ * the d / dmin scaling and the mins (the per-pair float steps, in the same order whatever the pass width) */
+AI void kq_pair_finish(const int FMT, const kq_pair *P, __m256i *iv, int b, int t0, int S, const plk_act *a,
+                  const int16_t *b32, const float *dxt, __m256 *yv)
+{
+    const __m256 signm = _mm256_set1_ps(-0.0f);
+    if (FMT == PLK_Q6_K)
+        for (int i = 0; i < 2; i++) {
+            const __m256i sc16 = _mm256_loadu_si256((const __m256i *)(P->mnv[i] + 16 * b));
+            for (int t = 0; t < 4; t++) {
+                const __m256i bs16 = _mm256_loadu_si256((const __m256i *)(a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16));
+                iv[4 * i + t] = _mm256_sub_epi32(iv[4 * i + t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs16), 5));
+            }
+        }
+    const __m256i I = hsum8x8i(iv);                 /* lane 4 i + t: row r + i, token t0 + t */
+    const __m256 dxv = _mm256_broadcast_ps((const __m128 *)(dxt + ((size_t)(t0 / 4) * S + b) * 4));
+    const __m256 dwv = _mm256_set_m128(_mm_set1_ps(P->dw[1][b]), _mm_set1_ps(P->dw[0][b]));
+    *yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dwv, dxv), *yv);
+    if (FMT != PLK_Q6_K) {
+        /* [mins of row r | of row r+1] . [b32 of token t | the same]: lanes 0-3 (r, t), 4-7 (r+1, t);
+         * the hadd tree then leaves lane 4 i + t = imin of (row r + i, token t0 + t) */
+        const __m256i A = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(P->mnv[1] + 8 * b)),
+                                           _mm_loadu_si128((const __m128i *)(P->mnv[0] + 8 * b)));
+        __m256i mv[4];
+        for (int t = 0; t < 4; t++)
+            mv[t] = _mm256_madd_epi16(A, _mm256_loadu_si256((const __m256i *)(b32 + ((size_t)(t0 + t) * S + b) * 16)));
+        const __m256i M = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
+        const __m256 dmv = _mm256_set_m128(_mm_set1_ps(P->dmw[1][b]), _mm_set1_ps(P->dmw[0][b]));
+        *yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(dmv, dxv), signm), *yv);
+    }
+}
+
+/* super-block b, steps of half hh, of NP row pairs x 4 tokens: the scaled int32 sums iv[pair][4 i + t] */
+AI void kq_dots(const int FMT, const int NP, const kq_pair *P, int b, int hh, int nsc, const int8_t *const *xq,
+                __m256i (*iv)[8])
+{
+    const int nh = FMT == PLK_Q6_K ? 2 : 1, nv = 8 / nh;
+#if PLK_VNNI   /* the two rows' steps interleaved: zmm v of super-block b = [row r step v | row r+1 step v] */
+    __m512i az[2][4];
+    const __m512i *Wz[2];
+    for (int q = 0; q < NP; q++) {
+        Wz[q] = (const __m512i *)(P[q].wt[0] + (size_t)b * 512);
+        for (int t = 0; t < 4; t++) az[q][t] = _mm512_setzero_si512();
+    }
+    for (int v = hh * nv; v < (hh + 1) * nv; v++) {
+        __m512i Wv[2];
+        for (int q = 0; q < NP; q++) Wv[q] = _mm512_load_si512(Wz[q] + v);
+        for (int t = 0; t < 4; t++) {
+            const __m512i X = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i *)(xq[t] + 32 * v)));
+            for (int q = 0; q < NP; q++) az[q][t] = _mm512_dpbusd_epi32(az[q][t], Wv[q], X);
+        }
+    }
+    for (int q = 0; q < NP; q++) {
+        __m256i acc[8];
+        for (int t = 0; t < 4; t++) {
+            acc[t] = _mm512_castsi512_si256(az[q][t]);
+            acc[4 + t] = _mm512_extracti64x4_epi64(az[q][t], 1);
+        }
+        for (int i = 0; i < 2; i++) {
+            const __m256i sc = _mm256_loadu_si256((const __m256i *)(P[q].scv[i] + nsc * b + 8 * hh));
+            for (int t = 0; t < 4; t++) {
+                const __m256i m = _mm256_mullo_epi32(acc[4 * i + t], sc);
+                iv[q][4 * i + t] = hh ? _mm256_add_epi32(iv[q][4 * i + t], m) : m;
+            }
+        }
+    }
+#else
+    (void)NP;
+    const __m256i *W[2] = { (const __m256i *)(P->wt[0] + (size_t)b * 256), (const __m256i *)(P->wt[1] + (size_t)b * 256) };
+    /* the scales as int16 pairs per lane: vpmaddwd of the int16 sums by them is the scaled
+     * int32 sum of each lane's sub-block (no vpmulld): sc x (s_lo + s_hi) */
+    const int fold = FMT == PLK_Q4_K ? 8 : FMT == PLK_Q5_K ? 4 : 2;
+    __m256i sc2[2];
+    for (int i = 0; i < 2; i++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(P->scv[i] + nsc * b + 8 * hh));
+        sc2[i] = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
+    }
+    for (int v0 = hh * nv; v0 < (hh + 1) * nv; v0 += fold) {
+        __m256i s16[8];
+        for (int k = 0; k < 8; k++) s16[k] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+        for (int v = v0; v < v0 + fold; v++) {   /* not unrolled: 8 sums + 3 operands stay in registers */
+            const __m256i W0 = _mm256_load_si256(W[0] + v), W1 = _mm256_load_si256(W[1] + v);
+            for (int t = 0; t < 4; t++) {
+                const __m256i X = _mm256_load_si256((const __m256i *)(xq[t] + 32 * v));
+                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(W0, X));
+                s16[4 + t] = _mm256_add_epi16(s16[4 + t], _mm256_maddubs_epi16(W1, X));
+            }
+        }
+        for (int k = 0; k < 8; k++) iv[0][k] = _mm256_add_epi32(iv[0][k], _mm256_madd_epi16(s16[k], sc2[k >> 2]));
+    }
+#endif
+}
+
+/* NP row pairs from row r over all token tiles (the pairs' planes prepared in P) */
+AI void kq_pass(const int FMT, const int NP, const kq_pair *P, int r, int r1, int S, int T4, const plk_act *a,
+                const uint8_t *xt, const int16_t *b32, const float *dxt, const uint8_t *next, size_t rowb, float *y,
+                int ldy, int accum)
+{
+    const int nsc = FMT == PLK_Q6_K ? 16 : 8, nh = FMT == PLK_Q6_K ? 2 : 1;
+    /* the next pass's rows (from DRAM) prefetched a few lines per step over this pass's tiles */
+    const long nlines = next ? (long)(2 * NP * rowb / 64) : 0, nslots = (long)(T4 / 4) * S;
+    const int per = nlines ? (int)((nlines + nslots - 1) / nslots) : 0;
+    (void)r1;
+    for (int t0 = 0; t0 < T4; t0 += 4) {
+        __m256 yv[2] = { _mm256_setzero_ps(), _mm256_setzero_ps() };
+        for (int b = 0; b < S; b++) {
+            for (int k = 0; k < per; k++) {
+                const long l = ((long)(t0 / 4) * S + b) * per + k;
+                if (l < nlines) _mm_prefetch((const char *)next + 64 * l, _MM_HINT_T0);
+            }
+            const int8_t *xq[4];
+            for (int t = 0; t < 4; t++) xq[t] = (const int8_t *)(xt + ((size_t)(t0 + t) * S + b) * 256);
+            __m256i iv[2][8];
+            for (int q = 0; q < NP; q++)
+                for (int k = 0; k < 8; k++) iv[q][k] = _mm256_setzero_si256();   /* (AVX2 sums into it directly) */
+            /* the 8 (row, token) dots of a pair advance together: 8 independent accumulation chains */
+            for (int hh = 0; hh < nh; hh++) kq_dots(FMT, NP, P, b, hh, nsc, xq, iv);
+            for (int q = 0; q < NP; q++) kq_pair_finish(FMT, &P[q], iv[q], b, t0, S, a, b32, dxt, &yv[q]);
+        }
+        for (int q = 0; q < NP; q++) {
+            float res[8];
+            _mm256_storeu_ps(res, yv[q]);
+            for (int i = 0; i < 2; i++)
+                for (int t = 0; t < 4; t++) {
+                    float *o = y + (size_t)(t0 + t) * ldy + r + 2 * q + i;
+                    *o = accum ? *o + res[4 * i + t] : res[4 * i + t];
+                }
+        }
+    }
+}
+
 AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk_act *a, float *y, int ldy, int accum)
 {
     const int S = a->ng, QB = plk_qbytes[FMT];
     const size_t rowb = (size_t)S * QB;
     const int nsc = FMT == PLK_Q6_K ? 16 : 8;
     /* scratch: activations re-laid (T4 x S x 256), per-32 block sums (T4 x S x 8 int16; q6_k: unused),
-     * two rows' re-laid codes, scales, mins, d, dmin */
+     * KQ_NP row pairs' re-laid codes, scales, mins, d, dmin */
     const size_t xb = (size_t)T4 * S * 256, bb = (size_t)T4 * S * 16 * 2;
     const size_t wb = (size_t)S * 256, sb = (size_t)S * nsc * 4, mb = (size_t)S * 16 * 2, fb = ((size_t)S * 4 + 31) & ~(size_t)31;
-    const size_t db = (size_t)T4 * S * 4;
-    uint8_t *buf = (uint8_t *)plk_scratch(xb + bb + 2 * (wb + sb + mb + 2 * fb) + db + 256, 1);
+    const size_t db = (size_t)T4 * S * 4, pb = 2 * (wb + sb + mb + 2 * fb);
+    uint8_t *buf = (uint8_t *)plk_scratch(xb + bb + KQ_NP * pb + db + 256, 1);
     if (!buf) { plk_oom_set(); return; }
-    float *dxt = (float *)(buf + xb + bb + 2 * (wb + sb + mb + 2 * fb));   /* [tile][b][4 tokens] */
+    float *dxt = (float *)(buf + xb + bb + KQ_NP * pb);   /* [tile][b][4 tokens] */
     for (int t = 0; t < T4; t++)
         for (int b = 0; b < S; b++) dxt[((size_t)(t / 4) * S + b) * 4 + t % 4] = a->dx[(size_t)t * S + b];
     uint8_t *xt = buf;
     int16_t *b32 = (int16_t *)(buf + xb);
-    uint8_t *wt[2];
-    int32_t *scv[2];
-    int16_t *mnv[2];
-    float *dw[2], *dmw[2];
-    uint8_t *p = buf + xb + bb;
-    wt[0] = p;                 /* 2 wb contiguous: the VNNI variant interleaves the two rows there */
-    wt[1] = p + wb;
-    p += 2 * wb;
-    for (int i = 0; i < 2; i++) {
-        scv[i] = (int32_t *)p; p += sb;
-        mnv[i] = (int16_t *)p; p += mb;
-        dw[i] = (float *)p; p += fb;
-        dmw[i] = (float *)p; p += fb;
+    kq_pair P[2];
+    for (int q = 0; q < KQ_NP; q++) {
+        uint8_t *p = buf + xb + bb + q * pb;
+        P[q].wt[0] = p;        /* 2 wb contiguous: the VNNI variant interleaves the two rows there */
+        P[q].wt[1] = p + wb;
+        p += 2 * wb;
+        for (int i = 0; i < 2; i++) {
+            P[q].scv[i] = (int32_t *)p; p += sb;
+            P[q].mnv[i] = (int16_t *)p; p += mb;
+            P[q].dw[i] = (float *)p; p += fb;
+            P[q].dmw[i] = (float *)p; p += fb;
+        }
     }
     for (int t = 0; t < T4; t++)
         for (int b = 0; b < S; b++) {
@@ -530,116 +668,21 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
                 _mm256_storeu_si256((__m256i *)(b32 + ((size_t)t * S + b) * 16), _mm256_set_m128i(h, h));   /* [b32 | b32] */
             }
         }
-    const __m256 signm = _mm256_set1_ps(-0.0f);
-    for (int r = r0; r + 2 <= r1; r += 2) {
-        for (int i = 0; i < 2; i++)
-#if PLK_VNNI   /* the two rows' steps interleaved: zmm v of super-block b = [row r step v | row r+1 step v] */
-            kq_row_prep(FMT, w->qs + (size_t)(r + i) * rowb, S, wt[0] + 32 * i, 512, 64, scv[i], mnv[i], dw[i], dmw[i]);
-#else
-            kq_row_prep(FMT, w->qs + (size_t)(r + i) * rowb, S, wt[i], 256, 32, scv[i], mnv[i], dw[i], dmw[i]);
-#endif
-        /* the next row pair's bytes (2 rowb, from DRAM) prefetched a few lines per step over this pair's tiles */
-        const char *npf = (const char *)(w->qs + (size_t)(r + 2) * rowb);
-        const long nlines = r + 4 <= r1 ? (long)(2 * rowb / 64) : 0, nslots = (long)(T4 / 4) * S;
-        const int per = nlines ? (int)((nlines + nslots - 1) / nslots) : 0;
-        for (int t0 = 0; t0 < T4; t0 += 4) {
-            __m256 yv = _mm256_setzero_ps();
-            for (int b = 0; b < S; b++) {
-                for (int k = 0; k < per; k++) {
-                    const long l = ((long)(t0 / 4) * S + b) * per + k;
-                    if (l < nlines) _mm_prefetch(npf + 64 * l, _MM_HINT_T0);
-                }
-#if !PLK_VNNI
-                const __m256i *W[2] = { (const __m256i *)(wt[0] + (size_t)b * 256), (const __m256i *)(wt[1] + (size_t)b * 256) };
-#endif
-                __m256i iv[8];
-                const int8_t *xq[4];
-                for (int t = 0; t < 4; t++) xq[t] = (const int8_t *)(xt + ((size_t)(t0 + t) * S + b) * 256);
-                const int nh = FMT == PLK_Q6_K ? 2 : 1, nv = 8 / nh;
-                for (int k = 0; k < 8; k++) iv[k] = _mm256_setzero_si256();   /* (AVX2 sums into it directly) */
-                for (int hh = 0; hh < nh; hh++) {
-                    /* the 8 (row, token) dots advance together: 8 independent accumulation chains */
-#if PLK_VNNI
-                    __m256i acc[8];
-                    {
-                        const __m512i *Wz = (const __m512i *)(wt[0] + (size_t)b * 512);
-                        __m512i az[4];
-                        for (int t = 0; t < 4; t++) az[t] = _mm512_setzero_si512();
-                        for (int v = hh * nv; v < (hh + 1) * nv; v++) {
-                            const __m512i Wv = _mm512_load_si512(Wz + v);
-                            for (int t = 0; t < 4; t++)
-                                az[t] = _mm512_dpbusd_epi32(az[t], Wv, _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i *)(xq[t] + 32 * v))));
-                        }
-                        for (int t = 0; t < 4; t++) {
-                            acc[t] = _mm512_castsi512_si256(az[t]);
-                            acc[4 + t] = _mm512_extracti64x4_epi64(az[t], 1);
-                        }
-                    }
-                    for (int i = 0; i < 2; i++) {
-                        const __m256i sc = _mm256_loadu_si256((const __m256i *)(scv[i] + nsc * b + 8 * hh));
-                        for (int t = 0; t < 4; t++) {
-                            const __m256i m = _mm256_mullo_epi32(acc[4 * i + t], sc);
-                            iv[4 * i + t] = hh ? _mm256_add_epi32(iv[4 * i + t], m) : m;
-                        }
-                    }
-#else
-                    /* the scales as int16 pairs per lane: vpmaddwd of the int16 sums by them is the scaled
-                     * int32 sum of each lane's sub-block (no vpmulld): sc x (s_lo + s_hi) */
-                    const int fold = FMT == PLK_Q4_K ? 8 : FMT == PLK_Q5_K ? 4 : 2;
-                    __m256i sc2[2];
-                    for (int i = 0; i < 2; i++) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(scv[i] + nsc * b + 8 * hh));
-                        sc2[i] = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(v, 16));
-                    }
-                    for (int v0 = hh * nv; v0 < (hh + 1) * nv; v0 += fold) {
-                        __m256i s16[8];
-                        for (int k = 0; k < 8; k++) s16[k] = _mm256_setzero_si256();
-#pragma GCC unroll 1
-                        for (int v = v0; v < v0 + fold; v++) {   /* not unrolled: 8 sums + 3 operands stay in registers */
-                            const __m256i W0 = _mm256_load_si256(W[0] + v), W1 = _mm256_load_si256(W[1] + v);
-                            for (int t = 0; t < 4; t++) {
-                                const __m256i X = _mm256_load_si256((const __m256i *)(xq[t] + 32 * v));
-                                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(W0, X));
-                                s16[4 + t] = _mm256_add_epi16(s16[4 + t], _mm256_maddubs_epi16(W1, X));
-                            }
-                        }
-                        for (int k = 0; k < 8; k++) iv[k] = _mm256_add_epi32(iv[k], _mm256_madd_epi16(s16[k], sc2[k >> 2]));
-                    }
-#endif
-                }
-                if (FMT == PLK_Q6_K)
-                    for (int i = 0; i < 2; i++) {
-                        const __m256i sc16 = _mm256_loadu_si256((const __m256i *)(mnv[i] + 16 * b));
-                        for (int t = 0; t < 4; t++) {
-                            const __m256i bs16 = _mm256_loadu_si256((const __m256i *)(a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16));
-                            iv[4 * i + t] = _mm256_sub_epi32(iv[4 * i + t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs16), 5));
-                        }
-                    }
-                const __m256i I = hsum8x8i(iv);                 /* lane 4 i + t: row r + i, token t0 + t */
-                const __m256 dxv = _mm256_broadcast_ps((const __m128 *)(dxt + ((size_t)(t0 / 4) * S + b) * 4));
-                const __m256 dwv = _mm256_set_m128(_mm_set1_ps(dw[1][b]), _mm_set1_ps(dw[0][b]));
-                yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dwv, dxv), yv);
-                if (FMT != PLK_Q6_K) {
-                    /* [mins of row r | of row r+1] . [b32 of token t | the same]: lanes 0-3 (r, t), 4-7 (r+1, t);
-                     * the hadd tree then leaves lane 4 i + t = imin of (row r + i, token t0 + t) */
-                    const __m256i A = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(mnv[1] + 8 * b)),
-                                                       _mm_loadu_si128((const __m128i *)(mnv[0] + 8 * b)));
-                    __m256i mv[4];
-                    for (int t = 0; t < 4; t++)
-                        mv[t] = _mm256_madd_epi16(A, _mm256_loadu_si256((const __m256i *)(b32 + ((size_t)(t0 + t) * S + b) * 16)));
-                    const __m256i M = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
-                    const __m256 dmv = _mm256_set_m128(_mm_set1_ps(dmw[1][b]), _mm_set1_ps(dmw[0][b]));
-                    yv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(dmv, dxv), signm), yv);
-                }
-            }
-            float res[8];
-            _mm256_storeu_ps(res, yv);
+    for (int r = r0; r + 2 <= r1;) {
+        const int np = KQ_NP == 2 && r + 4 <= r1 ? 2 : 1;
+        for (int q = 0; q < np; q++)
             for (int i = 0; i < 2; i++)
-                for (int t = 0; t < 4; t++) {
-                    float *o = y + (size_t)(t0 + t) * ldy + r + i;
-                    *o = accum ? *o + res[4 * i + t] : res[4 * i + t];
-                }
-        }
+#if PLK_VNNI
+                kq_row_prep(FMT, w->qs + (size_t)(r + 2 * q + i) * rowb, S, P[q].wt[0] + 32 * i, 512, 64, P[q].scv[i],
+                            P[q].mnv[i], P[q].dw[i], P[q].dmw[i]);
+#else
+                kq_row_prep(FMT, w->qs + (size_t)(r + 2 * q + i) * rowb, S, P[q].wt[i], 256, 32, P[q].scv[i],
+                            P[q].mnv[i], P[q].dw[i], P[q].dmw[i]);
+#endif
+        const uint8_t *next = r + 2 * np + 2 <= r1 ? w->qs + (size_t)(r + 2 * np) * rowb : NULL;
+        if (np == 2) kq_pass(FMT, 2, P, r, r1, S, T4, a, xt, b32, dxt, next, rowb, y, ldy, accum);
+        else kq_pass(FMT, 1, P, r, r1, S, T4, a, xt, b32, dxt, next, rowb, y, ldy, accum);
+        r += 2 * np;
     }
     free(buf);
 }
