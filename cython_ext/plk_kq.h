@@ -591,7 +591,7 @@ AI void kq_dots(const int FMT, const int NP, const kq_pair *P, int b, int hh, in
 }
 
 /* NP row pairs from row r over all token tiles (the pairs' planes prepared in P) */
-AI void kq_pass(const int FMT, const int NP, const kq_pair *P, int r, int r1, int S, int T4, const plk_act *a,
+AI void kq_pass(const int FMT, const int NP, const kq_pair *P, int r, int S, int T4, const plk_act *a,
                 const uint8_t *xt, const int16_t *b32, const float *dxt, const uint8_t *next, size_t rowb, float *y,
                 int ldy, int accum)
 {
@@ -599,7 +599,6 @@ AI void kq_pass(const int FMT, const int NP, const kq_pair *P, int r, int r1, in
     /* the next pass's rows (from DRAM) prefetched a few lines per step over this pass's tiles */
     const long nlines = next ? (long)(2 * NP * rowb / 64) : 0, nslots = (long)(T4 / 4) * S;
     const int per = nlines ? (int)((nlines + nslots - 1) / nslots) : 0;
-    (void)r1;
     for (int t0 = 0; t0 < T4; t0 += 4) {
         __m256 yv[2] = { _mm256_setzero_ps(), _mm256_setzero_ps() };
         for (int b = 0; b < S; b++) {
@@ -680,8 +679,8 @@ AI void kq_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
                             P[q].mnv[i], P[q].dw[i], P[q].dmw[i]);
 #endif
         const uint8_t *next = r + 2 * np + 2 <= r1 ? w->qs + (size_t)(r + 2 * np) * rowb : NULL;
-        if (np == 2) kq_pass(FMT, 2, P, r, r1, S, T4, a, xt, b32, dxt, next, rowb, y, ldy, accum);
-        else kq_pass(FMT, 1, P, r, r1, S, T4, a, xt, b32, dxt, next, rowb, y, ldy, accum);
+        if (np == 2) kq_pass(FMT, 2, P, r, S, T4, a, xt, b32, dxt, next, rowb, y, ldy, accum);
+        else kq_pass(FMT, 1, P, r, S, T4, a, xt, b32, dxt, next, rowb, y, ldy, accum);
         r += 2 * np;
     }
     free(buf);

@@ -655,95 +655,6 @@ AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, con
     const __m256i one = _mm256_set1_epi16(1);
     __asm__ volatile(GA_STEPS(GA_Q8STEP, GA_Q8MUL, GA_Q8MAC) GA_EPILOGUE(GA_EPI_Q8) GA_OPERANDS);
 }
-#else
-/* VNNI: two chunks at a time in 512-bit vectors (on Zen 4 a zmm vpdpbusd does 1.5x the products of a ymm
- * one per cycle: measured 3.5 G zmm/s vs 4.5 G ymm/s), zmm k = [chunk c vector k | chunk c+1 vector k]
- * (g_wi, g_xo below lay the codes and activations out so), sums zeroed first (vpdpbusd only accumulates).
- * The float epilogue takes the low halves (chunk c) then the high halves (chunk c+1), each with its own
- * chunk's dv, bv, dx, bx: the AVX2 tile's float steps in its order. q8's codes are w + 128 (gemm_row_prep),
- * so its integer steps are q4's and each half first subtracts 128 x its blocks' activation sums (int32,
- * token t at f + 16 t + 8). A sum per (row, token) would chain 8 dependent vpdpbusd (latency 4-5) a pair:
- * even steps go to zmm0-7, odd ones to zmm16-23, added once (integers: the same sums). A lone last chunk
- * (odd count) runs the same steps over zero codes and activations laid in its partner's place, and only
- * the low epilogue. acc: 8 ymm operands that stay in registers. */
-#define GA_MAC(X, W, S) "vpdpbusd %%zmm" X ", %%zmm" W ", %%zmm" S "\n\t"
-#define GA_STEP_(K_, S0, S1, S2, S3, S4, S5, S6, S7)                                         \
-    "vmovdqa64 " K_ "(%[w0]), %%zmm12\n\t vmovdqa64 " K_ "(%[w1]), %%zmm13\n\t"              \
-    "vmovdqa64 " K_ "(%[x]), %%zmm14\n\t"      GA_MAC("14", "12", S0) GA_MAC("14", "13", S4)  \
-    "vmovdqa64 512+" K_ "(%[x]), %%zmm14\n\t"  GA_MAC("14", "12", S1) GA_MAC("14", "13", S5)  \
-    "vmovdqa64 1024+" K_ "(%[x]), %%zmm14\n\t" GA_MAC("14", "12", S2) GA_MAC("14", "13", S6)  \
-    "vmovdqa64 1536+" K_ "(%[x]), %%zmm14\n\t" GA_MAC("14", "12", S3) GA_MAC("14", "13", S7)
-#define GA_STEP_E(K_) GA_STEP_(K_, "0", "1", "2", "3", "4", "5", "6", "7")
-#define GA_STEP_O(K_) GA_STEP_(K_, "16", "17", "18", "19", "20", "21", "22", "23")
-#define GA_ZERO                                                                              \
-    "vpxor %%xmm0, %%xmm0, %%xmm0\n\t vpxor %%xmm1, %%xmm1, %%xmm1\n\t"                      \
-    "vpxor %%xmm2, %%xmm2, %%xmm2\n\t vpxor %%xmm3, %%xmm3, %%xmm3\n\t"                      \
-    "vpxor %%xmm4, %%xmm4, %%xmm4\n\t vpxor %%xmm5, %%xmm5, %%xmm5\n\t"                      \
-    "vpxor %%xmm6, %%xmm6, %%xmm6\n\t vpxor %%xmm7, %%xmm7, %%xmm7\n\t"                      \
-    "vpxord %%xmm16, %%xmm16, %%xmm16\n\t vpxord %%xmm17, %%xmm17, %%xmm17\n\t"              \
-    "vpxord %%xmm18, %%xmm18, %%xmm18\n\t vpxord %%xmm19, %%xmm19, %%xmm19\n\t"              \
-    "vpxord %%xmm20, %%xmm20, %%xmm20\n\t vpxord %%xmm21, %%xmm21, %%xmm21\n\t"              \
-    "vpxord %%xmm22, %%xmm22, %%xmm22\n\t vpxord %%xmm23, %%xmm23, %%xmm23\n\t"
-#define GA_STEPS GA_STEP_E("0") GA_STEP_O("64") GA_STEP_E("128") GA_STEP_O("192") GA_STEP_E("256") \
-                 GA_STEP_O("320") GA_STEP_E("384") GA_STEP_O("448")                                \
-    "vpaddd %%zmm16, %%zmm0, %%zmm0\n\t vpaddd %%zmm17, %%zmm1, %%zmm1\n\t"                    \
-    "vpaddd %%zmm18, %%zmm2, %%zmm2\n\t vpaddd %%zmm19, %%zmm3, %%zmm3\n\t"                    \
-    "vpaddd %%zmm20, %%zmm4, %%zmm4\n\t vpaddd %%zmm21, %%zmm5, %%zmm5\n\t"                    \
-    "vpaddd %%zmm22, %%zmm6, %%zmm6\n\t vpaddd %%zmm23, %%zmm7, %%zmm7\n\t"
-/* one half: integer sums in ymm I, chunk's dv in ymm D, bv in ymm B, its [dx | bx] at F(%[f]) */
-#define GA_HALF_Q4(I, D, B, F, S)                                                            \
-    "vcvtdq2ps %%ymm" I ", %%ymm" I "\n\t"                                                    \
-    "vmulps " F "(%[f]), %%ymm" D ", %%ymm14\n\t"                                             \
-    "vfmadd231ps %%ymm14, %%ymm" I ", %[a" S "]\n\t"                                          \
-    "vfmadd231ps " F "+32(%[f]), %%ymm" B ", %[a" S "]\n\t"
-#define GA_HALF_Q8(I, D, B, F, S)                                                            \
-    "vpsubd " F "+32(%[f]), %%ymm" I ", %%ymm" I "\n\t vcvtdq2ps %%ymm" I ", %%ymm" I "\n\t"  \
-    "vmulps " F "(%[f]), %%ymm" D ", %%ymm14\n\t"                                             \
-    "vfmadd231ps %%ymm14, %%ymm" I ", %[a" S "]\n\t"
-/* sum S (token T): high half to ymm15 first (a VEX write of ymm S clears it), low half, then high */
-#define GA_EPI2(H, S, T)                                                                     \
-    "vextracti64x4 $1, %%zmm" S ", %%ymm15\n\t"                                               \
-    H(S, "12", "13", T "*64", S) H("15", "24", "25", "256+" T "*64", S)
-#define GA_EPI1(H, S, T) H(S, "12", "13", T "*64", S)
-#define GA_HI0 "vmovups 32(%[d]), %%ymm24\n\t vmovups 32(%[b]), %%ymm25\n\t"
-#define GA_HI1 "vmovups 32(%[d],%[vs]), %%ymm24\n\t vmovups 32(%[b],%[vs]), %%ymm25\n\t"
-#define GA_EPILOGUE(H, EPI, HI0, HI1)                                                        \
-    "vmovups (%[d]), %%ymm12\n\t vmovups (%[b]), %%ymm13\n\t" HI0                             \
-    EPI(H, "0", "0") EPI(H, "1", "1") EPI(H, "2", "2") EPI(H, "3", "3")                       \
-    "vmovups (%[d],%[vs]), %%ymm12\n\t vmovups (%[b],%[vs]), %%ymm13\n\t" HI1                 \
-    EPI(H, "4", "0") EPI(H, "5", "1") EPI(H, "6", "2") EPI(H, "7", "3")
-#define GA_OPERANDS                                                                          \
-    : [a0] "+v"(acc[0]), [a1] "+v"(acc[1]), [a2] "+v"(acc[2]), [a3] "+v"(acc[3]),             \
-      [a4] "+v"(acc[4]), [a5] "+v"(acc[5]), [a6] "+v"(acc[6]), [a7] "+v"(acc[7])              \
-    : [w0] "r"(w0), [w1] "r"(w1), [x] "r"(x), [f] "r"(f), [d] "r"(d), [b] "r"(b), [vs] "r"(vs) \
-    : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm12",      \
-      "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", \
-      "xmm23", "xmm24", "xmm25"
-
-/* chunks c, c+1 (pair = 1) or c alone (pair = 0) of a 2 x 4 tile */
-AI void gemm_chunk_q4(const __m256i *w0, const __m256i *w1, const int8_t *x, const float *f,
-                      const float *d, const float *b, size_t vs, __m256 *acc, int pair)
-{
-    if (pair) __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_HALF_Q4, GA_EPI2, GA_HI0, GA_HI1) GA_OPERANDS);
-    else __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_HALF_Q4, GA_EPI1, "", "") GA_OPERANDS);
-}
-
-AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, const float *f,
-                      const float *d, const float *b, size_t vs, __m256 *acc, int pair)
-{
-    if (pair) __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_HALF_Q8, GA_EPI2, GA_HI0, GA_HI1) GA_OPERANDS);
-    else __asm__ volatile(GA_ZERO GA_STEPS GA_EPILOGUE(GA_HALF_Q8, GA_EPI1, "", "") GA_OPERANDS);
-}
-#undef GA_HALF_Q4
-#undef GA_HALF_Q8
-#undef GA_EPI1
-#undef GA_EPI2
-#undef GA_HI0
-#undef GA_HI1
-#undef GA_STEP_
-#undef GA_STEP_E
-#undef GA_STEP_O
-#undef GA_ZERO
 #endif
 #undef GA_MUL
 #undef GA_MAC
@@ -760,28 +671,11 @@ AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, con
 /* R rows x NT tokens over nch chunks: acc[r * 4 + t] */
 AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m256i *wr, size_t wst,
                   const float *dvr, const float *bvr, size_t vst, const int8_t *xt, const float *ft,
-                  __m256 *acc_io, const char *pf, int npf)
+                  __m256 *acc, const char *pf, int npf)
 {
     const __m256i ones = _mm256_set1_epi16(1);
-    /* a local copy: registers across the chunks (the asm's memory clobber would reload and store an
-     * accumulator that lives in the caller's array at every chunk) */
-    __m256 acc[8];
-    for (int i = 0; i < 8; i++) acc[i] = acc_io[i];
+#if !PLK_VNNI
     if (R == 2 && NT == 4) {
-#if PLK_VNNI
-        for (int c = 0; c < nch; c += 2) {
-            if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
-            if (c + 1 < npf) _mm_prefetch(pf + 64 * c + 64, _MM_HINT_T0);
-            const __m256i *w0 = wr + g_wi(c, 0);
-            const int8_t *x = xt + g_xo(c, 0, 0);
-            if (FMT == PLK_Q8)
-                gemm_chunk_q8(w0, w0 + wst, x, ft + (size_t)c * 64, dvr + (size_t)c * 8, bvr + (size_t)c * 8,
-                              vst * sizeof(float), acc, c + 1 < nch);
-            else
-                gemm_chunk_q4(w0, w0 + wst, x, ft + (size_t)c * 64, dvr + (size_t)c * 8, bvr + (size_t)c * 8,
-                              vst * sizeof(float), acc, c + 1 < nch);
-        }
-#else
         for (int c = 0; c < nch; c++) {
             if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
             const __m256i *w0 = wr + (size_t)c * 8;
@@ -792,10 +686,10 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
                 gemm_chunk_q4(w0, w0 + wst, xt + (size_t)c * 1024, ft + (size_t)c * 64, dvr + (size_t)c * 8,
                               bvr + (size_t)c * 8, vst * sizeof(float), acc);
         }
-#endif
-        for (int i = 0; i < 8; i++) acc_io[i] = acc[i];
         return;
     }
+#endif
+    /* the C tile: AVX2's edges; under VNNI every tile but the 4 x 4 one (rows left over, short token tiles) */
     for (int c = 0; c < nch; c++) {
         if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
         __m256i s[2][4];
@@ -805,11 +699,16 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
             for (int t = 0; t < NT; t++) s[r][t] = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int k = 0; k < 8; k++) {
-            __m256i wv[2], wa[2];
+            __m256i wv[2];
+#if !PLK_VNNI
+            __m256i wa[2];
+#endif
 #pragma GCC unroll 2
             for (int r = 0; r < R; r++) {
                 wv[r] = _mm256_load_si256(wr + r * wst + g_wi(c, k));
-                if (FMT == PLK_Q8 && !PLK_VNNI) wa[r] = _mm256_abs_epi8(wv[r]);
+#if !PLK_VNNI
+                if (FMT == PLK_Q8) wa[r] = _mm256_abs_epi8(wv[r]);
+#endif
             }
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) {
@@ -818,13 +717,12 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
                 for (int r = 0; r < R; r++) {
 #if PLK_VNNI
                     s[r][t] = _mm256_dpbusd_epi32(s[r][t], wv[r], xv);   /* q8: codes + 128 */
-                    (void)wa;
-                    continue;
-#endif
+#else
                     if (FMT == PLK_Q8)
                         s[r][t] = _mm256_add_epi32(s[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xv, wv[r])), ones));
                     else
                         s[r][t] = _mm256_add_epi16(_mm256_maddubs_epi16(wv[r], xv), s[r][t]);
+#endif
                 }
             }
         }
@@ -853,13 +751,14 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
             }
         }
     }
-    for (int i = 0; i < 8; i++) acc_io[i] = acc[i];
 }
 
 #if PLK_VNNI
-/* 4 rows x 4 tokens, VNNI, chunk pairs as gemm_chunk_*: sums s[r][t] in zmm(4r + t), codes of row r in zmm16+r,
+/* 4 rows x 4 tokens, VNNI, over chunk pairs (zmm k = [chunk c vector k | chunk c+1 vector k], g_wi / g_xo; a lone
+ * last chunk steps over its zero partner and takes only the low epilogue); sums s[r][t] in zmm(4r + t), codes of row r in zmm16+r,
  * activations in zmm20; 16 independent sums, so no even/odd split. The float accumulators live in acc (memory:
- * 16 of them do not fit next to the sums), loaded and stored once a pair. Float steps as the 2 x 4 tile's. */
+ * 16 of them do not fit next to the sums), loaded and stored once a pair. The float steps per (row, token) and 256-bit half are the AVX2 tile's, in chunk
+ * order; q8's codes are w + 128 and each half first subtracts 128 x its blocks' activation sums: the same bits. */
 #define G4_MAC(R_, T_) "vpdpbusd %%zmm20, %%zmm" #R_ ", %%zmm" T_ "\n\t"
 #define G4_STEP(K_)                                                                          \
     "vmovdqa64 " K_ "(%[w0]), %%zmm16\n\t vmovdqa64 " K_ "(%[w1]), %%zmm17\n\t"              \

@@ -30,9 +30,9 @@ def full_footprint(model_dir: Path, manifest: dict, rt) -> tuple[int, int]:
     """(bytes with everything resident at the plan's context, KV positions) for the runtime ``rt``."""
     from .plan import ffn_nchunks
     from .sizes import auto_context, kv_bytes_per_position, scratch_bytes, tokenizer_bytes
+    from .st_header import tensor_bytes
     from .store import StoreInfo
     cfg = manifest["config"]
-    from .st_header import tensor_bytes
     weights = tensor_bytes(model_dir / "resident.safetensors")
     info = StoreInfo.from_json(manifest["ffn"])
     ffn = info.total_bytes
