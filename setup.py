@@ -1,4 +1,5 @@
-"""Build: the C/Cython kernels in cython_ext/ become the extension powerlow._kernels.
+"""Build: the C/Cython kernels in cython_ext/ become the extension powerlow._kernels, the streaming core
+(cython_ext/plk_io.c) powerlow._iocore.
 
 One build runs on any x86-64: no -march flags; the AVX2 and AVX-512 variants are compiled with
 per-function target attributes (a `#pragma GCC target` region per source file) and chosen at run time
@@ -40,6 +41,17 @@ ext = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
+# the streaming core of an offloaded run (slot table, request queue, reader threads without the GIL)
+iocore = Extension(
+    "powerlow._iocore",
+    sources=["cython_ext/_iocore.pyx", "cython_ext/plk_io.c", "cython_ext/plk_crc.c"],
+    include_dirs=[np.get_include(), os.path.join(HERE, "cython_ext")],
+    depends=["cython_ext/plk_io.h", "cython_ext/plk.h"],
+    extra_compile_args=["-O2", "-pthread", "-Wall"],
+    extra_link_args=["-pthread"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
 if not os.path.exists(os.path.join(HERE, "predictors", "__init__.py")):
     os.makedirs(os.path.join(HERE, "predictors"), exist_ok=True)
     open(os.path.join(HERE, "predictors", "__init__.py"), "w").close()
@@ -51,7 +63,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["powerlow", "powerlow.*"]) + ["powerlow.predictors"],
     package_dir={"powerlow": "powerlow", "powerlow.predictors": "predictors"},
-    ext_modules=cythonize([ext], language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
+    ext_modules=cythonize([ext, iocore], language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
     install_requires=["numpy", "safetensors>=0.8", "tokenizers", "gguf", "zstandard", "tqdm", "jinja2"],
     extras_require={
         # torch only for offline predictor training and the reference tests; the runtime never imports it

@@ -225,8 +225,8 @@ class Transformer:
         # +15 MiB kept); hand them back before the weights come in (powerlow.sizes.tokenizer_bytes)
         release_free_heap()
         self.ring = None
-        from .io import BusyClock
-        self.io_clock = BusyClock()          # time with a read in flight in the ring or the FFN reader
+        from ._iocore import Clock
+        self.io_clock = Clock()              # time with a read in flight in the ring or the FFN reader
         self._load_weights()
         self.ops = kernel_ops(backend)
         self.ops.set_threads(self.runtime.n_threads)
@@ -267,7 +267,7 @@ class Transformer:
         if self.runtime.budget_bytes is None:
             return ResidentStore(self.dir / "ffn.bin", self.store_info)
         from .cache import OffloadedStore
-        return OffloadedStore(self)
+        return OffloadedStore(self.dir, self.store_info, self.plan, self.runtime, clock=self.io_clock, ring=self.ring)
 
     def _moe_parts(self):
         """(Router, shared experts or None) of a mixture-of-experts model, else (None, None)."""

@@ -136,17 +136,6 @@ def bad_bundles(sums: Sums, info, layer: int, ptrs: np.ndarray, clusters: np.nda
     return ids[got != want]
 
 
-def check_buffers(path, info, layer: int, clusters: list[int], want: list[int], positions: list[int], req) -> str | None:
-    """A read's check (BundleReader, in the I/O thread): buffer ``positions[i]`` of ``req`` holds bundle
-    ``clusters[i]``; the first whose CRC32C is not ``want[i]`` is named. Little Python a bundle: the reader threads
-    share the GIL."""
-    from ._kernels import crc32c as crc
-    for p, w, c in zip(positions, want, clusters):
-        if crc(req.bufs[p]) != w:
-            return bundle_error(path, layer, c, info.bundle_offset(layer, c))
-    return None
-
-
 def every_read() -> bool:
     """POWERLOW_CHECKSUMS=every: an offloaded run checks every read of a bundle, not only its first (the default)."""
     return os.environ.get("POWERLOW_CHECKSUMS", "").strip().lower() == "every"

@@ -46,7 +46,8 @@ def release_free_heap() -> None:
 
 
 RUNTIME_MODULES = ("numpy", "numpy.random", "hashlib", "zlib", "json", "tokenizers", "jinja2.sandbox",
-                   "powerlow.model", "powerlow.generate", "powerlow.speculate", "powerlow.tokenizer", "powerlow.kernels")
+                   "powerlow.model", "powerlow.generate", "powerlow.speculate", "powerlow.tokenizer", "powerlow.kernels",
+                   "powerlow._iocore")
 
 
 def import_runtime() -> None:

@@ -1,4 +1,4 @@
-"""Decode N tokens of a model under a budget, for a profiler to watch (scripts/python_overhead.sh: py-spy).
+"""Decode N tokens of a model under a budget, for a profiler to watch (scripts/python_overhead.py: py-spy).
 
     python scripts/decode_loop.py MODEL_DIR --budget 50% --mode dense -n 64
 """
@@ -13,6 +13,15 @@ import numpy as np
 
 import powerlow
 from powerlow.config import RuntimeConfig, parse_size
+
+
+def decode_steps(tf, text: list[int], n: int):
+    """n decode steps after a 16-token prefill -> (seconds, last logits). Varied inputs: the text's next token,
+    not the argmax (a small random model's greedy output repeats one token, which a cache serves too well)."""
+    t = time.perf_counter()
+    for i in range(n):
+        logits = tf.forward([text[16 + i % (len(text) - 17)]], start_pos=16 + i, last_only=True)
+    return time.perf_counter() - t, logits
 
 
 def main() -> int:
@@ -37,10 +46,7 @@ def main() -> int:
         tf = m.tf
         text = m.tokenize("def fibonacci(n):\n    '''Return the n-th Fibonacci number.'''\n" * 8, add_special=False)
         tf.forward(text[:16], start_pos=0, last_only=True)
-        t = time.perf_counter()
-        for i in range(a.n):     # varied inputs: the text's next token, not the argmax
-            logits = tf.forward([text[16 + i % (len(text) - 17)]], start_pos=16 + i, last_only=True)
-        dt = time.perf_counter() - t
+        dt, logits = decode_steps(tf, text, a.n)
         print(json.dumps({"decode_tok_s": round(a.n / dt, 2), "n": a.n, "layers": tf.config.n_layers,
                           "argmax": int(np.argmax(logits[-1]))}), file=sys.stderr)
     return 0

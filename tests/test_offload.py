@@ -119,23 +119,23 @@ def test_hot_clusters_from_profile(tiny_dir, tmp_path):
     assert chosen.min() >= np.sort(allc.reshape(-1))[::-1][plan.n_hot - 1]
 
 
-def _fake_tf(d, **kw):
-    """What OffloadedStore reads from a Transformer, without the weights (mode != dense: the sparse path)."""
+def _store(d, **kw):
+    """An OffloadedStore of model dir d under RuntimeConfig(**kw), without the weights (mode != dense: the sparse
+    path)."""
+    from powerlow.cache import OffloadedStore
     m = load_manifest(d)
-    return SimpleNamespace(dir=Path(d), manifest=m, store_info=StoreInfo.from_json(m["ffn"]),
-                           runtime=RuntimeConfig(**kw), predictor=object())
+    rt = RuntimeConfig(**kw)
+    return OffloadedStore(Path(d), StoreInfo.from_json(m["ffn"]), make_plan(Path(d), m, rt), rt)
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
 def test_random_access_returns_the_right_bundles(tiny_dir, policy):
     """Random cluster subsets and prefetches under a tight budget: every address holds the file's bundle."""
-    from powerlow.cache import OffloadedStore
     info = StoreInfo.from_json(load_manifest(tiny_dir)["ffn"])
     S = info.layout.stride
     data = (tiny_dir / "ffn.bin").read_bytes()
-    tf = _fake_tf(tiny_dir, budget_bytes=_min(tiny_dir, mode="threshold") + 6 * S, mode="threshold", density=0.3,
-                  cache_policy=policy)
-    src = OffloadedStore(tf)
+    src = _store(tiny_dir, budget_bytes=_min(tiny_dir, mode="threshold") + 6 * S, mode="threshold", density=0.3,
+                 cache_policy=policy)
     rng = np.random.default_rng(1)
     try:
         for step in range(60):
@@ -236,13 +236,11 @@ def test_smollm2_half_ffn_budget_same_tokens(smol_dir):
 def test_layer_asking_for_everything_borrows_pinned_slots(tiny_dir):
     """Sparse plan with everything pinned that fits: a layer asking for all its clusters still gets them,
     by borrowing pinned slots of other layers, and the bundles are right."""
-    from powerlow.cache import OffloadedStore
     info = StoreInfo.from_json(load_manifest(tiny_dir)["ffn"])
     S = info.layout.stride
     data = (tiny_dir / "ffn.bin").read_bytes()
-    tf = _fake_tf(tiny_dir, budget_bytes=_min(tiny_dir, mode="threshold") + 12 * S, mode="threshold", density=0.25,
-                  hot_fraction=1.0)
-    src = OffloadedStore(tf)
+    src = _store(tiny_dir, budget_bytes=_min(tiny_dir, mode="threshold") + 12 * S, mode="threshold", density=0.25,
+                 hot_fraction=1.0)
     try:
         assert src.plan.n_dynamic + src.plan.n_staging < info.n_clusters      # the unpinned pool is too small
         for l in range(info.n_layers):

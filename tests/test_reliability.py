@@ -163,22 +163,11 @@ def test_eio_in_a_reader_thread_while_decoding(model_dir, monkeypatch, after):
     """A disk error in an I/O thread in the middle of an offloaded run (bundle reads, read-ahead, the dense
     stream window): the run stops with one PowerlowError naming ffn.bin and the read, never a hang, a dead
     thread's traceback or wrong tokens. `after`: reads by I/O threads that succeed before the disk fails."""
-    import threading
     from powerlow.plan import minimum_budget
     from powerlow.manifest import load_manifest
     budget = minimum_budget(model_dir, load_manifest(model_dir), powerlow.RuntimeConfig(max_context=64))
-    real = os.preadv
-    count, armed = [0], [False]
-
-    def flaky(fd, bufs, offset, *a):
-        if armed[0] and threading.current_thread() is not threading.main_thread():
-            count[0] += 1
-            if count[0] > after:
-                raise OSError(errno.EIO, "Input/output error")
-        return real(fd, bufs, offset, *a)
-    monkeypatch.setattr(os, "preadv", flaky)
     with powerlow.load(model_dir, {"budget": budget, "max_context": 64}) as m:
         list(m.generate([5, 17, 33], 2))           # loaded and decoding
-        armed[0] = True
+        m.tf.ffn_source.core.inject_failure(after, errno.EIO)     # the reader threads' preadv fails from now on
         with pytest.raises(PowerlowError, match=r"ffn\.bin.*(read|failed).*Input/output error"):
             list(m.generate([5, 17, 33, 40], 20))

@@ -1,0 +1,217 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""powerlow._iocore: the streaming core of an offloaded run in C (cython_ext/plk_io.c), driven by powerlow.cache.
+
+SlotCore holds no Python state on the hot path: one ``fetch`` a layer (GIL released while it waits), reader
+threads that never take the GIL. Its tables are numpy arrays the caller made (see powerlow.cache)."""
+cimport numpy as cnp
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+
+cnp.import_array()
+
+cdef extern from "plk_io.h" nogil:
+    ctypedef struct plk_clock:
+        pass
+    void plk_clock_init(plk_clock *c)
+    void plk_clock_enter(plk_clock *c)
+    void plk_clock_leave(plk_clock *c)
+    double plk_clock_seconds(plk_clock *c)
+
+    ctypedef struct plk_io_conf:
+        int fd, direct
+        uint8_t *arena
+        int64_t n_slots, stride
+        int L, N
+        const int64_t *layer_off
+        const int64_t *lstride
+        int per_read, n_threads, policy
+        const uint32_t *sums
+        int check_every
+        plk_clock *shared
+        int32_t *slot_of
+        int32_t *key
+        int8_t *state
+        int64_t *lock
+        uint8_t *pending
+        uint8_t *fresh
+        uint8_t *pinned
+        int64_t *last_used
+        int64_t *loaded_at
+        int64_t *freq
+        uint8_t *verified
+
+    ctypedef struct plk_io_stats:
+        int64_t hits, misses, demand_misses, evictions, wasted, unpinned, passes
+        int64_t bytes_read, requests, checks
+        double wait_seconds, busy_seconds
+
+    ctypedef struct plk_io_error:
+        int kind, layer, cluster, err_no
+        int64_t offset, nbytes
+
+    ctypedef struct plk_io:
+        pass
+    plk_io *plk_io_new(const plk_io_conf *conf)
+    void plk_io_free(plk_io *io)
+    int plk_io_fetch(plk_io *io, int layer, const int32_t *ids, int n, uint64_t *out, int dense, int depth)
+    int plk_io_prefetch(plk_io *io, int layer, const int32_t *ids, int n, int priority)
+    int plk_io_pin(plk_io *io, int layer, const int32_t *ids, int n)
+    int plk_io_read(plk_io *io, int layer, int c0, const int32_t *slots, int n, int priority)
+    int plk_io_wait(plk_io *io, const int32_t *slots, int n)
+    int plk_io_wait_all(plk_io *io)
+    void plk_io_stats_get(plk_io *io, plk_io_stats *st)
+    void plk_io_last_error(plk_io *io, plk_io_error *err)
+    void plk_io_count(plk_io *io, int64_t hits, int64_t misses, int passes)
+    void plk_io_inject(plk_io *io, int64_t after, int err_no)
+
+cdef extern from "plk.h" nogil:
+    void plk_crc32c_init()
+
+plk_crc32c_init()          # before any reader thread can use it
+
+POLICIES = {"lru": 0, "lfu": 1, "fifo": 2}
+ERR_NONE, ERR_IO, ERR_EOF, ERR_CRC, ERR_SLOTS, ERR_ORDER = range(6)
+
+
+cdef class Clock:
+    """Wall time with at least one read in flight in any reader sharing it (C readers and Python ones alike)."""
+    cdef plk_clock c
+
+    def __cinit__(self):
+        plk_clock_init(&self.c)
+
+    def enter(self):
+        plk_clock_enter(&self.c)
+
+    def leave(self):
+        plk_clock_leave(&self.c)
+
+    @property
+    def seconds(self) -> float:
+        return plk_clock_seconds(&self.c)
+
+
+cdef inline void *_ptr(cnp.ndarray a, dtype, n, name):
+    if a.dtype != dtype or not a.flags.c_contiguous or a.size != n:
+        raise ValueError(f"SlotCore: table {name} must be a C-contiguous {dtype} array of {n}")
+    return cnp.PyArray_DATA(a)
+
+
+cdef class SlotCore:
+    """The slot table + request queue + reader threads over one open file (see plk_io.h)."""
+    cdef plk_io *io
+    cdef object _keep
+    cdef public int n_threads
+
+    def __cinit__(self, int fd, bint direct, cnp.ndarray arena, int64_t stride, int L, int N,
+                  cnp.ndarray layer_off, cnp.ndarray lstride, int per_read, int n_threads, str policy,
+                  sums, bint check_every, Clock shared, dict tables):
+        cdef plk_io_conf c
+        n = arena.size // stride
+        c.fd, c.direct = fd, direct
+        c.arena = <uint8_t *>_ptr(arena, "uint8", n * stride, "arena")
+        c.n_slots, c.stride, c.L, c.N = n, stride, L, N
+        c.layer_off = <const int64_t *>_ptr(layer_off, "int64", L, "layer_off")
+        c.lstride = <const int64_t *>_ptr(lstride, "int64", L, "lstride")
+        c.per_read, c.n_threads, c.policy = per_read, n_threads, POLICIES[policy]
+        c.sums = NULL if sums is None else <const uint32_t *>_ptr(sums, "uint32", L * N, "sums")
+        c.check_every = check_every
+        c.shared = NULL if shared is None else &shared.c
+        t = tables
+        c.slot_of = <int32_t *>_ptr(t["slot_of"], "int32", L * N, "slot_of")
+        c.freq = <int64_t *>_ptr(t["freq"], "int64", L * N, "freq")
+        c.verified = <uint8_t *>_ptr(t["verified"], "uint8", L * N, "verified")
+        c.key = <int32_t *>_ptr(t["key"], "int32", n, "key")
+        c.state = <int8_t *>_ptr(t["state"], "int8", n, "state")
+        c.lock = <int64_t *>_ptr(t["lock"], "int64", n, "lock")
+        c.pending = <uint8_t *>_ptr(t["pending"], "uint8", n, "pending")
+        c.fresh = <uint8_t *>_ptr(t["fresh"], "uint8", n, "fresh")
+        c.pinned = <uint8_t *>_ptr(t["pinned"], "uint8", n, "pinned")
+        c.last_used = <int64_t *>_ptr(t["last_used"], "int64", n, "last_used")
+        c.loaded_at = <int64_t *>_ptr(t["loaded_at"], "int64", n, "loaded_at")
+        self._keep = (arena, layer_off, lstride, sums, shared, tables)
+        self.n_threads = n_threads
+        self.io = plk_io_new(&c)
+        if self.io == NULL:
+            raise MemoryError("the streaming core could not allocate its tables or start its reader threads")
+
+    def __dealloc__(self):
+        self.close()
+
+    def close(self):
+        if self.io != NULL:
+            with nogil:
+                plk_io_free(self.io)
+            self.io = NULL
+
+    cdef inline plk_io *_io(self) except NULL:
+        if self.io == NULL:
+            raise RuntimeError("the streaming core is closed")
+        return self.io
+
+    def fetch(self, int layer, cnp.ndarray ids, cnp.ndarray out, bint dense=False, int depth=1) -> int:
+        """out[i] = address of bundle ids[i] (int32, increasing) of layer; 0, or -1 (see error())."""
+        cdef plk_io *io = self._io()
+        cdef const int32_t *p = <const int32_t *>cnp.PyArray_DATA(ids)
+        cdef uint64_t *o = <uint64_t *>cnp.PyArray_DATA(out)
+        cdef int n = ids.shape[0], r
+        if ids.dtype.num != cnp.NPY_INT32 or out.dtype.num != cnp.NPY_UINT64 or out.shape[0] < n \
+                or not ids.flags.c_contiguous:
+            raise ValueError("fetch wants int32 ids and a uint64 out at least as long")
+        with nogil:
+            r = plk_io_fetch(io, layer, p, n, o, dense, depth)
+        return r
+
+    def prefetch(self, int layer, cnp.ndarray ids, int priority=1) -> int:
+        cdef plk_io *io = self._io()
+        if ids.dtype.num != cnp.NPY_INT32 or not ids.flags.c_contiguous:
+            raise ValueError("prefetch wants int32 ids")
+        return plk_io_prefetch(io, layer, <const int32_t *>cnp.PyArray_DATA(ids), ids.shape[0], priority)
+
+    def pin(self, int layer, cnp.ndarray ids) -> int:
+        cdef plk_io *io = self._io()
+        if ids.dtype.num != cnp.NPY_INT32 or not ids.flags.c_contiguous:
+            raise ValueError("pin wants int32 ids")
+        return plk_io_pin(io, layer, <const int32_t *>cnp.PyArray_DATA(ids), ids.shape[0])
+
+    def read(self, int layer, int c0, cnp.ndarray slots, int priority=0) -> int:
+        cdef plk_io *io = self._io()
+        if slots.dtype.num != cnp.NPY_INT32 or not slots.flags.c_contiguous:
+            raise ValueError("read wants int32 slots")
+        return plk_io_read(io, layer, c0, <const int32_t *>cnp.PyArray_DATA(slots), slots.shape[0], priority)
+
+    def wait(self, cnp.ndarray slots) -> int:
+        cdef plk_io *io = self._io()
+        cdef const int32_t *p = <const int32_t *>cnp.PyArray_DATA(slots)
+        cdef int n = slots.shape[0], r
+        if slots.dtype.num != cnp.NPY_INT32 or not slots.flags.c_contiguous:
+            raise ValueError("wait wants int32 slots")
+        with nogil:
+            r = plk_io_wait(io, p, n)
+        return r
+
+    def wait_all(self) -> int:
+        cdef plk_io *io = self._io()
+        cdef int r
+        with nogil:
+            r = plk_io_wait_all(io)
+        return r
+
+    def inject_failure(self, int64_t after, int err_no):
+        """Tests: after ``after`` more successful reads every read fails with ``err_no`` (after < 0: off)."""
+        plk_io_inject(self._io(), after, err_no)
+
+    def count(self, int64_t hits, int64_t misses, int passes):
+        plk_io_count(self._io(), hits, misses, passes)
+
+    def stats(self) -> dict:
+        cdef plk_io_stats s
+        plk_io_stats_get(self._io(), &s)
+        return {"hits": s.hits, "misses": s.misses, "demand_misses": s.demand_misses, "evictions": s.evictions,
+                "wasted": s.wasted, "unpinned": s.unpinned, "passes": s.passes, "bytes_read": s.bytes_read,
+                "requests": s.requests, "checks": s.checks, "wait_seconds": s.wait_seconds, "busy_seconds": s.busy_seconds}
+
+    def error(self) -> tuple:
+        """(kind, layer, cluster, errno, offset, nbytes) of the first failure since the last call (kind 0: none)."""
+        cdef plk_io_error e
+        plk_io_last_error(self._io(), &e)
+        return (e.kind, e.layer, e.cluster, e.err_no, e.offset, e.nbytes)

@@ -1,0 +1,90 @@
+/* The streaming core of an offloaded run (powerlow.cache): the slot table of the segmented neuron cache, the
+ * request queue and the reader threads, in C. Nothing here takes the GIL: reader threads pread bundles into
+ * slots, check their CRC32C and mark them ready; the compute thread asks for a layer's bundles with one call
+ * (plk_io_fetch) and waits, if it must, on a condition variable.
+ *
+ * The tables are arrays the caller owns (numpy arrays in powerlow.cache, so rare bookkeeping such as the
+ * self-drafter's pinned bundles stays readable from Python); only `state` is shared with the readers. */
+#ifndef PLK_IO_H
+#define PLK_IO_H
+#include <pthread.h>
+#include <stdint.h>
+
+enum { PLK_SLOT_FREE = 0, PLK_SLOT_LOADING = 1, PLK_SLOT_READY = 2, PLK_SLOT_FAILED = 3 };
+enum { PLK_LRU = 0, PLK_LFU = 1, PLK_FIFO = 2 };
+enum { PLK_ERR_NONE = 0, PLK_ERR_IO = 1, PLK_ERR_EOF = 2, PLK_ERR_CRC = 3, PLK_ERR_SLOTS = 4, PLK_ERR_ORDER = 5 };
+
+/* Wall time with at least one read in flight, over every reader sharing it (the FFN bundles and the streamed
+ * attention share one disk). */
+typedef struct {
+    pthread_mutex_t m;
+    int in_flight;
+    double since, done;
+} plk_clock;
+
+void plk_clock_init(plk_clock *c);
+void plk_clock_enter(plk_clock *c);
+void plk_clock_leave(plk_clock *c);
+double plk_clock_seconds(plk_clock *c);
+
+typedef struct {
+    int fd, direct;               /* direct: O_DIRECT; else each read is dropped from the page cache after */
+    uint8_t *arena;               /* n_slots * stride bytes, 4 KiB aligned */
+    int64_t n_slots, stride;
+    int L, N;                     /* layers, bundles (clusters) per layer */
+    const int64_t *layer_off;     /* [L] file offset of a layer's first bundle */
+    const int64_t *lstride;       /* [L] bytes of one bundle of the layer (<= stride) */
+    int per_read;                 /* most adjacent bundles one read merges */
+    int n_threads;
+    int policy;                   /* PLK_LRU | PLK_LFU | PLK_FIFO */
+    const uint32_t *sums;         /* [L*N] CRC32C of each bundle, or NULL */
+    int check_every;              /* check every read, not only a bundle's first */
+    plk_clock *shared;            /* also kept up to date (or NULL) */
+    /* the tables (caller-owned, sized as noted) */
+    int32_t *slot_of;             /* [L*N] slot holding (layer, cluster), -1 */
+    int32_t *key;                 /* [n] layer*N + cluster held, -1 */
+    int8_t *state;                /* [n] PLK_SLOT_* (readers write it) */
+    int64_t *lock;                /* [n] == epoch while part of the last fetch's answer */
+    uint8_t *pending, *fresh, *pinned;   /* [n] read ahead and unused / read and unused / never evicted */
+    int64_t *last_used, *loaded_at;      /* [n] ticks */
+    int64_t *freq;                /* [L*N] times asked for */
+    uint8_t *verified;            /* [L*N] checked once in this run */
+} plk_io_conf;
+
+typedef struct {
+    int64_t hits, misses, demand_misses, evictions, wasted, unpinned, passes;
+    int64_t bytes_read, requests, checks;   /* checks: bundles whose CRC32C a reader computed */
+    double wait_seconds, busy_seconds;
+} plk_io_stats;
+
+typedef struct {
+    int kind;                     /* PLK_ERR_* */
+    int layer, cluster, err_no;
+    int64_t offset, nbytes;
+} plk_io_error;
+
+typedef struct plk_io plk_io;
+
+plk_io *plk_io_new(const plk_io_conf *conf);              /* NULL: out of memory or no thread could start */
+void plk_io_free(plk_io *io);                             /* stops the readers (queued reads are dropped) */
+/* Layer `layer`'s bundles of `ids` (strictly increasing cluster ids): misses read now (top priority), hits kept;
+ * with `dense`, the next max(1, depth) layers are read ahead. out[i] = address of ids[i]'s bundle, valid until the
+ * next fetch. 0, or -1 with plk_io_last_error. */
+int plk_io_fetch(plk_io *io, int layer, const int32_t *ids, int n, uint64_t *out, int dense, int depth);
+/* Start reading what `layer` will probably need (never evicts a pinned, locked or read-ahead slot). 1 if all
+ * fitted, 0 if slots ran out, -1 on bad ids. */
+int plk_io_prefetch(plk_io *io, int layer, const int32_t *ids, int n, int priority);
+/* Pin ids of layer into the next unpinned slots (from slot 0 up) and queue their reads. -1: no room. */
+int plk_io_pin(plk_io *io, int layer, const int32_t *ids, int n);
+/* Low level (the dense window): read n adjacent bundles c0.. of layer into slots (state LOADING until read). */
+int plk_io_read(plk_io *io, int layer, int c0, const int32_t *slots, int n, int priority);
+/* Wait until no slot of `slots` is loading. 0, or -1 (a failed read: those slots are freed). */
+int plk_io_wait(plk_io *io, const int32_t *slots, int n);
+int plk_io_wait_all(plk_io *io);                           /* every outstanding read */
+void plk_io_stats_get(plk_io *io, plk_io_stats *st);
+void plk_io_last_error(plk_io *io, plk_io_error *err);    /* and clears it */
+/* Fault injection (tests): after `after` more successful reads, every read fails with errno err_no (-1: off). */
+void plk_io_inject(plk_io *io, int64_t after, int err_no);
+void plk_io_count(plk_io *io, int64_t hits, int64_t misses, int passes);   /* the dense window's own counts */
+
+#endif
