@@ -158,6 +158,64 @@ def matmul(int isa, int fmt, int tl, qs, d, m, tl_layout, int N, int K, x, out, 
         raise MemoryError("kernel scratch allocation failed")
 
 
+def lowrank_pick(int isa, int fa, qa, da, int r, int K, a, int fb, qb, db, int n_out, b, int group, float thr,
+                 h, z, y, ids, int nthreads):
+    """A low-rank predictor's decision in one call (powerlow.predictors.LowRankPredictor, by cluster or by
+    recall): y = B relu(A h + a) + b (A (r, K), B (n_out, r): packed matrices), a cluster's score the max of y
+    over the T tokens and its `group` outputs, ids <- the clusters whose score > thr, increasing; returns their
+    count. The same float steps as the numpy path (matmul, +=, maximum, max, >), so the same clusters."""
+    cdef plk_w wa, wb
+    _planes(fa, qa, da, None, r, K, &wa)
+    _planes(fb, qb, db, None, n_out, r, &wb)
+    _arr(h, cnp.NPY_FLOAT32, 2, "h")
+    _arr(z, cnp.NPY_FLOAT32, 2, "z")
+    _arr(y, cnp.NPY_FLOAT32, 2, "y")
+    _arr(a, cnp.NPY_FLOAT32, 2, "a")
+    _arr(b, cnp.NPY_FLOAT32, 2, "b")
+    _arr(ids, cnp.NPY_INT32, 1, "ids")
+    cdef int T = h.shape[0]
+    if T < 1 or h.shape[1] != K or z.shape[0] < T or z.shape[1] != r or y.shape[0] < T or y.shape[1] != n_out \
+            or a.shape[1] != r or b.shape[1] != n_out or group < 1 or n_out % group or ids.shape[0] < n_out // group:
+        raise ValueError("lowrank_pick: shapes do not match")
+    cdef const float *ph = <const float*>_ptr(h)
+    cdef float *pz = <float*>_ptr(z)
+    cdef float *py = <float*>_ptr(y)
+    cdef const float *pa = <const float*>_ptr(a)
+    cdef const float *pb = <const float*>_ptr(b)
+    cdef int32_t *out = <int32_t*>_ptr(ids)
+    cdef int rc = 0, t, i, c, j, n = 0, nc = n_out // group
+    cdef float v, best
+    cdef bint nan
+    with nogil:
+        rc = plk_matmul_f32(isa, fa, 0, &wa, r, K, ph, T, pz, nthreads)
+        if rc == 0:
+            for t in range(T):
+                for i in range(r):
+                    v = pz[t * r + i] + pa[i]
+                    pz[t * r + i] = 0.0 if v < 0.0 else v          # np.maximum(z, 0): NaN stays NaN
+            rc = plk_matmul_f32(isa, fb, 0, &wb, n_out, r, pz, T, py, nthreads)
+        if rc == 0:
+            for t in range(T):
+                for i in range(n_out):
+                    py[t * n_out + i] = py[t * n_out + i] + pb[i]
+            for c in range(nc):
+                best = py[c * group]
+                nan = best != best
+                for t in range(T):
+                    for j in range(group):
+                        v = py[t * n_out + c * group + j]
+                        if v != v:
+                            nan = True
+                        elif v > best:
+                            best = v
+                if not nan and best > thr:
+                    out[n] = c
+                    n += 1
+    if rc:
+        raise MemoryError("kernel scratch allocation failed")
+    return n
+
+
 cdef int _check_ffn_fmts(int fmt, int down_fmt, int C, int K) except -1:
     if fmt < 0 or fmt >= NFMT or down_fmt < 0 or down_fmt >= NFMT:
         raise ValueError(f"bad format ids {fmt}, {down_fmt}")

@@ -133,7 +133,7 @@ class QMatrix:
     tl: None, or the same matrix re-laid for the AVX2 table-lookup kernels (kernels.prepare_tl): built
     once for a matrix whose planes no longer change; not part of the stored form (to_bytes, tensors)."""
 
-    __slots__ = ("fmt", "rows", "cols", "planes", "tl")
+    __slots__ = ("fmt", "rows", "cols", "planes", "tl", "calls")
 
     def __init__(self, fmt: str, rows: int, cols: int, planes: dict):
         shapes = _plane_shapes(fmt, rows, cols)
@@ -147,6 +147,7 @@ class QMatrix:
         self.fmt, self.rows, self.cols = fmt, int(rows), int(cols)
         self.planes = {n: planes[n] for n, _, _ in shapes}
         self.tl = None
+        self.calls = None           # powerlow.kernels' memoized kernel arguments (per T = 1 | T > 1)
 
     @property
     def spec(self) -> FormatSpec:

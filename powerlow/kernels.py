@@ -221,6 +221,25 @@ def _tl_args(q: formats.QMatrix, which: int, tl: bool | None) -> tuple[int, np.n
     return use, layout
 
 
+def _mm_args(q: formats.QMatrix, T: int) -> tuple:
+    """The kernel arguments of a T-token matmul of q (variant, format, TL flag, planes, layout, shape), worked
+    out once per (q, T = 1 | T > 1) and kept on q while the dispatcher, kernels.isa and q.tl stay what they were:
+    a call on the per-token path is then one tuple lookup, not a dispatch in Python."""
+    calls = getattr(q, "calls", None)
+    if calls is None:
+        calls = q.calls = [None, None]
+    tl = getattr(q, "tl", None)
+    e = calls[T > 1]
+    if e is not None and e[0] is _dispatcher and e[1] is isa and e[2] is tl:
+        return e[3]
+    which = _which(None, q.fmt, T)
+    use_tl, layout = _tl_args(q, which, None)
+    p = q.planes
+    args = (which, _FMT_ID[q.fmt], use_tl, p["qs"], p.get("d"), p.get("m"), layout, q.rows, q.cols)
+    calls[T > 1] = (_dispatcher, isa, tl, args)
+    return args
+
+
 def matmul(q: formats.QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, isa: str | None = None,
            tl: bool | None = None) -> np.ndarray:
     """y (T, N) = x (T, K) @ W^T. x float32 C-contiguous (T, K); out float32 (T, N) or None.
@@ -229,11 +248,47 @@ def matmul(q: formats.QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, 
         x = x[None]
     if out is None:
         out = np.empty((x.shape[0], q.rows), np.float32)
+    if isa is None and tl is None:
+        _k.matmul(*_mm_args(q, x.shape[0]), x, out, _threads)
+        return out
     which = _which(isa, q.fmt, x.shape[0])
     use_tl, layout = _tl_args(q, which, tl)
     p = q.planes
     _k.matmul(which, _FMT_ID[q.fmt], use_tl, p["qs"], p.get("d"), p.get("m"), layout, q.rows, q.cols, x, out, _threads)
     return out
+
+
+def _ffn_args(layout: "formats.BundleLayout", T: int, isa_: str | None) -> tuple:
+    """(variant, gate/up format, down format, TL flag, C, K, plane offsets) of an FFN kernel call, worked out once
+    per (layout, T = 1 | T > 1) while the dispatcher and kernels.isa stay (kept in a dict on the frozen layout)."""
+    if isa_ is not None:
+        which = _which(isa_, layout.fmt, T)
+        return (which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
+                layout.C, layout.K, _bundle_offsets(layout))
+    memo = layout.__dict__.get("_plk_calls")
+    if memo is None:
+        memo = {}
+        object.__setattr__(layout, "_plk_calls", memo)
+    e = memo.get(T > 1)
+    if e is not None and e[0] is _dispatcher and e[1] is isa:
+        return e[2]
+    which = _which(None, layout.fmt, T)
+    args = (which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
+            layout.C, layout.K, _bundle_offsets(layout))
+    memo[T > 1] = (_dispatcher, isa, args)
+    return args
+
+
+def lowrank_pick(A: formats.QMatrix, a: np.ndarray, B: formats.QMatrix, b: np.ndarray, group: int, thr: float,
+                 h: np.ndarray, z: np.ndarray, y: np.ndarray, ids: np.ndarray) -> int:
+    """ids[:n] <- the clusters whose max over tokens and their ``group`` outputs of B relu(A h + a) + b is above
+    thr (A, B q8 QMatrix; a (1, r), b (1, n_out) float32; z (>= T, r), y (>= T, n_out) scratch); returns n. The
+    numpy steps of predictors.LowRankPredictor in one call (the same clusters: tests/test_predictors.py)."""
+    wa, wb = _mm_args(A, h.shape[0]), _mm_args(B, h.shape[0])
+    if wa[0] != wb[0] or wa[2] or wb[2]:
+        raise ValueError("lowrank_pick: A and B must run the same multiply-add variant")
+    return _k.lowrank_pick(wa[0], wa[1], wa[3], wa[4], A.rows, A.cols, a, wb[1], wb[3], wb[4], B.rows, b, group, thr,
+                           h, z, y, ids, _threads)
 
 
 def _bundle_offsets(layout) -> np.ndarray:
@@ -253,11 +308,11 @@ def ffn_bundles(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.ndarray,
     """out (T, K) += sum over the bundles at addresses ptrs (uint64) of down_c @ (act(gate_c h) * up_c h).
 
     h and out float32 C-contiguous (T, K); act "silu" or "relu". Bundles are split over threads."""
-    if act not in _ACT_ID:
+    a = _ACT_ID.get(act)
+    if a is None:
         raise ValueError(f"act must be one of {', '.join(_ACT_ID)}, got {act!r}")
-    which = _which(isa, layout.fmt, h.shape[0])
-    _k.ffn_bundles(which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
-                   ptrs, layout.C, layout.K, _bundle_offsets(layout), h, _ACT_ID[act], out, _threads)
+    which, f, df, tl, C, K, offs = _ffn_args(layout, h.shape[0], isa)
+    _k.ffn_bundles(which, f, df, tl, ptrs, C, K, offs, h, a, out, _threads)
 
 
 def moe_ffn(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.ndarray, act: str, out: np.ndarray,
@@ -283,11 +338,11 @@ def ffn_bundles_part(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.nda
     added into out (chunk 0) or priv[c - 1] (float32 (nch-1, T, K), zeroed by the caller before the first piece).
     Only those entries of ptrs are read. After the last piece, ``out += priv[0]; out += priv[1]; ...`` gives
     exactly ffn_bundles' floats (tests/test_kernels.py)."""
-    if act not in _ACT_ID:
+    a = _ACT_ID.get(act)
+    if a is None:
         raise ValueError(f"act must be one of {', '.join(_ACT_ID)}, got {act!r}")
-    which = _which(isa, layout.fmt, h.shape[0])
-    _k.ffn_bundles_part(which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
-                        ptrs, layout.C, layout.K, _bundle_offsets(layout), h, _ACT_ID[act], out, priv, lo, hi, _threads)
+    which, f, df, tl, C, K, offs = _ffn_args(layout, h.shape[0], isa)
+    _k.ffn_bundles_part(which, f, df, tl, ptrs, C, K, offs, h, a, out, priv, lo, hi, _threads)
 
 
 def quantize_act(x: np.ndarray, kp: int | None = None, *, isa: str | None = None) -> formats.ActQ:
@@ -376,16 +431,22 @@ def _mat_args(q: formats.QMatrix, which: int):
     return _FMT_ID[q.fmt], use_tl, p["qs"], p.get("d"), p.get("m"), layout
 
 
-def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, rope,
-               n_heads: int, n_kv: int, eps: float, scratch: np.ndarray, *, isa: str | None = None) -> np.ndarray:
-    """One layer's attention block in one call; lw: engine.LayerWeights (attn_norm, wqkv, bqkv, wo, ffn_norm).
-
-    x (T, K) float32 is updated in place: x += wo @ attention(rope(wqkv @ rmsnorm(x, attn_norm) + bqkv));
-    the K/V rows of positions start..start+T-1 are stored into the fp16 caches (n_kv, max_pos, hd);
-    h (T, K) receives rmsnorm(x, ffn_norm) (the FFN input) and is returned. rope = rope_tables(...) of
-    the T positions; scratch from attn_scratch(T, ...). Bit-identical to the unfused kernel sequence."""
+def _attn_args(lw, x: np.ndarray, isa_: str | None) -> tuple:
+    """attn_block's matrix arguments for lw and x's token count, worked out once per (lw, T = 1 | T > 1) while the
+    dispatcher, kernels.isa and the matrices' TL layouts stay (kept on the frozen LayerWeights)."""
+    T = x.shape[0]
     first = lw.wqkv[0] if isinstance(lw.wqkv, (tuple, list)) else lw.wqkv
-    which = _which(isa, getattr(first, "fmt", "q8"), x.shape[0])
+    memo = None
+    if isa_ is None and hasattr(lw, "__dict__"):
+        memo = lw.__dict__.get("_plk_calls")
+        if memo is None:
+            memo = {}
+            object.__setattr__(lw, "_plk_calls", memo)
+        e = memo.get(T > 1)
+        if e is not None and e[0] is _dispatcher and e[1] is isa and e[2] is getattr(first, "tl", None) \
+                and e[3] is getattr(lw.wo, "tl", None):
+            return e[4]
+    which = _which(isa_, getattr(first, "fmt", "q8"), T)
     parts = None
     if isinstance(lw.wqkv, (tuple, list)):
         # q, k, v as separate matrices (formats that differ, e.g. q4_k q/k and a q6_k v): each part into its
@@ -396,10 +457,25 @@ def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: n
             if part.cols != x.shape[1]:
                 raise ValueError(f"qkv part {i} has {part.cols} columns, x has {x.shape[1]}")
             parts.append(args + (part.rows,))
-        fq, tlq, qs, d, m, qtl = parts[0][:6]
+        q_args = parts[0][:6]
     else:
-        fq, tlq, qs, d, m, qtl = _mat_args(lw.wqkv, which)
-    fo, tlo, oqs, od, om, otl = _mat_args(lw.wo, which)
+        q_args = _mat_args(lw.wqkv, which)
+    out = (which,) + q_args + _mat_args(lw.wo, which) + (parts,)
+    if memo is not None:
+        memo[T > 1] = (_dispatcher, isa, getattr(first, "tl", None), getattr(lw.wo, "tl", None), out)
+    return out
+
+
+def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, rope,
+               n_heads: int, n_kv: int, eps: float, scratch: np.ndarray, *, isa: str | None = None) -> np.ndarray:
+    """One layer's attention block in one call; lw: engine.LayerWeights (attn_norm, wqkv, bqkv, wo, ffn_norm).
+
+    x (T, K) float32 is updated in place: x += wo @ attention(rope(wqkv @ rmsnorm(x, attn_norm) + bqkv));
+    the K/V rows of positions start..start+T-1 are stored into the fp16 caches (n_kv, max_pos, hd);
+    h (T, K) receives rmsnorm(x, ffn_norm) (the FFN input) and is returned. rope = rope_tables(...) of
+    the T positions; scratch from attn_scratch(T, ...). Bit-identical to the unfused kernel sequence."""
+    a = _attn_args(lw, x, isa)
+    which, fq, tlq, qs, d, m, qtl, fo, tlo, oqs, od, om, otl, parts = a
     _k.attn_block(which, fq, tlq, qs, d, m, qtl, lw.bqkv, fo, tlo, oqs, od, om, otl, lw.attn_norm, lw.ffn_norm, eps,
                   x, h, k_cache, v_cache, int(start), n_heads, n_kv, rope[0], rope[1], scratch, _threads, parts)
     return h

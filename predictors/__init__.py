@@ -199,6 +199,9 @@ class LowRankPredictor(Predictor):
         else:
             self.thr = [threshold_at(t["cluster_thr"][l], self.density) for l in range(self.L)]
         self.meta = {k: v for k, v in meta.items() if k in ("rank", "target_recall")}
+        # by cluster or by recall the decision is a max and a compare: one compiled call a layer (kernels.lowrank_pick)
+        self._fast = getattr(self.ops, "lowrank_pick", None) if (self.by_cluster or self.by_recall) else None
+        self._scratch = None
         if self.by_recall and "summary" in meta:      # held-out recall measured by train-predictor
             self.heldout_recall = round(float(json.loads(meta["summary"])["mean_recall"]), 4)
         self.resident_bytes = sum(x.nbytes for x in self.A + self.a + self.B + self.b)
@@ -212,7 +215,20 @@ class LowRankPredictor(Predictor):
         y += self.b[layer]
         return y
 
+    def _pick_fast(self, layer: int, h: np.ndarray) -> np.ndarray:
+        T = h.shape[0]
+        sc = self._scratch
+        if sc is None or sc[0].shape[0] < T:
+            sc = self._scratch = (np.empty((T, self.A[0].rows), np.float32), np.empty((T, self.B[0].rows), np.float32),
+                                  np.empty(self.nC, np.int32))
+        group = 1 if self.by_cluster else self.C
+        n = self._fast(self.A[layer], self.a[layer], self.B[layer], self.b[layer], group, self.thr[layer], h,
+                       sc[0], sc[1], sc[2])
+        return sc[2][:n].copy()
+
     def _pick(self, layer: int, h: np.ndarray) -> np.ndarray:
+        if self._fast is not None:
+            return self._pick_fast(layer, h)
         y = self.logits(layer, h)                                       # (T, Fp) or (T, nC)
         T = len(y)
         if self.by_cluster:           # a cluster logit against the recall- or density-calibrated threshold

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -22,6 +23,10 @@ def decode_steps(tf, text: list[int], n: int):
     for i in range(n):
         logits = tf.forward([text[16 + i % (len(text) - 17)]], start_pos=16 + i, last_only=True)
     return time.perf_counter() - t, logits
+
+
+def monotonic() -> float:
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
 def main() -> int:
@@ -46,8 +51,11 @@ def main() -> int:
         tf = m.tf
         text = m.tokenize("def fibonacci(n):\n    '''Return the n-th Fibonacci number.'''\n" * 8, add_special=False)
         tf.forward(text[:16], start_pos=0, last_only=True)
+        t0 = monotonic()
         dt, logits = decode_steps(tf, text, a.n)
+        t1 = monotonic()
         print(json.dumps({"decode_tok_s": round(a.n / dt, 2), "n": a.n, "layers": tf.config.n_layers,
+                          "window": [t0, t1], "pid": os.getpid(),
                           "argmax": int(np.argmax(logits[-1]))}), file=sys.stderr)
     return 0
 

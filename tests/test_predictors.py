@@ -68,6 +68,52 @@ def test_lowrank_neuron_targets(relu_dir, tmp_path):
         train_predictors(dn, targets="bogus", progress=False)
 
 
+def _numpy_pick(p, layer, h):
+    """The numpy steps of LowRankPredictor._pick (what kernels.lowrank_pick must reproduce)."""
+    fast, p._fast = p._fast, None
+    try:
+        return p._pick(layer, h)
+    finally:
+        p._fast = fast
+
+
+@pytest.mark.parametrize("targets", ["clusters", "neurons"])
+def test_lowrank_compiled_pick_is_the_numpy_pick(relu_dir, tmp_path, targets):
+    """kernels.lowrank_pick (one call a layer) picks exactly the clusters of the numpy steps, by cluster and by
+    recall, for 1 and several tokens, with the same logits bit for bit, at the calibrated thresholds and at thresholds inside the score range (many
+    near-ties); a NaN in the activations selects nothing from its clusters, as numpy's max does."""
+    d, _ = relu_dir
+    if targets == "neurons":
+        dn = tmp_path / "m"
+        shutil.copytree(d, dn)
+        train_predictors(dn, rank=32, target_recall=0.95, seed=0, targets="neurons", progress=False)
+        d = dn
+    m = _load(d, "predict")
+    p = m.tf.predictor
+    assert p._fast is not None and p.by_cluster == (targets == "clusters")
+    rng = np.random.default_rng(7)
+    K = m.tf.store_info.layout.K
+    shifts = 0
+    for layer in range(p.L):
+        for T in (1, 3):
+            h = rng.standard_normal((T, K)).astype(np.float32)
+            np.testing.assert_array_equal(p._pick(layer, h), _numpy_pick(p, layer, h))
+            np.testing.assert_array_equal(p._scratch[1][:T], p.logits(layer, h))     # the same floats, bit for bit
+            y = p.logits(layer, h).max(axis=0)
+            keep = p.thr[layer]
+            for q in (0.3, 0.5, 0.9):           # thresholds at the score's quantiles: some clusters in, some out
+                p.thr[layer] = float(np.quantile(y, q))
+                got, want = p._pick(layer, h), _numpy_pick(p, layer, h)
+                np.testing.assert_array_equal(got, want)
+                shifts += 0 < len(want) < p.nC
+            p.thr[layer] = keep
+    assert shifts > 0
+    h = rng.standard_normal((2, K)).astype(np.float32)
+    h[1, 3] = np.nan
+    np.testing.assert_array_equal(p._pick(0, h), _numpy_pick(p, 0, h))
+    m.close()
+
+
 def test_gate_mode_is_exact_for_relu(relu_dir):
     d, _ = relu_dir
     dense, gate = _load(d, "dense"), _load(d, "gate")
