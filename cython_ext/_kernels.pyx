@@ -158,62 +158,95 @@ def matmul(int isa, int fmt, int tl, qs, d, m, tl_layout, int N, int K, x, out, 
         raise MemoryError("kernel scratch allocation failed")
 
 
-def lowrank_pick(int isa, int fa, qa, da, int r, int K, a, int fb, qb, db, int n_out, b, int group, float thr,
-                 h, z, y, ids, int nthreads):
-    """A low-rank predictor's decision in one call (powerlow.predictors.LowRankPredictor, by cluster or by
-    recall): y = B relu(A h + a) + b (A (r, K), B (n_out, r): packed matrices), a cluster's score the max of y
-    over the T tokens and its `group` outputs, ids <- the clusters whose score > thr, increasing; returns their
-    count. The same float steps as the numpy path (matmul, +=, maximum, max, >), so the same clusters."""
+cdef int _pick_one(int isa, int fa, int fb, const plk_w *wa, const plk_w *wb, int r, int K, int n_out, int group,
+                   const float *a, const float *b, float thr, const float *h, int T, float *z, float *y,
+                   int32_t *out, int *count, int nthreads) noexcept nogil:
+    cdef int rc, t, i, c, j, n = 0, nc = n_out // group
+    cdef float v, best
+    cdef bint nan
+    rc = plk_matmul_f32(isa, fa, 0, wa, r, K, h, T, z, nthreads)
+    if rc:
+        return rc
+    for t in range(T):
+        for i in range(r):
+            v = z[t * r + i] + a[i]
+            z[t * r + i] = 0.0 if v < 0.0 else v                  # np.maximum(z, 0): NaN stays NaN
+    rc = plk_matmul_f32(isa, fb, 0, wb, n_out, r, z, T, y, nthreads)
+    if rc:
+        return rc
+    for t in range(T):
+        for i in range(n_out):
+            y[t * n_out + i] = y[t * n_out + i] + b[i]
+    for c in range(nc):
+        best = y[c * group]
+        nan = best != best
+        for t in range(T):
+            for j in range(group):
+                v = y[t * n_out + c * group + j]
+                if v != v:
+                    nan = True
+                elif v > best:
+                    best = v
+        if not nan and best > thr:
+            out[n] = c
+            n += 1
+    count[0] = n
+    return 0
+
+
+def lowrank_pick(int isa, int fa, int fb, int group, h, z, y, hs, jobs, int nthreads):
+    """Low-rank predictors' decisions in one call (powerlow.predictors.LowRankPredictor, by cluster or by recall).
+    Each job (qa, da, a, qb, db, b, thr, scale, ids): y = B relu(A x + a) + b (A (r, K), B (n_out, r) packed in
+    formats fa, fb; a (1, r), b (1, n_out)) with x = h, or x = h * scale (1, K) written into hs when scale is given;
+    a cluster's score the max of y over the T tokens and its `group` outputs; ids <- the clusters whose score >
+    thr, increasing. Returns the counts. The numpy path's float steps (matmul, *, +=, maximum, max, >), so the same
+    clusters (tests/test_predictors.py)."""
     cdef plk_w wa, wb
-    _planes(fa, qa, da, None, r, K, &wa)
-    _planes(fb, qb, db, None, n_out, r, &wb)
+    cdef int T = h.shape[0], K = h.shape[1], r, n_out, k, rc = 0, cnt = 0
+    cdef Py_ssize_t i
+    cdef const float *px
+    cdef const float *psc
+    cdef const float *pa
+    cdef const float *pb
+    cdef float *phs
+    cdef float *pz
+    cdef float *py
+    cdef int32_t *pids
+    cdef float fthr
     _arr(h, cnp.NPY_FLOAT32, 2, "h")
     _arr(z, cnp.NPY_FLOAT32, 2, "z")
     _arr(y, cnp.NPY_FLOAT32, 2, "y")
-    _arr(a, cnp.NPY_FLOAT32, 2, "a")
-    _arr(b, cnp.NPY_FLOAT32, 2, "b")
-    _arr(ids, cnp.NPY_INT32, 1, "ids")
-    cdef int T = h.shape[0]
-    if T < 1 or h.shape[1] != K or z.shape[0] < T or z.shape[1] != r or y.shape[0] < T or y.shape[1] != n_out \
-            or a.shape[1] != r or b.shape[1] != n_out or group < 1 or n_out % group or ids.shape[0] < n_out // group:
-        raise ValueError("lowrank_pick: shapes do not match")
-    cdef const float *ph = <const float*>_ptr(h)
-    cdef float *pz = <float*>_ptr(z)
-    cdef float *py = <float*>_ptr(y)
-    cdef const float *pa = <const float*>_ptr(a)
-    cdef const float *pb = <const float*>_ptr(b)
-    cdef int32_t *out = <int32_t*>_ptr(ids)
-    cdef int rc = 0, t, i, c, j, n = 0, nc = n_out // group
-    cdef float v, best
-    cdef bint nan
-    with nogil:
-        rc = plk_matmul_f32(isa, fa, 0, &wa, r, K, ph, T, pz, nthreads)
-        if rc == 0:
-            for t in range(T):
-                for i in range(r):
-                    v = pz[t * r + i] + pa[i]
-                    pz[t * r + i] = 0.0 if v < 0.0 else v          # np.maximum(z, 0): NaN stays NaN
-            rc = plk_matmul_f32(isa, fb, 0, &wb, n_out, r, pz, T, py, nthreads)
-        if rc == 0:
-            for t in range(T):
-                for i in range(n_out):
-                    py[t * n_out + i] = py[t * n_out + i] + pb[i]
-            for c in range(nc):
-                best = py[c * group]
-                nan = best != best
-                for t in range(T):
-                    for j in range(group):
-                        v = py[t * n_out + c * group + j]
-                        if v != v:
-                            nan = True
-                        elif v > best:
-                            best = v
-                if not nan and best > thr:
-                    out[n] = c
-                    n += 1
-    if rc:
-        raise MemoryError("kernel scratch allocation failed")
-    return n
+    _arr(hs, cnp.NPY_FLOAT32, 2, "hs")
+    if T < 1 or z.shape[0] < T or y.shape[0] < T or group < 1 or hs.shape[0] < T or hs.shape[1] != K:
+        raise ValueError("lowrank_pick: h, z, y, hs shapes do not match")
+    counts = []
+    for qa, da, a, qb, db, b, thr, scale, ids in jobs:
+        r, n_out = a.shape[1], b.shape[1]
+        _planes(fa, qa, da, None, r, K, &wa)
+        _planes(fb, qb, db, None, n_out, r, &wb)
+        _arr(a, cnp.NPY_FLOAT32, 2, "a")
+        _arr(b, cnp.NPY_FLOAT32, 2, "b")
+        _arr(ids, cnp.NPY_INT32, 1, "ids")
+        if z.shape[1] < r or y.shape[1] < n_out or n_out % group or ids.shape[0] < n_out // group:
+            raise ValueError("lowrank_pick: a job's shapes do not match")
+        px = <const float*>_ptr(h)
+        if scale is not None:
+            _arr(scale, cnp.NPY_FLOAT32, 2, "scale")
+            if scale.shape[1] != K:
+                raise ValueError("lowrank_pick: scale must be (1, K)")
+            psc = <const float*>_ptr(scale)
+            phs = <float*>_ptr(hs)
+            for i in range(T * K):
+                phs[i] = px[i] * psc[i % K]
+            px = phs
+        pa, pb, fthr = <const float*>_ptr(a), <const float*>_ptr(b), <float>thr
+        pz, py, pids = <float*>_ptr(z), <float*>_ptr(y), <int32_t*>_ptr(ids)
+        with nogil:
+            rc = _pick_one(isa, fa, fb, &wa, &wb, r, K, n_out, group, pa, pb, fthr, px, T, pz, py, pids, &cnt, nthreads)
+        if rc:
+            raise MemoryError("kernel scratch allocation failed")
+        counts.append(cnt)
+    return counts
 
 
 cdef int _check_ffn_fmts(int fmt, int down_fmt, int C, int K) except -1:
@@ -535,6 +568,18 @@ def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, o
 
 # -- CRC32C (cython_ext/plk_crc.c): the checksums of ffn.bin's bundles and the resident tensors ----------------
 plk_crc32c_init()
+
+
+def all_finite(x) -> bool:
+    """No NaN or infinity in the float32 array x (C-contiguous): the engine's check after every layer."""
+    _arr(x, cnp.NPY_FLOAT32, -1, "x")
+    cdef const uint32_t *p = <const uint32_t*>_ptr(x)
+    cdef Py_ssize_t i, n = x.size
+    cdef uint32_t bad = 0
+    with nogil:
+        for i in range(n):
+            bad |= ((p[i] & 0x7f800000u) == 0x7f800000u)     # exponent all ones: inf or NaN
+    return bad == 0
 
 
 def crc32c(const uint8_t[::1] data, uint32_t crc=0, bint portable=False):

@@ -147,10 +147,10 @@ class OffloadedStore:
             else:
                 self.core.prefetch(layer, self._all, 1)
             return
-        ids = np.asarray(clusters)
-        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
-            ids = np.unique(ids)
-        self.core.prefetch(layer, np.ascontiguousarray(ids, np.int32), 1)
+        ids = np.ascontiguousarray(clusters, np.int32)
+        if self.core.prefetch(layer, ids, 1) < 0:        # not increasing (a guess may repeat ids): sort them
+            self.core.error()
+            self.core.prefetch(layer, np.unique(ids), 1)
 
     # -- dense mode: the unpinned bundles stream through the staging window in use order ------------
     def stream_begin(self, seq: list[np.ndarray]) -> None:

@@ -71,11 +71,13 @@ class SparseFFN:
     """``forward(layer, h) -> delta`` (or ``accumulate(layer, h, x)``: x += delta in place) for the
     residual stream, over the clusters the mode selects.
 
-    The predictor (powerlow.predictors; None in dense mode) answers, per layer:
-      select(layer, h (T, K)) -> int32 sorted cluster ids to compute (stored order);
-      lookahead(layer + 1, h) -> cluster ids layer+1 will probably need (for prefetching), or None.
-    A cluster source with a ``prefetch(layer, clusters_or_None)`` method (the offloaded store) is told,
-    right after a layer is computed, what the next layer will read, so its I/O thread overlaps compute.
+    The predictor (powerlow.predictors; None in dense mode) answers, once per layer:
+      select_ahead(layer, h (T, K), layer + 1) -> (int32 sorted cluster ids to compute (stored order), the
+      cluster ids layer + 1 will probably need, or None)   [select(layer, h) alone where nothing is prefetched]
+    A cluster source with a ``prefetch(layer, clusters_or_None)`` method (the offloaded store) is told what the
+    next layer will read as soon as this layer's bundles are in hand (their slots are locked), so its reader
+    threads overlap this layer's compute; in dense mode (no predictor), after the layer is computed.
+    ``observer(layer, h)``, if set, sees each layer's FFN input first (powerlow.profile's recorder).
     """
 
     def __init__(self, source, info: StoreInfo, act: str, ops, *, mode: str = "dense", predictor=None,
@@ -96,6 +98,7 @@ class SparseFFN:
         self._prefetch = getattr(source, "prefetch", None)
         # MoE: the next layer's experts are read ahead unless prefetch_depth is 0 (to measure what that buys)
         self._lookahead = self._prefetch is not None and getattr(getattr(source, "plan", None), "prefetch_depth", 1) > 0
+        self.observer = None         # observer(layer, h) before each layer's FFN (powerlow.profile records with it)
         self.clusters_used = 0       # over the whole run, for the density figure
         self.clusters_total = 0
         self._pieces = None
@@ -151,28 +154,35 @@ class SparseFFN:
     def forward(self, layer: int, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """h (T, K) float32 -> the FFN output (T, K) float32 (a new array), or, with ``out``, that output
         added into ``out`` (T, K) in place (the residual stream: no temporary, no extra add) and returned."""
+        if out is None:
+            out = np.zeros_like(h)
+        if self.observer is not None:
+            self.observer(layer, h)
         if self.router is not None:
-            return self._forward_moe(layer, h, np.zeros_like(h) if out is None else out)
+            return self._forward_moe(layer, h, out)
         if self._pieces is not None:
-            if out is None:
-                out = np.zeros_like(h)
             self._forward_pieces(layer, h, out)
             self.clusters_used += self.info.n_clusters
             self.clusters_total += self.info.n_clusters
             return out
-        clusters = self.select(layer, h)
+        pred, prefetch = self.predictor, self._prefetch
+        nxt = layer + 1 if layer + 1 < self.n_layers else 0      # after the last layer: the next token's first
+        if pred is None:
+            clusters = ahead = None
+        elif prefetch is not None:
+            clusters, ahead = pred.select_ahead(layer, h, nxt)   # the predictor once a layer: both answers
+        else:
+            clusters = pred.select(layer, h)
         ptrs = self.source.ptrs(layer, clusters)
+        if prefetch is not None and pred is not None:
+            prefetch(nxt, ahead)              # read while this layer computes (its slots are locked)
         if self._orig is not None and len(ptrs) > 1:
             order = self._all_order[layer] if clusters is None else np.argsort(self._orig[layer][clusters], kind="stable")
             ptrs = ptrs[order]
-        if out is None:
-            out = np.zeros_like(h)
         if len(ptrs):
             self.ops.ffn_bundles(ptrs, self.info.layouts[layer], h, self.act, out)
-        if self._prefetch is not None:
-            nxt = (layer + 1) % self.n_layers          # after the last layer: the next token's first
-            ahead = self.predictor.lookahead(nxt, h) if self.predictor is not None else None
-            self._prefetch(nxt, ahead)
+        if prefetch is not None and pred is None:
+            prefetch(nxt, None)
         self.clusters_used += len(ptrs)
         self.clusters_total += self.info.n_clusters
         return out
@@ -201,10 +211,5 @@ class SparseFFN:
         return out
 
     def accumulate(self, layer: int, h: np.ndarray, x: np.ndarray) -> None:
-        """x += FFN(h) in place: what the engine calls per layer. If ``forward`` was replaced on this
-        instance (a wrapper such as profile's recorder, forward(layer, h) -> delta), that wrapper runs."""
-        fwd = self.__dict__.get("forward")
-        if fwd is not None:
-            x += fwd(layer, h)
-        else:
-            self.forward(layer, h, out=x)
+        """x += FFN(h) in place: what the engine calls per layer."""
+        self.forward(layer, h, out=x)

@@ -279,16 +279,23 @@ def _ffn_args(layout: "formats.BundleLayout", T: int, isa_: str | None) -> tuple
     return args
 
 
-def lowrank_pick(A: formats.QMatrix, a: np.ndarray, B: formats.QMatrix, b: np.ndarray, group: int, thr: float,
-                 h: np.ndarray, z: np.ndarray, y: np.ndarray, ids: np.ndarray) -> int:
-    """ids[:n] <- the clusters whose max over tokens and their ``group`` outputs of B relu(A h + a) + b is above
-    thr (A, B q8 QMatrix; a (1, r), b (1, n_out) float32; z (>= T, r), y (>= T, n_out) scratch); returns n. The
-    numpy steps of predictors.LowRankPredictor in one call (the same clusters: tests/test_predictors.py)."""
-    wa, wb = _mm_args(A, h.shape[0]), _mm_args(B, h.shape[0])
+def lowrank_pick(jobs: list, group: int, h: np.ndarray, z: np.ndarray, y: np.ndarray, hs: np.ndarray) -> list[int]:
+    """Low-rank predictor decisions in one call. jobs: (A, a, B, b, thr, scale or None, ids) with A, B q8 QMatrix,
+    a (1, r), b (1, n_out), scale (1, K) float32; for each, ids[:n] <- the clusters whose max over the tokens and
+    their ``group`` outputs of B relu(A x + a) + b is above thr, x = h or h * scale (into hs (>= T, K)); z, y scratch
+    (>= T, r), (>= T, n_out). Returns the n's. The numpy steps of predictors.LowRankPredictor (the same clusters and
+    logits: tests/test_predictors.py)."""
+    T = h.shape[0]
+    A0, B0 = jobs[0][0], jobs[0][2]
+    wa, wb = _mm_args(A0, T), _mm_args(B0, T)
     if wa[0] != wb[0] or wa[2] or wb[2]:
         raise ValueError("lowrank_pick: A and B must run the same multiply-add variant")
-    return _k.lowrank_pick(wa[0], wa[1], wa[3], wa[4], A.rows, A.cols, a, wb[1], wb[3], wb[4], B.rows, b, group, thr,
-                           h, z, y, ids, _threads)
+    packed = []
+    for A, a, B, b, thr, scale, ids in jobs:
+        if A.fmt != A0.fmt or B.fmt != B0.fmt:
+            raise ValueError("lowrank_pick: every job's A (B) must have one format")
+        packed.append((A.planes["qs"], A.planes.get("d"), a, B.planes["qs"], B.planes.get("d"), b, thr, scale, ids))
+    return _k.lowrank_pick(wa[0], wa[1], wb[1], group, h, z, y, hs, packed, _threads)
 
 
 def _bundle_offsets(layout) -> np.ndarray:
@@ -402,6 +409,11 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
         out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
     _k.attention(q, k_cache, v_cache, int(start), out, _threads, int(window), float(scale))
     return out
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """No NaN or infinity in x (float32, C-contiguous)."""
+    return _k.all_finite(x)
 
 
 def rope_tables(positions: np.ndarray, head_dim: int, theta: float, scale: float = 1.0, factors=None):

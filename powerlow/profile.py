@@ -106,7 +106,7 @@ def token_windows(tokenizer, text: str, n_tokens: int, window: int, what: str) -
 
 # ------------------------------------------------------------------ the profiling pass
 class _Recorder:
-    """Wraps tf.ffn.forward: per layer, computes every neuron's activation from the resident gate/up rows."""
+    """The FFN's observer (SparseFFN.observer): per layer, every neuron's activation from the resident gate/up rows."""
 
     def __init__(self, tf, density: float, sample_mask: np.ndarray):
         from powerlow.predictors.common import ffn_buffer, layer_rows
@@ -131,13 +131,12 @@ class _Recorder:
         self.pos = 0                             # first global token index of the current window
         self.spos = 0                            # samples written before the current window
         self.tokens = 0
-        self._orig = tf.ffn.forward
-        tf.ffn.forward = self.forward
+        tf.ffn.observer = self.record
 
     def close(self):
-        self.tf.ffn.forward = self._orig
+        self.tf.ffn.observer = None
 
-    def forward(self, l: int, h: np.ndarray) -> np.ndarray:
+    def record(self, l: int, h: np.ndarray) -> None:
         ops = self.tf.ops
         F = self.F
         g = ops.matmul(self.G[l], h)[:, :F]                    # (T, F)
@@ -166,7 +165,6 @@ class _Recorder:
             self.pos += T
             self.spos += n
             self.tokens += T
-        return self._orig(l, h)
 
 
 def _act(g, act):
@@ -300,15 +298,13 @@ def profile_experts(tf, text: str, n_tokens: int, plot: str | None, progress: bo
     r = tf.ffn.router
     L, E = r.L, r.E
     co = np.zeros((L, E, E), np.int64)
-    top = r.top
 
     def rec(layer, h):                       # the router's choices, counted (the forward pass is unchanged)
-        idx, w = top(layer, h)
+        idx, _ = r.top(layer, h)
         onehot = np.zeros((len(idx), E), np.int64)
         np.put_along_axis(onehot, idx, 1, axis=1)
         co[layer] += onehot.T @ onehot
-        return idx, w
-    r.top = rec
+    tf.ffn.observer = rec
     it = windows
     if progress:
         from tqdm import tqdm
@@ -317,7 +313,7 @@ def profile_experts(tf, text: str, n_tokens: int, plot: str | None, progress: bo
         for w in it:
             tf.forward(w)
     finally:
-        r.top = top
+        tf.ffn.observer = None
     tokens = sum(len(w) for w in windows)
     freq = (np.diagonal(co, axis1=1, axis2=2) / tokens).astype(np.float32)      # (L, E)
     manifest = tf.manifest

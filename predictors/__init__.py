@@ -74,6 +74,11 @@ class Predictor:
             return self.last[0]
         return self._pick(layer, h_prev * self.renorm[layer])
 
+    def select_ahead(self, layer: int, h: np.ndarray, nxt: int):
+        """(select(layer, h), lookahead(nxt, h)): what SparseFFN asks once per layer (a predictor may answer both
+        in one evaluation)."""
+        return self.select(layer, h), self.lookahead(nxt, h)
+
     def describe(self) -> dict:
         return {"predictor": self.name, "target_density": self.density, "predictor_bytes": int(self.resident_bytes),
                 "recall": self.heldout_recall}
@@ -215,16 +220,30 @@ class LowRankPredictor(Predictor):
         y += self.b[layer]
         return y
 
-    def _pick_fast(self, layer: int, h: np.ndarray) -> np.ndarray:
-        T = h.shape[0]
+    def _jobs(self, T: int, layers, scale_of) -> list:
         sc = self._scratch
         if sc is None or sc[0].shape[0] < T:
+            K = self.A[0].cols
             sc = self._scratch = (np.empty((T, self.A[0].rows), np.float32), np.empty((T, self.B[0].rows), np.float32),
-                                  np.empty(self.nC, np.int32))
-        group = 1 if self.by_cluster else self.C
-        n = self._fast(self.A[layer], self.a[layer], self.B[layer], self.b[layer], group, self.thr[layer], h,
-                       sc[0], sc[1], sc[2])
-        return sc[2][:n].copy()
+                                  np.empty((T, K), np.float32), [np.empty(self.nC, np.int32) for _ in range(2)])
+        return [(self.A[l], self.a[l], self.B[l], self.b[l], self.thr[l], scale_of(l), sc[3][i])
+                for i, l in enumerate(layers)]
+
+    def _run(self, jobs, h) -> list:
+        sc = self._scratch
+        counts = self._fast(jobs, 1 if self.by_cluster else self.C, h, sc[0], sc[1], sc[2])
+        return [j[6][:n].copy() for j, n in zip(jobs, counts)]
+
+    def _pick_fast(self, layer: int, h: np.ndarray) -> np.ndarray:
+        return self._run(self._jobs(h.shape[0], (layer,), lambda l: None), h)[0]
+
+    def select_ahead(self, layer: int, h: np.ndarray, nxt: int):
+        """(select(layer, h), lookahead(nxt, h)) in one compiled call (the low-rank rule of both layers)."""
+        if self._fast is None or nxt == 0:
+            return super().select_ahead(layer, h, nxt)
+        ids, ahead = self._run(self._jobs(h.shape[0], (layer, nxt), lambda l: None if l == layer else self.renorm[l]), h)
+        self.last[layer] = ids
+        return ids, ahead
 
     def _pick(self, layer: int, h: np.ndarray) -> np.ndarray:
         if self._fast is not None:

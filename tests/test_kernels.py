@@ -713,3 +713,17 @@ def test_avx512_runs_the_avx2_table_lookup_with_the_same_bits(fmt):
     assert K.TL_PREFERRED[(fmt, "avx512")]
     np.testing.assert_array_equal(K.matmul(q, x, isa="avx512"), mad)          # the AVX2 TL tiles
     np.testing.assert_array_equal(K.matmul(q, x, isa="avx2", tl=True), mad)
+
+
+def test_all_finite_is_numpys_isfinite_all():
+    """The engine's per-layer check: any NaN / +-inf anywhere (first, middle, last element) is caught; huge,
+    tiny and subnormal finite values are not."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(4099).astype(np.float32)
+    assert K.all_finite(x) and K.all_finite(np.array([3.4e38, -3.4e38, 1e-45, -0.0], np.float32))
+    for bad in (np.nan, np.inf, -np.inf):
+        for i in (0, 2048, 4098):
+            y = x.copy()
+            y[i] = bad
+            assert not K.all_finite(y) and not np.isfinite(y).all()
+            assert not K.all_finite(y.reshape(1, -1))

@@ -108,6 +108,17 @@ def test_lowrank_compiled_pick_is_the_numpy_pick(relu_dir, tmp_path, targets):
                 shifts += 0 < len(want) < p.nC
             p.thr[layer] = keep
     assert shifts > 0
+    for layer in range(p.L - 1):          # select + the next layer's lookahead in one call == the two numpy ones
+        h = rng.standard_normal((2, K)).astype(np.float32)
+        ids, ahead = p.select_ahead(layer, h, layer + 1)
+        fast, p._fast = p._fast, None
+        try:
+            want_ids, want_ahead = p.select(layer, h), p.lookahead(layer + 1, h)
+        finally:
+            p._fast = fast
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(ahead, want_ahead)
+        np.testing.assert_array_equal(p.last[layer], want_ids)
     h = rng.standard_normal((2, K)).astype(np.float32)
     h[1, 3] = np.nan
     np.testing.assert_array_equal(p._pick(0, h), _numpy_pick(p, 0, h))
