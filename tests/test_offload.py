@@ -470,3 +470,29 @@ def test_busy_clock_counts_the_union():
     clock.enter()
     t[0] = 21.5
     assert clock.seconds == 7.5          # a read in flight counts up to now
+
+
+def test_short_ffn_bin_is_refused_at_load_and_mid_run(tiny_dir, tmp_path):
+    """An ffn.bin shorter than its manifest says: refused at load (the manifest check); one that shrinks while a
+    run is going (the reader threads' preadv hits the end of the file) stops the run with an error naming the read."""
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    ffn = d / "ffn.bin"
+    size = ffn.stat().st_size
+    budget = _min(d)
+    os.truncate(ffn, size - 4096)
+    rt = RuntimeConfig(budget_bytes=budget, mode="dense")
+    with pytest.raises(PowerlowError, match=r"ffn\.bin has \d+ bytes, the manifest says \d+ .*re-convert"):
+        powerlow.load(d, rt)
+    os.truncate(ffn, size)
+    with open(ffn, "r+b") as f:              # restore the cut bytes (zeros would fail the checksums instead)
+        f.seek(size - 4096)
+        f.write((tiny_dir / "ffn.bin").read_bytes()[size - 4096:])
+    m = powerlow.load(d, RuntimeConfig(budget_bytes=budget, mode="dense", hot_fraction=0.0))
+    try:
+        list(m.generate(PROMPT, 2))
+        os.truncate(ffn, 0)
+        with pytest.raises(PowerlowError, match=r"ffn\.bin: read of \d+ bytes at \d+ is past the end of the file"):
+            list(m.generate(PROMPT, 8))
+    finally:
+        m.close()
