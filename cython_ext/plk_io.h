@@ -58,7 +58,7 @@ typedef struct {
 } plk_io_stats;
 
 typedef struct {
-    int kind;                     /* PLK_ERR_* */
+    int kind;                     /* PLK_ERR_*; PLK_ERR_SLOTS: cluster = slots needed, nbytes = slots free */
     int layer, cluster, err_no;
     int64_t offset, nbytes;
 } plk_io_error;

@@ -33,8 +33,6 @@ from .errors import PowerlowError
 from .io import aligned_buffer, drop_page_cache, open_direct
 from .util import release_free_heap
 
-FREE, LOADING, READY, FAILED = 0, 1, 2, 3
-
 
 class OffloadedStore:
     """Cluster source with a byte budget: pinned hot clusters, a dynamic cache, reads in a background pool.
@@ -45,7 +43,6 @@ class OffloadedStore:
 
     def __init__(self, model_dir, info, plan, runtime, *, clock=None, ring=None):
         rt = runtime
-        self.dir = model_dir
         self.info, self.plan = info, plan
         self.path = model_dir / "ffn.bin"
         # resident.safetensors was read through the page cache when the engine loaded it; let it go. The load
@@ -75,7 +72,7 @@ class OffloadedStore:
                       "state": np.zeros(n, np.int8), "lock": np.full(n, -1, np.int64), "pending": np.zeros(n, np.uint8),
                       "fresh": np.zeros(n, np.uint8), "pinned": np.zeros(n, np.uint8),
                       "last_used": np.zeros(n, np.int64), "loaded_at": np.zeros(n, np.int64)}
-        self.key, self.pinned, self.state = t["key"], t["pinned"], t["state"]
+        self.key, self.pinned = t["key"], t["pinned"]
         self.fd, self.direct = open_direct(self.path, rt.o_direct)
         size = os.fstat(self.fd).st_size
         if size != info.total_bytes:

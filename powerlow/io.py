@@ -1,7 +1,7 @@
 """The I/O path of the offloaded run: whole-bundle reads into aligned buffers, several in flight.
 
     reader = BundleReader(path, depth=8, o_direct=True)
-    req = reader.submit(offset, [memoryview(slot_a), memoryview(slot_b)], priority=0, on_done=callback)
+    req = reader.submit(offset, [memoryview(slot_a), memoryview(slot_b)], priority=0)
     req.wait()                       # raises PowerlowError on an I/O error
     reader.close()
 
@@ -69,17 +69,14 @@ class Request:
 
     ``unaligned``: offset, length and buffer need not be 4 KiB-aligned; under O_DIRECT the reader thread reads
     the aligned range around it into its own bounce buffer and copies the asked part out."""
-    __slots__ = ("offset", "bufs", "nbytes", "event", "error", "on_done", "tag", "unaligned", "check")
+    __slots__ = ("offset", "bufs", "nbytes", "event", "error", "unaligned")
 
-    def __init__(self, offset: int, bufs: list, on_done=None, tag=None, unaligned=False, check=None):
-        self.check = check          # check(req) -> None, or an error message (in the reader thread, after the read)
+    def __init__(self, offset: int, bufs: list, unaligned=False):
         self.offset = offset
         self.bufs = bufs
         self.nbytes = sum(len(b) for b in bufs)
         self.event = threading.Event()
         self.error: str | None = None
-        self.on_done = on_done
-        self.tag = tag
         self.unaligned = unaligned
 
     def done(self) -> bool:
@@ -147,11 +144,8 @@ class BundleReader:
         that never idles during a measurement would otherwise report none of it)."""
         return self._clocks[0].seconds
 
-    def submit(self, offset: int, bufs: list, *, priority: int = 0, on_done=None, tag=None,
-               unaligned: bool = False, check=None) -> Request:
-        """``check(req)``: run in the reader thread once the bytes are in; a message it returns fails the request
-        (``wait`` raises it; ``on_done`` is not called)."""
-        req = Request(offset, bufs, on_done, tag, unaligned and self.direct, check)
+    def submit(self, offset: int, bufs: list, *, priority: int = 0, unaligned: bool = False) -> Request:
+        req = Request(offset, bufs, unaligned and self.direct)
         if offset < 0 or offset + req.nbytes > self.size:
             raise PowerlowError(f"{self.path}: read of {req.nbytes} bytes at {offset} is past the end "
                                 f"({self.size} bytes); re-convert the model")
@@ -184,11 +178,6 @@ class BundleReader:
                         os.posix_fadvise(fd, req.offset, req.nbytes, os.POSIX_FADV_DONTNEED)
             except OSError as e:
                 err = f"{self.path}: read of {req.nbytes} bytes at {req.offset} failed ({e.strerror or e}); check the disk"
-            if err is None and req.check is not None:
-                try:
-                    err = req.check(req)
-                except Exception as e:          # a broken check must fail the read, not kill the thread
-                    err = f"{self.path}: checking the read at {req.offset} failed ({type(e).__name__}: {e})"
             for c in self._clocks:
                 c.leave()
             with self._cv:
@@ -196,8 +185,7 @@ class BundleReader:
                     self.bytes_read += req.nbytes
                     self.requests += 1
             req.error = err
-            if req.on_done is not None and err is None:
-                req.on_done(req)
+
             req.event.set()
 
     def _read_bounced(self, req: Request, bounce):

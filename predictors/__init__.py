@@ -220,28 +220,27 @@ class LowRankPredictor(Predictor):
         y += self.b[layer]
         return y
 
-    def _jobs(self, T: int, layers, scale_of) -> list:
+    def _run(self, h: np.ndarray, layers: tuple, scales: tuple) -> list:
+        """kernels.lowrank_pick over ``layers`` (the input scaled by scales[i] where not None) -> their cluster ids."""
+        T = h.shape[0]
         sc = self._scratch
         if sc is None or sc[0].shape[0] < T:
             K = self.A[0].cols
             sc = self._scratch = (np.empty((T, self.A[0].rows), np.float32), np.empty((T, self.B[0].rows), np.float32),
                                   np.empty((T, K), np.float32), [np.empty(self.nC, np.int32) for _ in range(2)])
-        return [(self.A[l], self.a[l], self.B[l], self.b[l], self.thr[l], scale_of(l), sc[3][i])
-                for i, l in enumerate(layers)]
-
-    def _run(self, jobs, h) -> list:
-        sc = self._scratch
+        jobs = [(self.A[l], self.a[l], self.B[l], self.b[l], self.thr[l], s, sc[3][i])
+                for i, (l, s) in enumerate(zip(layers, scales))]
         counts = self._fast(jobs, 1 if self.by_cluster else self.C, h, sc[0], sc[1], sc[2])
-        return [j[6][:n].copy() for j, n in zip(jobs, counts)]
+        return [sc[3][i][:n].copy() for i, n in enumerate(counts)]
 
     def _pick_fast(self, layer: int, h: np.ndarray) -> np.ndarray:
-        return self._run(self._jobs(h.shape[0], (layer,), lambda l: None), h)[0]
+        return self._run(h, (layer,), (None,))[0]
 
     def select_ahead(self, layer: int, h: np.ndarray, nxt: int):
         """(select(layer, h), lookahead(nxt, h)) in one compiled call (the low-rank rule of both layers)."""
         if self._fast is None or nxt == 0:
             return super().select_ahead(layer, h, nxt)
-        ids, ahead = self._run(self._jobs(h.shape[0], (layer, nxt), lambda l: None if l == layer else self.renorm[l]), h)
+        ids, ahead = self._run(h, (layer, nxt), (None, self.renorm[nxt]))
         self.last[layer] = ids
         return ids, ahead
 
