@@ -63,10 +63,23 @@ cdef extern from "plk_io.h" nogil:
     void plk_io_count(plk_io *io, int64_t hits, int64_t misses, int passes)
     void plk_io_inject(plk_io *io, int64_t after, int err_no)
 
+    ctypedef struct plk_io_api:
+        int (*fetch)(plk_io *io, int layer, const int32_t *ids, int n, uint64_t *out, int dense, int depth)
+        int (*prefetch)(plk_io *io, int layer, const int32_t *ids, int n, int priority)
+    const char *PLK_IO_API_NAME
+
 cdef extern from "plk.h" nogil:
     void plk_crc32c_init()
 
+from cpython.pycapsule cimport PyCapsule_New
+
 plk_crc32c_init()          # before any reader thread can use it
+
+cdef plk_io_api _api
+_api.fetch = plk_io_fetch
+_api.prefetch = plk_io_prefetch
+# the hot-path calls for powerlow._kernels.SparseStep (plk_io.h: plk_io_api), with SlotCore.handle
+API = PyCapsule_New(<void *>&_api, PLK_IO_API_NAME, NULL)
 
 POLICIES = {"lru": 0, "lfu": 1, "fifo": 2}
 ERR_NONE, ERR_IO, ERR_EOF, ERR_CRC, ERR_SLOTS, ERR_ORDER = range(6)
@@ -142,6 +155,12 @@ cdef class SlotCore:
             with nogil:
                 plk_io_free(self.io)
             self.io = NULL
+
+    @property
+    def handle(self) -> int:
+        """The plk_io pointer (0 once closed) for another extension's C calls through API; valid while this
+        object is open (the caller keeps a reference and reads it again each call)."""
+        return <size_t>self.io
 
     cdef inline plk_io *_io(self) except NULL:
         if self.io == NULL:

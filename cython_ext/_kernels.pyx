@@ -481,29 +481,10 @@ def rope_tables(pos, int hd, double theta, double scale, c, s):
         plk_rope_tables(pp, T, hd, theta, scale, pc, ps)
 
 
-def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl, attn_norm, ffn_norm,
-               float eps, x, h, kc, vc, int start, int nh, int nkv, rcos, rsin, scratch, int nthreads, parts=None):
-    """One layer's attention block (plk_attn_block): x += wo attention(rope(wqkv rmsnorm(x))), K/V rows
-    stored into the fp16 caches at start.., h = rmsnorm(x, ffn_norm).
-    parts: None (the fused wqkv qs, d, m, qtl) or a list of up to 3 (fmt, tl, qs, d, m, tl_layout, rows), rows
-    stacked in order (q, k, v); then fq .. qtl are ignored."""
-    cdef plk_attn_w w
+cdef int _attn_w(int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl, attn_norm, ffn_norm,
+                 parts, int K, int nq, int qd, plk_attn_w *w) except -1:
+    """Fill one layer's plk_attn_w from its planes (checked): attn_block's and LayerLoop's weights."""
     cdef int ip, r_total = 0
-    _arr(x, cnp.NPY_FLOAT32, 2, "x")
-    _arr(h, cnp.NPY_FLOAT32, 2, "h")
-    cdef int T = x.shape[0], K = x.shape[1]
-    if T < 1 or h.shape[0] != T or h.shape[1] != K:
-        raise ValueError(f"h must be x's shape {x.shape}, got {h.shape}")
-    _arr(kc, cnp.NPY_FLOAT16, 3, "k_cache")
-    _arr(vc, cnp.NPY_FLOAT16, 3, "v_cache")
-    cdef int maxP = kc.shape[1], hd = kc.shape[2]
-    if kc.shape != vc.shape or kc.shape[0] != nkv:
-        raise ValueError(f"k_cache {kc.shape} and v_cache {vc.shape} must be ({nkv}, max_pos, head_dim)")
-    if nkv < 1 or nh % nkv or hd % 2:
-        raise ValueError(f"{nh} heads, {nkv} kv heads, head_dim {hd}: heads must be a multiple of kv heads, hd even")
-    if start < 0 or start + T > maxP:
-        raise ValueError(f"positions {start}..{start + T - 1} exceed the cache length {maxP}")
-    cdef int nq = (nh + 2 * nkv) * hd, qd = nh * hd
     w.nparts = 0
     if parts is None:
         _planes(fq, qs, d, m, nq, K, &w.wqkv)
@@ -545,13 +526,50 @@ def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, o
         raise ValueError(f"norm weights must have {K} values")
     w.attn_norm = <const float*>_ptr(attn_norm)
     w.ffn_norm = <const float*>_ptr(ffn_norm)
+    return 0
+
+
+cdef int _check_kv(kc, vc, int nh, int nkv) except -1:
+    _arr(kc, cnp.NPY_FLOAT16, 3, "k_cache")
+    _arr(vc, cnp.NPY_FLOAT16, 3, "v_cache")
+    cdef int hd = kc.shape[2]
+    if kc.shape != vc.shape or kc.shape[0] != nkv:
+        raise ValueError(f"k_cache {kc.shape} and v_cache {vc.shape} must be ({nkv}, max_pos, head_dim)")
+    if nkv < 1 or nh % nkv or hd % 2:
+        raise ValueError(f"{nh} heads, {nkv} kv heads, head_dim {hd}: heads must be a multiple of kv heads, hd even")
+    return 0
+
+
+cdef int _check_rope_scratch(rcos, rsin, scratch, int T, int hd, Py_ssize_t need) except -1:
     _arr(rcos, cnp.NPY_FLOAT32, 2, "rope cos")
     _arr(rsin, cnp.NPY_FLOAT32, 2, "rope sin")
     if rcos.shape[0] < T or rcos.shape[1] != hd // 2 or rsin.shape[0] < T or rsin.shape[1] != hd // 2:
         raise ValueError(f"rope tables must be ({T}, {hd // 2}), got {rcos.shape} and {rsin.shape}")
     _arr(scratch, cnp.NPY_FLOAT32, 1, "scratch")
-    if scratch.shape[0] < T * (nq + qd + K):
-        raise ValueError(f"scratch must hold {T * (nq + qd + K)} floats, has {scratch.shape[0]}")
+    if scratch.shape[0] < need:
+        raise ValueError(f"scratch must hold {need} floats, has {scratch.shape[0]}")
+    return 0
+
+
+def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl, attn_norm, ffn_norm,
+               float eps, x, h, kc, vc, int start, int nh, int nkv, rcos, rsin, scratch, int nthreads, parts=None):
+    """One layer's attention block (plk_attn_block): x += wo attention(rope(wqkv rmsnorm(x))), K/V rows
+    stored into the fp16 caches at start.., h = rmsnorm(x, ffn_norm).
+    parts: None (the fused wqkv qs, d, m, qtl) or a list of up to 3 (fmt, tl, qs, d, m, tl_layout, rows), rows
+    stacked in order (q, k, v); then fq .. qtl are ignored."""
+    cdef plk_attn_w w
+    _arr(x, cnp.NPY_FLOAT32, 2, "x")
+    _arr(h, cnp.NPY_FLOAT32, 2, "h")
+    cdef int T = x.shape[0], K = x.shape[1]
+    if T < 1 or h.shape[0] != T or h.shape[1] != K:
+        raise ValueError(f"h must be x's shape {x.shape}, got {h.shape}")
+    _check_kv(kc, vc, nh, nkv)
+    cdef int maxP = kc.shape[1], hd = kc.shape[2]
+    if start < 0 or start + T > maxP:
+        raise ValueError(f"positions {start}..{start + T - 1} exceed the cache length {maxP}")
+    cdef int nq = (nh + 2 * nkv) * hd, qd = nh * hd
+    _attn_w(fq, tlq, qs, d, m, qtl, bqkv, fo, tlo, oqs, od, om, otl, attn_norm, ffn_norm, parts, K, nq, qd, &w)
+    _check_rope_scratch(rcos, rsin, scratch, T, hd, T * (nq + qd + K))
     cdef float *px = <float*>_ptr(x)
     cdef float *ph = <float*>_ptr(h)
     cdef uint16_t *pk = <uint16_t*>_ptr(kc)
@@ -607,3 +625,6 @@ def crc32c_many(ptrs, size_t nbytes):
 
 def crc32c_hardware():
     return bool(plk_crc32c_hw())
+
+
+include "_step.pxi"

@@ -87,4 +87,13 @@ void plk_io_last_error(plk_io *io, plk_io_error *err);    /* and clears it */
 void plk_io_inject(plk_io *io, int64_t after, int err_no);
 void plk_io_count(plk_io *io, int64_t hits, int64_t misses, int passes);   /* the dense window's own counts */
 
+/* What another extension (powerlow._kernels' SparseStep: a layer's predictor, fetch, prefetch and FFN in one
+ * call) calls the core through: a table of these functions in the capsule powerlow._iocore.API, and a SlotCore's
+ * plk_io pointer from its `handle`. Only the two calls of a layer's hot path. */
+typedef struct {
+    int (*fetch)(plk_io *io, int layer, const int32_t *ids, int n, uint64_t *out, int dense, int depth);
+    int (*prefetch)(plk_io *io, int layer, const int32_t *ids, int n, int priority);
+} plk_io_api;
+#define PLK_IO_API_NAME "powerlow._iocore.API"
+
 #endif

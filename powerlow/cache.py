@@ -106,6 +106,10 @@ class OffloadedStore:
         self.t["fresh"][:] = 0
         self.hot_load_bytes = self.core.stats()["bytes_read"]
 
+    def raise_error(self):
+        """Raise the PowerlowError of the core's failure (after a call answered -1)."""
+        self._raise()
+
     def _raise(self):
         kind, layer, cluster, err_no, offset, nbytes = self.core.error()
         if kind == ERR_CRC:
@@ -125,14 +129,24 @@ class OffloadedStore:
     def ptrs(self, layer: int, clusters: np.ndarray | None) -> np.ndarray:
         """uint64 addresses of the bundles of ``clusters`` (None = all; sorted ids) of ``layer``, valid until the
         next call."""
-        if layer == 0 and not self._trimmed:    # once more after the predictor and the first KV allocation
-            self._trimmed = True
-            release_free_heap()
+        if layer == 0:
+            self.first_pass()
         ids = self._all if clusters is None else np.ascontiguousarray(clusters, np.int32)
         out = self._out if len(ids) <= len(self._out) else np.zeros(len(ids), np.uint64)
         if self.core.fetch(layer, ids, out, self.dense, self.depth) < 0:
             self._raise()
         return out[:len(ids)].copy()
+
+    def first_pass(self) -> None:
+        """Called as the first forward pass begins: the heap is trimmed once more, after the predictor and the
+        first KV allocation."""
+        if not self._trimmed:
+            self._trimmed = True
+            release_free_heap()
+
+    def step_source(self) -> dict:
+        """What kernels.SparseStep reads bundles through: this core (fetch and prefetch in C, per layer)."""
+        return None if self.dense else {"core": self.core, "depth": self.depth}
 
     def prefetch(self, layer: int, clusters: np.ndarray | None) -> None:
         """Start reading what ``layer`` will probably need (called while the previous layer finishes)."""

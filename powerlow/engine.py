@@ -263,6 +263,7 @@ class Transformer:
         # fused: one attn_block call per layer (kernels or reference); False runs the unfused op sequence
         # (the same kernels one by one: tests compare the two bit for bit)
         self.fused = True
+        self._loop = None             # kernels.LayerLoop of the predict mode (built at the first pass)
         self._scratch, self._scratch_T = None, 0
         self._draft_ptrs = None
 
@@ -462,7 +463,11 @@ class Transformer:
             x *= np.float32(cfg.embed_scale)
         rope = None
         h = np.empty_like(x)
-        for l in range(cfg.n_layers):
+        loop = None if draft else self._layer_loop()
+        if loop is not None:          # every layer in one compiled call (predict mode, all weights resident)
+            rope = ops.rope_tables(pos, hd, cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_freq_factors)
+            self._run_loop(loop, x, h, start, rope)
+        for l in range(cfg.n_layers if loop is None else 0):
             if draft and self.layers[l] is None:
                 continue
             lw, streamed = self._layer(l)
@@ -490,10 +495,7 @@ class Transformer:
             else:
                 x += ops.rmsnorm(self.ffn.forward(l, h), post, cfg.rms_eps)
             if not ops.all_finite(x):                                   # ~0.3 us a layer at T = 1
-                raise PowerlowError(
-                    f"layer {l} produced non-finite values (NaN or inf): its weights in {self.dir} are corrupt (a "
-                    "damaged ffn.bin or resident.safetensors; `powerlow convert --force` makes a fresh copy) or the "
-                    "activations overflowed")
+                self._not_finite(l)
         self.kv.length = start + T
         if last_only:
             x = x[-1:]
@@ -503,6 +505,42 @@ class Transformer:
             cap = np.float32(cfg.logit_softcap)
             out = (np.tanh(out / cap) * cap).astype(np.float32)
         return out
+
+    def _layer_loop(self):
+        """kernels.LayerLoop over this model's layers and the FFN's compiled step, or None where the pass must go
+        layer by layer in Python: weights streamed through the ring, an unfused or extra-normed layer (QK-norm,
+        sliding window, post-FFN norm), no compiled FFN step, or ops without the loop (the reference ops)."""
+        step = self.ffn.compiled_step() if self.fused else None
+        if step is None:
+            return None
+        loop = self._loop
+        if loop is not None and loop.step is step:
+            return loop
+        make = getattr(self.ops, "LayerLoop", None)
+        if make is None or not all(self._plain) or any(lw is None for lw in self.layers) \
+                or any(e.post_ffn_norm is not None for e in self._extra):
+            return None
+        cfg = self.config
+        self._loop = make(list(self.layers), step, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+        return self._loop
+
+    def _run_loop(self, loop, x: np.ndarray, h: np.ndarray, start: int, rope) -> None:
+        ffn = self.ffn
+        ffn.begin_pass()
+        used = loop.step.used
+        rc = loop.run(x, h, self.kv.k, self.kv.v, start, rope, self.config.rms_eps, self._attn_scratch(x.shape[0]))
+        ffn.clusters_used += loop.step.used - used
+        ffn.clusters_total += self.store_info.n_clusters * self.config.n_layers
+        if rc == -1:
+            ffn.source.raise_error()
+        if rc == -3:
+            self._not_finite(loop.failed_layer)
+
+    def _not_finite(self, l: int):
+        raise PowerlowError(
+            f"layer {l} produced non-finite values (NaN or inf): its weights in {self.dir} are corrupt (a "
+            "damaged ffn.bin or resident.safetensors; `powerlow convert --force` makes a fresh copy) or the "
+            "activations overflowed")
 
     def _attention(self, l: int, lw: LayerWeights, x: np.ndarray, pos: np.ndarray, start: int) -> None:
         """x += attention block of layer l, as the unfused op sequence (the same kernels as attn_block one by one,

@@ -63,6 +63,13 @@ class ResidentStore:
         allp = self._all[layer]
         return allp if clusters is None else allp[clusters]
 
+    def step_source(self) -> dict:
+        """What kernels.SparseStep reads bundles from: every bundle's address, per layer."""
+        return {"resident": self._all}
+
+    def first_pass(self) -> None:
+        pass
+
     def close(self):
         pass
 
@@ -99,6 +106,8 @@ class SparseFFN:
         # MoE: the next layer's experts are read ahead unless prefetch_depth is 0 (to measure what that buys)
         self._lookahead = self._prefetch is not None and getattr(getattr(source, "plan", None), "prefetch_depth", 1) > 0
         self.observer = None         # observer(layer, h) before each layer's FFN (powerlow.profile records with it)
+        self._step, self._step_pred = None, None     # kernels.SparseStep of this predictor (built at first use)
+        self._first = True
         self.clusters_used = 0       # over the whole run, for the density figure
         self.clusters_total = 0
         self._pieces = None
@@ -166,6 +175,16 @@ class SparseFFN:
             self.clusters_total += self.info.n_clusters
             return out
         pred, prefetch = self.predictor, self._prefetch
+        if pred is not None and self.observer is None:
+            step = self._step if self._step_pred is pred else self._make_step()
+            if step is not None:          # the predict-mode layer in one compiled call
+                self.begin_pass()
+                n = step.run(layer, h, out)
+                if n < 0:
+                    self.source.raise_error()
+                self.clusters_used += n
+                self.clusters_total += self.info.n_clusters
+                return out
         nxt = layer + 1 if layer + 1 < self.n_layers else 0      # after the last layer: the next token's first
         if pred is None:
             clusters = ahead = None
@@ -186,6 +205,31 @@ class SparseFFN:
         self.clusters_used += len(ptrs)
         self.clusters_total += self.info.n_clusters
         return out
+
+    def compiled_step(self):
+        """The kernels.SparseStep a whole forward pass can run (powerlow.kernels.LayerLoop), or None: not the
+        predict mode, no compiled form, or an observer watching each layer."""
+        if self.predictor is None or self.observer is not None or self.router is not None or self._pieces is not None:
+            return None
+        return self._step if self._step_pred is self.predictor else self._make_step()
+
+    def begin_pass(self) -> None:
+        if self._first:
+            self._first = False
+            self.source.first_pass()
+
+    def _make_step(self):
+        """kernels.SparseStep over the predictor's compiled rule and the cluster source, or None where either has
+        no compiled form (the reference ops, a predictor other than the low-rank one)."""
+        pred = self.predictor
+        self._step_pred, self._step = pred, None
+        make = getattr(self.ops, "SparseStep", None)
+        jobs = getattr(pred, "step_jobs", lambda: None)()
+        src = getattr(self.source, "step_source", lambda: None)()
+        if make is None or jobs is None or src is None or self.act not in ("silu", "relu", "gelu_tanh"):
+            return None
+        self._step = make(jobs[0], jobs[1], self.info.layouts, self.act, order=self._all_order, **src)
+        return self._step
 
     def _forward_moe(self, layer: int, h: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out += the layer's routed experts (and shared expert): groups of experts in as few kernel calls as the

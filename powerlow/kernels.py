@@ -298,6 +298,99 @@ def lowrank_pick(jobs: list, group: int, h: np.ndarray, z: np.ndarray, y: np.nda
     return _k.lowrank_pick(wa[0], wa[1], wb[1], group, h, z, y, hs, packed, _threads)
 
 
+class SparseStep:
+    """A predict-mode layer in one compiled call: the low-rank predictor's clusters of the layer and its guess for
+    the next, the bundles' addresses (a resident buffer's, or the streaming core's fetch), the read-ahead of the
+    guess (the core's prefetch), the converted summing order after a re-layout, and the FFN kernel
+    (cython_ext/_step.pxi). The same clusters, reads and floats as SparseFFN.forward over
+    LowRankPredictor.select_ahead (tests/test_offload.py, tests/test_predictors.py).
+
+    ``jobs[l]``: (A, a, B, b, thr, scale) of layer l (A, B q8 QMatrix; scale the lookahead's (1, K) re-scaling
+    of layer l, None for layer 0); ``group``: outputs per cluster; ``layouts``: the BundleLayout per layer;
+    ``order``: None or per layer the stored cluster ids in summing order; ``resident``: per layer the uint64
+    addresses of all bundles, or ``core`` (an _iocore.SlotCore) with its fetch ``depth``."""
+
+    def __init__(self, jobs: list, group: int, layouts: list, act: str, *, order=None, resident=None, core=None,
+                 depth: int = 1):
+        A0, B0 = jobs[0][0], jobs[0][2]
+        if any(j[0].fmt != A0.fmt or j[2].fmt != B0.fmt for j in jobs):
+            raise ValueError("SparseStep: every layer's A (B) must have one format")
+        if act not in _ACT_ID:
+            raise ValueError(f"act must be one of {', '.join(_ACT_ID)}, got {act!r}")
+        self.layouts = layouts
+        self._A0, self._B0 = A0, B0
+        self._s = _k.SparseStep(layouts[0].K, _FMT_ID[A0.fmt], _FMT_ID[B0.fmt], group,
+                                [(j[0].planes["qs"], j[0].planes.get("d")) for j in jobs], [j[1] for j in jobs],
+                                [(j[2].planes["qs"], j[2].planes.get("d")) for j in jobs], [j[3] for j in jobs],
+                                [j[4] for j in jobs], [j[5] for j in jobs], _ACT_ID[act], layouts[0].C,
+                                [_bundle_offsets(lay) for lay in layouts], resident, core, depth, order)
+        self._key = None
+
+    @property
+    def used(self) -> int:
+        """Clusters computed so far."""
+        return self._s.used
+
+    def _configure(self, key: tuple) -> None:
+        T = 2 if key[0] else 1
+        wa, wb = _mm_args(self._A0, T), _mm_args(self._B0, T)
+        if wa[0] != wb[0] or wa[2] or wb[2]:
+            raise ValueError("SparseStep: A and B must run the same multiply-add variant")
+        ffn = []
+        for lay in self.layouts:
+            which, f, df, tl, C, K, _ = _ffn_args(lay, T, None)
+            if C != self.layouts[0].C or K != self.layouts[0].K:
+                raise ValueError("SparseStep: every layer's bundles must have one cluster size and width")
+            ffn.append((which, f, df, int(tl)))
+        self._s.configure(int(key[0]), wa[0], ffn)
+        self._key = key
+
+    def run(self, layer: int, h: np.ndarray, out: np.ndarray) -> int:
+        """out (T, K) += layer's FFN over its predicted clusters; their count, or -1 (the core failed: its error())."""
+        key = (h.shape[0] > 1, _dispatcher, isa)
+        if key != self._key:
+            self._configure(key)
+        return self._s.run(layer, h, out, _threads)
+
+
+class LayerLoop:
+    """Every layer of a forward pass in one compiled call: per layer the fused attention block (attn_block), the
+    predict-mode FFN (SparseStep) added into the residual stream, and the finite check (cython_ext/_step.pxi).
+    What Transformer.forward's layer loop does call by call, with the same kernels in the same order, so the same
+    floats (tests/test_predictors.py). ``layers``: the engine's LayerWeights per layer (all resident)."""
+
+    def __init__(self, layers: list, step: SparseStep, n_heads: int, n_kv: int, head_dim: int):
+        self.layers, self.step = layers, step
+        K = step.layouts[0].K
+        self._s = _k.LayerLoop(len(layers), K, n_heads, n_kv, head_dim, step._s)
+        self._key = None
+
+    def _configure(self, key: tuple, x: np.ndarray) -> None:
+        for l, lw in enumerate(self.layers):
+            which, fq, tlq, qs, d, m, qtl, fo, tlo, oqs, od, om, otl, parts = _attn_args(lw, x, None)
+            self._s.set_layer(l, which, fq, tlq, qs, d, m, qtl, lw.bqkv, fo, tlo, oqs, od, om, otl, lw.attn_norm,
+                              lw.ffn_norm, parts)
+        self._s.set_batch(int(key[0]))
+        self._key = key
+
+    @property
+    def failed_layer(self) -> int:
+        return self._s.failed_layer
+
+    def run(self, x: np.ndarray, h: np.ndarray, k_caches: list, v_caches: list, start: int, rope, eps: float,
+            scratch: np.ndarray) -> int:
+        """x (T, K) through every layer in place (h: scratch for the FFN input). 0, -1 (the streaming core failed
+        at failed_layer: its error()), -3 (layer failed_layer produced NaN or inf)."""
+        key = (x.shape[0] > 1, _dispatcher, isa)
+        if key != self._key:
+            self._configure(key, x)
+        if key != self.step._key:
+            self.step._configure(key)
+        if not self._s.kv_is(k_caches):
+            self._s.set_kv(k_caches, v_caches)
+        return self._s.run(x, h, start, rope[0], rope[1], scratch, eps, _threads)
+
+
 def _bundle_offsets(layout) -> np.ndarray:
     offs = getattr(layout, "_plk_offs", None)
     if offs is None:

@@ -233,6 +233,15 @@ class LowRankPredictor(Predictor):
         counts = self._fast(jobs, 1 if self.by_cluster else self.C, h, sc[0], sc[1], sc[2])
         return [sc[3][i][:n].copy() for i, n in enumerate(counts)]
 
+    def step_jobs(self):
+        """(per layer (A, a, B, b, thr, lookahead scale or None), outputs per cluster) for kernels.SparseStep (the
+        whole predict-mode layer in one call), or None where the rule is not one compiled call (density < 1 by
+        neuron). The step keeps these tables: a threshold changed later is not seen by it."""
+        if self._fast is None:
+            return None
+        return ([(self.A[l], self.a[l], self.B[l], self.b[l], self.thr[l], self.renorm[l]) for l in range(self.L)],
+                1 if self.by_cluster else self.C)
+
     def _pick_fast(self, layer: int, h: np.ndarray) -> np.ndarray:
         return self._run(h, (layer,), (None,))[0]
 

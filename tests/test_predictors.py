@@ -12,6 +12,7 @@ from powerlow.errors import PowerlowError
 from powerlow.predictors import PREDICTORS, make_predictor
 from powerlow.predictors.train import train_predictors
 from powerlow.profile import profile_model
+from powerlow.store import StoreInfo
 from conftest import TINY, make_converted, run_cli
 
 PROMPT = list(range(3, 60, 3))
@@ -208,3 +209,108 @@ def test_predictor_file_from_another_model_is_refused(relu_dir, tmp_path):
     shutil.copy(d / "predictors.safetensors", same / "predictors.safetensors")
     with pytest.raises(PowerlowError, match="stale.*train-predictor"):
         _load(same, "predict")
+
+
+def _decode(d, cfg, python_path: bool, n=10):
+    """Logits of a prompt and n greedy steps, the FFN's density counters, and the cache's counters."""
+    m = powerlow.load(d, cfg)
+    try:
+        ffn = m.tf.ffn
+        if python_path:
+            ffn._make_step = lambda: None              # SparseFFN.forward's Python steps, layer by layer
+        x = m.tf.forward([5, 17, 33, 9, 100, 7])
+        logits = [x]
+        pos = 6
+        for _ in range(n):
+            x = m.tf.forward([int(x[-1].argmax())], start_pos=pos, last_only=True)
+            logits.append(x)
+            pos += 1
+        assert (ffn._step is None) == python_path and (m.tf._loop is None) == python_path
+        src = m.tf.ffn_source
+        c = src.core.stats() if hasattr(src, "core") else {}
+        c.pop("wait_seconds", None), c.pop("busy_seconds", None)
+        return logits, (ffn.clusters_used, ffn.clusters_total), c
+    finally:
+        m.close()
+
+
+@pytest.fixture(scope="module")
+def relaid_dir(tmp_path_factory):
+    """A planted SiLU model (every cluster adds something: the summing order shows) of 16 clusters a layer with whole
+    clusters re-laid out hot-first (cluster_order), and
+    low-rank predictors: the offloaded predict mode's full path."""
+    d = _make(tmp_path_factory.mktemp("pred_relaid"), "silu", intermediate=512, layers=3)
+    profile_model(d, n_tokens=1024, n_samples=1024, threads=1, progress=False, relayout="clusters")
+    train_predictors(d, rank=32, target_recall=0.95, seed=0, progress=False)
+    return d
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_compiled_layer_step_is_the_python_path(relaid_dir, offloaded):
+    """kernels.SparseStep (predictor, fetch, prefetch, converted summing order and FFN of a layer in one call)
+    gives the Python path's logits bit for bit, computes the same clusters, and under a budget makes the same
+    reads: the same hits, misses, read-aheads and bytes."""
+    from powerlow.manifest import load_manifest
+    from powerlow.plan import minimum_budget
+    d = relaid_dir
+    man = load_manifest(d)
+    assert any(o != sorted(o) for o in man["cluster_order"])
+    cfg = RuntimeConfig(threads=1, mode="predict")
+    if offloaded:     # the staging minimum and 8 more bundles of the 48: most of the FFN on disk
+        cfg = cfg.replace(budget_bytes=minimum_budget(d, man, cfg) + 8 * StoreInfo.from_json(man["ffn"]).layout.stride)
+    got, got_n, got_c = _decode(d, cfg, python_path=False)
+    want, want_n, want_c = _decode(d, cfg, python_path=True)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert got_n == want_n and 0 < got_n[0] < got_n[1]
+    assert got_c == want_c
+    if offloaded:
+        assert got_c["misses"] > 0 and got_c["bytes_read"] > 0 and got_c["requests"] > 0
+    # layer by layer on the run's FFN inputs: the FFN outputs themselves (the logits can hide a last-bit change)
+    m = powerlow.load(d, cfg)
+    try:
+        ffn, hs = m.tf.ffn, []
+        ffn.observer = lambda l, h: hs.append((l, h.copy()))
+        m.tf.forward([5, 17, 33, 9, 100, 7])
+        m.tf.forward([40], start_pos=6)
+        ffn.observer = None
+        for l, h in hs:
+            a = ffn.forward(l, h)
+            step, ffn._step = ffn._step, None
+            ffn._make_step = lambda: None
+            b = ffn.forward(l, h)
+            del ffn._make_step
+            ffn._step = step
+            np.testing.assert_array_equal(a, b)
+        assert step is not None and len(hs) == 2 * m.tf.config.n_layers
+    finally:
+        m.close()
+
+
+def test_compiled_layer_loop_stops_on_a_nan_layer_and_a_disk_error(relaid_dir, tmp_path, monkeypatch):
+    """The predict mode's one-call pass (kernels.LayerLoop) stops as the Python loop does: a layer whose bundles
+    hold NaN scales is named, and a disk error in a reader thread under a budget is one PowerlowError naming
+    ffn.bin and the read."""
+    import errno
+    from powerlow.manifest import load_manifest
+    from powerlow.plan import minimum_budget
+    d = tmp_path / "m"
+    shutil.copytree(relaid_dir, d)
+    man = load_manifest(d)
+    cfg = RuntimeConfig(threads=1, mode="predict")
+    with powerlow.load(d, cfg.replace(budget_bytes=minimum_budget(d, man, cfg) + 8 * StoreInfo.from_json(man["ffn"]).layout.stride)) as m:
+        list(m.generate([5, 17, 33], 2))
+        assert m.tf._loop is not None
+        m.tf.ffn_source.core.inject_failure(0, errno.EIO)
+        with pytest.raises(PowerlowError, match=r"ffn\.bin.*(read|failed).*Input/output error"):
+            list(m.generate([5, 17, 33, 40], 20))
+    info = StoreInfo.from_json(man["ffn"])
+    with open(d / "ffn.bin", "r+b") as f:            # every bundle of layer 1: whatever the predictor picks
+        f.seek(info.bundle_offset(1, 0))
+        f.write(b"\xff" * (info.bundle_offset(2, 0) - info.bundle_offset(1, 0)))
+    monkeypatch.setattr("powerlow.manifest.HASH_AT_LOAD_MAX_BYTES", 0)
+    monkeypatch.setenv("POWERLOW_CHECKSUMS", "0")
+    with powerlow.load(d, cfg) as m:
+        with pytest.raises(PowerlowError, match="layer 1 produced non-finite"):
+            m.tf.forward([5, 17, 33])
+        assert m.tf._loop is not None

@@ -1,0 +1,362 @@
+# A layer of the predict mode in one call (included by _kernels.pyx; powerlow.kernels.SparseStep is its face).
+#
+# SparseStep.run(layer, h, out): the low-rank predictor's clusters of this layer and its guess for the next
+# (_pick_one, as lowrank_pick), the bundles' addresses from the cluster source (the resident buffer, or the
+# streaming core's fetch through powerlow._iocore.API), the next layer's read-ahead (the core's prefetch), the
+# bundles put in their converted order after a cluster re-layout, and the FFN kernel: the steps of
+# powerlow.ffn.SparseFFN.forward and predictors.LowRankPredictor.select_ahead, in C with the GIL released.
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcpy
+
+cdef extern from "plk_io.h" nogil:
+    ctypedef struct plk_io:
+        pass
+    ctypedef struct plk_io_api:
+        int (*fetch)(plk_io *io, int layer, const int32_t *ids, int n, uint64_t *out, int dense, int depth) noexcept nogil
+        int (*prefetch)(plk_io *io, int layer, const int32_t *ids, int n, int priority) noexcept nogil
+    const char *PLK_IO_API_NAME
+
+
+cdef class SparseStep:
+    """See powerlow.kernels.SparseStep. Layer tables are C arrays over numpy arrays kept in ``_keep``."""
+    cdef int L, N, K, r, n_out, group, act, C, depth, prefetch_on
+    cdef int mm_isa, fa, fb, batch
+    cdef plk_w *wa
+    cdef plk_w *wb
+    cdef const float **pa
+    cdef const float **pb
+    cdef const float **psc
+    cdef float *thr
+    cdef int *ffn_isa
+    cdef int *fmt
+    cdef int *dfmt
+    cdef int *tl
+    cdef const int64_t **offs
+    cdef const uint64_t **resident
+    cdef const int64_t **order
+    cdef plk_io_api *api
+    cdef object core
+    cdef int32_t *ids
+    cdef int32_t *ahead
+    cdef int32_t *last0
+    cdef int n_last0
+    cdef int32_t *mark
+    cdef uint64_t *ptrs
+    cdef uint64_t *ptrs2
+    cdef float *z
+    cdef float *y
+    cdef float *hs
+    cdef int cap_T
+    cdef public int64_t used
+    cdef object _keep
+
+    def __cinit__(self):
+        self.cap_T = 0
+
+    def __init__(self, int K, int fa, int fb, int group, A, a, B, b, thr, scale, int act, int C, offs, resident,
+                 core, int depth, order):
+        """Per layer l: A[l] (qs, d) q8 planes of (r, K), a[l] (1, r), B[l] (qs, d) of (n_out, r), b[l] (1, n_out),
+        thr[l], scale[l] (1, K) float32 or None (the lookahead's re-scaling of layer l from layer l - 1's input),
+        offs[l] the bundle plane offsets (int64 (9,)), order[l] None or stored cluster ids in summing order
+        (int64 (N,)). Source: resident[l] uint64 (N,) addresses, or core (a powerlow._iocore.SlotCore) with its
+        fetch ``depth``."""
+        cdef int l, L = len(A)
+        self.L, self.group, self.act, self.C, self.depth = L, group, act, C, depth
+        self.fa, self.fb = fa, fb
+        self.r, self.n_out = a[0].shape[1], b[0].shape[1]
+        self.K, self.N = K, self.n_out // group
+        if self.n_out % group or L < 1 or K < 1:
+            raise ValueError("SparseStep: n_out must be a multiple of group")
+        self.wa = <plk_w *>calloc(L, sizeof(plk_w))
+        self.wb = <plk_w *>calloc(L, sizeof(plk_w))
+        self.pa = <const float **>calloc(L, sizeof(float *))
+        self.pb = <const float **>calloc(L, sizeof(float *))
+        self.psc = <const float **>calloc(L, sizeof(float *))
+        self.thr = <float *>calloc(L, sizeof(float))
+        self.ffn_isa = <int *>calloc(4 * L, sizeof(int))
+        self.offs = <const int64_t **>calloc(L, sizeof(int64_t *))
+        self.resident = <const uint64_t **>calloc(L, sizeof(uint64_t *))
+        self.order = <const int64_t **>calloc(L, sizeof(int64_t *))
+        self.ids = <int32_t *>malloc(self.N * sizeof(int32_t))
+        self.ahead = <int32_t *>malloc(self.N * sizeof(int32_t))
+        self.last0 = <int32_t *>malloc(self.N * sizeof(int32_t))
+        self.mark = <int32_t *>calloc(self.N, sizeof(int32_t))
+        self.ptrs = <uint64_t *>malloc(self.N * sizeof(uint64_t))
+        self.ptrs2 = <uint64_t *>malloc(self.N * sizeof(uint64_t))
+        if (self.wa == NULL or self.wb == NULL or self.pa == NULL or self.pb == NULL or self.psc == NULL
+                or self.thr == NULL or self.ffn_isa == NULL or self.offs == NULL or self.resident == NULL
+                or self.order == NULL or self.ids == NULL or self.ahead == NULL or self.last0 == NULL
+                or self.mark == NULL or self.ptrs == NULL or self.ptrs2 == NULL):
+            raise MemoryError("SparseStep: out of memory")
+        self.fmt, self.dfmt, self.tl = self.ffn_isa + L, self.ffn_isa + 2 * L, self.ffn_isa + 3 * L
+        self.n_last0 = -1
+        for l in range(L):
+            if a[l].shape[1] != self.r or b[l].shape[1] != self.n_out:
+                raise ValueError("SparseStep: every layer's predictor must have one rank and one output size")
+            _arr(a[l], cnp.NPY_FLOAT32, 2, "a")
+            _arr(b[l], cnp.NPY_FLOAT32, 2, "b")
+            _arr(offs[l], cnp.NPY_INT64, 1, "offs")
+            self.pa[l], self.pb[l], self.thr[l] = <const float *>_ptr(a[l]), <const float *>_ptr(b[l]), <float>thr[l]
+            self.offs[l] = <const int64_t *>_ptr(offs[l])
+            if scale[l] is not None:
+                _arr(scale[l], cnp.NPY_FLOAT32, 2, "scale")
+                if scale[l].shape[1] != K:
+                    raise ValueError(f"SparseStep: scale[{l}] must be (1, {K})")
+                self.psc[l] = <const float *>_ptr(scale[l])
+            if order is not None and order[l] is not None:
+                _arr(order[l], cnp.NPY_INT64, 1, "order")
+                if order[l].shape[0] != self.N:
+                    raise ValueError(f"SparseStep: order[{l}] must hold {self.N} cluster ids")
+                self.order[l] = <const int64_t *>_ptr(order[l])
+            if resident is not None:
+                _arr(resident[l], cnp.NPY_UINT64, 1, "resident")
+                if resident[l].shape[0] != self.N:
+                    raise ValueError(f"SparseStep: resident[{l}] must hold {self.N} addresses")
+                self.resident[l] = <const uint64_t *>_ptr(resident[l])
+        for l in range(L):
+            _planes(fa, A[l][0], A[l][1], None, self.r, self.K, &self.wa[l])
+            _planes(fb, B[l][0], B[l][1], None, self.n_out, self.r, &self.wb[l])
+        if (resident is None) == (core is None):
+            raise ValueError("SparseStep: give resident addresses or a streaming core, not both")
+        self.api = NULL
+        if core is not None:
+            from powerlow import _iocore
+            self.api = <plk_io_api *>PyCapsule_GetPointer(_iocore.API, PLK_IO_API_NAME)
+        self.core = core
+        self.prefetch_on = core is not None
+        self.batch = -1
+        self._keep = (A, a, B, b, scale, offs, resident, core, order)
+
+    def __dealloc__(self):
+        free(self.wa); free(self.wb); free(self.pa); free(self.pb); free(self.psc); free(self.thr)
+        free(self.ffn_isa); free(self.offs); free(self.resident); free(self.order)
+        free(self.ids); free(self.ahead); free(self.last0); free(self.mark); free(self.ptrs); free(self.ptrs2)
+        free(self.z); free(self.y); free(self.hs)
+
+    def configure(self, int batch, int mm_isa, ffn):
+        """The kernel variants for T == 1 (batch 0) or T > 1 (batch 1): the predictor's q8 matmul, and per layer
+        (isa, fmt, down fmt, tl) of the FFN kernel (powerlow.kernels works them out)."""
+        cdef int l
+        if len(ffn) != self.L:
+            raise ValueError("SparseStep.configure: one FFN variant per layer")
+        for l in range(self.L):
+            self.ffn_isa[l], self.fmt[l], self.dfmt[l], self.tl[l] = ffn[l]
+        self.mm_isa, self.batch = mm_isa, batch
+
+    @property
+    def batch_class(self) -> int:
+        """The T class the variants were configured for (-1: not yet)."""
+        return self.batch
+
+    cdef int _grow(self, int T) except -1:
+        cdef float *z
+        cdef float *y
+        cdef float *hs
+        if T <= self.cap_T:
+            return 0
+        z = <float *>realloc(self.z, <size_t>T * self.r * sizeof(float))
+        if z != NULL:
+            self.z = z
+        y = <float *>realloc(self.y, <size_t>T * self.n_out * sizeof(float))
+        if y != NULL:
+            self.y = y
+        hs = <float *>realloc(self.hs, <size_t>T * self.K * sizeof(float))
+        if hs != NULL:
+            self.hs = hs
+        if z == NULL or y == NULL or hs == NULL:
+            raise MemoryError("SparseStep: out of memory for the predictor's scratch")
+        self.cap_T = T
+        return 0
+
+    def run(self, int layer, h, out, int nthreads) -> int:
+        """out (T, K) += the layer's FFN over the predicted clusters. Returns how many clusters were computed, or
+        -1 when the streaming core failed (its error() says why)."""
+        _arr(h, cnp.NPY_FLOAT32, 2, "h")
+        _arr(out, cnp.NPY_FLOAT32, 2, "out")
+        cdef int T = h.shape[0], rc
+        if h.shape[1] != self.K or out.shape[0] != T or out.shape[1] != self.K or T < 1:
+            raise ValueError(f"SparseStep.run: h and out must be (T, {self.K})")
+        if layer < 0 or layer >= self.L:
+            raise ValueError(f"SparseStep.run: layer {layer} out of range")
+        if self.batch != (T > 1):
+            raise ValueError("SparseStep.run: configure() the variants of this batch size first")
+        self._grow(T)
+        cdef plk_io *io = NULL
+        if self.core is not None:
+            io = <plk_io *><size_t>self.core.handle
+            if io == NULL:
+                raise RuntimeError("the streaming core is closed")
+        cdef const float *ph = <const float *>_ptr(h)
+        cdef float *po = <float *>_ptr(out)
+        with nogil:
+            rc = self._run(io, layer, ph, T, po, nthreads)
+        if rc == -2:
+            raise MemoryError("kernel scratch allocation failed")
+        return rc
+
+    cdef int _pick(self, int l, const float *h, int T, const float *scale, int32_t *dst, int *n,
+                   int nthreads) noexcept nogil:
+        cdef Py_ssize_t i
+        if scale != NULL:
+            for i in range(<Py_ssize_t>T * self.K):
+                self.hs[i] = h[i] * scale[i % self.K]
+            h = self.hs
+        return _pick_one(self.mm_isa, self.fa, self.fb, &self.wa[l], &self.wb[l], self.r, self.K, self.n_out,
+                         self.group, self.pa[l], self.pb[l], self.thr[l], h, T, self.z, self.y, dst, n, nthreads)
+
+    cdef int _run(self, plk_io *io, int layer, const float *h, int T, float *out, int nthreads) noexcept nogil:
+        cdef int n = 0, na = 0, i, j, k, c
+        cdef int nxt = layer + 1 if layer + 1 < self.L else 0     # after the last layer: the next token's first
+        cdef int32_t *ahead = self.ahead
+        cdef uint64_t *p = self.ptrs
+        cdef uint64_t *swap
+        cdef const int64_t *order = self.order[layer]
+        if self._pick(layer, h, T, NULL, self.ids, &n, nthreads):
+            return -2
+        if layer == 0:                               # the next token's layer 0 is guessed by this one's
+            memcpy(self.last0, self.ids, n * sizeof(int32_t))
+            self.n_last0 = n
+        if self.prefetch_on:
+            if nxt != 0:
+                if self._pick(nxt, h, T, self.psc[nxt], ahead, &na, nthreads):
+                    return -2
+            else:
+                ahead, na = self.last0, self.n_last0
+        if io != NULL:
+            if self.api.fetch(io, layer, self.ids, n, p, 0, self.depth) < 0:
+                return -1
+            self.api.prefetch(io, nxt, ahead, na, 1)     # read while this layer computes (its slots are locked)
+        else:
+            for i in range(n):
+                p[i] = self.resident[layer][self.ids[i]]
+        if order != NULL and n > 1:                   # sum in the converted order (bit-identical outputs)
+            for i in range(n):
+                self.mark[self.ids[i]] = i + 1
+            j = 0
+            for k in range(self.N):
+                c = <int>order[k]
+                if self.mark[c]:
+                    self.ptrs2[j] = p[self.mark[c] - 1]
+                    self.mark[c] = 0
+                    j += 1
+            p = self.ptrs2
+        if n:
+            if plk_ffn_bundles(self.ffn_isa[layer], self.fmt[layer], self.dfmt[layer], self.tl[layer], p, n, self.C,
+                               self.K, self.offs[layer], h, T, self.act, out, nthreads):
+                return -2
+        self.used += n
+        return n
+
+
+cdef inline bint _finite(const float *x, Py_ssize_t n) noexcept nogil:
+    cdef const uint32_t *p = <const uint32_t *>x
+    cdef uint32_t bad = 0
+    cdef Py_ssize_t i
+    for i in range(n):
+        bad |= ((p[i] & 0x7f800000u) == 0x7f800000u)     # exponent all ones: inf or NaN
+    return bad == 0
+
+
+cdef class LayerLoop:
+    """See powerlow.kernels.LayerLoop: every layer of a forward pass in one call (attention block, the
+    predict-mode FFN step, the finite check), over weights and KV caches whose C views it keeps."""
+    cdef int L, K, nh, nkv, hd, nq, qd, maxP, batch
+    cdef plk_attn_w *w
+    cdef int *isa
+    cdef uint16_t **kc
+    cdef uint16_t **vc
+    cdef SparseStep step
+    cdef public int failed_layer
+    cdef object _keep
+    cdef object _kv
+
+    def __cinit__(self, int L, int K, int nh, int nkv, int hd, SparseStep step):
+        self.L, self.K, self.nh, self.nkv, self.hd = L, K, nh, nkv, hd
+        self.nq, self.qd = (nh + 2 * nkv) * hd, nh * hd
+        self.w = <plk_attn_w *>calloc(L, sizeof(plk_attn_w))
+        self.isa = <int *>calloc(L, sizeof(int))
+        self.kc = <uint16_t **>calloc(L, sizeof(uint16_t *))
+        self.vc = <uint16_t **>calloc(L, sizeof(uint16_t *))
+        if self.w == NULL or self.isa == NULL or self.kc == NULL or self.vc == NULL:
+            raise MemoryError("LayerLoop: out of memory")
+        if step.L != L or step.K != K:
+            raise ValueError("LayerLoop: the FFN step is for another model")
+        self.step, self.batch, self.maxP, self.failed_layer = step, -1, 0, -1
+        self._keep = [None] * L
+        self._kv = None
+
+    def __dealloc__(self):
+        free(self.w); free(self.isa); free(self.kc); free(self.vc)
+
+    def set_layer(self, int l, int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl,
+                  attn_norm, ffn_norm, parts):
+        """Layer l's attention weights (attn_block's arguments) and kernel variant."""
+        if l < 0 or l >= self.L:
+            raise ValueError(f"LayerLoop: layer {l} out of range")
+        _attn_w(fq, tlq, qs, d, m, qtl, bqkv, fo, tlo, oqs, od, om, otl, attn_norm, ffn_norm, parts, self.K, self.nq,
+                self.qd, &self.w[l])
+        self.isa[l] = isa
+        self._keep[l] = (qs, d, m, qtl, bqkv, oqs, od, om, otl, attn_norm, ffn_norm, parts)
+
+    def set_batch(self, int batch):
+        self.batch = batch
+
+    def set_kv(self, k, v):
+        """The KV caches (lists of L fp16 arrays (n_kv, max_pos, head_dim)); kept until the next set_kv."""
+        cdef int l
+        if len(k) != self.L or len(v) != self.L:
+            raise ValueError(f"LayerLoop: {self.L} K and V caches expected")
+        for l in range(self.L):
+            _check_kv(k[l], v[l], self.nh, self.nkv)
+            if k[l].shape[2] != self.hd or (l and k[l].shape[1] != self.maxP):
+                raise ValueError("LayerLoop: every layer's cache must be (n_kv, max_pos, head_dim)")
+            self.maxP = k[l].shape[1]
+            self.kc[l], self.vc[l] = <uint16_t *>_ptr(k[l]), <uint16_t *>_ptr(v[l])
+        self._kv = (k, v)
+
+    def kv_is(self, k) -> bool:
+        return self._kv is not None and self._kv[0] is k
+
+    def run(self, x, h, int start, rcos, rsin, scratch, float eps, int nthreads) -> int:
+        """All layers: x (T, K) += attention, then += the FFN over the predicted clusters; h the FFN input
+        (scratch). 0; -1 the streaming core failed at layer failed_layer (its error() says why); -3 layer
+        failed_layer produced a non-finite value."""
+        _arr(x, cnp.NPY_FLOAT32, 2, "x")
+        _arr(h, cnp.NPY_FLOAT32, 2, "h")
+        cdef int T = x.shape[0], K = self.K, l, rc = 0, n
+        if T < 1 or x.shape[1] != K or h.shape[0] != T or h.shape[1] != K:
+            raise ValueError(f"LayerLoop.run: x and h must be (T, {K})")
+        if self._kv is None or start < 0 or start + T > self.maxP:
+            raise ValueError(f"LayerLoop.run: positions {start}..{start + T - 1} exceed the cache")
+        if self.batch != (T > 1) or self.step.batch != (T > 1):
+            raise ValueError("LayerLoop.run: set the variants of this batch size first")
+        _check_rope_scratch(rcos, rsin, scratch, T, self.hd, T * (self.nq + self.qd + K))
+        self.step._grow(T)
+        cdef plk_io *io = NULL
+        if self.step.core is not None:
+            io = <plk_io *><size_t>self.step.core.handle
+            if io == NULL:
+                raise RuntimeError("the streaming core is closed")
+        cdef float *px = <float *>_ptr(x)
+        cdef float *ph = <float *>_ptr(h)
+        cdef const float *pc = <const float *>_ptr(rcos)
+        cdef const float *ps = <const float *>_ptr(rsin)
+        cdef float *psc = <float *>_ptr(scratch)
+        with nogil:
+            for l in range(self.L):
+                if plk_attn_block(self.isa[l], &self.w[l], eps, px, ph, T, K, self.kc[l], self.vc[l], self.maxP,
+                                  start, self.nh, self.nkv, self.hd, pc, ps, psc, nthreads):
+                    rc = -2
+                    break
+                n = self.step._run(io, l, ph, T, px, nthreads)
+                if n < 0:
+                    rc = n
+                    break
+                if not _finite(px, <Py_ssize_t>T * K):
+                    rc = -3
+                    break
+        self.failed_layer = l if rc else -1
+        if rc == -2:
+            raise MemoryError("kernel scratch allocation failed")
+        return rc
