@@ -2,14 +2,15 @@
 
     sudo python scripts/python_overhead.py MODEL_DIR --budget 50% --mode predict -n 128
 
-Runs scripts/decode_loop.py under ``perf record -k mono -e cpu-clock`` and keeps the samples of its main thread
-taken inside the decode loop (decode_loop.py prints the loop's CLOCK_MONOTONIC window; perf's clock is the same).
-A sample in the interpreter (libpython), numpy or libc (malloc, memcpy of small arrays) is Python time; one in
-powerlow's compiled code (_kernels, _iocore, libgomp) is kernel or streaming-core time; one in the OS kernel is
-the thread's own system calls and page faults. Waiting (a condition variable, the GIL) is off the CPU and takes no
-samples. Printed per token and per layer, with decode tok/s of the same run. perf samples at a fixed rate with
-little overhead, so the run is as fast as an unprofiled one; a pausing stack sampler (py-spy) slowed the
-Python-thread I/O of the old store 30x and counted the interpreter's share wrong.
+Runs scripts/decode_loop.py under ``perf record -k mono -e cpu-clock --call-graph dwarf`` and keeps the samples of
+its main thread taken inside the decode loop (decode_loop.py prints the loop's CLOCK_MONOTONIC window; perf's clock
+is the same). Each sample is classed by its call stack: one that passes through powerlow's compiled code
+(_kernels, _iocore, libgomp) is kernel or streaming-core time, whatever its leaf (malloc, memset or expf called by
+a kernel included); otherwise a leaf in the interpreter (libpython), numpy, libc or libm is Python time, and one in
+the OS kernel is the thread's own system calls and page faults. Waiting (a condition variable, the GIL) is off the
+CPU and takes no samples. Printed per token and per layer, with decode tok/s of the same run. perf samples at a
+fixed rate with little overhead; a pausing stack sampler (py-spy) slowed the Python-thread I/O of the old store 30x
+and counted the interpreter's share wrong.
 """
 from __future__ import annotations
 
@@ -27,29 +28,37 @@ NUMPY = ("_multiarray_umath", "_umath", "numpy", "libc.so", "libm.so", "ld-linux
 OURS = ("_kernels", "_iocore", "libgomp")
 
 
-def classify(dso: str) -> str:
-    name = Path(dso.strip("()")).name
-    if name == "[kernel.kallsyms]":
-        return "os"
-    if any(k in name for k in OURS):
+def classify(dsos: list[str]) -> str:
+    """A sample's class from the DSOs of its call stack, leaf first."""
+    names = [Path(d.strip("()")).name for d in dsos]
+    if any(k in n for n in names for k in OURS):
         return "compiled"
-    if any(k in name for k in PY):
-        return "python"
-    if any(k in name for k in NUMPY):
-        return "python"          # numpy's small steps and the allocator: Python overhead too
+    leaf = names[0] if names else ""
+    if leaf == "[kernel.kallsyms]":
+        return "os"
+    if any(k in leaf for k in PY + NUMPY):
+        return "python"          # the interpreter, numpy's small steps and the allocator: Python overhead
     return "other"
 
 
 def tally(script: str, tid: int, window: tuple[float, float]) -> collections.Counter:
-    """'tid time: ip (dso)' lines -> samples per class inside the window, for one thread."""
+    """perf script output ('tid time:' then one 'ip sym (dso)' line per frame) -> samples per class inside the
+    window, for one thread."""
     c = collections.Counter()
+    head, frames = None, []
+
+    def flush():
+        if head is not None and head[0] == tid and window[0] <= head[1] <= window[1]:
+            c[classify(frames)] += 1
+
     for line in script.splitlines():
-        parts = line.split()
-        if len(parts) < 3 or not parts[0].isdigit() or int(parts[0]) != tid:
-            continue
-        t = float(parts[1].rstrip(":"))
-        if window[0] <= t <= window[1]:
-            c[classify(parts[-1]) if parts[-1].startswith("(") else "other"] += 1
+        p = line.split()
+        if not line.startswith("\t") and len(p) == 2 and p[0].isdigit() and p[1].endswith(":"):
+            flush()
+            head, frames = (int(p[0]), float(p[1].rstrip(":"))), []
+        elif p and head is not None:
+            frames.append(p[-1])
+    flush()
     return c
 
 
@@ -59,14 +68,15 @@ def main() -> int:
     ap.add_argument("--budget")
     ap.add_argument("--mode")
     ap.add_argument("-n", type=int, default=128)
-    ap.add_argument("--freq", type=int, default=1999, help="perf samples a second")
+    ap.add_argument("--freq", type=int, default=999, help="perf samples a second")
     a = ap.parse_args()
     loop = [sys.executable, str(HERE / "decode_loop.py"), a.model, "-n", str(a.n)]
     loop += ["--budget", a.budget] if a.budget else []
     loop += ["--mode", a.mode] if a.mode else []
     with tempfile.TemporaryDirectory() as d:
         data = Path(d) / "perf.data"
-        r = subprocess.run(["perf", "record", "-q", "-k", "mono", "-F", str(a.freq), "-e", "cpu-clock", "-o", str(data),
+        r = subprocess.run(["perf", "record", "-q", "-k", "mono", "-F", str(a.freq), "-e", "cpu-clock",
+                            "--call-graph", "dwarf,16384", "-o", str(data),
                             "--"] + loop, capture_output=True, text=True)
         if r.returncode:
             sys.stderr.write(r.stderr)

@@ -496,3 +496,44 @@ def test_short_ffn_bin_is_refused_at_load_and_mid_run(tiny_dir, tmp_path):
             list(m.generate(PROMPT, 8))
     finally:
         m.close()
+
+
+def test_python_overhead_classes_samples_by_their_call_stack():
+    """scripts/python_overhead.py: a sample whose stack passes through powerlow's compiled code is compiled time
+    (a kernel's malloc or expf too), one in the interpreter or numpy called from Python is Python time, an OS leaf
+    outside our code is OS time; other threads and samples outside the decode window are not counted."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / "python_overhead.py"
+    spec = importlib.util.spec_from_file_location("python_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    script = "\n".join([
+        " 100  10.5: ",
+        "\t7f01 malloc (/usr/lib/x86_64-linux-gnu/libc.so.6)",
+        "\t7f02 plk_ffn_bundles (/x/powerlow/_kernels.cpython-311-x86_64-linux-gnu.so)",
+        "\t7f03 _PyEval_EvalFrameDefault (/usr/lib/libpython3.11.so.1.0)",
+        "",
+        " 100  10.6: ",
+        "\t7f04 _PyEval_EvalFrameDefault (/usr/lib/libpython3.11.so.1.0)",
+        "",
+        " 100  10.7: ",
+        "\t7f05 PyUFunc_GenericReduction (/x/numpy/_core/_multiarray_umath.cpython-311-x86_64-linux-gnu.so)",
+        "\t7f06 _PyEval_EvalFrameDefault (/usr/lib/libpython3.11.so.1.0)",
+        "",
+        " 100  10.8: ",
+        "\tffff81 do_syscall_64 ([kernel.kallsyms])",
+        "\t7f07 __GI___pthread_cond_wait (/usr/lib/x86_64-linux-gnu/libc.so.6)",
+        "\t7f08 plk_io_fetch (/x/powerlow/_iocore.cpython-311-x86_64-linux-gnu.so)",
+        "",
+        " 100  10.9: ",
+        "\tffff82 exc_page_fault ([kernel.kallsyms])",
+        "\t7f09 _PyEval_EvalFrameDefault (/usr/lib/libpython3.11.so.1.0)",
+        "",
+        " 101  10.6: ",                                            # another thread
+        "\t7f0a _PyEval_EvalFrameDefault (/usr/lib/libpython3.11.so.1.0)",
+        "",
+        " 100  12.0: ",                                            # after the window
+        "\t7f0b _PyEval_EvalFrameDefault (/usr/lib/libpython3.11.so.1.0)",
+    ])
+    c = mod.tally(script, 100, (10.0, 11.0))
+    assert dict(c) == {"compiled": 2, "python": 2, "os": 1}
