@@ -63,9 +63,23 @@ cdef extern from "plk_io.h" nogil:
     void plk_io_count(plk_io *io, int64_t hits, int64_t misses, int passes)
     void plk_io_inject(plk_io *io, int64_t after, int err_no)
 
+    ctypedef struct plk_stream:
+        int W
+        const int32_t *win
+        int64_t cycle
+        const int32_t *item_layer
+        const int32_t *item_id
+        const int64_t *layer_base
+        const int64_t *before
+        const int32_t *free_pos
+        uint64_t *addr
+    int plk_io_stream_begin(plk_io *io, const plk_stream *s)
+    int plk_io_stream_piece(plk_io *io, int layer, int i0, int i1, const uint64_t **addr)
+
     ctypedef struct plk_io_api:
         int (*fetch)(plk_io *io, int layer, const int32_t *ids, int n, uint64_t *out, int dense, int depth)
         int (*prefetch)(plk_io *io, int layer, const int32_t *ids, int n, int priority)
+        int (*stream_piece)(plk_io *io, int layer, int i0, int i1, const uint64_t **addr)
     const char *PLK_IO_API_NAME
 
 cdef extern from "plk.h" nogil:
@@ -78,6 +92,7 @@ plk_crc32c_init()          # before any reader thread can use it
 cdef plk_io_api _api
 _api.fetch = plk_io_fetch
 _api.prefetch = plk_io_prefetch
+_api.stream_piece = plk_io_stream_piece
 # the hot-path calls for powerlow._kernels.SparseStep (plk_io.h: plk_io_api), with SlotCore.handle
 API = PyCapsule_New(<void *>&_api, PLK_IO_API_NAME, NULL)
 
@@ -113,6 +128,9 @@ cdef class SlotCore:
     """The slot table + request queue + reader threads over one open file (see plk_io.h)."""
     cdef plk_io *io
     cdef object _keep
+    cdef object _stream
+    cdef cnp.ndarray _addr
+    cdef int L_, N_
     cdef public int n_threads
 
     def __cinit__(self, int fd, bint direct, cnp.ndarray arena, int64_t stride, int L, int N,
@@ -142,6 +160,8 @@ cdef class SlotCore:
         c.last_used = <int64_t *>_ptr(t["last_used"], "int64", n, "last_used")
         c.loaded_at = <int64_t *>_ptr(t["loaded_at"], "int64", n, "loaded_at")
         self._keep = (arena, layer_off, lstride, sums, shared, tables)
+        self._stream = None
+        self.L_, self.N_ = L, N
         self.n_threads = n_threads
         self.io = plk_io_new(&c)
         if self.io == NULL:
@@ -214,6 +234,42 @@ cdef class SlotCore:
         with nogil:
             r = plk_io_wait_all(io)
         return r
+
+    def stream_begin(self, cnp.ndarray win, cnp.ndarray item_layer, cnp.ndarray item_id, cnp.ndarray layer_base,
+                     cnp.ndarray before, cnp.ndarray free_pos, cnp.ndarray addr):
+        """The dense window over these tables (plk_io.h: plk_stream; kept by this object) and its first reads."""
+        cdef plk_io *io = self._io()
+        cdef plk_stream st
+        cdef int L = self.L_, N = self.N_
+        st.W = win.size
+        st.cycle = item_layer.size
+        if st.W < 1 or item_id.size != st.cycle:
+            raise ValueError("stream_begin: a window of >= 1 slots and one cluster id per item")
+        st.win = <const int32_t *>_ptr(win, "int32", st.W, "win")
+        st.item_layer = <const int32_t *>_ptr(item_layer, "int32", st.cycle, "item_layer")
+        st.item_id = <const int32_t *>_ptr(item_id, "int32", st.cycle, "item_id")
+        st.layer_base = <const int64_t *>_ptr(layer_base, "int64", L + 1, "layer_base")
+        st.before = <const int64_t *>_ptr(before, "int64", L * (N + 1), "before")
+        st.free_pos = <const int32_t *>_ptr(free_pos, "int32", L * N, "free_pos")
+        st.addr = <uint64_t *>_ptr(addr, "uint64", L * N, "addr")
+        self._stream = (win, item_layer, item_id, layer_base, before, free_pos, addr)
+        self._addr = addr.reshape(L, N)
+        if plk_io_stream_begin(io, &st) < 0:
+            raise MemoryError("the streaming core could not allocate its window scratch")
+
+    def stream_piece(self, int layer, int i0, int i1):
+        """Addresses (uint64 view) of compute positions i0..i1 of layer once read, or None (a failed read:
+        error()). See plk_io_stream_piece."""
+        cdef plk_io *io = self._io()
+        cdef const uint64_t *a
+        cdef int r
+        if self._stream is None or layer < 0 or layer >= self.L_ or not 0 <= i0 <= i1 <= self.N_:
+            raise ValueError("stream_piece: no window, or positions out of range")
+        with nogil:
+            r = plk_io_stream_piece(io, layer, i0, i1, &a)
+        if r < 0:
+            return None
+        return self._addr[layer, i0:i1]
 
     def inject_failure(self, int64_t after, int err_no):
         """Tests: after ``after`` more successful reads every read fails with ``err_no`` (after < 0: off)."""

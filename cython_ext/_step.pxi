@@ -7,7 +7,7 @@
 # powerlow.ffn.SparseFFN.forward and predictors.LowRankPredictor.select_ahead, in C with the GIL released.
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdlib cimport malloc, calloc, realloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 cdef extern from "plk_io.h" nogil:
     ctypedef struct plk_io:
@@ -15,13 +15,42 @@ cdef extern from "plk_io.h" nogil:
     ctypedef struct plk_io_api:
         int (*fetch)(plk_io *io, int layer, const int32_t *ids, int n, uint64_t *out, int dense, int depth) noexcept nogil
         int (*prefetch)(plk_io *io, int layer, const int32_t *ids, int n, int priority) noexcept nogil
+        int (*stream_piece)(plk_io *io, int layer, int i0, int i1, const uint64_t **addr) noexcept nogil
     const char *PLK_IO_API_NAME
 
 
-cdef class SparseStep:
+cdef class _FFNStep:
+    """A layer's FFN in one call (what LayerLoop runs per layer): SparseStep (predict mode) or DenseStep (the dense
+    window)."""
+    cdef int L, K, batch
+    cdef plk_io_api *api
+    cdef object core
+    cdef public int64_t used
+
+    cdef int _grow(self, int T) except -1:
+        return 0
+
+    cdef int _run(self, plk_io *io, int layer, const float *h, int T, float *out, int nthreads) noexcept nogil:
+        return -2
+
+    @property
+    def batch_class(self) -> int:
+        """The T class the variants were configured for (-1: not yet)."""
+        return self.batch
+
+    cdef plk_io *_core_io(self) except? NULL:
+        cdef plk_io *io = NULL
+        if self.core is not None:
+            io = <plk_io *><size_t>self.core.handle
+            if io == NULL:
+                raise RuntimeError("the streaming core is closed")
+        return io
+
+
+cdef class SparseStep(_FFNStep):
     """See powerlow.kernels.SparseStep. Layer tables are C arrays over numpy arrays kept in ``_keep``."""
-    cdef int L, N, K, r, n_out, group, act, C, depth, prefetch_on
-    cdef int mm_isa, fa, fb, batch
+    cdef int N, r, n_out, group, act, C, depth, prefetch_on
+    cdef int mm_isa, fa, fb
     cdef plk_w *wa
     cdef plk_w *wb
     cdef const float **pa
@@ -35,8 +64,6 @@ cdef class SparseStep:
     cdef const int64_t **offs
     cdef const uint64_t **resident
     cdef const int64_t **order
-    cdef plk_io_api *api
-    cdef object core
     cdef int32_t *ids
     cdef int32_t *ahead
     cdef int32_t *last0
@@ -48,7 +75,6 @@ cdef class SparseStep:
     cdef float *y
     cdef float *hs
     cdef int cap_T
-    cdef public int64_t used
     cdef object _keep
 
     def __cinit__(self):
@@ -144,11 +170,6 @@ cdef class SparseStep:
             self.ffn_isa[l], self.fmt[l], self.dfmt[l], self.tl[l] = ffn[l]
         self.mm_isa, self.batch = mm_isa, batch
 
-    @property
-    def batch_class(self) -> int:
-        """The T class the variants were configured for (-1: not yet)."""
-        return self.batch
-
     cdef int _grow(self, int T) except -1:
         cdef float *z
         cdef float *y
@@ -182,11 +203,7 @@ cdef class SparseStep:
         if self.batch != (T > 1):
             raise ValueError("SparseStep.run: configure() the variants of this batch size first")
         self._grow(T)
-        cdef plk_io *io = NULL
-        if self.core is not None:
-            io = <plk_io *><size_t>self.core.handle
-            if io == NULL:
-                raise RuntimeError("the streaming core is closed")
+        cdef plk_io *io = self._core_io()
         cdef const float *ph = <const float *>_ptr(h)
         cdef float *po = <float *>_ptr(out)
         with nogil:
@@ -249,6 +266,123 @@ cdef class SparseStep:
         return n
 
 
+cdef class DenseStep(_FFNStep):
+    """See powerlow.kernels.DenseStep: a layer of the dense window, piece by piece as its bundles arrive."""
+    cdef int N, nch, npieces, act, C, isa_, fmt_, dfmt_, tl_
+    cdef int *ffn_isa
+    cdef const int64_t **offs
+    cdef const int64_t *pos
+    cdef const int *lo
+    cdef const int *hi
+    cdef const int64_t *start
+    cdef uint64_t *ptrs
+    cdef float *priv
+    cdef int cap_T
+    cdef object _keep
+
+    def __cinit__(self):
+        self.cap_T = 0
+
+    def __init__(self, int K, int N, int act, int C, offs, pos, lo, hi, start, core):
+        """offs[l]: the bundle plane offsets of layer l; piece p: compute positions start[p]..start[p+1] of a
+        layer, whose bundles go to the kernel's positions pos[start[p]:start[p+1]], chunk ranges lo[p], hi[p]
+        (rows of (npieces, nch) int32 arrays). core: the SlotCore whose window (stream_begin) serves them."""
+        cdef int l, L = len(offs)
+        _arr(pos, cnp.NPY_INT64, 1, "pos")
+        _arr(lo, cnp.NPY_INT32, 2, "lo")
+        _arr(hi, cnp.NPY_INT32, 2, "hi")
+        _arr(start, cnp.NPY_INT64, 1, "start")
+        self.L, self.K, self.N, self.act, self.C = L, K, N, act, C
+        self.npieces, self.nch = lo.shape[0], lo.shape[1]
+        if (hi.shape[0] != self.npieces or hi.shape[1] != self.nch or start.shape[0] != self.npieces + 1
+                or start[0] != 0 or start[self.npieces] != N or (np.diff(start) < 0).any() or pos.shape[0] != N or self.nch < 1
+                or (pos < 0).any() or (pos >= N).any() or (lo < 0).any() or (lo > hi).any() or (hi > N).any()):
+            raise ValueError("DenseStep: the pieces' tables do not match")
+        self.ffn_isa = <int *>calloc(4 * L, sizeof(int))
+        self.offs = <const int64_t **>calloc(L, sizeof(int64_t *))
+        self.ptrs = <uint64_t *>calloc(N, sizeof(uint64_t))
+        if self.ffn_isa == NULL or self.offs == NULL or self.ptrs == NULL:
+            raise MemoryError("DenseStep: out of memory")
+        for l in range(L):
+            _arr(offs[l], cnp.NPY_INT64, 1, "offs")
+            self.offs[l] = <const int64_t *>_ptr(offs[l])
+        self.pos = <const int64_t *>_ptr(pos)
+        self.lo, self.hi, self.start = <const int *>_ptr(lo), <const int *>_ptr(hi), <const int64_t *>_ptr(start)
+        from powerlow import _iocore
+        self.api = <plk_io_api *>PyCapsule_GetPointer(_iocore.API, PLK_IO_API_NAME)
+        self.core = core
+        self.batch = -1
+        self._keep = (offs, pos, lo, hi, start)
+
+    def __dealloc__(self):
+        free(self.ffn_isa); free(self.offs); free(self.ptrs); free(self.priv)
+
+    def configure(self, int batch, ffn):
+        """Per layer (isa, fmt, down fmt, tl) of the FFN kernel for T == 1 (batch 0) or T > 1 (batch 1)."""
+        cdef int l
+        if len(ffn) != self.L:
+            raise ValueError("DenseStep.configure: one FFN variant per layer")
+        for l in range(self.L):
+            self.ffn_isa[l], self.ffn_isa[self.L + l], self.ffn_isa[2 * self.L + l], self.ffn_isa[3 * self.L + l] = ffn[l]
+        self.batch = batch
+
+    cdef int _grow(self, int T) except -1:
+        cdef float *p
+        if T <= self.cap_T:
+            return 0
+        p = <float *>realloc(self.priv, <size_t>max(1, self.nch - 1) * T * self.K * sizeof(float))
+        if p == NULL:
+            raise MemoryError("DenseStep: out of memory for the chunk buffers")
+        self.priv, self.cap_T = p, T
+        return 0
+
+    def run(self, int layer, h, out, int nthreads) -> int:
+        """out (T, K) += the layer's FFN over all its bundles. N, or -1 (the core failed: its error())."""
+        _arr(h, cnp.NPY_FLOAT32, 2, "h")
+        _arr(out, cnp.NPY_FLOAT32, 2, "out")
+        cdef int T = h.shape[0], rc
+        if h.shape[1] != self.K or out.shape[0] != T or out.shape[1] != self.K or T < 1:
+            raise ValueError(f"DenseStep.run: h and out must be (T, {self.K})")
+        if layer < 0 or layer >= self.L:
+            raise ValueError(f"DenseStep.run: layer {layer} out of range")
+        if self.batch != (T > 1):
+            raise ValueError("DenseStep.run: configure() the variants of this batch size first")
+        self._grow(T)
+        cdef plk_io *io = self._core_io()
+        cdef const float *ph = <const float *>_ptr(h)
+        cdef float *po = <float *>_ptr(out)
+        with nogil:
+            rc = self._run(io, layer, ph, T, po, nthreads)
+        if rc == -2:
+            raise MemoryError("kernel scratch allocation failed")
+        return rc
+
+    cdef int _run(self, plk_io *io, int layer, const float *h, int T, float *out, int nthreads) noexcept nogil:
+        cdef int p, j, c, L = self.L, nch = self.nch
+        cdef Py_ssize_t k, TK = <Py_ssize_t>T * self.K
+        cdef const uint64_t *a
+        cdef int64_t i0, i1
+        if io == NULL:
+            return -1
+        memset(self.priv, 0, <size_t>max(1, nch - 1) * TK * sizeof(float))
+        for p in range(self.npieces):
+            i0, i1 = self.start[p], self.start[p + 1]
+            if self.api.stream_piece(io, layer, <int>i0, <int>i1, &a) < 0:
+                return -1
+            for j in range(<int>(i1 - i0)):
+                self.ptrs[self.pos[i0 + j]] = a[j]
+            if plk_ffn_bundles_part(self.ffn_isa[layer], self.ffn_isa[L + layer], self.ffn_isa[2 * L + layer],
+                                    self.ffn_isa[3 * L + layer], self.ptrs, self.N, nch, self.lo + p * nch,
+                                    self.hi + p * nch, self.C, self.K, self.offs[layer], h, T, self.act, out,
+                                    self.priv if nch > 1 else NULL, nthreads):
+                return -2
+        for c in range(nch - 1):                    # the kernel's reduction, in chunk order
+            for k in range(TK):
+                out[k] = out[k] + self.priv[c * TK + k]
+        self.used += self.N
+        return self.N
+
+
 cdef inline bint _finite(const float *x, Py_ssize_t n) noexcept nogil:
     cdef const uint32_t *p = <const uint32_t *>x
     cdef uint32_t bad = 0
@@ -266,12 +400,12 @@ cdef class LayerLoop:
     cdef int *isa
     cdef uint16_t **kc
     cdef uint16_t **vc
-    cdef SparseStep step
+    cdef _FFNStep step
     cdef public int failed_layer
     cdef object _keep
     cdef object _kv
 
-    def __cinit__(self, int L, int K, int nh, int nkv, int hd, SparseStep step):
+    def __cinit__(self, int L, int K, int nh, int nkv, int hd, _FFNStep step):
         self.L, self.K, self.nh, self.nkv, self.hd = L, K, nh, nkv, hd
         self.nq, self.qd = (nh + 2 * nkv) * hd, nh * hd
         self.w = <plk_attn_w *>calloc(L, sizeof(plk_attn_w))
@@ -333,11 +467,7 @@ cdef class LayerLoop:
             raise ValueError("LayerLoop.run: set the variants of this batch size first")
         _check_rope_scratch(rcos, rsin, scratch, T, self.hd, T * (self.nq + self.qd + K))
         self.step._grow(T)
-        cdef plk_io *io = NULL
-        if self.step.core is not None:
-            io = <plk_io *><size_t>self.step.core.handle
-            if io == NULL:
-                raise RuntimeError("the streaming core is closed")
+        cdef plk_io *io = self.step._core_io()
         cdef float *px = <float *>_ptr(x)
         cdef float *ph = <float *>_ptr(h)
         cdef const float *pc = <const float *>_ptr(rcos)

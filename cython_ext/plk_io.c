@@ -75,6 +75,10 @@ struct plk_io {
     plk_io_error err;
     int64_t fail_after;           /* fault injection: reads left before they fail (-1: never) */
     int fail_errno;
+    /* the dense window (plk_io_stream_*) */
+    plk_stream win;
+    int64_t issued, used, next;   /* stream positions (they only grow) */
+    int32_t *wtmp;                /* [n_slots] */
 };
 
 /* -- the request queue (under m) ------------------------------------------------------------------------ */
@@ -257,7 +261,7 @@ void plk_io_free(plk_io *io) {
         for (int i = 0; i < io->n_started; i++) pthread_join(io->threads[i], NULL);
     }
     free(io->reqs); free(io->req_slots); free(io->heap); free(io->req_of); free(io->cand);
-    free(io->missing); free(io->tmp); free(io->all); free(io->score); free(io->mark); free(io->threads);
+    free(io->missing); free(io->tmp); free(io->all); free(io->score); free(io->mark); free(io->threads); free(io->wtmp);
     free(io);
 }
 
@@ -569,4 +573,61 @@ void plk_io_count(plk_io *io, int64_t hits, int64_t misses, int passes) {
 void plk_io_inject(plk_io *io, int64_t after, int err_no) {
     io->fail_errno = err_no;
     __atomic_store_n(&io->fail_after, after, __ATOMIC_RELAXED);
+}
+
+/* -- the dense window --------------------------------------------------------------------------------- */
+static void stream_issue(plk_io *io) {
+    const plk_stream *w = &io->win;
+    int64_t end = io->used + w->W;
+    while (io->issued < end) {
+        int64_t g0 = io->issued, c0 = g0 % w->cycle;
+        int l = w->item_layer[c0];
+        int64_t stop = g0 + io->c.per_read;                          /* one read: one layer, one block at most */
+        if (stop > end) stop = end;
+        if (stop > g0 + w->layer_base[l + 1] - c0) stop = g0 + w->layer_base[l + 1] - c0;
+        const int32_t *ids = w->item_id + c0;
+        int run = 1;
+        while (run < stop - g0 && ids[run] == ids[run - 1] + 1) run++;   /* one contiguous file range */
+        for (int i = 0; i < run; i++) io->wtmp[i] = w->win[(g0 + i) % w->W];
+        plk_io_read(io, l, ids[0], io->wtmp, run, 0);
+        io->issued += run;
+    }
+}
+
+int plk_io_stream_begin(plk_io *io, const plk_stream *s) {
+    if (!io->wtmp && !(io->wtmp = (int32_t *)malloc(sizeof(int32_t) * (size_t)io->c.n_slots))) return -1;
+    io->win = *s;
+    io->issued = io->used = io->next = 0;
+    if (s->cycle) stream_issue(io);
+    return 0;
+}
+
+int plk_io_stream_piece(plk_io *io, int layer, int i0, int i1, const uint64_t **addr) {
+    const plk_stream *w = &io->win;
+    const plk_io_conf *c = &io->c;
+    const int64_t *before = w->before + (int64_t)layer * (c->N + 1);
+    int64_t f0 = before[i0], f1 = before[i1], n = f1 - f0;
+    uint64_t *a = w->addr + (int64_t)layer * c->N;
+    if (layer == 0 && i0 == 0) io->st.passes++;
+    io->st.hits += (i1 - i0) - n;                                    /* pinned bundles: in place */
+    io->st.misses += n;
+    *addr = a + i0;
+    if (!w->cycle) return 0;
+    int64_t pos = w->layer_base[layer] + f0;                         /* where the piece starts in the cycle */
+    int64_t g = io->next;
+    if (pos != g % w->cycle) {                                       /* drain, then restart the stream here */
+        if (plk_io_wait_all(io) < 0) return -1;
+        g = g - g % w->cycle + w->cycle + pos;
+        io->issued = g;
+    }
+    io->used = g;                                                    /* everything before is computed */
+    stream_issue(io);
+    io->next = g + n;
+    if (!n) return 0;
+    int32_t *slots = io->wtmp;
+    for (int64_t i = 0; i < n; i++) slots[i] = w->win[(g + i) % w->W];
+    if (wait_slots(io, slots, (int)n, 1) < 0) return -1;
+    const int32_t *fp = w->free_pos + (int64_t)layer * c->N + f0;
+    for (int64_t i = 0; i < n; i++) a[fp[i]] = (uint64_t)(uintptr_t)(c->arena + (int64_t)slots[i] * c->stride);
+    return 0;
 }

@@ -87,12 +87,36 @@ void plk_io_last_error(plk_io *io, plk_io_error *err);    /* and clears it */
 void plk_io_inject(plk_io *io, int64_t after, int err_no);
 void plk_io_count(plk_io *io, int64_t hits, int64_t misses, int passes);   /* the dense window's own counts */
 
+/* The dense window (a dense offloaded run): every unpinned bundle of every layer streams, in the order the FFN
+ * computes them, through W window slots; item g of the cyclic stream goes to slot win[g % W] and is read once item
+ * g - W has been used. The caller (powerlow.cache) works out these tables once and owns them. */
+typedef struct {
+    int W;                        /* window slots */
+    const int32_t *win;           /* [W] their slot ids, in order */
+    int64_t cycle;                /* streamed items in one pass over the layers (0: everything pinned) */
+    const int32_t *item_layer;    /* [cycle] layer of each item */
+    const int32_t *item_id;       /* [cycle] cluster id of each item */
+    const int64_t *layer_base;    /* [L+1] a layer's first item */
+    const int64_t *before;        /* [L*(N+1)] streamed items among a layer's first i compute positions */
+    const int32_t *free_pos;      /* [L*N] the compute positions of a layer's streamed items, in order */
+    uint64_t *addr;               /* [L*N] bundle addresses in compute order (the pinned ones filled in) */
+} plk_stream;
+
+/* Start the window over `s` (its arrays must outlive the core or the next stream_begin): queues the first W reads.
+ * 0, or -1 (no memory). */
+int plk_io_stream_begin(plk_io *io, const plk_stream *s);
+/* Compute positions i0..i1 of `layer` (pieces in order): the previous piece is computed, so its window slots are
+ * read into next; waits for this piece's reads; *addr = the layer's addresses from i0. A piece out of order (an
+ * interrupted pass) drains the reads and restarts the stream there. 0, or -1 (a failed read: plk_io_last_error). */
+int plk_io_stream_piece(plk_io *io, int layer, int i0, int i1, const uint64_t **addr);
+
 /* What another extension (powerlow._kernels' SparseStep: a layer's predictor, fetch, prefetch and FFN in one
  * call) calls the core through: a table of these functions in the capsule powerlow._iocore.API, and a SlotCore's
- * plk_io pointer from its `handle`. Only the two calls of a layer's hot path. */
+ * plk_io pointer from its `handle`. Only the calls of a layer's hot path. */
 typedef struct {
     int (*fetch)(plk_io *io, int layer, const int32_t *ids, int n, uint64_t *out, int dense, int depth);
     int (*prefetch)(plk_io *io, int layer, const int32_t *ids, int n, int priority);
+    int (*stream_piece)(plk_io *io, int layer, int i0, int i1, const uint64_t **addr);
 } plk_io_api;
 #define PLK_IO_API_NAME "powerlow._iocore.API"
 

@@ -167,80 +167,41 @@ class OffloadedStore:
     def stream_begin(self, seq: list[np.ndarray]) -> None:
         """``seq[l]``: every cluster id of layer l in the order the FFN computes them (powerlow.ffn). The
         unpinned ones form one cyclic stream over the layers (and tokens); item g goes to window slot g mod W,
-        read once item g - W has been used. Reads merge runs of adjacent bundles up to io_block_bytes."""
+        read once item g - W has been used. Reads merge runs of adjacent bundles up to io_block_bytes. The window
+        runs in the core (plk_io_stream_*); these are its tables."""
         stage = np.flatnonzero(self.pinned == 0).astype(np.int32)
         if not len(stage):
             raise PowerlowError("internal: a streamed dense plan without staging slots")
-        self._win = stage                                  # window slots, in order
-        slot_of = self.t["slot_of"].reshape(self.L, self.N)
+        L, N = self.L, self.N
+        slot_of = self.t["slot_of"].reshape(L, N)
         seq = [np.asarray(q, np.int64) for q in seq]
+        if any(len(q) != N for q in seq):
+            raise PowerlowError(f"internal: a dense stream order must hold each layer's {N} clusters")
         pinned_of = [slot_of[l, q] >= 0 for l, q in enumerate(seq)]   # hot: already in place
         items = [q[~p] for q, p in zip(seq, pinned_of)]
-        # per layer: the seq positions of the streamed items, and how many come before position i
-        self._free_pos = [np.flatnonzero(~p) for p in pinned_of]
-        self._before = [np.concatenate([[0], np.cumsum(~p)]).astype(np.int64) for p in pinned_of]
         sizes = [len(it) for it in items]
-        self._layer_base = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)   # a layer's first item
-        self._cycle = int(self._layer_base[-1])
-        self._flat_layer = np.repeat(np.arange(self.L), sizes)
-        self._flat_id = np.concatenate(items) if self._cycle else np.zeros(0, np.int64)
-        self._addr = [np.zeros(len(q), np.uint64) for q in seq]      # per layer, in seq order
+        free_pos = np.zeros((L, N), np.int32)        # per layer: the seq positions of the streamed items
+        before = np.zeros((L, N + 1), np.int64)      # per layer: how many streamed items come before position i
+        addr = np.zeros((L, N), np.uint64)           # per layer, in seq order (the pinned ones in place)
         for l, (q, p) in enumerate(zip(seq, pinned_of)):
-            self._addr[l][p] = (self.base + slot_of[l, q[p]].astype(np.uint64) * np.uint64(self.stride))
-        self._issued = self._used = self._next = 0         # stream positions (they only grow)
-        if self._cycle:
-            self._issue()
-
-    def _issue(self) -> None:
-        """Queue reads for the stream positions the window has room for."""
-        W = len(self._win)
-        end = self._used + W
-        per = self.block // self.stride
-        while self._issued < end:
-            g0 = self._issued
-            c0 = g0 % self._cycle
-            l = int(self._flat_layer[c0])
-            stop = min(end, g0 + per, g0 + int(self._layer_base[l + 1]) - c0)   # one layer, one block at most
-            ids = self._flat_id[c0: c0 + (stop - g0)]
-            run = 1
-            while run < len(ids) and ids[run] == ids[run - 1] + 1:
-                run += 1                                   # a read is one contiguous file range
-            slots = self._win[np.arange(g0, g0 + run) % W]
-            if self.core.read(l, int(ids[0]), slots) < 0:
-                raise PowerlowError("internal: the dense window asked for an impossible read")
-            self._issued += run
+            fp = np.flatnonzero(~p)
+            free_pos[l, :len(fp)] = fp
+            before[l, 1:] = np.cumsum(~p)
+            addr[l, p] = self.base + slot_of[l, q[p]].astype(np.uint64) * np.uint64(self.stride)
+        layer_base = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)    # a layer's first item
+        item_layer = np.repeat(np.arange(L, dtype=np.int32), sizes)
+        item_id = (np.concatenate(items) if layer_base[-1] else np.zeros(0, np.int64)).astype(np.int32)
+        self.core.stream_begin(stage, item_layer, item_id, layer_base, before.reshape(-1), free_pos.reshape(-1),
+                               addr.reshape(-1))
 
     def stream_piece(self, layer: int, i0: int, i1: int) -> np.ndarray:
         """Addresses (uint64) of seq[layer][i0:i1], once they are in memory. Calling it says the previous
         piece is computed: its window slots are read into next. Pieces must come in order; anything else
         (an interrupted pass) drains the reads and restarts the stream at the piece asked for."""
-        before = self._before[layer]
-        f0, f1 = int(before[i0]), int(before[i1])          # the piece's streamed items, counted in the layer
-        n = f1 - f0
-        if layer == 0 and i0 == 0:
-            self.core.count(0, 0, 1)
-            if not self._trimmed:
-                self._trimmed = True
-                release_free_heap()
-        addr = self._addr[layer]
-        self.core.count((i1 - i0) - n, n, 0)
-        if not self._cycle:
-            return addr[i0:i1]
-        pos = int(self._layer_base[layer]) + f0              # where the piece starts in the cycle
-        g = self._next
-        if pos != g % self._cycle:
-            self.core.wait_all()                             # drain, then restart the stream here
-            g = g - g % self._cycle + self._cycle + pos
-            self._issued = g
-        self._used = g                                       # everything before is computed: slots free
-        self._issue()
-        self._next = g + n
-        if n:
-            slots = self._win[np.arange(g, g + n) % len(self._win)]
-            if self.core.wait(slots) < 0:
-                self._raise()
-            addr[self._free_pos[layer][f0:f1]] = self.base + slots.astype(np.uint64) * np.uint64(self.stride)
-        return addr[i0:i1]
+        a = self.core.stream_piece(layer, i0, i1)
+        if a is None:
+            self._raise()
+        return a
 
     def bundles_per_call(self) -> int:
         """Most bundles one ptrs() call should ask for: the unpinned slots (a MoE prefill chunk asks expert group by

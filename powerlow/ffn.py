@@ -108,6 +108,7 @@ class SparseFFN:
         self.observer = None         # observer(layer, h) before each layer's FFN (powerlow.profile records with it)
         self._step, self._step_pred = None, None     # kernels.SparseStep of this predictor (built at first use)
         self._first = True
+        self._dense = False          # kernels.DenseStep of the dense window (False: not made yet)
         self.clusters_used = 0       # over the whole run, for the density figure
         self.clusters_total = 0
         self._pieces = None
@@ -170,7 +171,12 @@ class SparseFFN:
         if self.router is not None:
             return self._forward_moe(layer, h, out)
         if self._pieces is not None:
-            self._forward_pieces(layer, h, out)
+            self.begin_pass()
+            step = self._dense_step()
+            if step is None:
+                self._forward_pieces(layer, h, out)
+            elif step.run(layer, h, out) < 0:     # the window's pieces and the kernel calls in one compiled call
+                self.source.raise_error()
             self.clusters_used += self.info.n_clusters
             self.clusters_total += self.info.n_clusters
             return out
@@ -207,11 +213,22 @@ class SparseFFN:
         return out
 
     def compiled_step(self):
-        """The kernels.SparseStep a whole forward pass can run (powerlow.kernels.LayerLoop), or None: not the
-        predict mode, no compiled form, or an observer watching each layer."""
-        if self.predictor is None or self.observer is not None or self.router is not None or self._pieces is not None:
+        """The compiled FFN step a whole forward pass can run (powerlow.kernels.LayerLoop): SparseStep in predict
+        mode, DenseStep over the dense window; None where there is no compiled form or an observer watches."""
+        if self.observer is not None or self.router is not None:
+            return None
+        if self._pieces is not None:
+            return self._dense_step()
+        if self.predictor is None:
             return None
         return self._step if self._step_pred is self.predictor else self._make_step()
+
+    def _dense_step(self):
+        """kernels.DenseStep over the dense window (built at first use), or None (ops without it)."""
+        if self._dense is False:
+            make = getattr(self.ops, "DenseStep", None)
+            self._dense = None if make is None else make(self.info.layouts, self.act, self._pieces, self.source.core)
+        return self._dense
 
     def begin_pass(self) -> None:
         if self._first:

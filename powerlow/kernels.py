@@ -353,13 +353,59 @@ class SparseStep:
         return self._s.run(layer, h, out, _threads)
 
 
+class DenseStep:
+    """A layer of the dense offloaded mode in one compiled call: piece by piece, the streaming core's window hands
+    over the next bundles (plk_io_stream_piece) and the FFN kernel adds them into their chunks (ffn_bundles_part);
+    then the chunks are summed in order (cython_ext/_step.pxi). The floats of SparseFFN's piece loop and of one
+    ffn_bundles call over the whole layer (tests/test_offload.py).
+
+    ``pieces``: per piece (kernel positions, lo, hi) as SparseFFN._begin_stream makes them; ``core``: the SlotCore
+    whose window (OffloadedStore.stream_begin) serves them."""
+
+    def __init__(self, layouts: list, act: str, pieces: list, core):
+        if act not in _ACT_ID:
+            raise ValueError(f"act must be one of {', '.join(_ACT_ID)}, got {act!r}")
+        self.layouts = layouts
+        lay = layouts[0]
+        start = np.concatenate([[0], np.cumsum([len(p) for p, _, _ in pieces])]).astype(np.int64)
+        pos = np.concatenate([p for p, _, _ in pieces]).astype(np.int64)
+        lo = np.ascontiguousarray(np.stack([l for _, l, _ in pieces]), np.int32)
+        hi = np.ascontiguousarray(np.stack([h for _, _, h in pieces]), np.int32)
+        self._s = _k.DenseStep(lay.K, int(start[-1]), _ACT_ID[act], lay.C, [_bundle_offsets(x) for x in layouts],
+                               pos, lo, hi, start, core)
+        self._key = None
+
+    @property
+    def used(self) -> int:
+        return self._s.used
+
+    def _configure(self, key: tuple) -> None:
+        T = 2 if key[0] else 1
+        ffn = []
+        for lay in self.layouts:
+            which, f, df, tl, C, K, _ = _ffn_args(lay, T, None)
+            if C != self.layouts[0].C or K != self.layouts[0].K:
+                raise ValueError("DenseStep: every layer's bundles must have one cluster size and width")
+            ffn.append((which, f, df, int(tl)))
+        self._s.configure(int(key[0]), ffn)
+        self._key = key
+
+    def run(self, layer: int, h: np.ndarray, out: np.ndarray) -> int:
+        """out (T, K) += layer's FFN over all its bundles; N, or -1 (the core failed: its error())."""
+        key = (h.shape[0] > 1, _dispatcher, isa)
+        if key != self._key:
+            self._configure(key)
+        return self._s.run(layer, h, out, _threads)
+
+
 class LayerLoop:
     """Every layer of a forward pass in one compiled call: per layer the fused attention block (attn_block), the
-    predict-mode FFN (SparseStep) added into the residual stream, and the finite check (cython_ext/_step.pxi).
+    FFN step (SparseStep: the predict mode; DenseStep: the dense window) added into the residual stream, and the
+    finite check (cython_ext/_step.pxi).
     What Transformer.forward's layer loop does call by call, with the same kernels in the same order, so the same
     floats (tests/test_predictors.py). ``layers``: the engine's LayerWeights per layer (all resident)."""
 
-    def __init__(self, layers: list, step: SparseStep, n_heads: int, n_kv: int, head_dim: int):
+    def __init__(self, layers: list, step: "SparseStep | DenseStep", n_heads: int, n_kv: int, head_dim: int):
         self.layers, self.step = layers, step
         K = step.layouts[0].K
         self._s = _k.LayerLoop(len(layers), K, n_heads, n_kv, head_dim, step._s)

@@ -271,10 +271,12 @@ def test_bench_oversized_table_takes_medians_per_configuration():
     assert next(r for r in rows if r["limit"] == "25%")["refused"] == "no"
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_dense_stream_in_pieces_gives_resident_logits(tiny_dir, monkeypatch, threads):
+def test_dense_stream_in_pieces_gives_resident_logits(tiny_dir, monkeypatch, threads, compiled):
     """Dense mode streams the unpinned bundles through a small window and computes each layer piece by piece:
-    the resident run's logits bit for bit, also after a pass broken off in the middle."""
+    the resident run's logits bit for bit, also after a pass broken off in the middle; the compiled layer
+    (kernels.DenseStep, and kernels.LayerLoop where attention is resident) as SparseFFN's Python piece loop."""
     from powerlow import ffn as ffn_mod, plan as plan_mod
     from powerlow.engine import Transformer
 
@@ -301,7 +303,11 @@ def test_dense_stream_in_pieces_gives_resident_logits(tiny_dir, monkeypatch, thr
         p = tf.plan
         assert p.stream_window and 0 < p.n_hot and p.n_staging < L * N - p.n_hot
         assert len(tf.ffn._pieces) > 1
+        if not compiled:
+            tf.ffn._dense = None              # SparseFFN._forward_pieces, layer by layer
         got = logits(tf)
+        assert (tf.ffn._dense is not None) == compiled
+        assert (tf._loop is not None) == (compiled and all(lw is not None for lw in tf.layers))
         for a, b in zip(got, ref):
             np.testing.assert_array_equal(a, b)
         c = tf.ffn_source.counters()
@@ -366,8 +372,8 @@ def test_long_prompt_under_a_budget_runs_in_pieces(tiny_dir, monkeypatch):
     ref_tf.close()
     tf = Transformer(tiny_dir, RuntimeConfig(budget_bytes=_min(tiny_dir) + 100_000, max_context=128))
     calls = []
-    real = tf.ffn.accumulate
-    monkeypatch.setattr(tf.ffn, "accumulate", lambda l, h, x: calls.append(len(h)) or real(l, h, x))
+    real = tf.embed_tokens                     # once per piece (the layers may run in one compiled call)
+    monkeypatch.setattr(tf, "embed_tokens", lambda ids: calls.append(len(ids)) or real(ids))
     try:
         got = tf.forward(ids)
         np.testing.assert_array_equal(got, ref)
