@@ -145,7 +145,7 @@ class OffloadedStore:
             release_free_heap()
 
     def step_source(self) -> dict:
-        """What kernels.SparseStep reads bundles through: this core (fetch and prefetch in C, per layer)."""
+        """What steps.SparseStep reads bundles through: this core (fetch and prefetch in C, per layer)."""
         return None if self.dense else {"core": self.core, "depth": self.depth}
 
     def prefetch(self, layer: int, clusters: np.ndarray | None) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import formats, reference
+from . import formats, reference, steps
 from .arch import ModelConfig
 from .config import RuntimeConfig
 from .errors import PowerlowError
@@ -263,7 +263,7 @@ class Transformer:
         # fused: one attn_block call per layer (kernels or reference); False runs the unfused op sequence
         # (the same kernels one by one: tests compare the two bit for bit)
         self.fused = True
-        self._loop = None             # kernels.LayerLoop of the predict mode (built at the first pass)
+        self._loop = None             # steps.LayerLoop of the predict mode (built at the first pass)
         self._scratch, self._scratch_T = None, 0
         self._draft_ptrs = None
 
@@ -507,7 +507,7 @@ class Transformer:
         return out
 
     def _layer_loop(self):
-        """kernels.LayerLoop over this model's layers and the FFN's compiled step, or None where the pass must go
+        """steps.LayerLoop over this model's layers and the FFN's compiled step, or None where the pass must go
         layer by layer in Python: weights streamed through the ring, an unfused or extra-normed layer (QK-norm,
         sliding window, post-FFN norm), no compiled FFN step, or ops without the loop (the reference ops)."""
         step = self.ffn.compiled_step() if self.fused else None
@@ -516,12 +516,11 @@ class Transformer:
         loop = self._loop
         if loop is not None and loop.step is step:
             return loop
-        make = getattr(self.ops, "LayerLoop", None)
-        if make is None or not all(self._plain) or any(lw is None for lw in self.layers) \
+        if not steps.available(self.ops) or not all(self._plain) or any(lw is None for lw in self.layers) \
                 or any(e.post_ffn_norm is not None for e in self._extra):
             return None
         cfg = self.config
-        self._loop = make(list(self.layers), step, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+        self._loop = steps.LayerLoop(list(self.layers), step, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
         return self._loop
 
     def _run_loop(self, loop, x: np.ndarray, h: np.ndarray, start: int, rope) -> None:

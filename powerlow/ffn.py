@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import integrity
+from . import integrity, steps
 from .errors import PowerlowError
 from .io import aligned_buffer
 from .plan import STREAM_PIECE_BYTES
@@ -64,7 +64,7 @@ class ResidentStore:
         return allp if clusters is None else allp[clusters]
 
     def step_source(self) -> dict:
-        """What kernels.SparseStep reads bundles from: every bundle's address, per layer."""
+        """What steps.SparseStep reads bundles from: every bundle's address, per layer."""
         return {"resident": self._all}
 
     def first_pass(self) -> None:
@@ -106,9 +106,9 @@ class SparseFFN:
         # MoE: the next layer's experts are read ahead unless prefetch_depth is 0 (to measure what that buys)
         self._lookahead = self._prefetch is not None and getattr(getattr(source, "plan", None), "prefetch_depth", 1) > 0
         self.observer = None         # observer(layer, h) before each layer's FFN (powerlow.profile records with it)
-        self._step, self._step_pred = None, None     # kernels.SparseStep of this predictor (built at first use)
+        self._step, self._step_pred = None, None     # steps.SparseStep of this predictor (built at first use)
         self._first = True
-        self._dense = False          # kernels.DenseStep of the dense window (False: not made yet)
+        self._dense = False          # steps.DenseStep of the dense window (False: not made yet)
         self.clusters_used = 0       # over the whole run, for the density figure
         self.clusters_total = 0
         self._pieces = None
@@ -213,7 +213,7 @@ class SparseFFN:
         return out
 
     def compiled_step(self):
-        """The compiled FFN step a whole forward pass can run (powerlow.kernels.LayerLoop): SparseStep in predict
+        """The compiled FFN step a whole forward pass can run (powerlow.steps.LayerLoop): SparseStep in predict
         mode, DenseStep over the dense window; None where there is no compiled form or an observer watches."""
         if self.observer is not None or self.router is not None:
             return None
@@ -224,10 +224,10 @@ class SparseFFN:
         return self._step if self._step_pred is self.predictor else self._make_step()
 
     def _dense_step(self):
-        """kernels.DenseStep over the dense window (built at first use), or None (ops without it)."""
+        """steps.DenseStep over the dense window (built at first use), or None (ops without it)."""
         if self._dense is False:
-            make = getattr(self.ops, "DenseStep", None)
-            self._dense = None if make is None else make(self.info.layouts, self.act, self._pieces, self.source.core)
+            self._dense = steps.DenseStep(self.info.layouts, self.act, self._pieces, self.source.core) \
+                if steps.available(self.ops) else None
         return self._dense
 
     def begin_pass(self) -> None:
@@ -236,16 +236,15 @@ class SparseFFN:
             self.source.first_pass()
 
     def _make_step(self):
-        """kernels.SparseStep over the predictor's compiled rule and the cluster source, or None where either has
+        """steps.SparseStep over the predictor's compiled rule and the cluster source, or None where either has
         no compiled form (the reference ops, a predictor other than the low-rank one)."""
         pred = self.predictor
         self._step_pred, self._step = pred, None
-        make = getattr(self.ops, "SparseStep", None)
         jobs = getattr(pred, "step_jobs", lambda: None)()
         src = getattr(self.source, "step_source", lambda: None)()
-        if make is None or jobs is None or src is None or self.act not in ("silu", "relu", "gelu_tanh"):
+        if not steps.available(self.ops) or jobs is None or src is None:
             return None
-        self._step = make(jobs[0], jobs[1], self.info.layouts, self.act, order=self._all_order, **src)
+        self._step = steps.SparseStep(jobs[0], jobs[1], self.info.layouts, self.act, order=self._all_order, **src)
         return self._step
 
     def _forward_moe(self, layer: int, h: np.ndarray, out: np.ndarray) -> np.ndarray:

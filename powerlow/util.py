@@ -47,7 +47,7 @@ def release_free_heap() -> None:
 
 RUNTIME_MODULES = ("numpy", "numpy.random", "hashlib", "zlib", "json", "tokenizers", "jinja2.sandbox",
                    "powerlow.model", "powerlow.generate", "powerlow.speculate", "powerlow.tokenizer", "powerlow.kernels",
-                   "powerlow._iocore")
+                   "powerlow.steps", "powerlow._iocore")
 
 
 def import_runtime() -> None:

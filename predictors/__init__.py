@@ -234,7 +234,7 @@ class LowRankPredictor(Predictor):
         return [sc[3][i][:n].copy() for i, n in enumerate(counts)]
 
     def step_jobs(self):
-        """(per layer (A, a, B, b, thr, lookahead scale or None), outputs per cluster) for kernels.SparseStep (the
+        """(per layer (A, a, B, b, thr, lookahead scale or None), outputs per cluster) for steps.SparseStep (the
         whole predict-mode layer in one call), or None where the rule is not one compiled call (density < 1 by
         neuron). The step keeps these tables: a threshold changed later is not seen by it."""
         if self._fast is None:

@@ -79,3 +79,19 @@ def test_module_level_imports_have_no_cycle():
     for u in sorted(graph):
         if u not in state:
             visit(u)
+
+
+def test_modules_and_functions_stay_small():
+    """No module under powerlow/ or predictors/ over 600 lines, no function over 80 (the issue's measure of a tree a
+    newcomer can read)."""
+    roots = [PKG, PKG.parent / "predictors"]
+    long_mods, long_fns = [], []
+    for root in roots:
+        for p in sorted(root.rglob("*.py")):
+            text = p.read_text()
+            if text.count("\n") > 600:
+                long_mods.append((p.name, text.count("\n")))
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                    long_fns.append((p.name, node.name, node.end_lineno - node.lineno + 1))
+    assert long_mods == [] and long_fns == [], (long_mods, long_fns)

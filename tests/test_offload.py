@@ -276,7 +276,7 @@ def test_bench_oversized_table_takes_medians_per_configuration():
 def test_dense_stream_in_pieces_gives_resident_logits(tiny_dir, monkeypatch, threads, compiled):
     """Dense mode streams the unpinned bundles through a small window and computes each layer piece by piece:
     the resident run's logits bit for bit, also after a pass broken off in the middle; the compiled layer
-    (kernels.DenseStep, and kernels.LayerLoop where attention is resident) as SparseFFN's Python piece loop."""
+    (steps.DenseStep, and steps.LayerLoop where attention is resident) as SparseFFN's Python piece loop."""
     from powerlow import ffn as ffn_mod, plan as plan_mod
     from powerlow.engine import Transformer
 

@@ -247,7 +247,7 @@ def relaid_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("offloaded", [False, True])
 def test_compiled_layer_step_is_the_python_path(relaid_dir, offloaded):
-    """kernels.SparseStep (predictor, fetch, prefetch, converted summing order and FFN of a layer in one call)
+    """steps.SparseStep (predictor, fetch, prefetch, converted summing order and FFN of a layer in one call)
     gives the Python path's logits bit for bit, computes the same clusters, and under a budget asks the core for
     the same bundles (hits + misses; which of them were still in the cache depends on when the reader threads
     finished, so those two and the bytes read differ from run to run by a read or so)."""
@@ -291,7 +291,7 @@ def test_compiled_layer_step_is_the_python_path(relaid_dir, offloaded):
 
 
 def test_compiled_layer_loop_stops_on_a_nan_layer_and_a_disk_error(relaid_dir, tmp_path, monkeypatch):
-    """The predict mode's one-call pass (kernels.LayerLoop) stops as the Python loop does: a layer whose bundles
+    """The predict mode's one-call pass (steps.LayerLoop) stops as the Python loop does: a layer whose bundles
     hold NaN scales is named, and a disk error in a reader thread under a budget is one PowerlowError naming
     ffn.bin and the read."""
     import errno
