@@ -38,6 +38,7 @@ cdef extern from "plk_io.h" nogil:
         int64_t *loaded_at
         int64_t *freq
         uint8_t *verified
+        int n_ranges, n_groups
 
     ctypedef struct plk_io_stats:
         int64_t hits, misses, demand_misses, evictions, wasted, unpinned, passes
@@ -62,6 +63,8 @@ cdef extern from "plk_io.h" nogil:
     void plk_io_last_error(plk_io *io, plk_io_error *err)
     void plk_io_count(plk_io *io, int64_t hits, int64_t misses, int passes)
     void plk_io_inject(plk_io *io, int64_t after, int err_no)
+    int plk_io_range(plk_io *io, int64_t offset, int64_t nbytes, uint8_t *dest, int group, int priority)
+    int plk_io_wait_group(plk_io *io, int group)
 
     ctypedef struct plk_stream:
         int W
@@ -86,6 +89,7 @@ cdef extern from "plk.h" nogil:
     void plk_crc32c_init()
 
 from cpython.pycapsule cimport PyCapsule_New
+from libc.string cimport memset
 
 plk_crc32c_init()          # before any reader thread can use it
 
@@ -159,6 +163,7 @@ cdef class SlotCore:
         c.pinned = <uint8_t *>_ptr(t["pinned"], "uint8", n, "pinned")
         c.last_used = <int64_t *>_ptr(t["last_used"], "int64", n, "last_used")
         c.loaded_at = <int64_t *>_ptr(t["loaded_at"], "int64", n, "loaded_at")
+        c.n_ranges, c.n_groups = 0, 0
         self._keep = (arena, layer_off, lstride, sums, shared, tables)
         self._stream = None
         self.L_, self.N_ = L, N
@@ -287,6 +292,74 @@ cdef class SlotCore:
 
     def error(self) -> tuple:
         """(kind, layer, cluster, errno, offset, nbytes) of the first failure since the last call (kind 0: none)."""
+        cdef plk_io_error e
+        plk_io_last_error(self._io(), &e)
+        return (e.kind, e.layer, e.cluster, e.err_no, e.offset, e.nbytes)
+
+
+cdef class RangeReader:
+    """Reader threads (the same C core, no slots) for byte ranges of one file into caller memory: the weight
+    ring's streamed tensors (powerlow.stream) and the disk probe (powerlow.io). Any offset and length; with O_DIRECT
+    each reader thread reads the aligned span into its bounce buffer and copies. Reads count down a completion
+    group; ``wait(group)`` blocks (GIL released) until the group's reads have landed."""
+    cdef plk_io *io
+    cdef public int n_threads, n_groups
+    cdef object _keep
+
+    def __cinit__(self, int fd, bint direct, int n_threads, int n_ranges, int n_groups, Clock shared=None):
+        cdef plk_io_conf c
+        memset(&c, 0, sizeof(c))
+        c.fd, c.direct, c.n_threads = fd, direct, n_threads
+        c.per_read, c.n_ranges, c.n_groups = 1, n_ranges, n_groups
+        c.shared = NULL if shared is None else &shared.c
+        self._keep = shared
+        self.n_threads, self.n_groups = n_threads, n_groups
+        if n_threads < 1 or n_ranges < 1 or n_groups < 1:
+            raise ValueError("RangeReader: at least one thread, one range request and one group")
+        self.io = plk_io_new(&c)
+        if self.io == NULL:
+            raise MemoryError("the range reader could not allocate its tables or start its threads")
+
+    def __dealloc__(self):
+        self.close()
+
+    def close(self):
+        if self.io != NULL:
+            with nogil:
+                plk_io_free(self.io)
+            self.io = NULL
+
+    cdef inline plk_io *_io(self) except NULL:
+        if self.io == NULL:
+            raise RuntimeError("the range reader is closed")
+        return self.io
+
+    def read(self, int64_t offset, cnp.ndarray dest, int64_t at, int64_t nbytes, int group, int priority=0) -> int:
+        """Queue a read of nbytes at offset into dest[at:at + nbytes] (a contiguous array: its bytes); the
+        caller keeps dest alive until wait(group). 0, or -1 (no free request: wait a group first)."""
+        cdef plk_io *io = self._io()
+        if not dest.flags.c_contiguous or at < 0 or nbytes < 1 or at + nbytes > dest.nbytes:
+            raise ValueError("RangeReader.read: the range must lie inside a contiguous buffer")
+        return plk_io_range(io, offset, nbytes, <uint8_t *>cnp.PyArray_DATA(dest) + at, group, priority)
+
+    def wait(self, int group) -> int:
+        cdef plk_io *io = self._io()
+        cdef int r
+        with nogil:
+            r = plk_io_wait_group(io, group)
+        return r
+
+    def inject_failure(self, int64_t after, int err_no):
+        plk_io_inject(self._io(), after, err_no)
+
+    def stats(self) -> dict:
+        cdef plk_io_stats s
+        plk_io_stats_get(self._io(), &s)
+        return {"bytes_read": s.bytes_read, "requests": s.requests, "wait_seconds": s.wait_seconds,
+                "busy_seconds": s.busy_seconds}
+
+    def error(self) -> tuple:
+        """(kind, layer (-1), group, errno, offset, nbytes) of the first failure since the last call."""
         cdef plk_io_error e
         plk_io_last_error(self._io(), &e)
         return (e.kind, e.layer, e.cluster, e.err_no, e.offset, e.nbytes)

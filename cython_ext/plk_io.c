@@ -49,6 +49,9 @@ typedef struct {
     uint64_t seq;
     int32_t *slots;               /* n slots, in the order of the bundles */
     int next_free;
+    uint8_t *dest;                /* a range read (plk_io_range): its bytes go here; NULL for bundle reads */
+    int64_t nbytes;
+    int group;
 } req_t;
 
 struct plk_io {
@@ -59,7 +62,9 @@ struct plk_io {
     int n_started, closing;
     req_t *reqs;
     int32_t *req_slots;           /* n_slots * per_read */
-    int free_req;
+    int free_req, free_range;     /* the bundle requests' pool, the range requests' pool */
+    int *group_pending;           /* [n_groups] range reads outstanding */
+    uint8_t *group_failed;
     int *heap;
     int heap_n;
     uint64_t seq;
@@ -190,9 +195,76 @@ static void serve(plk_io *io, req_t *r, struct iovec *iov) {
     pthread_mutex_unlock(&io->m);
 }
 
+/* A range read: straight into dest (buffered; the pages dropped after), or with O_DIRECT the aligned span around
+ * it into the thread's bounce buffer, then copied. A span reaching past the end of the file may come back short. */
+typedef struct { uint8_t *p; int64_t cap; } bounce_t;
+
+static int read_range(plk_io *io, req_t *r, bounce_t *b, int *err_no) {
+    const plk_io_conf *c = &io->c;
+    if (!c->direct) {
+        struct iovec v = {r->dest, (size_t)r->nbytes};
+        int kind = read_full(c->fd, &v, 1, r->offset, r->nbytes, err_no);
+        if (kind == PLK_ERR_NONE) posix_fadvise(c->fd, r->offset, r->nbytes, POSIX_FADV_DONTNEED);
+        return kind;
+    }
+    int64_t a0 = r->offset & ~(int64_t)4095, a1 = (r->offset + r->nbytes + 4095) & ~(int64_t)4095;
+    int64_t need = r->offset + r->nbytes - a0, got = 0;
+    if (b->cap < a1 - a0) {
+        free(b->p);
+        b->p = NULL;
+        b->cap = 0;
+        if (posix_memalign((void **)&b->p, 4096, (size_t)(a1 - a0))) { *err_no = ENOMEM; return PLK_ERR_IO; }
+        b->cap = a1 - a0;
+    }
+    while (got < need) {
+        ssize_t k = pread(c->fd, b->p + got, (size_t)(a1 - a0 - got), a0 + got);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            *err_no = errno;
+            return PLK_ERR_IO;
+        }
+        if (k == 0) return PLK_ERR_EOF;
+        got += k;
+    }
+    memcpy(r->dest, b->p + (r->offset - a0), (size_t)r->nbytes);
+    return PLK_ERR_NONE;
+}
+
+static void serve_range(plk_io *io, req_t *r, bounce_t *b) {
+    const plk_io_conf *c = &io->c;
+    plk_clock_enter(&io->own);
+    if (c->shared) plk_clock_enter(c->shared);
+    int err_no = 0, kind;
+    if (__atomic_load_n(&io->fail_after, __ATOMIC_RELAXED) >= 0
+        && __atomic_sub_fetch(&io->fail_after, 1, __ATOMIC_RELAXED) < 0) {
+        __atomic_store_n(&io->fail_after, 0, __ATOMIC_RELAXED);
+        kind = PLK_ERR_IO;
+        err_no = io->fail_errno;
+    } else {
+        kind = read_range(io, r, b, &err_no);
+    }
+    if (c->shared) plk_clock_leave(c->shared);
+    plk_clock_leave(&io->own);
+    pthread_mutex_lock(&io->m);
+    if (kind == PLK_ERR_NONE) {
+        io->st.bytes_read += r->nbytes;
+        io->st.requests++;
+    } else {
+        io->group_failed[r->group] = 1;
+        if (io->err.kind == PLK_ERR_NONE) io->err = (plk_io_error){kind, -1, r->group, err_no, r->offset, r->nbytes};
+    }
+    io->group_pending[r->group]--;
+    r->dest = NULL;
+    r->next_free = io->free_range;
+    io->free_range = (int)(r - io->reqs);
+    pthread_cond_broadcast(&io->done);
+    pthread_mutex_unlock(&io->m);
+}
+
 static void *reader(void *arg) {
     plk_io *io = arg;
     struct iovec *iov = malloc(sizeof(struct iovec) * (size_t)io->c.per_read);
+    bounce_t b = {NULL, 0};
     if (!iov) return NULL;
     pthread_mutex_lock(&io->m);
     for (;;) {
@@ -201,34 +273,72 @@ static void *reader(void *arg) {
         req_t *r = &io->reqs[heap_pop(io)];
         r->queued = 0;
         pthread_mutex_unlock(&io->m);
-        serve(io, r, iov);
+        if (r->dest) serve_range(io, r, &b);
+        else serve(io, r, iov);
         pthread_mutex_lock(&io->m);
     }
     pthread_mutex_unlock(&io->m);
     free(iov);
+    free(b.p);
     return NULL;
+}
+
+int plk_io_range(plk_io *io, int64_t offset, int64_t nbytes, uint8_t *dest, int group, int priority) {
+    if (group < 0 || group >= io->c.n_groups || nbytes < 1 || offset < 0 || !dest) return -1;
+    pthread_mutex_lock(&io->m);
+    int i = io->free_range;
+    if (i < 0) {
+        pthread_mutex_unlock(&io->m);
+        return -1;
+    }
+    req_t *q = &io->reqs[i];
+    io->free_range = q->next_free;
+    q->offset = offset; q->nbytes = nbytes; q->dest = dest; q->group = group;
+    q->layer = -1; q->c0 = 0; q->n = 0; q->priority = priority; q->queued = 1;
+    q->seq = io->seq++;
+    io->group_pending[group]++;
+    heap_push(io, i);
+    pthread_cond_signal(&io->work);
+    pthread_mutex_unlock(&io->m);
+    return 0;
+}
+
+int plk_io_wait_group(plk_io *io, int group) {
+    if (group < 0 || group >= io->c.n_groups) return -1;
+    double t0 = now_s();
+    pthread_mutex_lock(&io->m);
+    while (io->group_pending[group] > 0) pthread_cond_wait(&io->done, &io->m);
+    int failed = io->group_failed[group];
+    io->group_failed[group] = 0;
+    pthread_mutex_unlock(&io->m);
+    io->st.wait_seconds += now_s() - t0;
+    return failed ? -1 : 0;
 }
 
 plk_io *plk_io_new(const plk_io_conf *conf) {
     plk_io *io = calloc(1, sizeof *io);
     if (!io) return NULL;
     io->c = *conf;
-    int64_t n = conf->n_slots;
+    int64_t n = conf->n_slots, nr = conf->n_ranges > 0 ? conf->n_ranges : 0;
+    size_t n1 = (size_t)(n > 0 ? n : 1), nn = (size_t)(conf->N > n ? conf->N : n1);   /* no zero-size allocations */
     int per = conf->per_read < 1 ? 1 : conf->per_read;
     io->c.per_read = per;
-    io->reqs = calloc((size_t)n, sizeof(req_t));
-    io->req_slots = malloc(sizeof(int32_t) * (size_t)(n * per));
-    io->heap = malloc(sizeof(int) * (size_t)n);
-    io->req_of = malloc(sizeof(int32_t) * (size_t)n);
-    io->cand = malloc(sizeof(int32_t) * (size_t)n);
-    io->missing = malloc(sizeof(int32_t) * (size_t)(conf->N > n ? conf->N : n));
-    io->tmp = malloc(sizeof(int32_t) * (size_t)(conf->N > n ? conf->N : n));
-    io->all = malloc(sizeof(int32_t) * (size_t)conf->N);
-    io->score = malloc(sizeof(int64_t) * (size_t)n);
-    io->mark = calloc((size_t)n, sizeof(uint32_t));
+    io->c.n_groups = conf->n_groups > 0 ? conf->n_groups : 0;
+    io->reqs = calloc((size_t)(n + nr) + 1, sizeof(req_t));
+    io->req_slots = malloc(sizeof(int32_t) * n1 * (size_t)per);
+    io->heap = malloc(sizeof(int) * ((size_t)(n + nr) + 1));
+    io->req_of = malloc(sizeof(int32_t) * n1);
+    io->cand = malloc(sizeof(int32_t) * n1);
+    io->missing = malloc(sizeof(int32_t) * nn);
+    io->tmp = malloc(sizeof(int32_t) * nn);
+    io->all = malloc(sizeof(int32_t) * (size_t)(conf->N > 0 ? conf->N : 1));
+    io->score = malloc(sizeof(int64_t) * n1);
+    io->mark = calloc(n1, sizeof(uint32_t));
+    io->group_pending = calloc((size_t)io->c.n_groups + 1, sizeof(int));
+    io->group_failed = calloc((size_t)io->c.n_groups + 1, 1);
     io->threads = calloc((size_t)conf->n_threads, sizeof(pthread_t));
     if (!io->reqs || !io->req_slots || !io->heap || !io->req_of || !io->cand || !io->missing || !io->tmp || !io->all
-        || !io->score || !io->mark || !io->threads) {
+        || !io->score || !io->mark || !io->group_pending || !io->group_failed || !io->threads) {
         plk_io_free(io);
         return NULL;
     }
@@ -237,7 +347,9 @@ plk_io *plk_io_new(const plk_io_conf *conf) {
         io->reqs[i].slots = io->req_slots + i * per;
         io->reqs[i].next_free = i + 1 < n ? (int)(i + 1) : -1;
     }
+    for (int64_t i = n; i < n + nr; i++) io->reqs[i].next_free = i + 1 < n + nr ? (int)(i + 1) : -1;
     io->free_req = n ? 0 : -1;
+    io->free_range = nr ? (int)n : -1;
     io->fail_after = -1;
     pthread_mutex_init(&io->m, NULL);
     pthread_cond_init(&io->work, NULL);
@@ -262,6 +374,7 @@ void plk_io_free(plk_io *io) {
     }
     free(io->reqs); free(io->req_slots); free(io->heap); free(io->req_of); free(io->cand);
     free(io->missing); free(io->tmp); free(io->all); free(io->score); free(io->mark); free(io->threads); free(io->wtmp);
+    free(io->group_pending); free(io->group_failed);
     free(io);
 }
 

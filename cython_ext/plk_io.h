@@ -49,6 +49,9 @@ typedef struct {
     int64_t *last_used, *loaded_at;      /* [n] ticks */
     int64_t *freq;                /* [L*N] times asked for */
     uint8_t *verified;            /* [L*N] checked once in this run */
+    /* byte ranges into caller memory (plk_io_range): the weight ring's reads of resident.safetensors */
+    int n_ranges;                 /* most range reads outstanding at once (0: none) */
+    int n_groups;                 /* completion groups they count down */
 } plk_io_conf;
 
 typedef struct {
@@ -86,6 +89,14 @@ void plk_io_last_error(plk_io *io, plk_io_error *err);    /* and clears it */
 /* Fault injection (tests): after `after` more successful reads, every read fails with errno err_no (-1: off). */
 void plk_io_inject(plk_io *io, int64_t after, int err_no);
 void plk_io_count(plk_io *io, int64_t hits, int64_t misses, int passes);   /* the dense window's own counts */
+
+/* Byte ranges into caller memory (any offset and length; with O_DIRECT through the reader's aligned bounce
+ * buffer, one copy): the weight ring's streamed tensors. A core may have no slots at all (n_slots = 0, L = 0) and
+ * serve only these. `group` (< n_groups) counts its outstanding reads; -1: no free range request (wait a group). */
+int plk_io_range(plk_io *io, int64_t offset, int64_t nbytes, uint8_t *dest, int group, int priority);
+/* Wait until every read of `group` has landed. 0, or -1 if one failed since the last wait (plk_io_last_error:
+ * layer -1, cluster = group). */
+int plk_io_wait_group(plk_io *io, int group);
 
 /* The dense window (a dense offloaded run): every unpinned bundle of every layer streams, in the order the FFN
  * computes them, through W window slots; item g of the cyclic stream goes to slot win[g % W] and is read once item

@@ -1,14 +1,13 @@
-"""The I/O path of the offloaded run: whole-bundle reads into aligned buffers, several in flight.
+"""File access of the offloaded run: aligned buffers, O_DIRECT with a buffered fallback, and the range reader.
 
-    reader = BundleReader(path, depth=8, o_direct=True)
-    req = reader.submit(offset, [memoryview(slot_a), memoryview(slot_b)], priority=0)
-    req.wait()                       # raises PowerlowError on an I/O error
+    reader = RangeReader(path, depth=4, groups=2)
+    reader.read(offset, buf, 0, nbytes, group=0)     # queued; C reader threads, no GIL
+    reader.wait(0)                                   # raises PowerlowError on an I/O error
     reader.close()
 
-Each of ``depth`` reader threads keeps one ``os.preadv`` in flight; preadv releases the GIL, so the reads
-overlap each other and the compute thread (measured on this VM's virtio disk: see README.offload.md).
-One request reads a contiguous file range (adjacent bundles of a layer) scattered into several slot buffers.
-Requests are served in priority order (0 = the compute thread is waiting; higher = read-ahead).
+The FFN bundles go through the streaming core's slot cache and dense window (powerlow.cache, cython_ext/plk_io.c);
+RangeReader is the same core with no slots, for byte ranges at any offset: the weight ring's streamed attention
+and lm_head (powerlow.stream) and the disk probe below. Requests are served in priority order (0 first).
 
 O_DIRECT keeps the model out of the page cache. Where the file system refuses it (tmpfs, some FUSE or
 overlay mounts), the reader falls back to buffered reads and drops each range from the page cache right
@@ -17,10 +16,7 @@ after reading it (POSIX_FADV_DONTNEED), so a cgroup memory limit still holds.
 from __future__ import annotations
 
 import errno
-import heapq
-import itertools
 import os
-import threading
 import time
 
 import numpy as np
@@ -64,181 +60,59 @@ def open_direct(path, o_direct: bool = True) -> tuple[int, bool]:
     return fd, False
 
 
-class Request:
-    """One contiguous read: ``nbytes`` at ``offset`` into ``bufs`` (memoryviews, in order).
+class RangeReader:
+    """Reader threads over one file for byte ranges into caller memory, in C (powerlow._iocore.RangeReader: the
+    streaming core with no slots; the threads never take the GIL).
 
-    ``unaligned``: offset, length and buffer need not be 4 KiB-aligned; under O_DIRECT the reader thread reads
-    the aligned range around it into its own bounce buffer and copies the asked part out."""
-    __slots__ = ("offset", "bufs", "nbytes", "event", "error", "unaligned")
+    ``read(offset, dest, at, nbytes, group)`` queues a read into dest[at:at + nbytes]; ``wait(group)`` returns once
+    the group's reads have landed, or raises PowerlowError naming the file and the failed read. ``groups``: how
+    many completion groups (the weight ring: one per slot); ``ranges``: reads outstanding at once. Counters
+    ``bytes_read``, ``requests``, ``busy_seconds`` (its own clock; ``clock``: an _iocore.Clock it also keeps)."""
 
-    def __init__(self, offset: int, bufs: list, unaligned=False):
-        self.offset = offset
-        self.bufs = bufs
-        self.nbytes = sum(len(b) for b in bufs)
-        self.event = threading.Event()
-        self.error: str | None = None
-        self.unaligned = unaligned
-
-    def done(self) -> bool:
-        return self.event.is_set()
-
-    def wait(self) -> None:
-        self.event.wait()
-        if self.error:
-            raise PowerlowError(self.error)
-
-
-class BusyClock:
-    """Wall time with at least one read in flight in any of the readers sharing it (the FFN bundles and the
-    streamed attention share one disk: their throughput together is what a probe of that disk compares with)."""
-
-    def __init__(self, now=time.perf_counter):
-        self._now = now          # the time source (a test passes a fake one)
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._since = 0.0
-        self._done = 0.0
-
-    def enter(self) -> None:
-        with self._lock:
-            if self._in_flight == 0:
-                self._since = self._now()
-            self._in_flight += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._done += self._now() - self._since
-
-    @property
-    def seconds(self) -> float:
-        with self._lock:
-            return self._done + (self._now() - self._since if self._in_flight else 0.0)
-
-
-class BundleReader:
-    """A pool of ``depth`` reader threads over one file; counters for bytes, requests and busy time (its own
-    BusyClock; ``clock``: another one shared with other readers, kept up to date too)."""
-
-    def __init__(self, path, *, depth: int = 8, o_direct: bool = True, clock: BusyClock | None = None):
+    def __init__(self, path, *, depth: int = 4, o_direct: bool = True, groups: int = 1, ranges: int = 64,
+                 clock=None):
+        from ._iocore import RangeReader as _Core
         self.path = str(path)
         self.fd, self.direct = open_direct(self.path, o_direct)
         self.size = os.fstat(self.fd).st_size
         self.depth = depth
-        self._clocks = [BusyClock()] + ([clock] if clock is not None else [])
-        self._heap: list = []
-        self._seq = itertools.count()
-        self._cv = threading.Condition()
-        self._closed = False
-        # counters (written under _cv)
-        self.bytes_read = 0
-        self.requests = 0
-        self._threads = [threading.Thread(target=self._worker, name=f"powerlow-io-{i}", daemon=True) for i in range(depth)]
-        for t in self._threads:
-            t.start()
+        self._core = _Core(self.fd, self.direct, depth, ranges, groups, clock)
+
+    def read(self, offset: int, dest: np.ndarray, at: int, nbytes: int, group: int, priority: int = 0) -> None:
+        if offset < 0 or offset + nbytes > self.size:
+            raise PowerlowError(f"{self.path}: read of {nbytes} bytes at {offset} is past the end ({self.size} "
+                                "bytes); re-convert the model")
+        if self._core.read(offset, dest, at, nbytes, group, priority) < 0:
+            raise PowerlowError("internal: more range reads outstanding than the reader was made for")
+
+    def wait(self, group: int) -> None:
+        if self._core.wait(group) < 0:
+            _, _, _, err_no, offset, nbytes = self._core.error()
+            why = os.strerror(err_no) if err_no else "unexpected end of file"
+            raise PowerlowError(f"{self.path}: read of {nbytes} bytes at {offset} failed ({why}); check the disk")
+
+    def inject_failure(self, after: int, err_no: int) -> None:
+        """Tests: after ``after`` more successful reads every read fails with ``err_no``."""
+        self._core.inject_failure(after, err_no)
+
+    @property
+    def bytes_read(self) -> int:
+        return self._core.stats()["bytes_read"]
+
+    @property
+    def requests(self) -> int:
+        return self._core.stats()["requests"]
 
     @property
     def busy_seconds(self) -> float:
-        """Wall time with at least one read in flight, including the busy period running now (a reader
-        that never idles during a measurement would otherwise report none of it)."""
-        return self._clocks[0].seconds
-
-    def submit(self, offset: int, bufs: list, *, priority: int = 0, unaligned: bool = False) -> Request:
-        req = Request(offset, bufs, unaligned and self.direct)
-        if offset < 0 or offset + req.nbytes > self.size:
-            raise PowerlowError(f"{self.path}: read of {req.nbytes} bytes at {offset} is past the end "
-                                f"({self.size} bytes); re-convert the model")
-        with self._cv:
-            if self._closed:
-                raise PowerlowError("the I/O reader is closed")
-            heapq.heappush(self._heap, (priority, next(self._seq), req))
-            self._cv.notify()
-        return req
-
-    def _worker(self) -> None:
-        fd = self.fd
-        bounce = None
-        while True:
-            with self._cv:
-                while not self._heap and not self._closed:
-                    self._cv.wait()
-                if self._closed and not self._heap:
-                    return
-                _, _, req = heapq.heappop(self._heap)
-            for c in self._clocks:
-                c.enter()
-            err = None
-            try:
-                if req.unaligned:
-                    bounce = self._read_bounced(req, bounce)
-                else:
-                    _pread_full(fd, req.bufs, req.offset, req.nbytes)
-                    if not self.direct:
-                        os.posix_fadvise(fd, req.offset, req.nbytes, os.POSIX_FADV_DONTNEED)
-            except OSError as e:
-                err = f"{self.path}: read of {req.nbytes} bytes at {req.offset} failed ({e.strerror or e}); check the disk"
-            for c in self._clocks:
-                c.leave()
-            with self._cv:
-                if err is None:
-                    self.bytes_read += req.nbytes
-                    self.requests += 1
-            req.error = err
-
-            req.event.set()
-
-    def _read_bounced(self, req: Request, bounce):
-        """O_DIRECT read of the aligned range around an unaligned request, copied into its buffers."""
-        a = req.offset // ALIGN * ALIGN
-        b = min(-(-(req.offset + req.nbytes) // ALIGN) * ALIGN, -(-self.size // ALIGN) * ALIGN)
-        if bounce is None or len(bounce) < b - a:
-            bounce = aligned_buffer(b - a)
-        view = memoryview(bounce)[: b - a]
-        _pread_full(self.fd, [view], a, req.offset + req.nbytes - a)   # the file's end may cut the last block
-        pos = req.offset - a
-        for buf in req.bufs:
-            buf[:] = view[pos: pos + len(buf)]
-            pos += len(buf)
-        return bounce
+        """Wall time with at least one read in flight, including the busy period running now."""
+        return self._core.stats()["busy_seconds"]
 
     def close(self) -> None:
-        with self._cv:
-            if self._closed:
-                return
-            self._closed = True
-            self._heap.clear()
-            self._cv.notify_all()
-        for t in self._threads:
-            t.join()
-        os.close(self.fd)
-
-
-def _pread_full(fd: int, bufs: list, offset: int, need: int) -> int:
-    """preadv into ``bufs`` at ``offset`` until at least ``need`` bytes arrived (short reads continue where
-    they stopped; a read past the end of the file may stop short of the buffers' length)."""
-    total = sum(len(b) for b in bufs)
-    done, cur = 0, bufs
-    while done < need:
-        n = os.preadv(fd, cur, offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, "unexpected end of file")
-        done += n
-        if done < total:
-            cur = _advance(bufs, done)
-    return done
-
-
-def _advance(bufs: list, n: int) -> list:
-    """The part of the scatter list ``bufs`` after its first ``n`` bytes."""
-    out = []
-    for b in bufs:
-        if n >= len(b):
-            n -= len(b)
-            continue
-        out.append(b[n:])
-        n = 0
-    return out
+        if self._core is not None:
+            self._core.close()
+            self._core = None
+            os.close(self.fd)
 
 
 def probe_random_read(path, *, block_bytes: int, depth: int, seconds: float = 2.0, o_direct: bool = True,
@@ -254,21 +128,22 @@ def probe_random_read(path, *, block_bytes: int, depth: int, seconds: float = 2.
     n_blocks = size // block_bytes
     if n_blocks < 1:
         raise PowerlowError(f"{path} is smaller than one {block_bytes}-byte block; probe a bigger file")
-    reader = BundleReader(path, depth=depth, o_direct=o_direct)
-    bufs = [aligned_buffer(block_bytes) for _ in range(depth * 2)]
+    slots = depth * 2
+    reader = RangeReader(path, depth=depth, o_direct=o_direct, groups=slots, ranges=slots)
+    bufs = [aligned_buffer(block_bytes) for _ in range(slots)]
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    reqs: list[Request] = []
     i = 0
     try:
+        for g in range(slots):                   # depth * 2 in flight; each slot read again as it lands
+            reader.read(int(rng.integers(n_blocks)) * block_bytes, bufs[g], 0, block_bytes, g)
         while time.perf_counter() - t0 < seconds:
-            while len(reqs) < depth * 2:
-                off = int(rng.integers(n_blocks)) * block_bytes
-                reqs.append(reader.submit(off, [memoryview(bufs[i % len(bufs)])]))
-                i += 1
-            reqs.pop(0).wait()
-        for r in reqs:
-            r.wait()
+            g = i % slots
+            reader.wait(g)
+            reader.read(int(rng.integers(n_blocks)) * block_bytes, bufs[g], 0, block_bytes, g)
+            i += 1
+        for g in range(slots):
+            reader.wait(g)
         wall = time.perf_counter() - t0
         return {"gbps": reader.bytes_read / wall / 1e9, "block_bytes": block_bytes, "depth": depth,
                 "direct": reader.direct, "bytes": reader.bytes_read, "seconds": round(wall, 3)}

@@ -363,16 +363,19 @@ class WeightRing:
 
     def __init__(self, path, units: list[Unit], n_slots: int, *, queue_depth: int = 4, o_direct: bool = True,
                  clock=None):
-        from .io import BundleReader, aligned_buffer
+        from .io import RangeReader, aligned_buffer
         self.units = units
         self.n = len(units)
         self.n_slots = max(1, min(n_slots, self.n))
         self.slot_bytes = -(-max(u.nbytes for u in units) // 4096) * 4096
         self.bufs = [aligned_buffer(self.slot_bytes) for _ in range(self.n_slots)]
         # tensor offsets in the file are not 4 KiB-aligned: O_DIRECT reads go through each reader thread's
-        # bounce buffer (one copy); where O_DIRECT is refused, buffered reads with the page cache dropped behind
-        self.reader = BundleReader(path, depth=queue_depth, o_direct=o_direct, clock=clock)
-        self._queue: list[tuple[int, int, list]] = []      # (unit, slot, requests) in consumption order
+        # bounce buffer (one copy); where O_DIRECT is refused, buffered reads with the page cache dropped behind.
+        # The readers are the streaming core's C threads (no GIL); each slot is one completion group
+        per_unit = max(sum(-(-n // READ_CHUNK) for _, n, _ in u.reads) for u in units)
+        self.reader = RangeReader(path, depth=queue_depth, o_direct=o_direct, groups=self.n_slots,
+                                  ranges=self.n_slots * per_unit, clock=clock)
+        self._queue: list[tuple[int, int]] = []      # (unit, slot) in consumption order
         self._free = list(range(self.n_slots))
         self._next = 0
         self._current: tuple[int, int] | None = None
@@ -392,13 +395,10 @@ class WeightRing:
             j = self._next
             self._next = (j + 1) % self.n
             buf = self.bufs[slot]
-            reqs = []
             for src, n, dst in self.units[j].reads:
                 for a in range(0, n, READ_CHUNK):
-                    m = min(READ_CHUNK, n - a)
-                    reqs.append(self.reader.submit(src + a, [memoryview(buf[dst + a: dst + a + m])], priority=0,
-                                                   unaligned=True))
-            self._queue.append((j, slot, reqs))
+                    self.reader.read(src + a, buf, dst + a, min(READ_CHUNK, n - a), slot)
+            self._queue.append((j, slot))
             self.reads += 1
 
     def acquire(self, j: int) -> dict:
@@ -407,10 +407,9 @@ class WeightRing:
             self.release()
         if not self._queue or self._queue[0][0] != j:
             self._restart(j)
-        unit, slot, reqs = self._queue.pop(0)
+        unit, slot = self._queue.pop(0)
         t = time.perf_counter()
-        for r in reqs:
-            r.wait()
+        self.reader.wait(slot)
         self.wait_seconds += time.perf_counter() - t
         if unit not in self._checked:       # once per unit: later reads of the same bytes are not re-checked
             self.units[unit].check_reads(self.bufs[slot])
@@ -430,9 +429,11 @@ class WeightRing:
         self._fill()
 
     def _restart(self, j: int) -> None:
-        for _, slot, reqs in self._queue:       # let reads in flight land before their buffers are reused
-            for r in reqs:
-                r.event.wait()
+        for _, slot in self._queue:             # let reads in flight land before their buffers are reused
+            try:
+                self.reader.wait(slot)
+            except PowerlowError:
+                pass                            # those bytes are not used; a read the ring needs fails again
             self._free.append(slot)
         self._queue.clear()
         self._next = j

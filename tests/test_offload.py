@@ -13,7 +13,7 @@ import pytest
 import powerlow
 from powerlow.config import RuntimeConfig
 from powerlow.errors import PowerlowError
-from powerlow.io import BundleReader, aligned_buffer, probe_random_read
+from powerlow.io import aligned_buffer, probe_random_read
 from powerlow.manifest import load_manifest
 from powerlow.plan import make_plan, minimum_budget
 from powerlow.store import StoreInfo
@@ -157,10 +157,12 @@ def test_random_access_returns_the_right_bundles(tiny_dir, policy):
 
 
 @pytest.mark.parametrize("refuse_direct", [False, True])
-def test_reader_scatter_and_fallback(tiny_dir, monkeypatch, refuse_direct):
-    """Scatter reads land in the right buffers; where O_DIRECT is refused (EINVAL, as tmpfs or FUSE may
-    answer), the reader falls back to buffered reads."""
+def test_range_reader_and_fallback(tiny_dir, monkeypatch, refuse_direct):
+    """The C range reader (the weight ring's and the probe's) puts the asked bytes where asked: aligned, and at
+    unaligned offsets, lengths and destinations (bounced under O_DIRECT), a range ending in the file's last partial
+    block included; where O_DIRECT is refused (EINVAL, as tmpfs or FUSE may answer) it reads buffered."""
     import errno
+    from powerlow.io import RangeReader
     path = tiny_dir / "ffn.bin"
     data = path.read_bytes()
     if refuse_direct:
@@ -171,34 +173,40 @@ def test_reader_scatter_and_fallback(tiny_dir, monkeypatch, refuse_direct):
                 raise OSError(errno.EINVAL, "Invalid argument")
             return real_open(p, flags, *a)
         monkeypatch.setattr(os, "open", fake_open)
-    r = BundleReader(path, depth=3, o_direct=True)
+    r = RangeReader(path, depth=3, o_direct=True, groups=2, ranges=8)
     try:
-        if refuse_direct:
-            assert r.direct is False
-        bufs = [aligned_buffer(4096), aligned_buffer(8192), aligned_buffer(4096)]
-        req = r.submit(8192, [memoryview(b) for b in bufs])
-        req.wait()
-        assert b"".join(b.tobytes() for b in bufs) == data[8192: 8192 + 16384]
+        assert r.direct is (not refuse_direct)
+        buf = aligned_buffer(16384)
+        r.read(8192, buf, 0, 16384, 0)
+        r.wait(0)
+        assert buf.tobytes() == data[8192: 8192 + 16384]
         with pytest.raises(PowerlowError, match="past the end"):
-            r.submit(len(data), [memoryview(bufs[0])])
-        # unaligned offsets, lengths and buffers (the weight ring's reads): bounced under O_DIRECT,
-        # including a range that ends at the file's last, partial block
+            r.read(len(data), buf, 0, 4096, 0)
         rng = np.random.default_rng(1)
-        for off, n in [(1, 5), (4095, 2), (4097, 12289), (len(data) - 777, 777), (123, len(data) - 123)]:
-            raw = np.zeros(n + 3, np.uint8)
-            dst = raw[3:]                                   # an unaligned destination
-            r.submit(off, [memoryview(dst)], unaligned=True, priority=int(rng.integers(3))).wait()
-            assert dst.tobytes() == data[off: off + n], (off, n)
+        cases = [(1, 5), (4095, 2), (4097, 12289), (len(data) - 777, 777), (123, len(data) - 123)]
+        dsts = [np.zeros(n + 3, np.uint8) for _, n in cases]
+        for (off, n), raw in zip(cases, dsts):          # all in flight at once, in two groups
+            r.read(off, raw, 3, n, int(rng.integers(2)), priority=int(rng.integers(3)))   # an unaligned destination
+        r.wait(0)
+        r.wait(1)
+        for (off, n), raw in zip(cases, dsts):
+            assert raw[3:].tobytes() == data[off: off + n], (off, n)
+        assert r.requests == 1 + len(cases) and r.bytes_read == 16384 + sum(n for _, n in cases)
     finally:
         r.close()
     res = tiny_dir / "resident.safetensors"
     rdata = res.read_bytes()
     assert len(rdata) % 4096, "the test wants a file whose size is not a multiple of the block"
-    r = BundleReader(res, depth=2, o_direct=True)
+    r = RangeReader(res, depth=2, o_direct=True)
     try:
         dst = np.zeros(1001, np.uint8)
-        r.submit(len(rdata) - 1001, [memoryview(dst)], unaligned=True).wait()
+        r.read(len(rdata) - 1001, dst, 0, 1001, 0)
+        r.wait(0)
         assert dst.tobytes() == rdata[-1001:]
+        r.inject_failure(0, errno.EIO)
+        r.read(0, dst, 0, 1001, 0)
+        with pytest.raises(PowerlowError, match=r"resident\.safetensors: read of 1001 bytes at 0 failed \(Input/output"):
+            r.wait(0)
     finally:
         r.close()
     probe = probe_random_read(path, block_bytes=4096, depth=2, seconds=0.05)
@@ -323,19 +331,23 @@ def test_dense_stream_in_pieces_gives_resident_logits(tiny_dir, monkeypatch, thr
 
 def test_busy_clock_is_the_union_of_readers(tmp_path):
     """The FFN reader and the weight ring share a disk: their joint throughput is over the union of busy time."""
-    from powerlow.io import BusyClock
+    from powerlow._iocore import Clock
+    from powerlow.io import RangeReader
     f = tmp_path / "x.bin"
     f.write_bytes(np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes())
-    clock = BusyClock()
-    a, b = BundleReader(f, depth=2, clock=clock), BundleReader(f, depth=2, clock=clock)
+    clock = Clock()
+    a, b = RangeReader(f, depth=2, clock=clock), RangeReader(f, depth=2, clock=clock)
     try:
         bufs = [aligned_buffer(1 << 20) for _ in range(8)]
-        reqs = [r.submit(i << 20, [memoryview(bufs[i])]) for i, r in enumerate([a, b] * 4)]
-        for q in reqs:
-            q.wait()
+        for i, r in enumerate([a, b] * 4):
+            r.read(i << 20, bufs[i], 0, 1 << 20, 0)
+        a.wait(0)
+        b.wait(0)
+        for i in range(8):
+            assert bufs[i].tobytes() == f.read_bytes()[i << 20: (i + 1) << 20]
         assert clock.seconds > 0 and a.busy_seconds > 0 and b.busy_seconds > 0
         assert a.bytes_read + b.bytes_read == 8 << 20
-        # (how the shared clock unites overlapping reads: test_busy_clock_counts_the_union, with a fake time)
+        assert clock.seconds <= a.busy_seconds + b.busy_seconds + 1e-6     # overlaps count once
     finally:
         a.close()
         b.close()
@@ -463,19 +475,28 @@ def test_budget_too_small_carries_the_minimum(tiny_dir, dense_resident):
 
 
 def test_busy_clock_counts_the_union():
-    """Busy time is the union of the readers' in-flight intervals: overlaps once, gaps not at all."""
-    from powerlow.io import BusyClock
-    t = [0.0]
-    clock = BusyClock(now=lambda: t[0])
-    for at, op in ((0, "enter"), (1, "enter"), (3, "leave"), (4, "leave"),    # [0, 4] with an overlap: 4 s
-                   (10, "enter"), (12, "leave")):                            # a gap, then [10, 12]: 2 s
-        t[0] = at
-        getattr(clock, op)()
-    assert clock.seconds == 6.0
-    t[0] = 20.0
+    """Busy time is the union of the readers' in-flight intervals: overlaps once, gaps not at all. The sleeps
+    bound it from both sides whatever the scheduler does: at least the 0.15 s spent inside intervals, and at most
+    the elapsed time less the 0.1 s gap."""
+    import time
+    from powerlow._iocore import Clock
+    clock = Clock()
+    t0 = time.monotonic()
     clock.enter()
-    t[0] = 21.5
-    assert clock.seconds == 7.5          # a read in flight counts up to now
+    time.sleep(0.05)
+    clock.enter()                 # an overlapping read
+    time.sleep(0.05)
+    clock.leave()
+    clock.leave()
+    time.sleep(0.1)               # nothing in flight
+    clock.enter()
+    time.sleep(0.05)
+    clock.leave()
+    elapsed = time.monotonic() - t0
+    assert 0.15 <= clock.seconds <= elapsed - 0.1
+    clock.enter()
+    time.sleep(0.02)
+    assert clock.seconds >= 0.17  # a read in flight counts up to now
 
 
 def test_short_ffn_bin_is_refused_at_load_and_mid_run(tiny_dir, tmp_path):

@@ -159,3 +159,31 @@ def test_tokenizer_load_peak_is_a_floor(tiny):
         make_plan(tiny, m, RuntimeConfig(budget_bytes=floor - 1))
     assert make_plan(tiny, m, RuntimeConfig(budget_bytes=floor)).total_bytes <= floor
 
+
+
+@pytest.mark.parametrize("after", [0, 5])
+def test_disk_error_in_the_ring_stops_the_run_naming_the_file(tiny, after):
+    """A read of a streamed tensor that fails in a ring reader thread (C, no GIL) stops the pass with one
+    PowerlowError naming resident.safetensors and the read, not a hang or wrong logits; after a read that failed
+    in flight, a pass whose reads succeed again gives the resident logits."""
+    import errno
+    ids = [3, 4, 5, 6]
+    ref, _ = _logits(tiny, RuntimeConfig(), ids, steps=0)
+    lo, _ = _mins(tiny)
+    tf = Transformer(tiny, RuntimeConfig(budget_bytes=lo))
+    try:
+        tf.forward(ids)
+        tf.ring.reader.inject_failure(after, errno.EIO)
+        with pytest.raises(PowerlowError, match=r"resident\.safetensors: read of \d+ bytes at \d+ failed \(Input/output"):
+            for _ in range(4):
+                tf.forward(ids)
+        tf.ring.reader.inject_failure(-1, 0)
+        for _ in range(2):                       # reads queued before the disk came back may still fail once
+            try:
+                got = tf.forward(ids)
+                break
+            except PowerlowError:
+                continue
+        np.testing.assert_array_equal(got, ref[0])
+    finally:
+        tf.close()
