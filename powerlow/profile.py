@@ -109,14 +109,14 @@ class _Recorder:
     """The FFN's observer (SparseFFN.observer): per layer, every neuron's activation from the resident gate/up rows."""
 
     def __init__(self, tf, density: float, sample_mask: np.ndarray):
-        from powerlow.predictors.common import ffn_buffer, layer_rows
+        from powerlow.predictors.common import ModelParts, ffn_buffer, layer_rows
 
         self.tf = tf
         info = tf.store_info
         self.F, self.L, self.K = info.n_neurons, info.n_layers, info.layout.K
         self.act = tf.config.hidden_act
         self.density = density
-        buf = ffn_buffer(tf)
+        buf = ffn_buffer(ModelParts.of(tf))
         self.G = [layer_rows(buf, info, l, "gate") for l in range(self.L)]
         self.U = [layer_rows(buf, info, l, "up") for l in range(self.L)]
         self.count = np.zeros((self.L, self.F), np.int64)

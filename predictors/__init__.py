@@ -4,8 +4,9 @@ One interface (what powerlow.ffn.SparseFFN calls on the hot path):
     select(layer, h (T, K) float32) -> int32 sorted cluster ids (stored order); None = all clusters
     lookahead(layer, h_prev) -> cluster ids layer ``layer`` will probably need, from the previous layer's
                                 FFN input (for prefetching), or None when there is no guess
-The registry (``PREDICTORS``) maps a name to a class; ``make_predictor(tf)`` picks the one of the run's
-mode (``MODE_PREDICTOR``) and its target density ``tf.runtime.density``:
+The registry (``PREDICTORS``) maps a name to a class, built as ``cls(model, ops, density)`` from a
+``ModelParts`` record (the model dir and manifest, the FFN layout, activation and norms: no Transformer);
+``make_predictor(tf)`` picks the one of the run's mode (``MODE_PREDICTOR``) at ``tf.runtime.density``:
 
   threshold  training-free, any gated model. Computes every neuron's gate from a resident copy of the gate
              rows (1/3 of the FFN's bytes stay in RAM and are read per token), scores a cluster by the sum
@@ -34,8 +35,8 @@ import numpy as np
 from powerlow import formats
 from powerlow.errors import PowerlowError
 
-from .common import (PREDICTORS_FILE, PROFILE_FILE, act_fn, drop_page_cache, ffn_buffer, layer_rows, load_checked,
-                     threshold_at)
+from .common import (PREDICTORS_FILE, PROFILE_FILE, ModelParts, act_fn, drop_page_cache, ffn_buffer, layer_rows,
+                     load_checked, threshold_at)
 
 __all__ = ["PREDICTORS", "MODE_PREDICTOR", "make_predictor", "Predictor", "ThresholdPredictor", "GatePredictor",
            "LowRankPredictor", "StaticPredictor"]
@@ -46,17 +47,17 @@ class Predictor:
     """Shared parts: model shape, the norm ratio for lookahead, the last selection per layer."""
     name = "base"
 
-    def __init__(self, tf, density: float):
-        info = tf.store_info
-        self.tf = tf
-        self.ops = tf.ops
+    def __init__(self, model: ModelParts, ops, density: float):
+        info = model.info
+        self.model = model
+        self.ops = ops
         self.density = float(density)
-        self.act = tf.config.hidden_act
+        self.act = model.act
         self.L, self.F, self.C, self.nC = info.n_layers, info.n_neurons, info.layout.C, info.n_clusters
         self.Fp = self.nC * self.C
         self.all_ids = np.arange(self.nC, dtype=np.int32)
         self.last: list[np.ndarray | None] = [None] * self.L
-        norms = [np.asarray(tf.w[f"blk.{l}.ffn_norm"], np.float32) for l in range(self.L)]
+        norms = model.ffn_norms
         self.renorm = [None] + [np.where(np.abs(norms[l - 1]) > 1e-6, norms[l] / np.where(norms[l - 1] == 0, 1, norms[l - 1]),
                                          0).astype(np.float32)[None] for l in range(1, self.L)]
         self.resident_bytes = 0
@@ -87,12 +88,12 @@ class Predictor:
 class _GateRows(Predictor):
     """Predictors that compute the gate of every neuron from resident gate rows."""
 
-    def __init__(self, tf, density: float):
-        super().__init__(tf, density)
-        buf = ffn_buffer(tf)
-        self.G = [layer_rows(buf, tf.store_info, l, "gate") for l in range(self.L)]   # copies
+    def __init__(self, model: ModelParts, ops, density: float):
+        super().__init__(model, ops, density)
+        buf = ffn_buffer(model)
+        self.G = [layer_rows(buf, model.info, l, "gate") for l in range(self.L)]   # copies
         del buf
-        drop_page_cache(tf)
+        drop_page_cache(model)
         self.resident_bytes = sum(g.nbytes for g in self.G)
         self._mul = getattr(self.ops, {"silu": "silu_mul", "gelu_tanh": "gelu_tanh_mul"}.get(self.act, "relu_mul"), None)
         self._ones = np.ones((1, self.Fp), np.float32)
@@ -108,17 +109,17 @@ class _GateRows(Predictor):
         return np.abs(a, out=a)
 
 
-def _profile(tf) -> dict:
-    tensors, _ = load_checked(tf.dir, tf.manifest, PROFILE_FILE, f"powerlow profile {tf.dir}")
+def _profile(model: ModelParts) -> dict:
+    tensors, _ = load_checked(model.dir, model.manifest, PROFILE_FILE, f"powerlow profile {model.dir}")
     return tensors
 
 
 class ThresholdPredictor(_GateRows):
     name = "threshold"
 
-    def __init__(self, tf, density: float):
-        super().__init__(tf, density)
-        prof = _profile(tf)
+    def __init__(self, model: ModelParts, ops, density: float):
+        super().__init__(model, ops, density)
+        prof = _profile(model)
         self.thr = [threshold_at(prof["cluster_thr"][l], self.density) for l in range(self.L)]
 
     def _pick(self, layer: int, h: np.ndarray) -> np.ndarray:
@@ -135,9 +136,9 @@ class StaticPredictor(Predictor):
     dynamic predictors, and what a cache pins."""
     name = "static"
 
-    def __init__(self, tf, density: float):
-        super().__init__(tf, density)
-        mean_abs = _profile(tf)["mean_abs"]                             # (L, F) stored order
+    def __init__(self, model: ModelParts, ops, density: float):
+        super().__init__(model, ops, density)
+        mean_abs = _profile(model)["mean_abs"]                             # (L, F) stored order
         k = max(1, int(round(self.density * self.nC)))
         self.ids = []
         for l in range(self.L):
@@ -153,8 +154,8 @@ class StaticPredictor(Predictor):
 class GatePredictor(_GateRows):
     name = "gate"
 
-    def __init__(self, tf, density: float):
-        super().__init__(tf, density)
+    def __init__(self, model: ModelParts, ops, density: float):
+        super().__init__(model, ops, density)
         self.exact = self.act == "relu"
         if self.exact:
             self.thr = [0.0] * self.L
@@ -162,7 +163,7 @@ class GatePredictor(_GateRows):
         elif self.density >= 1.0:
             self.thr = [-np.inf] * self.L
         else:
-            prof = _profile(tf)
+            prof = _profile(model)
             self.thr = [threshold_at(prof["gate_thr"][l], self.density) for l in range(self.L)]
 
     def _pick(self, layer: int, h: np.ndarray) -> np.ndarray:
@@ -175,10 +176,10 @@ class GatePredictor(_GateRows):
 class LowRankPredictor(Predictor):
     name = "lowrank"
 
-    def __init__(self, tf, density: float):
-        super().__init__(tf, density)
-        t, meta = load_checked(tf.dir, tf.manifest, PREDICTORS_FILE, f"powerlow train-predictor {tf.dir}")
-        K = tf.store_info.layout.K
+    def __init__(self, model: ModelParts, ops, density: float):
+        super().__init__(model, ops, density)
+        t, meta = load_checked(model.dir, model.manifest, PREDICTORS_FILE, f"powerlow train-predictor {model.dir}")
+        K = model.info.layout.K
         # targets "clusters": one logit per cluster (the decision the engine needs); "neurons": one per neuron
         self.by_cluster = meta.get("targets", "neurons") == "clusters"
         n_out, n_pad = (self.nC, self.nC) if self.by_cluster else (self.F, self.Fp)
@@ -186,9 +187,9 @@ class LowRankPredictor(Predictor):
         for l in range(self.L):
             A, B = t[f"blk.{l}.A"], t[f"blk.{l}.B"]
             if A.shape[0] != K or B.shape[1] != n_out or A.shape[1] != B.shape[0]:
-                raise PowerlowError(f"{tf.dir}/{PREDICTORS_FILE}: layer {l} has shapes A {A.shape}, B {B.shape}, "
+                raise PowerlowError(f"{model.dir}/{PREDICTORS_FILE}: layer {l} has shapes A {A.shape}, B {B.shape}, "
                                     f"expected ({K}, r) and (r, {n_out}): made for another model; "
-                                    f"re-run `powerlow train-predictor {tf.dir}`")
+                                    f"re-run `powerlow train-predictor {model.dir}`")
             Bp = np.zeros((n_pad, B.shape[0]), np.float32)
             Bp[:n_out] = B.T
             bp = np.full((1, n_pad), -1e4, np.float32)   # padded neurons never fire
@@ -287,4 +288,4 @@ def make_predictor(tf, name: str | None = None):
         name = MODE_PREDICTOR[mode]
     if name not in PREDICTORS:
         raise PowerlowError(f"unknown predictor {name!r}; known: {', '.join(PREDICTORS)}")
-    return PREDICTORS[name](tf, tf.runtime.density)
+    return PREDICTORS[name](ModelParts.of(tf), tf.ops, tf.runtime.density)

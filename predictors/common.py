@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,28 +50,39 @@ def concat_rows(parts: list) -> "formats.QMatrix":
     return formats.QMatrix(p0.fmt, sum(q.rows for q in parts), p0.cols, planes)
 
 
-def ffn_buffer(tf) -> np.ndarray:
+@dataclass(frozen=True)
+class ModelParts:
+    """What a predictor is built from, without the Transformer: the model dir and manifest (its profile and
+    predictors files), the FFN store's layout, the activation, each layer's FFN norm weights (the lookahead
+    re-scales by their ratio), and ffn.bin's bytes where a resident store already holds them (else None: read
+    through a memmap)."""
+    dir: Path
+    manifest: dict
+    info: "StoreInfo"
+    act: str
+    ffn_norms: list
+    ffn_ram: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, tf) -> "ModelParts":
+        return cls(tf.dir, tf.manifest, tf.store_info, tf.config.hidden_act,
+                   [np.asarray(tf.w[f"blk.{l}.ffn_norm"], np.float32) for l in range(tf.store_info.n_layers)],
+                   getattr(tf.ffn_source, "buf", None))
+
+
+def ffn_buffer(model: ModelParts) -> np.ndarray:
     """ffn.bin's bytes: the resident store's RAM copy, else a read-only memmap (pages read once, on demand)."""
-    buf = getattr(tf.ffn_source, "buf", None)
-    if buf is not None:
-        return buf
-    return np.memmap(tf.dir / "ffn.bin", dtype=np.uint8, mode="r")
+    if model.ffn_ram is not None:
+        return model.ffn_ram
+    return np.memmap(model.dir / "ffn.bin", dtype=np.uint8, mode="r")
 
 
-def drop_page_cache(tf) -> None:
+def drop_page_cache(model: ModelParts) -> None:
     """After reading gate rows through a memmap (offloaded runs), tell the kernel not to keep ffn.bin's pages:
     the budget, not the page cache, decides what stays in RAM."""
-    import os
-    if getattr(tf.ffn_source, "buf", None) is not None:
-        return
-    try:
-        fd = os.open(tf.dir / "ffn.bin", os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    except (AttributeError, OSError):
-        pass
+    if model.ffn_ram is None:
+        from powerlow.io import drop_page_cache as drop
+        drop(model.dir / "ffn.bin")
 
 
 def layer_rows(buf, info, layer: int, which: str = "gate") -> "formats.QMatrix":

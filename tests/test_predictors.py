@@ -317,3 +317,32 @@ def test_compiled_layer_loop_stops_on_a_nan_layer_and_a_disk_error(relaid_dir, t
         with pytest.raises(PowerlowError, match="layer 1 produced non-finite"):
             m.tf.forward([5, 17, 33])
         assert m.tf._loop is not None
+
+
+def test_a_predictor_is_built_from_model_parts_without_a_transformer(relaid_dir):
+    """Predictors take what they use (ModelParts: dir, manifest, FFN layout, activation, norms; the ops; the
+    density), not the Transformer: one built from the model's files alone picks what the engine's picks."""
+    from safetensors.numpy import load_file
+    from powerlow import kernels
+    from powerlow.manifest import load_manifest
+    from powerlow.predictors import LowRankPredictor
+    from powerlow.predictors.common import ModelParts
+    d = relaid_dir
+    man = load_manifest(d)
+    info = StoreInfo.from_json(man["ffn"])
+    w = load_file(str(d / "resident.safetensors"))
+    parts = ModelParts(d, man, info, "silu", [w[f"blk.{l}.ffn_norm"].astype(np.float32) for l in range(info.n_layers)])
+    alone = LowRankPredictor(parts, kernels, 1.0)
+    m = _load(d, "predict")
+    try:
+        hs = []
+        m.tf.ffn.observer = lambda l, h: hs.append((l, h.copy()))      # the FFN inputs of a real pass
+        m.tf.forward([5, 17, 33, 9, 100, 7])
+        picked = 0
+        for l, h in hs:
+            got = alone.select(l, h)
+            np.testing.assert_array_equal(got, m.tf.predictor.select(l, h))
+            picked += len(got)
+        assert len(hs) == info.n_layers and 0 < picked
+    finally:
+        m.close()
