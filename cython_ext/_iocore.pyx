@@ -128,9 +128,38 @@ cdef inline void *_ptr(cnp.ndarray a, dtype, n, name):
     return cnp.PyArray_DATA(a)
 
 
-cdef class SlotCore:
-    """The slot table + request queue + reader threads over one open file (see plk_io.h)."""
+cdef class _Core:
+    """One plk_io (reader threads over one open file): what SlotCore and RangeReader share."""
     cdef plk_io *io
+
+    def __dealloc__(self):
+        self.close()
+
+    def close(self):
+        if self.io != NULL:
+            with nogil:
+                plk_io_free(self.io)
+            self.io = NULL
+
+    cdef inline plk_io *_io(self) except NULL:
+        if self.io == NULL:
+            raise RuntimeError("the streaming core is closed")
+        return self.io
+
+    def inject_failure(self, int64_t after, int err_no):
+        """Tests: after ``after`` more successful reads every read fails with ``err_no`` (after < 0: off)."""
+        plk_io_inject(self._io(), after, err_no)
+
+    def error(self) -> tuple:
+        """(kind, layer, cluster, errno, offset, nbytes) of the first failure since the last call (kind 0: none;
+        a range read's: layer -1, cluster = its group)."""
+        cdef plk_io_error e
+        plk_io_last_error(self._io(), &e)
+        return (e.kind, e.layer, e.cluster, e.err_no, e.offset, e.nbytes)
+
+
+cdef class SlotCore(_Core):
+    """The slot table + request queue + reader threads over one open file (see plk_io.h)."""
     cdef object _keep
     cdef object _stream
     cdef cnp.ndarray _addr
@@ -172,25 +201,11 @@ cdef class SlotCore:
         if self.io == NULL:
             raise MemoryError("the streaming core could not allocate its tables or start its reader threads")
 
-    def __dealloc__(self):
-        self.close()
-
-    def close(self):
-        if self.io != NULL:
-            with nogil:
-                plk_io_free(self.io)
-            self.io = NULL
-
     @property
     def handle(self) -> int:
         """The plk_io pointer (0 once closed) for another extension's C calls through API; valid while this
         object is open (the caller keeps a reference and reads it again each call)."""
         return <size_t>self.io
-
-    cdef inline plk_io *_io(self) except NULL:
-        if self.io == NULL:
-            raise RuntimeError("the streaming core is closed")
-        return self.io
 
     def fetch(self, int layer, cnp.ndarray ids, cnp.ndarray out, bint dense=False, int depth=1) -> int:
         """out[i] = address of bundle ids[i] (int32, increasing) of layer; 0, or -1 (see error())."""
@@ -276,10 +291,6 @@ cdef class SlotCore:
             return None
         return self._addr[layer, i0:i1]
 
-    def inject_failure(self, int64_t after, int err_no):
-        """Tests: after ``after`` more successful reads every read fails with ``err_no`` (after < 0: off)."""
-        plk_io_inject(self._io(), after, err_no)
-
     def count(self, int64_t hits, int64_t misses, int passes):
         plk_io_count(self._io(), hits, misses, passes)
 
@@ -290,19 +301,13 @@ cdef class SlotCore:
                 "wasted": s.wasted, "unpinned": s.unpinned, "passes": s.passes, "bytes_read": s.bytes_read,
                 "requests": s.requests, "checks": s.checks, "wait_seconds": s.wait_seconds, "busy_seconds": s.busy_seconds}
 
-    def error(self) -> tuple:
-        """(kind, layer, cluster, errno, offset, nbytes) of the first failure since the last call (kind 0: none)."""
-        cdef plk_io_error e
-        plk_io_last_error(self._io(), &e)
-        return (e.kind, e.layer, e.cluster, e.err_no, e.offset, e.nbytes)
 
 
-cdef class RangeReader:
+cdef class RangeReader(_Core):
     """Reader threads (the same C core, no slots) for byte ranges of one file into caller memory: the weight
     ring's streamed tensors (powerlow.stream) and the disk probe (powerlow.io). Any offset and length; with O_DIRECT
     each reader thread reads the aligned span into its bounce buffer and copies. Reads count down a completion
     group; ``wait(group)`` blocks (GIL released) until the group's reads have landed."""
-    cdef plk_io *io
     cdef public int n_threads, n_groups
     cdef object _keep
 
@@ -320,20 +325,6 @@ cdef class RangeReader:
         if self.io == NULL:
             raise MemoryError("the range reader could not allocate its tables or start its threads")
 
-    def __dealloc__(self):
-        self.close()
-
-    def close(self):
-        if self.io != NULL:
-            with nogil:
-                plk_io_free(self.io)
-            self.io = NULL
-
-    cdef inline plk_io *_io(self) except NULL:
-        if self.io == NULL:
-            raise RuntimeError("the range reader is closed")
-        return self.io
-
     def read(self, int64_t offset, cnp.ndarray dest, int64_t at, int64_t nbytes, int group, int priority=0) -> int:
         """Queue a read of nbytes at offset into dest[at:at + nbytes] (a contiguous array: its bytes); the
         caller keeps dest alive until wait(group). 0, or -1 (no free request: wait a group first)."""
@@ -349,17 +340,8 @@ cdef class RangeReader:
             r = plk_io_wait_group(io, group)
         return r
 
-    def inject_failure(self, int64_t after, int err_no):
-        plk_io_inject(self._io(), after, err_no)
-
     def stats(self) -> dict:
         cdef plk_io_stats s
         plk_io_stats_get(self._io(), &s)
         return {"bytes_read": s.bytes_read, "requests": s.requests, "wait_seconds": s.wait_seconds,
                 "busy_seconds": s.busy_seconds}
-
-    def error(self) -> tuple:
-        """(kind, layer (-1), group, errno, offset, nbytes) of the first failure since the last call."""
-        cdef plk_io_error e
-        plk_io_last_error(self._io(), &e)
-        return (e.kind, e.layer, e.cluster, e.err_no, e.offset, e.nbytes)

@@ -382,25 +382,20 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     return x
 
 
-def silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    if out is None:
-        out = np.empty_like(g)
-    _k.gated(g, u, out, 0)
-    return out
+def _gated_mul(act: str):
+    a = _ACT_ID[act]
+
+    def mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """act(g) * u into out (a new array if None)."""
+        if out is None:
+            out = np.empty_like(g)
+        _k.gated(g, u, out, a)
+        return out
+    mul.__name__ = f"{act}_mul"
+    return mul
 
 
-def relu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    if out is None:
-        out = np.empty_like(g)
-    _k.gated(g, u, out, 1)
-    return out
-
-
-def gelu_tanh_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    if out is None:
-        out = np.empty_like(g)
-    _k.gated(g, u, out, 2)
-    return out
+silu_mul, relu_mul, gelu_tanh_mul = _gated_mul("silu"), _gated_mul("relu"), _gated_mul("gelu_tanh")
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int,

@@ -38,7 +38,28 @@ def _ffn_variants(layouts: list, T: int) -> list:
     return out
 
 
-class SparseStep:
+class _Step:
+    """What the two FFN steps share: the compiled object, its variants re-worked out when the key changes."""
+    _s = None
+    _key = None
+
+    @property
+    def used(self) -> int:
+        """Clusters computed so far."""
+        return self._s.used
+
+    def _configure(self, key: tuple) -> None:
+        raise NotImplementedError
+
+    def run(self, layer: int, h: np.ndarray, out: np.ndarray) -> int:
+        """out (T, K) += layer's FFN; the clusters computed, or -1 (the streaming core failed: its error())."""
+        key = _key(h)
+        if key != self._key:
+            self._configure(key)
+        return self._s.run(layer, h, out, kernels._threads)
+
+
+class SparseStep(_Step):
     """A predict-mode layer in one compiled call: the low-rank predictor's clusters of the layer and its guess for
     the next, the bundles' addresses (a resident buffer's, or the streaming core's fetch), the read-ahead of the
     guess (the core's prefetch), the converted summing order after a re-layout, and the FFN kernel
@@ -64,12 +85,6 @@ class SparseStep:
                                 [(j[2].planes["qs"], j[2].planes.get("d")) for j in jobs], [j[3] for j in jobs],
                                 [j[4] for j in jobs], [j[5] for j in jobs], kernels._ACT_ID[act], layouts[0].C,
                                 [kernels._bundle_offsets(lay) for lay in layouts], resident, core, depth, order)
-        self._key = None
-
-    @property
-    def used(self) -> int:
-        """Clusters computed so far."""
-        return self._s.used
 
     def _configure(self, key: tuple) -> None:
         T = 2 if key[0] else 1
@@ -79,15 +94,8 @@ class SparseStep:
         self._s.configure(int(key[0]), wa[0], _ffn_variants(self.layouts, T))
         self._key = key
 
-    def run(self, layer: int, h: np.ndarray, out: np.ndarray) -> int:
-        """out (T, K) += layer's FFN over its predicted clusters; their count, or -1 (the core failed: its error())."""
-        key = _key(h)
-        if key != self._key:
-            self._configure(key)
-        return self._s.run(layer, h, out, kernels._threads)
 
-
-class DenseStep:
+class DenseStep(_Step):
     """A layer of the dense offloaded mode in one compiled call: piece by piece, the streaming core's window hands
     over the next bundles (plk_io_stream_piece) and the FFN kernel adds them into their chunks (ffn_bundles_part);
     then the chunks are summed in order (cython_ext/_step.pxi). The floats of SparseFFN's piece loop and of one
@@ -105,25 +113,12 @@ class DenseStep:
         pos = np.concatenate([p for p, _, _ in pieces]).astype(np.int64)
         lo = np.ascontiguousarray(np.stack([l for _, l, _ in pieces]), np.int32)
         hi = np.ascontiguousarray(np.stack([h for _, _, h in pieces]), np.int32)
-        self._s = _k.DenseStep(lay.K, int(start[-1]), kernels._ACT_ID[act], lay.C, [kernels._bundle_offsets(x) for x in layouts],
-                               pos, lo, hi, start, core)
-        self._key = None
-
-    @property
-    def used(self) -> int:
-        return self._s.used
+        self._s = _k.DenseStep(lay.K, int(start[-1]), kernels._ACT_ID[act], lay.C,
+                               [kernels._bundle_offsets(x) for x in layouts], pos, lo, hi, start, core)
 
     def _configure(self, key: tuple) -> None:
-        T = 2 if key[0] else 1
-        self._s.configure(int(key[0]), _ffn_variants(self.layouts, T))
+        self._s.configure(int(key[0]), _ffn_variants(self.layouts, 2 if key[0] else 1))
         self._key = key
-
-    def run(self, layer: int, h: np.ndarray, out: np.ndarray) -> int:
-        """out (T, K) += layer's FFN over all its bundles; N, or -1 (the core failed: its error())."""
-        key = _key(h)
-        if key != self._key:
-            self._configure(key)
-        return self._s.run(layer, h, out, kernels._threads)
 
 
 class LayerLoop:
