@@ -125,6 +125,8 @@ class Model:
 
     def _generate(self, ids, max_tokens, params, drafter=None, draft_k=0, ignore_eos=False) -> Iterator[Token]:
         epoch = self._begin()
+        ffn = self.tf.ffn
+        used0, total0 = ffn.clusters_used, ffn.clusters_total      # this call's density, not the model's lifetime
         stop = set() if ignore_eos else self.tokenizer.stop_ids()
         for tok in _generate(self.tf, ids, max_tokens, params, self.stats, stop_ids=stop,
                              drafter=drafter, k_max=draft_k):
@@ -132,7 +134,7 @@ class Model:
             if self._epoch != epoch:
                 raise PowerlowError("this generation was superseded: a later generate() or forward() on the same model "
                                     "overwrote its KV cache; start it again (one model runs one sequence at a time)")
-        self.stats.ffn_density = self.tf.ffn.clusters_used / max(1, self.tf.ffn.clusters_total)
+        self.stats.ffn_density = (ffn.clusters_used - used0) / max(1, ffn.clusters_total - total0)
 
 
 def runtime_of(config) -> RuntimeConfig | None:

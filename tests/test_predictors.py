@@ -346,3 +346,17 @@ def test_a_predictor_is_built_from_model_parts_without_a_transformer(relaid_dir)
         assert len(hs) == info.n_layers and 0 < picked
     finally:
         m.close()
+
+
+def test_ffn_density_is_the_calls_own(relu_dir):
+    """Model.stats after generate() describes that call: its FFN density is not averaged with earlier calls."""
+    d, _ = relu_dir
+    a, b = _load(d, "gate"), _load(d, "gate")
+    try:
+        list(a.generate(PROMPT, 16))
+        list(a.generate(PROMPT[:2], 2))
+        list(b.generate(PROMPT[:2], 2))
+        assert a.stats.ffn_density == b.stats.ffn_density < 1.0
+    finally:
+        a.close()
+        b.close()
