@@ -130,19 +130,25 @@ def hf_layer_types(c: dict, n_layers: int, where: str) -> list[str] | None:
     return lt
 
 
+def positive_int(v, name: str, missing: str, fix: str = "") -> int:
+    """v as a positive int, else a PowerlowError: ``missing`` when v is None, else naming ``name`` = v (+ ``fix``)."""
+    if v is None:
+        raise PowerlowError(missing)
+    try:
+        v = int(v)
+    except (TypeError, ValueError):
+        raise PowerlowError(f"{name} = {v!r} is not an integer") from None
+    if v <= 0:
+        raise PowerlowError(f"{name} = {v} must be positive{fix}")
+    return v
+
+
 def hf_int(c: dict, key: str, where: str, default=None) -> int:
     v = c.get(key)
     if v is None:              # absent, or null (transformers writes "head_dim": null for Mixtral)
         v = default
-    if v is None:
-        raise PowerlowError(f"{where}/config.json lacks {key!r}; it is not a complete HF model config")
-    try:
-        v = int(v)
-    except (TypeError, ValueError):
-        raise PowerlowError(f"{where}/config.json: {key} = {v!r} is not an integer") from None
-    if v <= 0:
-        raise PowerlowError(f"{where}/config.json: {key} = {v} must be positive")
-    return v
+    return positive_int(v, f"{where}/config.json: {key}",
+                        f"{where}/config.json lacks {key!r}; it is not a complete HF model config")
 
 
 class GGUFMeta:
@@ -159,17 +165,9 @@ class GGUFMeta:
         return self.raw(f"{self.arch}.{key}", default)
 
     def count(self, key: str, default=None) -> int:
-        v = self.get(key, default)
-        if v is None:
-            raise PowerlowError(f"{self.path}: GGUF metadata lacks {self.arch}.{key}; the file is incomplete — re-export it")
-        try:
-            v = int(v)
-        except (TypeError, ValueError):
-            raise PowerlowError(f"{self.path}: GGUF metadata {self.arch}.{key} = {v!r} is not an integer") from None
-        if v <= 0:
-            raise PowerlowError(f"{self.path}: GGUF metadata {self.arch}.{key} = {v} must be positive; the file is broken — "
-                                "re-export it")
-        return v
+        return positive_int(self.get(key, default), f"{self.path}: GGUF metadata {self.arch}.{key}",
+                            f"{self.path}: GGUF metadata lacks {self.arch}.{key}; the file is incomplete — re-export it",
+                            "; the file is broken — re-export it")
 
 
 def gguf_common(m: GGUFMeta, vocab: int) -> dict:
