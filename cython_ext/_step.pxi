@@ -383,6 +383,69 @@ cdef class DenseStep(_FFNStep):
         return self.N
 
 
+cdef class AllStep(_FFNStep):
+    """See powerlow.steps.AllStep: a layer's FFN over all its bundles, resident (dense mode without a budget)."""
+    cdef int N, act, C
+    cdef int *ffn_isa
+    cdef const int64_t **offs
+    cdef const uint64_t **ptrs
+    cdef object _keep
+
+    def __init__(self, int K, int act, int C, offs, ptrs):
+        """offs[l]: layer l's bundle plane offsets; ptrs[l]: uint64 (N,) addresses of its bundles, in summing order."""
+        cdef int l, L = len(offs)
+        self.L, self.K, self.act, self.C, self.batch = L, K, act, C, -1
+        self.N = ptrs[0].shape[0]
+        self.ffn_isa = <int *>calloc(4 * L, sizeof(int))
+        self.offs = <const int64_t **>calloc(L, sizeof(int64_t *))
+        self.ptrs = <const uint64_t **>calloc(L, sizeof(uint64_t *))
+        if self.ffn_isa == NULL or self.offs == NULL or self.ptrs == NULL:
+            raise MemoryError("AllStep: out of memory")
+        for l in range(L):
+            _arr(offs[l], cnp.NPY_INT64, 1, "offs")
+            _arr(ptrs[l], cnp.NPY_UINT64, 1, "ptrs")
+            if ptrs[l].shape[0] != self.N:
+                raise ValueError("AllStep: every layer has the same number of bundles")
+            self.offs[l], self.ptrs[l] = <const int64_t *>_ptr(offs[l]), <const uint64_t *>_ptr(ptrs[l])
+        self._keep = (offs, ptrs)
+
+    def __dealloc__(self):
+        free(self.ffn_isa); free(self.offs); free(self.ptrs)
+
+    def configure(self, int batch, ffn):
+        cdef int l
+        if len(ffn) != self.L:
+            raise ValueError("AllStep.configure: one FFN variant per layer")
+        for l in range(self.L):
+            self.ffn_isa[l], self.ffn_isa[self.L + l], self.ffn_isa[2 * self.L + l], self.ffn_isa[3 * self.L + l] = ffn[l]
+        self.batch = batch
+
+    def run(self, int layer, h, out, int nthreads) -> int:
+        _arr(h, cnp.NPY_FLOAT32, 2, "h")
+        _arr(out, cnp.NPY_FLOAT32, 2, "out")
+        cdef int T = h.shape[0], rc
+        if h.shape[1] != self.K or out.shape[0] != T or out.shape[1] != self.K or T < 1 or not 0 <= layer < self.L:
+            raise ValueError(f"AllStep.run: h and out must be (T, {self.K}), layer in range")
+        if self.batch != (T > 1):
+            raise ValueError("AllStep.run: configure() the variants of this batch size first")
+        cdef const float *ph = <const float *>_ptr(h)
+        cdef float *po = <float *>_ptr(out)
+        with nogil:
+            rc = self._run(NULL, layer, ph, T, po, nthreads)
+        if rc == -2:
+            raise MemoryError("kernel scratch allocation failed")
+        return rc
+
+    cdef int _run(self, plk_io *io, int layer, const float *h, int T, float *out, int nthreads) noexcept nogil:
+        cdef int L = self.L
+        if plk_ffn_bundles(self.ffn_isa[layer], self.ffn_isa[L + layer], self.ffn_isa[2 * L + layer],
+                           self.ffn_isa[3 * L + layer], self.ptrs[layer], self.N, self.C, self.K, self.offs[layer],
+                           h, T, self.act, out, nthreads):
+            return -2
+        self.used += self.N
+        return self.N
+
+
 cdef inline bint _finite(const float *x, Py_ssize_t n) noexcept nogil:
     cdef const uint32_t *p = <const uint32_t *>x
     cdef uint32_t bad = 0

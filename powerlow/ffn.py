@@ -109,6 +109,7 @@ class SparseFFN:
         self._step, self._step_pred = None, None     # steps.SparseStep of this predictor (built at first use)
         self._first = True
         self._dense = False          # steps.DenseStep of the dense window (False: not made yet)
+        self._allstep = False        # steps.AllStep of a resident dense run (False: not made yet)
         self.clusters_used = 0       # over the whole run, for the density figure
         self.clusters_total = 0
         self._pieces = None
@@ -181,6 +182,11 @@ class SparseFFN:
             self.clusters_total += self.info.n_clusters
             return out
         pred, prefetch = self.predictor, self._prefetch
+        if pred is None and self._allstep is not None and self._all_step() is not None:   # dense, resident
+            self._allstep.run(layer, h, out)
+            self.clusters_used += self.info.n_clusters
+            self.clusters_total += self.info.n_clusters
+            return out
         if pred is not None and self.observer is None:
             step = self._step if self._step_pred is pred else self._make_step()
             if step is not None:          # the predict-mode layer in one compiled call
@@ -220,8 +226,20 @@ class SparseFFN:
         if self._pieces is not None:
             return self._dense_step()
         if self.predictor is None:
-            return None
+            return self._all_step()
         return self._step if self._step_pred is self.predictor else self._make_step()
+
+    def _all_step(self):
+        """steps.AllStep for dense mode over a resident store (built at first use), or None."""
+        if self._allstep is False:
+            src = getattr(self.source, "step_source", lambda: None)()
+            if not steps.available(self.ops) or self.mode != "dense" or src is None or "resident" not in src:
+                self._allstep = None
+            else:
+                ptrs = src["resident"] if self._all_order is None else \
+                    [p[o] for p, o in zip(src["resident"], self._all_order)]
+                self._allstep = steps.AllStep(self.info.layouts, self.act, ptrs)
+        return self._allstep
 
     def _dense_step(self):
         """steps.DenseStep over the dense window (built at first use), or None (ops without it)."""

@@ -3,6 +3,7 @@
     SparseStep   a predict-mode layer: low-rank pick (this layer and the next's guess), the streaming core's
                  fetch and prefetch, the converted summing order, the FFN kernel
     DenseStep    a dense-window layer: piece by piece, the core's window hands over bundles, the kernel adds them
+    AllStep      a dense layer, every bundle resident: the kernel over all of them
     LayerLoop    every layer of a pass: the fused attention block, one of the steps above, the finite check
 
 cython_ext/_step.pxi holds them in C (the GIL released, the core called through powerlow._iocore.API); these
@@ -115,6 +116,24 @@ class DenseStep(_Step):
         hi = np.ascontiguousarray(np.stack([h for _, _, h in pieces]), np.int32)
         self._s = _k.DenseStep(lay.K, int(start[-1]), kernels._ACT_ID[act], lay.C,
                                [kernels._bundle_offsets(x) for x in layouts], pos, lo, hi, start, core)
+
+    def _configure(self, key: tuple) -> None:
+        self._s.configure(int(key[0]), _ffn_variants(self.layouts, 2 if key[0] else 1))
+        self._key = key
+
+
+class AllStep(_Step):
+    """A dense layer with every bundle resident (no budget) in one compiled call: the FFN kernel over all the
+    layer's bundles in their summing order (``ptrs[l]``: uint64 addresses, the converted order after a re-layout),
+    what SparseFFN.forward does with ResidentStore.ptrs(l, None)."""
+
+    def __init__(self, layouts: list, act: str, ptrs: list):
+        if act not in kernels._ACT_ID:
+            raise ValueError(f"act must be one of {', '.join(kernels._ACT_ID)}, got {act!r}")
+        self.layouts = layouts
+        self._s = _k.AllStep(layouts[0].K, kernels._ACT_ID[act], layouts[0].C,
+                             [kernels._bundle_offsets(x) for x in layouts],
+                             [np.ascontiguousarray(p, np.uint64) for p in ptrs])
 
     def _configure(self, key: tuple) -> None:
         self._s.configure(int(key[0]), _ffn_variants(self.layouts, 2 if key[0] else 1))

@@ -360,3 +360,39 @@ def test_ffn_density_is_the_calls_own(relu_dir):
     finally:
         a.close()
         b.close()
+
+
+def test_resident_dense_pass_in_one_call_is_the_python_path(relaid_dir):
+    """Dense mode without a budget: steps.AllStep under steps.LayerLoop (the pass in one call) gives the Python
+    layer loop's logits bit for bit, the cluster re-layout's summing order included."""
+    got, want = [], []
+    for out, python_path in ((got, False), (want, True)):
+        m = _load(relaid_dir, "dense")
+        try:
+            if python_path:
+                m.tf.ffn._allstep = None
+            x = m.tf.forward([5, 17, 33, 9, 100, 7])
+            out.append(x)
+            for i in range(4):
+                x = m.tf.forward([int(x[-1].argmax())], start_pos=6 + i, last_only=True)
+                out.append(x)
+            assert (m.tf._loop is None) == python_path
+        finally:
+            m.close()
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    m = _load(relaid_dir, "dense")          # layer by layer: the FFN outputs themselves
+    try:
+        ffn, hs = m.tf.ffn, []
+        ffn.observer = lambda l, h: hs.append((l, h.copy()))
+        m.tf.forward([5, 17, 33, 9, 100, 7])
+        ffn.observer = None
+        for l, h in hs:
+            a = ffn.forward(l, h)
+            step, ffn._allstep = ffn._allstep, None
+            b = ffn.forward(l, h)
+            ffn._allstep = step
+            np.testing.assert_array_equal(a, b)
+        assert step is not None and len(hs) == m.tf.config.n_layers
+    finally:
+        m.close()
