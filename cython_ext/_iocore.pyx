@@ -56,8 +56,6 @@ cdef extern from "plk_io.h" nogil:
     int plk_io_fetch(plk_io *io, int layer, const int32_t *ids, int n, uint64_t *out, int dense, int depth)
     int plk_io_prefetch(plk_io *io, int layer, const int32_t *ids, int n, int priority)
     int plk_io_pin(plk_io *io, int layer, const int32_t *ids, int n)
-    int plk_io_read(plk_io *io, int layer, int c0, const int32_t *slots, int n, int priority)
-    int plk_io_wait(plk_io *io, const int32_t *slots, int n)
     int plk_io_wait_all(plk_io *io)
     void plk_io_stats_get(plk_io *io, plk_io_stats *st)
     void plk_io_last_error(plk_io *io, plk_io_error *err)
@@ -231,22 +229,6 @@ cdef class SlotCore(_Core):
         if ids.dtype.num != cnp.NPY_INT32 or not ids.flags.c_contiguous:
             raise ValueError("pin wants int32 ids")
         return plk_io_pin(io, layer, <const int32_t *>cnp.PyArray_DATA(ids), ids.shape[0])
-
-    def read(self, int layer, int c0, cnp.ndarray slots, int priority=0) -> int:
-        cdef plk_io *io = self._io()
-        if slots.dtype.num != cnp.NPY_INT32 or not slots.flags.c_contiguous:
-            raise ValueError("read wants int32 slots")
-        return plk_io_read(io, layer, c0, <const int32_t *>cnp.PyArray_DATA(slots), slots.shape[0], priority)
-
-    def wait(self, cnp.ndarray slots) -> int:
-        cdef plk_io *io = self._io()
-        cdef const int32_t *p = <const int32_t *>cnp.PyArray_DATA(slots)
-        cdef int n = slots.shape[0], r
-        if slots.dtype.num != cnp.NPY_INT32 or not slots.flags.c_contiguous:
-            raise ValueError("wait wants int32 slots")
-        with nogil:
-            r = plk_io_wait(io, p, n)
-        return r
 
     def wait_all(self) -> int:
         cdef plk_io *io = self._io()

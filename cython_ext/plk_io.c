@@ -468,8 +468,6 @@ static int wait_slots(plk_io *io, const int32_t *slots, int n, int counted) {
     return -1;
 }
 
-int plk_io_wait(plk_io *io, const int32_t *slots, int n) { return wait_slots(io, slots, n, 1); }
-
 int plk_io_wait_all(plk_io *io) {
     int k = 0;
     for (int64_t s = 0; s < io->c.n_slots; s++)

@@ -81,8 +81,6 @@ int plk_io_prefetch(plk_io *io, int layer, const int32_t *ids, int n, int priori
 int plk_io_pin(plk_io *io, int layer, const int32_t *ids, int n);
 /* Low level (the dense window): read n adjacent bundles c0.. of layer into slots (state LOADING until read). */
 int plk_io_read(plk_io *io, int layer, int c0, const int32_t *slots, int n, int priority);
-/* Wait until no slot of `slots` is loading. 0, or -1 (a failed read: those slots are freed). */
-int plk_io_wait(plk_io *io, const int32_t *slots, int n);
 int plk_io_wait_all(plk_io *io);                           /* every outstanding read */
 void plk_io_stats_get(plk_io *io, plk_io_stats *st);
 void plk_io_last_error(plk_io *io, plk_io_error *err);    /* and clears it */

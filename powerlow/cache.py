@@ -6,7 +6,7 @@ One aligned arena of bundle *slots* (``stride`` bytes each) holds, as powerlow.p
   staging  the slots the I/O threads read into: the layer being computed and the layers read ahead
 Dynamic and staging slots are one pool; the plan sizes it. The slot table, the request queue and the reader
 threads are C (cython_ext/plk_io.c, powerlow._iocore.SlotCore): the readers never take the GIL, and a layer costs
-Python one ``fetch`` call. Per slot (numpy arrays the core works on, so rare bookkeeping reads them here):
+Python one ``fetch`` call, or none (powerlow.steps calls the core from C). Per slot (numpy arrays the core works on, so rare bookkeeping reads them here):
   key       layer * n_clusters + cluster held, or -1
   state     FREE | LOADING | READY | FAILED (written by the reader threads)
   lock      == epoch while the slot is part of the last ptrs() answer (not evictable)
@@ -17,7 +17,8 @@ SparseFFN calls, per layer l: ptrs(l, clusters) -> addresses (misses are read no
 also queues the next layers) ... compute ... prefetch(l + 1, predicted clusters | None).
 Dense mode (plan.stream_window) goes another way: stream_begin(order) once, then stream_piece(l, i0, i1) per
 piece of a layer: the staging slots are a window the unpinned bundles of all layers stream through in use
-order, each read as soon as the slot's previous bundle has been computed (SlotCore.read / SlotCore.wait).
+order, each read as soon as the slot's previous bundle has been computed (the window runs in the core:
+plk_io_stream_begin / plk_io_stream_piece).
 Addresses are returned in the order of ``clusters`` (sorted ids), as the resident store does, so the
 kernels sum the bundles in the same order and the offloaded run gives the resident run's tokens.
 """
@@ -102,15 +103,12 @@ class OffloadedStore:
             if len(ids) and self.core.pin(l, np.ascontiguousarray(ids, np.int32)) < 0:
                 raise PowerlowError("internal: the plan's hot clusters do not fit its slots")
         if self.core.wait_all() < 0:
-            self._raise()
+            self.raise_error()
         self.t["fresh"][:] = 0
         self.hot_load_bytes = self.core.stats()["bytes_read"]
 
     def raise_error(self):
         """Raise the PowerlowError of the core's failure (after a call answered -1)."""
-        self._raise()
-
-    def _raise(self):
         kind, layer, cluster, err_no, offset, nbytes = self.core.error()
         if kind == ERR_CRC:
             raise PowerlowError(integrity.bundle_error(self.path, layer, cluster, offset))
@@ -134,7 +132,7 @@ class OffloadedStore:
         ids = self._all if clusters is None else np.ascontiguousarray(clusters, np.int32)
         out = self._out if len(ids) <= len(self._out) else np.zeros(len(ids), np.uint64)
         if self.core.fetch(layer, ids, out, self.dense, self.depth) < 0:
-            self._raise()
+            self.raise_error()
         return out[:len(ids)].copy()
 
     def first_pass(self) -> None:
@@ -200,7 +198,7 @@ class OffloadedStore:
         (an interrupted pass) drains the reads and restarts the stream at the piece asked for."""
         a = self.core.stream_piece(layer, i0, i1)
         if a is None:
-            self._raise()
+            self.raise_error()
         return a
 
     def bundles_per_call(self) -> int:
