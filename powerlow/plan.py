@@ -36,7 +36,6 @@ from .config import RuntimeConfig, format_size
 from .errors import BudgetTooSmall, PowerlowError
 from .sizes import (auto_context, kv_bytes_per_position, lowrank_predictor_bytes, predictor_density,
                     scratch_bytes, tokenizer_bytes, tokenizer_load_peak)
-from .st_header import tensor_bytes
 from .store import StoreInfo
 
 def hotness(model_dir: Path, info: StoreInfo) -> np.ndarray | None:
@@ -394,7 +393,7 @@ def _resident(sz: _Sizes, dense: DensePlan, fixed: dict) -> dict[str, int]:
     return resident
 
 
-def _check_floor(model_dir: Path, B: int, R: int, layer: int, context: int) -> None:
+def _check_floor(peak: int, B: int, R: int, layer: int, context: int) -> None:
     """Refuse what the resident part + one layer of bundles, or the tokenizer's parse, does not leave room for."""
     if B < R + layer:     # only without streaming (allow_stream=False)
         need_ = R + layer
@@ -402,7 +401,6 @@ def _check_floor(model_dir: Path, B: int, R: int, layer: int, context: int) -> N
             f"budget {format_size(B)} is below the minimum {format_size(need_)} ({need_} bytes) for this model with "
             f"attention resident: {format_size(R)} (weights, KV cache of {context} positions, scratch) + one layer "
             f"of bundles {format_size(layer)}; raise --budget to at least {-(-need_ // (1 << 20))}MiB", need_)
-    peak = tokenizer_load_peak(model_dir / "tokenizer.json")
     if B < peak:
         raise BudgetTooSmall(
             f"budget {format_size(B)} is below the minimum {format_size(peak)} ({peak} bytes) for this model: parsing "
@@ -410,7 +408,7 @@ def _check_floor(model_dir: Path, B: int, R: int, layer: int, context: int) -> N
             f"{-(-peak // (1 << 20))}MiB", peak)
 
 
-def _mode_density(model_dir: Path, runtime: RuntimeConfig, cfg: dict, counts, N: int) -> float:
+def _mode_density(measured: float | None, runtime: RuntimeConfig, cfg: dict, counts, N: int) -> float:
     """The share of a layer's clusters a token asks for, by mode."""
     if runtime.mode == "gate" and counts is not None:     # the profile's cluster activity is the demand
         share = counts if counts.max() <= 1.0 else counts / counts.max(axis=1, keepdims=True)
@@ -418,7 +416,7 @@ def _mode_density(model_dir: Path, runtime: RuntimeConfig, cfg: dict, counts, N:
     if runtime.mode == "experts":                          # the router's top-k: exactly k of E experts a token
         return cfg["n_experts_used"] / cfg["n_experts"]
     if runtime.mode == "predict" and runtime.density >= 1.0:   # by recall: what the predictor selected when
-        return predictor_density(model_dir) or 1.0             # train-predictor measured it
+        return measured or 1.0                                 # train-predictor measured it
     return runtime.density
 
 
@@ -469,35 +467,61 @@ def _expect_reads(plan: Plan, runtime: RuntimeConfig, counts, density: float) ->
         plan.expected_basis = f"density {density:.3g} if the pinned clusters are among the chosen"
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a plan needs from a model dir, read once (gather_facts does all the planner's I/O): the manifest's
+    config and FFN store, the sizes of what stays resident or streams, the profile's cluster activity, the
+    tokenizer's parse peak, and the density train-predictor measured."""
+    manifest: dict
+    info: StoreInfo
+    sizes: _Sizes
+    counts: np.ndarray | None
+    tokenizer_peak: int
+    predictor_density: float | None
+
+
+def gather_facts(model_dir, manifest: dict, runtime: RuntimeConfig) -> ModelFacts:
+    """The model dir's files as the plan sees them (safetensors header, profile, tokenizer, predictors)."""
+    model_dir = Path(model_dir)
+    from .config import for_model
+    runtime = for_model(runtime, manifest["config"])
+    info = StoreInfo.from_json(manifest["ffn"])
+    dens = predictor_density(model_dir) if runtime.mode == "predict" and runtime.density >= 1.0 else None
+    return ModelFacts(manifest, info, _sizes(model_dir, manifest, runtime, info), hotness(model_dir, info),
+                      tokenizer_load_peak(model_dir / "tokenizer.json"), dens)
+
+
 def make_plan(model_dir, manifest: dict, runtime: RuntimeConfig, *, allow_stream: bool = True) -> Plan:
     """Share ``runtime.budget_bytes`` out between the segments; refuse a budget below the minimum
     (BudgetTooSmall, with the minimum). ``allow_stream=False``: attention and lm_head must stay resident (the
     minimum is then higher)."""
-    model_dir = Path(model_dir)
+    return plan_budget(gather_facts(model_dir, manifest, runtime), runtime, allow_stream=allow_stream)
+
+
+def plan_budget(facts: ModelFacts, runtime: RuntimeConfig, *, allow_stream: bool = True) -> Plan:
+    """make_plan over facts already gathered: no I/O, the same plan for the same facts and runtime."""
     from .config import for_model
-    runtime = for_model(runtime, manifest["config"])
+    cfg = facts.manifest["config"]
+    runtime = for_model(runtime, cfg)
     B = runtime.budget_bytes
     if B is None:
         raise PowerlowError("no memory budget given; pass --budget SIZE (e.g. --budget 512MiB) or set budget in the config")
-    cfg = manifest["config"]
-    info = StoreInfo.from_json(manifest["ffn"])
+    info, sz, counts = facts.info, facts.sizes, facts.counts
     L, N, S = info.n_layers, info.n_clusters, info.layout.stride
     strides = tuple(lay.stride for lay in info.layouts)
-    sz = _sizes(model_dir, manifest, runtime, info)
     context, stream = _context_and_stream(sz, cfg, runtime, B, N * S, allow_stream)
     dense = _dense_plan(sz, cfg, B, context, stream, N * S)
     resident = _resident(sz, dense, sz.fixed_for(cfg, context))
     R = sum(resident.values())
-    _check_floor(model_dir, B, R, N * S, context)
+    _check_floor(facts.tokenizer_peak, B, R, N * S, context)
     slots = (B - R) // S
     notes: list[str] = []
-    counts = hotness(model_dir, info)
     experts = (cfg["n_experts"], N // cfg["n_experts"], cfg["n_experts_used"]) if runtime.mode == "experts" else None
     if slots >= L * N:
         return Plan(B, S, L, N, context, resident, [N] * L, [np.arange(N)] * L, 0, 0, runtime.prefetch_depth, 1.0,
                     "everything", notes, dense=dense, layer_strides=strides, experts=experts)
     dense_like = runtime.mode == "dense" or (runtime.mode == "gate" and counts is None)
-    density = 1.0 if dense_like else _mode_density(model_dir, runtime, cfg, counts, N)
+    density = 1.0 if dense_like else _mode_density(facts.predictor_density, runtime, cfg, counts, N)
     hot, staging, dynamic, D, window = _split_slots(runtime, slots, L, N, S, counts, density, notes)
     if counts is not None and not dense_like:
         order = [np.argsort(-counts[l], kind="stable")[: hot[l]] for l in range(L)]
@@ -559,37 +583,3 @@ def _hot_from_counts(counts: np.ndarray, H: int, N: int) -> list[int]:
 
 
 # -- `powerlow run --plan` ------------------------------------------------------------------------------
-def print_plan(model_dir, rt: RuntimeConfig) -> int:
-    """Print how the budget of ``rt`` would be spent on ``model_dir``, without loading the weights (the plan the same
-    `powerlow run` command runs: its caller sizes the KV cache as the run does)."""
-    from .manifest import load_manifest
-
-    model_dir = Path(model_dir)
-    manifest = load_manifest(model_dir)
-    if rt.budget_bytes is None:
-        R = tensor_bytes(model_dir / "resident.safetensors")
-        ffn = StoreInfo.from_json(manifest["ffn"]).total_bytes
-        print(f"no budget: everything resident, about {format_size(R + ffn)} (weights {format_size(R)}, "
-              f"FFN store {format_size(ffn)}) plus KV cache and scratch; pass --budget SIZE to plan an offloaded run")
-        return 0
-    from .config import for_model
-    rt = for_model(rt, manifest["config"])
-    print(make_plan(model_dir, manifest, rt).render())
-    print(draft_line(rt))
-    return 0
-
-
-def draft_line(rt: RuntimeConfig) -> str:
-    """What the run drafts with (speculative decoding) and why, for --plan."""
-    from .speculate import AUTO_DRAFT, K_MAX
-    d = rt.draft
-    k = f"{rt.draft_k} drafts a pass" if rt.draft_k else f"k adaptive 0..{K_MAX} from the measured acceptance and pass cost"
-    if d == "none":
-        return "speculative decoding: off (--draft none): one target pass per generated token"
-    why = {"ngram": "prompt lookup from the context, no memory",
-           "self": "the resident part of the model (pinned clusters; streamed layers skipped), no extra memory"}
-    if d == "auto":
-        return (f"speculative decoding: auto -> {AUTO_DRAFT} ({why[AUTO_DRAFT]}; a plain step where it finds nothing), "
-                f"{k}; every target pass reads the streamed weights once for all the tokens it checks")
-    return (f"speculative decoding: {d} ({why.get(d, 'a draft model, resident: its footprint is taken off the budget')}), "
-            f"{k}; every target pass reads the streamed weights once for all the tokens it checks")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def add_arguments(p) -> None:
@@ -31,7 +32,6 @@ def main(args) -> int:
                                 "was made for; shorten the prompt or lower -n")
         cfg = cfg.replace(max_context=n_prompt + n)
     if args.plan:
-        from .plan import print_plan
         return print_plan(model_dir, cfg)
     from .quality import describe
     msg, _ = describe(model_dir, cfg.mode, cfg.density)
@@ -80,3 +80,43 @@ def _prompt_tokens(model_dir, prompt: str, chat: bool) -> tuple[int, int]:
     del tok
     release_free_heap()
     return max(1, n), cfg.max_positions
+
+
+def print_plan(model_dir, rt: RuntimeConfig) -> int:
+    """Print how the budget of ``rt`` would be spent on ``model_dir``, without loading the weights (the plan the same
+    `powerlow run` command runs: its caller sizes the KV cache as the run does)."""
+    from .config import format_size
+    from .manifest import load_manifest
+    from .plan import make_plan
+    from .st_header import tensor_bytes
+    from .store import StoreInfo
+
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    if rt.budget_bytes is None:
+        R = tensor_bytes(model_dir / "resident.safetensors")
+        ffn = StoreInfo.from_json(manifest["ffn"]).total_bytes
+        print(f"no budget: everything resident, about {format_size(R + ffn)} (weights {format_size(R)}, "
+              f"FFN store {format_size(ffn)}) plus KV cache and scratch; pass --budget SIZE to plan an offloaded run")
+        return 0
+    from .config import for_model
+    rt = for_model(rt, manifest["config"])
+    print(make_plan(model_dir, manifest, rt).render())
+    print(draft_line(rt))
+    return 0
+
+
+def draft_line(rt: RuntimeConfig) -> str:
+    """What the run drafts with (speculative decoding) and why, for --plan."""
+    from .speculate import AUTO_DRAFT, K_MAX
+    d = rt.draft
+    k = f"{rt.draft_k} drafts a pass" if rt.draft_k else f"k adaptive 0..{K_MAX} from the measured acceptance and pass cost"
+    if d == "none":
+        return "speculative decoding: off (--draft none): one target pass per generated token"
+    why = {"ngram": "prompt lookup from the context, no memory",
+           "self": "the resident part of the model (pinned clusters; streamed layers skipped), no extra memory"}
+    if d == "auto":
+        return (f"speculative decoding: auto -> {AUTO_DRAFT} ({why[AUTO_DRAFT]}; a plain step where it finds nothing), "
+                f"{k}; every target pass reads the streamed weights once for all the tokens it checks")
+    return (f"speculative decoding: {d} ({why.get(d, 'a draft model, resident: its footprint is taken off the budget')}), "
+            f"{k}; every target pass reads the streamed weights once for all the tokens it checks")

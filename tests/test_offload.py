@@ -564,3 +564,24 @@ def test_python_overhead_classes_samples_by_their_call_stack():
     ])
     c = mod.tally(script, 100, (10.0, 11.0))
     assert dict(c) == {"compiled": 2, "python": 2, "os": 1}
+
+
+def test_the_planner_is_pure_over_gathered_facts(tiny_dir, tmp_path):
+    """plan.gather_facts does the planner's reading; plan_budget over those facts needs no file (the model dir
+    can be gone) and gives make_plan's plan, for several budgets and modes, and its refusals."""
+    from powerlow.errors import BudgetTooSmall
+    from powerlow.plan import gather_facts, plan_budget
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    man = load_manifest(d)
+    lo = _min(d)
+    cases = [RuntimeConfig(budget_bytes=b) for b in (lo, lo + 20 * 4096, lo + 10 ** 6)]
+    cases += [RuntimeConfig(mode="gate", budget_bytes=lo + 10 ** 6)]
+    want = [make_plan(d, man, rt).as_dict() for rt in cases]
+    facts = [gather_facts(d, man, rt) for rt in cases]
+    shutil.rmtree(d)
+    for rt, f, w in zip(cases, facts, want):
+        assert plan_budget(f, rt).as_dict() == w
+    with pytest.raises(BudgetTooSmall) as e:
+        plan_budget(facts[0], cases[0].replace(budget_bytes=lo - 1))
+    assert e.value.minimum == lo
