@@ -1,10 +1,11 @@
-# A layer of the predict mode in one call (included by _kernels.pyx; powerlow.kernels.SparseStep is its face).
+# The compiled layer steps (included by _kernels.pyx; powerlow/steps.py is their face): a layer's FFN in one call
+# with the GIL released, and LayerLoop, every layer of a pass in one call.
 #
-# SparseStep.run(layer, h, out): the low-rank predictor's clusters of this layer and its guess for the next
-# (_pick_one, as lowrank_pick), the bundles' addresses from the cluster source (the resident buffer, or the
-# streaming core's fetch through powerlow._iocore.API), the next layer's read-ahead (the core's prefetch), the
-# bundles put in their converted order after a cluster re-layout, and the FFN kernel: the steps of
-# powerlow.ffn.SparseFFN.forward and predictors.LowRankPredictor.select_ahead, in C with the GIL released.
+# SparseStep: the low-rank predictor's clusters of this layer and its guess for the next (_pick_one, as
+# lowrank_pick), the bundles' addresses from the cluster source (the resident buffer, or the streaming core's
+# fetch through powerlow._iocore.API), the next layer's read-ahead (the core's prefetch), the bundles put in their
+# converted order after a cluster re-layout, and the FFN kernel: the steps of powerlow.ffn.SparseFFN.forward and
+# predictors.LowRankPredictor.select_ahead. DenseStep: the dense window's pieces. AllStep: every resident bundle.
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memset
@@ -20,18 +21,82 @@ cdef extern from "plk_io.h" nogil:
 
 
 cdef class _FFNStep:
-    """A layer's FFN in one call (what LayerLoop runs per layer): SparseStep (predict mode) or DenseStep (the dense
-    window)."""
-    cdef int L, K, batch
+    """A layer's FFN in one call (what LayerLoop runs per layer): SparseStep, DenseStep or AllStep. Holds what they
+    share: per layer the bundle plane offsets and the FFN kernel's variant (isa, fmt, down fmt, tl: configure),
+    the streaming core (or None), the clusters computed so far; run() checks and calls the subclass's _run."""
+    cdef int L, K, N, act, C, batch
+    cdef int *ffn_isa                  # [4 L]: isa, then fmt, down fmt, tl, each L long
+    cdef const int64_t **offs
     cdef plk_io_api *api
     cdef object core
+    cdef object _offs
     cdef public int64_t used
+
+    def __dealloc__(self):
+        free(self.ffn_isa); free(self.offs)
+
+    cdef int _init_ffn(self, int L, int K, int N, int act, int C, offs, core) except -1:
+        cdef int l
+        if L < 1 or K < 1 or N < 1 or len(offs) != L:
+            raise ValueError("a layer step needs >= 1 layer, K, bundles and one offsets table per layer")
+        self.L, self.K, self.N, self.act, self.C, self.batch = L, K, N, act, C, -1
+        self.ffn_isa = <int *>calloc(4 * L, sizeof(int))
+        self.offs = <const int64_t **>calloc(L, sizeof(int64_t *))
+        if self.ffn_isa == NULL or self.offs == NULL:
+            raise MemoryError("layer step: out of memory")
+        for l in range(L):
+            _arr(offs[l], cnp.NPY_INT64, 1, "offs")
+            self.offs[l] = <const int64_t *>_ptr(offs[l])
+        self._offs = offs
+        self.core, self.api = core, NULL
+        if core is not None:
+            from powerlow import _iocore
+            self.api = <plk_io_api *>PyCapsule_GetPointer(_iocore.API, PLK_IO_API_NAME)
+        return 0
+
+    def configure(self, int batch, ffn):
+        """Per layer (isa, fmt, down fmt, tl) of the FFN kernel for T == 1 (batch 0) or T > 1 (batch 1)."""
+        cdef int l, L = self.L
+        if len(ffn) != L:
+            raise ValueError("configure: one FFN variant per layer")
+        for l in range(L):
+            self.ffn_isa[l], self.ffn_isa[L + l], self.ffn_isa[2 * L + l], self.ffn_isa[3 * L + l] = ffn[l]
+        self.batch = batch
+
+    cdef inline int _ffn(self, int layer, const uint64_t *ptrs, int n, const float *h, int T, float *out,
+                         int nthreads) noexcept nogil:
+        cdef int L = self.L
+        return plk_ffn_bundles(self.ffn_isa[layer], self.ffn_isa[L + layer], self.ffn_isa[2 * L + layer],
+                               self.ffn_isa[3 * L + layer], ptrs, n, self.C, self.K, self.offs[layer], h, T, self.act,
+                               out, nthreads)
 
     cdef int _grow(self, int T) except -1:
         return 0
 
     cdef int _run(self, plk_io *io, int layer, const float *h, int T, float *out, int nthreads) noexcept nogil:
         return -2
+
+    def run(self, int layer, h, out, int nthreads) -> int:
+        """out (T, K) += the layer's FFN. The clusters computed, or -1 when the streaming core failed (its error()
+        says why)."""
+        _arr(h, cnp.NPY_FLOAT32, 2, "h")
+        _arr(out, cnp.NPY_FLOAT32, 2, "out")
+        cdef int T = h.shape[0], rc
+        if h.shape[1] != self.K or out.shape[0] != T or out.shape[1] != self.K or T < 1:
+            raise ValueError(f"run: h and out must be (T, {self.K})")
+        if layer < 0 or layer >= self.L:
+            raise ValueError(f"run: layer {layer} out of range")
+        if self.batch != (T > 1):
+            raise ValueError("run: configure() the variants of this batch size first")
+        self._grow(T)
+        cdef plk_io *io = self._core_io()
+        cdef const float *ph = <const float *>_ptr(h)
+        cdef float *po = <float *>_ptr(out)
+        with nogil:
+            rc = self._run(io, layer, ph, T, po, nthreads)
+        if rc == -2:
+            raise MemoryError("kernel scratch allocation failed")
+        return rc
 
     @property
     def batch_class(self) -> int:
@@ -49,7 +114,7 @@ cdef class _FFNStep:
 
 cdef class SparseStep(_FFNStep):
     """See powerlow.kernels.SparseStep. Layer tables are C arrays over numpy arrays kept in ``_keep``."""
-    cdef int N, r, n_out, group, act, C, depth, prefetch_on
+    cdef int r, n_out, group, depth, prefetch_on
     cdef int mm_isa, fa, fb
     cdef plk_w *wa
     cdef plk_w *wb
@@ -57,11 +122,6 @@ cdef class SparseStep(_FFNStep):
     cdef const float **pb
     cdef const float **psc
     cdef float *thr
-    cdef int *ffn_isa
-    cdef int *fmt
-    cdef int *dfmt
-    cdef int *tl
-    cdef const int64_t **offs
     cdef const uint64_t **resident
     cdef const int64_t **order
     cdef int32_t *ids
@@ -88,20 +148,19 @@ cdef class SparseStep(_FFNStep):
         (int64 (N,)). Source: resident[l] uint64 (N,) addresses, or core (a powerlow._iocore.SlotCore) with its
         fetch ``depth``."""
         cdef int l, L = len(A)
-        self.L, self.group, self.act, self.C, self.depth = L, group, act, C, depth
-        self.fa, self.fb = fa, fb
+        self.group, self.depth, self.fa, self.fb = group, depth, fa, fb
         self.r, self.n_out = a[0].shape[1], b[0].shape[1]
-        self.K, self.N = K, self.n_out // group
-        if self.n_out % group or L < 1 or K < 1:
+        if self.n_out % group:
             raise ValueError("SparseStep: n_out must be a multiple of group")
+        if (resident is None) == (core is None):
+            raise ValueError("SparseStep: give resident addresses or a streaming core, not both")
+        self._init_ffn(L, K, self.n_out // group, act, C, offs, core)
         self.wa = <plk_w *>calloc(L, sizeof(plk_w))
         self.wb = <plk_w *>calloc(L, sizeof(plk_w))
         self.pa = <const float **>calloc(L, sizeof(float *))
         self.pb = <const float **>calloc(L, sizeof(float *))
         self.psc = <const float **>calloc(L, sizeof(float *))
         self.thr = <float *>calloc(L, sizeof(float))
-        self.ffn_isa = <int *>calloc(4 * L, sizeof(int))
-        self.offs = <const int64_t **>calloc(L, sizeof(int64_t *))
         self.resident = <const uint64_t **>calloc(L, sizeof(uint64_t *))
         self.order = <const int64_t **>calloc(L, sizeof(int64_t *))
         self.ids = <int32_t *>malloc(self.N * sizeof(int32_t))
@@ -111,20 +170,17 @@ cdef class SparseStep(_FFNStep):
         self.ptrs = <uint64_t *>malloc(self.N * sizeof(uint64_t))
         self.ptrs2 = <uint64_t *>malloc(self.N * sizeof(uint64_t))
         if (self.wa == NULL or self.wb == NULL or self.pa == NULL or self.pb == NULL or self.psc == NULL
-                or self.thr == NULL or self.ffn_isa == NULL or self.offs == NULL or self.resident == NULL
+                or self.thr == NULL or self.resident == NULL
                 or self.order == NULL or self.ids == NULL or self.ahead == NULL or self.last0 == NULL
                 or self.mark == NULL or self.ptrs == NULL or self.ptrs2 == NULL):
             raise MemoryError("SparseStep: out of memory")
-        self.fmt, self.dfmt, self.tl = self.ffn_isa + L, self.ffn_isa + 2 * L, self.ffn_isa + 3 * L
         self.n_last0 = -1
         for l in range(L):
             if a[l].shape[1] != self.r or b[l].shape[1] != self.n_out:
                 raise ValueError("SparseStep: every layer's predictor must have one rank and one output size")
             _arr(a[l], cnp.NPY_FLOAT32, 2, "a")
             _arr(b[l], cnp.NPY_FLOAT32, 2, "b")
-            _arr(offs[l], cnp.NPY_INT64, 1, "offs")
             self.pa[l], self.pb[l], self.thr[l] = <const float *>_ptr(a[l]), <const float *>_ptr(b[l]), <float>thr[l]
-            self.offs[l] = <const int64_t *>_ptr(offs[l])
             if scale[l] is not None:
                 _arr(scale[l], cnp.NPY_FLOAT32, 2, "scale")
                 if scale[l].shape[1] != K:
@@ -143,32 +199,18 @@ cdef class SparseStep(_FFNStep):
         for l in range(L):
             _planes(fa, A[l][0], A[l][1], None, self.r, self.K, &self.wa[l])
             _planes(fb, B[l][0], B[l][1], None, self.n_out, self.r, &self.wb[l])
-        if (resident is None) == (core is None):
-            raise ValueError("SparseStep: give resident addresses or a streaming core, not both")
-        self.api = NULL
-        if core is not None:
-            from powerlow import _iocore
-            self.api = <plk_io_api *>PyCapsule_GetPointer(_iocore.API, PLK_IO_API_NAME)
-        self.core = core
         self.prefetch_on = core is not None
-        self.batch = -1
-        self._keep = (A, a, B, b, scale, offs, resident, core, order)
+        self._keep = (A, a, B, b, scale, resident, order)
 
     def __dealloc__(self):
         free(self.wa); free(self.wb); free(self.pa); free(self.pb); free(self.psc); free(self.thr)
-        free(self.ffn_isa); free(self.offs); free(self.resident); free(self.order)
+        free(self.resident); free(self.order)
         free(self.ids); free(self.ahead); free(self.last0); free(self.mark); free(self.ptrs); free(self.ptrs2)
         free(self.z); free(self.y); free(self.hs)
 
-    def configure(self, int batch, int mm_isa, ffn):
-        """The kernel variants for T == 1 (batch 0) or T > 1 (batch 1): the predictor's q8 matmul, and per layer
-        (isa, fmt, down fmt, tl) of the FFN kernel (powerlow.kernels works them out)."""
-        cdef int l
-        if len(ffn) != self.L:
-            raise ValueError("SparseStep.configure: one FFN variant per layer")
-        for l in range(self.L):
-            self.ffn_isa[l], self.fmt[l], self.dfmt[l], self.tl[l] = ffn[l]
-        self.mm_isa, self.batch = mm_isa, batch
+    def set_matmul(self, int mm_isa):
+        """The predictor's q8 matmul variant (with configure: the batch class's kernel variants)."""
+        self.mm_isa = mm_isa
 
     cdef int _grow(self, int T) except -1:
         cdef float *z
@@ -189,28 +231,6 @@ cdef class SparseStep(_FFNStep):
             raise MemoryError("SparseStep: out of memory for the predictor's scratch")
         self.cap_T = T
         return 0
-
-    def run(self, int layer, h, out, int nthreads) -> int:
-        """out (T, K) += the layer's FFN over the predicted clusters. Returns how many clusters were computed, or
-        -1 when the streaming core failed (its error() says why)."""
-        _arr(h, cnp.NPY_FLOAT32, 2, "h")
-        _arr(out, cnp.NPY_FLOAT32, 2, "out")
-        cdef int T = h.shape[0], rc
-        if h.shape[1] != self.K or out.shape[0] != T or out.shape[1] != self.K or T < 1:
-            raise ValueError(f"SparseStep.run: h and out must be (T, {self.K})")
-        if layer < 0 or layer >= self.L:
-            raise ValueError(f"SparseStep.run: layer {layer} out of range")
-        if self.batch != (T > 1):
-            raise ValueError("SparseStep.run: configure() the variants of this batch size first")
-        self._grow(T)
-        cdef plk_io *io = self._core_io()
-        cdef const float *ph = <const float *>_ptr(h)
-        cdef float *po = <float *>_ptr(out)
-        with nogil:
-            rc = self._run(io, layer, ph, T, po, nthreads)
-        if rc == -2:
-            raise MemoryError("kernel scratch allocation failed")
-        return rc
 
     cdef int _pick(self, int l, const float *h, int T, const float *scale, int32_t *dst, int *n,
                    int nthreads) noexcept nogil:
@@ -258,19 +278,15 @@ cdef class SparseStep(_FFNStep):
                     self.mark[c] = 0
                     j += 1
             p = self.ptrs2
-        if n:
-            if plk_ffn_bundles(self.ffn_isa[layer], self.fmt[layer], self.dfmt[layer], self.tl[layer], p, n, self.C,
-                               self.K, self.offs[layer], h, T, self.act, out, nthreads):
-                return -2
+        if n and self._ffn(layer, p, n, h, T, out, nthreads):
+            return -2
         self.used += n
         return n
 
 
 cdef class DenseStep(_FFNStep):
-    """See powerlow.kernels.DenseStep: a layer of the dense window, piece by piece as its bundles arrive."""
-    cdef int N, nch, npieces, act, C, isa_, fmt_, dfmt_, tl_
-    cdef int *ffn_isa
-    cdef const int64_t **offs
+    """See powerlow.steps.DenseStep: a layer of the dense window, piece by piece as its bundles arrive."""
+    cdef int nch, npieces
     cdef const int64_t *pos
     cdef const int *lo
     cdef const int *hi
@@ -287,44 +303,26 @@ cdef class DenseStep(_FFNStep):
         """offs[l]: the bundle plane offsets of layer l; piece p: compute positions start[p]..start[p+1] of a
         layer, whose bundles go to the kernel's positions pos[start[p]:start[p+1]], chunk ranges lo[p], hi[p]
         (rows of (npieces, nch) int32 arrays). core: the SlotCore whose window (stream_begin) serves them."""
-        cdef int l, L = len(offs)
         _arr(pos, cnp.NPY_INT64, 1, "pos")
         _arr(lo, cnp.NPY_INT32, 2, "lo")
         _arr(hi, cnp.NPY_INT32, 2, "hi")
         _arr(start, cnp.NPY_INT64, 1, "start")
-        self.L, self.K, self.N, self.act, self.C = L, K, N, act, C
         self.npieces, self.nch = lo.shape[0], lo.shape[1]
         if (hi.shape[0] != self.npieces or hi.shape[1] != self.nch or start.shape[0] != self.npieces + 1
-                or start[0] != 0 or start[self.npieces] != N or (np.diff(start) < 0).any() or pos.shape[0] != N or self.nch < 1
-                or (pos < 0).any() or (pos >= N).any() or (lo < 0).any() or (lo > hi).any() or (hi > N).any()):
-            raise ValueError("DenseStep: the pieces' tables do not match")
-        self.ffn_isa = <int *>calloc(4 * L, sizeof(int))
-        self.offs = <const int64_t **>calloc(L, sizeof(int64_t *))
+                or start[0] != 0 or start[self.npieces] != N or (np.diff(start) < 0).any() or pos.shape[0] != N
+                or self.nch < 1 or (pos < 0).any() or (pos >= N).any() or (lo < 0).any() or (lo > hi).any()
+                or (hi > N).any() or core is None):
+            raise ValueError("DenseStep: the pieces' tables do not match, or no streaming core")
+        self._init_ffn(len(offs), K, N, act, C, offs, core)
         self.ptrs = <uint64_t *>calloc(N, sizeof(uint64_t))
-        if self.ffn_isa == NULL or self.offs == NULL or self.ptrs == NULL:
+        if self.ptrs == NULL:
             raise MemoryError("DenseStep: out of memory")
-        for l in range(L):
-            _arr(offs[l], cnp.NPY_INT64, 1, "offs")
-            self.offs[l] = <const int64_t *>_ptr(offs[l])
         self.pos = <const int64_t *>_ptr(pos)
         self.lo, self.hi, self.start = <const int *>_ptr(lo), <const int *>_ptr(hi), <const int64_t *>_ptr(start)
-        from powerlow import _iocore
-        self.api = <plk_io_api *>PyCapsule_GetPointer(_iocore.API, PLK_IO_API_NAME)
-        self.core = core
-        self.batch = -1
-        self._keep = (offs, pos, lo, hi, start)
+        self._keep = (pos, lo, hi, start)
 
     def __dealloc__(self):
-        free(self.ffn_isa); free(self.offs); free(self.ptrs); free(self.priv)
-
-    def configure(self, int batch, ffn):
-        """Per layer (isa, fmt, down fmt, tl) of the FFN kernel for T == 1 (batch 0) or T > 1 (batch 1)."""
-        cdef int l
-        if len(ffn) != self.L:
-            raise ValueError("DenseStep.configure: one FFN variant per layer")
-        for l in range(self.L):
-            self.ffn_isa[l], self.ffn_isa[self.L + l], self.ffn_isa[2 * self.L + l], self.ffn_isa[3 * self.L + l] = ffn[l]
-        self.batch = batch
+        free(self.ptrs); free(self.priv)
 
     cdef int _grow(self, int T) except -1:
         cdef float *p
@@ -335,27 +333,6 @@ cdef class DenseStep(_FFNStep):
             raise MemoryError("DenseStep: out of memory for the chunk buffers")
         self.priv, self.cap_T = p, T
         return 0
-
-    def run(self, int layer, h, out, int nthreads) -> int:
-        """out (T, K) += the layer's FFN over all its bundles. N, or -1 (the core failed: its error())."""
-        _arr(h, cnp.NPY_FLOAT32, 2, "h")
-        _arr(out, cnp.NPY_FLOAT32, 2, "out")
-        cdef int T = h.shape[0], rc
-        if h.shape[1] != self.K or out.shape[0] != T or out.shape[1] != self.K or T < 1:
-            raise ValueError(f"DenseStep.run: h and out must be (T, {self.K})")
-        if layer < 0 or layer >= self.L:
-            raise ValueError(f"DenseStep.run: layer {layer} out of range")
-        if self.batch != (T > 1):
-            raise ValueError("DenseStep.run: configure() the variants of this batch size first")
-        self._grow(T)
-        cdef plk_io *io = self._core_io()
-        cdef const float *ph = <const float *>_ptr(h)
-        cdef float *po = <float *>_ptr(out)
-        with nogil:
-            rc = self._run(io, layer, ph, T, po, nthreads)
-        if rc == -2:
-            raise MemoryError("kernel scratch allocation failed")
-        return rc
 
     cdef int _run(self, plk_io *io, int layer, const float *h, int T, float *out, int nthreads) noexcept nogil:
         cdef int p, j, c, L = self.L, nch = self.nch
@@ -385,62 +362,28 @@ cdef class DenseStep(_FFNStep):
 
 cdef class AllStep(_FFNStep):
     """See powerlow.steps.AllStep: a layer's FFN over all its bundles, resident (dense mode without a budget)."""
-    cdef int N, act, C
-    cdef int *ffn_isa
-    cdef const int64_t **offs
     cdef const uint64_t **ptrs
     cdef object _keep
 
     def __init__(self, int K, int act, int C, offs, ptrs):
         """offs[l]: layer l's bundle plane offsets; ptrs[l]: uint64 (N,) addresses of its bundles, in summing order."""
         cdef int l, L = len(offs)
-        self.L, self.K, self.act, self.C, self.batch = L, K, act, C, -1
-        self.N = ptrs[0].shape[0]
-        self.ffn_isa = <int *>calloc(4 * L, sizeof(int))
-        self.offs = <const int64_t **>calloc(L, sizeof(int64_t *))
+        self._init_ffn(L, K, ptrs[0].shape[0], act, C, offs, None)
         self.ptrs = <const uint64_t **>calloc(L, sizeof(uint64_t *))
-        if self.ffn_isa == NULL or self.offs == NULL or self.ptrs == NULL:
+        if self.ptrs == NULL:
             raise MemoryError("AllStep: out of memory")
         for l in range(L):
-            _arr(offs[l], cnp.NPY_INT64, 1, "offs")
             _arr(ptrs[l], cnp.NPY_UINT64, 1, "ptrs")
             if ptrs[l].shape[0] != self.N:
                 raise ValueError("AllStep: every layer has the same number of bundles")
-            self.offs[l], self.ptrs[l] = <const int64_t *>_ptr(offs[l]), <const uint64_t *>_ptr(ptrs[l])
-        self._keep = (offs, ptrs)
+            self.ptrs[l] = <const uint64_t *>_ptr(ptrs[l])
+        self._keep = ptrs
 
     def __dealloc__(self):
-        free(self.ffn_isa); free(self.offs); free(self.ptrs)
-
-    def configure(self, int batch, ffn):
-        cdef int l
-        if len(ffn) != self.L:
-            raise ValueError("AllStep.configure: one FFN variant per layer")
-        for l in range(self.L):
-            self.ffn_isa[l], self.ffn_isa[self.L + l], self.ffn_isa[2 * self.L + l], self.ffn_isa[3 * self.L + l] = ffn[l]
-        self.batch = batch
-
-    def run(self, int layer, h, out, int nthreads) -> int:
-        _arr(h, cnp.NPY_FLOAT32, 2, "h")
-        _arr(out, cnp.NPY_FLOAT32, 2, "out")
-        cdef int T = h.shape[0], rc
-        if h.shape[1] != self.K or out.shape[0] != T or out.shape[1] != self.K or T < 1 or not 0 <= layer < self.L:
-            raise ValueError(f"AllStep.run: h and out must be (T, {self.K}), layer in range")
-        if self.batch != (T > 1):
-            raise ValueError("AllStep.run: configure() the variants of this batch size first")
-        cdef const float *ph = <const float *>_ptr(h)
-        cdef float *po = <float *>_ptr(out)
-        with nogil:
-            rc = self._run(NULL, layer, ph, T, po, nthreads)
-        if rc == -2:
-            raise MemoryError("kernel scratch allocation failed")
-        return rc
+        free(self.ptrs)
 
     cdef int _run(self, plk_io *io, int layer, const float *h, int T, float *out, int nthreads) noexcept nogil:
-        cdef int L = self.L
-        if plk_ffn_bundles(self.ffn_isa[layer], self.ffn_isa[L + layer], self.ffn_isa[2 * L + layer],
-                           self.ffn_isa[3 * L + layer], self.ptrs[layer], self.N, self.C, self.K, self.offs[layer],
-                           h, T, self.act, out, nthreads):
+        if self._ffn(layer, self.ptrs[layer], self.N, h, T, out, nthreads):
             return -2
         self.used += self.N
         return self.N

@@ -263,7 +263,8 @@ class Transformer:
         # fused: one attn_block call per layer (kernels or reference); False runs the unfused op sequence
         # (the same kernels one by one: tests compare the two bit for bit)
         self.fused = True
-        self._loop = None             # steps.LayerLoop of the predict mode (built at the first pass)
+        self._loop = None             # steps.LayerLoop (built at the first pass that can use it)
+        self._loopable = None
         self._scratch, self._scratch_T = None, 0
         self._draft_ptrs = None
 
@@ -510,15 +511,15 @@ class Transformer:
         """steps.LayerLoop over this model's layers and the FFN's compiled step, or None where the pass must go
         layer by layer in Python: weights streamed through the ring, an unfused or extra-normed layer (QK-norm,
         sliding window, post-FFN norm), no compiled FFN step, or ops without the loop (the reference ops)."""
-        step = self.ffn.compiled_step() if self.fused else None
+        if self._loopable is None:     # what the model is (fixed at load): every layer fused, plain, resident
+            self._loopable = steps.available(self.ops) and all(self._plain) and \
+                all(lw is not None for lw in self.layers) and all(e.post_ffn_norm is None for e in self._extra)
+        step = self.ffn.compiled_step() if self.fused and self._loopable else None
         if step is None:
             return None
         loop = self._loop
         if loop is not None and loop.step is step:
             return loop
-        if not steps.available(self.ops) or not all(self._plain) or any(lw is None for lw in self.layers) \
-                or any(e.post_ffn_norm is not None for e in self._extra):
-            return None
         cfg = self.config
         self._loop = steps.LayerLoop(list(self.layers), step, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
         return self._loop

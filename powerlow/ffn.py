@@ -19,6 +19,9 @@ from .plan import STREAM_PIECE_BYTES
 from .store import StoreInfo
 
 
+_UNMADE = object()        # SparseFFN: no compiled step made yet
+
+
 class ResidentStore:
     """Every bundle of ffn.bin in one aligned RAM buffer."""
 
@@ -106,10 +109,11 @@ class SparseFFN:
         # MoE: the next layer's experts are read ahead unless prefetch_depth is 0 (to measure what that buys)
         self._lookahead = self._prefetch is not None and getattr(getattr(source, "plan", None), "prefetch_depth", 1) > 0
         self.observer = None         # observer(layer, h) before each layer's FFN (powerlow.profile records with it)
-        self._step, self._step_pred = None, None     # steps.SparseStep of this predictor (built at first use)
+        # compiled: a layer in one compiled call where there is one (powerlow.steps); False: the Python steps below
+        # (tests compare the two bit for bit). The step is made at first use, again if the predictor is replaced
+        self.compiled = True
+        self._step, self._step_pred = None, _UNMADE
         self._first = True
-        self._dense = False          # steps.DenseStep of the dense window (False: not made yet)
-        self._allstep = False        # steps.AllStep of a resident dense run (False: not made yet)
         self.clusters_used = 0       # over the whole run, for the density figure
         self.clusters_total = 0
         self._pieces = None
@@ -171,32 +175,22 @@ class SparseFFN:
             self.observer(layer, h)
         if self.router is not None:
             return self._forward_moe(layer, h, out)
+        step = self._compiled()
+        if step is not None:                  # the layer in one compiled call
+            self.begin_pass()
+            n = step.run(layer, h, out)
+            if n < 0:
+                self.source.raise_error()
+            self.clusters_used += n
+            self.clusters_total += self.info.n_clusters
+            return out
         if self._pieces is not None:
             self.begin_pass()
-            step = self._dense_step()
-            if step is None:
-                self._forward_pieces(layer, h, out)
-            elif step.run(layer, h, out) < 0:     # the window's pieces and the kernel calls in one compiled call
-                self.source.raise_error()
+            self._forward_pieces(layer, h, out)
             self.clusters_used += self.info.n_clusters
             self.clusters_total += self.info.n_clusters
             return out
         pred, prefetch = self.predictor, self._prefetch
-        if pred is None and self._allstep is not None and self._all_step() is not None:   # dense, resident
-            self._allstep.run(layer, h, out)
-            self.clusters_used += self.info.n_clusters
-            self.clusters_total += self.info.n_clusters
-            return out
-        if pred is not None and self.observer is None:
-            step = self._step if self._step_pred is pred else self._make_step()
-            if step is not None:          # the predict-mode layer in one compiled call
-                self.begin_pass()
-                n = step.run(layer, h, out)
-                if n < 0:
-                    self.source.raise_error()
-                self.clusters_used += n
-                self.clusters_total += self.info.n_clusters
-                return out
         nxt = layer + 1 if layer + 1 < self.n_layers else 0      # after the last layer: the next token's first
         if pred is None:
             clusters = ahead = None
@@ -219,51 +213,43 @@ class SparseFFN:
         return out
 
     def compiled_step(self):
-        """The compiled FFN step a whole forward pass can run (powerlow.steps.LayerLoop): SparseStep in predict
-        mode, DenseStep over the dense window; None where there is no compiled form or an observer watches."""
-        if self.observer is not None or self.router is not None:
-            return None
-        if self._pieces is not None:
-            return self._dense_step()
-        if self.predictor is None:
-            return self._all_step()
-        return self._step if self._step_pred is self.predictor else self._make_step()
-
-    def _all_step(self):
-        """steps.AllStep for dense mode over a resident store (built at first use), or None."""
-        if self._allstep is False:
-            src = getattr(self.source, "step_source", lambda: None)()
-            if not steps.available(self.ops) or self.mode != "dense" or src is None or "resident" not in src:
-                self._allstep = None
-            else:
-                ptrs = src["resident"] if self._all_order is None else \
-                    [p[o] for p, o in zip(src["resident"], self._all_order)]
-                self._allstep = steps.AllStep(self.info.layouts, self.act, ptrs)
-        return self._allstep
-
-    def _dense_step(self):
-        """steps.DenseStep over the dense window (built at first use), or None (ops without it)."""
-        if self._dense is False:
-            self._dense = steps.DenseStep(self.info.layouts, self.act, self._pieces, self.source.core) \
-                if steps.available(self.ops) else None
-        return self._dense
+        """The compiled FFN step a whole forward pass can run (powerlow.steps.LayerLoop), or None (no compiled
+        form, or an observer that must see each layer)."""
+        return None if self.observer is not None else self._compiled()
 
     def begin_pass(self) -> None:
         if self._first:
             self._first = False
             self.source.first_pass()
 
-    def _make_step(self):
-        """steps.SparseStep over the predictor's compiled rule and the cluster source, or None where either has
-        no compiled form (the reference ops, a predictor other than the low-rank one)."""
-        pred = self.predictor
-        self._step_pred, self._step = pred, None
-        jobs = getattr(pred, "step_jobs", lambda: None)()
-        src = getattr(self.source, "step_source", lambda: None)()
-        if not steps.available(self.ops) or jobs is None or src is None:
+    def _compiled(self):
+        if not self.compiled or self.router is not None:
             return None
-        self._step = steps.SparseStep(jobs[0], jobs[1], self.info.layouts, self.act, order=self._all_order, **src)
+        if self._step_pred is not self.predictor:
+            self._step_pred, self._step = self.predictor, self._make_step(self.predictor)
         return self._step
+
+    def _make_step(self, pred):
+        """The steps.* object for this mode and cluster source: DenseStep over the dense window, AllStep over a
+        resident store in dense mode, SparseStep over the predictor's compiled rule; None where the ops (the
+        numpy reference), the source or the predictor have no compiled form."""
+        if not steps.available(self.ops):
+            return None
+        if self._pieces is not None:
+            return steps.DenseStep(self.info.layouts, self.act, self._pieces, self.source.core)
+        src = getattr(self.source, "step_source", lambda: None)()
+        if src is None:
+            return None
+        if pred is None:
+            if self.mode != "dense" or "resident" not in src:
+                return None
+            order = self._all_order
+            ptrs = src["resident"] if order is None else [p[o] for p, o in zip(src["resident"], order)]
+            return steps.AllStep(self.info.layouts, self.act, ptrs)
+        jobs = getattr(pred, "step_jobs", lambda: None)()
+        if jobs is None:
+            return None
+        return steps.SparseStep(jobs[0], jobs[1], self.info.layouts, self.act, order=self._all_order, **src)
 
     def _forward_moe(self, layer: int, h: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out += the layer's routed experts (and shared expert): groups of experts in as few kernel calls as the

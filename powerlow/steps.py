@@ -92,7 +92,8 @@ class SparseStep(_Step):
         wa, wb = kernels._mm_args(self._A0, T), kernels._mm_args(self._B0, T)
         if wa[0] != wb[0] or wa[2] or wb[2]:
             raise ValueError("SparseStep: A and B must run the same multiply-add variant")
-        self._s.configure(int(key[0]), wa[0], _ffn_variants(self.layouts, T))
+        self._s.set_matmul(wa[0])
+        self._s.configure(int(key[0]), _ffn_variants(self.layouts, T))
         self._key = key
 
 

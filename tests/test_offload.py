@@ -312,9 +312,9 @@ def test_dense_stream_in_pieces_gives_resident_logits(tiny_dir, monkeypatch, thr
         assert p.stream_window and 0 < p.n_hot and p.n_staging < L * N - p.n_hot
         assert len(tf.ffn._pieces) > 1
         if not compiled:
-            tf.ffn._dense = None              # SparseFFN._forward_pieces, layer by layer
+            tf.ffn.compiled = False           # SparseFFN._forward_pieces, layer by layer
         got = logits(tf)
-        assert (tf.ffn._dense is not None) == compiled
+        assert (tf.ffn.compiled_step() is not None) == compiled
         assert (tf._loop is not None) == (compiled and all(lw is not None for lw in tf.layers))
         for a, b in zip(got, ref):
             np.testing.assert_array_equal(a, b)

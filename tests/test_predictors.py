@@ -217,7 +217,7 @@ def _decode(d, cfg, python_path: bool, n=10):
     try:
         ffn = m.tf.ffn
         if python_path:
-            ffn._make_step = lambda: None              # SparseFFN.forward's Python steps, layer by layer
+            ffn.compiled = False                       # SparseFFN.forward's Python steps, layer by layer
         x = m.tf.forward([5, 17, 33, 9, 100, 7])
         logits = [x]
         pos = 6
@@ -225,7 +225,7 @@ def _decode(d, cfg, python_path: bool, n=10):
             x = m.tf.forward([int(x[-1].argmax())], start_pos=pos, last_only=True)
             logits.append(x)
             pos += 1
-        assert (ffn._step is None) == python_path and (m.tf._loop is None) == python_path
+        assert (ffn.compiled_step() is None) == python_path and (m.tf._loop is None) == python_path
         src = m.tf.ffn_source
         c = src.core.stats() if hasattr(src, "core") else {}
         c.pop("wait_seconds", None), c.pop("busy_seconds", None)
@@ -270,22 +270,26 @@ def test_compiled_layer_step_is_the_python_path(relaid_dir, offloaded):
         assert got_c["hits"] + got_c["misses"] == want_c["hits"] + want_c["misses"] == got_n[0]
         assert got_c["passes"] == want_c["passes"] == 11
     # layer by layer on the run's FFN inputs: the FFN outputs themselves (the logits can hide a last-bit change)
-    m = powerlow.load(d, cfg)
+    _ffn_outputs_match(powerlow.load(d, cfg), decode=True)
+
+
+def _ffn_outputs_match(m, decode: bool) -> None:
+    """On the FFN inputs of a prefill (and a decode step), the compiled layer step's outputs equal the Python
+    steps' bit for bit, layer by layer. Closes m."""
     try:
         ffn, hs = m.tf.ffn, []
         ffn.observer = lambda l, h: hs.append((l, h.copy()))
         m.tf.forward([5, 17, 33, 9, 100, 7])
-        m.tf.forward([40], start_pos=6)
+        if decode:
+            m.tf.forward([40], start_pos=6)
         ffn.observer = None
         for l, h in hs:
             a = ffn.forward(l, h)
-            step, ffn._step = ffn._step, None
-            ffn._make_step = lambda: None
+            ffn.compiled = False
             b = ffn.forward(l, h)
-            del ffn._make_step
-            ffn._step = step
+            ffn.compiled = True
             np.testing.assert_array_equal(a, b)
-        assert step is not None and len(hs) == 2 * m.tf.config.n_layers
+        assert ffn.compiled_step() is not None and len(hs) == (1 + decode) * m.tf.config.n_layers
     finally:
         m.close()
 
@@ -370,7 +374,7 @@ def test_resident_dense_pass_in_one_call_is_the_python_path(relaid_dir):
         m = _load(relaid_dir, "dense")
         try:
             if python_path:
-                m.tf.ffn._allstep = None
+                m.tf.ffn.compiled = False
             x = m.tf.forward([5, 17, 33, 9, 100, 7])
             out.append(x)
             for i in range(4):
@@ -381,18 +385,4 @@ def test_resident_dense_pass_in_one_call_is_the_python_path(relaid_dir):
             m.close()
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
-    m = _load(relaid_dir, "dense")          # layer by layer: the FFN outputs themselves
-    try:
-        ffn, hs = m.tf.ffn, []
-        ffn.observer = lambda l, h: hs.append((l, h.copy()))
-        m.tf.forward([5, 17, 33, 9, 100, 7])
-        ffn.observer = None
-        for l, h in hs:
-            a = ffn.forward(l, h)
-            step, ffn._allstep = ffn._allstep, None
-            b = ffn.forward(l, h)
-            ffn._allstep = step
-            np.testing.assert_array_equal(a, b)
-        assert step is not None and len(hs) == m.tf.config.n_layers
-    finally:
-        m.close()
+    _ffn_outputs_match(_load(relaid_dir, "dense"), decode=False)     # layer by layer: the FFN outputs themselves
