@@ -90,6 +90,7 @@ cdef int _planes(int fmt, object qs, object d, object m, int N, int K, plk_w *w)
     w.d = NULL
     w.m = NULL
     w.tl = NULL
+    w.tl_tiles = 0
     if fmt >= 6:            # raw GGML blocks: scales inside qs
         return 0
     _arr(d, cnp.NPY_FLOAT16, -1, "d")
@@ -118,6 +119,7 @@ cdef int _tl_layout(int fmt, object tl, int N, int K, plk_w *w) except -1:
     if <size_t>cnp.PyArray_SIZE(<cnp.ndarray>tl) != need or need == 0:
         raise ValueError(f"tl layout has {tl.size} bytes, a ({N}, {K}) matrix of format {fmt} needs {need}")
     w.tl = <const uint8_t*>_ptr(tl)
+    w.tl_tiles = N // 32
     return 0
 
 

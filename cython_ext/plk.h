@@ -59,6 +59,7 @@ typedef struct {           /* one packed matrix: row r's planes at qs + r*ng*qby
     const uint16_t *d;
     const uint16_t *m;     /* NULL for formats without a min */
     const uint8_t *tl;     /* NULL, or the same matrix re-laid for the AVX2 table-lookup kernels (plk_tl_pack) */
+    int tl_tiles;          /* with tl: its whole 32-row tiles (N / 32 of the matrix it was packed from) */
 } plk_w;
 
 /* rows [r0, r1) of y (T, ldy) = W @ x^T (accumulate: +=) */
@@ -132,6 +133,19 @@ static inline size_t plk_tl_recbytes(int fmt) { return (size_t)plk_tl_codebytes(
 /* byte position of tile row r (0..31) in a code vector: the order in which unpack + widen (plk_tl.h)
  * deliver the rows, so that int32 vector o holds rows 8o..8o+7 in order */
 static inline int plk_tl_slot(int r) { int o = r >> 3, l = r & 7; return (o >> 1) * 8 + (o & 1) + 2 * (l & 3) + 16 * (l >> 2); }
+/* Records are stored in K-chunks (plk_tl.h says why): super-tiles of PLK_TL_ST tiles (the last may be shorter);
+ * within one, chunk by chunk of KC groups (plk_tl_kc: 16 for q2/tern, 32 for q1: 16 KB of a token's tables),
+ * the super-tile's tiles one after another, each its chunk's records in group order. plk_tl_rec is the record
+ * index of (tile tt, group g) in a layout of ntiles x ng records. */
+#define PLK_TL_ST 8
+#define PLK_TL_KC 16
+static inline int plk_tl_kc(int fmt) { return fmt == PLK_Q1 ? 2 * PLK_TL_KC : PLK_TL_KC; }
+static inline size_t plk_tl_rec(int fmt, int ntiles, int ng, int tt, int g)
+{
+    const int KC = plk_tl_kc(fmt), s0 = tt - tt % PLK_TL_ST, ns = ntiles - s0 < PLK_TL_ST ? ntiles - s0 : PLK_TL_ST;
+    const int g0 = g - g % KC, kc = ng - g0 < KC ? ng - g0 : KC;
+    return (size_t)s0 * ng + (size_t)g0 * ns + (size_t)(tt - s0) * kc + (size_t)(g - g0);
+}
 size_t plk_tl_nbytes(int fmt, int N, int K);
 int plk_tl_pack(int fmt, const plk_w *w, int N, int K, uint8_t *out);
 void plk_tl_tables_avx2(int fmt, const plk_act *a, uint8_t *tab);

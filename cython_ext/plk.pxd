@@ -7,6 +7,7 @@ cdef extern from "plk.h" nogil:
         const uint16_t *d
         const uint16_t *m
         const uint8_t *tl
+        int tl_tiles
     int plk_detect_isa()
     size_t plk_tl_nbytes(int fmt, int N, int K)
     int plk_tl_pack(int fmt, const plk_w *w, int N, int K, uint8_t *out)

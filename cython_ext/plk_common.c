@@ -144,7 +144,7 @@ int plk_tl_pack(int fmt, const plk_w *w, int N, int K, uint8_t *out)
     const size_t REC = plk_tl_recbytes(fmt);
     for (int tt = 0; tt < N / PLK_TL_ROWS; tt++)
         for (int g = 0; g < ng; g++) {
-            uint8_t *rec = out + ((size_t)tt * ng + g) * REC;
+            uint8_t *rec = out + plk_tl_rec(fmt, N / PLK_TL_ROWS, ng, tt, g) * REC;
             for (int r = 0; r < PLK_TL_ROWS; r++) {
                 const size_t row = (size_t)tt * PLK_TL_ROWS + r;
                 const uint8_t *q = w->qs + (row * ng + g) * QB;

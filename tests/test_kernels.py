@@ -495,6 +495,28 @@ def test_tl_avx2_equals_reference_and_mad(fmt, n):
 
 
 @needs_avx2
+@pytest.mark.parametrize("fmt", ["q1", "tern", "q2"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tl_avx2_k_chunks_and_super_tiles(fmt, threads):
+    """The layout's K-chunks and super-tiles (plk.h): 19 whole tiles (two super-tiles of 8 and one of 3) + 5 rows,
+    35 groups (q2/tern: chunks of 16, 16, 3; q1: 32, 3), split over 2 threads in items of 3 tiles that cut the
+    super-tiles: bit for bit the multiply-add kernel and close to the reference."""
+    rng = np.random.default_rng(19)
+    n, k = 32 * 19 + 5, 35 * 64 - 40
+    q = K.prepare_tl(F.quantize(rng.standard_normal((n, k)).astype(np.float32), fmt))
+    old = K.get_threads()
+    try:
+        K.set_threads(threads)
+        for t in (1, 5):
+            x = rng.standard_normal((t, k)).astype(np.float32)
+            y = K.matmul(q, x, isa="avx2", tl=True)
+            np.testing.assert_array_equal(y, K.matmul(q, x, isa="avx2", tl=False), err_msg=f"t={t}")
+            _close(y, F.matmul_ref(q, x), q, x)
+    finally:
+        K.set_threads(old)
+
+
+@needs_avx2
 @pytest.mark.parametrize("fmt,byte", [("q1", 0xFF), ("q1", 0x00), ("tern", 0xAA), ("q2", 0xFF), ("q2", 0x00)])
 @pytest.mark.parametrize("sign", [1.0, -1.0, 0.0])
 def test_tl_avx2_extreme_codes_and_activations(fmt, byte, sign):
