@@ -11,7 +11,8 @@ Rows (one JSON object per line with --json):
           clusters, bundles in DRAM (a fresh arena larger than the caches)
   gemm    prefill batch 32 vs 32 GEMV calls: tokens/s ratio (--gemm-formats, default q4_1 and q4_k)
 Every row has "chosen": the variant the measured dispatcher (powerlow/dispatch.py) runs for that format and
-batch class on this machine (marked "<- chosen" in the text output).
+batch class on this machine (marked "<- chosen" in the text output). The last line ("kind": "check" with --json)
+says in how many cases the chosen variant is within 5% of the fastest one measured, and names the others.
 gbps = weight bytes streamed per second (median of repeats); probe_gbps = read bandwidth over a buffer of
 the same size with the same threads; ratio = gbps / probe_gbps.
 """
@@ -95,9 +96,11 @@ def bench_dense(fmts, isas, threads, repeats, rng, Kd=8192):
             for kern in _kernel_names(fmt):
                 tl = kern == "tl"
                 dt, probe = _paired(lambda: K.matmul(q, x, out, isa=isa, tl=tl), q.nbytes, isa, threads, repeats)
+                default = tl == bool(K.TL_PREFERRED.get((fmt, isa), False))   # the kernel matmul runs on this isa
+                # AVX-512 has no TL of its own: its TL row runs the AVX2 code (the same variant, measured twice)
+                code = "avx2/tl" if tl and isa in ("avx2", "avx512") else f"{isa}/{kern}"
                 rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe, kernel=kern,
-                                 default=tl == bool(K.TL_PREFERRED.get((fmt, isa), False)),
-                                 chosen=isa == K.dispatcher().choice(fmt, 1)))
+                                 code=code, default=default, chosen=default and isa == K.dispatcher().choice(fmt, 1)))
     return rows
 
 
@@ -149,6 +152,29 @@ def bench_gemm(fmt, isas, threads, repeats, rng, N=16384, Kd=8192, T=32):
     return rows
 
 
+def check_chosen(rows: list[dict], tol: float = 0.05) -> dict:
+    """Per case (kind, format, shape, density): the chosen row's time against the fastest variant measured for it
+    (every ISA, TL and MAD). {"cases": n, "slow": [{case, chosen, ms, fastest, fastest_ms, excess}]} for the cases
+    where the chosen one is more than tol slower; a case without a chosen row counts as slow (chosen None). Rows
+    with the chosen row's "code" (the same kernel under another label: AVX-512's TL is the AVX2 one) are the
+    chosen variant measured again, not another variant, and are left out of its comparison."""
+    cases: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cases.setdefault((r["kind"], r["format"], tuple(r["shape"]), r["density"]), []).append(r)
+    slow = []
+    for key, rs in cases.items():
+        ch = next((r for r in rs if r.get("chosen")), None)
+        others = [r for r in rs if r is ch or ch is None or "code" not in r or r.get("code") != ch.get("code")]
+        best = min(others, key=lambda r: r["ms"])
+        name = (lambda r: r["isa"] + (f"/{r['kernel']}" if "kernel" in r else ""))
+        if ch is None or ch["ms"] > best["ms"] * (1 + tol):
+            slow.append({"case": f"{key[0]} {key[1]} {'x'.join(map(str, key[2]))} d={key[3]}",
+                         "chosen": None if ch is None else name(ch), "ms": None if ch is None else ch["ms"],
+                         "fastest": name(best), "fastest_ms": best["ms"],
+                         "excess": None if ch is None else round(ch["ms"] / best["ms"] - 1, 3)})
+    return {"cases": len(cases), "slow": slow, "tol": tol}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="powerlow bench-kernels", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +220,15 @@ def main(argv=None) -> int:
         for f in a.gemm_formats.split(","):
             if f:
                 emit(bench_gemm(f, isas, a.threads, a.repeats, rng))
+    chk = check_chosen(rows)
+    if a.json:
+        print(json.dumps({"kind": "check", **chk}), flush=True)
+    else:
+        print(f"check: the chosen variant is within {chk['tol']:.0%} of the fastest measured in "
+              f"{chk['cases'] - len(chk['slow'])} of {chk['cases']} cases" + ("" if not chk["slow"] else "; slower:"))
+        for w in chk["slow"]:
+            print(f"  {w['case']}: chosen {w['chosen']} {w['ms']} ms, fastest {w['fastest']} {w['fastest_ms']} ms"
+                  + ("" if w["excess"] is None else f" (+{w['excess']:.0%})"))
     return 0
 
 

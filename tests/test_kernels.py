@@ -719,6 +719,36 @@ def test_bench_dense_matrices_far_larger_than_l3():
         assert nbytes >= 75e6, (fmt, nbytes)
 
 
+def test_bench_check_names_a_chosen_variant_slower_than_another():
+    """bench-kernels' last line: per case the chosen row against the fastest one measured (ISAs and TL / MAD);
+    within 5% passes, more is named with both times, a case with no chosen row is named too."""
+    from powerlow.bench_kernels import check_chosen
+
+    def row(fmt, isa, ms, chosen, kernel=None, kind="dense"):
+        r = {"kind": kind, "format": fmt, "isa": isa, "shape": [64, 8192], "density": 1.0, "ms": ms, "chosen": chosen}
+        if kernel:
+            r["kernel"] = kernel
+        return r
+    rows = [row("q4_0", "avx2", 2.0, False), row("q4_0", "avx512", 2.08, True),          # +4%: fine
+            row("q2", "avx2", 3.0, False, "tl"), row("q2", "avx512", 4.0, True, "mad"),  # +33%: named
+            row("q2", "avx512", 3.1, False, "tl"),
+            row("q8", "avx2", 1.0, False), row("q8", "avx512", 1.2, False),              # nothing chosen
+            row("q4_k", "avx512", 20.0, True, kind="gemm"), row("q4_k", "avx2", 26.0, False, kind="gemm")]
+    got = check_chosen(rows)
+    assert got["cases"] == 4
+    slow = {w["case"].split()[1]: w for w in got["slow"]}
+    assert set(slow) == {"q2", "q8"}
+    assert slow["q2"]["chosen"] == "avx512/mad" and slow["q2"]["fastest"] == "avx2/tl" and slow["q2"]["excess"] == 0.333
+    assert slow["q8"]["chosen"] is None and slow["q8"]["fastest"] == "avx2"
+    assert check_chosen(rows, tol=0.5)["slow"] == [slow["q8"]]
+    # the same code under two labels (AVX-512's TL is the AVX2 kernel) is one variant measured twice
+    twice = [dict(row("q1", "avx2", 3.0, False, "tl"), code="avx2/tl"), dict(row("q1", "avx512", 3.6, True, "tl"), code="avx2/tl"),
+             dict(row("q1", "avx512", 7.0, False, "mad"), code="avx512/mad")]
+    assert check_chosen(twice) == {"cases": 1, "slow": [], "tol": 0.05}
+    twice[2]["ms"] = 3.3
+    assert check_chosen(twice)["slow"][0]["fastest"] == "avx512/mad"
+
+
 
 @pytest.mark.parametrize("fmt", ["q2", "tern", "q1"])
 def test_avx512_runs_the_avx2_table_lookup_with_the_same_bits(fmt):
