@@ -149,6 +149,10 @@ static inline size_t plk_tl_rec(int fmt, int ntiles, int ng, int tt, int g)
 size_t plk_tl_nbytes(int fmt, int N, int K);
 int plk_tl_pack(int fmt, const plk_w *w, int N, int K, uint8_t *out);
 void plk_tl_tables_avx2(int fmt, const plk_act *a, uint8_t *tab);
+void plk_tl_tables_avx512(int fmt, const plk_act *a, uint8_t *tab);
+void rowstl_q2_q8_avx512(const plk_w*, int, int, const plk_act*, float*, int, int);
+void rowstl_tern_q8_avx512(const plk_w*, int, int, const plk_act*, float*, int, int);
+void rowstl_q1_q8_avx512(const plk_w*, int, int, const plk_act*, float*, int, int);
 void rowstl_q2_q8_avx2(const plk_w*, int, int, const plk_act*, float*, int, int);
 void rowstl_tern_q8_avx2(const plk_w*, int, int, const plk_act*, float*, int, int);
 void rowstl_q1_q8_avx2(const plk_w*, int, int, const plk_act*, float*, int, int);

@@ -5,4 +5,5 @@
 #define PLK_VNNI 1
 #include "plk_simd.h"
 #include "plk_kq.h"
+#include "plk_tl.h"
 #pragma GCC pop_options

@@ -110,15 +110,15 @@ static const plk_rows_fn ma_table[PLK_NISA][PLK_NFMT] = { TABLE(generic), TABLE(
 static const plk_rows_fn ma_table[PLK_NISA][PLK_NFMT] = { TABLE(generic) };
 #endif
 /* table lookup: the portable kernels (plk_generic.c) on generic, the vpshufb ones (plk_tl.h, need a plk_tl_pack
- * layout; without one they run the AVX2 multiply-add, bit-identical to AVX-512's) on AVX2 and on AVX-512 CPUs too:
- * there is no 512-bit TL, and the AVX2 one beats AVX-512's multiply-add (q1 0.63 vs 0.38 of the probe, q2 0.56 vs
- * 0.52, bench-kernels on an AVX-512 Xeon guest) with the same bits */
+ * layout; without one they run the multiply-add, bit-identical) on AVX2 and, compiled for AVX-512 (32 registers,
+ * the same bits), on AVX-512 CPUs, where they beat AVX-512's multiply-add (bench-kernels) */
 #define TLG { 0, 0, 0, rowstl_q2_q8_generic, rowstl_tern_q8_generic, rowstl_q1_q8_generic }
 #define TLA { 0, 0, 0, rowstl_q2_q8_avx2, rowstl_tern_q8_avx2, rowstl_q1_q8_avx2 }
+#define TLX { 0, 0, 0, rowstl_q2_q8_avx512, rowstl_tern_q8_avx512, rowstl_q1_q8_avx512 }
 #if PLK_ARM64   /* no NEON table lookup: the portable one where asked for (TL_PREFERRED has no ARM entry) */
 static const plk_rows_fn tl_table[PLK_NISA][PLK_NFMT] = { TLG, NONE, NONE, TLG, TLG, TLG };
 #elif PLK_X86
-static const plk_rows_fn tl_table[PLK_NISA][PLK_NFMT] = { TLG, TLA, TLA, NONE, NONE, NONE };
+static const plk_rows_fn tl_table[PLK_NISA][PLK_NFMT] = { TLG, TLA, TLX, NONE, NONE, NONE };
 #else
 static const plk_rows_fn tl_table[PLK_NISA][PLK_NFMT] = { TLG };
 #endif
@@ -341,6 +341,7 @@ void plk_pool_run(plk_pool_fn fn, void *ctx, int n, int nthreads)
 
 #if !PLK_X86   /* the AVX2 table-lookup tables exist on x86 only (avx2_tl below is never true elsewhere) */
 #define plk_tl_tables_avx2(fmt, a, tab) ((void)(fmt), (void)(a), (void)(tab))
+#define plk_tl_tables_avx512(fmt, a, tab) ((void)(fmt), (void)(a), (void)(tab))
 #endif
 
 typedef struct { plk_rows_fn fn; const plk_w *w; int N, chunk; const plk_act *a; float *y; int ldy, acc; } mm_job;
@@ -376,7 +377,7 @@ void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *
     if (avx2_tl) {
         tab = (uint8_t *)malloc((size_t)a->T * a->Kp / plk_tl_elems(fmt) * 32);
         if (tab) {
-            plk_tl_tables_avx2(fmt, a, tab);
+            if (isa == PLK_AVX512) plk_tl_tables_avx512(fmt, a, tab); else plk_tl_tables_avx2(fmt, a, tab);
             at.tab = tab;
         }
     }

@@ -4,7 +4,7 @@ Rows (one JSON object per line with --json):
   dense   GEMV (T=1) N x 8192, every format, every ISA this CPU runs, N = 16384 (q8, q4_0, q4_1), 32768
           (q2, tern), 65536 (q1): every matrix 75-142 MB, far larger than L3 (at 16384 rows q1 is 21 MB and
           sits in a 32 MB L3, and so does part of the probe's equally large buffer); for q2/tern/q1 both kernels,
-          "kernel": "mad" (multiply-add) and "tl" (table lookup: on AVX2 the vpshufb kernels on a
+          "kernel": "mad" (multiply-add) and "tl" (table lookup: on AVX2 and AVX-512 the vpshufb kernels on a
           prepared matrix, kernels.prepare_tl; elsewhere the portable ones), "default": the one
           kernels.matmul picks (TL_PREFERRED)
   sparse  ffn_bundles, hidden 4096, 11008 neurons, cluster 64, densities 0.1/0.25/0.5, random active
@@ -97,10 +97,8 @@ def bench_dense(fmts, isas, threads, repeats, rng, Kd=8192):
                 tl = kern == "tl"
                 dt, probe = _paired(lambda: K.matmul(q, x, out, isa=isa, tl=tl), q.nbytes, isa, threads, repeats)
                 default = tl == bool(K.TL_PREFERRED.get((fmt, isa), False))   # the kernel matmul runs on this isa
-                # AVX-512 has no TL of its own: its TL row runs the AVX2 code (the same variant, measured twice)
-                code = "avx2/tl" if tl and isa in ("avx2", "avx512") else f"{isa}/{kern}"
                 rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe, kernel=kern,
-                                 code=code, default=default, chosen=default and isa == K.dispatcher().choice(fmt, 1)))
+                                 default=default, chosen=default and isa == K.dispatcher().choice(fmt, 1)))
     return rows
 
 
@@ -155,17 +153,14 @@ def bench_gemm(fmt, isas, threads, repeats, rng, N=16384, Kd=8192, T=32):
 def check_chosen(rows: list[dict], tol: float = 0.05) -> dict:
     """Per case (kind, format, shape, density): the chosen row's time against the fastest variant measured for it
     (every ISA, TL and MAD). {"cases": n, "slow": [{case, chosen, ms, fastest, fastest_ms, excess}]} for the cases
-    where the chosen one is more than tol slower; a case without a chosen row counts as slow (chosen None). Rows
-    with the chosen row's "code" (the same kernel under another label: AVX-512's TL is the AVX2 one) are the
-    chosen variant measured again, not another variant, and are left out of its comparison."""
+    where the chosen one is more than tol slower; a case without a chosen row counts as slow (chosen None)."""
     cases: dict[tuple, list[dict]] = {}
     for r in rows:
         cases.setdefault((r["kind"], r["format"], tuple(r["shape"]), r["density"]), []).append(r)
     slow = []
     for key, rs in cases.items():
         ch = next((r for r in rs if r.get("chosen")), None)
-        others = [r for r in rs if r is ch or ch is None or "code" not in r or r.get("code") != ch.get("code")]
-        best = min(others, key=lambda r: r["ms"])
+        best = min(rs, key=lambda r: r["ms"])
         name = (lambda r: r["isa"] + (f"/{r['kernel']}" if "kernel" in r else ""))
         if ch is None or ch["ms"] > best["ms"] * (1 + tol):
             slow.append({"case": f"{key[0]} {key[1]} {'x'.join(map(str, key[2]))} d={key[3]}",

@@ -467,12 +467,14 @@ def test_ffn_bundles_gemm_path_accumulates(isa, fmt):
 # ---------------------------------------------------------------- AVX2 table-lookup kernels
 
 needs_avx2 = pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2")
+TL_ISAS = [i for i in ("avx2", "avx512") if i in ISAS]     # the vpshufb TL, compiled for each (plk_tl.h)
 
 
+@pytest.mark.parametrize("tl_isa", TL_ISAS)
 @needs_avx2
 @pytest.mark.parametrize("fmt", ["q1", "tern", "q2"])
 @pytest.mark.parametrize("n", [1, 3, 31, 33, 255, 257])
-def test_tl_avx2_equals_reference_and_mad(fmt, n):
+def test_tl_avx2_equals_reference_and_mad(fmt, n, tl_isa):
     """The vpshufb kernels (forced, on a prepared matrix) against the numpy reference and, bit for bit,
     the multiply-add kernel: row counts below, at and across the 32-row tiles, columns that are no
     multiple of 32 or 64 (odd and even counts of 64-groups; <= 4 groups: the multiply-add fallback),
@@ -486,18 +488,19 @@ def test_tl_avx2_equals_reference_and_mad(fmt, n):
         assert (q.tl is not None) == (n >= 32)
         for t in (1, 3, 8, 70):
             x = (rng.standard_normal((t, k)) * rng.uniform(0.1, 10, (t, 1))).astype(np.float32)
-            y = K.matmul(q, x, isa="avx2", tl=True)
+            y = K.matmul(q, x, isa=tl_isa, tl=True)
             _close(y, F.matmul_ref(q, x), q, x)
-            np.testing.assert_array_equal(y, K.matmul(q, x, isa="avx2", tl=False), err_msg=f"k={k} t={t}")
+            np.testing.assert_array_equal(y, K.matmul(q, x, isa=tl_isa, tl=False), err_msg=f"k={k} t={t}")
             if t in (3, 8):
                 for i in range(t):
-                    np.testing.assert_array_equal(K.matmul(q, x[i:i + 1].copy(), isa="avx2", tl=True)[0], y[i])
+                    np.testing.assert_array_equal(K.matmul(q, x[i:i + 1].copy(), isa=tl_isa, tl=True)[0], y[i])
 
 
+@pytest.mark.parametrize("tl_isa", TL_ISAS)
 @needs_avx2
 @pytest.mark.parametrize("fmt", ["q1", "tern", "q2"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_tl_avx2_k_chunks_and_super_tiles(fmt, threads):
+def test_tl_avx2_k_chunks_and_super_tiles(fmt, threads, tl_isa):
     """The layout's K-chunks and super-tiles (plk.h): 19 whole tiles (two super-tiles of 8 and one of 3) + 5 rows,
     35 groups (q2/tern: chunks of 16, 16, 3; q1: 32, 3), split over 2 threads in items of 3 tiles that cut the
     super-tiles: bit for bit the multiply-add kernel and close to the reference."""
@@ -509,17 +512,18 @@ def test_tl_avx2_k_chunks_and_super_tiles(fmt, threads):
         K.set_threads(threads)
         for t in (1, 5):
             x = rng.standard_normal((t, k)).astype(np.float32)
-            y = K.matmul(q, x, isa="avx2", tl=True)
-            np.testing.assert_array_equal(y, K.matmul(q, x, isa="avx2", tl=False), err_msg=f"t={t}")
+            y = K.matmul(q, x, isa=tl_isa, tl=True)
+            np.testing.assert_array_equal(y, K.matmul(q, x, isa=tl_isa, tl=False), err_msg=f"t={t}")
             _close(y, F.matmul_ref(q, x), q, x)
     finally:
         K.set_threads(old)
 
 
+@pytest.mark.parametrize("tl_isa", TL_ISAS)
 @needs_avx2
 @pytest.mark.parametrize("fmt,byte", [("q1", 0xFF), ("q1", 0x00), ("tern", 0xAA), ("q2", 0xFF), ("q2", 0x00)])
 @pytest.mark.parametrize("sign", [1.0, -1.0, 0.0])
-def test_tl_avx2_extreme_codes_and_activations(fmt, byte, sign):
+def test_tl_avx2_extreme_codes_and_activations(fmt, byte, sign, tl_isa):
     """Largest table entries (all codes at their maximum, every activation +-127): the int16 sums and
     the 6-bit split of q2/tern must not overflow. sign 0: alternating signs."""
     sp = F.FORMATS[fmt]
@@ -531,8 +535,8 @@ def test_tl_avx2_extreme_codes_and_activations(fmt, byte, sign):
     x = np.full((2, k), 5.0, np.float32) * np.float32(sign) if sign else \
         np.tile(np.where(np.arange(k) % 2, 5.0, -5.0).astype(np.float32), (2, 1))
     x[1] *= -1
-    y = K.matmul(q, x, isa="avx2", tl=True)
-    np.testing.assert_array_equal(y, K.matmul(q, x, isa="avx2", tl=False))
+    y = K.matmul(q, x, isa=tl_isa, tl=True)
+    np.testing.assert_array_equal(y, K.matmul(q, x, isa=tl_isa, tl=False))
     _close(y, F.matmul_ref(q, x), q, x)
 
 
@@ -552,9 +556,9 @@ def test_low_bit_kernels_exact_on_exact_inputs(fmt, k):
         for isa in ISAS:
             np.testing.assert_array_equal(K.matmul(q, x, isa=isa, tl=False), ref, err_msg=f"{isa} mad t={t}")
         np.testing.assert_array_equal(K.matmul(q, x, isa="generic", tl=True), ref, err_msg=f"generic tl t={t}")
-        if "avx2" in ISAS:
-            qt = K.prepare_tl(F.QMatrix(fmt, q.rows, k, dict(q.planes)))
-            np.testing.assert_array_equal(K.matmul(qt, x, isa="avx2", tl=True), ref, err_msg=f"avx2 tl t={t}")
+        qt = K.prepare_tl(F.QMatrix(fmt, q.rows, k, dict(q.planes)))
+        for isa in TL_ISAS:
+            np.testing.assert_array_equal(K.matmul(qt, x, isa=isa, tl=True), ref, err_msg=f"{isa} tl t={t}")
 
 
 @needs_avx2
@@ -741,19 +745,13 @@ def test_bench_check_names_a_chosen_variant_slower_than_another():
     assert slow["q2"]["chosen"] == "avx512/mad" and slow["q2"]["fastest"] == "avx2/tl" and slow["q2"]["excess"] == 0.333
     assert slow["q8"]["chosen"] is None and slow["q8"]["fastest"] == "avx2"
     assert check_chosen(rows, tol=0.5)["slow"] == [slow["q8"]]
-    # the same code under two labels (AVX-512's TL is the AVX2 kernel) is one variant measured twice
-    twice = [dict(row("q1", "avx2", 3.0, False, "tl"), code="avx2/tl"), dict(row("q1", "avx512", 3.6, True, "tl"), code="avx2/tl"),
-             dict(row("q1", "avx512", 7.0, False, "mad"), code="avx512/mad")]
-    assert check_chosen(twice) == {"cases": 1, "slow": [], "tol": 0.05}
-    twice[2]["ms"] = 3.3
-    assert check_chosen(twice)["slow"][0]["fastest"] == "avx512/mad"
 
 
 
 @pytest.mark.parametrize("fmt", ["q2", "tern", "q1"])
 def test_avx512_runs_the_avx2_table_lookup_with_the_same_bits(fmt):
-    """On an AVX-512 CPU the dispatcher runs the AVX2 vpshufb TL for the 1/1.58/2-bit formats (faster than its
-    multiply-add, there is no 512-bit TL) and gets AVX-512 multiply-add's bits, prepared matrix or not."""
+    """On an AVX-512 CPU the dispatcher runs the vpshufb TL (compiled for AVX-512) for the 1/1.58/2-bit formats
+    (faster than its multiply-add) and gets AVX-512 multiply-add's bits and the AVX2 TL's, prepared matrix or not."""
     if "avx512" not in K.supported_isas:
         pytest.skip("this CPU has no AVX-512")
     rng = np.random.default_rng(11)
@@ -763,7 +761,7 @@ def test_avx512_runs_the_avx2_table_lookup_with_the_same_bits(fmt):
     np.testing.assert_array_equal(K.matmul(q, x, isa="avx512"), mad)          # unprepared: MAD inside
     K.prepare_tl(q)
     assert K.TL_PREFERRED[(fmt, "avx512")]
-    np.testing.assert_array_equal(K.matmul(q, x, isa="avx512"), mad)          # the AVX2 TL tiles
+    np.testing.assert_array_equal(K.matmul(q, x, isa="avx512"), mad)          # the TL tiles
     np.testing.assert_array_equal(K.matmul(q, x, isa="avx2", tl=True), mad)
 
 
