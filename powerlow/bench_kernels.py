@@ -14,7 +14,8 @@ Every row has "chosen": the variant the measured dispatcher (powerlow/dispatch.p
 batch class on this machine (marked "<- chosen" in the text output). The last line ("kind": "check" with --json)
 says in how many cases the chosen variant is within 5% of the fastest one measured, and names the others.
 gbps = weight bytes streamed per second (median of repeats); probe_gbps = read bandwidth over a buffer of
-the same size with the same threads; ratio = gbps / probe_gbps.
+the same size with the same threads; ratio = gbps / probe_gbps. The variants of a case (every ISA, TL and MAD)
+and its probe run in alternating rounds, so they are compared under the same machine state.
 """
 from __future__ import annotations
 
@@ -29,31 +30,28 @@ from . import formats as F
 from . import kernels as K
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def _paired(kernel, nbytes: int, isa: str, threads: int, repeats: int, min_probe: int = 1 << 20) -> tuple[float, float]:
-    """Median kernel time and median probe GB/s, measured alternately (probe, kernel, probe, ...) so
-    both see the same machine state (other processes, frequency)."""
-    buf = np.ones(max(nbytes, min_probe), np.uint8)
-    kernel()
-    K.read_probe(buf, isa=isa, threads=threads)
-    kt, pt = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        K.read_probe(buf, isa=isa, threads=threads)
-        pt.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        kernel()
-        kt.append(time.perf_counter() - t)
-    return statistics.median(kt), buf.nbytes / statistics.median(pt) / 1e9
+def _interleaved(kernels: dict, nbytes: int, threads: int, repeats: int, min_probe: int = 1 << 20,
+                 probe: bool = True) -> tuple[dict, float]:
+    """Median time of each kernel (name -> callable) and the median probe GB/s, measured in rounds: the probe,
+    then every kernel once, the order rotated each round, so all variants of a case and the probe see the same
+    machine state (this host's bandwidth moves by 2x within a minute: timed one after another, two runs of the
+    same code differed by more than the 5% the chosen-variant check asks for)."""
+    buf = np.ones(max(nbytes, min_probe), np.uint8) if probe else None
+    names = list(kernels)
+    for n in names:
+        kernels[n]()
+    ts: dict = {n: [] for n in names}
+    pt = []
+    for r in range(repeats):
+        if probe:
+            t = time.perf_counter()
+            K.read_probe(buf, threads=threads)
+            pt.append(time.perf_counter() - t)
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            kernels[n]()
+            ts[n].append(time.perf_counter() - t)
+    return {n: statistics.median(v) for n, v in ts.items()}, (buf.nbytes / statistics.median(pt) / 1e9 if probe else 0.0)
 
 
 def _fast_quantize(fmt: str, rows: int, cols: int, rng) -> F.QMatrix:
@@ -92,13 +90,13 @@ def bench_dense(fmts, isas, threads, repeats, rng, Kd=8192):
         q = _fast_quantize(fmt, N, Kd, rng)
         if "avx2" in isas:
             K.prepare_tl(q)      # the AVX2 TL layout (a re-laid copy; gbps counts the matrix bytes once)
-        for isa in isas:
-            for kern in _kernel_names(fmt):
-                tl = kern == "tl"
-                dt, probe = _paired(lambda: K.matmul(q, x, out, isa=isa, tl=tl), q.nbytes, isa, threads, repeats)
-                default = tl == bool(K.TL_PREFERRED.get((fmt, isa), False))   # the kernel matmul runs on this isa
-                rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe, kernel=kern,
-                                 default=default, chosen=default and isa == K.dispatcher().choice(fmt, 1)))
+        variants = {(isa, kern): (lambda isa=isa, tl=kern == "tl": K.matmul(q, x, out, isa=isa, tl=tl))
+                    for isa in isas for kern in _kernel_names(fmt)}
+        dts, probe = _interleaved(variants, q.nbytes, threads, repeats)
+        for (isa, kern), dt in dts.items():
+            default = (kern == "tl") == bool(K.TL_PREFERRED.get((fmt, isa), False))   # the kernel matmul runs here
+            rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe, kernel=kern,
+                             default=default, chosen=default and isa == K.dispatcher().choice(fmt, 1)))
     return rows
 
 
@@ -117,17 +115,18 @@ def bench_sparse(fmt, isas, threads, repeats, rng, Kd=4096, Fn=11008, C=64, dens
     h = rng.standard_normal((1, Kd)).astype(np.float32)
     out = np.zeros((1, Kd), np.float32)
     rows = []
-    for isa in isas:
-        for dens in densities:
-            n = max(1, int(round(dens * nc)))
+    for dens in densities:
+        n = max(1, int(round(dens * nc)))
+        # each call uses a different random active set; the arena (~ 3x L3 at d=0.25) defeats caching, and
+        # the probe and the other variants run in between, evicting the previous call's bundles
+        its = {}
+        for isa in isas:
             sets = [np.sort(rng.choice(nc, n, replace=False)) for _ in range(repeats + 1)]
-            ptr_sets = [(base + s.astype(np.uint64) * np.uint64(lay.stride)).astype(np.uint64) for s in sets]
-            it = iter(ptr_sets)
-            # each call uses a different random active set; the arena (~ 3x L3 at d=0.25) defeats
-            # caching, and the probe runs in between, evicting the previous call's bundles
-            nbytes = n * lay.nbytes
-            dt, probe = _paired(lambda: K.ffn_bundles(next(it), lay, h, "silu", out, isa=isa), nbytes, isa,
-                                threads, repeats, min_probe=64 << 20)
+            its[isa] = iter([(base + s.astype(np.uint64) * np.uint64(lay.stride)).astype(np.uint64) for s in sets])
+        nbytes = n * lay.nbytes
+        dts, probe = _interleaved({isa: (lambda isa=isa: K.ffn_bundles(next(its[isa]), lay, h, "silu", out, isa=isa))
+                                   for isa in isas}, nbytes, threads, repeats, min_probe=64 << 20)
+        for isa, dt in dts.items():
             rows.append(_row("sparse", fmt, isa, threads, [Kd, Fn, C], dens, nbytes, dt, probe, bundles=n,
                              chosen=isa == K.dispatcher().choice(fmt, 1)))
     return rows
@@ -139,9 +138,12 @@ def bench_gemm(fmt, isas, threads, repeats, rng, N=16384, Kd=8192, T=32):
     out = np.empty((T, N), np.float32)
     out1 = np.empty((1, N), np.float32)
     rows = []
+    gemm, _ = _interleaved({isa: (lambda isa=isa: K.matmul(q, x, out, isa=isa)) for isa in isas}, q.nbytes, threads,
+                           max(2, repeats // 2), probe=False)
+    gemv, probe = _interleaved({isa: (lambda isa=isa: K.matmul(q, x[:1], out1, isa=isa)) for isa in isas}, q.nbytes,
+                               threads, repeats)
     for isa in isas:
-        dt_gemm = _median_time(lambda: K.matmul(q, x, out, isa=isa), max(2, repeats // 2))
-        dt_gemv, probe = _paired(lambda: K.matmul(q, x[:1], out1, isa=isa), q.nbytes, isa, threads, repeats)
+        dt_gemm, dt_gemv = gemm[isa], gemv[isa]
         r = _row("gemm", fmt, isa, threads, [N, Kd, T], 1.0, q.nbytes, dt_gemm, probe,
                  chosen=isa == K.dispatcher().choice(fmt, T))
         r.update(gemm_tok_s=round(T / dt_gemm, 1), gemv_tok_s=round(1 / dt_gemv, 1),
