@@ -58,7 +58,7 @@ typedef struct {           /* one packed matrix: row r's planes at qs + r*ng*qby
     const uint8_t *qs;
     const uint16_t *d;
     const uint16_t *m;     /* NULL for formats without a min */
-    const uint8_t *tl;     /* NULL, or the same matrix re-laid for the AVX2 table-lookup kernels (plk_tl_pack) */
+    const uint8_t *tl;     /* NULL, or the same matrix re-laid for the x86 table-lookup kernels (plk_tl_pack) */
     int tl_tiles;          /* with tl: its whole 32-row tiles (N / 32 of the matrix it was packed from) */
 } plk_w;
 
@@ -119,7 +119,7 @@ int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h,
                    uint16_t *kc, uint16_t *vc, int maxP, int start, int nh, int nkv, int hd,
                    const float *rcos, const float *rsin, float *scratch, int nthreads);
 
-/* ---- AVX2 table-lookup layout (plk_tl.h has the kernels and the reasons) ----
+/* ---- x86 (AVX2 / AVX-512) table-lookup layout (plk_tl.h has the kernels and the reasons) ----
  * Rows in tiles of 32; per tile, per 64-group one record: the codes as 4-bit indices (q1: 4 elements of
  * one bit, q2/tern: 2 elements of two bits), one 32-byte vector per pair of indices (low nibble, high
  * nibble) holding that pair for the 32 rows, vectors in element order; then the 32 rows' fp16 d, then m

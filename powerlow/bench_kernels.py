@@ -89,7 +89,7 @@ def bench_dense(fmts, isas, threads, repeats, rng, Kd=8192):
         out = np.empty((1, N), np.float32)
         q = _fast_quantize(fmt, N, Kd, rng)
         if "avx2" in isas:
-            K.prepare_tl(q)      # the AVX2 TL layout (a re-laid copy; gbps counts the matrix bytes once)
+            K.prepare_tl(q)      # the vpshufb TL layout (a re-laid copy; gbps counts the matrix bytes once)
         variants = {(isa, kern): (lambda isa=isa, tl=kern == "tl": K.matmul(q, x, out, isa=isa, tl=tl))
                     for isa in isas for kern in _kernel_names(fmt)}
         dts, probe = _interleaved(variants, q.nbytes, threads, repeats)

@@ -130,7 +130,7 @@ def packed_nbytes(fmt: str, rows: int, cols: int) -> int:
 class QMatrix:
     """A packed quantized matrix (rows, cols) in format fmt; planes are C-contiguous arrays.
 
-    tl: None, or the same matrix re-laid for the AVX2 table-lookup kernels (kernels.prepare_tl): built
+    tl: None, or the same matrix re-laid for the AVX2 / AVX-512 table-lookup kernels (kernels.prepare_tl): built
     once for a matrix whose planes no longer change; not part of the stored form (to_bytes, tensors)."""
 
     __slots__ = ("fmt", "rows", "cols", "planes", "tl", "calls")

@@ -5,7 +5,7 @@
                              the best this CPU runs, or the one POWERLOW_ISA names (supported_isas: all it runs)
     set_threads(n) / get_threads()
     matmul(q, x, out=None)   y (T, N) = x (T, K) @ W^T in formats.matmul_ref numerics (GEMV if T == 1)
-    prepare_tl(q)            q.tl = the AVX2 table-lookup layout of a q2/tern/q1 matrix (once, resident weights)
+    prepare_tl(q)            q.tl = the AVX2 / AVX-512 table-lookup layout of a q2/tern/q1 matrix (once, resident weights)
     ffn_bundles(ptrs, layout, h, act, out)   out (T, K) += sum_c down_c @ (act(gate_c h) * up_c h)
     quantize_act(x)          formats.ActQ, bit-exact with formats.quantize_act
     read_probe(buf)          plain read of a uint8 buffer with all threads (bandwidth probe)
@@ -188,7 +188,7 @@ def get_threads() -> int:
 
 
 def prepare_tl(q: formats.QMatrix) -> formats.QMatrix:
-    """Give q its AVX2 table-lookup layout (q.tl; q2, tern and q1 only; no-op for other formats) and
+    """Give q its AVX2 / AVX-512 table-lookup layout (q.tl; q2, tern and q1 only; no-op for other formats) and
     return q. Call it once for a matrix whose planes no longer change (resident weights): the layout is a
     re-laid copy of the codes and scales of q's whole 32-row tiles, read instead of the planes by the TL
     kernel (the planes stay: the reference, the stored form and multiply-add for the last rows % 32
@@ -204,8 +204,8 @@ _TL_FMTS = ("q2", "tern", "q1")
 
 
 def prepare_resident(q: formats.QMatrix) -> formats.QMatrix:
-    """prepare_tl(q) where the dispatcher runs table lookup on q's format with this CPU's variant (AVX2 needs the
-    layout; the portable TL and AVX-512's multiply-add do not), else q unchanged."""
+    """prepare_tl(q) where the dispatcher runs table lookup on q's format with this CPU's variant (the AVX2 and
+    AVX-512 TL read the layout; the portable TL does not), else q unchanged."""
     if isa in ("avx2", "avx512") and _use_tl(q.fmt, isa):
         prepare_tl(q)
     return q
