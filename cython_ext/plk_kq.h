@@ -80,15 +80,10 @@ AI __m128 kq_finish(__m256i vi, __m128i vm, int has_min, float dd, float ndm, __
     return y;
 }
 
-/* one q4_k / q5_k / q6_k super-block at blk, decoded for the 256-bit byte dots: c[j] the codes of elements
- * 32j..32j+31, sv[j] their scales as int16 (the pairs maddubs + madd take); q6_k: *sc16 its 16 int8 scales widened
- * (for the -32 offset); q4_k/q5_k: *mn the 8 mins as int16, *dmw the fp16 dmin. Returns the fp16 d. kq_row and
- * kq_rows8 both decode through it, so they take the same integers. */
-AI float kq_block256(const int FMT, const uint8_t *blk, __m256i c[8], __m256i sv[8], __m256i *sc16, __m128i *mn,
-                     float *dmw)
+/* the 256 codes of a q4_k / q5_k / q6_k super-block, unsigned, in element order: c[k] = elements 32k .. 32k + 31 */
+AI void kq_codes(const int FMT, const uint8_t *blk, __m256i c[8])
 {
     const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
-    *sc16 = _mm256_setzero_si256();
     if (FMT == PLK_Q6_K) {
         const uint8_t *ql = blk, *qh = blk + 128;
 #pragma GCC unroll 2
@@ -101,6 +96,33 @@ AI float kq_block256(const int FMT, const uint8_t *blk, __m256i c[8], __m256i sv
             c[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hh, m30));
             c[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hh, 2), m30));
         }
+        return;
+    }
+    const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
+    __m256i qh = _mm256_setzero_si256();
+    if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; p++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+        c[2 * p] = _mm256_and_si256(v, m4);
+        c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        if (FMT == PLK_Q5_K) {
+            c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
+            c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
+        }
+    }
+}
+
+/* one q4_k / q5_k / q6_k super-block at blk, decoded for the 256-bit byte dots: c[j] the codes of elements
+ * 32j..32j+31, sv[j] their scales as int16 (the pairs maddubs + madd take); q6_k: *sc16 its 16 int8 scales widened
+ * (for the -32 offset); q4_k/q5_k: *mn the 8 mins as int16, *dmw the fp16 dmin. Returns the fp16 d. kq_row and
+ * kq_rows8 both decode through it, so they take the same integers. */
+AI float kq_block256(const int FMT, const uint8_t *blk, __m256i c[8], __m256i sv[8], __m256i *sc16, __m128i *mn,
+                     float *dmw)
+{
+    *sc16 = _mm256_setzero_si256();
+    kq_codes(FMT, blk, c);
+    if (FMT == PLK_Q6_K) {
         /* vector g (elements 32g..32g+31) has sub-blocks 2g (low lane), 2g+1 (high lane) */
         *sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
         const __m256i B0 = _mm256_permute2x128_si256(*sc16, *sc16, 0x00), B1 = _mm256_permute2x128_si256(*sc16, *sc16, 0x11);
@@ -119,22 +141,9 @@ AI float kq_block256(const int FMT, const uint8_t *blk, __m256i c[8], __m256i sv
         memcpy(&hd, blk + 208, 2);
         return _cvtsh_ss(hd);
     }
-    const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
     const __m128i R = kq_scales_v(blk + 4);
     *mn = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(R, R));
     const __m256i sb = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(R));
-    __m256i qh = _mm256_setzero_si256();
-    if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
-#pragma GCC unroll 4
-    for (int p = 0; p < 4; p++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
-        c[2 * p] = _mm256_and_si256(v, m4);
-        c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        if (FMT == PLK_Q5_K) {
-            c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
-            c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
-        }
-    }
 #pragma GCC unroll 8
     for (int j = 0; j < 8; j++)
         sv[j] = _mm256_shuffle_epi8(sb, _mm256_set1_epi16((short)((2 * j) | ((2 * j + 1) << 8))));
@@ -411,37 +420,6 @@ AI void kq_relayout(const int FMT, const uint32_t *nat, uint32_t *out, int vstri
 {
     for (int v = 0; v < 8; v++)
         for (int j = 0; j < 8; j++) out[vstride * v + j] = nat[kq_perm(FMT, v, j)];
-}
-
-/* the 256 codes of a q4_k / q5_k / q6_k super-block, unsigned, in element order: c[k] = elements 32k .. 32k + 31 */
-AI void kq_codes(const int FMT, const uint8_t *blk, __m256i c[8])
-{
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
-    if (FMT == PLK_Q6_K) {
-        const uint8_t *ql = blk, *qh = blk + 128;
-        for (int h = 0; h < 2; h++) {
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
-            const __m256i hh = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
-            c[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 4), m30));
-            c[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hh, 2), m30));
-            c[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hh, m30));
-            c[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hh, 2), m30));
-        }
-        return;
-    }
-    const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
-    __m256i qh = _mm256_setzero_si256();
-    if (FMT == PLK_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
-    for (int p = 0; p < 4; p++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
-        c[2 * p] = _mm256_and_si256(v, m4);
-        c[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        if (FMT == PLK_Q5_K) {
-            c[2 * p] = _mm256_or_si256(c[2 * p], kq_hbit(qh, 2 * p));
-            c[2 * p + 1] = _mm256_or_si256(c[2 * p + 1], kq_hbit(qh, 2 * p + 1));
-        }
-    }
 }
 
 /* one row's super-blocks -> re-laid codes (S x 256 B), scales as int32 (S x 8, q6_k: S x 16), mins as int16
