@@ -8,7 +8,7 @@ K-quants and every GEMV. So at the first matmul of a (format, class) -- class "g
 matrix of that format, alternating, the best of 15 rounds (GEMV; 7 for GEMM; ~5-30 ms a class: the best, since what
 a shared host adds to a 20-60 us call only slows it: a median of 7 once had AVX2 24% / 10% ahead for q1 / q4_0 on
 a Zen 4 guest where the best of 200 in one process puts AVX-512 level or ahead on this matrix and the bench streams
-them 10-30% faster with it), and the fastest is kept unless the
+them up to 30% faster with it, never slower by more than the noise), and the fastest is kept unless the
 widest variant is within 10% (then the widest, the static default: a GEMV difference is a few %, within the
 noise of a short timing, while the GEMM differences this is for are 30-50%). Choices are cached per machine in
 $POWERLOW_HOME/kernels/<key>.json, key = CPU model, flags, the package version and the kernels' build, so a
