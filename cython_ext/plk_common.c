@@ -339,7 +339,7 @@ void plk_pool_run(plk_pool_fn fn, void *ctx, int n, int nthreads)
     pthread_mutex_unlock(&P.lock);
 }
 
-#if !PLK_X86   /* the AVX2 table-lookup tables exist on x86 only (avx2_tl below is never true elsewhere) */
+#if !PLK_X86   /* the vpshufb table-lookup tables exist on x86 only (x86_tl below is never true elsewhere) */
 #define plk_tl_tables_avx2(fmt, a, tab) ((void)(fmt), (void)(a), (void)(tab))
 #define plk_tl_tables_avx512(fmt, a, tab) ((void)(fmt), (void)(a), (void)(tab))
 #endif
@@ -358,10 +358,10 @@ void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *
 {
     plk_rows_fn fn = plk_rows(isa, fmt, tl);
     if (!fn) fn = plk_rows(isa, fmt, 0);
-    /* AVX2 table lookup: the tokens' tables once per call (every row reads them), for at most
+    /* x86 table lookup: the tokens' tables once per call (every row reads them), for at most
      * PLK_TL_TCHUNK tokens at a time (Kp x 8 or 16 bytes each) */
-    const int avx2_tl = tl && (isa == PLK_AVX2 || isa == PLK_AVX512) && plk_tl_fmt(fmt) && w->tl && N >= PLK_TL_ROWS;
-    if (avx2_tl && a->T > PLK_TL_TCHUNK) {
+    const int x86_tl = tl && (isa == PLK_AVX2 || isa == PLK_AVX512) && plk_tl_fmt(fmt) && w->tl && N >= PLK_TL_ROWS;
+    if (x86_tl && a->T > PLK_TL_TCHUNK) {
         for (int c0 = 0; c0 < a->T; c0 += PLK_TL_TCHUNK) {
             plk_act c = *a;
             c.T = a->T - c0 < PLK_TL_TCHUNK ? a->T - c0 : PLK_TL_TCHUNK;
@@ -374,7 +374,7 @@ void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *
     }
     plk_act at = *a;
     uint8_t *tab = NULL;
-    if (avx2_tl) {
+    if (x86_tl) {
         tab = (uint8_t *)malloc((size_t)a->T * a->Kp / plk_tl_elems(fmt) * 32);
         if (tab) {
             if (isa == PLK_AVX512) plk_tl_tables_avx512(fmt, a, tab); else plk_tl_tables_avx2(fmt, a, tab);

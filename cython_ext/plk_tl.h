@@ -7,7 +7,7 @@
  * 12.0-12.3 -> 13.7-14.8, q1 14.5-14.6 -> 15.4-15.7; in L3 (2048 / 4096 rows) q2 20.8 -> 22.0, tern 20.2 -> 20.3,
  * q1 19.0 -> 19.6.
  *
- * Tables (plk_tl_tables_avx2, once per call and token, shared by every row): for each run of E
+ * Tables (plk_tl_tables_avx2 / _avx512, once per call and token, shared by every row): for each run of E
  * consecutive activations (E = 4 for q1: 1-bit codes; E = 2 for q2/tern: 2-bit codes) the 16 integer
  * dots of those activations with every possible 4-bit index: q1 v -> sum_k bit_k(v) x_k, q2/tern
  * v -> (v & 3) x_0 + (v >> 2) x_1. Entries reach +-508 / +-762: more than a byte, and vpshufb looks up

@@ -152,6 +152,10 @@ def bench_gemm(fmt, isas, threads, repeats, rng, N=16384, Kd=8192, T=32):
     return rows
 
 
+def _variant(r: dict) -> str:
+    return r["isa"] + (f"/{r['kernel']}" if "kernel" in r else "")
+
+
 def check_chosen(rows: list[dict], tol: float = 0.05) -> dict:
     """Per case (kind, format, shape, density): the chosen row's time against the fastest variant measured for it
     (every ISA, TL and MAD). {"cases": n, "slow": [{case, chosen, ms, fastest, fastest_ms, excess}]} for the cases
@@ -163,11 +167,10 @@ def check_chosen(rows: list[dict], tol: float = 0.05) -> dict:
     for key, rs in cases.items():
         ch = next((r for r in rs if r.get("chosen")), None)
         best = min(rs, key=lambda r: r["ms"])
-        name = (lambda r: r["isa"] + (f"/{r['kernel']}" if "kernel" in r else ""))
         if ch is None or ch["ms"] > best["ms"] * (1 + tol):
             slow.append({"case": f"{key[0]} {key[1]} {'x'.join(map(str, key[2]))} d={key[3]}",
-                         "chosen": None if ch is None else name(ch), "ms": None if ch is None else ch["ms"],
-                         "fastest": name(best), "fastest_ms": best["ms"],
+                         "chosen": None if ch is None else _variant(ch), "ms": None if ch is None else ch["ms"],
+                         "fastest": _variant(best), "fastest_ms": best["ms"],
                          "excess": None if ch is None else round(ch["ms"] / best["ms"] - 1, 3)})
     return {"cases": len(cases), "slow": slow, "tol": tol}
 
