@@ -120,16 +120,16 @@ int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h,
                    const float *rcos, const float *rsin, float *scratch, int nthreads);
 
 /* ---- x86 (AVX2 / AVX-512) table-lookup layout (plk_tl.h has the kernels and the reasons) ----
- * Rows in tiles of 32; per tile, per 64-group one record: the codes as 4-bit indices (q1: 4 elements of
- * one bit, q2/tern: 2 elements of two bits), one 32-byte vector per pair of indices (low nibble, high
- * nibble) holding that pair for the 32 rows, vectors in element order; then the 32 rows' fp16 d, then m
- * (q2). Only the floor(N/32) whole tiles are re-laid; the last N % 32 rows use the plain planes. */
+ * Rows in tiles of 32; per tile, per 64-group one record: the 32 rows' fp16 d, then m (q2), then the codes
+ * as 4-bit indices (q1: 4 elements of one bit, q2/tern: 2 elements of two bits), one 32-byte vector per pair
+ * of indices (low nibble, high nibble) holding that pair for the 32 rows, vectors in element order. Only the floor(N/32) whole tiles are re-laid; the last N % 32 rows use the plain planes. */
 #define PLK_TL_ROWS 32
 #define PLK_TL_TCHUNK 64       /* tokens whose tables are built at once (more: in chunks of this many) */
 static inline int plk_tl_fmt(int fmt) { return fmt == PLK_Q2 || fmt == PLK_TERN || fmt == PLK_Q1; }
 static inline int plk_tl_elems(int fmt) { return fmt == PLK_Q1 ? 4 : 2; }          /* elements per index */
 static inline int plk_tl_codebytes(int fmt) { return fmt == PLK_Q1 ? 256 : 512; }  /* per group and tile */
-static inline size_t plk_tl_recbytes(int fmt) { return (size_t)plk_tl_codebytes(fmt) + 64 + (plk_has_min[fmt] ? 64 : 0); }
+static inline int plk_tl_scalebytes(int fmt) { return plk_has_min[fmt] ? 128 : 64; }        /* fp16 d (and m) */
+static inline size_t plk_tl_recbytes(int fmt) { return (size_t)plk_tl_codebytes(fmt) + plk_tl_scalebytes(fmt); }
 /* byte position of tile row r (0..31) in a code vector: the order in which unpack + widen (plk_tl.h)
  * deliver the rows, so that int32 vector o holds rows 8o..8o+7 in order */
 static inline int plk_tl_slot(int r) { int o = r >> 3, l = r & 7; return (o >> 1) * 8 + (o & 1) + 2 * (l & 3) + 16 * (l >> 2); }

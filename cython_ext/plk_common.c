@@ -140,7 +140,7 @@ int plk_tl_pack(int fmt, const plk_w *w, int N, int K, uint8_t *out)
 {
     if (!plk_tl_fmt(fmt)) return -1;
     const int ng = (K + 63) / 64, E = plk_tl_elems(fmt), nreg = 16 / E, QB = plk_qbytes[fmt];
-    const int RB = plk_tl_codebytes(fmt);
+    const int SB = plk_tl_scalebytes(fmt);
     const size_t REC = plk_tl_recbytes(fmt);
     for (int tt = 0; tt < N / PLK_TL_ROWS; tt++)
         for (int g = 0; g < ng; g++) {
@@ -161,10 +161,10 @@ int plk_tl_pack(int fmt, const plk_w *w, int N, int K, uint8_t *out)
                                 for (int k = 0; k < 2; k++) v |= ((q[(e0 + k) & 15] >> (2 * ((e0 + k) >> 4))) & 3) << (2 * k);
                             byte |= v << (4 * h);
                         }
-                        rec[(size_t)(j * nreg + ri) * 32 + s] = (uint8_t)byte;
+                        rec[SB + (size_t)(j * nreg + ri) * 32 + s] = (uint8_t)byte;
                     }
-                memcpy(rec + RB + 2 * r, w->d + row * ng + g, 2);
-                if (plk_has_min[fmt]) memcpy(rec + RB + 64 + 2 * r, w->m + row * ng + g, 2);
+                memcpy(rec + 2 * r, w->d + row * ng + g, 2);
+                if (plk_has_min[fmt]) memcpy(rec + 64 + 2 * r, w->m + row * ng + g, 2);
             }
         }
     return 0;

@@ -1,8 +1,9 @@
 /* Table-lookup (T-MAC style) kernels for q1, tern and q2 on 256-bit vectors; included by plk_avx2.c and
  * plk_avx512.c after plk_simd.h (inside their `#pragma GCC target` regions). Our own code; the idea is T-MAC's /
  * bitnet.cpp's TL. The AVX-512 build is the same code compiled with AVX-512 VL enabled: 32 vector registers (the
- * tile's 8 accumulators, 4 scale vectors and the lookups' temporaries no longer spill) and EVEX forms; same
- * bits. Measured (GEMV 32768 / 65536 x 8192, 1 thread, best of 15, the two builds alternating in one process,
+ * tile's 8 accumulators, 4 scale vectors and the lookups' temporaries no longer spill) and EVEX forms, and since
+ * the fourteenth session its lookups are vpermw over exact int16 tables (tl_block_permw); same bits. Measured
+ * (thirteenth session, both builds vpshufb, T0 prefetch) (GEMV 32768 / 65536 x 8192, 1 thread, best of 15, the two builds alternating in one process,
  * three runs, Zen 4 guest), AVX2 -> AVX-512 build: weights in DRAM q2 11.6-11.9 -> 14.6-14.9 GB/s, tern
  * 12.0-12.3 -> 13.7-14.8, q1 14.5-14.6 -> 15.4-15.7; in L3 (2048 / 4096 rows) q2 20.8 -> 22.0, tern 20.2 -> 20.3,
  * q1 19.0 -> 19.6.
@@ -22,9 +23,10 @@
  * The stored planes are row-major (one row's codes are contiguous), and their bit order puts elements
  * i, 8+i, 16+i, 24+i (q1) or i, 16+i (q2) into one nibble, not 4 (2) consecutive elements whose
  * activations a table covers. So the codes are re-laid once, per
- * tile of 32 rows: a group's record is 8 (q1) or 16 (q2/tern) vectors of 32 bytes, vector i holding the
- * indices of runs 2i (low nibble) and 2i+1 (high nibble) of that group for the 32 rows, followed by the
- * rows' fp16 scales (d, then m for q2). The records are stored in the order the kernel reads them (K-chunks of
+ * tile of 32 rows: a group's record is the rows' fp16 scales (d, then m for q2), then 8 (q1) or 16 (q2/tern)
+ * vectors of 32 bytes, vector i holding the indices of runs 2i (low nibble) and 2i+1 (high nibble) of that
+ * group for the 32 rows (scales first: the kernel reads them first, so the record is read in address order;
+ * measured, AVX2 build, GEMV from DRAM, 1 thread: 11.4-11.9 -> 13.3-14.1 GB/s). The records are stored in the order the kernel reads them (K-chunks of
  * super-tiles, plk.h), so a thread's rows are one linear stream for the prefetcher. Same bytes per weight as the
  * plain planes.
  *
@@ -41,15 +43,26 @@
  * of 200: q2/tern ~15% faster than exact int16 byte planes unpacked per lookup; q1, since a whole block's
  * 8 lookups are summed before widening, 163 vs 173 us) */
 #define TL_BIAS(f) ((f) == PLK_Q1 ? 512 : 768)
-/* software prefetch distance in group records (a tile is one linear stream) */
-#ifndef PLK_TL_PF
-#define PLK_TL_PF 8
+/* the AVX-512 build looks up exact int16 entries with vpermw (TL_PERMW, tl_block_permw); the AVX2 one byte planes */
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#define TL_PERMW 1
+#else
+#define TL_PERMW 0
 #endif
-#ifndef PLK_TL_HINT
-#define PLK_TL_HINT _MM_HINT_T0
+/* software prefetch of the stream (a thread's tiles are one linear stream), in group records: far ahead into L2
+ * (prefetcht1), and again a little ahead into L1. A T0 prefetch holds one of the core's few L1 miss buffers until
+ * its line arrives, so T0 alone (8 records ahead: the kernel until the fourteenth session) kept ~20 lines in
+ * flight, ~10-15 GB/s a thread from DRAM, where a plain read gets ~30; the L2's queue is deeper. Measured (GEMV
+ * 32768 x 8192 q2, weights in DRAM, Zen 4 guest, best of 15, builds alternating, 3 rounds), 1 thread: T0 at 8
+ * 13.5-15.2 GB/s, T1 at 32 15.4-21.9, T1 at 32 + T0 at 2 16.7-21.6; 2 threads 20-26 -> 30-34 (probe ~35). */
+#ifndef PLK_TL_PF_L2
+#define PLK_TL_PF_L2 32
+#endif
+#ifndef PLK_TL_PF_L1
+#define PLK_TL_PF_L1 2
 #endif
 
-/* tables of one token: run a (0 .. Kp/E - 1) at tab + 32a: 16 low bytes, 16 high bytes */
+/* tables of one token: run a (0 .. Kp/E - 1) at tab + 32a: AVX2 16 low bytes, 16 high bytes; AVX-512 16 int16 */
 void NAME(plk_tl_tables)(int fmt, const plk_act *a, uint8_t *tab)
 {
     const int E = plk_tl_elems(fmt), nrun = a->Kp / E;
@@ -80,6 +93,11 @@ void NAME(plk_tl_tables)(int fmt, const plk_act *a, uint8_t *tab)
             else
                 e = _mm256_add_epi16(_mm256_mullo_epi16(_mm256_set1_epi16(xr[0]), c0),
                                      _mm256_mullo_epi16(_mm256_set1_epi16(xr[1]), c1));
+#if TL_PERMW
+            (void)bias; (void)m63; (void)split;
+            _mm256_storeu_si256((__m256i *)(o + (size_t)r * 32), e);
+            continue;
+#endif
             e = _mm256_add_epi16(e, bias);
             e = _mm256_or_si256(_mm256_and_si256(e, m63), _mm256_slli_epi16(_mm256_srli_epi16(e, 6), 8));
             /* qwords [lo 0-7, hi 0-7 | lo 8-15, hi 8-15] -> [lo 0-15 | hi 0-15] */
@@ -122,6 +140,35 @@ AI void tl_widen(const __m256i s_lo, const __m256i s_hi, __m256 *f)
     f[3] = _mm256_cvtepi32_ps(_mm256_srai_epi32(s_hi, 16));
 }
 
+#if TL_PERMW
+/* one 32-block of a tile, AVX-512 build: the int16 sums s_lo, s_hi (slots as tl_flush leaves them) of its
+ * 2 x nreg lookups. Each 32-byte code vector, read as 16 words, holds in word k the index pairs of slots 2k
+ * (bits 0-7) and 2k + 1 (bits 8-15); vpermw looks up 16 words by bits 0-3 of each, so shifts by 0 / 4 / 8 / 12
+ * give slot 2k's two runs and slot 2k + 1's, straight from the exact int16 table (no planes, bias or byte
+ * flush: 11 vector ops per code vector where the vpshufb form takes ~15; vpermw and vpshufb both issue 2 a cycle
+ * on Zen 4). unpack lo / hi of the even and odd slots' sums restore the slot order tl_widen expects. Same
+ * integers, so the same bits. Measured (GEMV 2048 (q1 4096) x 8192, weights in L3, 1 thread, best of 100, the
+ * AVX2 and AVX-512 builds alternating in one process, two runs; AVX2-build time / AVX-512-build time): vpshufb
+ * in both 1.05 / 1.04 / 1.02 (q2 / tern / q1), vpermw in the AVX-512 build 1.29 / 1.26 / 1.26 (q2 231 -> 192 us);
+ * from DRAM (32768 x 8192) level to +4% at 1 thread. */
+AI void tl_block_permw(const int nreg, const uint8_t *qb, const uint8_t *tb, __m256i *s_lo, __m256i *s_hi)
+{
+    __m256i se = _mm256_setzero_si256(), so = se;
+#pragma GCC unroll 8
+    for (int ri = 0; ri < nreg; ri++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * ri));
+        const __m256i t0 = _mm256_loadu_si256((const __m256i *)(tb + 64 * ri));
+        const __m256i t1 = _mm256_loadu_si256((const __m256i *)(tb + 64 * ri + 32));
+        const __m256i v4 = _mm256_srli_epi16(v, 4);
+        se = _mm256_add_epi16(se, _mm256_add_epi16(_mm256_permutexvar_epi16(v, t0), _mm256_permutexvar_epi16(v4, t1)));
+        so = _mm256_add_epi16(so, _mm256_add_epi16(_mm256_permutexvar_epi16(_mm256_srli_epi16(v, 8), t0),
+                                                   _mm256_permutexvar_epi16(_mm256_srli_epi16(v, 12), t1)));
+    }
+    *s_lo = _mm256_unpacklo_epi16(se, so);
+    *s_hi = _mm256_unpackhi_epi16(se, so);
+}
+#endif
+
 /* one tile (32 rows) x one token x groups g0 .. g1 - 1 (their records at rec, REC bytes apart). Per 32-block:
  * all its lookups summed in int16 (q1: 8, q2/tern: 16, biased, from bytes flushed every 4), widened once,
  * acc[o] += I x ((A d_w) dx[b]); per 64-group the offset term vs[o] += (m or d) x bx[g]. acc and vs live in
@@ -129,7 +176,7 @@ AI void tl_widen(const __m256i s_lo, const __m256i s_hi, __m256 *f)
 AI void tl_part(const int FMT, const uint8_t *rec, int g0, int g1, const uint8_t *tab, const float *dx, const float *bx,
                 float *st)
 {
-    const int E = FMT == PLK_Q1 ? 4 : 2, NREG = 16 / E, RB = FMT == PLK_Q1 ? 256 : 512;
+    const int E = FMT == PLK_Q1 ? 4 : 2, NREG = 16 / E, SB = plk_tl_scalebytes(FMT);
     const int RUNB = 32 / E * 32;                      /* table bytes per 32-block */
     const size_t REC = plk_tl_recbytes(FMT);
     const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
@@ -141,9 +188,12 @@ AI void tl_part(const int FMT, const uint8_t *rec, int g0, int g1, const uint8_t
     }
     for (int g = g0; g < g1; g++) {
         const uint8_t *q = rec + (size_t)(g - g0) * REC;
-        /* the stream, PLK_TL_PF records ahead (the hardware prefetcher alone falls behind) */
-        for (size_t l = 0; l < REC; l += 64) _mm_prefetch((const char *)q + PLK_TL_PF * REC + l, PLK_TL_HINT);
-        const uint16_t *dh = (const uint16_t *)(q + RB);
+        /* the stream, into L2 far ahead and into L1 near (the hardware prefetcher alone falls behind) */
+        for (size_t l = 0; l < REC; l += 64) {
+            _mm_prefetch((const char *)q + PLK_TL_PF_L2 * REC + l, _MM_HINT_T1);
+            _mm_prefetch((const char *)q + PLK_TL_PF_L1 * REC + l, _MM_HINT_T0);
+        }
+        const uint16_t *dh = (const uint16_t *)q;
         const __m256 bxg = _mm256_set1_ps(bx[g]);
         __m256 dv[4];
 #pragma GCC unroll 4
@@ -155,7 +205,12 @@ AI void tl_part(const int FMT, const uint8_t *rec, int g0, int g1, const uint8_t
 #pragma GCC unroll 2
         for (int j = 0; j < 2; j++) {
             const int b = 2 * g + j;
-            const uint8_t *tb = tab + (size_t)b * RUNB, *qb = q + (size_t)j * NREG * 32;
+            const uint8_t *tb = tab + (size_t)b * RUNB, *qb = q + SB + (size_t)j * NREG * 32;
+#if TL_PERMW
+            __m256i slo, shi;
+            (void)m4;
+            tl_block_permw(NREG, qb, tb, &slo, &shi);
+#else
             __m256i slo = tl_start(FMT, 2 * NREG), shi = slo;
 #pragma GCC unroll 8
             for (int c = 0; c < NREG; c += 2) {        /* 4 lookups per flush */
@@ -168,6 +223,7 @@ AI void tl_part(const int FMT, const uint8_t *rec, int g0, int g1, const uint8_t
                 }
                 tl_flush(blo, bhi, &slo, &shi);
             }
+#endif
             __m256 f[4];
             tl_widen(slo, shi, f);
             const __m256 sb = _mm256_set1_ps(A * dx[b]);
