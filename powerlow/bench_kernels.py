@@ -4,7 +4,7 @@ Rows (one JSON object per line with --json):
   dense   GEMV (T=1) N x 8192, every format, every ISA this CPU runs, N = 16384 (q8, q4_0, q4_1), 32768
           (q2, tern), 65536 (q1): every matrix 75-142 MB, far larger than L3 (at 16384 rows q1 is 21 MB and
           sits in a 32 MB L3, and so does part of the probe's equally large buffer); for q2/tern/q1 both kernels,
-          "kernel": "mad" (multiply-add) and "tl" (table lookup: on AVX2 and AVX-512 the vpshufb kernels on a
+          "kernel": "mad" (multiply-add) and "tl" (table lookup: on AVX2 the vpshufb kernels, on AVX-512 the vpermw ones, on a
           prepared matrix, kernels.prepare_tl; elsewhere the portable ones), "default": the one
           kernels.matmul picks (TL_PREFERRED)
   sparse  ffn_bundles, hidden 4096, 11008 neurons, cluster 64, densities 0.1/0.25/0.5, random active
@@ -89,7 +89,7 @@ def bench_dense(fmts, isas, threads, repeats, rng, Kd=8192):
         out = np.empty((1, N), np.float32)
         q = _fast_quantize(fmt, N, Kd, rng)
         if "avx2" in isas:
-            K.prepare_tl(q)      # the vpshufb TL layout (a re-laid copy; gbps counts the matrix bytes once)
+            K.prepare_tl(q)      # the x86 TL layout (a re-laid copy; gbps counts the matrix bytes once)
         variants = {(isa, kern): (lambda isa=isa, tl=kern == "tl": K.matmul(q, x, out, isa=isa, tl=tl))
                     for isa in isas for kern in _kernel_names(fmt)}
         dts, probe = _interleaved(variants, q.nbytes, threads, repeats)

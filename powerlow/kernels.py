@@ -35,7 +35,7 @@ the 2-row x 4-token tiles on re-laid codes (cython_ext/plk_kq.h).
 attn_block takes lw.wqkv as one QMatrix or a tuple of up to 3 parts (q, k, v rows) of different formats.
 
 Table-lookup kernels (T-MAC style) exist for q2, tern and q1: portable C (cython_ext/plk_generic.c) and
-AVX2 vpshufb (cython_ext/plk_tl.h, on a matrix given its layout by prepare_tl(q)); the dispatcher uses
+AVX2 vpshufb / AVX-512 vpermw (cython_ext/plk_tl.h, on a matrix given its layout by prepare_tl(q)); the dispatcher uses
 them where they measured faster (TL_PREFERRED, figures in the notes above it).
 """
 from __future__ import annotations
