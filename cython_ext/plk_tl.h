@@ -3,10 +3,10 @@
  * bitnet.cpp's TL. The AVX-512 build is the same code compiled with AVX-512 VL enabled: 32 vector registers (the
  * tile's 8 accumulators, 4 scale vectors and the lookups' temporaries no longer spill) and EVEX forms, and since
  * the fourteenth session its lookups are vpermw over exact int16 tables (tl_block_permw); same bits. Measured
- * (thirteenth session, both builds vpshufb, T0 prefetch) (GEMV 32768 / 65536 x 8192, 1 thread, best of 15, the two builds alternating in one process,
- * three runs, Zen 4 guest), AVX2 -> AVX-512 build: weights in DRAM q2 11.6-11.9 -> 14.6-14.9 GB/s, tern
- * 12.0-12.3 -> 13.7-14.8, q1 14.5-14.6 -> 15.4-15.7; in L3 (2048 / 4096 rows) q2 20.8 -> 22.0, tern 20.2 -> 20.3,
- * q1 19.0 -> 19.6.
+ * in the thirteenth session (both builds vpshufb, T0 prefetch; GEMV 32768 / 65536 x 8192, 1 thread, best of 15,
+ * the two builds alternating in one process, three runs, Zen 4 guest), AVX2 -> AVX-512 build: weights in DRAM
+ * q2 11.6-11.9 -> 14.6-14.9 GB/s, tern 12.0-12.3 -> 13.7-14.8, q1 14.5-14.6 -> 15.4-15.7; in L3 (2048 / 4096 rows)
+ * q2 20.8 -> 22.0, tern 20.2 -> 20.3, q1 19.0 -> 19.6. This session's figures: tl_block_permw and the prefetch.
  *
  * Tables (plk_tl_tables_avx2 / _avx512, once per call and token, shared by every row): for each run of E
  * consecutive activations (E = 4 for q1: 1-bit codes; E = 2 for q2/tern: 2-bit codes) the 16 integer
@@ -26,8 +26,9 @@
  * tile of 32 rows: a group's record is the rows' fp16 scales (d, then m for q2), then 8 (q1) or 16 (q2/tern)
  * vectors of 32 bytes, vector i holding the indices of runs 2i (low nibble) and 2i+1 (high nibble) of that
  * group for the 32 rows (scales first: the kernel reads them first, so the record is read in address order;
- * measured, AVX2 build, GEMV from DRAM, 1 thread: 11.4-11.9 -> 13.3-14.1 GB/s). The records are stored in the order the kernel reads them (K-chunks of
- * super-tiles, plk.h), so a thread's rows are one linear stream for the prefetcher. Same bytes per weight as the
+ * measured, AVX2 build, GEMV from DRAM, 1 thread: 11.4-11.9 -> 13.3-14.1 GB/s). The records are stored in the
+ * order the kernel reads them (K-chunks of super-tiles, plk.h), so a thread's rows are one linear stream for the
+ * prefetcher. Same bytes per weight as the
  * plain planes.
  *
  * Exactness and order: a 32-block's lookups (q1: 8; q2/tern: 16) are summed in int16 (|sum| <= 8 x 508,

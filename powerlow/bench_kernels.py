@@ -4,8 +4,8 @@ Rows (one JSON object per line with --json):
   dense   GEMV (T=1) N x 8192, every format, every ISA this CPU runs, N = 16384 (q8, q4_0, q4_1), 32768
           (q2, tern), 65536 (q1): every matrix 75-142 MB, far larger than L3 (at 16384 rows q1 is 21 MB and
           sits in a 32 MB L3, and so does part of the probe's equally large buffer); for q2/tern/q1 both kernels,
-          "kernel": "mad" (multiply-add) and "tl" (table lookup: on AVX2 the vpshufb kernels, on AVX-512 the vpermw ones, on a
-          prepared matrix, kernels.prepare_tl; elsewhere the portable ones), "default": the one
+          "kernel": "mad" (multiply-add) and "tl" (table lookup: on AVX2 the vpshufb kernels, on AVX-512 the
+          vpermw ones, on a prepared matrix, kernels.prepare_tl; elsewhere the portable ones), "default": the one
           kernels.matmul picks (TL_PREFERRED)
   sparse  ffn_bundles, hidden 4096, 11008 neurons, cluster 64, densities 0.1/0.25/0.5, random active
           clusters, bundles in DRAM (a fresh arena larger than the caches)
