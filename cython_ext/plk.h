@@ -122,7 +122,8 @@ int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h,
 /* ---- x86 (AVX2 / AVX-512) table-lookup layout (plk_tl.h has the kernels and the reasons) ----
  * Rows in tiles of 32; per tile, per 64-group one record: the 32 rows' fp16 d, then m (q2), then the codes
  * as 4-bit indices (q1: 4 elements of one bit, q2/tern: 2 elements of two bits), one 32-byte vector per pair
- * of indices (low nibble, high nibble) holding that pair for the 32 rows, vectors in element order. Only the floor(N/32) whole tiles are re-laid; the last N % 32 rows use the plain planes. */
+ * of indices (low nibble, high nibble) holding that pair for the 32 rows, vectors in element order. Only the
+ * floor(N/32) whole tiles are re-laid; the last N % 32 rows use the plain planes. */
 #define PLK_TL_ROWS 32
 #define PLK_TL_TCHUNK 64       /* tokens whose tables are built at once (more: in chunks of this many) */
 static inline int plk_tl_fmt(int fmt) { return fmt == PLK_Q2 || fmt == PLK_TERN || fmt == PLK_Q1; }

@@ -28,8 +28,7 @@
  * group for the 32 rows (scales first: the kernel reads them first, so the record is read in address order;
  * measured, AVX2 build, GEMV from DRAM, 1 thread: 11.4-11.9 -> 13.3-14.1 GB/s). The records are stored in the
  * order the kernel reads them (K-chunks of super-tiles, plk.h), so a thread's rows are one linear stream for the
- * prefetcher. Same bytes per weight as the
- * plain planes.
+ * prefetcher. Same bytes per weight as the plain planes.
  *
  * Exactness and order: a 32-block's lookups (q1: 8; q2/tern: 16) are summed in int16 (|sum| <= 8 x 508,
  * resp. 16 x 762 around the bias) and widened once per block: I_b, the exact integer dot of the block.
@@ -95,14 +94,13 @@ void NAME(plk_tl_tables)(int fmt, const plk_act *a, uint8_t *tab)
                 e = _mm256_add_epi16(_mm256_mullo_epi16(_mm256_set1_epi16(xr[0]), c0),
                                      _mm256_mullo_epi16(_mm256_set1_epi16(xr[1]), c1));
 #if TL_PERMW
-            (void)bias; (void)m63; (void)split;
-            _mm256_storeu_si256((__m256i *)(o + (size_t)r * 32), e);
-            continue;
-#endif
+            (void)bias; (void)m63; (void)split;     /* vpermw: the exact int16 entries as they are */
+#else
             e = _mm256_add_epi16(e, bias);
             e = _mm256_or_si256(_mm256_and_si256(e, m63), _mm256_slli_epi16(_mm256_srli_epi16(e, 6), 8));
             /* qwords [lo 0-7, hi 0-7 | lo 8-15, hi 8-15] -> [lo 0-15 | hi 0-15] */
             e = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(e, split), 0xd8);
+#endif
             _mm256_storeu_si256((__m256i *)(o + (size_t)r * 32), e);
         }
     }
@@ -171,7 +169,7 @@ AI void tl_block_permw(const int nreg, const uint8_t *qb, const uint8_t *tb, __m
 #endif
 
 /* one tile (32 rows) x one token x groups g0 .. g1 - 1 (their records at rec, REC bytes apart). Per 32-block:
- * all its lookups summed in int16 (q1: 8, q2/tern: 16, biased, from bytes flushed every 4), widened once,
+ * all its lookups summed in int16 (q1: 8, q2/tern: 16; AVX2: biased, from bytes flushed every 4), widened once,
  * acc[o] += I x ((A d_w) dx[b]); per 64-group the offset term vs[o] += (m or d) x bx[g]. acc and vs live in
  * st (st[0..31], st[32..63]) between chunks and in registers (4 + 4 vectors) within one. */
 AI void tl_part(const int FMT, const uint8_t *rec, int g0, int g1, const uint8_t *tab, const float *dx, const float *bx,
