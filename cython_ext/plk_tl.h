@@ -67,9 +67,12 @@ void NAME(plk_tl_tables)(int fmt, const plk_act *a, uint8_t *tab)
 {
     const int E = plk_tl_elems(fmt), nrun = a->Kp / E;
     const size_t stride = (size_t)nrun * 32;
+#if !TL_PERMW
     /* per 128-bit lane: the even (low) bytes of the 8 int16 to bytes 0..7, the odd (high) to 8..15 */
     const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256i bias = _mm256_set1_epi16(TL_BIAS(fmt)), m63 = _mm256_set1_epi16(63);
+#endif
     const __m256i v = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m256i one = _mm256_set1_epi16(1), three = _mm256_set1_epi16(3);
     const __m256i zero = _mm256_setzero_si256();
@@ -79,7 +82,6 @@ void NAME(plk_tl_tables)(int fmt, const plk_act *a, uint8_t *tab)
     const __m256i b2 = _mm256_sub_epi16(zero, _mm256_and_si256(_mm256_srli_epi16(v, 2), one));
     const __m256i b3 = _mm256_sub_epi16(zero, _mm256_and_si256(_mm256_srli_epi16(v, 3), one));
     const __m256i c0 = _mm256_and_si256(v, three), c1 = _mm256_srli_epi16(v, 2);
-    const __m256i bias = _mm256_set1_epi16(TL_BIAS(fmt)), m63 = _mm256_set1_epi16(63);
     for (int t = 0; t < a->T; t++) {
         const int8_t *x = a->qs + (size_t)t * a->Kp;
         uint8_t *o = tab + (size_t)t * stride;
@@ -93,9 +95,7 @@ void NAME(plk_tl_tables)(int fmt, const plk_act *a, uint8_t *tab)
             else
                 e = _mm256_add_epi16(_mm256_mullo_epi16(_mm256_set1_epi16(xr[0]), c0),
                                      _mm256_mullo_epi16(_mm256_set1_epi16(xr[1]), c1));
-#if TL_PERMW
-            (void)bias; (void)m63; (void)split;     /* vpermw: the exact int16 entries as they are */
-#else
+#if !TL_PERMW   /* vpermw takes the exact int16 entries as they are; vpshufb the biased byte planes */
             e = _mm256_add_epi16(e, bias);
             e = _mm256_or_si256(_mm256_and_si256(e, m63), _mm256_slli_epi16(_mm256_srli_epi16(e, 6), 8));
             /* qwords [lo 0-7, hi 0-7 | lo 8-15, hi 8-15] -> [lo 0-15 | hi 0-15] */
@@ -179,7 +179,6 @@ AI void tl_part(const int FMT, const uint8_t *rec, int g0, int g1, const uint8_t
     const int RUNB = 32 / E * 32;                      /* table bytes per 32-block */
     const size_t REC = plk_tl_recbytes(FMT);
     const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256 acc[4], vs[4];
     for (int o = 0; o < 4; o++) {
         acc[o] = _mm256_loadu_ps(st + 8 * o);
@@ -207,9 +206,9 @@ AI void tl_part(const int FMT, const uint8_t *rec, int g0, int g1, const uint8_t
             const uint8_t *tb = tab + (size_t)b * RUNB, *qb = q + SB + (size_t)j * NREG * 32;
 #if TL_PERMW
             __m256i slo, shi;
-            (void)m4;
             tl_block_permw(NREG, qb, tb, &slo, &shi);
 #else
+            const __m256i m4 = _mm256_set1_epi8(0x0f);
             __m256i slo = tl_start(FMT, 2 * NREG), shi = slo;
 #pragma GCC unroll 8
             for (int c = 0; c < NREG; c += 2) {        /* 4 lookups per flush */
