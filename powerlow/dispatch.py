@@ -1,18 +1,18 @@
 """Measured kernel dispatch: which ISA variant runs each (format, shape class), chosen by timing them here.
 
 Every SIMD variant of a row kernel gives the same bits (tests/test_dispatch.py::test_variants_give_the_same_bits),
-so the choice is only speed, and the best variant is not always the widest: on a Zen 4 guest with AVX-512, the
-AVX2 GEMM tile ran q4_0/q4_1/q8 prefill (T = 32) 1.3-1.5x faster than the AVX-512 one until the latter got its
-VNNI tile (now AVX-512 wins every case the bench measures there, README). So at the first matmul of a (format,
-class) -- class "gemv" (T = 1) or "gemm" (T > 1) -- the variants this CPU runs (the portable C only where
-nothing else is) are timed on a 1024 x 2048 matrix of that format, alternating, the best of 15 rounds (GEMV; 7 for GEMM; ~5-30 ms a class: the best, since what
-a shared host adds to a 20-60 us call only slows it: a median of 7 once had AVX2 24% / 10% ahead for q1 / q4_0 on
-a Zen 4 guest where the best of 200 in one process puts AVX-512 level or ahead on this matrix and the bench streams
-them up to 30% faster with it, never slower by more than the noise), and the fastest is kept unless the
-widest variant is within 10% (then the widest, the static default: a GEMV difference is a few %, within the
-noise of a short timing, while the GEMM differences this is for are 30-50%). Choices are cached per machine in
-$POWERLOW_HOME/kernels/<key>.json, key = CPU model, flags, the package version and the kernels' build, so a
-new CPU, a new release or a rebuilt extension measures again.
+so the choice is only speed, and the best variant is not always the widest: on a Zen 4 guest with AVX-512, the AVX2
+GEMM tile ran q4_0/q4_1/q8 prefill (T = 32) 1.3-1.5x faster than the AVX-512 one until the latter got its VNNI tile
+(now AVX-512 wins every case the bench measures there, README). So at the first matmul of a (format, class) -- class
+"gemv" (T = 1) or "gemm" (T > 1) -- the variants this CPU runs (the portable C only where nothing else is) are timed
+on a 1024 x 2048 matrix of that format, alternating, the best of 15 rounds (GEMV; 7 for GEMM; ~5-30 ms a class: the
+best, since what a shared host adds to a 20-60 us call only slows it: a median of 7 once had AVX2 24% / 10% ahead
+for q1 / q4_0 on a Zen 4 guest where the best of 200 in one process puts AVX-512 level or ahead on this matrix and
+the bench streams them up to 30% faster with it, never slower by more than the noise), and the fastest is kept
+unless the widest variant is within 10% (then the widest, the static default: a GEMV difference is a few %, within
+the noise of a short timing, while the GEMM differences this is for are 30-50%). Choices are cached per machine in
+$POWERLOW_HOME/kernels/<key>.json, key = CPU model, flags, the package version and the kernels' build, so a new CPU,
+a new release or a rebuilt extension measures again.
 
     POWERLOW_DISPATCH=static   no measuring: the widest variant everywhere (kernels.isa), as before
     POWERLOW_ISA=avx2          one variant everywhere (forced; no measuring)
