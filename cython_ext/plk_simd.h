@@ -364,9 +364,16 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
  * per call), and the int16 sums fold by hadd without overflow (<= 4 x 7620 per lane).
  * Each token goes through the same operations whatever the batch: batch invariant. */
 #define G32_MAXT 64
+#ifndef PLK_G32_PF_L2
+#define PLK_G32_PF_L2 8192
+#endif
+#ifndef PLK_G32_PF_L1
+#define PLK_G32_PF_L1 512
+#endif
 AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *dr, const uint16_t *mr,
                 int nfull, int tailn, const int8_t *const *xp, const int8_t *const *xrp,
-                const float *const *dxp, const float *const *bxp, const __m256 *acc0, float *res)
+                const float *const *dxp, const float *const *bxp, const int32_t *const *sxp,
+                const __m256 *acc0, float *res)
 {
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -378,16 +385,72 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
     for (int t = 0; t < NT; t++) acc[t] = acc0 ? acc0[t] : _mm256_setzero_ps();
     for (int g0 = acc0 ? nfull : 0; g0 < nfull; g0 += 8) {
         const uint8_t *q = qs + (size_t)g0 * QB;
-        _mm_prefetch((const char *)q + PLK_PF, _MM_HINT_T0);
-        _mm_prefetch((const char *)q + PLK_PF + 64, _MM_HINT_T0);
-        if (FMT == PLK_Q8) {
-            _mm_prefetch((const char *)q + PLK_PF + 128, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + PLK_PF + 192, _MM_HINT_T0);
+        /* each code line twice: PLK_G32_PF_L2 bytes ahead into L2, PLK_G32_PF_L1 ahead into L1 */
+#pragma GCC unroll 4
+        for (int o = 0; o < 8 * QB; o += 64) {
+            _mm_prefetch((const char *)q + PLK_G32_PF_L2 + o, _MM_HINT_T1);
+            _mm_prefetch((const char *)q + PLK_G32_PF_L1 + o, _MM_HINT_T0);
+        }
+        if (!(g0 & 31)) {
+            _mm_prefetch((const char *)(dr + g0) + 2 * PLK_G32_PF_L2 / QB, _MM_HINT_T1);
+            if (FMT == PLK_Q4_1) _mm_prefetch((const char *)(mr + g0) + 2 * PLK_G32_PF_L2 / QB, _MM_HINT_T1);
         }
         const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dr + g0)));
         __m256 bv = dv;
         if (FMT == PLK_Q4_1) bv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mr + g0)));
         if (FMT == PLK_Q4_0) bv = _mm256_mul_ps(_mm256_set1_ps(-8.0f), dv);
+#if PLK_VNNI
+        {
+            /* 512-bit integer steps, then the same float steps as below. q4: a 64-byte load is groups
+             * g..g+3; its low nibbles dot the activations re-laid per 4 blocks [lo16 x 4 | hi16 x 4]
+             * (rows_g32), the high nibbles accumulate into the same lanes, so lane set k (128 bits) of
+             * A (groups 0-3) and B (4-7) holds 4 partial sums of group k. q8: codes offset to unsigned
+             * (w ^ 0x80) against the natural activations, two groups per vector, halves paired by
+             * vshufi64x2; 128 x the block's activation sum (sxp) is subtracted. Exact integer sums. */
+            const __m512i zero = _mm512_setzero_si512();
+            const __m512i gidx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+            __m512i z[4];
+            if (q4) {
+                const __m512i m4z = _mm512_set1_epi8(0x0f);
+#pragma GCC unroll 2
+                for (int i = 0; i < 2; i++) {
+                    const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * i));
+                    z[2 * i] = _mm512_and_si512(v, m4z);
+                    z[2 * i + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4z);
+                }
+            } else {
+                const __m512i off = _mm512_set1_epi8((char)0x80);
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) z[i] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(q + 64 * i)), off);
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                __m512i A, B;
+                if (q4) {
+                    const int8_t *xq = xrp[t] + (size_t)g0 * 32;
+                    A = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, z[0], _mm512_loadu_si512((const void *)xq)),
+                                            z[1], _mm512_loadu_si512((const void *)(xq + 64)));
+                    B = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, z[2], _mm512_loadu_si512((const void *)(xq + 128))),
+                                            z[3], _mm512_loadu_si512((const void *)(xq + 192)));
+                } else {
+                    const int8_t *x = xp[t] + (size_t)g0 * 32;
+                    __m512i p[4];
+#pragma GCC unroll 4
+                    for (int i = 0; i < 4; i++) p[i] = _mm512_dpbusd_epi32(zero, z[i], _mm512_loadu_si512((const void *)(x + 64 * i)));
+                    /* p[i] = [g2i a | g2i b | g2i+1 a | g2i+1 b]: pair the halves -> [g0 | g1 | g2 | g3] */
+                    A = _mm512_add_epi32(_mm512_shuffle_i64x2(p[0], p[1], 0x88), _mm512_shuffle_i64x2(p[0], p[1], 0xdd));
+                    B = _mm512_add_epi32(_mm512_shuffle_i64x2(p[2], p[3], 0x88), _mm512_shuffle_i64x2(p[2], p[3], 0xdd));
+                }
+                /* lane set k: [A k, A k, B k, B k] totals -> [g0 .. g7] */
+                const __m512i W = _mm512_add_epi32(_mm512_unpacklo_epi64(A, B), _mm512_unpackhi_epi64(A, B));
+                const __m512i X = _mm512_add_epi32(W, _mm512_shuffle_epi32(W, _MM_PERM_CDAB));
+                __m256i isum = _mm512_castsi512_si256(_mm512_permutexvar_epi32(gidx, X));
+                if (FMT == PLK_Q8) isum = _mm256_sub_epi32(isum, _mm256_loadu_si256((const __m256i *)(sxp[t] + g0)));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxp[t] + g0)), acc[t]);
+                if (FMT != PLK_Q8) acc[t] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxp[t] + g0), acc[t]);
+            }
+        }
+#else
         __m256i lo[4], hi[4], wv[8];
         if (q4) {
 #pragma GCC unroll 4
@@ -426,6 +489,7 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxp[t] + g0)), acc[t]);
             if (FMT != PLK_Q8) acc[t] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxp[t] + g0), acc[t]);
         }
+#endif
     }
     if (tailn) {   /* the last ng % 8 groups: zero lanes past the row (scales copied, activations masked) */
         const int g0 = nfull;
@@ -876,7 +940,7 @@ AI void g32_finish(const int FMT, const plk_w *w, int r, int R, int nt, int ts, 
         float res[4];
         for (int t = 0; t < nt; t++)
             a4[t] = FMT == PLK_Q8 ? acc[i * 4 + t] : _mm256_permutevar8x32_ps(acc[i * 4 + t], unperm);
-#define G32_(NN) g32_row(FMT, NN, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, a4, res)
+#define G32_(NN) g32_row(FMT, NN, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, a4, res)
         switch (nt) { case 1: G32_(1); break; case 2: G32_(2); break; case 3: G32_(3); break; default: G32_(4); }
 #undef G32_
         for (int t = 0; t < nt; t++) {
@@ -996,6 +1060,9 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
     const size_t rowq = (size_t)ng * plk_qbytes[FMT];
     const int q4 = FMT == PLK_Q4_0 || FMT == PLK_Q4_1;
     int8_t xr_stack[4 * 1024];
+#if PLK_VNNI
+    int32_t sx_stack[1024];
+#endif
     for (int t0 = 0; t0 < a->T; t0 += G32_MAXT) {
         const int T = a->T - t0 < G32_MAXT ? a->T - t0 : G32_MAXT;
         /* q4: activations re-laid per pair of blocks: [b lo16 | b+1 lo16], [b hi16 | b+1 hi16] */
@@ -1009,7 +1076,19 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
             for (int t = 0; t < T; t++) {
                 const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp;
                 int8_t *o = xr + (size_t)t * (ng & ~1) * 32;
-                for (int b = gemm ? nfull : 0; b + 2 <= ng; b += 2) {
+                int b = gemm ? nfull : 0;
+#if PLK_VNNI
+                /* the per-token kernel's 512-bit steps read groups [0, nfull) per 4 blocks: [lo16 x 4 | hi16 x 4] */
+                for (; b < nfull; b += 4) {
+                    __m256i u[4];
+                    for (int j = 0; j < 4; j++) u[j] = _mm256_loadu_si256((const __m256i *)(x + (b + j) * 32));
+                    _mm256_storeu_si256((__m256i *)(o + b * 32), _mm256_permute2x128_si256(u[0], u[1], 0x20));
+                    _mm256_storeu_si256((__m256i *)(o + b * 32 + 32), _mm256_permute2x128_si256(u[2], u[3], 0x20));
+                    _mm256_storeu_si256((__m256i *)(o + b * 32 + 64), _mm256_permute2x128_si256(u[0], u[1], 0x31));
+                    _mm256_storeu_si256((__m256i *)(o + b * 32 + 96), _mm256_permute2x128_si256(u[2], u[3], 0x31));
+                }
+#endif
+                for (; b + 2 <= ng; b += 2) {
                     __m256i u = _mm256_loadu_si256((const __m256i *)(x + b * 32));
                     __m256i v = _mm256_loadu_si256((const __m256i *)(x + b * 32 + 32));
                     _mm256_storeu_si256((__m256i *)(o + b * 32), _mm256_permute2x128_si256(u, v, 0x20));
@@ -1019,6 +1098,24 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
         }
         const int8_t *xp[G32_MAXT], *xrp[G32_MAXT];
         const float *dxp[G32_MAXT], *bxp[G32_MAXT];
+        const int32_t *sxp[G32_MAXT] = {NULL};
+#if PLK_VNNI
+        int32_t *sx = NULL;
+        if (FMT == PLK_Q8 && !gemm && nfull) {   /* 128 x each block's activation sum (offset codes, g32_row) */
+            sx = (size_t)T * nfull <= sizeof sx_stack / sizeof *sx_stack ? sx_stack
+                                                                         : (int32_t *)plk_scratch(sizeof(int32_t) * T * nfull, 0);
+            if (!sx) { plk_oom_set(); return; }
+            for (int t = 0; t < T; t++) {
+                const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp;
+                for (int g = 0; g < nfull; g += 8) {
+                    __m256i p[8];
+                    for (int j = 0; j < 8; j++) p[j] = sdot(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i *)(x + (g + j) * 32)));
+                    _mm256_storeu_si256((__m256i *)(sx + (size_t)t * nfull + g), _mm256_slli_epi32(hsum8x8i(p), 7));
+                }
+                sxp[t] = sx + (size_t)t * nfull;
+            }
+        }
+#endif
         for (int t = 0; t < T; t++) {
             const size_t tt = (size_t)(t0 + t);
             xp[t] = a->qs + tt * a->Kp;
@@ -1039,10 +1136,10 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
                 const int nt = T - ts < 4 ? T - ts : 4;
                 float res[4];
                 switch (nt) {
-                case 1: g32_row(FMT, 1, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
-                case 2: g32_row(FMT, 2, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
-                case 3: g32_row(FMT, 3, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
-                default: g32_row(FMT, 4, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, res); break;
+                case 1: g32_row(FMT, 1, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res); break;
+                case 2: g32_row(FMT, 2, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res); break;
+                case 3: g32_row(FMT, 3, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res); break;
+                default: g32_row(FMT, 4, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res); break;
                 }
                 for (int t = 0; t < nt; t++) {
                     float *o = y + (size_t)(t0 + ts + t) * ldy + r;
@@ -1051,6 +1148,9 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
             }
         }
         if (xr && xr != xr_stack) free(xr);
+#if PLK_VNNI
+        if (sx && sx != sx_stack) free(sx);
+#endif
     }
 }
 
