@@ -740,8 +740,9 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
     const __m256i ones = _mm256_set1_epi16(1);
 #if !PLK_VNNI
     if (R == 2 && NT == 4) {
+        const int per = (npf + nch - 1) / nch;   /* the next rows' code lines a chunk, into L2 */
         for (int c = 0; c < nch; c++) {
-            if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
+            for (int j = c * per; j < (c + 1) * per && j < npf; j++) _mm_prefetch(pf + 64 * j, _MM_HINT_T1);
             const __m256i *w0 = wr + (size_t)c * 8;
             if (FMT == PLK_Q8)
                 gemm_chunk_q8(w0, w0 + wst, xt + (size_t)c * 1024, ft + (size_t)c * 64, dvr + (size_t)c * 8,
@@ -754,8 +755,9 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
     }
 #endif
     /* the C tile: AVX2's edges; under VNNI every tile but the 4 x 4 one (rows left over, short token tiles) */
+    const int per = (npf + nch - 1) / nch;   /* the next rows' code lines a chunk, into L2 */
     for (int c = 0; c < nch; c++) {
-        if (c < npf) _mm_prefetch(pf + 64 * c, _MM_HINT_T0);   /* the next row pair's codes */
+        for (int j = c * per; j < (c + 1) * per && j < npf; j++) _mm_prefetch(pf + 64 * j, _MM_HINT_T1);
         __m256i s[2][4];
 #pragma GCC unroll 2
         for (int r = 0; r < R; r++)
@@ -899,13 +901,13 @@ AI void gemm_chunk4(const int FMT, const __m256i *w0, size_t wst, const int8_t *
 #undef G4_NOHI
 #undef G4_OPERANDS
 
-/* 4 rows x 4 tokens over nch chunks: acc[4 r + t]; prefetches npf lines of pf, 4 a chunk pair */
+/* 4 rows x 4 tokens over nch chunks: acc[4 r + t]; prefetches npf lines of pf into L2, spread over the chunk pairs */
 AI void gemm_tile4(const int FMT, int nch, const __m256i *wr, size_t wst, const float *dvr, const float *bvr,
                    size_t vst, const int8_t *xt, const float *ft, __m256 *acc, const char *pf, int npf)
 {
+    const int per = (npf + nch / 2) / ((nch + 1) / 2);   /* lines a chunk pair: npf spread over the pairs */
     for (int c = 0; c < nch; c += 2) {
-        for (int j = 0; j < 4; j++)
-            if (2 * c + j < npf) _mm_prefetch(pf + 64 * (2 * c + j), _MM_HINT_T0);
+        for (int j = (c / 2) * per; j < (c / 2 + 1) * per && j < npf; j++) _mm_prefetch(pf + 64 * j, _MM_HINT_T1);
         gemm_chunk4(FMT, wr + g_wi(c, 0), wst, xt + g_xo(c, 0, 0), ft + (size_t)c * 64, dvr + (size_t)c * 8,
                     bvr + (size_t)c * 8, vst * sizeof(float), acc, c + 1 < nch);
     }
@@ -1013,20 +1015,25 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
         __m256 accs[G32_MAXT / 4][4 * G_ROWS];
         for (int i = 0; i < ntile; i++)
             for (int j = 0; j < 4 * G_ROWS; j++) accs[i][j] = _mm256_setzero_ps();
-        /* spread prefetches of the next rows (codes, then scales) over the calls */
-        const long pfn = r + G_ROWS < r1 ? (long)(r1 - r - G_ROWS < G_ROWS ? r1 - r - G_ROWS : G_ROWS) * (long)(rowq / 64) : 0;
+        /* the next rows into L2 while these compute: their scale planes now (an eighth of the codes or less),
+         * their codes spread evenly over this group's tile calls (however few tokens: with 4, one call per K
+         * block, a fixed share per call left three quarters of the lines to demand misses) */
+        const int nnext = r + G_ROWS < r1 ? (r1 - r - G_ROWS < G_ROWS ? r1 - r - G_ROWS : G_ROWS) : 0;
+        const long pfn = (long)nnext * (long)(rowq / 64);
+        const long ncalls = (long)((nch + GEMM_KB - 1) / GEMM_KB) * ((T + 3) / 4);
+        const long pfq = (pfn + ncalls - 1) / ncalls;
         long pfl = 0;
-        if (r + G_ROWS < r1) {
-            _mm_prefetch((const char *)(w->d + (size_t)(r + G_ROWS) * ng), _MM_HINT_T0);
-            if (plk_has_min[FMT]) _mm_prefetch((const char *)(w->m + (size_t)(r + G_ROWS) * ng), _MM_HINT_T0);
+        for (size_t o = 0; o < (size_t)nnext * ng * 2; o += 64) {
+            _mm_prefetch((const char *)(w->d + (size_t)(r + G_ROWS) * ng) + o, _MM_HINT_T1);
+            if (plk_has_min[FMT]) _mm_prefetch((const char *)(w->m + (size_t)(r + G_ROWS) * ng) + o, _MM_HINT_T1);
         }
         for (int c0 = 0; c0 < nch; c0 += GEMM_KB) {
             const int cn = nch - c0 < GEMM_KB ? nch - c0 : GEMM_KB;
             for (int ts = 0; ts < T; ts += 4) {
                 const int nt = T - ts < 4 ? T - ts : 4;
-                const int npf0 = pfl < pfn ? (int)(pfn - pfl < G_ROWS / 2 * cn ? pfn - pfl : G_ROWS / 2 * cn) : 0;
+                const int npf0 = pfl < pfn ? (int)(pfn - pfl < pfq ? pfn - pfl : pfq) : 0;
                 const char *pf = (const char *)(w->qs + (size_t)(r + G_ROWS) * rowq) + 64 * pfl;
-                pfl += G_ROWS / 2 * cn;
+                pfl += pfq;
                 const int8_t *xt = xg + (size_t)(ts / 4) * xtile + g_xo(c0, 0, 0);
                 const float *ft = fg + (size_t)(ts / 4) * nch * 64 + (size_t)c0 * 64;
 #if PLK_VNNI

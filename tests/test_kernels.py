@@ -747,6 +747,37 @@ def test_bench_check_names_a_chosen_variant_slower_than_another():
     assert check_chosen(rows, tol=0.5)["slow"] == [slow["q8"]]
 
 
+def test_bench_check_pairs_the_rounds():
+    """With per-round times the check compares the variants round by round: a host that slows down for some
+    rounds moves both medians apart without either being slower (not named), while a variant slower in every
+    round is named with its paired excess even when the medians look level."""
+    from powerlow.bench_kernels import check_chosen
+
+    def row(isa, rounds, chosen, fmt):
+        ms = sorted(rounds)[len(rounds) // 2]
+        return {"kind": "dense", "format": fmt, "isa": isa, "shape": [64, 8192], "density": 1.0, "ms": ms,
+                "chosen": chosen, "rounds_ms": rounds}
+    # tern: the host turns 1.5x slower in the middle of round 3, between the two variants: avx512 (chosen) is 1%
+    # faster in every round but that one, yet its median falls on a slow round and avx2's on a fast one (+48%)
+    a2 = [2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0]
+    a5 = [1.98, 1.98, 1.98, 2.97, 2.97, 2.97, 2.97]
+    # q8: avx512 (chosen) 10% slower in every round, medians level only because the rounds drifted
+    b2 = [2.0, 2.2, 2.4, 2.6, 2.8]
+    b5 = [2.2, 2.42, 2.64, 2.86, 3.08]
+    rows = [row("avx2", a2, False, "tern"), row("avx512", a5, True, "tern"),
+            row("avx2", b2, False, "q8"), row("avx512", b5, True, "q8")]
+    got = check_chosen(rows)
+    assert [w["case"].split()[1] for w in got["slow"]] == ["q8"]
+    w = got["slow"][0]
+    assert w["chosen"] == "avx512" and w["fastest"] == "avx2" and w["excess"] == 0.1
+    assert w["excess_of_medians"] == round(2.64 / 2.4 - 1, 3)
+    # without the rounds (old JSON rows) the medians decide
+    for r in rows:
+        r["rounds_ms"] = []
+    got = check_chosen(rows)
+    assert {w["case"].split()[1]: w["excess"] for w in got["slow"]} == {"tern": 0.485, "q8": 0.1}
+
+
 
 @pytest.mark.parametrize("fmt", ["q2", "tern", "q1"])
 def test_avx512_runs_the_avx2_table_lookup_with_the_same_bits(fmt):
