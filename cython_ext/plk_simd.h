@@ -364,6 +364,9 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
  * per call), and the int16 sums fold by hadd without overflow (<= 4 x 7620 per lane).
  * Each token goes through the same operations whatever the batch: batch invariant. */
 #define G32_MAXT 64
+/* float accumulators a (row, token) keeps (the GEMM path's, g32_gemm): VNNI q4 two, even chunks in the first and odd ones in the second (the
+ * 512-bit epilogue updates both in one op), added before the ng % 8 tail; the per-token kernel does the same */
+#define G_AH (PLK_VNNI && FMT != PLK_Q8 ? 2 : 1)
 #ifndef PLK_G32_PF_L2
 #define PLK_G32_PF_L2 8192
 #endif
@@ -380,6 +383,11 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
     const int q4 = FMT == PLK_Q4_0 || FMT == PLK_Q4_1;
     const int QB = plk_qbytes[FMT];
     __m256 acc[4];
+#if PLK_VNNI
+    __m256 acc1[4];   /* the odd chunks' accumulators (G_AH), added to acc[] before the tail */
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) acc1[t] = _mm256_setzero_ps();
+#endif
     /* acc0: the accumulators after the nfull groups (the GEMM path below computed them): tail only */
 #pragma GCC unroll 4
     for (int t = 0; t < NT; t++) acc[t] = acc0 ? acc0[t] : _mm256_setzero_ps();
@@ -446,8 +454,9 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
                 const __m512i X = _mm512_add_epi32(W, _mm512_shuffle_epi32(W, _MM_PERM_CDAB));
                 __m256i isum = _mm512_castsi512_si256(_mm512_permutexvar_epi32(gidx, X));
                 if (FMT == PLK_Q8) isum = _mm256_sub_epi32(isum, _mm256_loadu_si256((const __m256i *)(sxp[t] + g0)));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxp[t] + g0)), acc[t]);
-                if (FMT != PLK_Q8) acc[t] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxp[t] + g0), acc[t]);
+                __m256 *a = G_AH == 2 && (g0 & 8) ? acc1 + t : acc + t;
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxp[t] + g0)), *a);
+                if (FMT != PLK_Q8) *a = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxp[t] + g0), *a);
             }
         }
 #else
@@ -491,6 +500,11 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
         }
 #endif
     }
+#if PLK_VNNI
+    if (!acc0 && G_AH == 2)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) acc[t] = _mm256_add_ps(acc[t], acc1[t]);
+#endif
     if (tailn) {   /* the last ng % 8 groups: zero lanes past the row (scales copied, activations masked) */
         const int g0 = nfull;
         const __m256i tmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tailn), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -581,6 +595,14 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
  * AVX2 the 2 x 4 one (16 ymm registers) */
 #define G_ROWS (PLK_VNNI ? 4 : 2)
 
+/* the next rows' code lines: into L1 when they come a few per chunk (many tokens, long tiles: the row prep then
+ * reads L1), else into L2 (few tokens: tens of lines a chunk would evict the tile's own L1 working set) */
+AI void g_prefetch(const char *p, int l1)
+{
+    if (l1) _mm_prefetch(p, _MM_HINT_T0);
+    else _mm_prefetch(p, _MM_HINT_T1);
+}
+
 AI void tr4_lane(__m256i *v)   /* in-lane 4x4 dword transpose of v[0..3] */
 {
     const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
@@ -601,6 +623,11 @@ AI size_t g_xo(int c, int t, int k)
     return PLK_VNNI ? ((size_t)(c >> 1) * 4 + t) * 512 + 64 * k + 32 * (c & 1) : ((size_t)c * 4 + t) * 256 + 32 * k;
 }
 AI int g_pad(int nch) { return PLK_VNNI ? (nch + 1) & ~1 : nch; }   /* chunks a row / token tile holds */
+/* Float table of a token tile: chunk c, token t: dx of its 8 blocks at g_fo(c, t), bx (or q8's 128 x sums) G_FBX
+ * floats further. AVX2: [dx | bx] per (chunk, token). VNNI: per (chunk pair, token) [dx c | dx c+1 | bx c | bx c+1],
+ * so the 512-bit epilogue reads a pair's 16 lanes with one load. */
+AI size_t g_fo(int c, int t) { return PLK_VNNI ? (size_t)(c >> 1) * 128 + 32 * t + 8 * (c & 1) : ((size_t)c * 4 + t) * 16; }
+#define G_FBX (PLK_VNNI ? 16 : 8)
 
 /* one row's nch chunks -> wr (g_pad(nch) x 8 vectors), dvr/bvr (nch x 8 floats, permuted like the lanes) */
 AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, const uint16_t *mr, int nch,
@@ -732,7 +759,7 @@ AI void gemm_chunk_q8(const __m256i *w0, const __m256i *w1, const int8_t *x, con
 #undef GA_STEPS
 #undef GA_OPERANDS
 
-/* R rows x NT tokens over nch chunks: acc[r * 4 + t] */
+/* R rows x NT tokens over nch chunks: acc[(r * 4 + t) * G_AH + chunk parity] */
 AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m256i *wr, size_t wst,
                   const float *dvr, const float *bvr, size_t vst, const int8_t *xt, const float *ft,
                   __m256 *acc, const char *pf, int npf)
@@ -742,7 +769,7 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
     if (R == 2 && NT == 4) {
         const int per = (npf + nch - 1) / nch;   /* the next rows' code lines a chunk, into L2 */
         for (int c = 0; c < nch; c++) {
-            for (int j = c * per; j < (c + 1) * per && j < npf; j++) _mm_prefetch(pf + 64 * j, _MM_HINT_T1);
+            for (int j = c * per; j < (c + 1) * per && j < npf; j++) g_prefetch(pf + 64 * j, per <= 2);
             const __m256i *w0 = wr + (size_t)c * 8;
             if (FMT == PLK_Q8)
                 gemm_chunk_q8(w0, w0 + wst, xt + (size_t)c * 1024, ft + (size_t)c * 64, dvr + (size_t)c * 8,
@@ -757,7 +784,7 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
     /* the C tile: AVX2's edges; under VNNI every tile but the 4 x 4 one (rows left over, short token tiles) */
     const int per = (npf + nch - 1) / nch;   /* the next rows' code lines a chunk, into L2 */
     for (int c = 0; c < nch; c++) {
-        for (int j = c * per; j < (c + 1) * per && j < npf; j++) _mm_prefetch(pf + 64 * j, _MM_HINT_T1);
+        for (int j = c * per; j < (c + 1) * per && j < npf; j++) g_prefetch(pf + 64 * j, per <= 2);
         __m256i s[2][4];
 #pragma GCC unroll 2
         for (int r = 0; r < R; r++)
@@ -800,20 +827,21 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
         }
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
-            const float *f = ft + ((size_t)c * 4 + t) * 16;
-            const __m256 dx = _mm256_load_ps(f), bx = _mm256_load_ps(f + 8);
+            const float *f = ft + g_fo(c, t);
+            const __m256 dx = _mm256_load_ps(f), bx = _mm256_load_ps(f + G_FBX);
 #pragma GCC unroll 2
             for (int r = 0; r < R; r++) {
 #if PLK_VNNI
-                const __m256i isum = FMT == PLK_Q8 ? _mm256_sub_epi32(s[r][t], _mm256_load_si256((const __m256i *)(f + 8)))
+                const __m256i isum = FMT == PLK_Q8 ? _mm256_sub_epi32(s[r][t], _mm256_load_si256((const __m256i *)(f + G_FBX)))
                                                    : s[r][t];
                 (void)ones;
 #else
                 const __m256i isum = FMT == PLK_Q8 ? s[r][t] : _mm256_madd_epi16(s[r][t], ones);
 #endif
-                __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv[r], dx), acc[r * 4 + t]);
+                __m256 *a = acc + (r * 4 + t) * G_AH + (c & (G_AH - 1));
+                __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv[r], dx), *a);
                 if (FMT != PLK_Q8) v = _mm256_fmadd_ps(bv[r], bx, v);
-                acc[r * 4 + t] = v;
+                *a = v;
             }
         }
     }
@@ -847,27 +875,44 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
 #define G4_STEPS G4_STEP("0") G4_STEP("64") G4_STEP("128") G4_STEP("192") G4_STEP("256") G4_STEP("320") \
                  G4_STEP("384") G4_STEP("448")
 /* one half of sum I (ymm) into the accumulator in ymm27: chunk's dv ymm D, bv ymm B, [dx | bx] at F(%[f]) */
+/* epilogue of a lone last chunk (256-bit): sum I (ymm) into the accumulator in ymm27, dv ymm D, bv ymm B, dx at
+ * F(%[f]), bx 64 bytes further (g_fo) */
 #define G4_HALF_Q4(I, D, B, F)                                                               \
     "vcvtdq2ps %%ymm" I ", %%ymm" I "\n\t vmulps " F "(%[f]), %%ymm" D ", %%ymm25\n\t"       \
-    "vfmadd231ps %%ymm25, %%ymm" I ", %%ymm27\n\t vfmadd231ps " F "+32(%[f]), %%ymm" B ", %%ymm27\n\t"
+    "vfmadd231ps %%ymm25, %%ymm" I ", %%ymm27\n\t vfmadd231ps " F "+64(%[f]), %%ymm" B ", %%ymm27\n\t"
 #define G4_HALF_Q8(I, D, B, F)                                                               \
-    "vpsubd " F "+32(%[f]), %%ymm" I ", %%ymm" I "\n\t vcvtdq2ps %%ymm" I ", %%ymm" I "\n\t" \
+    "vpsubd " F "+64(%[f]), %%ymm" I ", %%ymm" I "\n\t vcvtdq2ps %%ymm" I ", %%ymm" I "\n\t" \
     "vmulps " F "(%[f]), %%ymm" D ", %%ymm25\n\t vfmadd231ps %%ymm25, %%ymm" I ", %%ymm27\n\t"
-#define G4_EPI2(H, S, T)                                                                     \
+/* a chunk pair: both halves of sum S (zmm) at once into its two accumulators (64 bytes at S*64(%[acc])), with
+ * [dv c | dv c+1] in zmm21, [bv c | bv c+1] in zmm22, token T's [dx c | dx c+1] at T*128(%[f]), bx 64 further */
+#define G4_PAIR_Q4(S, T)                                                                     \
+    "vmovaps " S "*64(%[acc]), %%zmm27\n\t vcvtdq2ps %%zmm" S ", %%zmm" S "\n\t"              \
+    "vmulps " T "*128(%[f]), %%zmm21, %%zmm25\n\t vfmadd231ps %%zmm25, %%zmm" S ", %%zmm27\n\t" \
+    "vfmadd231ps " T "*128+64(%[f]), %%zmm22, %%zmm27\n\t vmovaps %%zmm27, " S "*64(%[acc])\n\t"
+#define G4_EPI2(H, S, T) H(S, T)
+/* q8 keeps one float accumulator per (row, token) (G_AH): a pair's two halves go into it in chunk order, the high
+ * half via ymm26 with the odd chunk's row dv in ymm23 (a 512-bit q8 epilogue with two accumulators measured 5% slower
+ * on its one-FMA epilogue) */
+#define G4_EPI2H(H, S, T)                                                                    \
     "vextracti64x4 $1, %%zmm" S ", %%ymm26\n\t vmovaps " S "*32(%[acc]), %%ymm27\n\t"         \
-    H(S, "21", "22", T "*64") H("26", "23", "24", "256+" T "*64") "vmovaps %%ymm27, " S "*32(%[acc])\n\t"
+    H(S, "21", "22", T "*128") H("26", "23", "24", T "*128+32") "vmovaps %%ymm27, " S "*32(%[acc])\n\t"
+#define G4_EPI1Q8(H, S, T)                                                                   \
+    "vmovaps " S "*32(%[acc]), %%ymm27\n\t" H(S, "21", "22", T "*128") "vmovaps %%ymm27, " S "*32(%[acc])\n\t"
 #define G4_EPI1(H, S, T)                                                                     \
-    "vmovaps " S "*32(%[acc]), %%ymm27\n\t" H(S, "21", "22", T "*64") "vmovaps %%ymm27, " S "*32(%[acc])\n\t"
-#define G4_ROW(H, EPI, DB, HI, S0, S1, S2, S3)                                               \
-    "vmovups (%[d]" DB "), %%ymm21\n\t vmovups (%[b]" DB "), %%ymm22\n\t" HI                   \
+    "vmovaps " S "*64(%[acc]), %%ymm27\n\t" H(S, "21", "22", T "*128") "vmovaps %%ymm27, " S "*64(%[acc])\n\t"
+#define G4_ROW(H, EPI, DB, W, S0, S1, S2, S3)                                                \
+    "vmovups (%[d]" DB "), %%" W "21\n\t vmovups (%[b]" DB "), %%" W "22\n\t"                 \
     EPI(H, S0, "0") EPI(H, S1, "1") EPI(H, S2, "2") EPI(H, S3, "3")
-#define G4_HI(DB) "vmovups 32(%[d]" DB "), %%ymm23\n\t vmovups 32(%[b]" DB "), %%ymm24\n\t"
-#define G4_EPILOGUE(H, EPI, P)                                                               \
-    G4_ROW(H, EPI, "", P(""), "0", "1", "2", "3")                                            \
-    G4_ROW(H, EPI, ",%[vs]", P(",%[vs]"), "4", "5", "6", "7")                                \
-    G4_ROW(H, EPI, ",%[vs],2", P(",%[vs],2"), "8", "9", "10", "11")                          \
-    G4_ROW(H, EPI, ",%[vs3]", P(",%[vs3]"), "12", "13", "14", "15")
-#define G4_NOHI(DB) ""
+#define G4_ROWH(H, EPI, DB, W, S0, S1, S2, S3)                                               \
+    "vmovups (%[d]" DB "), %%ymm21\n\t vmovups (%[b]" DB "), %%ymm22\n\t"                     \
+    "vmovups 32(%[d]" DB "), %%ymm23\n\t vmovups 32(%[b]" DB "), %%ymm24\n\t"                 \
+    EPI(H, S0, "0") EPI(H, S1, "1") EPI(H, S2, "2") EPI(H, S3, "3")
+#define G4_EPILOGUE(H, EPI, W) G4_EPILOGUE_(G4_ROW, H, EPI, W)
+#define G4_EPILOGUE_(ROW, H, EPI, W)                                                         \
+    ROW(H, EPI, "", W, "0", "1", "2", "3")                                                   \
+    ROW(H, EPI, ",%[vs]", W, "4", "5", "6", "7")                                             \
+    ROW(H, EPI, ",%[vs],2", W, "8", "9", "10", "11")                                         \
+    ROW(H, EPI, ",%[vs3]", W, "12", "13", "14", "15")
 #define G4_OPERANDS                                                                          \
     : : [w0] "r"(w0), [w1] "r"(w1), [w2] "r"(w2), [w3] "r"(w3), [x] "r"(x), [f] "r"(f),        \
         [d] "r"(d), [b] "r"(b), [vs] "r"(vs), [vs3] "r"(3 * vs), [acc] "r"(acc)                 \
@@ -880,11 +925,11 @@ AI void gemm_chunk4(const int FMT, const __m256i *w0, size_t wst, const int8_t *
 {
     const __m256i *w1 = w0 + wst, *w2 = w0 + 2 * wst, *w3 = w0 + 3 * wst;
     if (FMT == PLK_Q8) {
-        if (pair) __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE(G4_HALF_Q8, G4_EPI2, G4_HI) G4_OPERANDS);
-        else __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE(G4_HALF_Q8, G4_EPI1, G4_NOHI) G4_OPERANDS);
+        if (pair) __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE_(G4_ROWH, G4_HALF_Q8, G4_EPI2H, "") G4_OPERANDS);
+        else __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE(G4_HALF_Q8, G4_EPI1Q8, "ymm") G4_OPERANDS);
     } else {
-        if (pair) __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE(G4_HALF_Q4, G4_EPI2, G4_HI) G4_OPERANDS);
-        else __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE(G4_HALF_Q4, G4_EPI1, G4_NOHI) G4_OPERANDS);
+        if (pair) __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE(G4_PAIR_Q4, G4_EPI2, "zmm") G4_OPERANDS);
+        else __asm__ volatile(G4_ZERO G4_STEPS G4_EPILOGUE(G4_HALF_Q4, G4_EPI1, "ymm") G4_OPERANDS);
     }
 }
 #undef G4_MAC
@@ -896,18 +941,21 @@ AI void gemm_chunk4(const int FMT, const __m256i *w0, size_t wst, const int8_t *
 #undef G4_EPI2
 #undef G4_EPI1
 #undef G4_ROW
-#undef G4_HI
+#undef G4_PAIR_Q4
+#undef G4_EPI2H
+#undef G4_EPI1Q8
+#undef G4_ROWH
+#undef G4_EPILOGUE_
 #undef G4_EPILOGUE
-#undef G4_NOHI
 #undef G4_OPERANDS
 
 /* 4 rows x 4 tokens over nch chunks: acc[4 r + t]; prefetches npf lines of pf into L2, spread over the chunk pairs */
 AI void gemm_tile4(const int FMT, int nch, const __m256i *wr, size_t wst, const float *dvr, const float *bvr,
                    size_t vst, const int8_t *xt, const float *ft, __m256 *acc, const char *pf, int npf)
 {
-    const int per = (npf + nch / 2) / ((nch + 1) / 2);   /* lines a chunk pair: npf spread over the pairs */
+    const int np = (nch + 1) / 2, per = (npf + np - 1) / np;   /* lines a chunk pair: npf spread over the pairs */
     for (int c = 0; c < nch; c += 2) {
-        for (int j = (c / 2) * per; j < (c / 2 + 1) * per && j < npf; j++) _mm_prefetch(pf + 64 * j, _MM_HINT_T1);
+        for (int j = (c / 2) * per; j < (c / 2 + 1) * per && j < npf; j++) g_prefetch(pf + 64 * j, per <= 4);
         gemm_chunk4(FMT, wr + g_wi(c, 0), wst, xt + g_xo(c, 0, 0), ft + (size_t)c * 64, dvr + (size_t)c * 8,
                     bvr + (size_t)c * 8, vst * sizeof(float), acc, c + 1 < nch);
     }
@@ -927,7 +975,10 @@ AI void g32_finish(const int FMT, const plk_w *w, int r, int R, int nt, int ts, 
         static const int lr[8] = {0, 0, 1, 1, 0, 0, 1, 1}, lt[8] = {0, 2, 0, 2, 1, 3, 1, 3};
         __m256 a[8];
         float res[8];
-        for (int i = 0; i < 8; i++) a[i] = FMT != PLK_Q8 ? _mm256_permutevar8x32_ps(acc[i], unperm) : acc[i];
+        for (int i = 0; i < 8; i++) {
+            const __m256 v = G_AH == 2 ? _mm256_add_ps(acc[2 * i], acc[2 * i + 1]) : acc[i];
+            a[i] = FMT != PLK_Q8 ? _mm256_permutevar8x32_ps(v, unperm) : v;
+        }
         _mm256_storeu_ps(res, hsum8_x8(a));
         for (int l = 0; l < 8; l++) {
             float *o = y + (size_t)(ts + lt[l]) * ldy + r + lr[l];
@@ -940,8 +991,11 @@ AI void g32_finish(const int FMT, const plk_w *w, int r, int R, int nt, int ts, 
         const uint16_t *dr = w->d + (size_t)(r + i) * ng, *mr = plk_has_min[FMT] ? w->m + (size_t)(r + i) * ng : NULL;
         __m256 a4[4];
         float res[4];
-        for (int t = 0; t < nt; t++)
-            a4[t] = FMT == PLK_Q8 ? acc[i * 4 + t] : _mm256_permutevar8x32_ps(acc[i * 4 + t], unperm);
+        for (int t = 0; t < nt; t++) {
+            const int j = (i * 4 + t) * G_AH;
+            const __m256 v = G_AH == 2 ? _mm256_add_ps(acc[j], acc[j + 1]) : acc[j];
+            a4[t] = FMT == PLK_Q8 ? v : _mm256_permutevar8x32_ps(v, unperm);
+        }
 #define G32_(NN) g32_row(FMT, NN, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, a4, res)
         switch (nt) { case 1: G32_(1); break; case 2: G32_(2); break; case 3: G32_(3); break; default: G32_(4); }
 #undef G32_
@@ -964,35 +1018,34 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
     const size_t xtile = (size_t)g_pad(nch) * 1024, xbytes = (size_t)ntile * xtile, wvec = (size_t)g_pad(nch) * 8;
     /* one block: xg, fg (activations per token tile, see below), wr (G_ROWS rows x wvec vectors), dvr, bvr
      * (G_ROWS x nfull each) */
-    size_t nbytes = xbytes + G_ROWS * wvec * 32 + sizeof(float) * ((size_t)ntile * nch * 64 + 2 * G_ROWS * (size_t)nfull);
+    size_t nbytes = xbytes + G_ROWS * wvec * 32 + sizeof(float) * ((size_t)ntile * g_pad(nch) * 64 + 2 * G_ROWS * (size_t)nfull);
     uint8_t *buf = (uint8_t *)plk_scratch(nbytes, 1);
     if (!buf) { plk_oom_set(); return; }
     /* per token tile i (tokens 4i..4i+3), chunk c, token t of the tile: 256 re-laid activation bytes
      * at xg + i * xtile + g_xo(c, t, k) (k = 0..7) and [dx | bx] of the chunk's 8 blocks (permuted like the
-     * lanes) at fg + ((i * nch + c) * 4 + t) * 16: one pointer per tile reaches everything */
+     * lanes) at fg + i * g_pad(nch) * 64 + g_fo(c, t): one pointer per tile reaches everything */
     int8_t *xg = (int8_t *)buf;
     __m256i *wr = (__m256i *)(buf + xbytes);
     float *fg = (float *)(buf + xbytes + G_ROWS * wvec * 32);
-    float *dvr = fg + (size_t)ntile * nch * 64, *bvr = dvr + G_ROWS * (size_t)nfull;
+    float *dvr = fg + (size_t)ntile * g_pad(nch) * 64, *bvr = dvr + G_ROWS * (size_t)nfull;
     for (int t = 0; t < T; t++) {
         int8_t *xo = xg + (size_t)(t / 4) * xtile;
         if (g_pad(nch) > nch)   /* the zero partner of an odd count's last chunk */
             for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i *)(xo + g_xo(nch, t % 4, k)), _mm256_setzero_si256());
         for (int c = 0; c < nch; c++) {
-            const size_t slot = ((size_t)(t / 4) * nch + c) * 4 + t % 4;
-            float *f = fg + slot * 16;
+            float *f = fg + (size_t)(t / 4) * g_pad(nch) * 64 + g_fo(c, t % 4);
             /* 8x8 dword transpose of the chunk's blocks taken in perm order (as the weights) */
             __m256i v[8];
             for (int q = 0; q < 8; q++) {
                 const int b = c * 8 + perm[q];
                 v[q] = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)b * 32));
                 f[q] = dxp[t][b];
-                f[8 + q] = FMT == PLK_Q8 ? 0.0f : bxp[t][b];
+                f[G_FBX + q] = FMT == PLK_Q8 ? 0.0f : bxp[t][b];
                 if (FMT == PLK_Q8 && PLK_VNNI) {   /* 128 x the block's sum, to undo the codes' offset */
                     int32_t sum = 0;
                     for (int j = 0; j < 32; j++) sum += xp[t][(size_t)b * 32 + j];
                     sum *= 128;
-                    memcpy(f + 8 + q, &sum, sizeof sum);
+                    memcpy(f + G_FBX + q, &sum, sizeof sum);
                 }
             }
             tr4_lane(v);
@@ -1012,9 +1065,9 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
         /* K blocks of GEMM_KB chunks, token tiles inside: a block of the rows' re-laid codes (R x 2 KiB)
          * stays in L1 while the tiles' activations stream past it. Each (row, token) accumulator still takes
          * the chunks in order: the same float steps. accs[tile][4 r + t] */
-        __m256 accs[G32_MAXT / 4][4 * G_ROWS];
+        __m256 accs[G32_MAXT / 4][4 * G_ROWS * 2] __attribute__((aligned(64)));   /* room for G_AH = 2 */
         for (int i = 0; i < ntile; i++)
-            for (int j = 0; j < 4 * G_ROWS; j++) accs[i][j] = _mm256_setzero_ps();
+            for (int j = 0; j < 4 * G_ROWS * G_AH; j++) accs[i][j] = _mm256_setzero_ps();
         /* the next rows into L2 while these compute: their scale planes now (an eighth of the codes or less),
          * their codes spread evenly over this group's tile calls (however few tokens: with 4, one call per K
          * block, a fixed share per call left three quarters of the lines to demand misses) */
@@ -1035,7 +1088,7 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
                 const char *pf = (const char *)(w->qs + (size_t)(r + G_ROWS) * rowq) + 64 * pfl;
                 pfl += pfq;
                 const int8_t *xt = xg + (size_t)(ts / 4) * xtile + g_xo(c0, 0, 0);
-                const float *ft = fg + (size_t)(ts / 4) * nch * 64 + (size_t)c0 * 64;
+                const float *ft = fg + (size_t)(ts / 4) * g_pad(nch) * 64 + (size_t)c0 * 64;
 #if PLK_VNNI
                 if (R == 4 && nt == 4) {
                     gemm_tile4(FMT, cn, wr + g_wi(c0, 0), wvec, dvr + (size_t)c0 * 8, bvr + (size_t)c0 * 8, nfull, xt,
@@ -1046,7 +1099,7 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
                 for (int h = 0; h < R; h += 2) {   /* row pairs (and a lone last row) */
                     const int npf = h ? 0 : npf0;
 #define GT_(RR, NN) gemm_tile(FMT, RR, NN, cn, wr + h * wvec + g_wi(c0, 0), wvec, dvr + (size_t)h * nfull + (size_t)c0 * 8, \
-                            bvr + (size_t)h * nfull + (size_t)c0 * 8, nfull, xt, ft, accs[ts / 4] + 4 * h, pf, npf)
+                            bvr + (size_t)h * nfull + (size_t)c0 * 8, nfull, xt, ft, accs[ts / 4] + 4 * h * G_AH, pf, npf)
                     if (R - h >= 2) switch (nt) { case 1: GT_(2, 1); break; case 2: GT_(2, 2); break; case 3: GT_(2, 3); break; default: GT_(2, 4); }
                     else switch (nt) { case 1: GT_(1, 1); break; case 2: GT_(1, 2); break; case 3: GT_(1, 3); break; default: GT_(1, 4); }
 #undef GT_
@@ -1055,7 +1108,7 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
         }
         for (int ts = 0; ts < T; ts += 4)
             for (int h = 0; h < R; h += 2)
-                g32_finish(FMT, w, r + h, R - h < 2 ? 1 : 2, T - ts < 4 ? T - ts : 4, ts, accs[ts / 4] + 4 * h, nfull,
+                g32_finish(FMT, w, r + h, R - h < 2 ? 1 : 2, T - ts < 4 ? T - ts : 4, ts, accs[ts / 4] + 4 * h * G_AH, nfull,
                            tailn, xp, xrp, dxp, bxp, y, ldy, accum);
     }
     free(buf);
