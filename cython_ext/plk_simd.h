@@ -2,11 +2,14 @@
  * `#pragma GCC target` region, i.e. with per-function target attributes; no -march flag is needed.
  *
  * SUFFIX  : avx2 | avx512 (names: rows_<fmt>_q8_<SUFFIX>)
- * PLK_VNNI: 1 -> the byte dot is vpdpbusd on 256-bit vectors (AVX512-VNNI + VL); 0 -> vpmaddubsw +
- *           vpmaddwd (AVX2).  Both variants share every other line, so the AVX2 tests on a machine
- *           without AVX-512 also exercise the structure of the AVX-512 variant.
- * Why 256-bit in the AVX-512 variant: on Zen 4 a 512-bit op is two 256-bit halves, so wider vectors
- * buy nothing there; what VNNI buys is one instruction instead of two for the u8 x s8 dot.
+ * PLK_VNNI: 1 -> the byte dot is vpdpbusd (AVX512-VNNI + VL); 0 -> vpmaddubsw + vpmaddwd (AVX2). Both
+ *           variants share most lines, so the AVX2 tests on a machine without AVX-512 also exercise much of
+ *           the structure of the AVX-512 variant (every test runs both where the CPU has AVX-512).
+ * 256 or 512 bits in the AVX-512 variant: Zen 4 runs a 512-bit op as two 256-bit halves, so zmm buys no
+ * arithmetic there, only fewer instructions. It pays where the instruction count is the limit: the
+ * q4/q8 per-token rows (g32_row: 4 vpdpbusd + a 6-op fold per 8 blocks in place of 8 vpmaddubsw, 4 adds,
+ * 3 hadds, vpmaddwd and a permute), the GEMM tile and its epilogue; elsewhere VNNI's gain is one
+ * instruction instead of two for the u8 x s8 dot.
  *
  * Loop shape: one weight row at a time against a tile of up to 4 tokens. A 32-block of codes is
  * unpacked once into 32 bytes in natural element order (our bit orders make that one shift + mask:
