@@ -387,7 +387,7 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
     const int QB = plk_qbytes[FMT];
     __m256 acc[4];
 #if PLK_VNNI
-    __m256 acc1[4];   /* the odd chunks' accumulators (G_AH), added to acc[] before the tail */
+    __m256 acc1[4];   /* G_AH == 2: the other chunk parity's accumulators, added to acc[] before the tail */
 #pragma GCC unroll 4
     for (int t = 0; t < NT; t++) acc1[t] = _mm256_setzero_ps();
 #endif
@@ -457,9 +457,13 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
                 const __m512i X = _mm512_add_epi32(W, _mm512_shuffle_epi32(W, _MM_PERM_CDAB));
                 __m256i isum = _mm512_castsi512_si256(_mm512_permutexvar_epi32(gidx, X));
                 if (FMT == PLK_Q8) isum = _mm256_sub_epi32(isum, _mm256_loadu_si256((const __m256i *)(sxp[t] + g0)));
-                __m256 *a = G_AH == 2 && (g0 & 8) ? acc1 + t : acc + t;
-                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxp[t] + g0)), *a);
-                if (FMT != PLK_Q8) *a = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxp[t] + g0), *a);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxp[t] + g0)), acc[t]);
+                if (FMT != PLK_Q8) acc[t] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxp[t] + g0), acc[t]);
+                if (G_AH == 2) {   /* the next chunk goes to the other accumulator (a swap of registers) */
+                    const __m256 u = acc[t];
+                    acc[t] = acc1[t];
+                    acc1[t] = u;
+                }
             }
         }
 #else
@@ -504,7 +508,7 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
 #endif
     }
 #if PLK_VNNI
-    if (!acc0 && G_AH == 2)
+    if (!acc0 && G_AH == 2)   /* even + odd chunks (which one acc holds now is the count's parity: + commutes) */
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) acc[t] = _mm256_add_ps(acc[t], acc1[t]);
 #endif
