@@ -367,9 +367,11 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
  * per call), and the int16 sums fold by hadd without overflow (<= 4 x 7620 per lane).
  * Each token goes through the same operations whatever the batch: batch invariant. */
 #define G32_MAXT 64
-/* float accumulators a (row, token) keeps (the GEMM path's, g32_gemm): VNNI q4 two, even chunks in the first and odd ones in the second (the
- * 512-bit epilogue updates both in one op), added before the ng % 8 tail; the per-token kernel does the same */
-#define G_AH (PLK_VNNI && FMT != PLK_Q8 ? 2 : 1)
+/* float accumulators a (row, token) keeps over the 8-group chunks: q4 two, even chunks in the first and odd ones in
+ * the second, added before the ng % 8 tail, in the per-token kernel (g32_row) and the GEMM (g32_gemm) of both
+ * variants, so every variant gives the same bits (the AVX-512 GEMM updates both halves in one 512-bit op; two
+ * chains also halve the per-token kernel's FMA latency path); q8 one */
+#define G_AH (FMT != PLK_Q8 ? 2 : 1)
 #ifndef PLK_G32_PF_L2
 #define PLK_G32_PF_L2 8192
 #endif
@@ -385,12 +387,9 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
     const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const int q4 = FMT == PLK_Q4_0 || FMT == PLK_Q4_1;
     const int QB = plk_qbytes[FMT];
-    __m256 acc[4];
-#if PLK_VNNI
-    __m256 acc1[4];   /* G_AH == 2: the other chunk parity's accumulators, added to acc[] before the tail */
+    __m256 acc[4], acc1[4];   /* acc1, G_AH == 2: the other chunk parity's accumulators, added to acc[] before the tail */
 #pragma GCC unroll 4
     for (int t = 0; t < NT; t++) acc1[t] = _mm256_setzero_ps();
-#endif
     /* acc0: the accumulators after the nfull groups (the GEMM path below computed them): tail only */
 #pragma GCC unroll 4
     for (int t = 0; t < NT; t++) acc[t] = acc0 ? acc0[t] : _mm256_setzero_ps();
@@ -504,14 +503,17 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
             }
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxp[t] + g0)), acc[t]);
             if (FMT != PLK_Q8) acc[t] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxp[t] + g0), acc[t]);
+            if (G_AH == 2) {
+                const __m256 u = acc[t];
+                acc[t] = acc1[t];
+                acc1[t] = u;
+            }
         }
 #endif
     }
-#if PLK_VNNI
     if (!acc0 && G_AH == 2)   /* even + odd chunks (which one acc holds now is the count's parity: + commutes) */
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) acc[t] = _mm256_add_ps(acc[t], acc1[t]);
-#endif
     if (tailn) {   /* the last ng % 8 groups: zero lanes past the row (scales copied, activations masked) */
         const int g0 = nfull;
         const __m256i tmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tailn), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -693,7 +695,8 @@ AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, cons
  * vmulps its operands: the same bits.
  * w0, w1: the chunk's re-laid codes of the two rows (8 vectors each); x: the tile's activations
  * (token t: 256 bytes at x + 256 t); f: [dx | bx] (token t: 16 floats at f + 16 t); d, b: dv, bv of
- * row 0 (row 1 vs bytes further); acc: 8 vectors, acc[4 r + t]. */
+ * row 0 (row 1 vs bytes further); acc: q8 8 vectors, acc[4 r + t]; q4 16, acc[2 (4 r + t) + chunk parity] (G_AH),
+ * the caller passing acc + parity. */
 #define GA_MUL(X, W, S) "vpmaddubsw %%ymm" X ", %%ymm" W ", %%ymm" S "\n\t"
 #define GA_MAC(X, W, S) "vpmaddubsw %%ymm" X ", %%ymm" W ", %%ymm15\n\t vpaddw %%ymm15, %%ymm" S ", %%ymm" S "\n\t"
 #define GA_Q4STEP(K_, OP)                                                                    \
@@ -719,9 +722,9 @@ AI void gemm_row_prep(const int FMT, const uint8_t *qs, const uint16_t *dr, cons
 #define GA_EPI_Q4(S, T)                                                                      \
     "vpmaddwd %[one], %%ymm" S ", %%ymm" S "\n\t vcvtdq2ps %%ymm" S ", %%ymm" S "\n\t"        \
     "vmulps " T "*64(%[f]), %%ymm12, %%ymm14\n\t"                                             \
-    "vfmadd213ps " S "*32(%[acc]), %%ymm14, %%ymm" S "\n\t"                                   \
+    "vfmadd213ps " S "*64(%[acc]), %%ymm14, %%ymm" S "\n\t"                                   \
     "vfmadd231ps " T "*64+32(%[f]), %%ymm13, %%ymm" S "\n\t"                                  \
-    "vmovaps %%ymm" S ", " S "*32(%[acc])\n\t"
+    "vmovaps %%ymm" S ", " S "*64(%[acc])\n\t"
 #define GA_EPI_Q8(S, T)                                                                      \
     "vcvtdq2ps %%ymm" S ", %%ymm" S "\n\t"                                                    \
     "vmulps " T "*64(%[f]), %%ymm12, %%ymm14\n\t"                                             \
@@ -783,7 +786,7 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
                               bvr + (size_t)c * 8, vst * sizeof(float), acc);
             else
                 gemm_chunk_q4(w0, w0 + wst, xt + (size_t)c * 1024, ft + (size_t)c * 64, dvr + (size_t)c * 8,
-                              bvr + (size_t)c * 8, vst * sizeof(float), acc);
+                              bvr + (size_t)c * 8, vst * sizeof(float), acc + (c & 1));   /* G_AH halves */
         }
         return;
     }
