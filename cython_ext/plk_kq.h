@@ -159,13 +159,7 @@ AI float kq_block256(const int FMT, const uint8_t *blk, __m256i c[8], __m256i sv
  * wait for DRAM otherwise; into L1, 8 long rows ahead thrashed it), and this row two blocks ahead from L2 into L1 */
 AI void kq_prefetch8(const uint8_t *blk, size_t rowb, int QB)
 {
-#ifndef KQ_PF_SETS
-#define KQ_PF_SETS 1
-#endif
-#ifndef KQ_PF_L1
-#define KQ_PF_L1 2
-#endif
-    const char *pf = (const char *)blk + 8 * KQ_PF_SETS * rowb, *pn = (const char *)blk + KQ_PF_L1 * QB;
+    const char *pf = (const char *)blk + 8 * rowb, *pn = (const char *)blk + 2 * QB;
     _mm_prefetch(pf, _MM_HINT_T1);
     _mm_prefetch(pf + 64, _MM_HINT_T1);
     _mm_prefetch(pf + 128, _MM_HINT_T1);

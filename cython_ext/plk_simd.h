@@ -777,7 +777,7 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
     const __m256i ones = _mm256_set1_epi16(1);
 #if !PLK_VNNI
     if (R == 2 && NT == 4) {
-        const int per = (npf + nch - 1) / nch;   /* the next rows' code lines a chunk, into L2 */
+        const int per = (npf + nch - 1) / nch;   /* the next rows' code lines a chunk (g_prefetch) */
         for (int c = 0; c < nch; c++) {
             for (int j = c * per; j < (c + 1) * per && j < npf; j++) g_prefetch(pf + 64 * j, per <= 2);
             const __m256i *w0 = wr + (size_t)c * 8;
@@ -792,7 +792,7 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
     }
 #endif
     /* the C tile: AVX2's edges; under VNNI every tile but the 4 x 4 one (rows left over, short token tiles) */
-    const int per = (npf + nch - 1) / nch;   /* the next rows' code lines a chunk, into L2 */
+    const int per = (npf + nch - 1) / nch;   /* the next rows' code lines a chunk (g_prefetch) */
     for (int c = 0; c < nch; c++) {
         for (int j = c * per; j < (c + 1) * per && j < npf; j++) g_prefetch(pf + 64 * j, per <= 2);
         __m256i s[2][4];
@@ -884,7 +884,6 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
     "vpxor %%xmm14, %%xmm14, %%xmm14\n\t vpxor %%xmm15, %%xmm15, %%xmm15\n\t"
 #define G4_STEPS G4_STEP("0") G4_STEP("64") G4_STEP("128") G4_STEP("192") G4_STEP("256") G4_STEP("320") \
                  G4_STEP("384") G4_STEP("448")
-/* one half of sum I (ymm) into the accumulator in ymm27: chunk's dv ymm D, bv ymm B, [dx | bx] at F(%[f]) */
 /* epilogue of a lone last chunk (256-bit): sum I (ymm) into the accumulator in ymm27, dv ymm D, bv ymm B, dx at
  * F(%[f]), bx 64 bytes further (g_fo) */
 #define G4_HALF_Q4(I, D, B, F)                                                               \
@@ -959,7 +958,8 @@ AI void gemm_chunk4(const int FMT, const __m256i *w0, size_t wst, const int8_t *
 #undef G4_EPILOGUE
 #undef G4_OPERANDS
 
-/* 4 rows x 4 tokens over nch chunks: acc[4 r + t]; prefetches npf lines of pf into L2, spread over the chunk pairs */
+/* 4 rows x 4 tokens over nch chunks: acc slot (4 r + t) (G_AH accumulators each); prefetches npf lines of pf, spread
+ * over the chunk pairs (g_prefetch) */
 AI void gemm_tile4(const int FMT, int nch, const __m256i *wr, size_t wst, const float *dvr, const float *bvr,
                    size_t vst, const int8_t *xt, const float *ft, __m256 *acc, const char *pf, int npf)
 {
@@ -1074,7 +1074,7 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
                           wr + i * wvec, dvr + (size_t)i * nfull, bvr + (size_t)i * nfull);
         /* K blocks of GEMM_KB chunks, token tiles inside: a block of the rows' re-laid codes (R x 2 KiB)
          * stays in L1 while the tiles' activations stream past it. Each (row, token) accumulator still takes
-         * the chunks in order: the same float steps. accs[tile][4 r + t] */
+         * its chunks in order: the same float steps. accs[tile][(4 r + t) * G_AH + chunk parity] */
         __m256 accs[G32_MAXT / 4][4 * G_ROWS * 2] __attribute__((aligned(64)));   /* room for G_AH = 2 */
         for (int i = 0; i < ntile; i++)
             for (int j = 0; j < 4 * G_ROWS * G_AH; j++) accs[i][j] = _mm256_setzero_ps();
