@@ -35,12 +35,11 @@ from . import kernels as K
 
 
 def _interleaved(kernels: dict, nbytes: int, threads: int, repeats: int, min_probe: int = 1 << 20,
-                 probe: bool = True) -> tuple[dict, float]:
-    """(median time of each kernel (name -> callable), the median probe GB/s, each kernel's time per round), measured
-    in rounds: the probe,
-    then every kernel once, the order rotated each round, so all variants of a case and the probe see the same
-    machine state (this host's bandwidth moves by 2x within a minute: timed one after another, two runs of the
-    same code differed by more than the 5% the chosen-variant check asks for)."""
+                 probe: bool = True) -> tuple[dict, float, dict]:
+    """(median time of each kernel (name -> callable), the median probe GB/s, each kernel's time per round),
+    measured in rounds: the probe, then every kernel once, the order rotated each round, so all variants of a case
+    and the probe see the same machine state (this host's bandwidth moves by 2x within a minute: timed one after
+    another, two runs of the same code differed by more than the 5% the chosen-variant check asks for)."""
     buf = np.ones(max(nbytes, min_probe), np.uint8) if probe else None
     names = list(kernels)
     for n in names:
@@ -102,8 +101,9 @@ def bench_dense(fmts, isas, threads, repeats, rng, Kd=8192):
         dts, probe, rts = _interleaved(variants, q.nbytes, threads, repeats)
         for (isa, kern), dt in dts.items():
             default = (kern == "tl") == bool(K.TL_PREFERRED.get((fmt, isa), False))   # the kernel matmul runs here
-            rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe, rts[(isa, kern)], kernel=kern,
-                             default=default, chosen=default and isa == K.dispatcher().choice(fmt, 1)))
+            rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe, rts[(isa, kern)],
+                             kernel=kern, default=default,
+                             chosen=default and isa == K.dispatcher().choice(fmt, 1)))
     return rows
 
 
@@ -131,8 +131,9 @@ def bench_sparse(fmt, isas, threads, repeats, rng, Kd=4096, Fn=11008, C=64, dens
             sets = [np.sort(rng.choice(nc, n, replace=False)) for _ in range(repeats + 1)]
             its[isa] = iter([(base + s.astype(np.uint64) * np.uint64(lay.stride)).astype(np.uint64) for s in sets])
         nbytes = n * lay.nbytes
-        dts, probe, rts = _interleaved({isa: (lambda isa=isa: K.ffn_bundles(next(its[isa]), lay, h, "silu", out, isa=isa))
-                                   for isa in isas}, nbytes, threads, repeats, min_probe=64 << 20)
+        dts, probe, rts = _interleaved(
+            {isa: (lambda isa=isa: K.ffn_bundles(next(its[isa]), lay, h, "silu", out, isa=isa)) for isa in isas},
+            nbytes, threads, repeats, min_probe=64 << 20)
         for isa, dt in dts.items():
             rows.append(_row("sparse", fmt, isa, threads, [Kd, Fn, C], dens, nbytes, dt, probe, rts[isa], bundles=n,
                              chosen=isa == K.dispatcher().choice(fmt, 1)))
@@ -145,10 +146,10 @@ def bench_gemm(fmt, isas, threads, repeats, rng, N=16384, Kd=8192, T=32):
     out = np.empty((T, N), np.float32)
     out1 = np.empty((1, N), np.float32)
     rows = []
-    gemm, _, gemm_rts = _interleaved({isa: (lambda isa=isa: K.matmul(q, x, out, isa=isa)) for isa in isas}, q.nbytes, threads,
-                           max(2, repeats // 2), probe=False)
-    gemv, probe, _ = _interleaved({isa: (lambda isa=isa: K.matmul(q, x[:1], out1, isa=isa)) for isa in isas}, q.nbytes,
-                               threads, repeats)
+    gemm, _, gemm_rts = _interleaved({isa: (lambda isa=isa: K.matmul(q, x, out, isa=isa)) for isa in isas},
+                                     q.nbytes, threads, max(2, repeats // 2), probe=False)
+    gemv, probe, _ = _interleaved({isa: (lambda isa=isa: K.matmul(q, x[:1], out1, isa=isa)) for isa in isas},
+                                  q.nbytes, threads, repeats)
     for isa in isas:
         dt_gemm, dt_gemv = gemm[isa], gemv[isa]
         r = _row("gemm", fmt, isa, threads, [N, Kd, T], 1.0, q.nbytes, dt_gemm, probe, gemm_rts[isa],
@@ -250,8 +251,9 @@ def main(argv=None) -> int:
         print(f"check: the chosen variant is within {chk['tol']:.0%} of every other one measured (paired per round) in "
               f"{chk['cases'] - len(chk['slow'])} of {chk['cases']} cases" + ("" if not chk["slow"] else "; slower:"))
         for w in chk["slow"]:
-            print(f"  {w['case']}: chosen {w['chosen']} {w['ms']} ms, {w['fastest']} {w['fastest_ms']} ms"
-                  + ("" if w["excess"] is None else f" (+{w['excess']:.0%} paired, {w['excess_of_medians']:+.0%} of the medians)"))
+            paired = ("" if w["excess"] is None
+                      else f" (+{w['excess']:.0%} paired, {w['excess_of_medians']:+.0%} of the medians)")
+            print(f"  {w['case']}: chosen {w['chosen']} {w['ms']} ms, {w['fastest']} {w['fastest_ms']} ms" + paired)
     return 0
 
 
