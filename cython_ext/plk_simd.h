@@ -87,6 +87,15 @@ AI __m256i hsum8x8i(__m256i *a)   /* lane i = sum of the 8 lanes of a[i] */
     return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
 }
 
+/* 128 x the sums of the 8 int8 blocks of 32 at x: what q8 codes stored + 128 (unsigned, for vpdpbusd) add to each
+ * block's dot, to subtract (GEMV g32_row and the GEMM's activation table) */
+AI __m256i bsum8x128(const int8_t *x)
+{
+    __m256i p[8];
+    for (int j = 0; j < 8; j++) p[j] = sdot(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i *)(x + 32 * j)));
+    return _mm256_slli_epi32(hsum8x8i(p), 7);
+}
+
 AI void unpack_group(const int FMT, const uint8_t *qs, int g, __m256i *w)
 {
     const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1);
@@ -458,11 +467,6 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
                 if (FMT == PLK_Q8) isum = _mm256_sub_epi32(isum, _mm256_loadu_si256((const __m256i *)(sxp[t] + g0)));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxp[t] + g0)), acc[t]);
                 if (FMT != PLK_Q8) acc[t] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxp[t] + g0), acc[t]);
-                if (G_AH == 2) {   /* the next chunk goes to the other accumulator (a swap of registers) */
-                    const __m256 u = acc[t];
-                    acc[t] = acc1[t];
-                    acc1[t] = u;
-                }
             }
         }
 #else
@@ -503,13 +507,15 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
             }
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxp[t] + g0)), acc[t]);
             if (FMT != PLK_Q8) acc[t] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxp[t] + g0), acc[t]);
-            if (G_AH == 2) {
+        }
+#endif
+        if (G_AH == 2)   /* the next chunk goes to the other accumulator (a swap of registers) */
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
                 const __m256 u = acc[t];
                 acc[t] = acc1[t];
                 acc1[t] = u;
             }
-        }
-#endif
     }
     if (!acc0 && G_AH == 2)   /* even + odd chunks (which one acc holds now is the count's parity: + commutes) */
 #pragma GCC unroll 4
@@ -610,6 +616,14 @@ AI void g_prefetch(const char *p, int l1)
 {
     if (l1) _mm_prefetch(p, _MM_HINT_T0);
     else _mm_prefetch(p, _MM_HINT_T1);
+}
+
+/* share i of n of the npf lines at pf (a tile spreads its call's lines over its n chunks or chunk pairs); into L1
+ * when a share is at most l1max lines */
+AI void g_prefetch_share(const char *pf, int npf, int i, int n, int l1max)
+{
+    const int per = (npf + n - 1) / n;
+    for (int j = i * per; j < (i + 1) * per && j < npf; j++) g_prefetch(pf + 64 * j, per <= l1max);
 }
 
 AI void tr4_lane(__m256i *v)   /* in-lane 4x4 dword transpose of v[0..3] */
@@ -777,9 +791,8 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
     const __m256i ones = _mm256_set1_epi16(1);
 #if !PLK_VNNI
     if (R == 2 && NT == 4) {
-        const int per = (npf + nch - 1) / nch;   /* the next rows' code lines a chunk (g_prefetch) */
         for (int c = 0; c < nch; c++) {
-            for (int j = c * per; j < (c + 1) * per && j < npf; j++) g_prefetch(pf + 64 * j, per <= 2);
+            g_prefetch_share(pf, npf, c, nch, 2);   /* the next rows' code lines */
             const __m256i *w0 = wr + (size_t)c * 8;
             if (FMT == PLK_Q8)
                 gemm_chunk_q8(w0, w0 + wst, xt + (size_t)c * 1024, ft + (size_t)c * 64, dvr + (size_t)c * 8,
@@ -792,9 +805,8 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
     }
 #endif
     /* the C tile: AVX2's edges; under VNNI every tile but the 4 x 4 one (rows left over, short token tiles) */
-    const int per = (npf + nch - 1) / nch;   /* the next rows' code lines a chunk (g_prefetch) */
     for (int c = 0; c < nch; c++) {
-        for (int j = c * per; j < (c + 1) * per && j < npf; j++) g_prefetch(pf + 64 * j, per <= 2);
+        g_prefetch_share(pf, npf, c, nch, 2);   /* the next rows' code lines */
         __m256i s[2][4];
 #pragma GCC unroll 2
         for (int r = 0; r < R; r++)
@@ -905,17 +917,17 @@ AI void gemm_tile(const int FMT, const int R, const int NT, int nch, const __m25
 #define G4_EPI2H(H, S, T)                                                                    \
     "vextracti64x4 $1, %%zmm" S ", %%ymm26\n\t vmovaps " S "*32(%[acc]), %%ymm27\n\t"         \
     H(S, "21", "22", T "*128") H("26", "23", "24", T "*128+32") "vmovaps %%ymm27, " S "*32(%[acc])\n\t"
-#define G4_EPI1Q8(H, S, T)                                                                   \
-    "vmovaps " S "*32(%[acc]), %%ymm27\n\t" H(S, "21", "22", T "*128") "vmovaps %%ymm27, " S "*32(%[acc])\n\t"
-#define G4_EPI1(H, S, T)                                                                     \
-    "vmovaps " S "*64(%[acc]), %%ymm27\n\t" H(S, "21", "22", T "*128") "vmovaps %%ymm27, " S "*64(%[acc])\n\t"
+/* a lone last chunk into the accumulator at S * SL bytes (SL: 32 x G_AH) */
+#define G4_EPI1_(SL, H, S, T)                                                                \
+    "vmovaps " S "*" SL "(%[acc]), %%ymm27\n\t" H(S, "21", "22", T "*128") "vmovaps %%ymm27, " S "*" SL "(%[acc])\n\t"
+#define G4_EPI1Q8(H, S, T) G4_EPI1_("32", H, S, T)
+#define G4_EPI1(H, S, T) G4_EPI1_("64", H, S, T)
 #define G4_ROW(H, EPI, DB, W, S0, S1, S2, S3)                                                \
     "vmovups (%[d]" DB "), %%" W "21\n\t vmovups (%[b]" DB "), %%" W "22\n\t"                 \
     EPI(H, S0, "0") EPI(H, S1, "1") EPI(H, S2, "2") EPI(H, S3, "3")
-#define G4_ROWH(H, EPI, DB, W, S0, S1, S2, S3)                                               \
-    "vmovups (%[d]" DB "), %%ymm21\n\t vmovups (%[b]" DB "), %%ymm22\n\t"                     \
+#define G4_ROWH(H, EPI, DB, W, S0, S1, S2, S3)   /* G4_ROW on ymm, the odd chunk's dv / bv in ymm23 / ymm24 too */ \
     "vmovups 32(%[d]" DB "), %%ymm23\n\t vmovups 32(%[b]" DB "), %%ymm24\n\t"                 \
-    EPI(H, S0, "0") EPI(H, S1, "1") EPI(H, S2, "2") EPI(H, S3, "3")
+    G4_ROW(H, EPI, DB, "ymm", S0, S1, S2, S3)
 #define G4_EPILOGUE(H, EPI, W) G4_EPILOGUE_(G4_ROW, H, EPI, W)
 #define G4_EPILOGUE_(ROW, H, EPI, W)                                                         \
     ROW(H, EPI, "", W, "0", "1", "2", "3")                                                   \
@@ -953,6 +965,7 @@ AI void gemm_chunk4(const int FMT, const __m256i *w0, size_t wst, const int8_t *
 #undef G4_PAIR_Q4
 #undef G4_EPI2H
 #undef G4_EPI1Q8
+#undef G4_EPI1_
 #undef G4_ROWH
 #undef G4_EPILOGUE_
 #undef G4_EPILOGUE
@@ -963,9 +976,8 @@ AI void gemm_chunk4(const int FMT, const __m256i *w0, size_t wst, const int8_t *
 AI void gemm_tile4(const int FMT, int nch, const __m256i *wr, size_t wst, const float *dvr, const float *bvr,
                    size_t vst, const int8_t *xt, const float *ft, __m256 *acc, const char *pf, int npf)
 {
-    const int np = (nch + 1) / 2, per = (npf + np - 1) / np;   /* lines a chunk pair: npf spread over the pairs */
     for (int c = 0; c < nch; c += 2) {
-        for (int j = (c / 2) * per; j < (c / 2 + 1) * per && j < npf; j++) g_prefetch(pf + 64 * j, per <= 4);
+        g_prefetch_share(pf, npf, c / 2, (nch + 1) / 2, 4);
         gemm_chunk4(FMT, wr + g_wi(c, 0), wst, xt + g_xo(c, 0, 0), ft + (size_t)c * 64, dvr + (size_t)c * 8,
                     bvr + (size_t)c * 8, vst * sizeof(float), acc, c + 1 < nch);
     }
@@ -1051,13 +1063,9 @@ AI void g32_gemm(const int FMT, const plk_w *w, int r0, int r1, int T, int nfull
                 v[q] = _mm256_loadu_si256((const __m256i *)(xp[t] + (size_t)b * 32));
                 f[q] = dxp[t][b];
                 f[G_FBX + q] = FMT == PLK_Q8 ? 0.0f : bxp[t][b];
-                if (FMT == PLK_Q8 && PLK_VNNI) {   /* 128 x the block's sum, to undo the codes' offset */
-                    int32_t sum = 0;
-                    for (int j = 0; j < 32; j++) sum += xp[t][(size_t)b * 32 + j];
-                    sum *= 128;
-                    memcpy(f + G_FBX + q, &sum, sizeof sum);
-                }
             }
+            if (FMT == PLK_Q8 && PLK_VNNI)   /* 128 x the blocks' sums (q8 perm = identity), to undo the codes' offset */
+                _mm256_storeu_si256((__m256i *)(f + G_FBX), bsum8x128(xp[t] + (size_t)c * 256));
             tr4_lane(v);
             tr4_lane(v + 4);
             for (int k = 0; k < 4; k++) {
@@ -1177,11 +1185,8 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
             if (!sx) { plk_oom_set(); return; }
             for (int t = 0; t < T; t++) {
                 const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp;
-                for (int g = 0; g < nfull; g += 8) {
-                    __m256i p[8];
-                    for (int j = 0; j < 8; j++) p[j] = sdot(_mm256_set1_epi8(1), _mm256_loadu_si256((const __m256i *)(x + (g + j) * 32)));
-                    _mm256_storeu_si256((__m256i *)(sx + (size_t)t * nfull + g), _mm256_slli_epi32(hsum8x8i(p), 7));
-                }
+                for (int g = 0; g < nfull; g += 8)
+                    _mm256_storeu_si256((__m256i *)(sx + (size_t)t * nfull + g), bsum8x128(x + (size_t)g * 32));
                 sxp[t] = sx + (size_t)t * nfull;
             }
         }
