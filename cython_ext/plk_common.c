@@ -400,11 +400,14 @@ typedef struct {                   /* activations in the layout plk_act points i
     int8_t *qs; float *dx, *s, *bx; int32_t *isum; int16_t *bs;
 } act_buf;
 
+/* 64-byte aligned (size rounded up to it): the kernels' 512-bit activation loads split no cache line */
+static void *alloc64(size_t n) { return aligned_alloc(64, (n + 63) & ~(size_t)63); }
+
 static int act_alloc(act_buf *b, int T, int Kp, int ng)
 {
     int nb = Kp / 32;
-    b->qs = (int8_t *)malloc((size_t)T * Kp + 64);
-    b->dx = (float *)malloc(sizeof(float) * ((size_t)T * nb * 2 + (size_t)T * ng + 16));
+    b->qs = (int8_t *)alloc64((size_t)T * Kp + 64);
+    b->dx = (float *)alloc64(sizeof(float) * ((size_t)T * nb * 2 + (size_t)T * ng + 16));
     b->isum = (int32_t *)malloc(sizeof(int32_t) * ((size_t)T * nb + 16));
     b->bs = (int16_t *)malloc(sizeof(int16_t) * ((size_t)T * (Kp / 16) + 32));   /* Q8_K block sums */
     if (!b->qs || !b->dx || !b->isum || !b->bs) { free(b->qs); free(b->dx); free(b->isum); free(b->bs); return -1; }

@@ -544,7 +544,7 @@ def random_qmatrix(fmt: str, rows: int, cols: int, rng) -> "QMatrix":
     in its planes: no float matrix, no quantizer (benchmarks and the dispatcher's timings)."""
     sp = FORMATS[fmt]
     g = -(-cols // sp.group)
-    planes = {"qs": rng.integers(0, 256, (rows, g * sp.qbytes), dtype=np.uint8)}
+    planes = {"qs": _aligned_copy(rng.integers(0, 256, (rows, g * sp.qbytes), dtype=np.uint8))}
     if sp.raw:   # GGML blocks: random codes, sane fp16 scales at their offsets inside each block
         b = planes["qs"].reshape(rows, g, sp.qbytes)
         for off in ((208,) if fmt == "q6_k" else (0,) if fmt == "q5_0" else (0, 2)):
@@ -552,10 +552,21 @@ def random_qmatrix(fmt: str, rows: int, cols: int, rng) -> "QMatrix":
         return QMatrix(fmt, rows, cols, planes)
     if fmt == "q8":
         planes["qs"] = planes["qs"].view(np.int8)
-    planes["d"] = (rng.random((rows, g), np.float32) * 0.01 + 0.001).astype(np.float16)
+    planes["d"] = _aligned_copy((rng.random((rows, g), np.float32) * 0.01 + 0.001).astype(np.float16))
     if sp.has_min:
-        planes["m"] = (-rng.random((rows, g), np.float32) * 0.05).astype(np.float16)
+        planes["m"] = _aligned_copy((-rng.random((rows, g), np.float32) * 0.05).astype(np.float16))
     return QMatrix(fmt, rows, cols, planes)
+
+
+def _aligned_copy(a: np.ndarray, align: int = ALIGN) -> np.ndarray:
+    """a copied to an align-byte-aligned buffer: the planes a model loads are (to_bytes, stream.py), while numpy
+    puts a large array 16 bytes past a page start, and 512-bit code loads split across cache lines there run the
+    q4 kernels ~25% slower out of L2 (a benchmark would time a layout the engine never runs)."""
+    raw = np.empty(a.nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 _GGML_NAMES = ("ActQK", "quantize_act_k", "kquant_sums")
