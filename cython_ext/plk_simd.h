@@ -581,6 +581,99 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);
 }
 
+/* q4_0 / q4_1 by row pairs too (off: measured 7 Dec 2026, Zen 4, against one row at a time: out of L2 +10-13%, L3
+ * at 2 threads q4_0 +13% q4_1 -3%, DRAM at 2 threads level, DRAM on one thread -6 to -12%; q8 gained or was level
+ * in every case: L2 +16%, L3 +9%, DRAM one thread +8%) */
+#ifndef PLK_G32_PAIR_Q4
+#define PLK_G32_PAIR_Q4 0
+#endif
+#ifndef PLK_G32_PF2_L2
+#define PLK_G32_PF2_L2 PLK_G32_PF_L2
+#endif
+#ifndef PLK_G32_PF2_L1
+#define PLK_G32_PF2_L1 PLK_G32_PF_L1
+#endif
+#if PLK_VNNI
+/* Two rows x one token (decode), groups [0, nfull): g32_row's 512-bit integer steps and float steps for each
+ * row, the two rows interleaved so that each activation vector loaded feeds both. One row at a time, a token
+ * reads 256 activation bytes per 8 groups against 128 code bytes (q4) or 256 (q8): loads from L1 (one 512-bit
+ * load a cycle on Zen 4), not the multiply pipes, bound it. acc_out[i]: row i's accumulator after the nfull
+ * groups, both chunk parities added, for g32_row's tail and sum (its acc0): every operation of a row is the
+ * one it gets alone, in the same order, so the bits are the same. */
+AI void g32_row2(const int FMT, const uint8_t *const *qs, const uint16_t *const *dr, const uint16_t *const *mr,
+                 size_t rowq, int nfull, const int8_t *x, const int8_t *xr, const float *dx, const float *bx, const int32_t *sx,
+                 __m256 *acc_out)
+{
+    const int q4 = FMT == PLK_Q4_0 || FMT == PLK_Q4_1;
+    const int QB = plk_qbytes[FMT];
+    const __m512i zero = _mm512_setzero_si512(), m4z = _mm512_set1_epi8(0x0f), off = _mm512_set1_epi8((char)0x80);
+    const __m512i gidx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, acc1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    const size_t pf2_k = PLK_G32_PF2_L2 / rowq, pf2_rem = PLK_G32_PF2_L2 % rowq;
+    const size_t pf1_k = PLK_G32_PF2_L1 / rowq, pf1_rem = PLK_G32_PF2_L1 % rowq;
+    for (int g0 = 0; g0 < nfull; g0 += 8) {
+        __m512i xv[4];
+        const int8_t *xa = q4 ? xr + (size_t)g0 * 32 : x + (size_t)g0 * 32;
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) xv[k] = _mm512_loadu_si512((const void *)(xa + 64 * k));
+        const __m256 dxv = _mm256_loadu_ps(dx + g0);
+        __m256 bxv = dxv;
+        if (FMT != PLK_Q8) bxv = _mm256_loadu_ps(bx + g0);
+        /* each row's prefetches run PLK_G32_PF2_L2 / _L1 bytes ahead in its own stream: the rows are adjacent
+         * (qs[1] = qs[0] + rowq), so row i's stream goes on in row i of the next pairs, and a distance that
+         * crosses k row ends skips k rows (else row 0's prefetches would land on what row 1 reads now) */
+        const size_t cur = (size_t)g0 * QB;
+        const size_t pf2 = PLK_G32_PF2_L2 + (pf2_k + (cur + pf2_rem >= rowq)) * rowq;
+        const size_t pf1 = PLK_G32_PF2_L1 + (pf1_k + (cur + pf1_rem >= rowq)) * rowq;
+#pragma GCC unroll 2
+        for (int i = 0; i < 2; i++) {
+            const uint8_t *q = qs[i] + cur;
+#pragma GCC unroll 4
+            for (int o = 0; o < 8 * QB; o += 64) {
+                _mm_prefetch((const char *)q + pf2 + o, _MM_HINT_T1);
+                _mm_prefetch((const char *)q + pf1 + o, _MM_HINT_T0);
+            }
+            if (!(g0 & 31)) {   /* the scale planes' lines twice as far ahead as g32_row's (measured: 2x gave
+                                 * q4_1 0.88 of the one-row kernel in DRAM on one thread, 4x 0.92-0.95, 1x 0.75) */
+                _mm_prefetch((const char *)(dr[i] + g0) + 4 * PLK_G32_PF_L2 / QB, _MM_HINT_T1);
+                if (FMT == PLK_Q4_1) _mm_prefetch((const char *)(mr[i] + g0) + 4 * PLK_G32_PF_L2 / QB, _MM_HINT_T1);
+            }
+            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dr[i] + g0)));
+            __m256 bv = dv;
+            if (FMT == PLK_Q4_1) bv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mr[i] + g0)));
+            if (FMT == PLK_Q4_0) bv = _mm256_mul_ps(_mm256_set1_ps(-8.0f), dv);
+            __m512i A, B;
+            if (q4) {
+                const __m512i v0 = _mm512_loadu_si512((const void *)q), v1 = _mm512_loadu_si512((const void *)(q + 64));
+                A = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, _mm512_and_si512(v0, m4z), xv[0]),
+                                        _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4z), xv[1]);
+                B = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, _mm512_and_si512(v1, m4z), xv[2]),
+                                        _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4z), xv[3]);
+            } else {
+                __m512i p[4];
+#pragma GCC unroll 4
+                for (int k = 0; k < 4; k++)
+                    p[k] = _mm512_dpbusd_epi32(zero, _mm512_xor_si512(_mm512_loadu_si512((const void *)(q + 64 * k)), off), xv[k]);
+                A = _mm512_add_epi32(_mm512_shuffle_i64x2(p[0], p[1], 0x88), _mm512_shuffle_i64x2(p[0], p[1], 0xdd));
+                B = _mm512_add_epi32(_mm512_shuffle_i64x2(p[2], p[3], 0x88), _mm512_shuffle_i64x2(p[2], p[3], 0xdd));
+            }
+            const __m512i W = _mm512_add_epi32(_mm512_unpacklo_epi64(A, B), _mm512_unpackhi_epi64(A, B));
+            const __m512i X = _mm512_add_epi32(W, _mm512_shuffle_epi32(W, _MM_PERM_CDAB));
+            __m256i isum = _mm512_castsi512_si256(_mm512_permutexvar_epi32(gidx, X));
+            if (FMT == PLK_Q8) isum = _mm256_sub_epi32(isum, _mm256_loadu_si256((const __m256i *)(sx + g0)));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, dxv), acc[i]);
+            if (FMT != PLK_Q8) acc[i] = _mm256_fmadd_ps(bv, bxv, acc[i]);
+            if (G_AH == 2) {
+                const __m256 u = acc[i];
+                acc[i] = acc1[i];
+                acc1[i] = u;
+            }
+        }
+    }
+    for (int i = 0; i < 2; i++) acc_out[i] = G_AH == 2 ? _mm256_add_ps(acc[i], acc1[i]) : acc[i];
+}
+#endif
+
 /* ---- GEMM path (T >= GEMM_MINT tokens, AVX2) for the 32-group formats -----------------------------
  * The per-token kernel above spends most of its time folding each block's 32 products across lanes
  * (hadd trees, a permute). Here a block's products stay in one 32-bit lane: per 8 groups ("chunk")
@@ -1137,9 +1230,9 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
     const int ng = a->ng, nb = a->nb, nfull = ng / 8 * 8, tailn = ng - nfull;
     const size_t rowq = (size_t)ng * plk_qbytes[FMT];
     const int q4 = FMT == PLK_Q4_0 || FMT == PLK_Q4_1;
-    int8_t xr_stack[4 * 1024];
+    int8_t xr_stack[4 * 1024] __attribute__((aligned(64)));
 #if PLK_VNNI
-    int32_t sx_stack[1024];
+    int32_t sx_stack[1024] __attribute__((aligned(64)));
 #endif
     for (int t0 = 0; t0 < a->T; t0 += G32_MAXT) {
         const int T = a->T - t0 < G32_MAXT ? a->T - t0 : G32_MAXT;
@@ -1149,7 +1242,7 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
         int8_t *xr = NULL;
         if (q4 && !(gemm && (tailn == 0 || (tailn & 1)))) {
             size_t need = (size_t)T * (ng & ~1) * 32;
-            xr = need <= sizeof xr_stack ? xr_stack : (int8_t *)plk_scratch(need, 0);
+            xr = need <= sizeof xr_stack ? xr_stack : (int8_t *)plk_scratch(need, 1);
             if (!xr) { plk_oom_set(); return; }
             for (int t = 0; t < T; t++) {
                 const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp;
@@ -1181,7 +1274,7 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
         int32_t *sx = NULL;
         if (FMT == PLK_Q8 && !gemm && nfull) {   /* 128 x each block's activation sum (offset codes, g32_row) */
             sx = (size_t)T * nfull <= sizeof sx_stack / sizeof *sx_stack ? sx_stack
-                                                                         : (int32_t *)plk_scratch(sizeof(int32_t) * T * nfull, 0);
+                                                                         : (int32_t *)plk_scratch(sizeof(int32_t) * T * nfull, 1);
             if (!sx) { plk_oom_set(); return; }
             for (int t = 0; t < T; t++) {
                 const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp;
@@ -1203,8 +1296,28 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
             if (xr && xr != xr_stack) free(xr);
             continue;
         }
+        int r = r0;
+#if PLK_VNNI
+        if ((FMT == PLK_Q8 || PLK_G32_PAIR_Q4) && T == 1 && nfull) {   /* decode: rows by pairs (g32_row2), each
+                                                                          * pair's tail and sum by g32_row */
+            for (; r + 2 <= r1; r += 2) {
+                const uint8_t *qs2[2] = {w->qs + (size_t)r * rowq, w->qs + (size_t)(r + 1) * rowq};
+                const uint16_t *dr2[2] = {w->d + (size_t)r * ng, w->d + (size_t)(r + 1) * ng};
+                const uint16_t *mr2[2] = {plk_has_min[FMT] ? w->m + (size_t)r * ng : NULL,
+                                          plk_has_min[FMT] ? w->m + (size_t)(r + 1) * ng : NULL};
+                __m256 acc2[2];
+                g32_row2(FMT, qs2, dr2, mr2, rowq, nfull, xp[0], xrp[0], dxp[0], bxp[0], sxp[0], acc2);
+                for (int i = 0; i < 2; i++) {
+                    float res;
+                    g32_row(FMT, 1, qs2[i], dr2[i], mr2[i], nfull, tailn, xp, xrp, dxp, bxp, sxp, &acc2[i], &res);
+                    float *o = y + (size_t)t0 * ldy + r + i;
+                    *o = (accum ? *o : 0.0f) + res;
+                }
+            }
+        }
+#endif
         /* rows outer: a row's codes come from memory once, then from L1 for the next token tiles */
-        for (int r = r0; r < r1; r++) {
+        for (; r < r1; r++) {
             const uint8_t *qs = w->qs + (size_t)r * rowq;
             const uint16_t *dr = w->d + (size_t)r * ng, *mr = plk_has_min[FMT] ? w->m + (size_t)r * ng : NULL;
             for (int ts = 0; ts < T; ts += 4) {
