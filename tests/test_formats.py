@@ -165,3 +165,17 @@ def test_bad_arguments():
         F.matmul_ref(q, np.ones((1, 31), np.float32))
     with pytest.raises(ValueError):
         F.QMatrix("q8", 2, 32, {"qs": q.planes["qs"]})
+
+
+@pytest.mark.parametrize("fmt", sorted(F.FORMATS))
+def test_random_qmatrix_planes_are_aligned_like_a_loaded_model(fmt):
+    """Benchmarks and the dispatcher time random_qmatrix's planes: they must sit on 64-byte boundaries as a loaded
+    model's do (numpy alone puts a large array 16 bytes past a page), hold the values they were built from, and
+    be ordinary C-contiguous arrays of the plane's dtype and shape."""
+    q = F.random_qmatrix(fmt, 300, 1024, np.random.default_rng(3))
+    q2 = F.random_qmatrix(fmt, 300, 1024, np.random.default_rng(3))
+    for name, a in q.planes.items():
+        assert a.ctypes.data % F.ALIGN == 0, (fmt, name, a.ctypes.data % F.ALIGN)
+        assert a.flags.c_contiguous and a.flags.writeable
+        np.testing.assert_array_equal(a, q2.planes[name])
+    assert q.planes["qs"].any()
