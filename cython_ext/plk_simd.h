@@ -387,6 +387,22 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
 #ifndef PLK_G32_PF_L1
 #define PLK_G32_PF_L1 512
 #endif
+#if PLK_VNNI
+/* q8's 512-bit dots p0 = [g a | g b | g+1 a | g+1 b], p1 likewise for g+2, g+3: the halves paired -> [g | g+1 | g+2 | g+3] */
+AI __m512i g32_halves512(__m512i p0, __m512i p1)
+{
+    return _mm512_add_epi32(_mm512_shuffle_i64x2(p0, p1, 0x88), _mm512_shuffle_i64x2(p0, p1, 0xdd));
+}
+
+/* 4 partial sums of group k in lane set k (128 bits) of A (groups 0-3) and B (4-7) -> the 8 groups' sums */
+AI __m256i g32_fold512(__m512i A, __m512i B)
+{
+    const __m512i gidx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i W = _mm512_add_epi32(_mm512_unpacklo_epi64(A, B), _mm512_unpackhi_epi64(A, B));   /* [A k, A k, B k, B k] */
+    const __m512i X = _mm512_add_epi32(W, _mm512_shuffle_epi32(W, _MM_PERM_CDAB));
+    return _mm512_castsi512_si256(_mm512_permutexvar_epi32(gidx, X));
+}
+#endif
 AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *dr, const uint16_t *mr,
                 int nfull, int tailn, const int8_t *const *xp, const int8_t *const *xrp,
                 const float *const *dxp, const float *const *bxp, const int32_t *const *sxp,
@@ -427,7 +443,6 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
              * (w ^ 0x80) against the natural activations, two groups per vector, halves paired by
              * vshufi64x2; 128 x the block's activation sum (sxp) is subtracted. Exact integer sums. */
             const __m512i zero = _mm512_setzero_si512();
-            const __m512i gidx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
             __m512i z[4];
             if (q4) {
                 const __m512i m4z = _mm512_set1_epi8(0x0f);
@@ -456,14 +471,10 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
                     __m512i p[4];
 #pragma GCC unroll 4
                     for (int i = 0; i < 4; i++) p[i] = _mm512_dpbusd_epi32(zero, z[i], _mm512_loadu_si512((const void *)(x + 64 * i)));
-                    /* p[i] = [g2i a | g2i b | g2i+1 a | g2i+1 b]: pair the halves -> [g0 | g1 | g2 | g3] */
-                    A = _mm512_add_epi32(_mm512_shuffle_i64x2(p[0], p[1], 0x88), _mm512_shuffle_i64x2(p[0], p[1], 0xdd));
-                    B = _mm512_add_epi32(_mm512_shuffle_i64x2(p[2], p[3], 0x88), _mm512_shuffle_i64x2(p[2], p[3], 0xdd));
+                    A = g32_halves512(p[0], p[1]);
+                    B = g32_halves512(p[2], p[3]);
                 }
-                /* lane set k: [A k, A k, B k, B k] totals -> [g0 .. g7] */
-                const __m512i W = _mm512_add_epi32(_mm512_unpacklo_epi64(A, B), _mm512_unpackhi_epi64(A, B));
-                const __m512i X = _mm512_add_epi32(W, _mm512_shuffle_epi32(W, _MM_PERM_CDAB));
-                __m256i isum = _mm512_castsi512_si256(_mm512_permutexvar_epi32(gidx, X));
+                __m256i isum = g32_fold512(A, B);
                 if (FMT == PLK_Q8) isum = _mm256_sub_epi32(isum, _mm256_loadu_si256((const __m256i *)(sxp[t] + g0)));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_loadu_ps(dxp[t] + g0)), acc[t]);
                 if (FMT != PLK_Q8) acc[t] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(bxp[t] + g0), acc[t]);
@@ -607,7 +618,6 @@ AI void g32_row2(const int FMT, const uint8_t *const *qs, const uint16_t *const 
     const int q4 = FMT == PLK_Q4_0 || FMT == PLK_Q4_1;
     const int QB = plk_qbytes[FMT];
     const __m512i zero = _mm512_setzero_si512(), m4z = _mm512_set1_epi8(0x0f), off = _mm512_set1_epi8((char)0x80);
-    const __m512i gidx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, acc1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     const size_t pf2_k = PLK_G32_PF2_L2 / rowq, pf2_rem = PLK_G32_PF2_L2 % rowq;
     const size_t pf1_k = PLK_G32_PF2_L1 / rowq, pf1_rem = PLK_G32_PF2_L1 % rowq;
@@ -654,12 +664,10 @@ AI void g32_row2(const int FMT, const uint8_t *const *qs, const uint16_t *const 
 #pragma GCC unroll 4
                 for (int k = 0; k < 4; k++)
                     p[k] = _mm512_dpbusd_epi32(zero, _mm512_xor_si512(_mm512_loadu_si512((const void *)(q + 64 * k)), off), xv[k]);
-                A = _mm512_add_epi32(_mm512_shuffle_i64x2(p[0], p[1], 0x88), _mm512_shuffle_i64x2(p[0], p[1], 0xdd));
-                B = _mm512_add_epi32(_mm512_shuffle_i64x2(p[2], p[3], 0x88), _mm512_shuffle_i64x2(p[2], p[3], 0xdd));
+                A = g32_halves512(p[0], p[1]);
+                B = g32_halves512(p[2], p[3]);
             }
-            const __m512i W = _mm512_add_epi32(_mm512_unpacklo_epi64(A, B), _mm512_unpackhi_epi64(A, B));
-            const __m512i X = _mm512_add_epi32(W, _mm512_shuffle_epi32(W, _MM_PERM_CDAB));
-            __m256i isum = _mm512_castsi512_si256(_mm512_permutexvar_epi32(gidx, X));
+            __m256i isum = g32_fold512(A, B);
             if (FMT == PLK_Q8) isum = _mm256_sub_epi32(isum, _mm256_loadu_si256((const __m256i *)(sx + g0)));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, dxv), acc[i]);
             if (FMT != PLK_Q8) acc[i] = _mm256_fmadd_ps(bv, bxv, acc[i]);
