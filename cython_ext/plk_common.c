@@ -396,12 +396,12 @@ void plk_matmul(int isa, int fmt, int tl, const plk_w *w, int N, const plk_act *
     free(tab);
 }
 
+/* 64-byte aligned (size rounded up to it): the kernels' 512-bit loads split no cache line */
+static void *alloc64(size_t n) { return aligned_alloc(64, (n + 63) & ~(size_t)63); }
+
 typedef struct {                   /* activations in the layout plk_act points into */
     int8_t *qs; float *dx, *s, *bx; int32_t *isum; int16_t *bs;
 } act_buf;
-
-/* 64-byte aligned (size rounded up to it): the kernels' 512-bit activation loads split no cache line */
-static void *alloc64(size_t n) { return aligned_alloc(64, (n + 63) & ~(size_t)63); }
 
 static int act_alloc(act_buf *b, int T, int Kp, int ng)
 {
@@ -451,7 +451,7 @@ void plk_test_fail_allocs(int n) { atomic_store(&plk_fail_next, n); }
 void *plk_scratch(size_t n, int aligned64)
 {
     if (atomic_load(&plk_fail_next) > 0 && atomic_fetch_sub(&plk_fail_next, 1) > 0) return NULL;
-    return aligned64 ? aligned_alloc(64, (n + 63) & ~(size_t)63) : malloc(n);
+    return aligned64 ? alloc64(n) : malloc(n);
 }
 
 int plk_ffn_nchunks(int n, int nthreads)

@@ -562,9 +562,8 @@ def _aligned_copy(a: np.ndarray, align: int = ALIGN) -> np.ndarray:
     """a copied to an align-byte-aligned buffer: the planes a model loads are (to_bytes, stream.py), while numpy
     puts a large array 16 bytes past a page start, and 512-bit code loads split across cache lines there run the
     q4 kernels ~25% slower out of L2 (a benchmark would time a layout the engine never runs)."""
-    raw = np.empty(a.nbytes + align, np.uint8)
-    start = (-raw.ctypes.data) % align
-    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    from .io import aligned_buffer
+    out = aligned_buffer(a.nbytes, align)[:a.nbytes].view(a.dtype).reshape(a.shape)
     out[...] = a
     return out
 
