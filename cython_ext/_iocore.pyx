@@ -3,6 +3,7 @@
 
 SlotCore holds no Python state on the hot path: one ``fetch`` a layer (GIL released while it waits), reader
 threads that never take the GIL. Its tables are numpy arrays the caller made (see powerlow.cache)."""
+cimport cython
 cimport numpy as cnp
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
@@ -53,6 +54,7 @@ cdef extern from "plk_io.h" nogil:
         pass
     plk_io *plk_io_new(const plk_io_conf *conf)
     void plk_io_free(plk_io *io)
+    int plk_io_live_readers()
     int plk_io_fetch(plk_io *io, int layer, const int32_t *ids, int n, uint64_t *out, int dense, int depth)
     int plk_io_prefetch(plk_io *io, int layer, const int32_t *ids, int n, int priority)
     int plk_io_pin(plk_io *io, int layer, const int32_t *ids, int n)
@@ -61,6 +63,7 @@ cdef extern from "plk_io.h" nogil:
     void plk_io_last_error(plk_io *io, plk_io_error *err)
     void plk_io_count(plk_io *io, int64_t hits, int64_t misses, int passes)
     void plk_io_inject(plk_io *io, int64_t after, int err_no)
+    void plk_io_inject_delay(plk_io *io, int64_t usec)
     int plk_io_range(plk_io *io, int64_t offset, int64_t nbytes, uint8_t *dest, int group, int priority)
     int plk_io_wait_group(plk_io *io, int group)
 
@@ -126,18 +129,34 @@ cdef inline void *_ptr(cnp.ndarray a, dtype, n, name):
     return cnp.PyArray_DATA(a)
 
 
+def live_readers() -> int:
+    """Reader threads running now, over every core in this process (tests: a dropped core's threads are gone)."""
+    return plk_io_live_readers()
+
+
 cdef class _Core:
-    """One plk_io (reader threads over one open file): what SlotCore and RangeReader share."""
+    """One plk_io (reader threads over one open file): what SlotCore and RangeReader share.
+
+    The reader threads write into memory the subclasses keep alive (SlotCore's arena and tables, RangeReader's
+    destinations), so each subclass stops them in its own __dealloc__: Cython releases a subclass's attributes
+    before it runs the base type's __dealloc__, and a read still in flight would land in freed memory (the heap
+    corruption that aborted a CI run, 7 Dec 2026). no_gc_clear on the subclasses: the cycle collector must not
+    release those attributes first either."""
     cdef plk_io *io
 
     def __dealloc__(self):
-        self.close()
+        self._stop()
+
+    cdef void _stop(self) noexcept:
+        """Stop the reader threads (each finishes the read it is serving) and free the core."""
+        cdef plk_io *io = self.io
+        self.io = NULL
+        if io != NULL:
+            with nogil:
+                plk_io_free(io)
 
     def close(self):
-        if self.io != NULL:
-            with nogil:
-                plk_io_free(self.io)
-            self.io = NULL
+        self._stop()
 
     cdef inline plk_io *_io(self) except NULL:
         if self.io == NULL:
@@ -148,6 +167,10 @@ cdef class _Core:
         """Tests: after ``after`` more successful reads every read fails with ``err_no`` (after < 0: off)."""
         plk_io_inject(self._io(), after, err_no)
 
+    def inject_delay(self, int64_t usec):
+        """Tests: each reader thread sleeps usec with a request taken, before reading it (0: off)."""
+        plk_io_inject_delay(self._io(), usec)
+
     def error(self) -> tuple:
         """(kind, layer, cluster, errno, offset, nbytes) of the first failure since the last call (kind 0: none;
         a range read's: layer -1, cluster = its group)."""
@@ -156,6 +179,7 @@ cdef class _Core:
         return (e.kind, e.layer, e.cluster, e.err_no, e.offset, e.nbytes)
 
 
+@cython.no_gc_clear
 cdef class SlotCore(_Core):
     """The slot table + request queue + reader threads over one open file (see plk_io.h)."""
     cdef object _keep
@@ -198,6 +222,9 @@ cdef class SlotCore(_Core):
         self.io = plk_io_new(&c)
         if self.io == NULL:
             raise MemoryError("the streaming core could not allocate its tables or start its reader threads")
+
+    def __dealloc__(self):
+        self._stop()     # before Cython releases _keep (the arena and tables the readers write)
 
     @property
     def handle(self) -> int:
@@ -285,6 +312,7 @@ cdef class SlotCore(_Core):
 
 
 
+@cython.no_gc_clear
 cdef class RangeReader(_Core):
     """Reader threads (the same C core, no slots) for byte ranges of one file into caller memory: the weight
     ring's streamed tensors (powerlow.stream) and the disk probe (powerlow.io). Any offset and length; with O_DIRECT
@@ -292,6 +320,7 @@ cdef class RangeReader(_Core):
     group; ``wait(group)`` blocks (GIL released) until the group's reads have landed."""
     cdef public int n_threads, n_groups
     cdef object _keep
+    cdef list _dests      # per group: the destination arrays of its reads not yet waited for
 
     def __cinit__(self, int fd, bint direct, int n_threads, int n_ranges, int n_groups, Clock shared=None):
         cdef plk_io_conf c
@@ -303,24 +332,42 @@ cdef class RangeReader(_Core):
         self.n_threads, self.n_groups = n_threads, n_groups
         if n_threads < 1 or n_ranges < 1 or n_groups < 1:
             raise ValueError("RangeReader: at least one thread, one range request and one group")
+        self._dests = [[] for _ in range(n_groups)]
         self.io = plk_io_new(&c)
         if self.io == NULL:
             raise MemoryError("the range reader could not allocate its tables or start its threads")
 
+    def __dealloc__(self):
+        self._stop()     # before Cython releases _dests and the shared clock (what the readers write)
+
     def read(self, int64_t offset, cnp.ndarray dest, int64_t at, int64_t nbytes, int group, int priority=0) -> int:
-        """Queue a read of nbytes at offset into dest[at:at + nbytes] (a contiguous array: its bytes); the
-        caller keeps dest alive until wait(group). 0, or -1 (no free request: wait a group first)."""
+        """Queue a read of nbytes at offset into dest[at:at + nbytes] (a contiguous array: its bytes). dest is kept
+        alive here until wait(group) returns or the reader is closed. 0, or -1 (no free request: wait a group
+        first)."""
         cdef plk_io *io = self._io()
+        cdef int r
         if not dest.flags.c_contiguous or at < 0 or nbytes < 1 or at + nbytes > dest.nbytes:
             raise ValueError("RangeReader.read: the range must lie inside a contiguous buffer")
-        return plk_io_range(io, offset, nbytes, <uint8_t *>cnp.PyArray_DATA(dest) + at, group, priority)
+        if not 0 <= group < self.n_groups:
+            raise ValueError(f"RangeReader.read: group {group} is not in [0, {self.n_groups})")
+        r = plk_io_range(io, offset, nbytes, <uint8_t *>cnp.PyArray_DATA(dest) + at, group, priority)
+        if r == 0:
+            self._dests[group].append(dest)
+        return r
 
     def wait(self, int group) -> int:
         cdef plk_io *io = self._io()
         cdef int r
+        if not 0 <= group < self.n_groups:
+            raise ValueError(f"RangeReader.wait: group {group} is not in [0, {self.n_groups})")
         with nogil:
             r = plk_io_wait_group(io, group)
+        self._dests[group].clear()    # every read of the group has landed (or failed)
         return r
+
+    def close(self):
+        self._stop()
+        self._dests = [[] for _ in range(self.n_groups)]
 
     def stats(self) -> dict:
         cdef plk_io_stats s

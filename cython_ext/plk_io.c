@@ -3,6 +3,7 @@
 #include "plk_io.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,6 +81,7 @@ struct plk_io {
     plk_io_error err;
     int64_t fail_after;           /* fault injection: reads left before they fail (-1: never) */
     int fail_errno;
+    int64_t delay_us;             /* tests: each reader sleeps this long with a request taken, before reading it */
     /* the dense window (plk_io_stream_*) */
     plk_stream win;
     int64_t issued, used, next;   /* stream positions (they only grow) */
@@ -261,11 +263,16 @@ static void serve_range(plk_io *io, req_t *r, bounce_t *b) {
     pthread_mutex_unlock(&io->m);
 }
 
+static atomic_int live_readers;   /* reader threads running, over every plk_io (tests: plk_io_live_readers) */
+
+int plk_io_live_readers(void) { return atomic_load(&live_readers); }
+
 static void *reader(void *arg) {
     plk_io *io = arg;
     struct iovec *iov = malloc(sizeof(struct iovec) * (size_t)io->c.per_read);
     bounce_t b = {NULL, 0};
     if (!iov) return NULL;
+    atomic_fetch_add(&live_readers, 1);
     pthread_mutex_lock(&io->m);
     for (;;) {
         while (!io->heap_n && !io->closing) pthread_cond_wait(&io->work, &io->m);
@@ -273,6 +280,11 @@ static void *reader(void *arg) {
         req_t *r = &io->reqs[heap_pop(io)];
         r->queued = 0;
         pthread_mutex_unlock(&io->m);
+        int64_t delay = __atomic_load_n(&io->delay_us, __ATOMIC_RELAXED);
+        if (delay > 0) {
+            struct timespec ts = {(time_t)(delay / 1000000), (long)(delay % 1000000) * 1000};
+            nanosleep(&ts, NULL);
+        }
         if (r->dest) serve_range(io, r, &b);
         else serve(io, r, iov);
         pthread_mutex_lock(&io->m);
@@ -280,6 +292,7 @@ static void *reader(void *arg) {
     pthread_mutex_unlock(&io->m);
     free(iov);
     free(b.p);
+    atomic_fetch_sub(&live_readers, 1);
     return NULL;
 }
 
@@ -685,6 +698,8 @@ void plk_io_inject(plk_io *io, int64_t after, int err_no) {
     io->fail_errno = err_no;
     __atomic_store_n(&io->fail_after, after, __ATOMIC_RELAXED);
 }
+
+void plk_io_inject_delay(plk_io *io, int64_t usec) { __atomic_store_n(&io->delay_us, usec, __ATOMIC_RELAXED); }
 
 /* -- the dense window --------------------------------------------------------------------------------- */
 static void stream_issue(plk_io *io) {

@@ -70,6 +70,9 @@ typedef struct plk_io plk_io;
 
 plk_io *plk_io_new(const plk_io_conf *conf);              /* NULL: out of memory or no thread could start */
 void plk_io_free(plk_io *io);                             /* stops the readers (queued reads are dropped) */
+/* reader threads running now, over every plk_io: plk_io_free returns after its own have finished the read each was
+ * serving (into memory the caller must keep until then) and exited */
+int plk_io_live_readers(void);
 /* Layer `layer`'s bundles of `ids` (strictly increasing cluster ids): misses read now (top priority), hits kept;
  * with `dense`, the next max(1, depth) layers are read ahead. out[i] = address of ids[i]'s bundle, valid until the
  * next fetch. 0, or -1 with plk_io_last_error. */
@@ -86,6 +89,7 @@ void plk_io_stats_get(plk_io *io, plk_io_stats *st);
 void plk_io_last_error(plk_io *io, plk_io_error *err);    /* and clears it */
 /* Fault injection (tests): after `after` more successful reads, every read fails with errno err_no (-1: off). */
 void plk_io_inject(plk_io *io, int64_t after, int err_no);
+void plk_io_inject_delay(plk_io *io, int64_t usec);         /* tests: a reader sleeps usec before each read */
 void plk_io_count(plk_io *io, int64_t hits, int64_t misses, int passes);   /* the dense window's own counts */
 
 /* Byte ranges into caller memory (any offset and length; with O_DIRECT through the reader's aligned bounce

@@ -242,7 +242,9 @@ class OffloadedStore:
         }
 
     def close(self) -> None:
-        if self.core is not None:
+        if getattr(self, "core", None) is not None:
             self.core.close()
             self.core = None
             os.close(self.fd)
+
+    __del__ = close      # dropped unclosed: the threads stop (each finishing its read) before the fd closes

@@ -109,10 +109,12 @@ class RangeReader:
         return self._core.stats()["busy_seconds"]
 
     def close(self) -> None:
-        if self._core is not None:
+        if getattr(self, "_core", None) is not None:
             self._core.close()
             self._core = None
             os.close(self.fd)
+
+    __del__ = close      # dropped unclosed: the threads stop (each finishing its read) before the fd closes
 
 
 def probe_random_read(path, *, block_bytes: int, depth: int, seconds: float = 2.0, o_direct: bool = True,

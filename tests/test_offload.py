@@ -353,6 +353,79 @@ def test_busy_clock_is_the_union_of_readers(tmp_path):
         b.close()
 
 
+def _released_after_readers_stop(make, fill):
+    """make() -> (core object, array its reader threads write); fill(core, arr) queues a read that a reader takes and
+    sleeps in. The core is then dropped unclosed: the live reader count when arr is released (-1 if it was
+    released before the core was dropped), against the count before the core was made."""
+    import gc
+    import time
+    import weakref
+    from powerlow import _iocore
+    base = _iocore.live_readers()
+    core, arr = make()
+    seen = []
+    weakref.finalize(arr, lambda: seen.append(_iocore.live_readers()))
+    core.inject_delay(150_000)
+    fill(core, arr)
+    del arr
+    gc.collect()
+    if seen:                       # released while its read is queued or in flight
+        return -1, base
+    time.sleep(0.03)               # a reader has taken the request and sleeps in it
+    del core
+    gc.collect()
+    return seen[0], base
+
+
+def test_dropped_range_reader_stops_its_threads_before_releasing_destinations(tiny_dir):
+    """A reader dropped without close() or wait() joins its threads (each finishes the read it serves) before the
+    destination arrays are released: they used to be the caller's to keep, and Cython releases a subclass's
+    attributes before the base type's __dealloc__ stopped the threads, so a read in flight could land in freed
+    memory (a CI run aborted in malloc, 7 Dec 2026)."""
+    from powerlow import _iocore
+    fd = os.open(tiny_dir / "ffn.bin", os.O_RDONLY)
+    try:
+        def make():
+            return _iocore.RangeReader(fd, False, 1, 4, 2), np.zeros(4096, np.uint8)
+
+        at_release, base = _released_after_readers_stop(make, lambda c, a: c.read(0, a, 0, 4096, 1))
+        assert at_release == base
+        r = _iocore.RangeReader(fd, False, 1, 4, 2)
+        with pytest.raises(ValueError, match="group 2 is not in"):
+            r.read(0, np.zeros(16, np.uint8), 0, 16, 2)
+        r.close()
+    finally:
+        os.close(fd)
+
+
+def test_dropped_offloaded_store_stops_its_threads_before_releasing_the_arena(tiny_dir):
+    """The same for the slot core: an offloaded model dropped unclosed, prefetches in flight, releases its cache
+    arena (what the reads land in) only once the reader threads are gone."""
+    def make():
+        model = powerlow.load(tiny_dir, RuntimeConfig(budget_bytes=_min(tiny_dir) + 2000))
+        store = model.tf.ffn_source
+        return model, store.arena
+
+    def fill(model, arena):
+        core = model.tf.ffn_source.core
+        for layer in range(model.config.n_layers):
+            core.prefetch(layer, np.arange(16, dtype=np.int32), 1)
+
+    class Holder:                  # the model, with the core's inject_delay at hand
+        def __init__(self, m):
+            self.m = m
+
+        def inject_delay(self, us):
+            self.m.tf.ffn_source.core.inject_delay(us)
+
+    def make_held():
+        m, a = make()
+        return Holder(m), a
+
+    at_release, base = _released_after_readers_stop(make_held, lambda h, a: fill(h.m, a))
+    assert at_release == base
+
+
 def test_run_sizes_the_kv_cache_to_the_prompt_and_n(tiny_dir, tmp_path, monkeypatch):
     """With a budget, `powerlow run` gives the KV cache exactly prompt + n positions (a small budget's automatic
     context is 64, so -n 100 used to fail); a config's max_context below that is an error that says what to change."""
