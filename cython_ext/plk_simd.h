@@ -185,14 +185,15 @@ AI void tile(const int FMT, const int NT, const uint8_t *qs, int ng, const int8_
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]);   /* every lane holds a partial sum of its block */
 }
 
-/* fp16 row -> float; with safe != 0 the last 8-wide load may read past n (into the next row) */
-AI void h2f_row(const uint16_t *h, float *f, int n, int safe)
+/* fp16 row -> float (f has room for n rounded up to 8); avail: how many halfs may be read from h (the plane
+ * goes on past this row): the last 8-wide load reads past n only when all 8 lie inside avail */
+AI void h2f_row(const uint16_t *h, float *f, int n, size_t avail)
 {
     int i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
     if (i < n) {
-        if (safe) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+        if ((size_t)i + 8 <= avail) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
         else for (; i < n; i++) f[i] = _cvtsh_ss(h[i]);
     }
 }
@@ -1465,9 +1466,9 @@ AI void rows_simd(const int FMT, const plk_w *w, int r0, int r1, const plk_act *
     const __m256i tailmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(ng & 7), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int r = r0; r < r1; r++) {
         const uint8_t *qs = w->qs + (size_t)r * rowq;
-        const int safe = r + 1 < r1;   /* the planes go on past this row: 8-wide loads may run over */
-        h2f_row(w->d + (size_t)r * ng, dw, ng, safe);
-        if (plk_has_min[FMT]) h2f_row(w->m + (size_t)r * ng, bw, ng, safe);
+        const size_t avail = (size_t)(r1 - r) * ng;   /* the planes' halfs from this row to the range's end */
+        h2f_row(w->d + (size_t)r * ng, dw, ng, avail);
+        if (plk_has_min[FMT]) h2f_row(w->m + (size_t)r * ng, bw, ng, avail);
         const float *bsrc = plk_has_min[FMT] ? bw : dw;
         const float bmul = plk_has_min[FMT] ? 1.0f : Bm;
         for (int t0 = 0; t0 < a->T; t0 += 4) {
