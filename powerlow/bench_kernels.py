@@ -16,7 +16,9 @@ says in how many cases the chosen variant is within 5% of every other one measur
 comparison is paired: the variants of a case run in the same rounds (below), so per round the chosen one's time is
 divided by the other's, and the median of those ratios is the excess (rows carry "rounds_ms"). Medians of each
 variant alone drift apart with the host between rounds: two runs of the same build gave tern's AVX2 and AVX-512
-table-lookup kernels +7% one way and +6% the other.
+table-lookup kernels +7% one way and +6% the other. A case the check names is measured again with --confirm (3) x
+the rounds (rows "remeasured": true) and the check is run over those; with --json its line keeps the first pass's
+named cases as "first_pass_slow", the text output prints both.
 gbps = weight bytes streamed per second (median of repeats); probe_gbps = read bandwidth over a buffer of
 the same size with the same threads; ratio = gbps / probe_gbps. The variants of a case (every ISA, TL and MAD)
 and its probe run in alternating rounds, so they are compared under the same machine state.
@@ -199,6 +201,32 @@ def check_chosen(rows: list[dict], tol: float = 0.05) -> dict:
     return {"cases": len(cases), "slow": slow, "tol": tol}
 
 
+def confirm_slow(rows: list[dict], chk: dict, rerun, tol: float = 0.05) -> tuple[list[dict], dict]:
+    """A flagged case measured again: for every (kind, format) with a case check_chosen named slow, rerun(kind,
+    fmt) -> that format's rows measured anew (with more rounds), which replace the first rows of its cases (each
+    new row marked "remeasured"); the check is then run over the merged rows. Returns (the new rows, the check,
+    which also lists the first pass's named cases as "first_pass_slow"). Why: a tie between two variants (this
+    host: q4_k's AVX2 and AVX-512 GEMV, level within 1-5% at 2 threads) crosses 5% in one 9-round pass in
+    three, either way; a real gap stays over it with three times the rounds, a tie does not."""
+    redo = []
+    for w in chk["slow"]:
+        kind, fmt = w["case"].split()[:2]
+        if (kind, fmt) not in redo:
+            redo.append((kind, fmt))
+    if not redo:
+        return [], chk
+    new = []
+    for kind, fmt in redo:
+        for r in rerun(kind, fmt):
+            r["remeasured"] = True
+            new.append(r)
+    keys = {(r["kind"], r["format"], tuple(r["shape"]), r["density"]) for r in new}
+    merged = [r for r in rows if (r["kind"], r["format"], tuple(r["shape"]), r["density"]) not in keys] + new
+    out = check_chosen(merged, tol)
+    out["first_pass_slow"] = chk["slow"]
+    return new, out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="powerlow bench-kernels", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sparse-format", default="q4_1")
     ap.add_argument("--gemm-formats", default="q4_1,q4_k")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--confirm", type=int, default=3,
+                    help="a case the check names is measured again with CONFIRM x the repeats (0: not)")
     a = ap.parse_args(argv)
     K.set_threads(a.threads)
     rng = np.random.default_rng(a.seed)
@@ -233,7 +263,7 @@ def main(argv=None) -> int:
                 kern = f"{r['kernel']}{'*' if r.get('default') else ' '}" if "kernel" in r else "    "
                 print(f"{r['kind']:6s} {r['format']:5s} {r['isa']:7s} {kern:4s} t{r['threads']} d={r['density']:<4} "
                       f"{r['ms']:8.2f} ms {r['gbps']:6.2f} GB/s probe {r['probe_gbps']:6.2f} ratio {r['ratio']:.2f}{extra}"
-                      f"{'  <- chosen' if r.get('chosen') else ''}",
+                      f"{'  <- chosen' if r.get('chosen') else ''}{'  (again)' if r.get('remeasured') else ''}",
                       flush=True)
 
     if "dense" in only:
@@ -244,16 +274,33 @@ def main(argv=None) -> int:
         for f in a.gemm_formats.split(","):
             if f:
                 emit(bench_gemm(f, isas, a.threads, a.repeats, rng))
+    def show(chk, what):
+        print(f"{what}: the chosen variant is within {chk['tol']:.0%} of every other one measured (paired per round) "
+              f"in {chk['cases'] - len(chk['slow'])} of {chk['cases']} cases" + ("" if not chk["slow"] else "; slower:"))
+        for w in chk["slow"]:
+            paired = ("" if w["excess"] is None
+                      else f" ({w['excess']:+.0%} paired, {w['excess_of_medians']:+.0%} of the medians)")
+            print(f"  {w['case']}: chosen {w['chosen']} {w['ms']} ms, {w['fastest']} {w['fastest_ms']} ms" + paired)
+
+    def rerun(kind, fmt):
+        reps = a.repeats * a.confirm
+        if kind == "dense":
+            return bench_dense([fmt], isas, a.threads, reps, rng)
+        if kind == "sparse":
+            return bench_sparse(fmt, isas, a.threads, reps, rng)
+        return bench_gemm(fmt, isas, a.threads, reps, rng)
+
     chk = check_chosen(rows)
+    if chk["slow"] and a.confirm > 0:
+        if not a.json:
+            show(chk, "first pass")
+            print(f"measured again with {a.repeats * a.confirm} rounds:", flush=True)
+        new, chk = confirm_slow(rows, chk, rerun)
+        emit(new)
     if a.json:
         print(json.dumps({"kind": "check", **chk}), flush=True)
     else:
-        print(f"check: the chosen variant is within {chk['tol']:.0%} of every other one measured (paired per round) in "
-              f"{chk['cases'] - len(chk['slow'])} of {chk['cases']} cases" + ("" if not chk["slow"] else "; slower:"))
-        for w in chk["slow"]:
-            paired = ("" if w["excess"] is None
-                      else f" (+{w['excess']:.0%} paired, {w['excess_of_medians']:+.0%} of the medians)")
-            print(f"  {w['case']}: chosen {w['chosen']} {w['ms']} ms, {w['fastest']} {w['fastest_ms']} ms" + paired)
+        show(chk, "check")
     return 0
 
 

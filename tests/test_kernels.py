@@ -779,6 +779,38 @@ def test_bench_check_pairs_the_rounds():
 
 
 
+def test_bench_check_measures_a_named_case_again():
+    """A case the first pass names is measured again (rerun, more rounds) and judged on the new rows: a tie that
+    crossed 5% by chance clears, a real gap stays named; cases not named are not rerun, the first pass's names are
+    kept, and every rerun row is marked."""
+    from powerlow.bench_kernels import check_chosen, confirm_slow
+
+    def row(fmt, isa, rounds, chosen, kind="dense"):
+        return {"kind": kind, "format": fmt, "isa": isa, "shape": [64, 8192], "density": 1.0,
+                "ms": sorted(rounds)[len(rounds) // 2], "chosen": chosen, "rounds_ms": rounds}
+    first = [row("q4_k", "avx2", [2.0] * 5, False), row("q4_k", "avx512", [2.12] * 5, True),   # +6%: a tie's fluke
+             row("q8", "avx2", [2.0] * 5, False), row("q8", "avx512", [2.4] * 5, True),       # +20%: real
+             row("q4_1", "avx2", [2.0] * 5, False), row("q4_1", "avx512", [1.9] * 5, True)]   # fine
+    again = {"q4_k": [row("q4_k", "avx2", [2.0] * 15, False), row("q4_k", "avx512", [2.02] * 15, True)],
+             "q8": [row("q8", "avx2", [2.0] * 15, False), row("q8", "avx512", [2.38] * 15, True)]}
+    asked = []
+
+    def rerun(kind, fmt):
+        asked.append((kind, fmt))
+        return [dict(r) for r in again[fmt]]
+    chk = check_chosen(first)
+    assert sorted(w["case"].split()[1] for w in chk["slow"]) == ["q4_k", "q8"]
+    new, got = confirm_slow(first, chk, rerun)
+    assert sorted(asked) == [("dense", "q4_k"), ("dense", "q8")]
+    assert len(new) == 4 and all(r["remeasured"] for r in new)
+    assert got["cases"] == 3 and [w["case"].split()[1] for w in got["slow"]] == ["q8"]
+    assert got["slow"][0]["excess"] == 0.19
+    assert got["first_pass_slow"] == chk["slow"]
+    # nothing named: nothing rerun, the check unchanged
+    ok = check_chosen(first[4:])
+    assert confirm_slow(first[4:], ok, rerun) == ([], ok) and len(asked) == 2
+
+
 @pytest.mark.parametrize("fmt", ["q2", "tern", "q1"])
 def test_avx512_runs_the_avx2_table_lookup_with_the_same_bits(fmt):
     """On an AVX-512 CPU the dispatcher runs the vpshufb TL (compiled for AVX-512) for the 1/1.58/2-bit formats
