@@ -283,6 +283,10 @@ AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
 #define I16(v) I8(v), I8(v)
 static const short kq_idx4[4][32] __attribute__((aligned(64))) = {
     { I16(0), I16(1) }, { I16(2), I16(3) }, { I16(4), I16(5) }, { I16(6), I16(7) } };
+/* q4_k / q5_k read by whole 64-byte code loads (kq_rows8_512 with xw): zmm p = [scale a x16 | scale b x16], (a, b) = (0, 2),
+ * (1, 3), (4, 6), (5, 7) */
+static const short kq_idx4w[4][32] __attribute__((aligned(64))) = {
+    { I16(0), I16(2) }, { I16(1), I16(3) }, { I16(4), I16(6) }, { I16(5), I16(7) } };
 static const short kq_idx6[4][32] __attribute__((aligned(64))) = {
     { I8(0), I8(1), I8(2), I8(3) }, { I8(4), I8(5), I8(6), I8(7) }, { I8(8), I8(9), I8(10), I8(11) },
     { I8(12), I8(13), I8(14), I8(15) } };
@@ -292,7 +296,7 @@ static const short kq_idx6[4][32] __attribute__((aligned(64))) = {
  * of codes, activations and scales, so a row's super-block costs 4 vpmaddubsw + 4 vpdpwssd per token; the
  * integers are those of the 256-bit kernel (exact), the float steps the same: the same bits. */
 AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0,
-                     __m256 *yv)
+                     const int8_t *xw, __m256 *yv)
 {
     const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30), one8 = _mm512_set1_epi8(1);
     const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -335,17 +339,40 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
                 const __m128i R = kq_scales_v(blk + 4);
                 mnr[i] = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(R, R));
                 const __m512i sb = _mm512_castsi128_si512(_mm_cvtepu8_epi16(R));
-                __m512i qh = _mm512_setzero_si512();
-                if (FMT == PLK_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
-#pragma GCC unroll 4
-                for (int p = 0; p < 4; p++) {
-                    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * p)));
-                    c[p] = _mm512_and_si512(_mm512_srlv_epi16(v, sh04), m4);       /* [sub 2p | sub 2p+1] */
-                    if (FMT == PLK_Q5_K) {
-                        const __m512i sj = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * p)), _mm256_set1_epi16((short)(2 * p + 1)), 1);
-                        c[p] = _mm512_or_si512(c[p], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sj), one8), 4));
+                if (xw) {
+                    /* whole 64-byte code loads: bytes 64h.. hold sub-blocks 4h..4h+3, their low nibbles [4h | 4h+2],
+                     * the high ones [4h+1 | 4h+3], against activations re-laid to match (kq_xw); q5_k's bit 4 of
+                     * sub-block j is bit j of its qh byte */
+                    __m512i qh = _mm512_setzero_si512();
+                    if (FMT == PLK_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+#pragma GCC unroll 2
+                    for (int h = 0; h < 2; h++) {
+                        const __m512i v = _mm512_loadu_si512((const void *)(qs + 64 * h));
+                        c[2 * h] = _mm512_and_si512(v, m4);
+                        c[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                        if (FMT == PLK_Q5_K)
+#pragma GCC unroll 2
+                            for (int k = 0; k < 2; k++) {
+                                const int j = 4 * h + k;   /* sub-blocks j and j + 2 */
+                                const __m512i sj = _mm512_inserti64x4(_mm512_set1_epi16((short)j), _mm256_set1_epi16((short)(j + 2)), 1);
+                                c[2 * h + k] = _mm512_or_si512(c[2 * h + k], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sj), one8), 4));
+                            }
                     }
-                    sv[p] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx4[p]), sb);
+#pragma GCC unroll 4
+                    for (int p = 0; p < 4; p++) sv[p] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx4w[p]), sb);
+                } else {
+                    __m512i qh = _mm512_setzero_si512();
+                    if (FMT == PLK_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+#pragma GCC unroll 4
+                    for (int p = 0; p < 4; p++) {
+                        const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * p)));
+                        c[p] = _mm512_and_si512(_mm512_srlv_epi16(v, sh04), m4);       /* [sub 2p | sub 2p+1] */
+                        if (FMT == PLK_Q5_K) {
+                            const __m512i sj = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * p)), _mm256_set1_epi16((short)(2 * p + 1)), 1);
+                            c[p] = _mm512_or_si512(c[p], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sj), one8), 4));
+                        }
+                        sv[p] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx4[p]), sb);
+                    }
                 }
                 int dd;
                 memcpy(&dd, blk, 4);
@@ -355,7 +382,7 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
             }
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) {
-                const int8_t *x = a->qs + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
+                const int8_t *x = (xw ? xw : a->qs) + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
                 /* two independent chains (the 4-deep vpdpwssd chain was the critical path) */
                 __m512i acc0 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[0], _mm512_loadu_si512((const void *)x)), sv[0]);
                 __m512i acc1 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
@@ -394,7 +421,7 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
 }
 #define KQ_ROWS8 kq_rows8_512
 #else
-#define KQ_ROWS8 kq_rows8
+#define KQ_ROWS8(FMT, NT, row0, rowb, S, a, t0, xw, yv) kq_rows8(FMT, NT, row0, rowb, S, a, t0, yv)
 #endif
 
 /* ---- K-quant GEMM (prefill, T >= KQ_GEMM_MINT): tiles of 2 rows x 4 tokens --------------------------------
@@ -881,6 +908,21 @@ AI void kl_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
 }
 #endif
 
+#if PLK_VNNI
+/* the Q8_K activations for kq_rows8_512's q4_k / q5_k loads: per token and 256-block, the 32-byte sub-blocks in the order
+ * 0 2 1 3 4 6 5 7 (xw (T, Kp), like a->qs) */
+AI void kq_xw(const plk_act *a, int8_t *xw)
+{
+    static const int ord[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+    for (int t = 0; t < a->T; t++)
+        for (int b = 0; b < a->Kp / 256; b++) {
+            const int8_t *x = a->qs + (size_t)t * a->Kp + (size_t)b * 256;
+            int8_t *o = xw + (size_t)t * a->Kp + (size_t)b * 256;
+            for (int j = 0; j < 8; j++) _mm256_storeu_si256((__m256i *)(o + 32 * j), _mm256_loadu_si256((const __m256i *)(x + 32 * ord[j])));
+        }
+}
+#endif
+
 AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
     const int S = a->ng;
@@ -901,16 +943,24 @@ AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
     }
     if (!t_done && r1 - r0 >= 8) {   /* decode / small batches: 8 rows in lanes */
         const int r8 = r0 + (r1 - r0) / 8 * 8;
+        int8_t *xw = NULL;
+#if PLK_VNNI
+        if (FMT == PLK_Q4_K || FMT == PLK_Q5_K) {
+            xw = (int8_t *)plk_scratch((size_t)a->T * a->Kp, 1);
+            if (!xw) { plk_oom_set(); return; }
+            kq_xw(a, xw);
+        }
+#endif
         for (int r = r0; r < r8; r += 8) {
             const uint8_t *row = w->qs + (size_t)r * rowb;
             for (int ts = 0; ts < a->T; ts += 4) {
                 const int nt = a->T - ts < 4 ? a->T - ts : 4;
                 __m256 yv[4];
                 switch (nt) {
-                case 1: KQ_ROWS8(FMT, 1, row, rowb, S, a, ts, yv); break;
-                case 2: KQ_ROWS8(FMT, 2, row, rowb, S, a, ts, yv); break;
-                case 3: KQ_ROWS8(FMT, 3, row, rowb, S, a, ts, yv); break;
-                default: KQ_ROWS8(FMT, 4, row, rowb, S, a, ts, yv); break;
+                case 1: KQ_ROWS8(FMT, 1, row, rowb, S, a, ts, xw, yv); break;
+                case 2: KQ_ROWS8(FMT, 2, row, rowb, S, a, ts, xw, yv); break;
+                case 3: KQ_ROWS8(FMT, 3, row, rowb, S, a, ts, xw, yv); break;
+                default: KQ_ROWS8(FMT, 4, row, rowb, S, a, ts, xw, yv); break;
                 }
                 for (int t = 0; t < nt; t++) {
                     float *o = y + (size_t)(ts + t) * ldy + r;
@@ -920,6 +970,7 @@ AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
                 }
             }
         }
+        free(xw);
         r0 = r8;
     }
     for (int r = r0; r < r1; r++) {
