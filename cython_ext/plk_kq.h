@@ -278,20 +278,41 @@ AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
 }
 
 #if PLK_VNNI
-/* vpermw indices: q4_k/q5_k zmm p = [scale 2p x16 | scale 2p+1 x16]; q6_k zmm q: 128-bit lane L = scale 4q + L */
+/* vpermw indices (kq_rows8_512): q6_k zmm q: 128-bit lane L = scale 4q + L; q4_k / q5_k below */
 #define I8(v) v, v, v, v, v, v, v, v
 #define I16(v) I8(v), I8(v)
-static const short kq_idx4[4][32] __attribute__((aligned(64))) = {
-    { I16(0), I16(1) }, { I16(2), I16(3) }, { I16(4), I16(5) }, { I16(6), I16(7) } };
+/* words 8-15 and 24-31 (the two rows' mins of a W vector) into the low 256 bits */
+static const short kq_idxmn[32] __attribute__((aligned(64))) = {
+    8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 };
 /* q4_k / q5_k read by whole 64-byte code loads (kq_rows8_512 with xw): zmm p = [scale a x16 | scale b x16], (a, b) = (0, 2),
  * (1, 3), (4, 6), (5, 7) */
 static const short kq_idx4w[4][32] __attribute__((aligned(64))) = {
     { I16(0), I16(2) }, { I16(1), I16(3) }, { I16(4), I16(6) }, { I16(5), I16(7) } };
+/* kq_idx4w for the second row of a pair of rows' scales as int16 ([row a: sc 0-7, mn 0-7 | row b: ...], kq_rows8_512) */
+static const short kq_idx4w1[4][32] __attribute__((aligned(64))) = {
+    { I16(16), I16(18) }, { I16(17), I16(19) }, { I16(20), I16(22) }, { I16(21), I16(23) } };
 static const short kq_idx6[4][32] __attribute__((aligned(64))) = {
     { I8(0), I8(1), I8(2), I8(3) }, { I8(4), I8(5), I8(6), I8(7) }, { I8(8), I8(9), I8(10), I8(11) },
     { I8(12), I8(13), I8(14), I8(15) } };
 #undef I8
 #undef I16
+/* kq_scales_v for 4 rows at once, from the first 16 bytes of their q4_k / q5_k super-blocks (d, dmin, then the
+ * scale bytes): 128-bit lane i of *X_ = those bytes of blk[i], of the result = kq_scales_v of blk[i] + 4 */
+AI __m512i kq_scales_v4(const uint8_t *const *blk, __m512i *X_)
+{
+    __m512i X = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)blk[0]));
+    X = _mm512_inserti32x4(X, _mm_loadu_si128((const __m128i *)blk[1]), 1);
+    X = _mm512_inserti32x4(X, _mm_loadu_si128((const __m128i *)blk[2]), 2);
+    X = _mm512_inserti32x4(X, _mm_loadu_si128((const __m128i *)blk[3]), 3);
+    *X_ = X;
+    const __m512i P = _mm512_shuffle_epi8(X, _mm512_broadcast_i32x4(_mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15)));
+    const __m512i lo = _mm512_and_si512(P, _mm512_broadcast_i32x4(_mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)));
+    const __m512i hi4 = _mm512_and_si512(_mm512_srli_epi16(P, 4), _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15)));
+    const __m512i Q = _mm512_shuffle_epi8(X, _mm512_broadcast_i32x4(_mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11)));
+    const __m512i top = _mm512_and_si512(_mm512_srli_epi16(Q, 2), _mm512_set1_epi8(0x30));
+    return _mm512_or_si512(_mm512_or_si512(lo, hi4), top);
+}
+
 /* kq_rows8 with 512-bit vectors (AVX-512 BW + VNNI): one zmm holds two 32-sub-blocks (q6_k: four 16-sub-blocks)
  * of codes, activations and scales, so a row's super-block costs 4 vpmaddubsw + 4 vpdpwssd per token; the
  * integers are those of the 256-bit kernel (exact), the float steps the same: the same bits. */
@@ -301,14 +322,32 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
     const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30), one8 = _mm512_set1_epi8(1);
     const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256 signm = _mm256_set1_ps(-0.0f);
-    const __m512i sh04 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);   /* [0 | 4] */
     const int QB = plk_qbytes[FMT];
 #pragma GCC unroll 4
     for (int t = 0; t < NT; t++) yv[t] = _mm256_setzero_ps();
     for (int b = 0; b < S; b++) {
         __m256i iv[4][8];
-        __m128i mnr[8];
-        float dws[8], dms[8];
+        float dws[8];   /* q6_k's d */
+        /* q4_k / q5_k: the 8 rows' scales and mins as int16, rows 2k and 2k+1 in W[k] = [sc 0-7, mn 0-7 of row 2k |
+         * of row 2k+1], and their d / dmin as floats in dwv / dmv (decoded 4 rows a vector) */
+        __m512i W[4];
+        __m256 dwv = _mm256_setzero_ps(), dmv = _mm256_setzero_ps();
+        if (FMT != PLK_Q6_K) {
+            __m512i X[2];
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *b4[4];
+                for (int j = 0; j < 4; j++) b4[j] = row0 + (size_t)(4 * h + j) * rowb + (size_t)b * QB;
+                const __m512i R = kq_scales_v4(b4, &X[h]);
+                W[2 * h] = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(R));
+                W[2 * h + 1] = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(R, 1));
+            }
+            /* dword 0 of each lane ((d, dmin) of a row) -> [d0 m0 .. d7 m7] -> floats [d0..d7 | m0..m7] */
+            const __m512i dd = _mm512_permutex2var_epi32(X[0], _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0), X[1]);
+            const __m512 f = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15),
+                                                   _mm512_cvtph_ps(_mm512_castsi512_si256(dd)));
+            dwv = _mm512_castps512_ps256(f);
+            dmv = _mm512_extractf32x8_ps(f, 1);
+        }
         for (int i = 0; i < 8; i++) {
             const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
             kq_prefetch8(blk, rowb, QB);
@@ -336,53 +375,32 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
                 dws[i] = _cvtsh_ss(hd);
             } else {
                 const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
-                const __m128i R = kq_scales_v(blk + 4);
-                mnr[i] = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(R, R));
-                const __m512i sb = _mm512_castsi128_si512(_mm_cvtepu8_epi16(R));
-                if (xw) {
-                    /* whole 64-byte code loads: bytes 64h.. hold sub-blocks 4h..4h+3, their low nibbles [4h | 4h+2],
-                     * the high ones [4h+1 | 4h+3], against activations re-laid to match (kq_xw); q5_k's bit 4 of
-                     * sub-block j is bit j of its qh byte */
-                    __m512i qh = _mm512_setzero_si512();
-                    if (FMT == PLK_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+                const __m512i sb = W[i / 2];   /* this row's scales: words 16 (i & 1) .. 16 (i & 1) + 7 */
+                /* whole 64-byte code loads: bytes 64h.. hold sub-blocks 4h..4h+3, their low nibbles [4h | 4h+2], the
+                 * high ones [4h+1 | 4h+3], against the activations re-laid to match (xw, kq_xw); q5_k's bit 4 of
+                 * sub-block j is bit j of its qh byte */
+                __m512i qh = _mm512_setzero_si512();
+                if (FMT == PLK_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
 #pragma GCC unroll 2
-                    for (int h = 0; h < 2; h++) {
-                        const __m512i v = _mm512_loadu_si512((const void *)(qs + 64 * h));
-                        c[2 * h] = _mm512_and_si512(v, m4);
-                        c[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                        if (FMT == PLK_Q5_K)
+                for (int h = 0; h < 2; h++) {
+                    const __m512i v = _mm512_loadu_si512((const void *)(qs + 64 * h));
+                    c[2 * h] = _mm512_and_si512(v, m4);
+                    c[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                    if (FMT == PLK_Q5_K)
 #pragma GCC unroll 2
-                            for (int k = 0; k < 2; k++) {
-                                const int j = 4 * h + k;   /* sub-blocks j and j + 2 */
-                                const __m512i sj = _mm512_inserti64x4(_mm512_set1_epi16((short)j), _mm256_set1_epi16((short)(j + 2)), 1);
-                                c[2 * h + k] = _mm512_or_si512(c[2 * h + k], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sj), one8), 4));
-                            }
-                    }
-#pragma GCC unroll 4
-                    for (int p = 0; p < 4; p++) sv[p] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx4w[p]), sb);
-                } else {
-                    __m512i qh = _mm512_setzero_si512();
-                    if (FMT == PLK_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
-#pragma GCC unroll 4
-                    for (int p = 0; p < 4; p++) {
-                        const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * p)));
-                        c[p] = _mm512_and_si512(_mm512_srlv_epi16(v, sh04), m4);       /* [sub 2p | sub 2p+1] */
-                        if (FMT == PLK_Q5_K) {
-                            const __m512i sj = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * p)), _mm256_set1_epi16((short)(2 * p + 1)), 1);
-                            c[p] = _mm512_or_si512(c[p], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sj), one8), 4));
+                        for (int k = 0; k < 2; k++) {
+                            const int j = 4 * h + k;   /* sub-blocks j and j + 2 */
+                            const __m512i sj = _mm512_inserti64x4(_mm512_set1_epi16((short)j), _mm256_set1_epi16((short)(j + 2)), 1);
+                            c[2 * h + k] = _mm512_or_si512(c[2 * h + k], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sj), one8), 4));
                         }
-                        sv[p] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx4[p]), sb);
-                    }
                 }
-                int dd;
-                memcpy(&dd, blk, 4);
-                const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dd));
-                dws[i] = _mm_cvtss_f32(f);
-                dms[i] = _mm_cvtss_f32(_mm_movehdup_ps(f));
+#pragma GCC unroll 4
+                for (int p = 0; p < 4; p++)
+                    sv[p] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)(i & 1 ? kq_idx4w1[p] : kq_idx4w[p])), sb);
             }
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) {
-                const int8_t *x = (xw ? xw : a->qs) + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
+                const int8_t *x = (FMT != PLK_Q6_K ? xw : a->qs) + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
                 /* two independent chains (the 4-deep vpdpwssd chain was the critical path) */
                 __m512i acc0 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[0], _mm512_loadu_si512((const void *)x)), sv[0]);
                 __m512i acc1 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
@@ -398,10 +416,11 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
                 iv[t][i] = acc8;
             }
         }
-        const __m256 dwv = _mm256_loadu_ps(dws);
+        if (FMT == PLK_Q6_K) dwv = _mm256_loadu_ps(dws);
         __m256i mpair[4];
         if (FMT != PLK_Q6_K)
-            for (int k = 0; k < 4; k++) mpair[k] = _mm256_set_m128i(mnr[2 * k + 1], mnr[2 * k]);
+            for (int k = 0; k < 4; k++)   /* [mins of row 2k | of row 2k+1]: words 8-15 and 24-31 of W[k] */
+                mpair[k] = _mm512_castsi512_si256(_mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idxmn), W[k]));
 #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) {
             const __m256 dxv = _mm256_set1_ps(a->dx[(size_t)(t0 + t) * S + b]);
@@ -414,7 +433,7 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
                 for (int k = 0; k < 4; k++) mv[k] = _mm256_madd_epi16(mpair[k], bb);
                 const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
                 const __m256i M = _mm256_permutevar8x32_epi32(h, unperm);
-                yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(_mm256_loadu_ps(dms), dxv), signm), yv[t]);
+                yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(dmv, dxv), signm), yv[t]);
             }
         }
     }
