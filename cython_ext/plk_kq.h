@@ -59,6 +59,27 @@ AI __m256i kq_scales_v2(const uint8_t *const *blk, __m256i *X_)
     return _mm256_or_si256(_mm256_or_si256(lo, hi4), top);
 }
 
+/* the dwords at p + i stride, i = 0..7, as lanes 0..7 (8 loads and an unpack tree: vpgatherdd costs far more on Zen 4) */
+AI __m256i dword8(const uint8_t *p, size_t stride)
+{
+    __m128i v[8];
+    for (int i = 0; i < 8; i++) {
+        int u;
+        memcpy(&u, p + (size_t)i * stride, 4);
+        v[i] = _mm_cvtsi32_si128(u);
+    }
+    const __m128i a = _mm_unpacklo_epi64(_mm_unpacklo_epi32(v[0], v[1]), _mm_unpacklo_epi32(v[2], v[3]));
+    const __m128i b = _mm_unpacklo_epi64(_mm_unpacklo_epi32(v[4], v[5]), _mm_unpacklo_epi32(v[6], v[7]));
+    return _mm256_set_m128i(b, a);
+}
+
+/* the fp16 d of 8 q6_k super-blocks at blk0 + i rowb, as floats (read as the dword of bytes 206..209, inside the block) */
+AI __m256 kq6_d8(const uint8_t *blk0, size_t rowb)
+{
+    const __m256i v = _mm256_srli_epi32(dword8(blk0 + 206, rowb), 16);
+    return _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+}
+
 /* bit 4 of code byte i = bit j of qh byte i (q5_k: qh bit j belongs to sub-block j) */
 AI __m256i kq_hbit(__m256i qh, int j)
 {
@@ -297,7 +318,8 @@ AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
                 iv[t][i] = acc;
             }
         }
-        if (FMT != PLK_Q4_K) {
+        if (FMT == PLK_Q6_K) dwv = kq6_d8(row0 + (size_t)b * QB, rowb);
+        if (FMT == PLK_Q5_K) {
             dwv = _mm256_loadu_ps(dws);
             dmv = _mm256_loadu_ps(dms);
         }
@@ -375,7 +397,6 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
     for (int t = 0; t < NT; t++) yv[t] = _mm256_setzero_ps();
     for (int b = 0; b < S; b++) {
         __m256i iv[4][8];
-        float dws[8];   /* q6_k's d */
         /* q4_k / q5_k: the 8 rows' scales and mins as int16, rows 2k and 2k+1 in W[k] = [sc 0-7, mn 0-7 of row 2k |
          * of row 2k+1], and their d / dmin as floats in dwv / dmv (decoded 4 rows a vector) */
         __m512i W[4];
@@ -418,9 +439,6 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
                 /* zmm q (elements 64q..64q+63): 128-bit lane L = sub-block 4q + L */
 #pragma GCC unroll 4
                 for (int q = 0; q < 4; q++) sv[q] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx6[q]), sc16);
-                uint16_t hd;
-                memcpy(&hd, blk + 208, 2);
-                dws[i] = _cvtsh_ss(hd);
             } else {
                 const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
                 const __m512i sb = W[i / 2];   /* this row's scales: words 16 (i & 1) .. 16 (i & 1) + 7 */
@@ -464,7 +482,7 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
                 iv[t][i] = acc8;
             }
         }
-        if (FMT == PLK_Q6_K) dwv = _mm256_loadu_ps(dws);
+        if (FMT == PLK_Q6_K) dwv = kq6_d8(row0 + (size_t)b * QB, rowb);
         __m256i mpair[4];
         if (FMT != PLK_Q6_K)
             for (int k = 0; k < 4; k++)   /* [mins of row 2k | of row 2k+1]: words 8-15 and 24-31 of W[k] */
@@ -1117,20 +1135,6 @@ AI void q5_row(const int FMT, const int NT, const uint8_t *row, int nb, const pl
     for (int t = 0; t < NT; t++) res[t] = hsum8(acc[t]) + bo[t];
 }
 
-/* the first dword of the blocks at blk0 + i rowb, i = 0..7, as lanes 0..7 */
-AI __m256i q5_dm8(const uint8_t *blk0, size_t rowb)
-{
-    __m128i v[8];
-    for (int i = 0; i < 8; i++) {
-        int u;
-        memcpy(&u, blk0 + (size_t)i * rowb, 4);
-        v[i] = _mm_cvtsi32_si128(u);
-    }
-    const __m128i a = _mm_unpacklo_epi64(_mm_unpacklo_epi32(v[0], v[1]), _mm_unpacklo_epi32(v[2], v[3]));
-    const __m128i b = _mm_unpacklo_epi64(_mm_unpacklo_epi32(v[4], v[5]), _mm_unpacklo_epi32(v[6], v[7]));
-    return _mm256_set_m128i(b, a);
-}
-
 /* 8 rows in lanes (rows r..r+7, lane i = row r + i), NT tokens: per block, the 8 rows' integer dots by one
  * transposing reduction, then acc += cvt(dots) * (d_w dx_b) and off += Bw bx_b as vectors over the rows (the d
  * and m of the 8 blocks by 8 dword loads); result acc + off. The same steps for every token whatever the batch. */
@@ -1143,9 +1147,9 @@ AI void q5_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
     for (int t = 0; t < NT; t++) { acc[t] = _mm256_setzero_ps(); vo[t] = _mm256_setzero_ps(); }
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk0 = row0 + (size_t)b * QB;
-        /* d (and m) of the 8 blocks, [d | m << 16] (q5_0: the high half is qh, unused): 8 dword loads and an unpack
-         * tree (vpgatherdd cost a third of the kernel's time on Zen 4) */
-        const __m256i dm = q5_dm8(blk0, rowb);
+        /* d (and m) of the 8 blocks, [d | m << 16] (q5_0: the high half is qh, unused); a vpgatherdd here had cost a
+         * third of the kernel's time on Zen 4 */
+        const __m256i dm = dword8(blk0, rowb);
         const __m128i d16 = _mm_packus_epi32(_mm256_castsi256_si128(_mm256_and_si256(dm, _mm256_set1_epi32(0xffff))),
                                              _mm256_extracti128_si256(_mm256_and_si256(dm, _mm256_set1_epi32(0xffff)), 1));
         const __m256 dv = _mm256_cvtph_ps(d16);
