@@ -52,7 +52,12 @@ typedef struct {
     const float *bx;       /* (T, ng) offset factor per weight group (see above) */
     const uint8_t *tab;    /* NULL, or the table-lookup kernels' per-token tables (plk_tl_tables) */
     const int16_t *bs;     /* Q8_K (K-quant) activations: (T, Kp/16) sums of 16 codes; else NULL */
+    const int8_t *xw;      /* Q8_K on AVX-512 with T < PLK_KQ_GEMM_MINT: qs with each 256-block's 32-byte pieces in
+                            * the order 0 2 1 3 4 6 5 7 (the q4_k / q5_k decode rows' 64-byte code loads); else NULL */
 } plk_act;
+
+/* tokens from which the K-quant kernels run their GEMM tiles (below: the decode rows, which read plk_act.xw) */
+#define PLK_KQ_GEMM_MINT 8
 
 typedef struct {           /* one packed matrix: row r's planes at qs + r*ng*qbytes, d + r*ng, m + r*ng */
     const uint8_t *qs;

@@ -401,6 +401,7 @@ static void *alloc64(size_t n) { return aligned_alloc(64, (n + 63) & ~(size_t)63
 
 typedef struct {                   /* activations in the layout plk_act points into */
     int8_t *qs; float *dx, *s, *bx; int32_t *isum; int16_t *bs;
+    int8_t *xw;                    /* plk_act.xw, made by act_prepare where it is read */
 } act_buf;
 
 static int act_alloc(act_buf *b, int T, int Kp, int ng)
@@ -413,10 +414,11 @@ static int act_alloc(act_buf *b, int T, int Kp, int ng)
     if (!b->qs || !b->dx || !b->isum || !b->bs) { free(b->qs); free(b->dx); free(b->isum); free(b->bs); return -1; }
     b->s = b->dx + (size_t)T * nb;
     b->bx = b->s + (size_t)T * nb;
+    b->xw = NULL;
     return 0;
 }
 
-static void act_free(act_buf *b) { free(b->qs); free(b->dx); free(b->isum); free(b->bs); }
+static void act_free(act_buf *b) { free(b->qs); free(b->dx); free(b->isum); free(b->bs); free(b->xw); }
 
 /* x quantized in fmt's activation type: Q8_K for the K-quants (Kp == K, a multiple of 256), else q8 */
 static void act_prepare(int isa, int fmt, const float *x, int T, int K, int ldx, int Kp, act_buf *b, plk_act *a)
@@ -424,14 +426,22 @@ static void act_prepare(int isa, int fmt, const float *x, int T, int K, int ldx,
     if (plk_kquant(fmt)) {
         plk_quantize_act_k(isa, x, T, K, ldx, b->qs, b->dx, b->bs);
         a->T = T; a->Kp = Kp; a->nb = a->ng = Kp / 256;
-        a->qs = b->qs; a->dx = b->dx; a->bx = NULL; a->tab = NULL; a->bs = b->bs;
+        a->qs = b->qs; a->dx = b->dx; a->bx = NULL; a->tab = NULL; a->bs = b->bs; a->xw = NULL;
+        if (isa == PLK_AVX512 && T < PLK_KQ_GEMM_MINT) {   /* once per call, for every row the decode kernels take */
+            static const int ord[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+            if (!b->xw) b->xw = (int8_t *)plk_scratch((size_t)T * Kp, 1);
+            if (!b->xw) { plk_oom_set(); return; }
+            for (size_t o = 0; o < (size_t)T * Kp; o += 256)
+                for (int j = 0; j < 8; j++) memcpy(b->xw + o + 32 * j, b->qs + o + 32 * ord[j], 32);
+            a->xw = b->xw;
+        }
         return;
     }
     int nb = Kp / 32;
     plk_quantize_act(isa, x, T, K, ldx, Kp, b->qs, b->dx, b->s, b->isum);
     plk_act_bx(fmt, T, nb, b->dx, b->s, b->isum, b->bx);
     a->T = T; a->Kp = Kp; a->nb = nb; a->ng = Kp / plk_group[fmt];
-    a->qs = b->qs; a->dx = b->dx; a->bx = b->bx; a->tab = NULL; a->bs = NULL;
+    a->qs = b->qs; a->dx = b->dx; a->bx = b->bx; a->tab = NULL; a->bs = NULL; a->xw = NULL;
 }
 
 
@@ -736,7 +746,7 @@ static int qkv_parts(int isa, const plk_attn_w *lw, const float *h, int T, int K
             }
             plk_act_bx(fmt, T, Kp / 32, bq.dx, bq.s, bq.isum, bq.bx);
             a.T = T; a.Kp = Kp; a.nb = Kp / 32; a.ng = Kp / g;
-            a.qs = bq.qs; a.dx = bq.dx; a.bx = bq.bx; a.tab = NULL; a.bs = NULL;
+            a.qs = bq.qs; a.dx = bq.dx; a.bx = bq.bx; a.tab = NULL; a.bs = NULL; a.xw = NULL;
         }
         plk_matmul(isa, fmt, lw->tl_p[p], &lw->wp[p], lw->rows_p[p], &a, qkv + row0, ldq, 0, nthreads);
         row0 += lw->rows_p[p];

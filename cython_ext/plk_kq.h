@@ -46,11 +46,10 @@ static const uint8_t kq_sc_tab[4][16] __attribute__((aligned(16))) = {
     {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15},           /* mins 4-7: the high nibbles */
     {255, 255, 255, 255, 4, 5, 6, 7, 255, 255, 255, 255, 8, 9, 10, 11} };   /* Q: the bytes of scales 4-7's top bits */
 /* kq_scale_min for 2 super-blocks (q4_k / q5_k) at once, in SIMD: 128-bit lane i of the result = bytes 0..7 the 8
- * scales, 8..15 the 8 mins of blk[i]; of *X_ = the first 16 bytes of blk[i] (d, dmin, the first 12 scale bytes) */
-AI __m256i kq_scales_v2(const uint8_t *const *blk, __m256i *X_)
+ * scales, 8..15 the 8 mins of blk[i] (read from its first 16 bytes: d, dmin, the first 12 scale bytes) */
+AI __m256i kq_scales_v2(const uint8_t *const *blk)
 {
     const __m256i X = _mm256_loadu2_m128i((const __m128i *)blk[1], (const __m128i *)blk[0]);
-    *X_ = X;
 #define T_(k) _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)kq_sc_tab[k]))
     const __m256i P = _mm256_shuffle_epi8(X, T_(0));
     const __m256i lo = _mm256_and_si256(P, T_(1)), hi4 = _mm256_and_si256(_mm256_srli_epi16(P, 4), T_(2));
@@ -73,12 +72,15 @@ AI __m256i dword8(const uint8_t *p, size_t stride)
     return _mm256_set_m128i(b, a);
 }
 
-/* the fp16 d of 8 q6_k super-blocks at blk0 + i rowb, as floats (read as the dword of bytes 206..209, inside the block) */
-AI __m256 kq6_d8(const uint8_t *blk0, size_t rowb)
+/* floats of the low (hi = 0) or high (hi = 1) fp16 halves of the 8 dwords of v */
+AI __m256 h2f8(__m256i v, int hi)
 {
-    const __m256i v = _mm256_srli_epi32(dword8(blk0 + 206, rowb), 16);
+    v = hi ? _mm256_srli_epi32(v, 16) : _mm256_and_si256(v, _mm256_set1_epi32(0xffff));
     return _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
 }
+
+/* the fp16 d of 8 q6_k super-blocks at blk0 + i rowb, as floats (read as the dword of bytes 206..209, inside the block) */
+AI __m256 kq6_d8(const uint8_t *blk0, size_t rowb) { return h2f8(dword8(blk0 + 206, rowb), 1); }
 
 /* bit 4 of code byte i = bit j of qh byte i (q5_k: qh bit j belongs to sub-block j) */
 AI __m256i kq_hbit(__m256i qh, int j)
@@ -171,8 +173,7 @@ AI float kq_block256(const int FMT, const uint8_t *blk, __m256i c[8], __m256i sv
         return _cvtsh_ss(hd);
     }
     const uint8_t *b2[2] = {blk, blk};
-    __m256i X;
-    const __m128i R = _mm256_castsi256_si128(kq_scales_v2(b2, &X));
+    const __m128i R = _mm256_castsi256_si128(kq_scales_v2(b2));
     *mn = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(R, R));
     const __m256i sb = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(R));
 #pragma GCC unroll 8
@@ -264,32 +265,23 @@ AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
     for (int t = 0; t < NT; t++) yv[t] = _mm256_setzero_ps();
     for (int b = 0; b < S; b++) {
         __m256i iv[4][8];
-        float dws[8];   /* q6_k's d */
         /* q4_k: the 8 rows' scales decoded 2 rows a vector: scm[i] = row i's 8 scales, then its 8 mins, as int16 (in
-         * memory: 8 more live vectors would spill in the row loop), dwv / dmv their d / dmin (q5_k decodes per row:
-         * measured 22% slower this way, its qh bits already keep more vectors live) */
+         * memory: 8 more live vectors would spill in the row loop); q5_k decodes per row (measured 22% slower this
+         * way, its qh bits already keep more vectors live) into mnr / dws / dms. dwv / dmv: the rows' d / dmin */
         __m128i mnr[8];
-        float dms[8];
+        float dws[8], dms[8];
         int16_t scm[8][16] __attribute__((aligned(32)));
         __m256 dwv = _mm256_setzero_ps(), dmv = _mm256_setzero_ps();
         if (FMT == PLK_Q4_K) {
-            __m256i X[4];
             for (int k = 0; k < 4; k++) {
                 const uint8_t *b2[2] = {row0 + (size_t)(2 * k) * rowb + (size_t)b * QB, row0 + (size_t)(2 * k + 1) * rowb + (size_t)b * QB};
-                const __m256i R = kq_scales_v2(b2, &X[k]);
+                const __m256i R = kq_scales_v2(b2);
                 _mm256_store_si256((__m256i *)scm[2 * k], _mm256_cvtepu8_epi16(_mm256_castsi256_si128(R)));
                 _mm256_store_si256((__m256i *)scm[2 * k + 1], _mm256_cvtepu8_epi16(_mm256_extracti128_si256(R, 1)));
             }
-            /* dword 0 of each lane ((d, dmin) of a row): lanes [r0 r2 r4 r6 | r1 r3 r5 r7], halfs to [d d d d m m m m]
-             * per lane, then [d0..d7 | m0..m7] */
-            const __m256i u = _mm256_unpacklo_epi64(_mm256_unpacklo_epi32(X[0], X[1]), _mm256_unpacklo_epi32(X[2], X[3]));
-            const __m256i v = _mm256_shuffle_epi8(u, _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)));
-            /* lane 0: d of rows 0 2 4 6, dmin of them; lane 1: rows 1 3 5 7 -> interleave the rows back in order */
-            const __m256i w = _mm256_permute4x64_epi64(v, 0xd8);   /* [d 0246 | d 1357 | m 0246 | m 1357] */
-            const __m128i dh = _mm_unpacklo_epi16(_mm256_castsi256_si128(w), _mm_srli_si128(_mm256_castsi256_si128(w), 8));
-            const __m128i mh = _mm_unpacklo_epi16(_mm256_extracti128_si256(w, 1), _mm_srli_si128(_mm256_extracti128_si256(w, 1), 8));
-            dwv = _mm256_cvtph_ps(dh);
-            dmv = _mm256_cvtph_ps(mh);
+            const __m256i dm = dword8(row0 + (size_t)b * QB, rowb);   /* [d | dmin << 16] of each row */
+            dwv = h2f8(dm, 0);
+            dmv = h2f8(dm, 1);
         }
         for (int i = 0; i < 8; i++) {
             const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
@@ -354,7 +346,7 @@ AI void kq_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
 /* words 8-15 and 24-31 (the two rows' mins of a W vector) into the low 256 bits */
 static const short kq_idxmn[32] __attribute__((aligned(64))) = {
     8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 };
-/* q4_k / q5_k read by whole 64-byte code loads (kq_rows8_512 with xw): zmm p = [scale a x16 | scale b x16], (a, b) = (0, 2),
+/* q4_k / q5_k read by whole 64-byte code loads (kq_rows8_512, against plk_act.xw): zmm p = [scale a x16 | scale b x16], (a, b) = (0, 2),
  * (1, 3), (4, 6), (5, 7) */
 static const short kq_idx4w[4][32] __attribute__((aligned(64))) = {
     { I16(0), I16(2) }, { I16(1), I16(3) }, { I16(4), I16(6) }, { I16(5), I16(7) } };
@@ -367,7 +359,7 @@ static const short kq_idx6[4][32] __attribute__((aligned(64))) = {
 #undef I8
 #undef I16
 /* kq_scales_v2 for 4 super-blocks (lane i: blk[i]) on 512-bit vectors (measured 5% faster in the q4_k decode rows
- * than two kq_scales_v2 halves) */
+ * than two kq_scales_v2 halves); *X_ = the 4 blocks' first 16 bytes, lane by lane (their d, dmin in dword 0) */
 AI __m512i kq_scales_v4(const uint8_t *const *blk, __m512i *X_)
 {
     __m512i X = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)blk[0]));
@@ -387,12 +379,13 @@ AI __m512i kq_scales_v4(const uint8_t *const *blk, __m512i *X_)
  * of codes, activations and scales, so a row's super-block costs 4 vpmaddubsw + 4 vpdpwssd per token; the
  * integers are those of the 256-bit kernel (exact), the float steps the same: the same bits. */
 AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0,
-                     const int8_t *xw, __m256 *yv)
+                     __m256 *yv)
 {
     const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30), one8 = _mm512_set1_epi8(1);
     const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256 signm = _mm256_set1_ps(-0.0f);
     const int QB = plk_qbytes[FMT];
+    const int8_t *const xq = FMT != PLK_Q6_K ? a->xw : a->qs;   /* the activations in the order the codes are read */
 #pragma GCC unroll 4
     for (int t = 0; t < NT; t++) yv[t] = _mm256_setzero_ps();
     for (int b = 0; b < S; b++) {
@@ -410,7 +403,8 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
                 W[2 * h] = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(R));
                 W[2 * h + 1] = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(R, 1));
             }
-            /* dword 0 of each lane ((d, dmin) of a row) -> [d0 m0 .. d7 m7] -> floats [d0..d7 | m0..m7] */
+            /* dword 0 of each lane ((d, dmin) of a row) -> [d0 m0 .. d7 m7] -> floats [d0..d7 | m0..m7], from the vectors
+             * already loaded (measured 4-7% faster here than dword8 + h2f8) */
             const __m512i dd = _mm512_permutex2var_epi32(X[0], _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0), X[1]);
             const __m512 f = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15),
                                                    _mm512_cvtph_ps(_mm512_castsi512_si256(dd)));
@@ -443,7 +437,7 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
                 const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
                 const __m512i sb = W[i / 2];   /* this row's scales: words 16 (i & 1) .. 16 (i & 1) + 7 */
                 /* whole 64-byte code loads: bytes 64h.. hold sub-blocks 4h..4h+3, their low nibbles [4h | 4h+2], the
-                 * high ones [4h+1 | 4h+3], against the activations re-laid to match (xw, kq_xw); q5_k's bit 4 of
+                 * high ones [4h+1 | 4h+3], against the activations re-laid to match (plk_act.xw); q5_k's bit 4 of
                  * sub-block j is bit j of its qh byte */
                 __m512i qh = _mm512_setzero_si512();
                 if (FMT == PLK_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
@@ -466,7 +460,7 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
             }
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) {
-                const int8_t *x = (FMT != PLK_Q6_K ? xw : a->qs) + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
+                const int8_t *x = xq + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
                 /* two independent chains (the 4-deep vpdpwssd chain was the critical path) */
                 __m512i acc0 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[0], _mm512_loadu_si512((const void *)x)), sv[0]);
                 __m512i acc1 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
@@ -506,7 +500,7 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
 }
 #define KQ_ROWS8 kq_rows8_512
 #else
-#define KQ_ROWS8(FMT, NT, row0, rowb, S, a, t0, xw, yv) kq_rows8(FMT, NT, row0, rowb, S, a, t0, yv)
+#define KQ_ROWS8 kq_rows8
 #endif
 
 /* ---- K-quant GEMM (prefill, T >= KQ_GEMM_MINT): tiles of 2 rows x 4 tokens --------------------------------
@@ -520,7 +514,7 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
  * -32 offset) are vpmaddwd of the scales/mins with the block sums. The float steps are the per-token kernel's
  * (fma(isum, d_w*d_x, y), fma(imin, -(dmin_w*d_x), y) per super-block in order), 8 (row, token) pairs per
  * vector: bit-identical to a token computed alone. Rows left over (odd) and tokens (T % 4) take kq_row. */
-#define KQ_GEMM_MINT 8
+#define KQ_GEMM_MINT PLK_KQ_GEMM_MINT
 
 /* natural dword (4 codes) feeding lane j of step v: q4_k/q5_k (sub-blocks of 32), q6_k (of 16) */
 AI int kq_perm(const int FMT, int v, int j)
@@ -993,21 +987,6 @@ AI void kl_gemm(const int FMT, const plk_w *w, int r0, int r1, int T4, const plk
 }
 #endif
 
-#if PLK_VNNI
-/* the Q8_K activations for kq_rows8_512's q4_k / q5_k loads: per token and 256-block, the 32-byte sub-blocks in the order
- * 0 2 1 3 4 6 5 7 (xw (T, Kp), like a->qs) */
-AI void kq_xw(const plk_act *a, int8_t *xw)
-{
-    static const int ord[8] = {0, 2, 1, 3, 4, 6, 5, 7};
-    for (int t = 0; t < a->T; t++)
-        for (int b = 0; b < a->Kp / 256; b++) {
-            const int8_t *x = a->qs + (size_t)t * a->Kp + (size_t)b * 256;
-            int8_t *o = xw + (size_t)t * a->Kp + (size_t)b * 256;
-            for (int j = 0; j < 8; j++) _mm256_storeu_si256((__m256i *)(o + 32 * j), _mm256_loadu_si256((const __m256i *)(x + 32 * ord[j])));
-        }
-}
-#endif
-
 AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a, float *y, int ldy, int accum)
 {
     const int S = a->ng;
@@ -1028,13 +1007,8 @@ AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
     }
     if (!t_done && r1 - r0 >= 8) {   /* decode / small batches: 8 rows in lanes */
         const int r8 = r0 + (r1 - r0) / 8 * 8;
-        int8_t *xw = NULL;
 #if PLK_VNNI
-        if (FMT == PLK_Q4_K || FMT == PLK_Q5_K) {
-            xw = (int8_t *)plk_scratch((size_t)a->T * a->Kp, 1);
-            if (!xw) { plk_oom_set(); return; }
-            kq_xw(a, xw);
-        }
+        if (FMT != PLK_Q6_K && !a->xw) { plk_oom_set(); return; }   /* act_prepare could not make it */
 #endif
         for (int r = r0; r < r8; r += 8) {
             const uint8_t *row = w->qs + (size_t)r * rowb;
@@ -1042,10 +1016,10 @@ AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
                 const int nt = a->T - ts < 4 ? a->T - ts : 4;
                 __m256 yv[4];
                 switch (nt) {
-                case 1: KQ_ROWS8(FMT, 1, row, rowb, S, a, ts, xw, yv); break;
-                case 2: KQ_ROWS8(FMT, 2, row, rowb, S, a, ts, xw, yv); break;
-                case 3: KQ_ROWS8(FMT, 3, row, rowb, S, a, ts, xw, yv); break;
-                default: KQ_ROWS8(FMT, 4, row, rowb, S, a, ts, xw, yv); break;
+                case 1: KQ_ROWS8(FMT, 1, row, rowb, S, a, ts, yv); break;
+                case 2: KQ_ROWS8(FMT, 2, row, rowb, S, a, ts, yv); break;
+                case 3: KQ_ROWS8(FMT, 3, row, rowb, S, a, ts, yv); break;
+                default: KQ_ROWS8(FMT, 4, row, rowb, S, a, ts, yv); break;
                 }
                 for (int t = 0; t < nt; t++) {
                     float *o = y + (size_t)(ts + t) * ldy + r;
@@ -1055,7 +1029,6 @@ AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
                 }
             }
         }
-        free(xw);
         r0 = r8;
     }
     for (int r = r0; r < r1; r++) {
@@ -1150,14 +1123,7 @@ AI void q5_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
         /* d (and m) of the 8 blocks, [d | m << 16] (q5_0: the high half is qh, unused); a vpgatherdd here had cost a
          * third of the kernel's time on Zen 4 */
         const __m256i dm = dword8(blk0, rowb);
-        const __m128i d16 = _mm_packus_epi32(_mm256_castsi256_si128(_mm256_and_si256(dm, _mm256_set1_epi32(0xffff))),
-                                             _mm256_extracti128_si256(_mm256_and_si256(dm, _mm256_set1_epi32(0xffff)), 1));
-        const __m256 dv = _mm256_cvtph_ps(d16);
-        __m256 bw;
-        if (FMT == PLK_Q5_1) {
-            const __m256i mh = _mm256_srli_epi32(dm, 16);
-            bw = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(mh), _mm256_extracti128_si256(mh, 1)));
-        } else bw = _mm256_mul_ps(_mm256_set1_ps(-16.0f), dv);
+        const __m256 dv = h2f8(dm, 0), bw = FMT == PLK_Q5_1 ? h2f8(dm, 1) : _mm256_mul_ps(_mm256_set1_ps(-16.0f), dv);
         __m256i c[8];
         for (int i = 0; i < 8; i++) {
             const uint8_t *blk = blk0 + (size_t)i * rowb;

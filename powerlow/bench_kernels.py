@@ -176,14 +176,19 @@ def _excess(ch: dict, other: dict) -> float:
     return ch["ms"] / other["ms"] - 1
 
 
+def _case(r: dict) -> tuple:
+    """The case a row measures: (kind, format, shape, density); its variants are the rows with the same case."""
+    return r["kind"], r["format"], tuple(r["shape"]), r["density"]
+
+
 def check_chosen(rows: list[dict], tol: float = 0.05) -> dict:
     """Per case (kind, format, shape, density): the chosen row against every other variant measured for it (every
-    ISA, TL and MAD), paired per round (_excess). {"cases": n, "slow": [{case, chosen, ms, fastest, fastest_ms,
-    excess, excess_of_medians}]} for the cases where the chosen one is more than tol slower than some variant
+    ISA, TL and MAD), paired per round (_excess). {"cases": n, "slow": [{case, kind, format, chosen, ms, fastest,
+    fastest_ms, excess, excess_of_medians}]} for the cases where the chosen one is more than tol slower than some variant
     ("fastest": the one it trails most); a case without a chosen row counts as slow (chosen None)."""
     cases: dict[tuple, list[dict]] = {}
     for r in rows:
-        cases.setdefault((r["kind"], r["format"], tuple(r["shape"]), r["density"]), []).append(r)
+        cases.setdefault(_case(r), []).append(r)
     slow = []
     for key, rs in cases.items():
         ch = next((r for r in rs if r.get("chosen")), None)
@@ -194,6 +199,7 @@ def check_chosen(rows: list[dict], tol: float = 0.05) -> dict:
             ex = _excess(ch, best)
         if ch is None or ex > tol:
             slow.append({"case": f"{key[0]} {key[1]} {'x'.join(map(str, key[2]))} d={key[3]}",
+                         "kind": key[0], "format": key[1],
                          "chosen": None if ch is None else _variant(ch), "ms": None if ch is None else ch["ms"],
                          "fastest": _variant(best), "fastest_ms": best["ms"],
                          "excess": None if ch is None else round(ex, 3),
@@ -208,11 +214,7 @@ def confirm_slow(rows: list[dict], chk: dict, rerun, tol: float = 0.05) -> tuple
     which also lists the first pass's named cases as "first_pass_slow"). Why: a tie between two variants (this
     host: q4_k's AVX2 and AVX-512 GEMV, level within 1-5% at 2 threads) crosses 5% in one 9-round pass in
     three, either way; a real gap stays over it with three times the rounds, a tie does not."""
-    redo = []
-    for w in chk["slow"]:
-        kind, fmt = w["case"].split()[:2]
-        if (kind, fmt) not in redo:
-            redo.append((kind, fmt))
+    redo = list(dict.fromkeys((w["kind"], w["format"]) for w in chk["slow"]))
     if not redo:
         return [], chk
     new = []
@@ -220,8 +222,8 @@ def confirm_slow(rows: list[dict], chk: dict, rerun, tol: float = 0.05) -> tuple
         for r in rerun(kind, fmt):
             r["remeasured"] = True
             new.append(r)
-    keys = {(r["kind"], r["format"], tuple(r["shape"]), r["density"]) for r in new}
-    merged = [r for r in rows if (r["kind"], r["format"], tuple(r["shape"]), r["density"]) not in keys] + new
+    keys = {_case(r) for r in new}
+    merged = [r for r in rows if _case(r) not in keys] + new
     out = check_chosen(merged, tol)
     out["first_pass_slow"] = chk["slow"]
     return new, out

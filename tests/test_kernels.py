@@ -697,6 +697,26 @@ def test_failed_scratch_allocation_raises(isa, fmt, T):
     np.testing.assert_array_equal(K.matmul(q, x, isa=isa), ref)
 
 
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k"])
+def test_failed_kquant_relayout_allocation_raises(fmt):
+    """The AVX-512 K-quant decode rows read activations re-laid once per call (plk_act.xw, act_prepare): when that
+    allocation fails the call raises MemoryError instead of running on nothing, and the next call is exact."""
+    from powerlow import _kernels as _k
+    if "avx512" not in ISAS:
+        pytest.skip("avx512 not available")
+    rng = np.random.default_rng(23)
+    q = F.quantize(rng.standard_normal((64, 512)).astype(np.float32), fmt)
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    ref = K.matmul(q, x, isa="avx512")
+    _k._test_fail_allocs(1)
+    try:
+        with pytest.raises(MemoryError):
+            K.matmul(q, x, isa="avx512")
+    finally:
+        _k._test_fail_allocs(0)
+    np.testing.assert_array_equal(K.matmul(q, x, isa="avx512"), ref)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_failed_attention_scratch_raises(dtype):
     from powerlow import _kernels as _k
