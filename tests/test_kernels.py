@@ -3,6 +3,7 @@
 Integer paths (activation quantization) must match exactly; float outputs within a tolerance relative
 to sum |w| |x| (different summation order and FMA are the only differences)."""
 import os
+import statistics
 import subprocess
 import sys
 
@@ -797,6 +798,29 @@ def test_bench_check_pairs_the_rounds():
     got = check_chosen(rows)
     assert {w["case"].split()[1]: w["excess"] for w in got["slow"]} == {"tern": 0.485, "q8": 0.1}
 
+
+
+def test_bench_gemm_speedup_pairs_the_gemm_and_gemv_rounds(monkeypatch):
+    """bench-kernels' batch speedup is T x GEMV time / GEMM time taken round by round (both calls in every round):
+    a host that changes phase between rounds moves the two medians onto different phases, which a ratio of
+    medians would report as a 2x speedup that no round showed."""
+    from powerlow import bench_kernels as BK
+    gemm = [10.0, 10.0, 10.0, 20.0, 20.0]   # the GEMM is fast in rounds 0-2
+    gemv = [1.0, 1.0, 2.0, 2.0, 2.0]        # the GEMV only in rounds 0-1: every round's ratio is 3.2 (or 6.4 in round 2)
+    seen = []
+
+    def fake(kernels, nbytes, threads, repeats, **kw):
+        for n, f in kernels.items():   # the callables run (shapes, ISA names)
+            f()
+            seen.append(n)
+        ts = {n: [t / 1e3 for t in (gemm if n[0] == "gemm" else gemv)] for n in kernels}
+        return {n: statistics.median(v) for n, v in ts.items()}, 30.0, ts
+    monkeypatch.setattr(BK, "_interleaved", fake)
+    rows = BK.bench_gemm("q4_0", ["generic"], 1, 5, np.random.default_rng(0), N=64, Kd=256, T=32)
+    assert sorted(seen) == [("gemm", "generic"), ("gemv", "generic")]
+    (r,) = rows
+    assert r["speedup"] == 3.2 and r["rounds_ms"] == gemm and r["ms"] == 10.0
+    assert r["gemm_tok_s"] == 3200.0 and r["gemv_tok_s"] == 500.0   # medians: 32 / 10 ms, 1 / 2 ms (6.4x apart)
 
 
 def test_bench_check_measures_a_named_case_again():
