@@ -38,7 +38,8 @@ from . import kernels as K
 
 def _interleaved(kernels: dict, nbytes: int, threads: int, repeats: int, min_probe: int = 1 << 20,
                  probe: bool = True) -> tuple[dict, float, dict]:
-    """(median time of each kernel (name -> callable), the median probe GB/s, each kernel's time per round),
+    """(median time of each kernel (name -> callable), the median probe GB/s, each kernel's time per round; the
+    probe's GB/s per round under the key PROBE),
     measured in rounds: the probe, then every kernel once, the order rotated each round, so all variants of a case
     and the probe see the same machine state (this host's bandwidth moves by 2x within a minute: timed one after
     another, two runs of the same code differed by more than the 5% the chosen-variant check asks for)."""
@@ -58,6 +59,8 @@ def _interleaved(kernels: dict, nbytes: int, threads: int, repeats: int, min_pro
             kernels[n]()
             ts[n].append(time.perf_counter() - t)
     med = {n: statistics.median(v) for n, v in ts.items()}
+    if probe:
+        ts[PROBE] = [buf.nbytes / t / 1e9 for t in pt]
     return med, (buf.nbytes / statistics.median(pt) / 1e9 if probe else 0.0), ts
 
 
@@ -66,12 +69,22 @@ def _fast_quantize(fmt: str, rows: int, cols: int, rng) -> F.QMatrix:
     return F.random_qmatrix(fmt, rows, cols, rng)
 
 
-def _row(kind, fmt, isa, threads, shape, density, nbytes, dt, probe, rounds=(), **extra):
-    """rounds: the variant's time in each measuring round (seconds), kept as rounds_ms for the paired check."""
+PROBE = "probe"   # _interleaved's key for the probe's GB/s per round
+
+
+def _row(kind, fmt, isa, threads, shape, density, nbytes, dt, probe, rounds=(), probe_rounds=(), **extra):
+    """rounds: the variant's time in each measuring round (seconds), kept as rounds_ms for the paired check;
+    probe_rounds: the probe's GB/s in the same rounds. ratio = the median over the rounds of the round's kernel GB/s
+    / the round's probe GB/s (paired: the host changes phase within a case, and two medians can fall on different
+    phases), ratio_of_medians = gbps / probe_gbps."""
     gbps = nbytes / dt / 1e9
+    ratio = gbps / probe
+    if rounds and len(probe_rounds) == len(rounds):
+        ratio = statistics.median(nbytes / t / 1e9 / p for t, p in zip(rounds, probe_rounds))
     r = {"kind": kind, "format": fmt, "isa": isa, "threads": threads, "shape": shape, "density": density,
          "ms": round(dt * 1e3, 3), "gbps": round(gbps, 2), "probe_gbps": round(probe, 2),
-         "ratio": round(gbps / probe, 3), "rounds_ms": [round(t * 1e3, 4) for t in rounds]}
+         "ratio": round(ratio, 3), "ratio_of_medians": round(gbps / probe, 3),
+         "rounds_ms": [round(t * 1e3, 4) for t in rounds]}
     r.update(extra)
     return r
 
@@ -104,7 +117,7 @@ def bench_dense(fmts, isas, threads, repeats, rng, Kd=8192):
         for (isa, kern), dt in dts.items():
             default = (kern == "tl") == bool(K.TL_PREFERRED.get((fmt, isa), False))   # the kernel matmul runs here
             rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe, rts[(isa, kern)],
-                             kernel=kern, default=default,
+                             rts[PROBE], kernel=kern, default=default,
                              chosen=default and isa == K.dispatcher().choice(fmt, 1)))
     return rows
 
@@ -137,7 +150,8 @@ def bench_sparse(fmt, isas, threads, repeats, rng, Kd=4096, Fn=11008, C=64, dens
             {isa: (lambda isa=isa: K.ffn_bundles(next(its[isa]), lay, h, "silu", out, isa=isa)) for isa in isas},
             nbytes, threads, repeats, min_probe=64 << 20)
         for isa, dt in dts.items():
-            rows.append(_row("sparse", fmt, isa, threads, [Kd, Fn, C], dens, nbytes, dt, probe, rts[isa], bundles=n,
+            rows.append(_row("sparse", fmt, isa, threads, [Kd, Fn, C], dens, nbytes, dt, probe, rts[isa], rts[PROBE],
+                             bundles=n,
                              chosen=isa == K.dispatcher().choice(fmt, 1)))
     return rows
 
@@ -159,7 +173,7 @@ def bench_gemm(fmt, isas, threads, repeats, rng, N=16384, Kd=8192, T=32):
     rows = []
     for isa in isas:
         g, v = rts[("gemm", isa)], rts[("gemv", isa)]
-        r = _row("gemm", fmt, isa, threads, [N, Kd, T], 1.0, q.nbytes, med[("gemm", isa)], probe, g,
+        r = _row("gemm", fmt, isa, threads, [N, Kd, T], 1.0, q.nbytes, med[("gemm", isa)], probe, g, rts[PROBE],
                  chosen=isa == K.dispatcher().choice(fmt, T))
         r.update(gemm_tok_s=round(T / med[("gemm", isa)], 1), gemv_tok_s=round(1 / med[("gemv", isa)], 1),
                  speedup=round(statistics.median(T * b / a for a, b in zip(g, v)), 2))

@@ -814,13 +814,28 @@ def test_bench_gemm_speedup_pairs_the_gemm_and_gemv_rounds(monkeypatch):
             f()
             seen.append(n)
         ts = {n: [t / 1e3 for t in (gemm if n[0] == "gemm" else gemv)] for n in kernels}
-        return {n: statistics.median(v) for n, v in ts.items()}, 30.0, ts
+        med = {n: statistics.median(v) for n, v in ts.items()}
+        ts[BK.PROBE] = [30.0] * 5
+        return med, 30.0, ts
     monkeypatch.setattr(BK, "_interleaved", fake)
     rows = BK.bench_gemm("q4_0", ["generic"], 1, 5, np.random.default_rng(0), N=64, Kd=256, T=32)
     assert sorted(seen) == [("gemm", "generic"), ("gemv", "generic")]
     (r,) = rows
     assert r["speedup"] == 3.2 and r["rounds_ms"] == gemm and r["ms"] == 10.0
     assert r["gemm_tok_s"] == 3200.0 and r["gemv_tok_s"] == 500.0   # medians: 32 / 10 ms, 1 / 2 ms (6.4x apart)
+
+
+def test_bench_ratio_to_the_probe_pairs_the_rounds():
+    """A row's ratio to the probe is taken round by round: with the host fast for the probe's first rounds and the
+    kernel's last ones, the two medians fall on different phases (ratio_of_medians 2.0) while every round says 1.0."""
+    from powerlow.bench_kernels import _row
+    nbytes = 1e9
+    rounds = [0.05, 0.05, 0.05, 0.1, 0.1]          # kernel: 20 GB/s x 3, 10 GB/s x 2 ... median 20 GB/s
+    probe = [20.0, 20.0, 20.0, 10.0, 10.0]        # the probe moves with it: 1.0 in every round
+    r = _row("dense", "q8", "avx2", 2, [1, 1], 1.0, nbytes, 0.05, 10.0, rounds, probe)
+    assert r["ratio"] == 1.0 and r["ratio_of_medians"] == 2.0
+    r = _row("dense", "q8", "avx2", 2, [1, 1], 1.0, nbytes, 0.05, 10.0)   # no rounds: the medians
+    assert r["ratio"] == 2.0
 
 
 def test_bench_check_measures_a_named_case_again():
