@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--fast", type=float, default=48.0, help="a round is fast when its probe reads more (GB/s)")
     ap.add_argument("--slow", type=float, default=42.0, help="... and slow when it reads at most this")
+    ap.add_argument("--tl", action="store_true", help="q2/tern/q1: the table-lookup kernels (prepare_tl, tl=True)")
     args = ap.parse_args()
     vs = [tuple(v.rsplit(":", 1)) for v in args.variants.split(",")]
     fmts = args.formats.split(",")
@@ -49,6 +50,10 @@ def main() -> None:
     K0, B0 = next(iter(mods.values()))
     rng = np.random.default_rng(0)
     qs = {f: B0._fast_quantize(f, B0.dense_rows(f), 8192, rng) for f in fmts}
+    if args.tl:
+        for q in qs.values():
+            K0.prepare_tl(q)
+    tl = True if args.tl else None
     x = rng.standard_normal((1, 8192)).astype(np.float32)
     outs = {f: [np.empty((1, q.rows), np.float32) for _ in vs] for f, q in qs.items()}
     for K, _ in mods.values():
@@ -68,7 +73,7 @@ def main() -> None:
             for i in order:
                 tree, isa = vs[i]
                 t = time.perf_counter()
-                mods[tree][0].matmul(qs[f], x, outs[f][i], isa=isa)
+                mods[tree][0].matmul(qs[f], x, outs[f][i], isa=isa, tl=tl)
                 ts[f, i] = time.perf_counter() - t
         rounds.append((probe, ts))
         r += 1
