@@ -484,8 +484,9 @@ def rope_tables(pos, int hd, double theta, double scale, c, s):
 
 
 cdef int _attn_w(int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl, attn_norm, ffn_norm,
-                 parts, int K, int nq, int qd, plk_attn_w *w) except -1:
-    """Fill one layer's plk_attn_w from its planes (checked): attn_block's and LayerLoop's weights."""
+                 parts, int K, int nq, int qd, plk_attn_w *w, q_norm=None, k_norm=None, int hd=0) except -1:
+    """Fill one layer's plk_attn_w from its planes (checked): attn_block's and LayerLoop's weights; q_norm, k_norm
+    None or (hd,) float32 (each head's RMSNorm before RoPE)."""
     cdef int ip, r_total = 0
     w.nparts = 0
     if parts is None:
@@ -528,6 +529,18 @@ cdef int _attn_w(int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od,
         raise ValueError(f"norm weights must have {K} values")
     w.attn_norm = <const float*>_ptr(attn_norm)
     w.ffn_norm = <const float*>_ptr(ffn_norm)
+    w.q_norm = NULL
+    w.k_norm = NULL
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm go together: give both or neither")
+    if q_norm is not None:
+        _arr(q_norm, cnp.NPY_FLOAT32, 1, "q_norm")
+        _arr(k_norm, cnp.NPY_FLOAT32, 1, "k_norm")
+        if q_norm.shape[0] != hd or k_norm.shape[0] != hd:
+            raise ValueError(f"q_norm and k_norm must have head_dim = {hd} values, got {q_norm.shape[0]} and "
+                             f"{k_norm.shape[0]}")
+        w.q_norm = <const float*>_ptr(q_norm)
+        w.k_norm = <const float*>_ptr(k_norm)
     return 0
 
 
@@ -554,9 +567,11 @@ cdef int _check_rope_scratch(rcos, rsin, scratch, int T, int hd, Py_ssize_t need
 
 
 def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl, attn_norm, ffn_norm,
-               float eps, x, h, kc, vc, int start, int nh, int nkv, rcos, rsin, scratch, int nthreads, parts=None):
+               float eps, x, h, kc, vc, int start, int nh, int nkv, rcos, rsin, scratch, int nthreads, parts=None,
+               q_norm=None, k_norm=None):
     """One layer's attention block (plk_attn_block): x += wo attention(rope(wqkv rmsnorm(x))), K/V rows
-    stored into the fp16 caches at start.., h = rmsnorm(x, ffn_norm).
+    stored into the fp16 caches at start.., h = rmsnorm(x, ffn_norm); q_norm / k_norm (hd,): each head's
+    RMSNorm of q and k before RoPE (qwen3), or None.
     parts: None (the fused wqkv qs, d, m, qtl) or a list of up to 3 (fmt, tl, qs, d, m, tl_layout, rows), rows
     stacked in order (q, k, v); then fq .. qtl are ignored."""
     cdef plk_attn_w w
@@ -570,7 +585,8 @@ def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, o
     if start < 0 or start + T > maxP:
         raise ValueError(f"positions {start}..{start + T - 1} exceed the cache length {maxP}")
     cdef int nq = (nh + 2 * nkv) * hd, qd = nh * hd
-    _attn_w(fq, tlq, qs, d, m, qtl, bqkv, fo, tlo, oqs, od, om, otl, attn_norm, ffn_norm, parts, K, nq, qd, &w)
+    _attn_w(fq, tlq, qs, d, m, qtl, bqkv, fo, tlo, oqs, od, om, otl, attn_norm, ffn_norm, parts, K, nq, qd, &w,
+            q_norm, k_norm, hd)
     _check_rope_scratch(rcos, rsin, scratch, T, hd, T * (nq + qd + K))
     cdef float *px = <float*>_ptr(x)
     cdef float *ph = <float*>_ptr(h)

@@ -430,14 +430,14 @@ cdef class LayerLoop:
         free(self.w); free(self.isa); free(self.kc); free(self.vc)
 
     def set_layer(self, int l, int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl,
-                  attn_norm, ffn_norm, parts):
+                  attn_norm, ffn_norm, parts, q_norm=None, k_norm=None):
         """Layer l's attention weights (attn_block's arguments) and kernel variant."""
         if l < 0 or l >= self.L:
             raise ValueError(f"LayerLoop: layer {l} out of range")
         _attn_w(fq, tlq, qs, d, m, qtl, bqkv, fo, tlo, oqs, od, om, otl, attn_norm, ffn_norm, parts, self.K, self.nq,
-                self.qd, &self.w[l])
+                self.qd, &self.w[l], q_norm, k_norm, self.hd)
         self.isa[l] = isa
-        self._keep[l] = (qs, d, m, qtl, bqkv, oqs, od, om, otl, attn_norm, ffn_norm, parts)
+        self._keep[l] = (qs, d, m, qtl, bqkv, oqs, od, om, otl, attn_norm, ffn_norm, parts, q_norm, k_norm)
 
     def set_batch(self, int batch):
         self.batch = batch

@@ -757,7 +757,8 @@ static int qkv_parts(int isa, const plk_attn_w *lw, const float *h, int T, int K
 }
 
 /* One layer's attention block, the unfused engine sequence in one call (same kernels, same order):
- *   h = rmsnorm(x, attn_norm); qkv = wqkv h (+ bqkv); RoPE on q and k (tables rcos/rsin (T, hd/2));
+ *   h = rmsnorm(x, attn_norm); qkv = wqkv h (+ bqkv); each head of q and k RMS-normed over hd with q_norm /
+ *   k_norm where given (qwen3); RoPE on q and k (tables rcos/rsin (T, hd/2));
  *   k, v -> fp16 cache rows start..start+T-1 (kc, vc (nkv, maxP, hd)); a = attention(q, cache);
  *   x += wo a (product first, then the add, as `x += matmul(wo, a)`); h = rmsnorm(x, ffn_norm).
  * scratch: T * ((nh + 2 nkv) hd + nh hd + K) floats. */
@@ -775,6 +776,8 @@ int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h,
         float *r = qkv + (size_t)t * nq;
         if (lw->bqkv)
             for (int j = 0; j < nq; j++) r[j] += lw->bqkv[j];
+        if (lw->q_norm) plk_rmsnorm(r, lw->q_norm, eps, r, nh, hd);             /* in place, row by row */
+        if (lw->k_norm) plk_rmsnorm(r + qd, lw->k_norm, eps, r + qd, nkv, hd);
         for (int g = 0; g < nkv; g++) {
             size_t c = ((size_t)g * maxP + start + t) * hd;
             plk_rope_apply(r + qd + (size_t)g * hd, 1, 1, hd, hd, rcos + (size_t)t * (hd / 2), rsin + (size_t)t * (hd / 2));

@@ -108,8 +108,9 @@ class ModelConfig:
         return layer in self.swa_layers
 
     def layer_is_plain(self, layer: int) -> bool:
-        """True if the layer is the plain llama/qwen2 block that the fused kernels.attn_block runs."""
-        return not (self.qk_norm or self.post_norms or self.attn_scale or self.is_local(layer))
+        """True if the fused kernels.attn_block runs the layer: the llama/qwen2 block, with or without qwen3's
+        QK-norm (not gemma3's post-norms and attention scale, nor a sliding window)."""
+        return not (self.post_norms or self.attn_scale or self.is_local(layer))
 
     @property
     def moe(self) -> bool:

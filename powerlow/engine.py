@@ -90,8 +90,12 @@ class RefOps:
         qkv = qkv_matmul(lw.wqkv, reference.rmsnorm(x, lw.attn_norm, eps).astype(np.float32), reference.matmul)
         if lw.bqkv is not None:
             qkv += lw.bqkv
-        q = reference.rope(qkv[:, :qd].reshape(T, n_heads, hd), cos, sin)
-        k = reference.rope(qkv[:, qd: qd + kd].reshape(T, n_kv, hd), cos, sin)
+        q, k = qkv[:, :qd].reshape(T, n_heads, hd), qkv[:, qd: qd + kd].reshape(T, n_kv, hd)
+        qn, kn = getattr(lw, "q_norm", None), getattr(lw, "k_norm", None)
+        if qn is not None:             # each head RMS-normed over head_dim (qwen3), as Transformer._attention
+            q = RefOps.rmsnorm(np.ascontiguousarray(q).reshape(T * n_heads, hd), qn, eps).reshape(T, n_heads, hd)
+            k = RefOps.rmsnorm(np.ascontiguousarray(k).reshape(T * n_kv, hd), kn, eps).reshape(T, n_kv, hd)
+        q, k = reference.rope(q, cos, sin), reference.rope(k, cos, sin)
         k_cache[:, start: start + T] = k.transpose(1, 0, 2)
         v_cache[:, start: start + T] = qkv[:, qd + kd:].reshape(T, n_kv, hd).transpose(1, 0, 2)
         x += reference.matmul(lw.wo, reference.attention(q, k_cache, v_cache, start))
@@ -188,6 +192,8 @@ class LayerWeights:
     bqkv: np.ndarray | None        # (q_dim + 2 kv_dim,) qwen2 biases
     wo: "formats.QMatrix"          # (K, q_dim)
     ffn_norm: np.ndarray           # (K,)
+    q_norm: np.ndarray | None = None   # (hd,) each head's RMSNorm of q and k before RoPE (qwen3), or None
+    k_norm: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -345,7 +351,8 @@ class Transformer:
                 self.w.get(p + "post_ffw_norm"), cfg.sliding_window if cfg.is_local(l) else 0))
             if attn_res[l]:
                 m = attn[l].load(tf_)
-                self.layers.append(LayerWeights(small[0], m["wqkv"], bqkv, m["wo"], small[2]))
+                ex = self._extra[l]
+                self.layers.append(LayerWeights(small[0], m["wqkv"], bqkv, m["wo"], small[2], ex.q_norm, ex.k_norm))
             else:
                 self._ring_of_layer[l] = len(ring_units)
                 ring_units.append(attn[l])
@@ -380,7 +387,8 @@ class Transformer:
         lw = self._streamed_lw.get(id(m))
         if lw is None:
             an, bqkv, fn = self._small[l]
-            lw = self._streamed_lw[id(m)] = LayerWeights(an, m["wqkv"], bqkv, m["wo"], fn)
+            ex = self._extra[l]
+            lw = self._streamed_lw[id(m)] = LayerWeights(an, m["wqkv"], bqkv, m["wo"], fn, ex.q_norm, ex.k_norm)
         return lw, True
 
     def logits(self, x: np.ndarray) -> np.ndarray:

@@ -478,13 +478,15 @@ def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: n
                n_heads: int, n_kv: int, eps: float, scratch: np.ndarray, *, isa: str | None = None) -> np.ndarray:
     """One layer's attention block in one call; lw: engine.LayerWeights (attn_norm, wqkv, bqkv, wo, ffn_norm).
 
-    x (T, K) float32 is updated in place: x += wo @ attention(rope(wqkv @ rmsnorm(x, attn_norm) + bqkv));
+    x (T, K) float32 is updated in place: x += wo @ attention(rope(qknorm(wqkv @ rmsnorm(x, attn_norm) + bqkv)))
+    (qknorm: each head of q and k RMS-normed with lw.q_norm / lw.k_norm where the layer has them, qwen3);
     the K/V rows of positions start..start+T-1 are stored into the fp16 caches (n_kv, max_pos, hd);
     h (T, K) receives rmsnorm(x, ffn_norm) (the FFN input) and is returned. rope = rope_tables(...) of
     the T positions; scratch from attn_scratch(T, ...). Bit-identical to the unfused kernel sequence."""
     a = _attn_args(lw, x, isa)
     which, fq, tlq, qs, d, m, qtl, fo, tlo, oqs, od, om, otl, parts = a
     _k.attn_block(which, fq, tlq, qs, d, m, qtl, lw.bqkv, fo, tlo, oqs, od, om, otl, lw.attn_norm, lw.ffn_norm, eps,
-                  x, h, k_cache, v_cache, int(start), n_heads, n_kv, rope[0], rope[1], scratch, _threads, parts)
+                  x, h, k_cache, v_cache, int(start), n_heads, n_kv, rope[0], rope[1], scratch, _threads, parts,
+                  getattr(lw, "q_norm", None), getattr(lw, "k_norm", None))
     return h
 

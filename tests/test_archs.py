@@ -66,7 +66,8 @@ def test_config_fields_per_family(tiny):
     g = cfg["gemma3"]
     assert (g.hidden_act, g.qk_norm, g.post_norms, g.swa_layers, g.sliding_window) == ("gelu_tanh", True, True, (0, 2), 6)
     assert (g.rope_theta, g.rope_theta_local, g.embed_scale, g.logit_softcap) == (1e6, 1e4, 8.0, 3.0)
-    assert all(cfg[k].layer_is_plain(0) for k in ("llama3", "qwen2"))
+    assert all(cfg[k].layer_is_plain(0) for k in ("llama3", "qwen2", "qwen3"))   # qwen3: QK-norm in the fused block
+    assert not g.layer_is_plain(1)                        # gemma3: post-norms, attention scale
 
 
 def test_llama3_fused_equals_unfused(tiny):
@@ -75,6 +76,19 @@ def test_llama3_fused_equals_unfused(tiny):
     fused = m.forward(IDS)
     m.tf.fused = False
     np.testing.assert_array_equal(m.forward(IDS), fused)
+
+
+def test_qwen3_fused_equals_unfused(tiny):
+    """qwen3's QK-norm runs inside the fused attention block and the whole-pass layer loop: the same bits as the
+    op sequence (prefill, then decode steps)."""
+    m = powerlow.load(tiny("qwen3")[1])
+    assert m.tf._layer_loop() is not None                 # every layer in one compiled call
+    fused = [m.forward(IDS)] + [m.tf.forward([int(i)], start_pos=len(IDS) + j) for j, i in enumerate(IDS[:3])]
+    m.tf.fused = False
+    assert m.tf._layer_loop() is None
+    unfused = [m.forward(IDS)] + [m.tf.forward([int(i)], start_pos=len(IDS) + j) for j, i in enumerate(IDS[:3])]
+    for a, b in zip(fused, unfused):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_sliding_window_matters(tiny, tmp_path):

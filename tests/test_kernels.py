@@ -357,10 +357,12 @@ def test_ffn_bundles_batch_invariance(isa):
 
 # ---------------------------------------------------------------- the fused attention block
 
-def _attn_layer(rng, fmt, K_, nh, nkv, hd, bias):
+def _attn_layer(rng, fmt, K_, nh, nkv, hd, bias, qk_norm=False):
     from types import SimpleNamespace
     nq = (nh + 2 * nkv) * hd
     return SimpleNamespace(
+        q_norm=(1 + 0.3 * rng.standard_normal(hd)).astype(np.float32) if qk_norm else None,
+        k_norm=(1 + 0.3 * rng.standard_normal(hd)).astype(np.float32) if qk_norm else None,
         attn_norm=(1 + 0.1 * rng.standard_normal(K_)).astype(np.float32),
         wqkv=F.quantize((rng.standard_normal((nq, K_)) * 0.1).astype(np.float32), fmt),
         bqkv=(rng.standard_normal(nq) * 0.1).astype(np.float32) if bias else None,
@@ -368,14 +370,17 @@ def _attn_layer(rng, fmt, K_, nh, nkv, hd, bias):
         ffn_norm=(1 + 0.1 * rng.standard_normal(K_)).astype(np.float32))
 
 
-@pytest.mark.parametrize("fmt,bias,scale", [("q4_1", False, 1.0), ("q8", True, 1.0), ("q4_0", False, 4.0)])
-def test_attn_block_equals_unfused_kernels(fmt, bias, scale):
-    """attn_block == the engine's unfused kernel sequence, bit for bit (prefill, then decode steps);
-    and close to the same block composed from the numpy reference (engine.RefOps.attn_block)."""
+@pytest.mark.parametrize("fmt,bias,scale,qk_norm", [("q4_1", False, 1.0, False), ("q8", True, 1.0, False),
+                                                    ("q4_0", False, 4.0, False), ("q4_1", False, 1.0, True),
+                                                    ("q8", True, 4.0, True)])
+def test_attn_block_equals_unfused_kernels(fmt, bias, scale, qk_norm):
+    """attn_block == the engine's unfused kernel sequence, bit for bit (prefill, then decode steps), with and
+    without qwen3's QK-norm (each head of q and k RMS-normed before RoPE); and close to the same block composed
+    from the numpy reference (engine.RefOps.attn_block)."""
     from powerlow.engine import RefOps
     rng = np.random.default_rng(31)
     K_, nh, nkv, hd, maxP, eps, theta = 96, 6, 2, 16, 24, 1e-5, 1e4
-    lw = _attn_layer(rng, fmt, K_, nh, nkv, hd, bias)
+    lw = _attn_layer(rng, fmt, K_, nh, nkv, hd, bias, qk_norm)
     x0 = rng.standard_normal((9, K_)).astype(np.float32)
     kc, vc = np.zeros((nkv, maxP, hd), np.float16), np.zeros((nkv, maxP, hd), np.float16)
     kc2, vc2, kc3, vc3 = kc.copy(), vc.copy(), kc.copy(), vc.copy()
@@ -393,10 +398,12 @@ def test_attn_block_equals_unfused_kernels(fmt, bias, scale):
         if bias:
             qkv += lw.bqkv
         qd, kd = nh * hd, nkv * hd
-        q = R.rope(qkv[:, :qd].reshape(T, nh, hd), *rope).astype(np.float32) if scale != 1 else \
-            K.rope(np.ascontiguousarray(qkv[:, :qd].reshape(T, nh, hd)), pos, theta)
-        k = R.rope(qkv[:, qd: qd + kd].reshape(T, nkv, hd), *rope) if scale != 1 else \
-            K.rope(np.ascontiguousarray(qkv[:, qd: qd + kd].reshape(T, nkv, hd)), pos, theta)
+        q, k = qkv[:, :qd].reshape(T, nh, hd), qkv[:, qd: qd + kd].reshape(T, nkv, hd)
+        if qk_norm:   # as Transformer._attention
+            q = K.rmsnorm(np.ascontiguousarray(q).reshape(T * nh, hd), lw.q_norm, eps).reshape(T, nh, hd)
+            k = K.rmsnorm(np.ascontiguousarray(k).reshape(T * nkv, hd), lw.k_norm, eps).reshape(T, nkv, hd)
+        q = R.rope(q, *rope).astype(np.float32) if scale != 1 else K.rope(np.ascontiguousarray(q), pos, theta)
+        k = R.rope(k, *rope) if scale != 1 else K.rope(np.ascontiguousarray(k), pos, theta)
         kc2[:, start: start + T] = k.transpose(1, 0, 2)
         vc2[:, start: start + T] = qkv[:, qd + kd:].reshape(T, nkv, hd).transpose(1, 0, 2)
         x2 += K.matmul(lw.wo, K.attention(np.ascontiguousarray(q), kc2, vc2, start))
@@ -412,6 +419,13 @@ def test_attn_block_equals_unfused_kernels(fmt, bias, scale):
     with pytest.raises(ValueError):
         K.attn_block(lw, x0[:3].copy(), np.empty((3, K_), np.float32), kc, vc, maxP - 2, rope, nh, nkv, eps,
                      K.attn_scratch(3, nh, nkv, hd, K_))
+    if qk_norm:   # a norm of the wrong length, or one of the two alone: refused, naming the problem
+        from types import SimpleNamespace
+        for qn, kn, msg in ((lw.q_norm[:-1], lw.k_norm, "head_dim = 16"), (lw.q_norm, None, "go together")):
+            bad = SimpleNamespace(**{**vars(lw), "q_norm": qn, "k_norm": kn})
+            with pytest.raises(ValueError, match=msg):
+                K.attn_block(bad, x0[:1].copy(), np.empty((1, K_), np.float32), kc, vc, 0, K.rope_tables(
+                    np.zeros(1, np.int64), hd, theta), nh, nkv, eps, K.attn_scratch(1, nh, nkv, hd, K_))
 
 
 @pytest.mark.parametrize("isa", ISAS)
