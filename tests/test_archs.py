@@ -91,6 +91,42 @@ def test_qwen3_fused_equals_unfused(tiny):
         np.testing.assert_array_equal(a, b)
 
 
+def test_qwen3_streamed_attention_equals_resident(tmp_path, monkeypatch):
+    """qwen3 at its minimum budget: attention layers stream through the ring and run the fused block on the ring's
+    views with the layer's resident QK-norms; the same logits as the resident model, bit for bit (prefill and
+    decode). The model is test_stream's shape (untied, a vocabulary of 3000) so that streaming pays."""
+    import torch
+    import powerlow.plan as plan_mod
+    from powerlow.config import RuntimeConfig
+    from powerlow.manifest import load_manifest
+    from powerlow.plan import minimum_budget
+    from synthetic import build_tokenizer
+    monkeypatch.setattr(plan_mod, "tokenizer_load_peak", lambda path: 0)     # the tiny model can stream then
+    cfg = transformers.Qwen3Config(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, vocab_size=3000, tie_word_embeddings=False,
+                                   max_position_embeddings=128)
+    torch.manual_seed(3)
+    hf = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape))     # q/k norms that matter
+    hf.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    build_tokenizer(3000).save(str(tmp_path / "hf" / "tokenizer.json"))
+    d = convert(tmp_path / "hf", tmp_path / "m", bits="4", progress=False)
+
+    def run(rt):
+        with powerlow.load(d, rt) as m:
+            out = [m.forward(IDS)] + [m.tf.forward([int(i)], start_pos=len(IDS) + j) for j, i in enumerate(IDS[:3])]
+            return out, sorted(m.tf._ring_of_layer)
+    want, _ = run(RuntimeConfig(draft="none"))
+    got, streamed = run(RuntimeConfig(budget_bytes=minimum_budget(d, load_manifest(d), RuntimeConfig(draft="none")),
+                                      draft="none"))
+    assert streamed                                       # some attention layers stream
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_sliding_window_matters(tiny, tmp_path):
     """Mistral's window changes transformers' logits well past the tolerance: the window test above is real."""
     hf, _ = tiny("mistral")
