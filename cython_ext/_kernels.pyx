@@ -484,9 +484,11 @@ def rope_tables(pos, int hd, double theta, double scale, c, s):
 
 
 cdef int _attn_w(int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl, attn_norm, ffn_norm,
-                 parts, int K, int nq, int qd, plk_attn_w *w, q_norm=None, k_norm=None, int hd=0) except -1:
+                 parts, int K, int nq, int qd, plk_attn_w *w, q_norm=None, k_norm=None, int hd=0, post_norm=None,
+                 int window=0, double attn_scale=0.0) except -1:
     """Fill one layer's plk_attn_w from its planes (checked): attn_block's and LayerLoop's weights; q_norm, k_norm
-    None or (hd,) float32 (each head's RMSNorm before RoPE)."""
+    None or (hd,) float32 (each head's RMSNorm before RoPE); post_norm None or (K,) (the attention output's RMSNorm
+    before the residual add); window >= 0 (0: every key); attn_scale > 0 or 0 (1/sqrt(hd))."""
     cdef int ip, r_total = 0
     w.nparts = 0
     if parts is None:
@@ -541,6 +543,18 @@ cdef int _attn_w(int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od,
                              f"{k_norm.shape[0]}")
         w.q_norm = <const float*>_ptr(q_norm)
         w.k_norm = <const float*>_ptr(k_norm)
+    w.post_norm = NULL
+    if post_norm is not None:
+        _arr(post_norm, cnp.NPY_FLOAT32, 1, "post_norm")
+        if post_norm.shape[0] != K:
+            raise ValueError(f"post_norm must have {K} values, got {post_norm.shape[0]}")
+        w.post_norm = <const float*>_ptr(post_norm)
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    if not attn_scale >= 0:
+        raise ValueError(f"attn_scale must be >= 0 (0: 1/sqrt(head_dim)), got {attn_scale}")
+    w.window = window
+    w.attn_scale = <float>attn_scale
     return 0
 
 
@@ -568,10 +582,11 @@ cdef int _check_rope_scratch(rcos, rsin, scratch, int T, int hd, Py_ssize_t need
 
 def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl, attn_norm, ffn_norm,
                float eps, x, h, kc, vc, int start, int nh, int nkv, rcos, rsin, scratch, int nthreads, parts=None,
-               q_norm=None, k_norm=None):
+               q_norm=None, k_norm=None, post_norm=None, int window=0, double attn_scale=0.0):
     """One layer's attention block (plk_attn_block): x += wo attention(rope(wqkv rmsnorm(x))), K/V rows
     stored into the fp16 caches at start.., h = rmsnorm(x, ffn_norm); q_norm / k_norm (hd,): each head's
-    RMSNorm of q and k before RoPE (qwen3), or None.
+    RMSNorm of q and k before RoPE (qwen3), or None; post_norm (K,): the attention output's RMSNorm before the
+    add (gemma3); window: sliding window (0: all keys); attn_scale: score scale (0: 1/sqrt(hd)).
     parts: None (the fused wqkv qs, d, m, qtl) or a list of up to 3 (fmt, tl, qs, d, m, tl_layout, rows), rows
     stacked in order (q, k, v); then fq .. qtl are ignored."""
     cdef plk_attn_w w
@@ -586,7 +601,7 @@ def attn_block(int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, o
         raise ValueError(f"positions {start}..{start + T - 1} exceed the cache length {maxP}")
     cdef int nq = (nh + 2 * nkv) * hd, qd = nh * hd
     _attn_w(fq, tlq, qs, d, m, qtl, bqkv, fo, tlo, oqs, od, om, otl, attn_norm, ffn_norm, parts, K, nq, qd, &w,
-            q_norm, k_norm, hd)
+            q_norm, k_norm, hd, post_norm, window, attn_scale)
     _check_rope_scratch(rcos, rsin, scratch, T, hd, T * (nq + qd + K))
     cdef float *px = <float*>_ptr(x)
     cdef float *ph = <float*>_ptr(h)

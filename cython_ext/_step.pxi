@@ -430,14 +430,15 @@ cdef class LayerLoop:
         free(self.w); free(self.isa); free(self.kc); free(self.vc)
 
     def set_layer(self, int l, int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl,
-                  attn_norm, ffn_norm, parts, q_norm=None, k_norm=None):
+                  attn_norm, ffn_norm, parts, q_norm=None, k_norm=None, post_norm=None, int window=0,
+                  double attn_scale=0.0):
         """Layer l's attention weights (attn_block's arguments) and kernel variant."""
         if l < 0 or l >= self.L:
             raise ValueError(f"LayerLoop: layer {l} out of range")
         _attn_w(fq, tlq, qs, d, m, qtl, bqkv, fo, tlo, oqs, od, om, otl, attn_norm, ffn_norm, parts, self.K, self.nq,
-                self.qd, &self.w[l], q_norm, k_norm, self.hd)
+                self.qd, &self.w[l], q_norm, k_norm, self.hd, post_norm, window, attn_scale)
         self.isa[l] = isa
-        self._keep[l] = (qs, d, m, qtl, bqkv, oqs, od, om, otl, attn_norm, ffn_norm, parts, q_norm, k_norm)
+        self._keep[l] = (qs, d, m, qtl, bqkv, oqs, od, om, otl, attn_norm, ffn_norm, parts, q_norm, k_norm, post_norm)
 
     def set_batch(self, int batch):
         self.batch = batch

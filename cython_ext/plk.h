@@ -120,6 +120,9 @@ typedef struct {
     const float *bqkv;         /* NULL or (nh + 2 nkv) hd */
     const float *attn_norm, *ffn_norm;
     const float *q_norm, *k_norm;   /* NULL or (hd,): each head's RMSNorm of q and k before RoPE (qwen3) */
+    const float *post_norm;    /* NULL or (K,): RMSNorm of the attention output before the residual add (gemma3) */
+    int window;                /* sliding window (keys in (pos - window, pos]), 0 = all */
+    float attn_scale;          /* score scale, 0 = 1/sqrt(hd) */
 } plk_attn_w;
 int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h, int T, int K,
                    uint16_t *kc, uint16_t *vc, int maxP, int start, int nh, int nkv, int hd,

@@ -57,6 +57,9 @@ cdef extern from "plk.h" nogil:
         const float *ffn_norm
         const float *q_norm
         const float *k_norm
+        const float *post_norm
+        int window
+        float attn_scale
     int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h, int T, int K,
                        uint16_t *kc, uint16_t *vc, int maxP, int start, int nh, int nkv, int hd,
                        const float *rcos, const float *rsin, float *scratch, int nthreads)

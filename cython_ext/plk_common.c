@@ -759,8 +759,9 @@ static int qkv_parts(int isa, const plk_attn_w *lw, const float *h, int T, int K
 /* One layer's attention block, the unfused engine sequence in one call (same kernels, same order):
  *   h = rmsnorm(x, attn_norm); qkv = wqkv h (+ bqkv); each head of q and k RMS-normed over hd with q_norm /
  *   k_norm where given (qwen3); RoPE on q and k (tables rcos/rsin (T, hd/2));
- *   k, v -> fp16 cache rows start..start+T-1 (kc, vc (nkv, maxP, hd)); a = attention(q, cache);
- *   x += wo a (product first, then the add, as `x += matmul(wo, a)`); h = rmsnorm(x, ffn_norm).
+ *   k, v -> fp16 cache rows start..start+T-1 (kc, vc (nkv, maxP, hd)); a = attention(q, cache) (a sliding
+ *   window and a score scale where given); x += wo a (product first, then the add, as `x += matmul(wo, a)`;
+ *   the product RMS-normed with post_norm first where given, gemma3); h = rmsnorm(x, ffn_norm).
  * scratch: T * ((nh + 2 nkv) hd + nh hd + K) floats. */
 int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h, int T, int K,
                    uint16_t *kc, uint16_t *vc, int maxP, int start, int nh, int nkv, int hd,
@@ -786,8 +787,9 @@ int plk_attn_block(int isa, const plk_attn_w *lw, float eps, float *x, float *h,
         }
     }
     plk_rope_apply(qkv, T, nh, hd, nq, rcos, rsin);
-    plk_attention_f16_ld(qkv, nq, kc, vc, T, nh, nkv, hd, maxP, start, att, nthreads);
+    plk_attention_f16_ex(qkv, nq, kc, vc, T, nh, nkv, hd, maxP, start, lw->window, lw->attn_scale, att, nthreads);
     if (plk_matmul_f32(isa, lw->fmt_o, lw->tl_o, &lw->wo, K, qd, att, T, y, nthreads)) return -1;
+    if (lw->post_norm) plk_rmsnorm(y, lw->post_norm, eps, y, T, K);
     for (size_t j = 0; j < (size_t)T * K; j++) x[j] += y[j];
     plk_rmsnorm(x, lw->ffn_norm, eps, h, T, K);
     return plk_oom_take() ? -1 : 0;              /* the attention's scratch */

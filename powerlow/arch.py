@@ -107,10 +107,9 @@ class ModelConfig:
         """True for a sliding-window layer."""
         return layer in self.swa_layers
 
-    def layer_is_plain(self, layer: int) -> bool:
-        """True if the fused kernels.attn_block runs the layer: the llama/qwen2 block, with or without qwen3's
-        QK-norm (not gemma3's post-norms and attention scale, nor a sliding window)."""
-        return not (self.post_norms or self.attn_scale or self.is_local(layer))
+    def local_rope(self, layer: int) -> bool:
+        """True if the layer's RoPE is its own unscaled local base (gemma3's sliding-window layers)."""
+        return bool(self.is_local(layer) and self.rope_theta_local)
 
     @property
     def moe(self) -> bool:

@@ -98,7 +98,10 @@ class RefOps:
         q, k = reference.rope(q, cos, sin), reference.rope(k, cos, sin)
         k_cache[:, start: start + T] = k.transpose(1, 0, 2)
         v_cache[:, start: start + T] = qkv[:, qd + kd:].reshape(T, n_kv, hd).transpose(1, 0, 2)
-        x += reference.matmul(lw.wo, reference.attention(q, k_cache, v_cache, start))
+        o = reference.matmul(lw.wo, reference.attention(q, k_cache, v_cache, start, window=int(getattr(lw, "window", 0)),
+                                                        scale=float(getattr(lw, "attn_scale", 0.0))))
+        post = getattr(lw, "post_attn_norm", None)
+        x += o if post is None else RefOps.rmsnorm(o, post, eps)
         h[...] = reference.rmsnorm(x, lw.ffn_norm, eps)
         return h
 
@@ -194,16 +197,10 @@ class LayerWeights:
     ffn_norm: np.ndarray           # (K,)
     q_norm: np.ndarray | None = None   # (hd,) each head's RMSNorm of q and k before RoPE (qwen3), or None
     k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None   # (K,) norm of the attention output before the residual add (gemma3)
+    window: int = 0                # sliding window of the layer's attention, 0 = all keys
+    attn_scale: float = 0.0        # score scale, 0 = 1/sqrt(head_dim)
 
-
-@dataclass(frozen=True)
-class LayerExtras:
-    """What a layer has beyond the plain llama block (None / 0 where it has not): qwen3, gemma3, sliding windows."""
-    q_norm: np.ndarray | None      # (hd,) per-head RMSNorm of q before RoPE
-    k_norm: np.ndarray | None
-    post_attn_norm: np.ndarray | None   # (K,) norm of the attention output before the residual add
-    post_ffn_norm: np.ndarray | None    # (K,) norm of the FFN output
-    window: int                    # sliding window of the layer's attention, 0 = all keys
 
 
 class Transformer:
@@ -336,8 +333,8 @@ class Transformer:
         ring_units: list = []
         self.layers: list[LayerWeights | None] = []
         self._small = []                    # per layer: (attn_norm, bqkv, ffn_norm), always resident
-        self._plain = [cfg.layer_is_plain(l) for l in range(cfg.n_layers)]   # layers the fused attn_block runs
-        self._extra: list[LayerExtras] = []  # per layer: the norms and window of the non-llama blocks
+        self._extra: list[tuple] = []       # per layer: LayerWeights' fields beyond the llama block (q_norm ..)
+        self._post_ffn: list = []           # per layer: gemma3's post-FFN norm (K,), or None
         self._ring_of_layer: dict[int, int] = {}
         self._streamed_lw: dict[int, LayerWeights] = {}     # id(ring views) -> LayerWeights (ring keeps the views)
         for l in range(cfg.n_layers):
@@ -346,13 +343,13 @@ class Transformer:
                     if cfg.attn_bias else None)
             small = (self.w[p + "attn_norm"], bqkv, self.w[p + "ffn_norm"])
             self._small.append(small)
-            self._extra.append(LayerExtras(
-                self.w.get(p + "attn_q_norm"), self.w.get(p + "attn_k_norm"), self.w.get(p + "post_attention_norm"),
-                self.w.get(p + "post_ffw_norm"), cfg.sliding_window if cfg.is_local(l) else 0))
+            self._extra.append((self.w.get(p + "attn_q_norm"), self.w.get(p + "attn_k_norm"),
+                                self.w.get(p + "post_attention_norm"), cfg.sliding_window if cfg.is_local(l) else 0,
+                                float(cfg.attn_scale or 0.0)))
+            self._post_ffn.append(self.w.get(p + "post_ffw_norm"))
             if attn_res[l]:
                 m = attn[l].load(tf_)
-                ex = self._extra[l]
-                self.layers.append(LayerWeights(small[0], m["wqkv"], bqkv, m["wo"], small[2], ex.q_norm, ex.k_norm))
+                self.layers.append(LayerWeights(small[0], m["wqkv"], bqkv, m["wo"], small[2], *self._extra[l]))
             else:
                 self._ring_of_layer[l] = len(ring_units)
                 ring_units.append(attn[l])
@@ -387,8 +384,7 @@ class Transformer:
         lw = self._streamed_lw.get(id(m))
         if lw is None:
             an, bqkv, fn = self._small[l]
-            ex = self._extra[l]
-            lw = self._streamed_lw[id(m)] = LayerWeights(an, m["wqkv"], bqkv, m["wo"], fn, ex.q_norm, ex.k_norm)
+            lw = self._streamed_lw[id(m)] = LayerWeights(an, m["wqkv"], bqkv, m["wo"], fn, *self._extra[l])
         return lw, True
 
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -470,28 +466,31 @@ class Transformer:
         x = self.embed_tokens(ids)                                      # (T, K)
         if cfg.embed_scale != 1.0:
             x *= np.float32(cfg.embed_scale)
-        rope = None
+        ropes: dict = {}              # RoPE tables of these positions: global (False), gemma3's local base (True)
+
+        def rope(local: bool):
+            if local not in ropes:
+                ropes[local] = ops.rope_tables(pos, hd, cfg.rope_theta_local) if local else \
+                    ops.rope_tables(pos, hd, cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_freq_factors)
+            return ropes[local]
         h = np.empty_like(x)
         loop = None if draft else self._layer_loop()
         if loop is not None:          # every layer in one compiled call (predict mode, all weights resident)
-            rope = ops.rope_tables(pos, hd, cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_freq_factors)
-            self._run_loop(loop, x, h, start, rope)
+            self._run_loop(loop, x, h, start, rope(False))
         for l in range(cfg.n_layers if loop is None else 0):
             if draft and self.layers[l] is None:
                 continue
             lw, streamed = self._layer(l)
-            if self.fused and self._plain[l]:
-                # one call for the attention block (norm, qkv, RoPE, cache store, attention, o, +=, ffn norm)
-                if rope is None:
-                    rope = ops.rope_tables(pos, hd, cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_freq_factors)
-                ops.attn_block(lw, x, h, self.kv.k[l], self.kv.v[l], start, rope, nh, nkv, cfg.rms_eps,
-                               self._attn_scratch(T))
+            if self.fused:   # every family's block in one call (norm, qkv, its extras, RoPE, cache store, attention,
+                #              o, +=, ffn norm); gemma3's post-FFN norm stays below
+                ops.attn_block(lw, x, h, self.kv.k[l], self.kv.v[l], start, rope(cfg.local_rope(l)), nh, nkv,
+                               cfg.rms_eps, self._attn_scratch(T))
             else:
                 self._attention(l, lw, x, pos, start)
                 h = ops.rmsnorm(x, lw.ffn_norm, cfg.rms_eps)
             if streamed:
                 self.ring.release()
-            post = self._extra[l].post_ffn_norm
+            post = self._post_ffn[l]
             if draft:
                 if post is None:
                     self._draft_ffn(l, h, x)
@@ -517,11 +516,12 @@ class Transformer:
 
     def _layer_loop(self):
         """steps.LayerLoop over this model's layers and the FFN's compiled step, or None where the pass must go
-        layer by layer in Python: weights streamed through the ring, an unfused or extra-normed layer (QK-norm,
-        sliding window, post-FFN norm), no compiled FFN step, or ops without the loop (the reference ops)."""
-        if self._loopable is None:     # what the model is (fixed at load): every layer fused, plain, resident
-            self._loopable = steps.available(self.ops) and all(self._plain) and \
-                all(lw is not None for lw in self.layers) and all(e.post_ffn_norm is None for e in self._extra)
+        layer by layer in Python: weights streamed through the ring, a post-FFN norm or a local RoPE base
+        (gemma3), no compiled FFN step, unfused (fused = False), or ops without the loop (the reference ops)."""
+        if self._loopable is None:     # what the model is (fixed at load): one RoPE base, no post-FFN norm, resident
+            self._loopable = steps.available(self.ops) and \
+                all(lw is not None for lw in self.layers) and all(n is None for n in self._post_ffn) and \
+                not any(self.config.local_rope(l) for l in range(self.config.n_layers))   # one set of RoPE tables
         step = self.ffn.compiled_step() if self.fused and self._loopable else None
         if step is None:
             return None
@@ -551,9 +551,9 @@ class Transformer:
             "activations overflowed")
 
     def _attention(self, l: int, lw: LayerWeights, x: np.ndarray, pos: np.ndarray, start: int) -> None:
-        """x += attention block of layer l, as the unfused op sequence (the same kernels as attn_block one by one,
-        plus what the fused block lacks: QK-norm, sliding window, attention scale, post-attention norm)."""
-        cfg, ops, ex = self.config, self.ops, self._extra[l]
+        """x += attention block of layer l, as the unfused op sequence (the same kernels attn_block runs, one by one:
+        QK-norm, sliding window, attention scale and post-attention norm from lw where the layer has them)."""
+        cfg, ops = self.config, self.ops
         T, nh, nkv, hd = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qd, kd = cfg.q_dim, cfg.kv_dim
         h = ops.rmsnorm(x, lw.attn_norm, cfg.rms_eps)
@@ -561,23 +561,21 @@ class Transformer:
         if lw.bqkv is not None:
             qkv += lw.bqkv
         q, k = qkv[:, :qd].reshape(T, nh, hd), qkv[:, qd: qd + kd].reshape(T, nkv, hd)
-        if ex.q_norm is not None:                                       # per-head RMSNorm over head_dim
-            q = ops.rmsnorm(np.ascontiguousarray(q).reshape(T * nh, hd), ex.q_norm, cfg.rms_eps).reshape(T, nh, hd)
-            k = ops.rmsnorm(np.ascontiguousarray(k).reshape(T * nkv, hd), ex.k_norm, cfg.rms_eps).reshape(T, nkv, hd)
+        if lw.q_norm is not None:                                       # per-head RMSNorm over head_dim
+            q = ops.rmsnorm(np.ascontiguousarray(q).reshape(T * nh, hd), lw.q_norm, cfg.rms_eps).reshape(T, nh, hd)
+            k = ops.rmsnorm(np.ascontiguousarray(k).reshape(T * nkv, hd), lw.k_norm, cfg.rms_eps).reshape(T, nkv, hd)
         q, k = self._rope(q, pos, l), self._rope(k, pos, l)
         # the cache is fp16, as llama.cpp's default: on SmolLM2 this moved teacher-forced agreement
         # with llama.cpp from 96.4% to 97.4% (float32 cache vs fp16, same kernels otherwise)
         kc, vc = self.kv.k[l], self.kv.v[l]
         kc[:, start: start + T] = k.transpose(1, 0, 2)                  # float32 -> float16 on store
         vc[:, start: start + T] = qkv[:, qd + kd:].reshape(T, nkv, hd).transpose(1, 0, 2)
-        if ex.window or cfg.attn_scale:
-            a = ops.attention(np.ascontiguousarray(q, np.float32), kc, vc, start, window=ex.window, scale=cfg.attn_scale)
+        if lw.window or lw.attn_scale:
+            a = ops.attention(np.ascontiguousarray(q, np.float32), kc, vc, start, window=lw.window, scale=lw.attn_scale)
         else:
             a = ops.attention(q, kc, vc, start)                         # (T, nh*hd)
         o = ops.matmul(lw.wo, a)
-        if ex.post_attn_norm is not None:
-            o = ops.rmsnorm(o, ex.post_attn_norm, cfg.rms_eps)
-        x += o
+        x += o if lw.post_attn_norm is None else ops.rmsnorm(o, lw.post_attn_norm, cfg.rms_eps)
 
     def _attn_scratch(self, T: int):
         """attn_block's scratch for T tokens: one buffer per Transformer, grown (never per token)."""
@@ -591,7 +589,7 @@ class Transformer:
         """RoPE of layer l on x (T, heads, hd): local (sliding-window) layers of a model with a local base use
         it unscaled (gemma3); linear scaling and llama3 frequency factors go through the tables."""
         cfg = self.config
-        if cfg.is_local(l) and cfg.rope_theta_local:
+        if self.config.local_rope(l):
             return self.ops.rope(np.ascontiguousarray(x), pos, cfg.rope_theta_local)
         if cfg.rope_scaling_factor != 1.0 or cfg.rope_freq_factors:
             cos, sin = self.ops.rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor,

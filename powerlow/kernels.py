@@ -474,12 +474,21 @@ def _attn_args(lw, x: np.ndarray, isa_: str | None) -> tuple:
     return out
 
 
+def attn_extras(lw) -> tuple:
+    """(q_norm, k_norm, post_attn_norm, window, attn_scale) of a layer's weights: what the block does beyond the
+    llama one (None / 0 where the layer has not; duck-typed layers without the fields are plain)."""
+    return (getattr(lw, "q_norm", None), getattr(lw, "k_norm", None), getattr(lw, "post_attn_norm", None),
+            int(getattr(lw, "window", 0)), float(getattr(lw, "attn_scale", 0.0)))
+
+
 def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, rope,
                n_heads: int, n_kv: int, eps: float, scratch: np.ndarray, *, isa: str | None = None) -> np.ndarray:
     """One layer's attention block in one call; lw: engine.LayerWeights (attn_norm, wqkv, bqkv, wo, ffn_norm).
 
     x (T, K) float32 is updated in place: x += wo @ attention(rope(qknorm(wqkv @ rmsnorm(x, attn_norm) + bqkv)))
-    (qknorm: each head of q and k RMS-normed with lw.q_norm / lw.k_norm where the layer has them, qwen3);
+    (qknorm: each head of q and k RMS-normed with lw.q_norm / lw.k_norm where the layer has them, qwen3; the
+    attention with lw.window / lw.attn_scale, and wo's product RMS-normed with lw.post_attn_norm before the add,
+    where given: gemma3, sliding-window layers; rope: the layer's own tables, local or global);
     the K/V rows of positions start..start+T-1 are stored into the fp16 caches (n_kv, max_pos, hd);
     h (T, K) receives rmsnorm(x, ffn_norm) (the FFN input) and is returned. rope = rope_tables(...) of
     the T positions; scratch from attn_scratch(T, ...). Bit-identical to the unfused kernel sequence."""
@@ -487,6 +496,6 @@ def attn_block(lw, x: np.ndarray, h: np.ndarray, k_cache: np.ndarray, v_cache: n
     which, fq, tlq, qs, d, m, qtl, fo, tlo, oqs, od, om, otl, parts = a
     _k.attn_block(which, fq, tlq, qs, d, m, qtl, lw.bqkv, fo, tlo, oqs, od, om, otl, lw.attn_norm, lw.ffn_norm, eps,
                   x, h, k_cache, v_cache, int(start), n_heads, n_kv, rope[0], rope[1], scratch, _threads, parts,
-                  getattr(lw, "q_norm", None), getattr(lw, "k_norm", None))
+                  *attn_extras(lw))
     return h
 

@@ -157,7 +157,7 @@ class LayerLoop:
         for l, lw in enumerate(self.layers):
             which, fq, tlq, qs, d, m, qtl, fo, tlo, oqs, od, om, otl, parts = kernels._attn_args(lw, x, None)
             self._s.set_layer(l, which, fq, tlq, qs, d, m, qtl, lw.bqkv, fo, tlo, oqs, od, om, otl, lw.attn_norm,
-                              lw.ffn_norm, parts, getattr(lw, "q_norm", None), getattr(lw, "k_norm", None))
+                              lw.ffn_norm, parts, *kernels.attn_extras(lw))
         self._s.set_batch(int(key[0]))
         self._key = key
 

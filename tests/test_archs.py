@@ -66,8 +66,6 @@ def test_config_fields_per_family(tiny):
     g = cfg["gemma3"]
     assert (g.hidden_act, g.qk_norm, g.post_norms, g.swa_layers, g.sliding_window) == ("gelu_tanh", True, True, (0, 2), 6)
     assert (g.rope_theta, g.rope_theta_local, g.embed_scale, g.logit_softcap) == (1e6, 1e4, 8.0, 3.0)
-    assert all(cfg[k].layer_is_plain(0) for k in ("llama3", "qwen2", "qwen3"))   # qwen3: QK-norm in the fused block
-    assert not g.layer_is_plain(1)                        # gemma3: post-norms, attention scale
 
 
 def test_llama3_fused_equals_unfused(tiny):
@@ -78,16 +76,24 @@ def test_llama3_fused_equals_unfused(tiny):
     np.testing.assert_array_equal(m.forward(IDS), fused)
 
 
-def test_qwen3_fused_equals_unfused(tiny):
-    """qwen3's QK-norm runs inside the fused attention block and the whole-pass layer loop: the same bits as the
-    op sequence (prefill, then decode steps)."""
-    m = powerlow.load(tiny("qwen3")[1])
-    assert m.tf._layer_loop() is not None                 # every layer in one compiled call
-    fused = [m.forward(IDS)] + [m.tf.forward([int(i)], start_pos=len(IDS) + j) for j, i in enumerate(IDS[:3])]
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_family_fused_equals_unfused(tiny, kind):
+    """Every family's attention block runs fused (qwen3's QK-norm, mistral's / phi3's sliding window, gemma3's
+    QK-norm, attention scale, post-attention norm, sliding window and local RoPE base), and where the model allows
+    it the whole pass in one compiled loop: the same bits as the op sequence (prefill, then decode steps past the
+    tiny models' windows of 6-9 positions)."""
+    m = powerlow.load(tiny(kind)[1])
+    loop = m.tf._layer_loop() is not None
+    assert loop == (kind != "gemma3")                     # gemma3: its post-FFN norm and local base keep it out
+    ids = list(IDS) + [3, 1, 4, 1, 5]
+
+    def run():
+        out = [m.forward(ids[:6])]
+        return out + [m.tf.forward([int(i)], start_pos=6 + j) for j, i in enumerate(ids[6:])]
+    fused = run()
     m.tf.fused = False
     assert m.tf._layer_loop() is None
-    unfused = [m.forward(IDS)] + [m.tf.forward([int(i)], start_pos=len(IDS) + j) for j, i in enumerate(IDS[:3])]
-    for a, b in zip(fused, unfused):
+    for a, b in zip(fused, run()):
         np.testing.assert_array_equal(a, b)
 
 
@@ -160,7 +166,7 @@ def test_old_manifest_config_loads():
                head_dim=16, rms_eps=1e-5, rope_theta=1e4, max_positions=128, hidden_act="silu", tie_embeddings=False,
                attn_bias=False, rope_scaling_factor=1.0, bos_id=1, eos_ids=[2])
     c = ModelConfig.from_json(old)
-    assert c.layer_is_plain(0) and c.swa_layers == () and c.embed_scale == 1.0
+    assert c.swa_layers == () and c.embed_scale == 1.0 and not c.qk_norm and not c.post_norms
     assert ModelConfig.from_json(c.to_json()) == c
 
 
@@ -209,7 +215,7 @@ def test_real_qwen_gguf_metadata(qwen_gguf):
     from powerlow.loaders.gguf_file import GGUFSource
     c = GGUFSource(p).config
     assert (c.arch, c.hidden_size, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == ("qwen2", 1536, 28, 12, 2, 128)
-    assert c.attn_bias and c.rope_theta == 1e6 and c.layer_is_plain(0) and not c.swa_layers
+    assert c.attn_bias and c.rope_theta == 1e6 and not c.swa_layers and not c.qk_norm
 
 
 @pytest.mark.parametrize("hidden", [64, 640, 1152, 2560])

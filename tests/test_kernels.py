@@ -357,10 +357,12 @@ def test_ffn_bundles_batch_invariance(isa):
 
 # ---------------------------------------------------------------- the fused attention block
 
-def _attn_layer(rng, fmt, K_, nh, nkv, hd, bias, qk_norm=False):
+def _attn_layer(rng, fmt, K_, nh, nkv, hd, bias, qk_norm=False, gemma=False):
     from types import SimpleNamespace
     nq = (nh + 2 * nkv) * hd
     return SimpleNamespace(
+        post_attn_norm=(1 + 0.3 * rng.standard_normal(K_)).astype(np.float32) if gemma else None,
+        window=3 if gemma else 0, attn_scale=0.3 if gemma else 0.0,
         q_norm=(1 + 0.3 * rng.standard_normal(hd)).astype(np.float32) if qk_norm else None,
         k_norm=(1 + 0.3 * rng.standard_normal(hd)).astype(np.float32) if qk_norm else None,
         attn_norm=(1 + 0.1 * rng.standard_normal(K_)).astype(np.float32),
@@ -370,17 +372,18 @@ def _attn_layer(rng, fmt, K_, nh, nkv, hd, bias, qk_norm=False):
         ffn_norm=(1 + 0.1 * rng.standard_normal(K_)).astype(np.float32))
 
 
-@pytest.mark.parametrize("fmt,bias,scale,qk_norm", [("q4_1", False, 1.0, False), ("q8", True, 1.0, False),
-                                                    ("q4_0", False, 4.0, False), ("q4_1", False, 1.0, True),
-                                                    ("q8", True, 4.0, True)])
-def test_attn_block_equals_unfused_kernels(fmt, bias, scale, qk_norm):
+@pytest.mark.parametrize("fmt,bias,scale,qk_norm,gemma", [("q4_1", False, 1.0, False, False), ("q8", True, 1.0, False, False),
+                                                          ("q4_0", False, 4.0, False, False), ("q4_1", False, 1.0, True, False),
+                                                          ("q8", True, 4.0, True, False), ("q4_1", False, 1.0, True, True)])
+def test_attn_block_equals_unfused_kernels(fmt, bias, scale, qk_norm, gemma):
     """attn_block == the engine's unfused kernel sequence, bit for bit (prefill, then decode steps), with and
-    without qwen3's QK-norm (each head of q and k RMS-normed before RoPE); and close to the same block composed
-    from the numpy reference (engine.RefOps.attn_block)."""
+    without qwen3's QK-norm (each head of q and k RMS-normed before RoPE) and gemma3's extras (a sliding window of
+    3, a score scale, the attention output RMS-normed before the add); and close to the same block composed from
+    the numpy reference (engine.RefOps.attn_block)."""
     from powerlow.engine import RefOps
     rng = np.random.default_rng(31)
     K_, nh, nkv, hd, maxP, eps, theta = 96, 6, 2, 16, 24, 1e-5, 1e4
-    lw = _attn_layer(rng, fmt, K_, nh, nkv, hd, bias, qk_norm)
+    lw = _attn_layer(rng, fmt, K_, nh, nkv, hd, bias, qk_norm, gemma)
     x0 = rng.standard_normal((9, K_)).astype(np.float32)
     kc, vc = np.zeros((nkv, maxP, hd), np.float16), np.zeros((nkv, maxP, hd), np.float16)
     kc2, vc2, kc3, vc3 = kc.copy(), vc.copy(), kc.copy(), vc.copy()
@@ -406,7 +409,8 @@ def test_attn_block_equals_unfused_kernels(fmt, bias, scale, qk_norm):
         k = R.rope(k, *rope) if scale != 1 else K.rope(np.ascontiguousarray(k), pos, theta)
         kc2[:, start: start + T] = k.transpose(1, 0, 2)
         vc2[:, start: start + T] = qkv[:, qd + kd:].reshape(T, nkv, hd).transpose(1, 0, 2)
-        x2 += K.matmul(lw.wo, K.attention(np.ascontiguousarray(q), kc2, vc2, start))
+        o = K.matmul(lw.wo, K.attention(np.ascontiguousarray(q), kc2, vc2, start, window=lw.window, scale=lw.attn_scale))
+        x2 += o if lw.post_attn_norm is None else K.rmsnorm(o, lw.post_attn_norm, eps)
         np.testing.assert_array_equal(kc, kc2)
         np.testing.assert_array_equal(vc, vc2)
         np.testing.assert_array_equal(x, x2)
@@ -421,8 +425,10 @@ def test_attn_block_equals_unfused_kernels(fmt, bias, scale, qk_norm):
                      K.attn_scratch(3, nh, nkv, hd, K_))
     if qk_norm:   # a norm of the wrong length, or one of the two alone: refused, naming the problem
         from types import SimpleNamespace
-        for qn, kn, msg in ((lw.q_norm[:-1], lw.k_norm, "head_dim = 16"), (lw.q_norm, None, "go together")):
-            bad = SimpleNamespace(**{**vars(lw), "q_norm": qn, "k_norm": kn})
+        for change, msg in (({"q_norm": lw.q_norm[:-1]}, "head_dim = 16"), ({"k_norm": None}, "go together"),
+                            ({"post_attn_norm": np.ones(K_ - 1, np.float32)}, "post_norm must have 96"),
+                            ({"window": -1}, "window must be >= 0"), ({"attn_scale": -0.5}, "attn_scale must be >= 0")):
+            bad = SimpleNamespace(**{**vars(lw), **change})
             with pytest.raises(ValueError, match=msg):
                 K.attn_block(bad, x0[:1].copy(), np.empty((1, K_), np.float32), kc, vc, 0, K.rope_tables(
                     np.zeros(1, np.int64), hd, theta), nh, nkv, eps, K.attn_scratch(1, nh, nkv, hd, K_))
