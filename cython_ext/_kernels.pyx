@@ -483,6 +483,16 @@ def rope_tables(pos, int hd, double theta, double scale, c, s):
         plk_rope_tables(pp, T, hd, theta, scale, pc, ps)
 
 
+cdef const float *_opt_f32(v, Py_ssize_t n, str name) except? NULL:
+    """NULL for None, else the data of v: a float32 vector of n values (checked)."""
+    if v is None:
+        return NULL
+    _arr(v, cnp.NPY_FLOAT32, 1, name)
+    if v.shape[0] != n:
+        raise ValueError(f"{name} must have {n} values, got {v.shape[0]}")
+    return <const float*>_ptr(v)
+
+
 cdef int _attn_w(int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl, attn_norm, ffn_norm,
                  parts, int K, int nq, int qd, plk_attn_w *w, q_norm=None, k_norm=None, int hd=0, post_norm=None,
                  int window=0, double attn_scale=0.0) except -1:
@@ -519,36 +529,18 @@ cdef int _attn_w(int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od,
     w.fmt_o = fo
     w.tl_qkv = tlq
     w.tl_o = tlo
-    w.bqkv = NULL
-    if bqkv is not None:
-        _arr(bqkv, cnp.NPY_FLOAT32, 1, "bqkv")
-        if bqkv.shape[0] != nq:
-            raise ValueError(f"bqkv must have {nq} values, got {bqkv.shape[0]}")
-        w.bqkv = <const float*>_ptr(bqkv)
+    w.bqkv = _opt_f32(bqkv, nq, "bqkv")
     _arr(attn_norm, cnp.NPY_FLOAT32, 1, "attn_norm")
     _arr(ffn_norm, cnp.NPY_FLOAT32, 1, "ffn_norm")
     if attn_norm.shape[0] != K or ffn_norm.shape[0] != K:
         raise ValueError(f"norm weights must have {K} values")
     w.attn_norm = <const float*>_ptr(attn_norm)
     w.ffn_norm = <const float*>_ptr(ffn_norm)
-    w.q_norm = NULL
-    w.k_norm = NULL
     if (q_norm is None) != (k_norm is None):
         raise ValueError("q_norm and k_norm go together: give both or neither")
-    if q_norm is not None:
-        _arr(q_norm, cnp.NPY_FLOAT32, 1, "q_norm")
-        _arr(k_norm, cnp.NPY_FLOAT32, 1, "k_norm")
-        if q_norm.shape[0] != hd or k_norm.shape[0] != hd:
-            raise ValueError(f"q_norm and k_norm must have head_dim = {hd} values, got {q_norm.shape[0]} and "
-                             f"{k_norm.shape[0]}")
-        w.q_norm = <const float*>_ptr(q_norm)
-        w.k_norm = <const float*>_ptr(k_norm)
-    w.post_norm = NULL
-    if post_norm is not None:
-        _arr(post_norm, cnp.NPY_FLOAT32, 1, "post_norm")
-        if post_norm.shape[0] != K:
-            raise ValueError(f"post_norm must have {K} values, got {post_norm.shape[0]}")
-        w.post_norm = <const float*>_ptr(post_norm)
+    w.q_norm = _opt_f32(q_norm, hd, "q_norm (head_dim)")
+    w.k_norm = _opt_f32(k_norm, hd, "k_norm (head_dim)")
+    w.post_norm = _opt_f32(post_norm, K, "post_norm")
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
     if not attn_scale >= 0:

@@ -425,7 +425,8 @@ def test_attn_block_equals_unfused_kernels(fmt, bias, scale, qk_norm, gemma):
                      K.attn_scratch(3, nh, nkv, hd, K_))
     if qk_norm:   # a norm of the wrong length, or one of the two alone: refused, naming the problem
         from types import SimpleNamespace
-        for change, msg in (({"q_norm": lw.q_norm[:-1]}, "head_dim = 16"), ({"k_norm": None}, "go together"),
+        for change, msg in (({"q_norm": lw.q_norm[:-1]}, r"q_norm \(head_dim\) must have 16 values"),
+                            ({"k_norm": None}, "go together"),
                             ({"post_attn_norm": np.ones(K_ - 1, np.float32)}, "post_norm must have 96"),
                             ({"window": -1}, "window must be >= 0"), ({"attn_scale": -0.5}, "attn_scale must be >= 0")):
             bad = SimpleNamespace(**{**vars(lw), **change})
