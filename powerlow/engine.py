@@ -589,7 +589,7 @@ class Transformer:
         """RoPE of layer l on x (T, heads, hd): local (sliding-window) layers of a model with a local base use
         it unscaled (gemma3); linear scaling and llama3 frequency factors go through the tables."""
         cfg = self.config
-        if self.config.local_rope(l):
+        if cfg.local_rope(l):
             return self.ops.rope(np.ascontiguousarray(x), pos, cfg.rope_theta_local)
         if cfg.rope_scaling_factor != 1.0 or cfg.rope_freq_factors:
             cos, sin = self.ops.rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor,
