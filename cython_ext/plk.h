@@ -202,19 +202,15 @@ void plk_rope(float *x, int T, int nh, int hd, const int64_t *pos, double theta)
 void plk_rope_tables(const int64_t *pos, int T, int hd, double theta, double scale, float *c, float *s);
 void plk_rope_apply(float *x, int T, int nh, int hd, size_t ldx, const float *c, const float *s);
 void plk_store_f16(const float *src, uint16_t *dst, size_t n);
-void plk_attention_f16_ld(const float *q, size_t ldq, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv,
-                          int hd, int maxP, int start, float *out, int nthreads);
 void plk_silu_mul(const float *g, const float *u, float *out, size_t n);
 void plk_relu_mul(const float *g, const float *u, float *out, size_t n);
 void plk_gelu_tanh_mul(const float *g, const float *u, float *out, size_t n);
 void plk_attention(const float *q, const float *kc, const float *vc, int T, int nh, int nkv, int hd,
                    int maxP, int start, float *out, int nthreads);
 /* window > 0: each query at position p attends to keys in (p - window, p] only (sliding-window layers);
- * scale: the softmax scale of q.k (<= 0: 1/sqrt(hd), as plk_attention_f16_ld) */
+ * scale: the softmax scale of q.k (<= 0: 1/sqrt(hd)) */
 void plk_attention_f16_ex(const float *q, size_t ldq, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv,
                           int hd, int maxP, int start, int window, float scale, float *out, int nthreads);
-void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv, int hd,
-                       int maxP, int start, float *out, int nthreads);
 /* CRC32C (plk_crc.c): hardware crc32 where SSE4.2 is, a slice-by-8 table elsewhere */
 void plk_crc32c_init(void);
 uint32_t plk_crc32c(const void *p, size_t n, uint32_t crc);

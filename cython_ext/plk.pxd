@@ -37,8 +37,6 @@ cdef extern from "plk.h" nogil:
                               int hd, int maxP, int start, int window, float scale, float *out, int nthreads)
     void plk_attention(const float *q, const float *kc, const float *vc, int T, int nh, int nkv, int hd,
                        int maxP, int start, float *out, int nthreads)
-    void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv, int hd,
-                           int maxP, int start, float *out, int nthreads)
     void plk_rope_tables(const int64_t *pos, int T, int hd, double theta, double scale, float *c, float *s)
     ctypedef struct plk_attn_w:
         int fmt_qkv

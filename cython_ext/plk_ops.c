@@ -236,12 +236,6 @@ static void att_item(void *c, int it)
     free(sc);
 }
 
-void plk_attention_f16_ld(const float *q, size_t ldq, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv,
-                          int hd, int maxP, int start, float *out, int nthreads)
-{
-    plk_attention_f16_ex(q, ldq, kc, vc, T, nh, nkv, hd, maxP, start, 0, 1.0f / sqrtf((float)hd), out, nthreads);
-}
-
 void plk_attention_f16_ex(const float *q, size_t ldq, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv,
                           int hd, int maxP, int start, int window, float scale, float *out, int nthreads)
 {
@@ -258,10 +252,4 @@ void plk_attention_f16_ex(const float *q, size_t ldq, const uint16_t *kc, const 
     att_job j = { q, ldq, kc, vc, T, nh, nh / nkv, hd, maxP, start, (jobs + nit - 1) / nit, scale, out,
                   avx2 && hd % 8 == 0 && hd <= 256, window };
     plk_pool_run(att_item, &j, (jobs + j.per - 1) / j.per, nth);
-}
-
-void plk_attention_f16(const float *q, const uint16_t *kc, const uint16_t *vc, int T, int nh, int nkv, int hd,
-                       int maxP, int start, float *out, int nthreads)
-{
-    plk_attention_f16_ld(q, (size_t)nh * hd, kc, vc, T, nh, nkv, hd, maxP, start, out, nthreads);
 }

@@ -71,14 +71,6 @@ AI __m256 hsum8_x8(const __m256 *a)
 /* Short rows (the bundles' down matrices: K rows of C = 64 columns, 1-2 groups): per-row setup and
  * the horizontal sum would cost more than the 64 products, so 8 rows are done together: their 8
  * accumulators are reduced by one hadd tree into one vector, and scales/offsets are vectors over rows. */
-AI __m256 hsum8x8(__m256 *a)
-{
-    __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
-    __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
-    __m256 h0 = _mm256_hadd_ps(h01, h23), h1 = _mm256_hadd_ps(h45, h67);
-    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
-}
-
 AI __m256i hsum8x8i(__m256i *a)   /* lane i = sum of the 8 lanes of a[i] */
 {
     __m256i h01 = _mm256_hadd_epi32(a[0], a[1]), h23 = _mm256_hadd_epi32(a[2], a[3]);

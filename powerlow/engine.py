@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import formats, reference, steps
+from . import formats, kernels, reference, steps
 from .arch import ModelConfig
 from .config import RuntimeConfig
 from .errors import PowerlowError
@@ -91,16 +91,14 @@ class RefOps:
         if lw.bqkv is not None:
             qkv += lw.bqkv
         q, k = qkv[:, :qd].reshape(T, n_heads, hd), qkv[:, qd: qd + kd].reshape(T, n_kv, hd)
-        qn, kn = getattr(lw, "q_norm", None), getattr(lw, "k_norm", None)
+        qn, kn, post, window, scale = kernels.attn_extras(lw)
         if qn is not None:             # each head RMS-normed over head_dim (qwen3), as Transformer._attention
             q = RefOps.rmsnorm(np.ascontiguousarray(q).reshape(T * n_heads, hd), qn, eps).reshape(T, n_heads, hd)
             k = RefOps.rmsnorm(np.ascontiguousarray(k).reshape(T * n_kv, hd), kn, eps).reshape(T, n_kv, hd)
         q, k = reference.rope(q, cos, sin), reference.rope(k, cos, sin)
         k_cache[:, start: start + T] = k.transpose(1, 0, 2)
         v_cache[:, start: start + T] = qkv[:, qd + kd:].reshape(T, n_kv, hd).transpose(1, 0, 2)
-        o = reference.matmul(lw.wo, reference.attention(q, k_cache, v_cache, start, window=int(getattr(lw, "window", 0)),
-                                                        scale=float(getattr(lw, "attn_scale", 0.0))))
-        post = getattr(lw, "post_attn_norm", None)
+        o = reference.matmul(lw.wo, reference.attention(q, k_cache, v_cache, start, window=window, scale=scale))
         x += o if post is None else RefOps.rmsnorm(o, post, eps)
         h[...] = reference.rmsnorm(x, lw.ffn_norm, eps)
         return h
@@ -345,7 +343,7 @@ class Transformer:
             self._small.append(small)
             self._extra.append((self.w.get(p + "attn_q_norm"), self.w.get(p + "attn_k_norm"),
                                 self.w.get(p + "post_attention_norm"), cfg.sliding_window if cfg.is_local(l) else 0,
-                                float(cfg.attn_scale or 0.0)))
+                                float(cfg.attn_scale)))
             self._post_ffn.append(self.w.get(p + "post_ffw_norm"))
             if attn_res[l]:
                 m = attn[l].load(tf_)
