@@ -29,8 +29,12 @@ import os
 import numpy as np
 
 from . import integrity
-from ._iocore import ERR_CRC, ERR_EOF, ERR_IO, ERR_SLOTS, SlotCore
-from .errors import PowerlowError
+from .errors import PowerlowError, not_built
+
+try:
+    from ._iocore import ERR_CRC, ERR_EOF, ERR_IO, ERR_SLOTS, SlotCore
+except ImportError as e:
+    raise not_built(e) from e
 from .io import aligned_buffer, drop_page_cache, open_direct
 from .util import release_free_heap
 

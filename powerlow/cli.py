@@ -71,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench-kernels"]:
-        from . import bench_kernels
-        return int(bench_kernels.main(argv[1:]) or 0)
-    ap = build_parser()
-    args = ap.parse_args(argv)
     try:
+        if argv[:1] == ["bench-kernels"]:
+            from . import bench_kernels
+            return int(bench_kernels.main(argv[1:]) or 0)
+        ap = build_parser()          # imports the subcommands, hence the compiled extensions
+        args = ap.parse_args(argv)
         return int(args.func(args) or 0)
     except PowerlowError as e:
         print(f"powerlow: error: {e}", file=sys.stderr)

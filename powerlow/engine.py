@@ -15,7 +15,7 @@ import numpy as np
 from . import formats, kernels, reference, steps
 from .arch import ModelConfig
 from .config import RuntimeConfig
-from .errors import PowerlowError
+from .errors import PowerlowError, not_built
 from .ffn import ResidentStore, SparseFFN
 from .manifest import load_manifest
 from .sizes import SCRATCH_PREFILL_TOKENS
@@ -112,11 +112,7 @@ def kernel_ops(backend: str | None):
     backend = backend or os.environ.get("POWERLOW_BACKEND", "kernels")
     if backend == "reference":
         return RefOps()
-    try:
-        from . import kernels
-    except ImportError as e:
-        raise PowerlowError(f"the C kernels are not built ({e}); install the package with `pip install -e .`") from None
-    return kernels
+    return kernels                # imported above (kernels names the fix if the extension is not built)
 
 
 @dataclass
@@ -230,7 +226,10 @@ class Transformer:
         # +15 MiB kept); hand them back before the weights come in (powerlow.sizes.tokenizer_bytes)
         release_free_heap()
         self.ring = None
-        from ._iocore import Clock
+        try:
+            from ._iocore import Clock
+        except ImportError as e:
+            raise not_built(e) from e
         self.io_clock = Clock()              # time with a read in flight in the ring or the FFN reader
         self._load_weights()
         self.ops = kernel_ops(backend)

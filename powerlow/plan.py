@@ -552,8 +552,8 @@ def stream_window_bytes(layer_bytes: int, runtime: RuntimeConfig) -> int:
 
 def ffn_nchunks(n: int, threads: int) -> int:
     """The kernels' chunk count for ``n`` bundles at ``threads`` threads (their float sums depend on it)."""
-    from ._kernels import ffn_nchunks as nchunks
-    return nchunks(int(n), int(threads))
+    from .kernels import _k                # the extension (kernels names it if it is not built)
+    return _k.ffn_nchunks(int(n), int(threads))
 
 
 def _max_hot_dense(slots: int, L: int, N: int, D: int, extra: int = 0) -> int | None:

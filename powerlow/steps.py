@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels                  # first: a clear error if the extension is not built
 from . import _kernels as _k
-from . import kernels
 
 
 def available(ops) -> bool:

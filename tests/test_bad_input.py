@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -416,3 +418,30 @@ def test_invalid_utf8_prompt_on_the_command_line(model_dir, chat):
     args = [sys.executable, "-m", "powerlow", "run", "-m", str(model_dir), "-p", b"hi \xff\xfe there", "-n", "2"]
     r = subprocess.run(args + (["--chat"] if chat else []), capture_output=True, text=True)
     assert r.returncode == 2 and "not valid text" in r.stderr and "Traceback" not in r.stderr, r.stderr[-400:]
+
+
+@pytest.mark.parametrize("ext, argv", [("_kernels", ["run", "-p", "hi"]), ("_iocore", ["run", "-p", "hi"]),
+                                       ("_kernels", ["bench-kernels", "--help"]), ("_kernels", ["convert", "SRC", "-o", "OUT"])])
+def test_unbuilt_extension_is_a_message(ext, argv, tiny_src, tmp_path):
+    """A source tree whose compiled extensions were never built (or do not load): the commands that need them say
+    so and how to build them, exit status 2, no traceback, nothing half-written (the extension is blocked in
+    sys.modules, which fails its import as a missing .so does)."""
+    out = tmp_path / "out"
+    argv = [str(tiny_src) if a == "SRC" else str(out) if a == "OUT" else a for a in argv]
+    code = (f"import sys; sys.modules['powerlow.{ext}'] = None\n"
+            f"from powerlow.cli import main\nsys.exit(main({argv!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "compiled extensions are not built" in r.stderr and "build_ext --inplace" in r.stderr, r.stderr
+    assert ext in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_unbuilt_extension_error_is_an_import_error():
+    """The library raises it as an ImportError too (code that guards `import powerlow.kernels` keeps working)."""
+    code = ("import sys; sys.modules['powerlow._kernels'] = None\n"
+            "try:\n    import powerlow.kernels\nexcept ImportError as e:\n"
+            "    from powerlow.errors import PowerlowError\n    print(type(e).__name__, isinstance(e, PowerlowError))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["NotBuiltError", "True"], (r.stdout, r.stderr[-2000:])
