@@ -400,10 +400,15 @@ cdef inline bint _finite(const float *x, Py_ssize_t n) noexcept nogil:
 
 cdef class LayerLoop:
     """See powerlow.kernels.LayerLoop: every layer of a forward pass in one call (attention block, the
-    predict-mode FFN step, the finite check), over weights and KV caches whose C views it keeps."""
-    cdef int L, K, nh, nkv, hd, nq, qd, maxP, batch
+    predict-mode FFN step, the finite check), over weights and KV caches whose C views it keeps. Per layer
+    optionally a post-FFN norm (gemma3: x += rmsnorm(FFN(h), post)) and the second RoPE table set (gemma3's
+    local layers: local = 1)."""
+    cdef int L, K, nh, nkv, hd, nq, qd, maxP, batch, n_post, n_local
     cdef plk_attn_w *w
     cdef int *isa
+    cdef int *local
+    cdef const float **post
+    cdef object _y
     cdef uint16_t **kc
     cdef uint16_t **vc
     cdef _FFNStep step
@@ -418,27 +423,40 @@ cdef class LayerLoop:
         self.isa = <int *>calloc(L, sizeof(int))
         self.kc = <uint16_t **>calloc(L, sizeof(uint16_t *))
         self.vc = <uint16_t **>calloc(L, sizeof(uint16_t *))
-        if self.w == NULL or self.isa == NULL or self.kc == NULL or self.vc == NULL:
+        self.local = <int *>calloc(L, sizeof(int))
+        self.post = <const float **>calloc(L, sizeof(float *))
+        if self.w == NULL or self.isa == NULL or self.kc == NULL or self.vc == NULL or self.local == NULL or \
+                self.post == NULL:
             raise MemoryError("LayerLoop: out of memory")
         if step.L != L or step.K != K:
             raise ValueError("LayerLoop: the FFN step is for another model")
         self.step, self.batch, self.maxP, self.failed_layer = step, -1, 0, -1
         self._keep = [None] * L
         self._kv = None
+        self._y = None
+        self.n_post = self.n_local = 0
 
     def __dealloc__(self):
-        free(self.w); free(self.isa); free(self.kc); free(self.vc)
+        free(self.w); free(self.isa); free(self.kc); free(self.vc); free(self.local); free(self.post)
 
     def set_layer(self, int l, int isa, int fq, int tlq, qs, d, m, qtl, bqkv, int fo, int tlo, oqs, od, om, otl,
                   attn_norm, ffn_norm, parts, q_norm=None, k_norm=None, post_norm=None, int window=0,
-                  double attn_scale=0.0):
-        """Layer l's attention weights (attn_block's arguments) and kernel variant."""
+                  double attn_scale=0.0, post_ffn=None, int local_rope=0):
+        """Layer l's attention weights (attn_block's arguments) and kernel variant; post_ffn: its post-FFN norm
+        (K,) or None; local_rope: 1 when it takes run()'s second RoPE tables."""
         if l < 0 or l >= self.L:
             raise ValueError(f"LayerLoop: layer {l} out of range")
+        if local_rope not in (0, 1):
+            raise ValueError(f"LayerLoop: local_rope must be 0 or 1, got {local_rope}")
         _attn_w(fq, tlq, qs, d, m, qtl, bqkv, fo, tlo, oqs, od, om, otl, attn_norm, ffn_norm, parts, self.K, self.nq,
                 self.qd, &self.w[l], q_norm, k_norm, self.hd, post_norm, window, attn_scale)
+        cdef const float *pf = _opt_f32(post_ffn, self.K, "post_ffn")
+        self.n_post += (pf != NULL) - (self.post[l] != NULL)
+        self.n_local += local_rope - self.local[l]
+        self.post[l], self.local[l] = pf, local_rope
         self.isa[l] = isa
-        self._keep[l] = (qs, d, m, qtl, bqkv, oqs, od, om, otl, attn_norm, ffn_norm, parts, q_norm, k_norm, post_norm)
+        self._keep[l] = (qs, d, m, qtl, bqkv, oqs, od, om, otl, attn_norm, ffn_norm, parts, q_norm, k_norm, post_norm,
+                         post_ffn)
 
     def set_batch(self, int batch):
         self.batch = batch
@@ -459,10 +477,10 @@ cdef class LayerLoop:
     def kv_is(self, k) -> bool:
         return self._kv is not None and self._kv[0] is k
 
-    def run(self, x, h, int start, rcos, rsin, scratch, float eps, int nthreads) -> int:
-        """All layers: x (T, K) += attention, then += the FFN over the predicted clusters; h the FFN input
-        (scratch). 0; -1 the streaming core failed at layer failed_layer (its error() says why); -3 layer
-        failed_layer produced a non-finite value."""
+    def run(self, x, h, int start, rcos, rsin, scratch, float eps, int nthreads, lcos=None, lsin=None) -> int:
+        """All layers: x (T, K) += attention, then += the FFN over the predicted clusters (or its post-FFN norm);
+        h the FFN input (scratch); lcos / lsin the RoPE tables of the local_rope layers. 0; -1 the streaming core
+        failed at layer failed_layer (its error() says why); -3 layer failed_layer produced a non-finite value."""
         _arr(x, cnp.NPY_FLOAT32, 2, "x")
         _arr(h, cnp.NPY_FLOAT32, 2, "h")
         cdef int T = x.shape[0], K = self.K, l, rc = 0, n
@@ -473,6 +491,16 @@ cdef class LayerLoop:
         if self.batch != (T > 1) or self.step.batch != (T > 1):
             raise ValueError("LayerLoop.run: set the variants of this batch size first")
         _check_rope_scratch(rcos, rsin, scratch, T, self.hd, T * (self.nq + self.qd + K))
+        if self.n_local:
+            if lcos is None or lsin is None:
+                raise ValueError("LayerLoop.run: local_rope layers need the local RoPE tables (lcos, lsin)")
+            _check_rope_scratch(lcos, lsin, scratch, T, self.hd, 0)
+        cdef const float *plc = <const float *>_ptr(lcos) if self.n_local else NULL
+        cdef const float *pls = <const float *>_ptr(lsin) if self.n_local else NULL
+        if self.n_post and (self._y is None or self._y.shape[0] < T * K):
+            self._y = np.empty(T * K, np.float32)
+        cdef float *py = <float *>_ptr(self._y) if self.n_post else NULL
+        cdef Py_ssize_t i, TK = <Py_ssize_t>T * K
         self.step._grow(T)
         cdef plk_io *io = self.step._core_io()
         cdef float *px = <float *>_ptr(x)
@@ -483,10 +511,20 @@ cdef class LayerLoop:
         with nogil:
             for l in range(self.L):
                 if plk_attn_block(self.isa[l], &self.w[l], eps, px, ph, T, K, self.kc[l], self.vc[l], self.maxP,
-                                  start, self.nh, self.nkv, self.hd, pc, ps, psc, nthreads):
+                                  start, self.nh, self.nkv, self.hd, plc if self.local[l] else pc,
+                                  pls if self.local[l] else ps, psc, nthreads):
                     rc = -2
                     break
-                n = self.step._run(io, l, ph, T, px, nthreads)
+                if self.post[l] == NULL:
+                    n = self.step._run(io, l, ph, T, px, nthreads)
+                else:   # x += rmsnorm(FFN(h), post): the FFN into zeros, normed in place, then added (the layer
+                    #     loop in Python: x += ops.rmsnorm(ffn.forward(l, h), post); the same ops, the same bits)
+                    memset(py, 0, TK * sizeof(float))
+                    n = self.step._run(io, l, ph, T, py, nthreads)
+                    if n >= 0:
+                        plk_rmsnorm(py, self.post[l], eps, py, T, K)
+                        for i in range(TK):
+                            px[i] += py[i]
                 if n < 0:
                     rc = n
                     break

@@ -473,7 +473,7 @@ class Transformer:
         h = np.empty_like(x)
         loop = None if draft else self._layer_loop()
         if loop is not None:          # every layer in one compiled call (predict mode, all weights resident)
-            self._run_loop(loop, x, h, start, rope(False))
+            self._run_loop(loop, x, h, start, rope(False), rope(True) if any(loop.local) else None)
         for l in range(cfg.n_layers if loop is None else 0):
             if draft and self.layers[l] is None:
                 continue
@@ -513,12 +513,10 @@ class Transformer:
 
     def _layer_loop(self):
         """steps.LayerLoop over this model's layers and the FFN's compiled step, or None where the pass must go
-        layer by layer in Python: weights streamed through the ring, a post-FFN norm or a local RoPE base
-        (gemma3), no compiled FFN step, unfused (fused = False), or ops without the loop (the reference ops)."""
-        if self._loopable is None:     # what the model is (fixed at load): one RoPE base, no post-FFN norm, resident
-            self._loopable = steps.available(self.ops) and \
-                all(lw is not None for lw in self.layers) and all(n is None for n in self._post_ffn) and \
-                not any(self.config.local_rope(l) for l in range(self.config.n_layers))   # one set of RoPE tables
+        layer by layer in Python: weights streamed through the ring, no compiled FFN step, unfused (fused = False),
+        or ops without the loop (the reference ops). gemma3's post-FFN norms and local RoPE base go into the loop."""
+        if self._loopable is None:     # what the model is (fixed at load): every layer resident
+            self._loopable = steps.available(self.ops) and all(lw is not None for lw in self.layers)
         step = self.ffn.compiled_step() if self.fused and self._loopable else None
         if step is None:
             return None
@@ -526,14 +524,16 @@ class Transformer:
         if loop is not None and loop.step is step:
             return loop
         cfg = self.config
-        self._loop = steps.LayerLoop(list(self.layers), step, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+        self._loop = steps.LayerLoop(list(self.layers), step, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                     list(self._post_ffn), [cfg.local_rope(l) for l in range(cfg.n_layers)])
         return self._loop
 
-    def _run_loop(self, loop, x: np.ndarray, h: np.ndarray, start: int, rope) -> None:
+    def _run_loop(self, loop, x: np.ndarray, h: np.ndarray, start: int, rope, local_rope=None) -> None:
         ffn = self.ffn
         ffn.begin_pass()
         used = loop.step.used
-        rc = loop.run(x, h, self.kv.k, self.kv.v, start, rope, self.config.rms_eps, self._attn_scratch(x.shape[0]))
+        rc = loop.run(x, h, self.kv.k, self.kv.v, start, rope, self.config.rms_eps, self._attn_scratch(x.shape[0]),
+                      local_rope)
         ffn.clusters_used += loop.step.used - used
         ffn.clusters_total += self.store_info.n_clusters * self.config.n_layers
         if rc == -1:

@@ -146,10 +146,17 @@ class LayerLoop:
     FFN step (SparseStep: the predict mode; DenseStep: the dense window) added into the residual stream, and the
     finite check (cython_ext/_step.pxi).
     What Transformer.forward's layer loop does call by call, with the same kernels in the same order, so the same
-    floats (tests/test_predictors.py). ``layers``: the engine's LayerWeights per layer (all resident)."""
+    floats (tests/test_predictors.py). ``layers``: the engine's LayerWeights per layer (all resident); ``post_ffn``
+    per layer a post-FFN norm (K,) or None (gemma3: x += rmsnorm(FFN(h), post)); ``local`` per layer whether it
+    takes the second RoPE table set run() is given (gemma3's sliding-window layers, their own base)."""
 
-    def __init__(self, layers: list, step: "SparseStep | DenseStep", n_heads: int, n_kv: int, head_dim: int):
+    def __init__(self, layers: list, step: "SparseStep | DenseStep", n_heads: int, n_kv: int, head_dim: int,
+                 post_ffn: list | None = None, local: list | None = None):
         self.layers, self.step = layers, step
+        self.post_ffn = post_ffn or [None] * len(layers)
+        self.local = local or [False] * len(layers)
+        if len(self.post_ffn) != len(layers) or len(self.local) != len(layers):
+            raise ValueError("LayerLoop: one post_ffn and local entry per layer")
         self._s = _k.LayerLoop(len(layers), step.layouts[0].K, n_heads, n_kv, head_dim, step._s)
         self._key = None
 
@@ -157,7 +164,8 @@ class LayerLoop:
         for l, lw in enumerate(self.layers):
             which, fq, tlq, qs, d, m, qtl, fo, tlo, oqs, od, om, otl, parts = kernels._attn_args(lw, x, None)
             self._s.set_layer(l, which, fq, tlq, qs, d, m, qtl, lw.bqkv, fo, tlo, oqs, od, om, otl, lw.attn_norm,
-                              lw.ffn_norm, parts, *kernels.attn_extras(lw))
+                              lw.ffn_norm, parts, *kernels.attn_extras(lw), post_ffn=self.post_ffn[l],
+                              local_rope=int(bool(self.local[l])))
         self._s.set_batch(int(key[0]))
         self._key = key
 
@@ -166,9 +174,10 @@ class LayerLoop:
         return self._s.failed_layer
 
     def run(self, x: np.ndarray, h: np.ndarray, k_caches: list, v_caches: list, start: int, rope, eps: float,
-            scratch: np.ndarray) -> int:
-        """x (T, K) through every layer in place (h: scratch for the FFN input). 0, -1 (the streaming core failed
-        at failed_layer: its error()), -3 (layer failed_layer produced NaN or inf)."""
+            scratch: np.ndarray, local_rope=None) -> int:
+        """x (T, K) through every layer in place (h: scratch for the FFN input; rope the (cos, sin) tables, local_rope
+        those of the ``local`` layers). 0, -1 (the streaming core failed at failed_layer: its error()), -3 (layer
+        failed_layer produced NaN or inf)."""
         key = _key(x)
         if key != self._key:
             self._configure(key, x)
@@ -176,4 +185,5 @@ class LayerLoop:
             self.step._configure(key)
         if not self._s.kv_is(k_caches):
             self._s.set_kv(k_caches, v_caches)
-        return self._s.run(x, h, start, rope[0], rope[1], scratch, eps, kernels._threads)
+        lc, ls = local_rope if local_rope is not None else (None, None)
+        return self._s.run(x, h, start, rope[0], rope[1], scratch, eps, kernels._threads, lc, ls)

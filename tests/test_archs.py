@@ -79,12 +79,14 @@ def test_llama3_fused_equals_unfused(tiny):
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_family_fused_equals_unfused(tiny, kind):
     """Every family's attention block runs fused (qwen3's QK-norm, mistral's / phi3's sliding window, gemma3's
-    QK-norm, attention scale, post-attention norm, sliding window and local RoPE base), and where the model allows
-    it the whole pass in one compiled loop: the same bits as the op sequence (prefill, then decode steps past the
-    tiny models' windows of 6-9 positions)."""
+    QK-norm, attention scale, post-attention norm, sliding window and local RoPE base), and the whole pass in one
+    compiled loop (gemma3's post-FFN norm and second RoPE base in it too): the same bits as the op sequence (prefill,
+    then decode steps past the tiny models' windows of 6-9 positions)."""
     m = powerlow.load(tiny(kind)[1])
-    loop = m.tf._layer_loop() is not None
-    assert loop == (kind != "gemma3")                     # gemma3: its post-FFN norm and local base keep it out
+    loop = m.tf._layer_loop()
+    assert loop is not None
+    if kind == "gemma3":          # the tiny gemma3 has both kinds of layer and a post-FFN norm on every layer
+        assert any(loop.local) and not all(loop.local) and all(p is not None for p in loop.post_ffn)
     ids = list(IDS) + [3, 1, 4, 1, 5]
 
     def run():
@@ -277,3 +279,36 @@ def test_gemma3_vision_language_checkpoint_converts_its_text_model(tmp_path):
     rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
     print(f"\ngemma3 vision-language checkpoint, text model: relative L2 error vs transformers {rel:.4f}")
     assert rel < 0.03
+
+
+def test_layer_loop_refuses_bad_gemma3_parts(tiny):
+    """The compiled loop's per-layer gemma3 parts are checked: local layers run without their RoPE tables, a
+    post_ffn / local list of the wrong length, a post-FFN norm of the wrong length, a local_rope flag that is not
+    0 / 1: ValueError naming it."""
+    from powerlow import kernels, steps
+    m = powerlow.load(tiny("gemma3")[1])
+    m.forward(list(IDS[:2]))          # the KV caches exist after a pass
+    tf = m.tf
+    loop = tf._layer_loop()
+    cfg = tf.config
+    x = np.zeros((1, cfg.hidden_size), np.float32)
+    pos = np.arange(1)
+    glob, local = kernels.rope_tables(pos, cfg.head_dim, cfg.rope_theta), \
+        kernels.rope_tables(pos, cfg.head_dim, cfg.rope_theta_local)
+
+    def run(lp, *extra):
+        return lp.run(x.copy(), np.empty_like(x), tf.kv.k, tf.kv.v, 0, glob, cfg.rms_eps, tf._attn_scratch(1), *extra)
+    assert run(loop, local) == 0
+    with pytest.raises(ValueError, match="local RoPE tables"):
+        run(loop)
+    with pytest.raises(ValueError, match="one post_ffn and local entry per layer"):
+        steps.LayerLoop(loop.layers, loop.step, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, post_ffn=[None])
+    bad = steps.LayerLoop(loop.layers, loop.step, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                          post_ffn=[np.ones(cfg.hidden_size - 1, np.float32)] + loop.post_ffn[1:], local=loop.local)
+    with pytest.raises(ValueError, match="post_ffn must have"):
+        run(bad, local)
+    lw = loop.layers[0]
+    which, fq, tlq, qs, d, m, qtl, fo, tlo, oqs, od, om, otl, parts = kernels._attn_args(lw, x, None)
+    with pytest.raises(ValueError, match="local_rope must be 0 or 1"):
+        loop._s.set_layer(0, which, fq, tlq, qs, d, m, qtl, lw.bqkv, fo, tlo, oqs, od, om, otl, lw.attn_norm,
+                          lw.ffn_norm, parts, *kernels.attn_extras(lw), local_rope=2)
