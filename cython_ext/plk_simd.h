@@ -399,7 +399,7 @@ AI __m256i g32_fold512(__m512i A, __m512i B)
 AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *dr, const uint16_t *mr,
                 int nfull, int tailn, const int8_t *const *xp, const int8_t *const *xrp,
                 const float *const *dxp, const float *const *bxp, const int32_t *const *sxp,
-                const __m256 *acc0, float *res)
+                const __m256 *acc0, float *res, const int pf_tail)
 {
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -526,9 +526,10 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
         for (int t = 0; t < NT; t++) acc[t] = _mm256_add_ps(acc[t], acc1[t]);
     if (tailn) {   /* the last ng % 8 groups: zero lanes past the row (scales copied, activations masked) */
         const int g0 = nfull;
-        /* the tail's code lines too, at the main loop's distances: the rows are one stream, and a line in every row
-         * left to a demand miss (K = 1152, q4: line 9 of 9) cost the row a third of its speed from DRAM */
-        for (int o = 0; o < tailn * QB; o += 64) {
+        /* pf_tail (the row streams from memory: decode): the tail's code lines too, at the main loop's distances
+         * (the rows are one stream; a line in every row left to a demand miss, K = 1152 q4: line 9 of 9, cost the
+         * row a third of its speed from DRAM); not in the GEMM's tail calls (its rows are in cache: 3-6% slower) */
+        for (int o = 0; pf_tail && o < tailn * QB; o += 64) {
             _mm_prefetch((const char *)(qs + (size_t)g0 * QB) + PLK_G32_PF_L2 + o, _MM_HINT_T1);
             _mm_prefetch((const char *)(qs + (size_t)g0 * QB) + PLK_G32_PF_L1 + o, _MM_HINT_T0);
         }
@@ -1118,7 +1119,7 @@ AI void g32_finish(const int FMT, const plk_w *w, int r, int R, int nt, int ts, 
             const __m256 v = G_AH == 2 ? _mm256_add_ps(acc[j], acc[j + 1]) : acc[j];
             a4[t] = FMT == PLK_Q8 ? v : _mm256_permutevar8x32_ps(v, unperm);
         }
-#define G32_(NN) g32_row(FMT, NN, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, a4, res)
+#define G32_(NN) g32_row(FMT, NN, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, NULL, a4, res, 0)
         switch (nt) { case 1: G32_(1); break; case 2: G32_(2); break; case 3: G32_(3); break; default: G32_(4); }
 #undef G32_
         for (int t = 0; t < nt; t++) {
@@ -1316,7 +1317,7 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
                 g32_row2(FMT, qs2, dr2, mr2, rowq, nfull, xp[0], xrp[0], dxp[0], bxp[0], sxp[0], acc2);
                 for (int i = 0; i < 2; i++) {
                     float res;
-                    g32_row(FMT, 1, qs2[i], dr2[i], mr2[i], nfull, tailn, xp, xrp, dxp, bxp, sxp, &acc2[i], &res);
+                    g32_row(FMT, 1, qs2[i], dr2[i], mr2[i], nfull, tailn, xp, xrp, dxp, bxp, sxp, &acc2[i], &res, 1);
                     float *o = y + (size_t)t0 * ldy + r + i;
                     *o = (accum ? *o : 0.0f) + res;
                 }
@@ -1331,10 +1332,10 @@ AI void rows_g32(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a
                 const int nt = T - ts < 4 ? T - ts : 4;
                 float res[4];
                 switch (nt) {
-                case 1: g32_row(FMT, 1, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res); break;
-                case 2: g32_row(FMT, 2, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res); break;
-                case 3: g32_row(FMT, 3, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res); break;
-                default: g32_row(FMT, 4, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res); break;
+                case 1: g32_row(FMT, 1, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res, 1); break;
+                case 2: g32_row(FMT, 2, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res, 1); break;
+                case 3: g32_row(FMT, 3, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res, 1); break;
+                default: g32_row(FMT, 4, qs, dr, mr, nfull, tailn, xp + ts, xrp + ts, dxp + ts, bxp + ts, sxp + ts, NULL, res, 1); break;
                 }
                 for (int t = 0; t < nt; t++) {
                     float *o = y + (size_t)(t0 + ts + t) * ldy + r;
