@@ -561,11 +561,16 @@ cdef int _check_kv(kc, vc, int nh, int nkv) except -1:
     return 0
 
 
-cdef int _check_rope_scratch(rcos, rsin, scratch, int T, int hd, Py_ssize_t need) except -1:
+cdef int _check_rope(rcos, rsin, int T, int hd) except -1:
     _arr(rcos, cnp.NPY_FLOAT32, 2, "rope cos")
     _arr(rsin, cnp.NPY_FLOAT32, 2, "rope sin")
     if rcos.shape[0] < T or rcos.shape[1] != hd // 2 or rsin.shape[0] < T or rsin.shape[1] != hd // 2:
         raise ValueError(f"rope tables must be ({T}, {hd // 2}), got {rcos.shape} and {rsin.shape}")
+    return 0
+
+
+cdef int _check_rope_scratch(rcos, rsin, scratch, int T, int hd, Py_ssize_t need) except -1:
+    _check_rope(rcos, rsin, T, hd)
     _arr(scratch, cnp.NPY_FLOAT32, 1, "scratch")
     if scratch.shape[0] < need:
         raise ValueError(f"scratch must hold {need} floats, has {scratch.shape[0]}")

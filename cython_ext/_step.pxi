@@ -494,7 +494,7 @@ cdef class LayerLoop:
         if self.n_local:
             if lcos is None or lsin is None:
                 raise ValueError("LayerLoop.run: local_rope layers need the local RoPE tables (lcos, lsin)")
-            _check_rope_scratch(lcos, lsin, scratch, T, self.hd, 0)
+            _check_rope(lcos, lsin, T, self.hd)
         cdef const float *plc = <const float *>_ptr(lcos) if self.n_local else NULL
         cdef const float *pls = <const float *>_ptr(lsin) if self.n_local else NULL
         if self.n_post and (self._y is None or self._y.shape[0] < T * K):

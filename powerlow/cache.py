@@ -29,14 +29,12 @@ import os
 import numpy as np
 
 from . import integrity
-from .errors import PowerlowError, not_built
-
-try:
-    from ._iocore import ERR_CRC, ERR_EOF, ERR_IO, ERR_SLOTS, SlotCore
-except ImportError as e:
-    raise not_built(e) from e
+from .errors import PowerlowError, extension
 from .io import aligned_buffer, drop_page_cache, open_direct
 from .util import release_free_heap
+
+_io = extension("_iocore")
+ERR_CRC, ERR_EOF, ERR_IO, ERR_SLOTS, SlotCore = _io.ERR_CRC, _io.ERR_EOF, _io.ERR_IO, _io.ERR_SLOTS, _io.SlotCore
 
 
 class OffloadedStore:

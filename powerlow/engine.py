@@ -15,7 +15,7 @@ import numpy as np
 from . import formats, kernels, reference, steps
 from .arch import ModelConfig
 from .config import RuntimeConfig
-from .errors import PowerlowError, not_built
+from .errors import PowerlowError, extension
 from .ffn import ResidentStore, SparseFFN
 from .manifest import load_manifest
 from .sizes import SCRATCH_PREFILL_TOKENS
@@ -226,11 +226,7 @@ class Transformer:
         # +15 MiB kept); hand them back before the weights come in (powerlow.sizes.tokenizer_bytes)
         release_free_heap()
         self.ring = None
-        try:
-            from ._iocore import Clock
-        except ImportError as e:
-            raise not_built(e) from e
-        self.io_clock = Clock()              # time with a read in flight in the ring or the FFN reader
+        self.io_clock = extension("_iocore").Clock()   # time with a read in flight in the ring or the FFN reader
         self._load_weights()
         self.ops = kernel_ops(backend)
         self.ops.set_threads(self.runtime.n_threads)

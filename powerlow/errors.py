@@ -20,9 +20,14 @@ class NotBuiltError(PowerlowError, ImportError):
     """powerlow's compiled extensions (_kernels, _iocore) cannot be imported: the package was not built."""
 
 
-def not_built(e: ImportError) -> NotBuiltError:
-    """The error for a failed import of a compiled extension: what failed and how to build it."""
-    return NotBuiltError(
-        f"powerlow's compiled extensions are not built or do not load ({e}): install the package with "
-        "`pip install .` (it compiles them), or, to run from a source tree, build them in place with "
-        "`pip install -e .` or `python setup.py build_ext --inplace`")
+def extension(name: str):
+    """The compiled extension ``name`` (_kernels, _iocore) of this package, or NotBuiltError saying what failed
+    and how to build it (relative to this package, so a tree imported under another name gets its own)."""
+    import importlib
+    try:
+        return importlib.import_module("." + name, __package__)
+    except ImportError as e:
+        raise NotBuiltError(
+            f"powerlow's compiled extensions are not built or do not load ({e}): install the package with "
+            "`pip install .` (it compiles them), or, to run from a source tree, build them in place with "
+            "`pip install -e .` or `python setup.py build_ext --inplace`") from e

@@ -25,27 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PowerlowError, not_built
+from .errors import PowerlowError, extension
 
 SUMS_FILE = "checksums.json"
 ALGO = "crc32c"
 FIX = "re-convert the model (`powerlow convert SRC -o DIR --force`) or restore the file from a good copy"
 
 
-def _ext():
-    try:
-        from . import _kernels
-    except ImportError as e:
-        raise not_built(e) from e
-    return _kernels
-
-
 def crc32c(buf, crc: int = 0) -> int:
-    return int(_ext().crc32c(memoryview(buf).cast("B"), crc))
+    return int(extension("_kernels").crc32c(memoryview(buf).cast("B"), crc))
 
 
 def crc32c_many(ptrs: np.ndarray, nbytes: int) -> np.ndarray:
-    return _ext().crc32c_many(np.ascontiguousarray(ptrs, dtype=np.uint64), nbytes)
+    return extension("_kernels").crc32c_many(np.ascontiguousarray(ptrs, dtype=np.uint64), nbytes)
 
 
 def enabled() -> bool:

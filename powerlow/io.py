@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from .errors import PowerlowError, not_built
+from .errors import PowerlowError, extension
 
 ALIGN = 4096
 
@@ -71,10 +71,7 @@ class RangeReader:
 
     def __init__(self, path, *, depth: int = 4, o_direct: bool = True, groups: int = 1, ranges: int = 64,
                  clock=None):
-        try:
-            from ._iocore import RangeReader as _Core
-        except ImportError as e:
-            raise not_built(e) from e
+        _Core = extension("_iocore").RangeReader
         self.path = str(path)
         self.fd, self.direct = open_direct(self.path, o_direct)
         self.size = os.fstat(self.fd).st_size

@@ -45,12 +45,9 @@ import os
 import numpy as np
 
 from . import formats
-from .errors import PowerlowError, not_built
+from .errors import PowerlowError, extension
 
-try:
-    from . import _kernels as _k
-except ImportError as e:
-    raise not_built(e) from e
+_k = extension("_kernels")
 
 _ISA_NAMES = ("generic", "avx2", "avx512", "neon", "dotprod", "i8mm")   # plk.h ids
 _FMT_ID = {"q8": 0, "q4_0": 1, "q4_1": 2, "q2": 3, "tern": 4, "q1": 5,
