@@ -5,14 +5,21 @@ so the choice is only speed, and the best variant is not always the widest: on a
 GEMM tile ran q4_0/q4_1/q8 prefill (T = 32) 1.3-1.5x faster than the AVX-512 one until the latter got its VNNI tile
 (now AVX-512 wins every case the bench measures there, README). So at the first matmul of a (format, class) -- class
 "gemv" (T = 1) or "gemm" (T > 1) -- the variants this CPU runs (the portable C only where nothing else is) are timed
-on a 1024 x 2048 matrix of that format, alternating, the best of 15 rounds (GEMV; 7 for GEMM; ~5-30 ms a class: the
-best, since what a shared host adds to a 20-60 us call only slows it: a median of 7 once had AVX2 24% / 10% ahead
-for q1 / q4_0 on a Zen 4 guest where the best of 200 in one process puts AVX-512 level or ahead on this matrix and
-the bench streams them up to 30% faster with it, never slower by more than the noise), and the fastest is kept
-unless the widest variant is within 10% (then the widest, the static default: a GEMV difference is a few %, within
-the noise of a short timing, while the GEMM differences this is for are 30-50%). Choices are cached per machine in
-$POWERLOW_HOME/kernels/<key>.json, key = CPU model, flags, the package version and the kernels' build, so a new CPU,
-a new release or a rebuilt extension measures again.
+in the regime the class runs in, alternating, and compared paired: per round each variant's time over the
+default's, the median of those ratios (this host's memory bandwidth changes phase within seconds; a paired ratio
+keeps both variants in the same phase).
+  gemv: the weights stream from memory, as they do in decode (a model's matrices together are far larger than the
+        caches): a set of 16 MB matrices of that format, twice the last-level cache in all (8-64 MB; 64 MB here:
+        L3 32 MB; held only while timing, twice that for the table-lookup formats' re-laid copy), each call one
+        matrix, rounds over the set for 0.4 s (at least 9; ~0.5 s a format with making the set). Timed in cache instead (1024 x 2048,
+        as this did before), the AVX-512 variant won every format on a Zen 5 guest by 1.2-1.6x, while from memory
+        it ran q8 12%, q4_k 13% and q6_k 25% slower than AVX2 (bench-kernels, 7 Dec 2026): a choice made in
+        cache was the wrong one for the case that matters.
+  gemm: compute-bound (a weight row serves 32 tokens), timed in cache: 1024 x 2048, T = 32, 7 rounds.
+The fastest is kept unless the widest variant is within MARGIN (5%, the bench's check) of it. Choices are cached per
+machine in $POWERLOW_HOME/kernels/<key>.json, key = CPU model, flags, the package version, the kernels' build and
+METHOD (how the timings are made), so a new CPU, a new release, a rebuilt extension or a new timing method measures
+again.
 
     POWERLOW_DISPATCH=static   no measuring: the widest variant everywhere (kernels.isa), as before
     POWERLOW_ISA=avx2          one variant everywhere (forced; no measuring)
@@ -28,8 +35,13 @@ from pathlib import Path
 
 CLASSES = ("gemv", "gemm")
 GEMM_T = 32
-MARGIN = 1.10        # the widest variant keeps its place unless another is this much faster (timing noise here: ~5%)
-ROUNDS = {"gemv": 15, "gemm": 7}
+MARGIN = 1.05        # the widest variant keeps its place unless another is this much faster (bench-kernels' check)
+ROUNDS = {"gemv": 9, "gemm": 7}      # at least this many rounds ...
+SECONDS = {"gemv": 0.4, "gemm": 0.0}   # ... and for at least this long (the host's phases last seconds)
+MAX_ROUNDS = 400
+METHOD = "2"          # how the timings are made: part of the cache key, so a cache of an older method is measured again
+GEMV_MATRIX = 16 << 20                 # bytes of one matrix of the gemv timing set
+GEMV_SET = (8 << 20, 64 << 20)         # the set's bytes: twice the last-level cache, within these bounds
 
 
 def shape_class(T: int) -> str:
@@ -47,7 +59,7 @@ def pick(timings: dict[str, float], default: str) -> str:
 
 
 def machine_key(extension_path: str | None = None) -> str:
-    """CPU model + flags + package version + the compiled extension's size and mtime, hashed."""
+    """CPU model + flags + package version + the compiled extension's size and mtime + METHOD, hashed."""
     from . import __version__
     model, flags = platform.machine(), ""
     try:
@@ -69,7 +81,7 @@ def machine_key(extension_path: str | None = None) -> str:
             build = f"{st.st_size}:{int(st.st_mtime)}"
         except OSError:
             pass
-    h = hashlib.sha256(f"{model}|{flags}|{__version__}|{build}".encode()).hexdigest()[:16]
+    h = hashlib.sha256(f"{model}|{flags}|{__version__}|{build}|{METHOD}".encode()).hexdigest()[:16]
     return h
 
 
@@ -128,30 +140,87 @@ class Dispatcher:
         key = f"{fmt}/{cls}"
         got = self.table.get(key)
         if got is None:
-            t = self.timer(fmt, cls, self.variants)
+            t = self.timer(fmt, cls, self.variants, self.default)
             self.timings[key] = {k: round(float(v), 9) for k, v in t.items()}
             got = self.table[key] = pick(t, self.default)
             self._save()
         return got
 
 
-def _time_variants(fmt: str, cls: str, variants: tuple[str, ...]) -> dict[str, float]:
-    """Seconds per matmul of each variant on a 1024 x 2048 matrix of fmt (T = 1 or GEMM_T), alternating."""
+def llc_bytes(sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The last-level cache's size in bytes from sysfs (the highest level listed), 16 MiB where it is not listed."""
+    best = (0, 16 << 20)
+    try:
+        for d in sorted(Path(sysfs).glob("index*")):
+            try:
+                level = int((d / "level").read_text())
+                txt = (d / "size").read_text().strip().upper()
+            except (OSError, ValueError):
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+            digits = txt.rstrip("KMG")
+            if digits.isdigit() and level >= best[0]:
+                best = (level, int(digits) * mult)
+    except OSError:
+        pass
+    return best[1]
+
+
+def gemv_set_bytes(llc: int | None = None) -> int:
+    llc = llc_bytes() if llc is None else llc
+    return min(max(2 * llc, GEMV_SET[0]), GEMV_SET[1])
+
+
+def gemv_matrices(fmt: str, rng, total: int, cols: int = 4096) -> list:
+    """Distinct matrices of fmt, ~GEMV_MATRIX bytes each, >= total bytes together: called in turn, each call reads
+    its weights from memory, not from a cache the previous call of the same matrix filled."""
+    from . import formats
+    sp = formats.FORMATS[fmt]
+    row_bytes = max(1, int(cols * sp.bits_per_weight / 8))
+    rows = max(64, GEMV_MATRIX // row_bytes // 64 * 64)
+    base = formats.random_qmatrix(fmt, rows, cols, rng)
+    out = [base]
+    while sum(q.nbytes for q in out) < total:
+        out.append(formats.QMatrix(fmt, rows, cols, {k: formats._aligned_copy(v) for k, v in base.planes.items()}))
+    return out
+
+
+def paired(res: dict[str, list[float]], ref: str) -> dict[str, float]:
+    """Seconds per call of each variant from per-round times: the median of its per-round ratio to ref, times
+    ref's median (the ratios decide, the scale is ref's)."""
+    import statistics
+    base = statistics.median(res[ref])
+    return {v: float(base * statistics.median(a / b for a, b in zip(ts, res[ref]))) for v, ts in res.items()}
+
+
+def _time_variants(fmt: str, cls: str, variants: tuple[str, ...], default: str | None = None) -> dict[str, float]:
+    """Seconds per matmul of each variant (paired against the default, else the first), alternating: gemv over a
+    set of matrices larger than the last-level cache (T = 1), gemm on a 1024 x 2048 matrix (T = GEMM_T)."""
     import numpy as np
     from . import formats, kernels
     rng = np.random.default_rng(0)
-    q = formats.random_qmatrix(fmt, 1024, 2048, rng)      # ~1-2 MB, no float matrix: a run under a budget
-    kernels.prepare_resident(q)
-    x = rng.standard_normal((1 if cls == "gemv" else GEMM_T, 2048), dtype=np.float32)
-    out = np.empty((x.shape[0], q.rows), np.float32)
-    reps = 8 if cls == "gemv" else 2
+    if cls == "gemv":
+        qs = gemv_matrices(fmt, rng, gemv_set_bytes())
+        reps = 1
+    else:
+        qs = [formats.random_qmatrix(fmt, 1024, 2048, rng)]   # ~1-2 MB, no float matrix: a run under a budget
+        reps = 2
+    for q in qs:
+        kernels.prepare_resident(q)
+    x = rng.standard_normal((1 if cls == "gemv" else GEMM_T, qs[0].cols), dtype=np.float32)
+    out = np.empty((x.shape[0], qs[0].rows), np.float32)
     for v in variants:                                   # warm up each once
-        kernels.matmul(q, x, out, isa=v)
+        kernels.matmul(qs[0], x, out, isa=v)
     res: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(ROUNDS[cls]):
-        for v in variants:
+    t_end = time.perf_counter() + SECONDS[cls]
+    r = 0
+    while r < ROUNDS[cls] or (time.perf_counter() < t_end and r < MAX_ROUNDS):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
             t0 = time.perf_counter()
             for _ in range(reps):
-                kernels.matmul(q, x, out, isa=v)
+                for q in qs:
+                    kernels.matmul(q, x, out, isa=v)
             res[v].append((time.perf_counter() - t0) / reps)
-    return {v: float(min(ts)) for v, ts in res.items()}
+        r += 1
+    return paired(res, default if default in res else variants[0])
