@@ -118,7 +118,7 @@ def bench_dense(fmts, isas, threads, repeats, rng, Kd=8192):
             default = (kern == "tl") == bool(K.TL_PREFERRED.get((fmt, isa), False))   # the kernel matmul runs here
             rows.append(_row("dense", fmt, isa, threads, [N, Kd], 1.0, q.nbytes, dt, probe, rts[(isa, kern)],
                              rts[PROBE], kernel=kern, default=default,
-                             chosen=default and isa == K.dispatcher().choice(fmt, 1)))
+                             chosen=default and isa == K.dispatcher().choice(fmt, 1, Kd)))
     return rows
 
 
@@ -152,7 +152,7 @@ def bench_sparse(fmt, isas, threads, repeats, rng, Kd=4096, Fn=11008, C=64, dens
         for isa, dt in dts.items():
             rows.append(_row("sparse", fmt, isa, threads, [Kd, Fn, C], dens, nbytes, dt, probe, rts[isa], rts[PROBE],
                              bundles=n,
-                             chosen=isa == K.dispatcher().choice(fmt, 1)))
+                             chosen=isa == K.dispatcher().choice(fmt, 1, Kd)))
     return rows
 
 

@@ -4,7 +4,7 @@ Every SIMD variant of a row kernel gives the same bits (tests/test_dispatch.py::
 so the choice is only speed, and the best variant is not always the widest: on a Zen 4 guest with AVX-512, the AVX2
 GEMM tile ran q4_0/q4_1/q8 prefill (T = 32) 1.3-1.5x faster than the AVX-512 one until the latter got its VNNI tile
 (now AVX-512 wins every case the bench measures there, README). So at the first matmul of a (format, class) -- class
-"gemv" (T = 1) or "gemm" (T > 1) -- the variants this CPU runs (the portable C only where nothing else is) are timed
+"gemv" (T = 1, by row length: shape_class) or "gemm" (T > 1) -- the variants this CPU runs (the portable C only where nothing else is) are timed
 in the regime the class runs in, alternating, and compared paired: per round each variant's time over the
 default's, the median of those ratios (this host's memory bandwidth changes phase within seconds; a paired ratio
 keeps both variants in the same phase).
@@ -39,13 +39,20 @@ MARGIN = 1.05        # the widest variant keeps its place unless another is this
 ROUNDS = {"gemv": 9, "gemm": 7}      # at least this many rounds ...
 SECONDS = {"gemv": 0.4, "gemm": 0.0}   # ... and for at least this long (the host's phases last seconds)
 MAX_ROUNDS = 400
-METHOD = "2"          # how the timings are made: part of the cache key, so a cache of an older method is measured again
+METHOD = "3"          # how the timings are made: part of the cache key, so a cache of an older method is measured again
 GEMV_MATRIX = 16 << 20                 # bytes of one matrix of the gemv timing set
 GEMV_SET = (8 << 20, 64 << 20)         # the set's bytes: twice the last-level cache, within these bounds
 
 
-def shape_class(T: int) -> str:
-    return "gemv" if T <= 1 else "gemm"
+def shape_class(T: int, K: int | None = None) -> str:
+    """"gemm" (T > 1); "gemv" (T = 1), with K the row length bucket "gemv-k<2^n>" (n = ceil(log2 K), 512-16384):
+    which variant streams fastest changes with the row length (7 Dec 2026, Zen 5 guest, from memory, slow phase:
+    q4_k AVX-512 8% ahead at K = 1536, level at 2048, AVX2 8-19% ahead at 4096-8192)."""
+    if T > 1:
+        return "gemm"
+    if K is None:
+        return "gemv"
+    return f"gemv-k{min(max(512, 1 << (int(K) - 1).bit_length()), 16384)}"
 
 
 def pick(timings: dict[str, float], default: str) -> str:
@@ -127,20 +134,22 @@ class Dispatcher:
         except OSError:
             pass              # a read-only home: measure again next time, never fail a run over a cache
 
-    def choice(self, fmt: str, T: int) -> str:
-        """Runs for every matmul call: one dict lookup once the class is known."""
-        got = self._hot.get((fmt, T > 1))
+    def choice(self, fmt: str, T: int, K: int | None = None) -> str:
+        """The variant for a T-token matmul of fmt with rows of K (None: a class without the row length): one
+        dict lookup once the class is known (the kernels' callers keep the answer per matrix)."""
+        cls = shape_class(T, K)
+        got = self._hot.get((fmt, cls))
         if got is None:
-            got = self._hot[(fmt, T > 1)] = self._decide(fmt, shape_class(T))
+            got = self._hot[(fmt, cls)] = self._decide(fmt, cls, K)
         return got
 
-    def _decide(self, fmt: str, cls: str) -> str:
+    def _decide(self, fmt: str, cls: str, K: int | None = None) -> str:
         if not self.measure:
             return self.default
         key = f"{fmt}/{cls}"
         got = self.table.get(key)
         if got is None:
-            t = self.timer(fmt, cls, self.variants, self.default)
+            t = self.timer(fmt, cls, self.variants, self.default, K)
             self.timings[key] = {k: round(float(v), 9) for k, v in t.items()}
             got = self.table[key] = pick(t, self.default)
             self._save()
@@ -193,20 +202,23 @@ def paired(res: dict[str, list[float]], ref: str) -> dict[str, float]:
     return {v: float(base * statistics.median(a / b for a, b in zip(ts, res[ref]))) for v, ts in res.items()}
 
 
-def _time_variants(fmt: str, cls: str, variants: tuple[str, ...], default: str | None = None) -> dict[str, float]:
+def _time_variants(fmt: str, cls: str, variants: tuple[str, ...], default: str | None = None,
+                   K: int | None = None) -> dict[str, float]:
     """Seconds per matmul of each variant (paired against the default, else the first), alternating: gemv over a
-    set of matrices larger than the last-level cache (T = 1), gemm on a 1024 x 2048 matrix (T = GEMM_T)."""
+    set of matrices of rows of K (4096 if None) larger than the last-level cache (T = 1), gemm on a 1024 x 2048
+    matrix (T = GEMM_T)."""
     import numpy as np
     from . import formats, kernels
     rng = np.random.default_rng(0)
-    if cls == "gemv":
-        qs = gemv_matrices(fmt, rng, gemv_set_bytes())
+    if cls.startswith("gemv"):
+        qs = gemv_matrices(fmt, rng, gemv_set_bytes(), cols=int(K) if K else 4096)
         reps = 1
     else:
         qs = [formats.random_qmatrix(fmt, 1024, 2048, rng)]   # ~1-2 MB, no float matrix: a run under a budget
         reps = 2
     for q in qs:
         kernels.prepare_resident(q)
+    cls = "gemv" if cls.startswith("gemv") else cls
     x = rng.standard_normal((1 if cls == "gemv" else GEMM_T, qs[0].cols), dtype=np.float32)
     out = np.empty((x.shape[0], qs[0].rows), np.float32)
     for v in variants:                                   # warm up each once

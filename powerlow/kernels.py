@@ -140,13 +140,13 @@ def dispatcher():
     return _dispatcher
 
 
-def _which(which: str | None, fmt: str, T: int) -> int:
+def _which(which: str | None, fmt: str, T: int, K: int | None = None) -> int:
     """The variant id for one call: the caller's isa= override, else the dispatcher's choice for (fmt, T)."""
     if which is not None:
         return _isa_id(which)
     if isa != _PICKED:
         return _isa_id(isa)
-    return _isa_id(dispatcher().choice(fmt, T))
+    return _isa_id(dispatcher().choice(fmt, T, K))
 
 
 def _default_threads() -> int:
@@ -223,22 +223,24 @@ def _tl_args(q: formats.QMatrix, which: int, tl: bool | None) -> tuple[int, np.n
     return use, layout
 
 
-def _mm_args(q: formats.QMatrix, T: int) -> tuple:
+def _mm_args(q: formats.QMatrix, T: int, K: int | None = None) -> tuple:
     """The kernel arguments of a T-token matmul of q (variant, format, TL flag, planes, layout, shape), worked
     out once per (q, T = 1 | T > 1) and kept on q while the dispatcher, kernels.isa and q.tl stay what they were:
-    a call on the per-token path is then one tuple lookup, not a dispatch in Python."""
+    a call on the per-token path is then one tuple lookup, not a dispatch in Python. K: the row length the
+    dispatcher's class goes by (default q.cols; the low-rank predictor's B takes its A's, so both run one variant)."""
     calls = getattr(q, "calls", None)
     if calls is None:
         calls = q.calls = [None, None]
     tl = getattr(q, "tl", None)
+    K = q.cols if K is None else int(K)
     e = calls[T > 1]
-    if e is not None and e[0] is _dispatcher and e[1] is isa and e[2] is tl:
-        return e[3]
-    which = _which(None, q.fmt, T)
+    if e is not None and e[0] is _dispatcher and e[1] is isa and e[2] is tl and e[3] == K:
+        return e[4]
+    which = _which(None, q.fmt, T, K)
     use_tl, layout = _tl_args(q, which, None)
     p = q.planes
     args = (which, _FMT_ID[q.fmt], use_tl, p["qs"], p.get("d"), p.get("m"), layout, q.rows, q.cols)
-    calls[T > 1] = (_dispatcher, isa, tl, args)
+    calls[T > 1] = (_dispatcher, isa, tl, K, args)
     return args
 
 
@@ -253,7 +255,7 @@ def matmul(q: formats.QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, 
     if isa is None and tl is None:
         _k.matmul(*_mm_args(q, x.shape[0]), x, out, _threads)
         return out
-    which = _which(isa, q.fmt, x.shape[0])
+    which = _which(isa, q.fmt, x.shape[0], q.cols)
     use_tl, layout = _tl_args(q, which, tl)
     p = q.planes
     _k.matmul(which, _FMT_ID[q.fmt], use_tl, p["qs"], p.get("d"), p.get("m"), layout, q.rows, q.cols, x, out, _threads)
@@ -264,7 +266,7 @@ def _ffn_args(layout: "formats.BundleLayout", T: int, isa_: str | None) -> tuple
     """(variant, gate/up format, down format, TL flag, C, K, plane offsets) of an FFN kernel call, worked out once
     per (layout, T = 1 | T > 1) while the dispatcher and kernels.isa stay (kept in a dict on the frozen layout)."""
     if isa_ is not None:
-        which = _which(isa_, layout.fmt, T)
+        which = _which(isa_, layout.fmt, T, layout.K)
         return (which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
                 layout.C, layout.K, _bundle_offsets(layout))
     memo = layout.__dict__.get("_plk_calls")
@@ -274,7 +276,7 @@ def _ffn_args(layout: "formats.BundleLayout", T: int, isa_: str | None) -> tuple
     e = memo.get(T > 1)
     if e is not None and e[0] is _dispatcher and e[1] is isa:
         return e[2]
-    which = _which(None, layout.fmt, T)
+    which = _which(None, layout.fmt, T, layout.K)
     args = (which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
             layout.C, layout.K, _bundle_offsets(layout))
     memo[T > 1] = (_dispatcher, isa, args)
@@ -289,7 +291,7 @@ def lowrank_pick(jobs: list, group: int, h: np.ndarray, z: np.ndarray, y: np.nda
     logits: tests/test_predictors.py)."""
     T = h.shape[0]
     A0, B0 = jobs[0][0], jobs[0][2]
-    wa, wb = _mm_args(A0, T), _mm_args(B0, T)
+    wa, wb = _mm_args(A0, T), _mm_args(B0, T, A0.cols)
     if wa[0] != wb[0] or wa[2] or wb[2]:
         raise ValueError("lowrank_pick: A and B must run the same multiply-add variant")
     packed = []
@@ -331,7 +333,7 @@ def moe_ffn(ptrs: np.ndarray, layout: "formats.BundleLayout", h: np.ndarray, act
     and what a token gets does not depend on the other tokens (reference.moe_ffn; tests/test_moe.py)."""
     if act not in _ACT_ID:
         raise ValueError(f"act must be one of {', '.join(_ACT_ID)}, got {act!r}")
-    which = _which(isa, layout.fmt, h.shape[0])
+    which = _which(isa, layout.fmt, h.shape[0], layout.K)
     _k.moe_ffn(which, _FMT_ID[layout.fmt], _FMT_ID[layout.down_fmt], _use_tl(layout.fmt, _ISA_NAMES[which]),
                ptrs, int(cpe), layout.C, layout.K, _bundle_offsets(layout), h, gs, tok, wt, _ACT_ID[act], out, _threads)
 
@@ -455,7 +457,7 @@ def _attn_args(lw, x: np.ndarray, isa_: str | None) -> tuple:
         if e is not None and e[0] is _dispatcher and e[1] is isa and e[2] is getattr(first, "tl", None) \
                 and e[3] is getattr(lw.wo, "tl", None):
             return e[4]
-    which = _which(isa_, getattr(first, "fmt", "q8"), T)
+    which = _which(isa_, getattr(first, "fmt", "q8"), T, x.shape[1])
     parts = None
     if isinstance(lw.wqkv, (tuple, list)):
         # q, k, v as separate matrices (formats that differ, e.g. q4_k q/k and a q6_k v): each part into its

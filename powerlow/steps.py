@@ -89,7 +89,7 @@ class SparseStep(_Step):
 
     def _configure(self, key: tuple) -> None:
         T = 2 if key[0] else 1
-        wa, wb = kernels._mm_args(self._A0, T), kernels._mm_args(self._B0, T)
+        wa, wb = kernels._mm_args(self._A0, T), kernels._mm_args(self._B0, T, self._A0.cols)
         if wa[0] != wb[0] or wa[2] or wb[2]:
             raise ValueError("SparseStep: A and B must run the same multiply-add variant")
         self._s.set_matmul(wa[0])

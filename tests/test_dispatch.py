@@ -48,9 +48,9 @@ class Timer:
     def __init__(self, table):
         self.table, self.calls = table, []
 
-    def __call__(self, fmt, cls, variants, default=None):
+    def __call__(self, fmt, cls, variants, default=None, K=None):
         self.calls.append((fmt, cls))
-        self.default = default
+        self.default, self.K = default, K
         return {v: self.table[(fmt, cls)][v] for v in variants}
 
 
@@ -94,6 +94,22 @@ def test_dispatcher_off_and_unwritable_home(tmp_path):
     assert d.choice("q4_1", 32) == "avx2"                                  # measured, cache not written, no error
 
 
+def test_gemv_class_by_row_length(tmp_path):
+    """Which variant streams fastest changes with the row length, so T = 1 is a class per power-of-two bucket of K,
+    timed with rows of the K that first asked for it."""
+    assert [dispatch.shape_class(1, k) for k in (64, 576, 1536, 2048, 2049, 8960, 65536)] == \
+        ["gemv-k512", "gemv-k1024", "gemv-k2048", "gemv-k2048", "gemv-k4096", "gemv-k16384", "gemv-k16384"]
+    assert dispatch.shape_class(1) == "gemv" and dispatch.shape_class(5, 1536) == "gemm"
+    table = {("q4_k", "gemv-k2048"): {"avx2": 1.0, "avx512": 0.9}, ("q4_k", "gemv-k16384"): {"avx2": 1.0, "avx512": 1.2}}
+    t = Timer(table)
+    d = dispatch.Dispatcher(("avx2", "avx512"), "avx512", cache_file=tmp_path / "k.json", timer=t)
+    assert d.choice("q4_k", 1, 1536) == "avx512" and t.K == 1536
+    assert d.choice("q4_k", 1, 8960) == "avx2" and t.K == 8960
+    assert d.choice("q4_k", 1, 2048) == "avx512" and len(t.calls) == 2     # the same bucket: not timed again
+    assert json.loads((tmp_path / "k.json").read_text())["choices"] == {"q4_k/gemv-k2048": "avx512",
+                                                                          "q4_k/gemv-k16384": "avx2"}
+
+
 def test_paired_timings_follow_the_ratios_not_the_medians():
     """The host changes phase between rounds: a's medians fall in the fast rounds and b's in the slow ones, so the
     medians say b is 3x slower; per round b is 10% slower, and that is what the choice goes by."""
@@ -125,16 +141,16 @@ def test_gemv_timing_streams_a_set_larger_than_the_cache(monkeypatch):
     calls = []
 
     def matmul(q, x, out, isa=None):
-        calls.append((id(q.planes["qs"]), q.nbytes, isa, x.shape[0]))
+        calls.append((id(q.planes["qs"]), q.nbytes, isa, x.shape[0], q.cols))
         out[...] = 0
         return out
 
     monkeypatch.setattr(K, "matmul", matmul)
-    t = dispatch._time_variants("q4_1", "gemv", ("avx2", "avx512"), "avx512")
+    t = dispatch._time_variants("q4_1", "gemv-k2048", ("avx2", "avx512"), "avx512", 1536)
     assert set(t) == {"avx2", "avx512"} and all(v > 0 for v in t.values())
     mats = {}
-    for qid, nbytes, _, T in calls:
-        assert T == 1
+    for qid, nbytes, _, T, cols in calls:
+        assert T == 1 and cols == 1536                                      # rows of the K that asked
         mats[qid] = nbytes
     assert len(mats) >= 2 and sum(mats.values()) >= 2 << 20
     timed = [c for c in calls[2:] if c[2] == "avx2"]                        # after one warm-up call each
