@@ -4,17 +4,17 @@ Every SIMD variant of a row kernel gives the same bits (tests/test_dispatch.py::
 so the choice is only speed, and the best variant is not always the widest: on a Zen 4 guest with AVX-512, the AVX2
 GEMM tile ran q4_0/q4_1/q8 prefill (T = 32) 1.3-1.5x faster than the AVX-512 one until the latter got its VNNI tile
 (now AVX-512 wins every case the bench measures there, README). So at the first matmul of a (format, class) -- class
-"gemv" (T = 1, by row length: shape_class) or "gemm" (T > 1) -- the variants this CPU runs (the portable C only where nothing else is) are timed
-in the regime the class runs in, alternating, and compared paired: per round each variant's time over the
-default's, the median of those ratios (this host's memory bandwidth changes phase within seconds; a paired ratio
-keeps both variants in the same phase).
+"gemv" (T = 1, by row length: shape_class) or "gemm" (T > 1) -- the variants this CPU runs (the portable C only
+where nothing else is) are timed in the regime the class runs in, alternating, and compared paired: per round each
+variant's time over the default's, the median of those ratios (this host's memory bandwidth changes phase within
+seconds; a paired ratio keeps both variants in the same phase).
   gemv: the weights stream from memory, as they do in decode (a model's matrices together are far larger than the
-        caches): a set of 16 MB matrices of that format, twice the last-level cache in all (8-64 MB; 64 MB here:
-        L3 32 MB; held only while timing, twice that for the table-lookup formats' re-laid copy), each call one
-        matrix, rounds over the set for 0.4 s (at least 9; ~0.5 s a format with making the set). Timed in cache instead (1024 x 2048,
-        as this did before), the AVX-512 variant won every format on a Zen 5 guest by 1.2-1.6x, while from memory
-        it ran q8 12%, q4_k 13% and q6_k 25% slower than AVX2 (bench-kernels, 7 Dec 2026): a choice made in
-        cache was the wrong one for the case that matters.
+        caches): a set of 16 MB matrices of that format with rows of the K that asked, twice the last-level cache
+        in all (8-64 MB; 64 MB here: L3 32 MB; held only while timing, twice that for the table-lookup formats'
+        re-laid copy), each call one matrix, rounds over the set for 0.4 s (at least 9; ~0.5 s a class with making
+        the set). Timed in cache instead (1024 x 2048, as this did before), the AVX-512 variant won every format on
+        a Zen 5 guest by 1.2-1.6x, while from memory it ran q8 12%, q4_k 13% and q6_k 25% slower than AVX2
+        (bench-kernels, K = 8192, 7 Dec 2026): a choice made in cache was the wrong one for the case that matters.
   gemm: compute-bound (a weight row serves 32 tokens), timed in cache: 1024 x 2048, T = 32, 7 rounds.
 The fastest is kept unless the widest variant is within MARGIN (5%, the bench's check) of it. Choices are cached per
 machine in $POWERLOW_HOME/kernels/<key>.json, key = CPU model, flags, the package version, the kernels' build and
@@ -33,7 +33,6 @@ import platform
 import time
 from pathlib import Path
 
-CLASSES = ("gemv", "gemm")
 GEMM_T = 32
 MARGIN = 1.05        # the widest variant keeps its place unless another is this much faster (bench-kernels' check)
 ROUNDS = {"gemv": 9, "gemm": 7}      # at least this many rounds ...
