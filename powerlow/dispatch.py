@@ -10,8 +10,8 @@ variant's time over the default's, the median of those ratios (this host's memor
 seconds; a paired ratio keeps both variants in the same phase).
   gemv: the weights stream from memory, as they do in decode (a model's matrices together are far larger than the
         caches): a set of 16 MB matrices of that format with rows of the K that asked, twice the last-level cache
-        in all (8-64 MB; 64 MB here: L3 32 MB; held only while timing, twice that for the table-lookup formats'
-        re-laid copy), each call one matrix, rounds over the set for 0.4 s (at least 9; ~0.5 s a class with making
+        in all (8-64 MB; 64 MB here: L3 32 MB; at most a quarter of the memory the process may still take, under a
+        cgroup limit too; held only while timing, twice that for the table-lookup formats' re-laid copy), each call one matrix, rounds over the set for 0.4 s (at least 9; ~0.5 s a class with making
         the set). Timed in cache instead (1024 x 2048, as this did before), the AVX-512 variant won every format on
         a Zen 5 guest by 1.2-1.6x, while from memory it ran q8 12%, q4_k 13% and q6_k 25% slower than AVX2
         (bench-kernels, K = 8192, 7 Dec 2026): a choice made in cache was the wrong one for the case that matters.
@@ -174,9 +174,45 @@ def llc_bytes(sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
     return best[1]
 
 
-def gemv_set_bytes(llc: int | None = None) -> int:
+def free_memory_bytes(proc: str = "/proc", cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """What this process may still allocate: MemAvailable, and under a cgroup memory limit (v2 memory.max, v1
+    memory/memory.limit_in_bytes) the limit less the usage, whichever is less; None if neither can be read."""
+    got = []
+    try:
+        for line in open(f"{proc}/meminfo"):
+            if line.startswith("MemAvailable:"):
+                got.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        rel = ""
+        for line in open(f"{proc}/self/cgroup"):
+            parts = line.strip().split(":", 2)
+            if len(parts) == 3 and (parts[0] == "0" or "memory" in parts[1].split(",")):
+                rel = parts[2].lstrip("/")
+                for lim, use in ((Path(cgroup, rel, "memory.max"), Path(cgroup, rel, "memory.current")),
+                                 (Path(cgroup, "memory", rel, "memory.limit_in_bytes"),
+                                  Path(cgroup, "memory", rel, "memory.usage_in_bytes"))):
+                    try:
+                        txt = lim.read_text().strip()
+                        if txt.isdigit() and int(txt) < 1 << 60:
+                            got.append(max(0, int(txt) - int(use.read_text().strip())))
+                    except (OSError, ValueError):
+                        continue
+    except OSError:
+        pass
+    return min(got) if got else None
+
+
+def gemv_set_bytes(llc: int | None = None, free: int | None = -1) -> int:
+    """Twice the last-level cache within GEMV_SET, and at most a quarter of what the process may still allocate
+    (a first run under a tight memory limit times a smaller set rather than be killed for it)."""
     llc = llc_bytes() if llc is None else llc
-    return min(max(2 * llc, GEMV_SET[0]), GEMV_SET[1])
+    free = free_memory_bytes() if free == -1 else free
+    n = min(max(2 * llc, GEMV_SET[0]), GEMV_SET[1])
+    if free is not None:
+        n = min(n, max(free // 4, 1 << 20))
+    return n
 
 
 def gemv_matrices(fmt: str, rng, total: int, cols: int = 4096) -> list:

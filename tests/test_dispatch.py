@@ -127,9 +127,31 @@ def test_last_level_cache_from_sysfs(tmp_path):
         (d / "size").write_text(f"{size}\n")
     assert dispatch.llc_bytes(str(tmp_path)) == 32 << 20
     assert dispatch.llc_bytes(str(tmp_path / "none")) == 16 << 20          # not listed: a guess, not an error
-    assert dispatch.gemv_set_bytes(32 << 20) == 64 << 20
-    assert dispatch.gemv_set_bytes(1 << 20) == 8 << 20                      # a phone's small cache: at least 8 MB
-    assert dispatch.gemv_set_bytes(256 << 20) == 64 << 20                   # a server's: at most 64 MB
+    assert dispatch.gemv_set_bytes(32 << 20, None) == 64 << 20
+    assert dispatch.gemv_set_bytes(1 << 20, None) == 8 << 20                # a phone's small cache: at least 8 MB
+    assert dispatch.gemv_set_bytes(256 << 20, None) == 64 << 20             # a server's: at most 64 MB
+    assert dispatch.gemv_set_bytes(32 << 20, 100 << 20) == 25 << 20         # a tight memory limit: a quarter of it
+
+
+def test_free_memory_under_a_cgroup_limit(tmp_path):
+    proc, cg = tmp_path / "proc", tmp_path / "cg"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 24000000 kB\nMemAvailable: 20000000 kB\n")
+    (proc / "self" / "cgroup").write_text("12:memory:/bench\n0::/user.slice\n")
+    assert dispatch.free_memory_bytes(str(proc), str(cg)) == 20000000 * 1024   # no limit files: MemAvailable
+    v1 = cg / "memory" / "bench"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{300 << 20}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{250 << 20}\n")
+    assert dispatch.free_memory_bytes(str(proc), str(cg)) == 50 << 20          # cgroup v1: limit - usage
+    v2 = cg / "user.slice"
+    v2.mkdir(parents=True)
+    (v2 / "memory.max").write_text("max\n")                                   # v2 without a limit: ignored
+    (v2 / "memory.current").write_text("1\n")
+    assert dispatch.free_memory_bytes(str(proc), str(cg)) == 50 << 20
+    (v2 / "memory.max").write_text(f"{40 << 20}\n")
+    assert dispatch.free_memory_bytes(str(proc), str(cg)) == (40 << 20) - 1
+    assert dispatch.free_memory_bytes(str(tmp_path / "none"), str(cg)) is None
 
 
 def test_gemv_timing_streams_a_set_larger_than_the_cache(monkeypatch):
