@@ -58,8 +58,12 @@
 #ifndef PLK_TL_PF_L2
 #define PLK_TL_PF_L2 32
 #endif
+/* L1 distance 4 records, not 2 (7 Dec 2026, Zen 5 guest, GEMV from DRAM, 2 threads, builds alternated in one
+ * process, paired per round, scripts/phase_ab.py --tl): AVX-512 q2 / tern / q1 0.94 / 0.96 / 0.93 of the time at 2
+ * with the probe at 75 GB/s, 0.96 / 0.97 / 0.94 at 49; AVX2 0.95-0.98; 6 and 8 records level to 3% slower,
+ * 1 record or none slower (q1 without the T0 prefetch 0.92-0.97: its records are half as long) */
 #ifndef PLK_TL_PF_L1
-#define PLK_TL_PF_L1 2
+#define PLK_TL_PF_L1 4
 #endif
 
 /* tables of one token: run a (0 .. Kp/E - 1) at tab + 32a: AVX2 16 low bytes, 16 high bytes; AVX-512 16 int16 */
