@@ -377,8 +377,12 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
 #ifndef PLK_G32_PF_L2
 #define PLK_G32_PF_L2 8192
 #endif
+/* L1 distance 256 B, not 512 (7 Dec 2026, Zen 5 guest, GEMV 16384 x 8192 from DRAM, 2 threads, builds alternated,
+ * paired per round): AVX-512 q4_0 / q4_1 0.90 / 0.92 of the time at 512 with the probe at 79 GB/s, 0.93 / 0.95 at 49;
+ * AVX2 q8 0.89 / 0.94, q4 level to 3% faster; 1024 B 0-7% slower. The row pairs (g32_row2, PF2) keep 512: 2-7% slower
+ * at 256 */
 #ifndef PLK_G32_PF_L1
-#define PLK_G32_PF_L1 512
+#define PLK_G32_PF_L1 256
 #endif
 #if PLK_VNNI
 /* q8's 512-bit dots p0 = [g a | g b | g+1 a | g+1 b], p1 likewise for g+2, g+3: the halves paired -> [g | g+1 | g+2 | g+3] */
@@ -602,7 +606,7 @@ AI void g32_row(const int FMT, const int NT, const uint8_t *qs, const uint16_t *
 #define PLK_G32_PF2_L2 PLK_G32_PF_L2
 #endif
 #ifndef PLK_G32_PF2_L1
-#define PLK_G32_PF2_L1 PLK_G32_PF_L1
+#define PLK_G32_PF2_L1 512
 #endif
 #if PLK_VNNI
 /* Two rows x one token (decode), groups [0, nfull): g32_row's 512-bit integer steps and float steps for each
