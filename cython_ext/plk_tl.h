@@ -58,10 +58,9 @@
 #ifndef PLK_TL_PF_L2
 #define PLK_TL_PF_L2 32
 #endif
-/* L1 distance 4 records, not 2 (7 Dec 2026, Zen 5 guest, GEMV from DRAM, 2 threads, builds alternated in one
- * process, paired per round, scripts/phase_ab.py --tl): AVX-512 q2 / tern / q1 0.94 / 0.96 / 0.93 of the time at 2
- * with the probe at 75 GB/s, 0.96 / 0.97 / 0.94 at 49; AVX2 0.95-0.98; 6 and 8 records level to 3% slower,
- * 1 record or none slower (q1 without the T0 prefetch 0.92-0.97: its records are half as long) */
+/* L1 distance 4 records, not 2 (7 Dec 2026, Zen 5 guest, GEMV from DRAM, 2 threads, the two builds with the same
+ * flags alternated in one process, paired per round, scripts/phase_ab.py --tl): AVX-512 q2 / tern 2-3% faster in
+ * both of the host's phases, q1 1.5% slower, AVX2 level to 3% faster; 6 and 8 records level, 1 or none slower */
 #ifndef PLK_TL_PF_L1
 #define PLK_TL_PF_L1 4
 #endif
