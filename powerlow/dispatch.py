@@ -136,10 +136,9 @@ class Dispatcher:
     def choice(self, fmt: str, T: int, K: int | None = None) -> str:
         """The variant for a T-token matmul of fmt with rows of K (None: a class without the row length): one
         dict lookup once the class is known (the kernels' callers keep the answer per matrix)."""
-        cls = shape_class(T, K)
-        got = self._hot.get((fmt, cls))
+        got = self._hot.get((fmt, T > 1, K))
         if got is None:
-            got = self._hot[(fmt, cls)] = self._decide(fmt, cls, K)
+            got = self._hot[(fmt, T > 1, K)] = self._decide(fmt, shape_class(T, K), K)
         return got
 
     def _decide(self, fmt: str, cls: str, K: int | None = None) -> str:
@@ -174,6 +173,16 @@ def llc_bytes(sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
     return best[1]
 
 
+def _limit_less_usage(limit: Path, usage: Path) -> int | None:
+    try:
+        txt = limit.read_text().strip()
+        if txt.isdigit() and int(txt) < 1 << 60:          # v2 "max" / v1's huge "no limit": none
+            return max(0, int(txt) - int(usage.read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def free_memory_bytes(proc: str = "/proc", cgroup: str = "/sys/fs/cgroup") -> int | None:
     """What this process may still allocate: MemAvailable, and under a cgroup memory limit (v2 memory.max, v1
     memory/memory.limit_in_bytes) the limit less the usage, whichever is less; None if neither can be read."""
@@ -185,22 +194,17 @@ def free_memory_bytes(proc: str = "/proc", cgroup: str = "/sys/fs/cgroup") -> in
     except (OSError, ValueError, IndexError):
         pass
     try:
-        rel = ""
-        for line in open(f"{proc}/self/cgroup"):
-            parts = line.strip().split(":", 2)
-            if len(parts) == 3 and (parts[0] == "0" or "memory" in parts[1].split(",")):
-                rel = parts[2].lstrip("/")
-                for lim, use in ((Path(cgroup, rel, "memory.max"), Path(cgroup, rel, "memory.current")),
-                                 (Path(cgroup, "memory", rel, "memory.limit_in_bytes"),
-                                  Path(cgroup, "memory", rel, "memory.usage_in_bytes"))):
-                    try:
-                        txt = lim.read_text().strip()
-                        if txt.isdigit() and int(txt) < 1 << 60:
-                            got.append(max(0, int(txt) - int(use.read_text().strip())))
-                    except (OSError, ValueError):
-                        continue
+        lines = open(f"{proc}/self/cgroup").read().splitlines()
     except OSError:
-        pass
+        lines = []
+    for line in lines:
+        parts = line.strip().split(":", 2)
+        if len(parts) == 3 and (parts[0] == "0" or "memory" in parts[1].split(",")):
+            rel = parts[2].lstrip("/")
+            got += [n for n in (_limit_less_usage(Path(cgroup, rel, "memory.max"), Path(cgroup, rel, "memory.current")),
+                                _limit_less_usage(Path(cgroup, "memory", rel, "memory.limit_in_bytes"),
+                                                  Path(cgroup, "memory", rel, "memory.usage_in_bytes")))
+                    if n is not None]
     return min(got) if got else None
 
 
@@ -245,7 +249,8 @@ def _time_variants(fmt: str, cls: str, variants: tuple[str, ...], default: str |
     import numpy as np
     from . import formats, kernels
     rng = np.random.default_rng(0)
-    if cls.startswith("gemv"):
+    cls = "gemv" if cls.startswith("gemv") else "gemm"    # a gemv-k<n> class is timed as gemv, with rows of K
+    if cls == "gemv":
         qs = gemv_matrices(fmt, rng, gemv_set_bytes(), cols=int(K) if K else 4096)
         reps = 1
     else:
@@ -253,7 +258,6 @@ def _time_variants(fmt: str, cls: str, variants: tuple[str, ...], default: str |
         reps = 2
     for q in qs:
         kernels.prepare_resident(q)
-    cls = "gemv" if cls.startswith("gemv") else cls
     x = rng.standard_normal((1 if cls == "gemv" else GEMM_T, qs[0].cols), dtype=np.float32)
     out = np.empty((x.shape[0], qs[0].rows), np.float32)
     for v in variants:                                   # warm up each once
