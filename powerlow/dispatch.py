@@ -9,10 +9,10 @@ where nothing else is) are timed in the regime the class runs in, alternating, a
 variant's time over the default's, the median of those ratios (this host's memory bandwidth changes phase within
 seconds; a paired ratio keeps both variants in the same phase).
   gemv: the weights stream from memory, as they do in decode (a model's matrices together are far larger than the
-        caches): a set of 16 MB matrices of that format with rows of the K that asked, twice the last-level cache
-        in all (8-64 MB; 64 MB here: L3 32 MB; at most a quarter of the memory the process may still take, under a
-        cgroup limit too; held only while timing, twice that for the table-lookup formats' re-laid copy), each call one matrix, rounds over the set for 0.4 s (at least 9; ~0.5 s a class with making
-        the set). Timed in cache instead (1024 x 2048, as this did before), the AVX-512 variant won every format on
+        caches): a set of 16 MB matrices of that format with rows of the K that asked, four times the last-level
+        cache in all (16-256 MB; 128 MB here: L3 32 MB; at most a quarter of the memory the process may still take,
+        under a cgroup limit too; held only while timing, twice that for the table-lookup formats' re-laid copy),
+        each call one matrix, rounds over the set for 0.4 s (at least 9; ~0.6 s a class with making the set). Timed in cache instead (1024 x 2048, as this did before), the AVX-512 variant won every format on
         a Zen 5 guest by 1.2-1.6x, while from memory it ran q8 12%, q4_k 13% and q6_k 25% slower than AVX2
         (bench-kernels, K = 8192, 7 Dec 2026): a choice made in cache was the wrong one for the case that matters.
   gemm: compute-bound (a weight row serves 32 tokens), timed in cache: 1024 x 2048, T = 32, 7 rounds.
@@ -38,9 +38,9 @@ MARGIN = 1.05        # the widest variant keeps its place unless another is this
 ROUNDS = {"gemv": 9, "gemm": 7}      # at least this many rounds ...
 SECONDS = {"gemv": 0.4, "gemm": 0.0}   # ... and for at least this long (the host's phases last seconds)
 MAX_ROUNDS = 400
-METHOD = "3"          # how the timings are made: part of the cache key, so a cache of an older method is measured again
+METHOD = "4"          # how the timings are made: part of the cache key, so a cache of an older method is measured again
 GEMV_MATRIX = 16 << 20                 # bytes of one matrix of the gemv timing set
-GEMV_SET = (8 << 20, 64 << 20)         # the set's bytes: twice the last-level cache, within these bounds
+GEMV_SET = (16 << 20, 256 << 20)       # the set's bytes: four times the last-level cache, within these bounds
 
 
 def shape_class(T: int, K: int | None = None) -> str:
@@ -209,11 +209,14 @@ def free_memory_bytes(proc: str = "/proc", cgroup: str = "/sys/fs/cgroup") -> in
 
 
 def gemv_set_bytes(llc: int | None = None, free: int | None = -1) -> int:
-    """Twice the last-level cache within GEMV_SET, and at most a quarter of what the process may still allocate
-    (a first run under a tight memory limit times a smaller set rather than be killed for it)."""
+    """Four times the last-level cache within GEMV_SET, and at most a quarter of what the process may still allocate
+    (a first run under a tight memory limit times a smaller set rather than be killed for it). Four, not two: on
+    the Zen 5 guest (32 MB L3) a 64 MB set still left part of each call in cache, where the AVX-512 variants are
+    faster: AVX2 / AVX-512 time ratio, paired, 3 runs, 8 Dec 2026: q4_0 1.08-1.12 at 64 MB, 1.05 at 128, 0.99-1.02
+    at 256; q4_k 0.99-1.33 / 1.00-1.22 / 1.15-1.20; the bench's 75-142 MB matrices read like the larger sets."""
     llc = llc_bytes() if llc is None else llc
     free = free_memory_bytes() if free == -1 else free
-    n = min(max(2 * llc, GEMV_SET[0]), GEMV_SET[1])
+    n = min(max(4 * llc, GEMV_SET[0]), GEMV_SET[1])
     if free is not None:
         n = min(n, max(free // 4, 1 << 20))
     return n
