@@ -238,6 +238,95 @@ AI void tl_part(const int FMT, const uint8_t *rec, int g0, int g1, const uint8_t
     }
 }
 
+#if TL_PERMW
+#ifndef PLK_TL_PAIR
+#define PLK_TL_PAIR 1
+#endif
+#ifndef PLK_TL2_PF_L1
+#define PLK_TL2_PF_L1 0   /* L1 prefetch in tl_part2, records ahead (0: none; 2 or 4 measured level to 6% slower) */
+#endif
+/* tl_part for two tiles at once (AVX-512 build; tern and q1, not q2: see below): tiles A and B (records recA, recB; states stA, stB) in the two
+ * 256-bit halves of 512-bit vectors. A zmm of codes is [A's code vector | B's] for the same runs, so one 32-word
+ * vpermw over the run's 16-word table broadcast into both halves looks up 64 rows: the index bit 4 (the next
+ * nibble's low bit) then picks between two equal copies, so no masking. Same shifts and adds per vector as
+ * tl_block_permw, for twice the rows (vpermw zmm issues at ~0.9x the ymm rate here: 3.96 against 4.48 a ns),
+ * and every lane takes the operations it takes in tl_part, in the same order: the same bits.
+ * Measured 8 Dec 2026, Zen 5 guest, 2 threads, GEMV 32768 (q1 65536) x 8192, against tl_part alone: in L3 (4096
+ * rows) q2 67 -> 86 GB/s, tern 61 -> 81, q1 61 -> 83; from DRAM, paired, probe 73 GB/s: q2 level, tern 0.88-0.91
+ * of the time, q1 0.85; probe 45-47: q2 1.06-1.12 (slower: tl_part reads q2 at the probe's rate there), tern
+ * 1.02-1.04, q1 0.98-1.00. So q2 keeps tl_part. */
+AI void tl_part2(const int FMT, const uint8_t *recA, const uint8_t *recB, int g0, int g1, const uint8_t *tab,
+                 const float *dx, const float *bx, float *stA, float *stB)
+{
+    const int E = FMT == PLK_Q1 ? 4 : 2, NREG = 16 / E, SB = plk_tl_scalebytes(FMT);
+    const int RUNB = 32 / E * 32;
+    const size_t REC = plk_tl_recbytes(FMT);
+    const float A = FMT == PLK_Q1 ? 2.0f : 1.0f;
+    __m512 acc[4], vs[4];
+    for (int o = 0; o < 4; o++) {
+        acc[o] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(stA + 8 * o)), _mm256_loadu_ps(stB + 8 * o), 1);
+        vs[o] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(stA + 32 + 8 * o)), _mm256_loadu_ps(stB + 32 + 8 * o), 1);
+    }
+    for (int g = g0; g < g1; g++) {
+        const uint8_t *qa = recA + (size_t)(g - g0) * REC, *qb_ = recB + (size_t)(g - g0) * REC;
+        /* into L2 in address order: A's and B's records are adjacent (B's chunk follows A's, the next pair's follows
+         * B's), so 2 REC bytes a group at twice tl_part's distance keep one stream for the hardware and reach the
+         * next pair's records (2 kc <= 2 PLK_TL_PF_L2 records on) before it starts; into L1 each tile's own next */
+        const char *lin = (const char *)recA + 2 * (size_t)(g - g0) * REC + 2 * (size_t)PLK_TL_PF_L2 * REC;
+        for (size_t l = 0; l < 2 * REC; l += 64) _mm_prefetch(lin + l, _MM_HINT_T1);
+        for (size_t l = 0; PLK_TL2_PF_L1 && l < REC; l += 64) {
+            _mm_prefetch((const char *)qa + PLK_TL2_PF_L1 * REC + l, _MM_HINT_T0);
+            _mm_prefetch((const char *)qb_ + PLK_TL2_PF_L1 * REC + l, _MM_HINT_T0);
+        }
+        const uint16_t *da = (const uint16_t *)qa, *db = (const uint16_t *)qb_;
+        const __m512 bxg = _mm512_set1_ps(bx[g]);
+        __m512 dv[4];
+#pragma GCC unroll 4
+        for (int o = 0; o < 4; o++) {
+            dv[o] = _mm512_cvtph_ps(_mm256_loadu2_m128i((const __m128i *)(db + 8 * o), (const __m128i *)(da + 8 * o)));
+            const __m512 src = plk_has_min[FMT]
+                ? _mm512_cvtph_ps(_mm256_loadu2_m128i((const __m128i *)(db + 32 + 8 * o), (const __m128i *)(da + 32 + 8 * o)))
+                : dv[o];
+            vs[o] = _mm512_fmadd_ps(src, bxg, vs[o]);
+        }
+#pragma GCC unroll 2
+        for (int j = 0; j < 2; j++) {
+            const int b = 2 * g + j;
+            const uint8_t *tb = tab + (size_t)b * RUNB;
+            const uint8_t *ca = qa + SB + (size_t)j * NREG * 32, *cb = qb_ + SB + (size_t)j * NREG * 32;
+            __m512i se = _mm512_setzero_si512(), so = se;
+#pragma GCC unroll 8
+            for (int ri = 0; ri < NREG; ri++) {
+                const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ca + 32 * ri))),
+                                                     _mm256_loadu_si256((const __m256i *)(cb + 32 * ri)), 1);
+                const __m512i t0 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(tb + 64 * ri)));
+                const __m512i t1 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(tb + 64 * ri + 32)));
+                se = _mm512_add_epi16(se, _mm512_add_epi16(_mm512_permutexvar_epi16(v, t0),
+                                                           _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t1)));
+                so = _mm512_add_epi16(so, _mm512_add_epi16(_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), t0),
+                                                           _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), t1)));
+            }
+            const __m512i slo = _mm512_unpacklo_epi16(se, so), shi = _mm512_unpackhi_epi16(se, so);
+            const __m512i even = _mm512_set1_epi32(1);
+            __m512 f[4];
+            f[0] = _mm512_cvtepi32_ps(_mm512_madd_epi16(slo, even));
+            f[1] = _mm512_cvtepi32_ps(_mm512_srai_epi32(slo, 16));
+            f[2] = _mm512_cvtepi32_ps(_mm512_madd_epi16(shi, even));
+            f[3] = _mm512_cvtepi32_ps(_mm512_srai_epi32(shi, 16));
+            const __m512 sb = _mm512_set1_ps(A * dx[b]);
+#pragma GCC unroll 4
+            for (int o = 0; o < 4; o++) acc[o] = _mm512_fmadd_ps(f[o], _mm512_mul_ps(dv[o], sb), acc[o]);
+        }
+    }
+    for (int o = 0; o < 4; o++) {
+        _mm256_storeu_ps(stA + 8 * o, _mm512_castps512_ps256(acc[o]));
+        _mm256_storeu_ps(stB + 8 * o, _mm512_extractf32x8_ps(acc[o], 1));
+        _mm256_storeu_ps(stA + 32 + 8 * o, _mm512_castps512_ps256(vs[o]));
+        _mm256_storeu_ps(stB + 32 + 8 * o, _mm512_extractf32x8_ps(vs[o], 1));
+    }
+}
+#endif
+
 /* tiles t0 .. t1 - 1, per super-tile (plk.h) and token: K-chunk by K-chunk, every tile of the super-tile over
  * that chunk, so the chunk's 16 KB of tables stay in L1 for all of them (one tile over all of K reads 64-128 KB
  * of tables per token: from L2, beside the weight stream). Measured (GEMV 32768 / 65536 x 8192, weights in DRAM,
@@ -266,7 +355,12 @@ AI void rows_tl(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
             for (int g0 = 0; g0 < ng; g0 += KC) {
                 const int g1 = g0 + KC < ng ? g0 + KC : ng;
                 const uint8_t *rec = w->tl + plk_tl_rec(FMT, ntiles, ng, s0, g0) * REC;
-                for (int tt = s0; tt < s1; tt++, rec += (size_t)(g1 - g0) * REC)
+                int tt = s0;
+#if TL_PERMW && PLK_TL_PAIR
+                for (; FMT != PLK_Q2 && tt + 2 <= s1; tt += 2, rec += 2 * (size_t)(g1 - g0) * REC)
+                    tl_part2(FMT, rec, rec + (size_t)(g1 - g0) * REC, g0, g1, tab, dx, bx, st[tt - s0], st[tt + 1 - s0]);
+#endif
+                for (; tt < s1; tt++, rec += (size_t)(g1 - g0) * REC)
                     tl_part(FMT, rec, g0, g1, tab, dx, bx, st[tt - s0]);
             }
             for (int tt = s0; tt < s1; tt++) {
