@@ -191,7 +191,9 @@ AI float kq_block256(const int FMT, const uint8_t *blk, __m256i c[8], __m256i sv
  * + 16 rowb, one contiguous stream; 8 row streams are too many for the hardware prefetcher to start in time, and a set's
  * first blocks would wait for DRAM otherwise), and this row two blocks ahead from L2 into L1. The L2 prefetch went
  * to the next set's block b of row i before; in address order instead (8 Dec 2026, Zen 5 guest, 2 threads, a pure
- * read in this pattern against the plain read probe) the pattern reads at 0.86-0.96 of the probe, not 0.70-0.80. */
+ * read in this pattern against the plain read probe) the pattern reads at 0.86-0.96 of the probe, not 0.70-0.80;
+ * in the kernels, GEMV 16384 x 8192 from DRAM, paired, builds alternated: AVX-512 q4_k 0.80-0.89 of the time,
+ * q6_k 0.89-0.92, q5_k 0.87-0.98; AVX2 level (0.98-1.06); q5_0 / q5_1 (q5_rows8, 8 QB bytes a block) level. */
 #ifndef PLK_KQ_PF_LINEAR
 #define PLK_KQ_PF_LINEAR 1
 #endif
