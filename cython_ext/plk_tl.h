@@ -245,7 +245,7 @@ AI void tl_part(const int FMT, const uint8_t *rec, int g0, int g1, const uint8_t
 #ifndef PLK_TL2_PF_L1
 #define PLK_TL2_PF_L1 0   /* L1 prefetch in tl_part2, records ahead (0: none; 2 or 4 measured level to 6% slower) */
 #endif
-/* tl_part for two tiles at once (AVX-512 build; tern and q1, not q2: see below): tiles A and B (records recA, recB; states stA, stB) in the two
+/* tl_part for two tiles at once (AVX-512 build; q1 only: see below): tiles A and B (records recA, recB; states stA, stB) in the two
  * 256-bit halves of 512-bit vectors. A zmm of codes is [A's code vector | B's] for the same runs, so one 32-word
  * vpermw over the run's 16-word table broadcast into both halves looks up 64 rows: the index bit 4 (the next
  * nibble's low bit) then picks between two equal copies, so no masking. Same shifts and adds per vector as
@@ -254,7 +254,11 @@ AI void tl_part(const int FMT, const uint8_t *rec, int g0, int g1, const uint8_t
  * Measured 8 Dec 2026, Zen 5 guest, 2 threads, GEMV 32768 (q1 65536) x 8192, against tl_part alone: in L3 (4096
  * rows) q2 67 -> 86 GB/s, tern 61 -> 81, q1 61 -> 83; from DRAM, paired, probe 73 GB/s: q2 level, tern 0.88-0.91
  * of the time, q1 0.85; probe 45-47: q2 1.06-1.12 (slower: tl_part reads q2 at the probe's rate there), tern
- * 1.02-1.04, q1 0.98-1.00. So q2 keeps tl_part. */
+ * 1.02-1.04, q1 0.98-1.00. So q2 keeps tl_part, and so does tern: in the slow phase AVX2's table lookup read it
+ * 6-8% faster than the pairs (bench-kernels), so the dispatcher timed there chose AVX2, which in the fast phase is
+ * 25-36% slower than the pairs and 0.59-0.68 of the probe; AVX-512's one tile is within a few % of AVX2 in the slow
+ * phase and 16% ahead in the fast one. At one thread the pairs are 21% faster for q2 even in the slow phase: the
+ * loss is a two-thread effect, not understood (a pure read in the pairs' pattern matches one stream). */
 AI void tl_part2(const int FMT, const uint8_t *recA, const uint8_t *recB, int g0, int g1, const uint8_t *tab,
                  const float *dx, const float *bx, float *stA, float *stB)
 {
@@ -357,7 +361,7 @@ AI void rows_tl(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
                 const uint8_t *rec = w->tl + plk_tl_rec(FMT, ntiles, ng, s0, g0) * REC;
                 int tt = s0;
 #if TL_PERMW && PLK_TL_PAIR
-                for (; FMT != PLK_Q2 && tt + 2 <= s1; tt += 2, rec += 2 * (size_t)(g1 - g0) * REC)
+                for (; FMT == PLK_Q1 && tt + 2 <= s1; tt += 2, rec += 2 * (size_t)(g1 - g0) * REC)
                     tl_part2(FMT, rec, rec + (size_t)(g1 - g0) * REC, g0, g1, tab, dx, bx, st[tt - s0], st[tt + 1 - s0]);
 #endif
                 for (; tt < s1; tt++, rec += (size_t)(g1 - g0) * REC)

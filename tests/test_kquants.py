@@ -125,8 +125,10 @@ def test_quantize_act_k_matches_ggml_rule():
 
 # ---------------------------------------------------------------- matmul: every C variant against the reference
 
+# (17, 8960, T = 1): q6_k's AVX-512 decode rows in address order (kq6_rows8_rm, K <= 20480); (9, 20736, T = 1):
+# one super-block over that, the block-major rows
 SHAPES_K = [(1, 256, (1, 2)), (3, 512, (3, 64)), (7, 1536, (5, 8)), (17, 8960, (1, 2)), (33, 256, (33,)),
-            (65, 512, (1, 64)), (7, 8960, (3,))]
+            (65, 512, (1, 64)), (7, 8960, (3,)), (9, 20736, (1,))]
 
 
 @pytest.mark.parametrize("isa", ISAS)
