@@ -390,13 +390,50 @@ AI __m512i kq_scales_v4(const uint8_t *const *blk, __m512i *X_)
     return _mm512_ternarylogic_epi32(lo, hi4, top, 0xfe);   /* lo | hi4 | top */
 }
 
+/* one q6_k super-block for the 512-bit dots: c[q] the codes of elements 64q..64q+63 ([k=0 | k=1] of ql's half h =
+ * q / 2, with qh's bits), sv[q] their scales as int16 (128-bit lane L = sub-block 4q + L); returns the 16 scales
+ * widened (for the -32 offset) */
+AI __m256i kq6_block512(const uint8_t *blk, __m512i c[4], __m512i sv[4])
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    const __m512i s42 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i s02 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    const uint8_t *ql = blk, *qh = blk + 128;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; h++) {
+        const __m512i l = ldw512(ql + 64 * h);          /* [l0 | l1] */
+        const __m512i hh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qh + 32 * h)));
+        /* elements 128h + 0..63: [k=0 | k=1]; 128h + 64..127: [k=2 | k=3] */
+        c[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_and_si512(_mm512_sllv_epi16(hh, s42), m30));
+        c[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
+                                       _mm512_and_si512(_mm512_srlv_epi16(hh, s02), m30));
+    }
+    const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+    const __m512i sc16 = _mm512_castsi256_si512(s16);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) sv[q] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx6[q]), sc16);
+    return s16;
+}
+
+/* a super-block's 4 code vectors against 256 activations at x: sum_j sc_j * dot_j in 8 int32 lanes, in two
+ * independent chains (the 4-deep vpdpwssd chain was the critical path) */
+AI __m256i kq_dot512(const __m512i c[4], const __m512i sv[4], const int8_t *x)
+{
+    __m512i acc0 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[0], _mm512_loadu_si512((const void *)x)), sv[0]);
+    __m512i acc1 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
+    acc0 = _mm512_dpwssd_epi32(acc0, _mm512_maddubs_epi16(c[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
+    acc1 = _mm512_dpwssd_epi32(acc1, _mm512_maddubs_epi16(c[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
+    const __m512i acc = _mm512_add_epi32(acc0, acc1);
+    return _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
+}
+
 /* kq_rows8 with 512-bit vectors (AVX-512 BW + VNNI): one zmm holds two 32-sub-blocks (q6_k: four 16-sub-blocks)
  * of codes, activations and scales, so a row's super-block costs 4 vpmaddubsw + 4 vpdpwssd per token; the
  * integers are those of the 256-bit kernel (exact), the float steps the same: the same bits. */
 AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0,
                      __m256 *yv)
 {
-    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30), one8 = _mm512_set1_epi8(1);
+    const __m512i m4 = _mm512_set1_epi8(0x0f), one8 = _mm512_set1_epi8(1);
     const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256 signm = _mm256_set1_ps(-0.0f);
     const int QB = plk_qbytes[FMT];
@@ -429,25 +466,10 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
         for (int i = 0; i < 8; i++) {
             const uint8_t *blk = row0 + (size_t)i * rowb + (size_t)b * QB;
             kq_prefetch8(row0, rowb, QB, b, i);
-            __m512i c[4], sv[4], sc16 = _mm512_setzero_si512();
+            __m512i c[4], sv[4];
+            __m256i s16 = _mm256_setzero_si256();
             if (FMT == PLK_Q6_K) {
-                const uint8_t *ql = blk, *qh = blk + 128;
-                const __m512i s42 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
-                const __m512i s02 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
-#pragma GCC unroll 2
-                for (int h = 0; h < 2; h++) {
-                    const __m512i l = ldw512(ql + 64 * h);          /* [l0 | l1] */
-                    const __m512i hh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qh + 32 * h)));
-                    /* elements 128h + 0..63: [k=0 | k=1]; 128h + 64..127: [k=2 | k=3] */
-                    c[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_and_si512(_mm512_sllv_epi16(hh, s42), m30));
-                    c[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
-                                                   _mm512_and_si512(_mm512_srlv_epi16(hh, s02), m30));
-                }
-                const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-                sc16 = _mm512_castsi256_si512(s16);
-                /* zmm q (elements 64q..64q+63): 128-bit lane L = sub-block 4q + L */
-#pragma GCC unroll 4
-                for (int q = 0; q < 4; q++) sv[q] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx6[q]), sc16);
+                s16 = kq6_block512(blk, c, sv);
             } else {
                 const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
                 const __m512i sb = W[i / 2];   /* this row's scales: words 16 (i & 1) .. 16 (i & 1) + 7 */
@@ -475,18 +497,10 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
             }
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) {
-                const int8_t *x = xq + (size_t)(t0 + t) * a->Kp + (size_t)b * 256;
-                /* two independent chains (the 4-deep vpdpwssd chain was the critical path) */
-                __m512i acc0 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[0], _mm512_loadu_si512((const void *)x)), sv[0]);
-                __m512i acc1 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
-                acc0 = _mm512_dpwssd_epi32(acc0, _mm512_maddubs_epi16(c[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
-                acc1 = _mm512_dpwssd_epi32(acc1, _mm512_maddubs_epi16(c[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
-                const __m512i acc = _mm512_add_epi32(acc0, acc1);
-                __m256i acc8 = _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
+                __m256i acc8 = kq_dot512(c, sv, xq + (size_t)(t0 + t) * a->Kp + (size_t)b * 256);
                 if (FMT == PLK_Q6_K) {
                     const int16_t *bs = a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16;
-                    acc8 = _mm256_sub_epi32(acc8, _mm256_slli_epi32(_mm256_madd_epi16(_mm512_castsi512_si256(sc16),
-                                                                                      _mm256_loadu_si256((const __m256i *)bs)), 5));
+                    acc8 = _mm256_sub_epi32(acc8, _mm256_slli_epi32(_mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i *)bs)), 5));
                 }
                 iv[t][i] = acc8;
             }
@@ -530,9 +544,6 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
 #define KQ6_RM_MAXS 80   /* K <= 20480: P at most 20 KB */
 AI void kq6_rows8_rm(const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0, __m256 *yv)
 {
-    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
-    const __m512i s42 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
-    const __m512i s02 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
     const int QB = plk_qbytes[PLK_Q6_K];
     const int8_t *xq = a->qs + (size_t)t0 * a->Kp;
     const int16_t *bsr = a->bs + (size_t)t0 * (a->Kp / 16);
@@ -551,26 +562,8 @@ AI void kq6_rows8_rm(const uint8_t *row0, size_t rowb, int S, const plk_act *a, 
             _mm_prefetch((const char *)blk + 2 * QB + 128, _MM_HINT_T0);
             _mm_prefetch((const char *)blk + 2 * QB + 192, _MM_HINT_T0);
             __m512i c[4], sv[4];
-            const uint8_t *ql = blk, *qh = blk + 128;
-#pragma GCC unroll 2
-            for (int h = 0; h < 2; h++) {
-                const __m512i l = ldw512(ql + 64 * h);
-                const __m512i hh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qh + 32 * h)));
-                c[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_and_si512(_mm512_sllv_epi16(hh, s42), m30));
-                c[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
-                                               _mm512_and_si512(_mm512_srlv_epi16(hh, s02), m30));
-            }
-            const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-            const __m512i sc16 = _mm512_castsi256_si512(s16);
-#pragma GCC unroll 4
-            for (int q = 0; q < 4; q++) sv[q] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx6[q]), sc16);
-            const int8_t *x = xq + (size_t)b * 256;
-            __m512i acc0 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[0], _mm512_loadu_si512((const void *)x)), sv[0]);
-            __m512i acc1 = _mm512_madd_epi16(_mm512_maddubs_epi16(c[1], _mm512_loadu_si512((const void *)(x + 64))), sv[1]);
-            acc0 = _mm512_dpwssd_epi32(acc0, _mm512_maddubs_epi16(c[2], _mm512_loadu_si512((const void *)(x + 128))), sv[2]);
-            acc1 = _mm512_dpwssd_epi32(acc1, _mm512_maddubs_epi16(c[3], _mm512_loadu_si512((const void *)(x + 192))), sv[3]);
-            const __m512i acc = _mm512_add_epi32(acc0, acc1);
-            __m256i acc8 = _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
+            const __m256i s16 = kq6_block512(blk, c, sv);
+            __m256i acc8 = kq_dot512(c, sv, xq + (size_t)b * 256);
             acc8 = _mm256_sub_epi32(acc8, _mm256_slli_epi32(_mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i *)(bsr + (size_t)b * 16))), 5));
             P[8 * b + i] = acc8;
             memcpy(&dh[8 * b + i], blk + 208, 2);
