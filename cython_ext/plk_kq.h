@@ -427,14 +427,49 @@ AI __m256i kq_dot512(const __m512i c[4], const __m512i sv[4], const int8_t *x)
     return _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
 }
 
+/* the codes of one q4_k / q5_k super-block for the 512-bit dots: whole 64-byte code loads, bytes 64h.. hold
+ * sub-blocks 4h..4h+3, their low nibbles [4h | 4h+2], the high ones [4h+1 | 4h+3], against the activations re-laid
+ * to match (plk_act.xw); q5_k's bit 4 of sub-block j is bit j of its qh byte */
+AI void kq45_codes512(const int FMT, const uint8_t *blk, __m512i c[4])
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0f), one8 = _mm512_set1_epi8(1);
+    const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
+    __m512i qh = _mm512_setzero_si512();
+    if (FMT == PLK_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; h++) {
+        const __m512i v = ldw512(qs + 64 * h);
+        c[2 * h] = _mm512_and_si512(v, m4);
+        c[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        if (FMT == PLK_Q5_K)
+#pragma GCC unroll 2
+            for (int k = 0; k < 2; k++) {
+                const int j = 4 * h + k;   /* sub-blocks j and j + 2 */
+                const __m512i sj = _mm512_inserti64x4(_mm512_set1_epi16((short)j), _mm256_set1_epi16((short)(j + 2)), 1);
+                c[2 * h + k] = _mm512_or_si512(c[2 * h + k], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sj), one8), 4));
+            }
+    }
+}
+
+/* the mins term of 8 rows x one token for one super-block: mpair[k] = [mins of row 2k | of row 2k+1] (int16), bs
+ * the token's 16 per-16 sums of the block -> lane i = sum_j mn_ij b32_j (kq_rows8's transposing hadd tree) */
+AI __m256i kq_mins8(const __m256i mpair[4], const int16_t *bs)
+{
+    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m128i b32 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8)));
+    const __m256i bb = _mm256_broadcastsi128_si256(b32);
+    __m256i mv[4];
+    for (int k = 0; k < 4; k++) mv[k] = _mm256_madd_epi16(mpair[k], bb);
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
+    return _mm256_permutevar8x32_epi32(h, unperm);
+}
+
 /* kq_rows8 with 512-bit vectors (AVX-512 BW + VNNI): one zmm holds two 32-sub-blocks (q6_k: four 16-sub-blocks)
  * of codes, activations and scales, so a row's super-block costs 4 vpmaddubsw + 4 vpdpwssd per token; the
  * integers are those of the 256-bit kernel (exact), the float steps the same: the same bits. */
 AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0,
                      __m256 *yv)
 {
-    const __m512i m4 = _mm512_set1_epi8(0x0f), one8 = _mm512_set1_epi8(1);
-    const __m256i unperm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256 signm = _mm256_set1_ps(-0.0f);
     const int QB = plk_qbytes[FMT];
     const int8_t *const xq = FMT != PLK_Q6_K ? a->xw : a->qs;   /* the activations in the order the codes are read */
@@ -471,26 +506,8 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
             if (FMT == PLK_Q6_K) {
                 s16 = kq6_block512(blk, c, sv);
             } else {
-                const uint8_t *qs = FMT == PLK_Q4_K ? blk + 16 : blk + 48;
                 const __m512i sb = W[i / 2];   /* this row's scales: words 16 (i & 1) .. 16 (i & 1) + 7 */
-                /* whole 64-byte code loads: bytes 64h.. hold sub-blocks 4h..4h+3, their low nibbles [4h | 4h+2], the
-                 * high ones [4h+1 | 4h+3], against the activations re-laid to match (plk_act.xw); q5_k's bit 4 of
-                 * sub-block j is bit j of its qh byte */
-                __m512i qh = _mm512_setzero_si512();
-                if (FMT == PLK_Q5_K) qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
-#pragma GCC unroll 2
-                for (int h = 0; h < 2; h++) {
-                    const __m512i v = ldw512(qs + 64 * h);
-                    c[2 * h] = _mm512_and_si512(v, m4);
-                    c[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                    if (FMT == PLK_Q5_K)
-#pragma GCC unroll 2
-                        for (int k = 0; k < 2; k++) {
-                            const int j = 4 * h + k;   /* sub-blocks j and j + 2 */
-                            const __m512i sj = _mm512_inserti64x4(_mm512_set1_epi16((short)j), _mm256_set1_epi16((short)(j + 2)), 1);
-                            c[2 * h + k] = _mm512_or_si512(c[2 * h + k], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sj), one8), 4));
-                        }
-                }
+                kq45_codes512(FMT, blk, c);
 #pragma GCC unroll 4
                 for (int p = 0; p < 4; p++)
                     sv[p] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)(i & 1 ? kq_idx4w1[p] : kq_idx4w[p])), sb);
@@ -515,22 +532,16 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
             const __m256 dxv = _mm256_set1_ps(a->dx[(size_t)(t0 + t) * S + b]);
             yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(iv[t])), _mm256_mul_ps(dwv, dxv), yv[t]);
             if (FMT != PLK_Q6_K) {
-                const int16_t *bs = a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16;
-                const __m128i b32 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs), _mm_loadu_si128((const __m128i *)(bs + 8)));
-                const __m256i bb = _mm256_broadcastsi128_si256(b32);
-                __m256i mv[4];
-                for (int k = 0; k < 4; k++) mv[k] = _mm256_madd_epi16(mpair[k], bb);
-                const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(mv[0], mv[1]), _mm256_hadd_epi32(mv[2], mv[3]));
-                const __m256i M = _mm256_permutevar8x32_epi32(h, unperm);
+                const __m256i M = kq_mins8(mpair, a->bs + (size_t)(t0 + t) * (a->Kp / 16) + (size_t)b * 16);
                 yv[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(dmv, dxv), signm), yv[t]);
             }
         }
     }
 }
-/* q6_k, one token, rows in address order (AVX-512): kq_rows8_512's integer steps row by row over the whole row
- * (the 8 rows of a set are one contiguous stream, read front to back), each (row, block) sum kept as its 8-lane
- * vector in P (S x 8 x 32 bytes, L1), then per block the same hsum8x8i and float steps as kq_rows8_512: the same
- * bits. The block-major order reads 8 streams at once; a pure read in that pattern gets 0.86-0.96 of the probe
+/* one token, rows in address order (AVX-512; q6_k, and q4_k / q5_k with PLK_KQ45_RM): kq_rows8_512's integer
+ * steps row by row over the whole row (the 8 rows of a set are one contiguous stream, read front to back), each
+ * (row, block) sum kept as its 8-lane vector in P (S x 8 x 32 bytes, L1) with the block's d (and dmin, mins), then
+ * per block the same hsum8x8i and float steps as kq_rows8_512: the same bits. The block-major order reads 8 streams at once; a pure read in that pattern gets 0.86-0.96 of the probe
  * with the best prefetch found, one stream with a 4 KB-ahead prefetch 1.00 (C microbenchmark, 2 threads).
  * Measured 8 Dec 2026 (Zen 5 guest, GEMV 16384 x 8192 from DRAM, 2 threads, builds alternated, paired) against
  * the block-major rows: probe 48 GB/s 0.95 of the time, probe 76 level (L2 distance 4 KB: 0.93 and 1.06; 16 KB:
@@ -541,16 +552,25 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
 #ifndef PLK_KQ6_RM_PF
 #define PLK_KQ6_RM_PF 8192
 #endif
+/* q4_k / q5_k by kq_rows8_rm too: off. Bit-exact (the tests pass with it on), but the scales, mins and (d, dmin)
+ * decoded per row, 4 blocks at a time, and stored for the second pass cost more than the address order gains:
+ * against the block-major rows (8 Dec 2026, Zen 5 guest, GEMV 16384 x 8192, 2 threads, paired) q4_k 1.13 / 0.95
+ * of the time with the probe at 74 / 50 GB/s, q5_k 1.06 / 0.99; in L3 q4_k 71 -> 56 GB/s. */
+#ifndef PLK_KQ45_RM
+#define PLK_KQ45_RM 0
+#endif
 #define KQ6_RM_MAXS 80   /* K <= 20480: P at most 20 KB */
-AI void kq6_rows8_rm(const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0, __m256 *yv)
+AI void kq_rows8_rm(const int FMT, const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0, __m256 *yv)
 {
-    const int QB = plk_qbytes[PLK_Q6_K];
-    const int8_t *xq = a->qs + (size_t)t0 * a->Kp;
+    const int QB = plk_qbytes[FMT];
+    const int8_t *xq = (FMT != PLK_Q6_K ? a->xw : a->qs) + (size_t)t0 * a->Kp;
     const int16_t *bsr = a->bs + (size_t)t0 * (a->Kp / 16);
     __m256i P[KQ6_RM_MAXS * 8];
-    uint16_t dh[KQ6_RM_MAXS * 8] __attribute__((aligned(16)));
+    uint32_t dd[KQ6_RM_MAXS * 8] __attribute__((aligned(32)));            /* q6_k: d in the low half; else (d, dmin) */
+    int16_t mn[KQ6_RM_MAXS * 8][8] __attribute__((aligned(32)));          /* q4_k / q5_k: the mins */
     for (int i = 0; i < 8; i++) {
         const uint8_t *row = row0 + (size_t)i * rowb;
+        __m512i W[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
         for (int b = 0; b < S; b++) {
             const uint8_t *blk = row + (size_t)b * QB;
             /* the stream PLK_KQ6_RM_PF ahead into L2 (each line once), this row two blocks ahead into L1 */
@@ -560,20 +580,53 @@ AI void kq6_rows8_rm(const uint8_t *row0, size_t rowb, int S, const plk_act *a, 
             _mm_prefetch((const char *)blk + 2 * QB, _MM_HINT_T0);
             _mm_prefetch((const char *)blk + 2 * QB + 64, _MM_HINT_T0);
             _mm_prefetch((const char *)blk + 2 * QB + 128, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + 2 * QB + 192, _MM_HINT_T0);
+            if (QB > 192) _mm_prefetch((const char *)blk + 2 * QB + 192, _MM_HINT_T0);
             __m512i c[4], sv[4];
-            const __m256i s16 = kq6_block512(blk, c, sv);
-            __m256i acc8 = kq_dot512(c, sv, xq + (size_t)b * 256);
-            acc8 = _mm256_sub_epi32(acc8, _mm256_slli_epi32(_mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i *)(bsr + (size_t)b * 16))), 5));
+            __m256i acc8;
+            if (FMT == PLK_Q6_K) {
+                const __m256i s16 = kq6_block512(blk, c, sv);
+                acc8 = kq_dot512(c, sv, xq + (size_t)b * 256);
+                acc8 = _mm256_sub_epi32(acc8, _mm256_slli_epi32(_mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i *)(bsr + (size_t)b * 16))), 5));
+                uint16_t h;
+                memcpy(&h, blk + 208, 2);
+                dd[8 * b + i] = h;
+            } else {
+                if (!(b & 3)) {   /* blocks b .. b + 3 of this row: scales, mins, (d, dmin) (kq_scales_v4) */
+                    const uint8_t *b4[4];
+                    for (int k = 0; k < 4; k++) b4[k] = row + (size_t)(b + k < S ? b + k : S - 1) * QB;
+                    __m512i X;
+                    const __m512i R = kq_scales_v4(b4, &X);
+                    W[0] = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(R));
+                    W[1] = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(R, 1));
+                    for (int k = 0; k < 4 && b + k < S; k++) {
+                        dd[8 * (b + k) + i] = (uint32_t)_mm_cvtsi128_si32(_mm512_extracti32x4_epi32(X, 0));
+                        X = _mm512_alignr_epi32(X, X, 4);   /* the next lane down */
+                        _mm_store_si128((__m128i *)mn[8 * (b + k) + i],
+                                        (k & 1) ? _mm512_extracti32x4_epi32(W[k / 2], 3) : _mm512_extracti32x4_epi32(W[k / 2], 1));
+                    }
+                }
+                const int k = b & 3;
+                kq45_codes512(FMT, blk, c);
+#pragma GCC unroll 4
+                for (int p = 0; p < 4; p++)
+                    sv[p] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)(k & 1 ? kq_idx4w1[p] : kq_idx4w[p])), W[k / 2]);
+                acc8 = kq_dot512(c, sv, xq + (size_t)b * 256);
+            }
             P[8 * b + i] = acc8;
-            memcpy(&dh[8 * b + i], blk + 208, 2);
         }
     }
+    const __m256 signm = _mm256_set1_ps(-0.0f);
     yv[0] = _mm256_setzero_ps();
     for (int b = 0; b < S; b++) {
-        const __m256 dwv = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(dh + 8 * b)));
+        const __m256i dm = _mm256_load_si256((const __m256i *)(dd + 8 * b));
         const __m256 dxv = _mm256_set1_ps(a->dx[(size_t)t0 * S + b]);
-        yv[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(P + 8 * b)), _mm256_mul_ps(dwv, dxv), yv[0]);
+        yv[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(P + 8 * b)), _mm256_mul_ps(h2f8(dm, 0), dxv), yv[0]);
+        if (FMT != PLK_Q6_K) {
+            __m256i mpair[4];
+            for (int k = 0; k < 4; k++) mpair[k] = _mm256_load_si256((const __m256i *)mn[8 * b + 2 * k]);
+            const __m256i M = kq_mins8(mpair, bsr + (size_t)b * 16);
+            yv[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(h2f8(dm, 1), dxv), signm), yv[0]);
+        }
     }
 }
 #define KQ_ROWS8 kq_rows8_512
@@ -1096,7 +1149,7 @@ AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
                 switch (nt) {
                 case 1:
 #if PLK_VNNI && PLK_KQ6_RM
-                    if (FMT == PLK_Q6_K && S <= KQ6_RM_MAXS) { kq6_rows8_rm(row, rowb, S, a, ts, yv); break; }
+                    if (S <= KQ6_RM_MAXS && (FMT == PLK_Q6_K || PLK_KQ45_RM)) { kq_rows8_rm(FMT, row, rowb, S, a, ts, yv); break; }
 #endif
                     KQ_ROWS8(FMT, 1, row, rowb, S, a, ts, yv); break;
                 case 2: KQ_ROWS8(FMT, 2, row, rowb, S, a, ts, yv); break;
