@@ -194,23 +194,12 @@ AI float kq_block256(const int FMT, const uint8_t *blk, __m256i c[8], __m256i sv
  * read in this pattern against the plain read probe) the pattern reads at 0.86-0.96 of the probe, not 0.70-0.80;
  * in the kernels, GEMV 16384 x 8192 from DRAM, paired, builds alternated: AVX-512 q4_k 0.80-0.89 of the time,
  * q6_k 0.89-0.92, q5_k 0.87-0.98; AVX2 level (0.98-1.06); q5_0 / q5_1 (q5_rows8, 8 QB bytes a block) level. */
-#ifndef PLK_KQ_PF_LINEAR
-#define PLK_KQ_PF_LINEAR 1
-#endif
 AI void kq_prefetch8(const uint8_t *row0, size_t rowb, int QB, int b, int i)
 {
     const char *blk = (const char *)row0 + (size_t)i * rowb + (size_t)b * QB, *pn = blk + 2 * QB;
-#if PLK_KQ_PF_LINEAR
     const size_t j = ((size_t)b * 8 + (size_t)i) * (size_t)QB;   /* this call's QB bytes of the next set */
     const char *nx = (const char *)row0 + 8 * rowb;
     for (size_t o = (j + 63) & ~(size_t)63; o < j + (size_t)QB; o += 64) _mm_prefetch(nx + o, _MM_HINT_T1);   /* each line once */
-#else
-    const char *pf = blk + 8 * rowb;
-    _mm_prefetch(pf, _MM_HINT_T1);
-    _mm_prefetch(pf + 64, _MM_HINT_T1);
-    _mm_prefetch(pf + 128, _MM_HINT_T1);
-    if (QB > 192) _mm_prefetch(pf + 192, _MM_HINT_T1);
-#endif
     _mm_prefetch(pn, _MM_HINT_T0);
     _mm_prefetch(pn + 64, _MM_HINT_T0);
     _mm_prefetch(pn + 128, _MM_HINT_T0);
@@ -538,95 +527,50 @@ AI void kq_rows8_512(const int FMT, const int NT, const uint8_t *row0, size_t ro
         }
     }
 }
-/* one token, rows in address order (AVX-512; q6_k, and q4_k / q5_k with PLK_KQ45_RM): kq_rows8_512's integer
- * steps row by row over the whole row (the 8 rows of a set are one contiguous stream, read front to back), each
- * (row, block) sum kept as its 8-lane vector in P (S x 8 x 32 bytes, L1) with the block's d (and dmin, mins), then
- * per block the same hsum8x8i and float steps as kq_rows8_512: the same bits. The block-major order reads 8 streams at once; a pure read in that pattern gets 0.86-0.96 of the probe
+/* q6_k, one token, rows in address order (AVX-512): kq_rows8_512's integer steps row by row over the whole row
+ * (the 8 rows of a set are one contiguous stream, read front to back), each (row, block) sum kept as its 8-lane
+ * vector in P (S x 8 x 32 bytes, L1) with the block's d, then per block the same hsum8x8i and float steps as
+ * kq_rows8_512: the same bits. The block-major order reads 8 streams at once; a pure read in that pattern gets 0.86-0.96 of the probe
  * with the best prefetch found, one stream with a 4 KB-ahead prefetch 1.00 (C microbenchmark, 2 threads).
  * Measured 8 Dec 2026 (Zen 5 guest, GEMV 16384 x 8192 from DRAM, 2 threads, builds alternated, paired) against
  * the block-major rows: probe 48 GB/s 0.95 of the time, probe 76 level (L2 distance 4 KB: 0.93 and 1.06; 16 KB:
  * 0.97 and 1.06); in L3 91 -> 101 GB/s. */
-#ifndef PLK_KQ6_RM
-#define PLK_KQ6_RM 1
-#endif
 #ifndef PLK_KQ6_RM_PF
 #define PLK_KQ6_RM_PF 8192
 #endif
-/* q4_k / q5_k by kq_rows8_rm too: off. Bit-exact (the tests pass with it on), but the scales, mins and (d, dmin)
+/* q4_k / q5_k in this order (tried 8 Dec 2026, commit 8dbe5cd): bit-exact, but the scales, mins and (d, dmin)
  * decoded per row, 4 blocks at a time, and stored for the second pass cost more than the address order gains:
- * against the block-major rows (8 Dec 2026, Zen 5 guest, GEMV 16384 x 8192, 2 threads, paired) q4_k 1.13 / 0.95
- * of the time with the probe at 74 / 50 GB/s, q5_k 1.06 / 0.99; in L3 q4_k 71 -> 56 GB/s. */
-#ifndef PLK_KQ45_RM
-#define PLK_KQ45_RM 0
-#endif
+ * against the block-major rows q4_k 1.13 / 0.95 of the time with the probe at 74 / 50 GB/s, q5_k 1.06 / 0.99; in
+ * L3 q4_k 71 -> 56 GB/s. */
 #define KQ6_RM_MAXS 80   /* K <= 20480: P at most 20 KB */
-AI void kq_rows8_rm(const int FMT, const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0, __m256 *yv)
+AI void kq6_rows8_rm(const uint8_t *row0, size_t rowb, int S, const plk_act *a, int t0, __m256 *yv)
 {
-    const int QB = plk_qbytes[FMT];
-    const int8_t *xq = (FMT != PLK_Q6_K ? a->xw : a->qs) + (size_t)t0 * a->Kp;
+    const int QB = plk_qbytes[PLK_Q6_K];
+    const int8_t *xq = a->qs + (size_t)t0 * a->Kp;
     const int16_t *bsr = a->bs + (size_t)t0 * (a->Kp / 16);
     __m256i P[KQ6_RM_MAXS * 8];
-    uint32_t dd[KQ6_RM_MAXS * 8] __attribute__((aligned(32)));            /* q6_k: d in the low half; else (d, dmin) */
-    int16_t mn[KQ6_RM_MAXS * 8][8] __attribute__((aligned(32)));          /* q4_k / q5_k: the mins */
+    uint16_t dh[KQ6_RM_MAXS * 8] __attribute__((aligned(16)));
     for (int i = 0; i < 8; i++) {
         const uint8_t *row = row0 + (size_t)i * rowb;
-        __m512i W[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
         for (int b = 0; b < S; b++) {
             const uint8_t *blk = row + (size_t)b * QB;
             /* the stream PLK_KQ6_RM_PF ahead into L2 (each line once), this row two blocks ahead into L1 */
             const size_t j = (size_t)(blk - row0);
             for (size_t o = (j + 63) & ~(size_t)63; o < j + (size_t)QB; o += 64)
                 _mm_prefetch((const char *)row0 + PLK_KQ6_RM_PF + o, _MM_HINT_T1);
-            _mm_prefetch((const char *)blk + 2 * QB, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + 2 * QB + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + 2 * QB + 128, _MM_HINT_T0);
-            if (QB > 192) _mm_prefetch((const char *)blk + 2 * QB + 192, _MM_HINT_T0);
+            for (int o = 0; o < 256; o += 64) _mm_prefetch((const char *)blk + 2 * QB + o, _MM_HINT_T0);
             __m512i c[4], sv[4];
-            __m256i acc8;
-            if (FMT == PLK_Q6_K) {
-                const __m256i s16 = kq6_block512(blk, c, sv);
-                acc8 = kq_dot512(c, sv, xq + (size_t)b * 256);
-                acc8 = _mm256_sub_epi32(acc8, _mm256_slli_epi32(_mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i *)(bsr + (size_t)b * 16))), 5));
-                uint16_t h;
-                memcpy(&h, blk + 208, 2);
-                dd[8 * b + i] = h;
-            } else {
-                if (!(b & 3)) {   /* blocks b .. b + 3 of this row: scales, mins, (d, dmin) (kq_scales_v4) */
-                    const uint8_t *b4[4];
-                    for (int k = 0; k < 4; k++) b4[k] = row + (size_t)(b + k < S ? b + k : S - 1) * QB;
-                    __m512i X;
-                    const __m512i R = kq_scales_v4(b4, &X);
-                    W[0] = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(R));
-                    W[1] = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(R, 1));
-                    for (int k = 0; k < 4 && b + k < S; k++) {
-                        dd[8 * (b + k) + i] = (uint32_t)_mm_cvtsi128_si32(_mm512_extracti32x4_epi32(X, 0));
-                        X = _mm512_alignr_epi32(X, X, 4);   /* the next lane down */
-                        _mm_store_si128((__m128i *)mn[8 * (b + k) + i],
-                                        (k & 1) ? _mm512_extracti32x4_epi32(W[k / 2], 3) : _mm512_extracti32x4_epi32(W[k / 2], 1));
-                    }
-                }
-                const int k = b & 3;
-                kq45_codes512(FMT, blk, c);
-#pragma GCC unroll 4
-                for (int p = 0; p < 4; p++)
-                    sv[p] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)(k & 1 ? kq_idx4w1[p] : kq_idx4w[p])), W[k / 2]);
-                acc8 = kq_dot512(c, sv, xq + (size_t)b * 256);
-            }
-            P[8 * b + i] = acc8;
+            const __m256i s16 = kq6_block512(blk, c, sv);
+            const __m256i acc8 = kq_dot512(c, sv, xq + (size_t)b * 256);
+            P[8 * b + i] = _mm256_sub_epi32(acc8, _mm256_slli_epi32(_mm256_madd_epi16(s16, _mm256_loadu_si256((const __m256i *)(bsr + (size_t)b * 16))), 5));
+            memcpy(&dh[8 * b + i], blk + 208, 2);
         }
     }
-    const __m256 signm = _mm256_set1_ps(-0.0f);
     yv[0] = _mm256_setzero_ps();
     for (int b = 0; b < S; b++) {
-        const __m256i dm = _mm256_load_si256((const __m256i *)(dd + 8 * b));
+        const __m256 dwv = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(dh + 8 * b)));
         const __m256 dxv = _mm256_set1_ps(a->dx[(size_t)t0 * S + b]);
-        yv[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(P + 8 * b)), _mm256_mul_ps(h2f8(dm, 0), dxv), yv[0]);
-        if (FMT != PLK_Q6_K) {
-            __m256i mpair[4];
-            for (int k = 0; k < 4; k++) mpair[k] = _mm256_load_si256((const __m256i *)mn[8 * b + 2 * k]);
-            const __m256i M = kq_mins8(mpair, bsr + (size_t)b * 16);
-            yv[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_xor_ps(_mm256_mul_ps(h2f8(dm, 1), dxv), signm), yv[0]);
-        }
+        yv[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8x8i(P + 8 * b)), _mm256_mul_ps(dwv, dxv), yv[0]);
     }
 }
 #define KQ_ROWS8 kq_rows8_512
@@ -1148,8 +1092,8 @@ AI void rows_kq(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
                 __m256 yv[4];
                 switch (nt) {
                 case 1:
-#if PLK_VNNI && PLK_KQ6_RM
-                    if (S <= KQ6_RM_MAXS && (FMT == PLK_Q6_K || PLK_KQ45_RM)) { kq_rows8_rm(FMT, row, rowb, S, a, ts, yv); break; }
+#if PLK_VNNI
+                    if (FMT == PLK_Q6_K && S <= KQ6_RM_MAXS) { kq6_rows8_rm(row, rowb, S, a, ts, yv); break; }
 #endif
                     KQ_ROWS8(FMT, 1, row, rowb, S, a, ts, yv); break;
                 case 2: KQ_ROWS8(FMT, 2, row, rowb, S, a, ts, yv); break;
@@ -1259,22 +1203,13 @@ AI void q5_rows8(const int FMT, const int NT, const uint8_t *row0, size_t rowb, 
          * third of the kernel's time on Zen 4 */
         const __m256i dm = dword8(blk0, rowb);
         const __m256 dv = h2f8(dm, 0), bw = FMT == PLK_Q5_1 ? h2f8(dm, 1) : _mm256_mul_ps(_mm256_set1_ps(-16.0f), dv);
-#if PLK_KQ_PF_LINEAR
         /* the next 8-row set into L2 in address order, 8 QB bytes of it per block (kq_prefetch8) */
         for (size_t j = (size_t)b * 8 * QB, o = (j + 63) & ~(size_t)63; o < j + 8 * (size_t)QB; o += 64)
             _mm_prefetch((const char *)row0 + 8 * rowb + o, _MM_HINT_T1);
-#endif
         __m256i c[8];
         for (int i = 0; i < 8; i++) {
             const uint8_t *blk = blk0 + (size_t)i * rowb;
-#if PLK_KQ_PF_LINEAR
             if (!(b & 1)) _mm_prefetch((const char *)blk + 256, _MM_HINT_T0);   /* this row a few blocks ahead into L1 */
-#else
-            if (!(b & 1)) {   /* the next 8-row set into L2, this row a few blocks ahead into L1 */
-                _mm_prefetch((const char *)blk + 8 * rowb, _MM_HINT_T1);
-                _mm_prefetch((const char *)blk + 256, _MM_HINT_T0);
-            }
-#endif
             c[i] = q5_unpack(blk, off);
         }
 #pragma GCC unroll 4

@@ -388,18 +388,11 @@ AI void rows_short(const int FMT, const plk_w *w, int r0, int r1, const plk_act 
 /* 64 weight bytes streamed from memory, as two 256-bit loads into one zmm. Measured 8 Dec 2026 on the Zen 5 guest,
  * a plain read of 512 MB on 2 threads, the three alternated: 256-bit loads 48-55 GB/s, 512-bit loads 42-53 (about
  * 10% less, aligned or not), 512-bit vectors made of two 256-bit loads 48-55. Weights only: the activations sit in
- * L1, where one 512-bit load is the cheaper. PLK_LDW_HALVES 0 gives the 512-bit load (for A/Bs). */
-#ifndef PLK_LDW_HALVES
-#define PLK_LDW_HALVES 1
-#endif
+ * L1, where one 512-bit load is the cheaper. */
 AI __m512i ldw512(const void *p)
 {
-#if PLK_LDW_HALVES
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
                               _mm256_loadu_si256((const __m256i *)p + 1), 1);
-#else
-    return _mm512_loadu_si512(p);
-#endif
 }
 
 /* q8's 512-bit dots p0 = [g a | g b | g+1 a | g+1 b], p1 likewise for g+2, g+3: the halves paired -> [g | g+1 | g+2 | g+3] */

@@ -142,9 +142,6 @@ AI void tl_widen(const __m256i s_lo, const __m256i s_hi, __m256 *f)
     f[3] = _mm256_cvtepi32_ps(_mm256_srai_epi32(s_hi, 16));
 }
 
-#ifndef PLK_TL_ZMM1
-#define PLK_TL_ZMM1 1
-#endif
 #if TL_PERMW
 /* one 32-block of a tile, AVX-512 build: the int16 sums s_lo, s_hi (slots as tl_flush leaves them) of its
  * 2 x nreg lookups. Each 32-byte code vector, read as 16 words, holds in word k the index pairs of slots 2k
@@ -155,10 +152,10 @@ AI void tl_widen(const __m256i s_lo, const __m256i s_hi, __m256 *f)
  * integers, so the same bits. Measured (GEMV 2048 (q1 4096) x 8192, weights in L3, 1 thread, best of 100, the
  * AVX2 and AVX-512 builds alternating in one process, two runs; AVX2-build time / AVX-512-build time): vpshufb
  * in both 1.05 / 1.04 / 1.02 (q2 / tern / q1), vpermw in the AVX-512 build 1.29 / 1.26 / 1.26 (q2 231 -> 192 us);
- * from DRAM (32768 x 8192) level to +4% at 1 thread. */
+ * from DRAM (32768 x 8192) level to +4% at 1 thread. That was the ymm form, 4 vpermw and 11 ops a code vector;
+ * below, since 8 Dec 2026, one zmm a code vector. */
 AI void tl_block_permw(const int nreg, const uint8_t *qb, const uint8_t *tb, __m256i *s_lo, __m256i *s_hi)
 {
-#if PLK_TL_ZMM1
     /* one zmm per code vector: [v | v >> 8] looks up the even slots' and the odd slots' run-2ri indices in one
      * 32-word vpermw over t0 broadcast into both halves (index bit 4, the next nibble's low bit, picks between two
      * equal copies), and >> 4 of it the run-2ri+1 ones over t1: the sums of [even | odd] in one vector, 2 vpermw
@@ -177,19 +174,6 @@ AI void tl_block_permw(const int nreg, const uint8_t *qb, const uint8_t *tb, __m
                                                      _mm512_permutexvar_epi16(_mm512_srli_epi16(A, 4), t1)));
     }
     const __m256i se = _mm512_castsi512_si256(acc), so = _mm512_extracti64x4_epi64(acc, 1);
-#else
-    __m256i se = _mm256_setzero_si256(), so = se;
-#pragma GCC unroll 8
-    for (int ri = 0; ri < nreg; ri++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * ri));
-        const __m256i t0 = _mm256_loadu_si256((const __m256i *)(tb + 64 * ri));
-        const __m256i t1 = _mm256_loadu_si256((const __m256i *)(tb + 64 * ri + 32));
-        const __m256i v4 = _mm256_srli_epi16(v, 4);
-        se = _mm256_add_epi16(se, _mm256_add_epi16(_mm256_permutexvar_epi16(v, t0), _mm256_permutexvar_epi16(v4, t1)));
-        so = _mm256_add_epi16(so, _mm256_add_epi16(_mm256_permutexvar_epi16(_mm256_srli_epi16(v, 8), t0),
-                                                   _mm256_permutexvar_epi16(_mm256_srli_epi16(v, 12), t1)));
-    }
-#endif
     *s_lo = _mm256_unpacklo_epi16(se, so);
     *s_hi = _mm256_unpackhi_epi16(se, so);
 }
@@ -263,12 +247,6 @@ AI void tl_part(const int FMT, const uint8_t *rec, int g0, int g1, const uint8_t
 }
 
 #if TL_PERMW
-#ifndef PLK_TL_PAIR
-#define PLK_TL_PAIR 1
-#endif
-#ifndef PLK_TL2_PF_L1
-#define PLK_TL2_PF_L1 0   /* L1 prefetch in tl_part2, records ahead (0: none; 2 or 4 measured level to 6% slower) */
-#endif
 /* tl_part for two tiles at once (AVX-512 build; q1 only: see below): tiles A and B (records recA, recB; states stA, stB) in the two
  * 256-bit halves of 512-bit vectors. A zmm of codes is [A's code vector | B's] for the same runs, so one 32-word
  * vpermw over the run's 16-word table broadcast into both halves looks up 64 rows: the index bit 4 (the next
@@ -299,13 +277,10 @@ AI void tl_part2(const int FMT, const uint8_t *recA, const uint8_t *recB, int g0
         const uint8_t *qa = recA + (size_t)(g - g0) * REC, *qb_ = recB + (size_t)(g - g0) * REC;
         /* into L2 in address order: A's and B's records are adjacent (B's chunk follows A's, the next pair's follows
          * B's), so 2 REC bytes a group at twice tl_part's distance keep one stream for the hardware and reach the
-         * next pair's records (2 kc <= 2 PLK_TL_PF_L2 records on) before it starts; into L1 each tile's own next */
+         * next pair's records (2 kc <= 2 PLK_TL_PF_L2 records on) before it starts; no L1 prefetch (each tile's
+         * own, 2 or 4 records ahead: level to 6% slower) */
         const char *lin = (const char *)recA + 2 * (size_t)(g - g0) * REC + 2 * (size_t)PLK_TL_PF_L2 * REC;
         for (size_t l = 0; l < 2 * REC; l += 64) _mm_prefetch(lin + l, _MM_HINT_T1);
-        for (size_t l = 0; PLK_TL2_PF_L1 && l < REC; l += 64) {
-            _mm_prefetch((const char *)qa + PLK_TL2_PF_L1 * REC + l, _MM_HINT_T0);
-            _mm_prefetch((const char *)qb_ + PLK_TL2_PF_L1 * REC + l, _MM_HINT_T0);
-        }
         const uint16_t *da = (const uint16_t *)qa, *db = (const uint16_t *)qb_;
         const __m512 bxg = _mm512_set1_ps(bx[g]);
         __m512 dv[4];
@@ -384,7 +359,7 @@ AI void rows_tl(const int FMT, const plk_w *w, int r0, int r1, const plk_act *a,
                 const int g1 = g0 + KC < ng ? g0 + KC : ng;
                 const uint8_t *rec = w->tl + plk_tl_rec(FMT, ntiles, ng, s0, g0) * REC;
                 int tt = s0;
-#if TL_PERMW && PLK_TL_PAIR
+#if TL_PERMW
                 for (; FMT == PLK_Q1 && tt + 2 <= s1; tt += 2, rec += 2 * (size_t)(g1 - g0) * REC)
                     tl_part2(FMT, rec, rec + (size_t)(g1 - g0) * REC, g0, g1, tab, dx, bx, st[tt - s0], st[tt + 1 - s0]);
 #endif
